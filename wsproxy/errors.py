@@ -1,0 +1,87 @@
+"""The exception tree of wsproxy.
+
+Each error knows who misbehaved and what the reaction is, so that the code that
+catches it does not have to decide again::
+
+    WsproxyError
+    ├── ConfigError(file, line, column, path, message)   one problem in a config file
+    │   └── ConfigErrors(errors)                          all problems found in one load
+    ├── HandshakeRejected(status, reason, headers)        HTTP error to the downstream client
+    └── UpstreamUnavailable(status, reason)               502/503/504 before the upgrade
+
+Protocol violations inside an established session are not exceptions: the
+frame scanner returns them as values (``proto.frames.Violation``), because the
+relay reacts to them in-line, at a frame boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class WsproxyError(Exception):
+    """Base class of every error wsproxy raises on purpose."""
+
+
+class ConfigError(WsproxyError):
+    """One problem in a config file, located by position and YAML path.
+
+    ``str()`` gives the line an operator sees, in the compiler style that
+    editors understand::
+
+        conf/wsproxy.yaml:14:9: pools.chat.backends[2].address: expected "host:port", got "chat-3"
+
+    ``line`` and ``column`` count from 1; both are 0 when the problem has no
+    position (the file cannot be read at all).
+    """
+
+    def __init__(self, file: str, line: int, column: int, path: str, message: str) -> None:
+        super().__init__(file, line, column, path, message)
+        self.file = file
+        self.line = line
+        self.column = column
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigErrors(WsproxyError):
+    """Every problem found while loading one config file (at least one)."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        assert errors, "ConfigErrors needs at least one error"
+        super().__init__(errors)
+        self.errors = list(errors)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+class HandshakeRejected(WsproxyError):
+    """The downstream request is refused with an HTTP status; nothing reaches a backend."""
+
+    def __init__(
+        self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.headers = tuple(headers)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class UpstreamUnavailable(WsproxyError):
+    """No backend could take the session: 502 (refused), 503 (none available), 504 (silent)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
