@@ -1,0 +1,54 @@
+"""The ``wsproxy`` command: parse arguments, set up logging, run. Nothing else.
+
+    wsproxy run -c FILE      serve until SIGTERM or SIGINT
+    wsproxy check -c FILE    validate a config: exit 0, or print every error and exit 1
+    wsproxy --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsproxy", description="WebSocket reverse proxy and load balancer")
+    parser.add_argument("--version", action="version", version=f"wsproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = commands.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config.load import load_config
+    from .errors import ConfigErrors
+
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"wsproxy: {len(exc.errors)} error(s) in {args.config}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(f"wsproxy: {args.config} is valid")
+        return 0
+
+    import trio
+
+    from . import app, log
+
+    log.configure(args.log_level)
+    trio.run(app.main, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The relay: two pumps that move frames between a client and a backend.
+
+Theory of operation
+-------------------
+After both handshakes a session is two byte streams, each read by one
+``Pump``: *up* reads the client and writes the backend, *down* reads the
+backend and writes the client. A pump forwards what its ``FrameScanner``
+allows (see ``proto.frames``: never a partial header, never an invalid frame)
+and it is the only writer of its destination, so a frame of the proxy's own (a
+close frame now; pings later) is written by the pump that owns the destination,
+at a frame boundary of what it has forwarded.
+
+``Pump.request_close(frame)`` asks for such a frame. When the pump is waiting
+for input and its output is at a boundary, a small task writes the frame at
+once; when the pump is in the middle of a frame, the scanner stops at the end
+of that frame and the pump writes the close there. Either way the pump then
+*discards*: it keeps reading its source only to see that peer's close frame or
+EOF. Nothing in the hot path pays for this but one attribute test per chunk.
+
+Endings (the side that owns each reaction in brackets)::
+
+    close frame from a side       relayed like any frame; the session ends when
+                                  the backend has closed TCP and the client has
+                                  answered (or closed), within close_timeout
+    backend EOF without close     client gets 1014 (down), up discards
+    client EOF without close      backend gets 1001 (up), down discards
+    violation by a side           offender gets its code (1002/1009), the other 1001
+    finish() (idle, shutdown)     both sides get the codes given
+
+A close frame that cannot be placed at a boundary (the peer died in the middle
+of a frame) is not sent: the connection is closed without it, which is what
+RFC 6455 §7.1.7 (_Fail the WebSocket Connection_) allows. Once the first close
+frame passes in either direction, the whole session has ``close_timeout_s`` to
+finish; then both TCP connections are closed regardless.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..proto.frames import (
+    CLOSE_BAD_GATEWAY,
+    CLOSE_GOING_AWAY,
+    FrameScanner,
+    encode_close,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+RECEIVE_BYTES = 65536
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Pump:
+    """One direction of a session: read ``src``, forward to ``dst``."""
+
+    __slots__ = (
+        "relay",
+        "side",
+        "src",
+        "dst",
+        "scanner",
+        "mask_frames",
+        "bytes",
+        "waiting",
+        "pending",
+        "writing",
+        "discard",
+        "src_eof",
+        "dst_gone",
+        "close_out",
+        "_written",
+    )
+
+    def __init__(
+        self, relay: Relay, side: str, src: trio.abc.Stream, dst: trio.abc.Stream, scanner: FrameScanner
+    ) -> None:
+        self.relay = relay
+        self.side = side  # the side this pump reads: "client" or "backend"
+        self.src = src
+        self.dst = dst
+        self.scanner = scanner
+        self.mask_frames = side == "client"  # frames we write towards the backend are masked
+        self.bytes = 0  # forwarded
+        self.waiting = False  # blocked in receive_some
+        self.pending: bytes | None = None  # a close frame to write at the next boundary
+        self.writing = False  # a close frame is being written by the inject task
+        self.discard = False  # forwarding is over; only watch for the peer's close or EOF
+        self.src_eof = False
+        self.dst_gone = False
+        self.close_out = False  # a close frame (relayed or ours) went to dst
+        self._written: trio.Event | None = None
+
+    async def run(self, initial: bytes) -> None:
+        """Pump until the source ends (EOF, reset, violation while discarding)."""
+        if initial:
+            await self._feed(initial)
+        src = self.src
+        while not self.src_eof:
+            self.waiting = True
+            try:
+                data = await src.receive_some(RECEIVE_BYTES)
+            except _STREAM_ERRORS:
+                data = b""
+            self.waiting = False
+            if self.writing:  # the inject task is writing our close: let it finish first
+                assert self._written is not None
+                await self._written.wait()
+            if not data:
+                self.src_eof = True
+                self.relay.on_eof(self)
+                break
+            await self._feed(data)
+
+    async def _feed(self, data: bytes) -> None:
+        scanner = self.scanner
+        if self.discard:
+            scanner.feed(data)
+            if scanner.violation is not None:
+                self.src_eof = True  # nothing sensible can follow: stop reading
+                self.relay.on_eof(self)
+            elif scanner.close_seen:
+                self.relay.check_done()
+            return
+        out = scanner.feed(data)
+        if out and not self.dst_gone:
+            try:
+                await self.dst.send_all(out)
+            except _STREAM_ERRORS:
+                self.dst_gone = True
+                self.relay.check_done()
+        self.bytes += len(out)
+        if scanner.violation is not None:
+            self.relay.on_violation(self)
+        elif scanner.close_seen and not self.close_out:
+            self.close_out = True
+            self.relay.on_close_relayed(self)
+        if self.pending is not None and scanner.remaining == 0:
+            await self._write_pending()
+
+    def request_close(self, frame: bytes) -> None:
+        """Write ``frame`` (a close frame) to ``dst`` at the next frame boundary, then discard."""
+        if self.close_out or self.pending is not None or self.writing or self.discard:
+            return
+        self.pending = frame
+        if self.src_eof:
+            # The loop is over: write it from a task of its own if a boundary allows it.
+            if self.scanner.remaining == 0:
+                self.relay.spawn(self._inject)
+            else:
+                self.pending = None
+                self.discard = True
+        elif self.waiting and self.scanner.remaining == 0:
+            self.relay.spawn(self._inject)
+        else:
+            # Running, or inside a frame: the loop writes it at the next boundary.
+            self.scanner.stop_at_boundary = True
+
+    async def _inject(self) -> None:
+        if self.pending is None or not (self.waiting or self.src_eof):
+            return  # the pump woke up first and handled it
+        self.writing = True
+        self._written = trio.Event()
+        try:
+            await self._write_pending()
+        finally:
+            self.writing = False
+            self._written.set()
+
+    async def _write_pending(self) -> None:
+        frame = self.pending
+        assert frame is not None
+        self.pending = None
+        self.discard = True
+        if not self.dst_gone:
+            try:
+                await self.dst.send_all(frame)
+                self.close_out = True
+            except _STREAM_ERRORS:
+                self.dst_gone = True
+        self.relay.arm_deadline()
+        scanner = self.scanner
+        if scanner.stopped or scanner.stop_at_boundary:
+            # What followed the boundary still counts: it may hold the peer's close frame.
+            scanner.stop_at_boundary = False
+            scanner.stopped = False
+            scanner.feed(b"")
+        self.relay.check_done()
+
+
+class Relay:
+    """Both directions of one established session, and how it ends."""
+
+    __slots__ = (
+        "up",
+        "down",
+        "close_timeout_s",
+        "outcome",
+        "closed_by",
+        "_nursery",
+        "_deadline_armed",
+    )
+
+    def __init__(
+        self,
+        client: trio.abc.Stream,
+        backend: trio.abc.Stream,
+        *,
+        up_scanner: FrameScanner,
+        down_scanner: FrameScanner,
+        close_timeout_s: float,
+    ) -> None:
+        self.up = Pump(self, "client", client, backend, up_scanner)
+        self.down = Pump(self, "backend", backend, client, down_scanner)
+        self.close_timeout_s = close_timeout_s
+        self.outcome = ""  # why the session ended, for the log
+        self.closed_by = ""  # "client", "backend" or "proxy": who started the ending
+        self._nursery: trio.Nursery | None = None
+        self._deadline_armed = False
+
+    async def run(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
+        """Relay until the session is over; ``from_*`` arrived with the handshakes."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._run_pump, self.up, from_client)
+            await self._run_pump(self.down, from_backend)
+        self._nursery = None
+
+    async def _run_pump(self, pump: Pump, initial: bytes) -> None:
+        await pump.run(initial)
+        self.check_done()
+
+    def spawn(self, fn: Callable[[], object]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)  # type: ignore[arg-type]
+
+    # -- events from the pumps ------------------------------------------------
+
+    def _start_ending(self, by: str, outcome: str) -> None:
+        if not self.closed_by:
+            self.closed_by = by
+            self.outcome = outcome
+
+    def on_close_relayed(self, pump: Pump) -> None:
+        """``pump`` forwarded its source's close frame."""
+        self._start_ending(pump.side, "close")
+        self.arm_deadline()
+        self.check_done()
+
+    def on_eof(self, pump: Pump) -> None:
+        """``pump``'s source is gone (EOF, reset, or garbage while discarding)."""
+        if not pump.scanner.close_seen and not pump.discard:
+            # The peer vanished without a close frame: tell the other side, which is
+            # written by this same pump (up writes the backend, down the client).
+            if pump is self.up:
+                self._start_ending("client", "client vanished")
+                frame = encode_close(CLOSE_GOING_AWAY, "client went away", mask=os.urandom(4))
+            else:
+                self._start_ending("backend", "backend vanished")
+                frame = encode_close(CLOSE_BAD_GATEWAY, "backend went away")
+            other = self.down if pump is self.up else self.up
+            other.discard = True  # its destination is the peer that vanished
+            pump.request_close(frame)
+            if pump.pending is None and not pump.close_out:
+                # It died inside a frame: no close frame can be placed, close TCP now.
+                self._cancel()
+                return
+            self.arm_deadline()
+        self.check_done()
+
+    def on_violation(self, pump: Pump) -> None:
+        """``pump``'s source broke the protocol: its code to it, 1001 to the other side."""
+        violation = pump.scanner.violation
+        assert violation is not None
+        self._start_ending("proxy", f"{pump.side} protocol error: {violation.reason}")
+        other = self.down if pump is self.up else self.up
+        # The scanner stopped before the offending frame, so this pump's output is at a
+        # boundary: the other side gets 1001 from it (written when its chunk is done)...
+        pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer protocol error"))
+        # ...and the offender gets its code from the pump that writes to it.
+        other.request_close(self._close_frame(other, violation.close_code, violation.reason))
+
+    def finish(self, client_code: int, backend_code: int, reason: str) -> None:
+        """End the session from the proxy's side (idle timeout, shutdown, drain)."""
+        self._start_ending("proxy", reason)
+        self.arm_deadline()
+        self.down.request_close(encode_close(client_code, reason))
+        self.up.request_close(encode_close(backend_code, reason, mask=os.urandom(4)))
+
+    @staticmethod
+    def _close_frame(pump: Pump, code: int, reason: str) -> bytes:
+        return encode_close(code, reason, mask=os.urandom(4) if pump.mask_frames else None)
+
+    def arm_deadline(self) -> None:
+        """From the first close frame on, the session has close_timeout_s to end."""
+        if not self._deadline_armed and self._nursery is not None:
+            self._deadline_armed = True
+            self._nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout_s
+
+    def check_done(self) -> None:
+        """End the session once both TCP connections may close.
+
+        The backend's may close when it has closed it (it is the WebSocket
+        server: RFC 6455 §7.1.1 lets it close TCP first, and the TIME_WAIT
+        stays on its side, not on our ephemeral ports), or when it broke the
+        protocol and has had our close frame. The client's may close when it
+        has gone, when it has both received and sent a close frame, or when it
+        broke the protocol and has had our close frame.
+        """
+        up, down = self.up, self.down
+        backend_done = (
+            down.src_eof or up.dst_gone or (down.scanner.violation is not None and up.close_out)
+        )
+        client_done = (
+            up.src_eof
+            or down.dst_gone
+            or (down.close_out and (up.scanner.close_seen or up.scanner.violation is not None))
+        )
+        if backend_done and client_done:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.bytes

@@ -1,0 +1,135 @@
+"""Dial a backend and complete the upstream half of the handshake (trio shell).
+
+``dial`` tries the pool's candidates in order, each at most once, within
+``timeouts.connect`` each. ``upgrade`` sends the request built by
+``proto.handshake.upstream_request`` with h11 and reads the backend's answer
+with h11 within ``timeouts.upstream_handshake``. The decisions are in
+``proto.handshake``; this module only moves bytes and keeps time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from ..config.schema import BackendConfig
+from ..errors import UpstreamUnavailable
+from ..proto.handshake import HOP_BY_HOP, Accepted, Rejection, Upgrade, check_upstream_response
+
+log = logging.getLogger("wsproxy.edge.upstream")
+
+#: Largest error response body relayed from a backend that refused an upgrade.
+MAX_ERROR_BODY_BYTES = 65536
+
+
+@dataclass(slots=True)
+class Refusal:
+    """The backend answered the upgrade with a normal HTTP response: pass it on, then close."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+async def dial(
+    candidates: Sequence[BackendConfig], connect_timeout_s: float, *, conn_id: str
+) -> tuple[trio.SocketStream, BackendConfig]:
+    """Connect to the first candidate that accepts; 502 when none does."""
+    errors = []
+    for backend in candidates:
+        address = backend.address
+        try:
+            with trio.fail_after(connect_timeout_s):
+                stream = await trio.open_tcp_stream(address.host, address.port)
+        except trio.TooSlowError:
+            errors.append(f"{address}: connect timed out after {connect_timeout_s:g}s")
+        except OSError as exc:
+            errors.append(f"{address}: {exc.strerror or exc}")
+        else:
+            return stream, backend
+        log.warning("event=connect_failed conn=%s backend=%s error=%r", conn_id, address, errors[-1])
+    raise UpstreamUnavailable(502, "no backend accepted the connection: " + "; ".join(errors))
+
+
+async def upgrade(
+    stream: trio.SocketStream,
+    request: h11.Request,
+    up: Upgrade,
+    *,
+    timeout_s: float,
+    max_header_bytes: int,
+) -> tuple[Accepted, bytes] | Refusal:
+    """Send the upgrade request; return what was negotiated and the bytes after the 101.
+
+    A non-101 answer is returned as a ``Refusal`` to relay to the client.
+    Raises ``UpstreamUnavailable`` with 504 when the backend stays silent and
+    502 when it answers something that is not HTTP or not a valid 101.
+    """
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+    try:
+        with trio.fail_after(timeout_s):
+            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+            response = await _next_response(stream, conn)
+            if isinstance(response, h11.InformationalResponse):
+                verdict = check_upstream_response(response, up)
+                if isinstance(verdict, Rejection):
+                    raise UpstreamUnavailable(502, verdict.reason)
+                trailing, _closed = conn.trailing_data
+                return verdict, bytes(trailing)
+            return await _read_refusal(stream, conn, response)
+    except trio.TooSlowError:
+        raise UpstreamUnavailable(
+            504, f"backend did not answer the upgrade within {timeout_s:g}s"
+        ) from None
+    except h11.ProtocolError as exc:
+        raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise UpstreamUnavailable(502, f"backend connection failed during the upgrade: {exc}") from None
+
+
+async def _next_response(
+    stream: trio.SocketStream, conn: h11.Connection
+) -> h11.InformationalResponse | h11.Response:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise UpstreamUnavailable(502, "backend closed the connection without answering the upgrade")
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                return event
+            continue  # 100 Continue and the like: keep waiting for the answer
+        if isinstance(event, h11.Response):
+            return event
+        raise UpstreamUnavailable(502, f"unexpected answer from the backend: {type(event).__name__}")
+
+
+async def _read_refusal(stream: trio.SocketStream, conn: h11.Connection, response: h11.Response) -> Refusal:
+    """Read a refusing response's body (bounded) so it can be relayed as it was."""
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            conn.receive_data(data)  # b"" marks EOF, which ends a close-delimited body
+            continue
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_ERROR_BODY_BYTES:
+                del body[MAX_ERROR_BODY_BYTES:]
+                break
+            continue
+        break  # EndOfMessage or ConnectionClosed
+    headers = [
+        (name, value)
+        for name, value in response.headers.raw_items()
+        if name.lower() not in HOP_BY_HOP and name.lower() != b"content-length"
+    ]
+    return Refusal(response.status_code, headers, bytes(body))

@@ -1,0 +1,346 @@
+"""Incremental WebSocket frame scanner for the relay (RFC 6455 §5). No I/O here.
+
+The relay forwards bytes, not messages: payloads are never unmasked, decoded or
+copied. A ``FrameScanner`` watches one direction of a session and decides, for
+each chunk received, how much of it may be forwarded now.
+
+Theory of operation
+-------------------
+The scanner walks frame *headers* and skips payloads by arithmetic. It keeps one
+invariant that the rest of the proxy relies on:
+
+    The bytes forwarded so far always end either inside a data frame's payload
+    or exactly at a frame boundary, never inside a frame header, and no byte of
+    a frame is forwarded before its whole header has been validated.
+
+To keep it, an incomplete header at the end of a chunk is held back (at most 14
+bytes) and joined to the next chunk. Control frames (close, ping, pong: at most
+131 bytes) are held back until they are complete, so the scanner always sees a
+whole control frame: it can read a close frame's status code, and a later
+keepalive can take its own pongs out of the stream.
+
+Because of the invariant, ``at_boundary`` after a chunk has been forwarded tells
+the relay whether a frame of its own (a close frame, a ping) may be written to
+the same destination now, and every violation is caught before the offending
+frame starts on the wire: the relay forwards what precedes it and closes.
+
+What is enforced (a ``Violation`` with the close code for the offender):
+- RFC 6455 §5.1: client frames MUST be masked, server frames MUST NOT be (1002).
+- §5.2: RSV bits MUST be 0 unless an extension defines them (1002); with
+  permessage-deflate (RFC 7692 §6) RSV1 is allowed on the first frame of a data
+  message only.
+- §5.2: reserved opcodes 3-7 and 0xB-0xF (1002).
+- §5.2: a 64-bit length with the most significant bit set (1002).
+- §5.4: continuation without a message in progress, a new data message inside a
+  fragmented one (1002).
+- §5.5: control frames of more than 125 bytes or fragmented (1002); §5.5.1: a
+  close payload of exactly one byte (1002).
+- ``max_message_bytes``: the sum of a message's payload lengths, checked from
+  the headers before any byte of the frame that would exceed it is sent (1009).
+
+What is not checked here, on purpose: UTF-8 validity of text messages and of
+close reasons, the close code's registry range, and non-minimal length
+encodings. Those concern the payload, which the proxy never decodes; both
+endpoints check them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005
+CLOSE_ABNORMAL = 1006
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_BAD_GATEWAY = 1014
+
+RSV1 = 0x40
+RSV_ALL = 0x70
+
+_MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask key)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """The peer broke the protocol: close it with ``close_code``.
+
+    Everything the scanner returned before the violation may be forwarded; the
+    offending frame and everything after it must not be.
+    """
+
+    close_code: int
+    reason: str
+
+
+class FrameScanner:
+    """Scans one direction of a WebSocket connection.
+
+    ``from_client`` selects the masking rule. ``rsv_allowed`` is the set of RSV
+    bits the negotiated extensions may use (``RSV1`` for permessage-deflate,
+    ``RSV_ALL`` when an extension the proxy does not know was negotiated).
+    ``max_message_bytes`` of 0 means unlimited.
+
+    Usage, once per chunk received::
+
+        out = scanner.feed(chunk)     # forward ``out`` (may be empty)
+        if scanner.violation: ...     # close the offender with its close_code
+    """
+
+    __slots__ = (
+        "from_client",
+        "rsv_allowed",
+        "deflate",
+        "max_message_bytes",
+        "remaining",
+        "violation",
+        "in_message",
+        "message_bytes",
+        "messages",
+        "close_code",
+        "close_seen",
+        "stop_at_boundary",
+        "stopped",
+        "_held",
+    )
+
+    def __init__(
+        self,
+        *,
+        from_client: bool,
+        rsv_allowed: int = 0,
+        deflate: bool = False,
+        max_message_bytes: int = 0,
+    ) -> None:
+        self.from_client = from_client
+        self.rsv_allowed = rsv_allowed
+        self.deflate = deflate  # RSV1 only on the first frame of a data message
+        self.max_message_bytes = max_message_bytes
+        #: payload bytes of the current data frame not yet seen
+        self.remaining = 0
+        #: set once; the scanner accepts nothing after it
+        self.violation: Violation | None = None
+        self.in_message = False  # a fragmented data message is in progress
+        self.message_bytes = 0  # payload bytes of the current message so far
+        self.messages = 0  # complete data messages seen
+        #: the close frame's status code (CLOSE_NO_STATUS when it had no payload)
+        self.close_code: int | None = None
+        self.close_seen = False
+        #: when set, ``feed`` returns only up to the next frame boundary and sets ``stopped``
+        self.stop_at_boundary = False
+        self.stopped = False
+        self._held = b""  # an incomplete header or control frame, not yet forwarded
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when what has been forwarded ends exactly at a frame boundary."""
+        return self.remaining == 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Scan ``data``; return the part of it that may be forwarded now.
+
+        With ``stop_at_boundary`` set, return only up to the end of the current
+        frame and set ``stopped``; what follows is kept and scanned by the next
+        ``feed`` once ``stop_at_boundary`` and ``stopped`` are cleared again
+        (``feed(b"")`` scans it at once).
+        """
+        if self.violation is not None:
+            return b""
+        if self.stopped:
+            self._held += data
+            return b""
+        remaining = self.remaining
+        if remaining:
+            # Inside a data payload: skip it without looking at it.
+            n = len(data)
+            if remaining >= n:
+                self.remaining = remaining - n
+                if self.stop_at_boundary and self.remaining == 0:
+                    self.stopped = True
+                return data
+            self.remaining = 0
+            if self.stop_at_boundary:
+                self.stopped = True
+                self._held = data[remaining:]
+                return data[:remaining]
+            end = self._scan(data, remaining)
+            return data if end == n else data[:end]
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if self.stop_at_boundary:
+            self.stopped = True
+            self._held = data
+            return b""
+        end = self._scan(data, 0)
+        return data if end == len(data) else data[:end]
+
+    def _scan(self, data: bytes, pos: int) -> int:
+        """Walk the frames of ``data`` from ``pos`` (a frame boundary).
+
+        Returns how many bytes of ``data`` may be forwarded; holds back an
+        incomplete header or control frame, and stops before a violation.
+        """
+        n = len(data)
+        from_client = self.from_client
+        while pos < n:
+            if n - pos < 2:
+                self._held = data[pos:]
+                return pos
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            header_len = 2
+            if length == 126:
+                header_len = 4
+            elif length == 127:
+                header_len = 10
+            masked = b1 & 0x80
+            if masked:
+                header_len += 4
+            if n - pos < header_len:
+                self._held = data[pos:]
+                return pos
+            if length == 126:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+            elif length == 127:
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                if length >> 63:
+                    self.violation = Violation(
+                        CLOSE_PROTOCOL_ERROR, "64-bit payload length with the most significant bit set"
+                    )
+                    return pos
+            opcode = b0 & 0x0F
+            rsv = b0 & RSV_ALL
+            fin = b0 & 0x80
+            if (masked == 0) == from_client:
+                return self._fail_mask(pos, from_client)
+            if opcode >= OP_CLOSE:
+                if self._check_control(opcode, rsv, fin, length):
+                    return pos
+                frame_end = pos + header_len + length
+                if frame_end > n:
+                    self._held = data[pos:]
+                    return pos
+                if opcode == OP_CLOSE:
+                    if self._read_close(data, pos + header_len, length, masked):
+                        return pos
+                pos = frame_end
+                continue
+            if self._check_data(opcode, rsv, fin, length):
+                return pos
+            frame_end = pos + header_len + length
+            if frame_end > n:
+                self.remaining = frame_end - n
+                return n
+            pos = frame_end
+        return pos
+
+    def _fail_mask(self, pos: int, from_client: bool) -> int:
+        """RFC 6455 §5.1: a client MUST mask every frame, a server MUST NOT."""
+        reason = "unmasked frame from the client" if from_client else "masked frame from the server"
+        self.violation = Violation(CLOSE_PROTOCOL_ERROR, reason)
+        return pos
+
+    def _check_opcode(self, opcode: int, rsv: int) -> bool:
+        if opcode > OP_BINARY:
+            self.violation = Violation(CLOSE_PROTOCOL_ERROR, f"reserved opcode 0x{opcode:x}")
+            return True
+        if rsv & ~self.rsv_allowed:
+            self.violation = Violation(
+                CLOSE_PROTOCOL_ERROR, f"RSV bits 0x{rsv >> 4:x} set without a negotiated extension"
+            )
+            return True
+        return False
+
+    def _check_control(self, opcode: int, rsv: int, fin: int, length: int) -> bool:
+        """RFC 6455 §5.5: control frames are short and never fragmented."""
+        if opcode > OP_PONG:
+            self.violation = Violation(CLOSE_PROTOCOL_ERROR, f"reserved opcode 0x{opcode:x}")
+        elif rsv and (self.deflate or rsv & ~self.rsv_allowed):
+            # RFC 7692 §6: permessage-deflate never sets RSV1 on control frames.
+            self.violation = Violation(
+                CLOSE_PROTOCOL_ERROR, f"RSV bits 0x{rsv >> 4:x} set on a control frame"
+            )
+        elif not fin:
+            self.violation = Violation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+        elif length > 125:
+            self.violation = Violation(
+                CLOSE_PROTOCOL_ERROR, f"control frame of {length} bytes (the limit is 125)"
+            )
+        return self.violation is not None
+
+    def _check_data(self, opcode: int, rsv: int, fin: int, length: int) -> bool:
+        """Fragmentation (§5.4), RSV bits and the message size limit of a data frame."""
+        if self._check_opcode(opcode, rsv):
+            return True
+        if opcode == OP_CONTINUATION:
+            if not self.in_message:
+                self.violation = Violation(
+                    CLOSE_PROTOCOL_ERROR, "continuation frame without a message in progress"
+                )
+                return True
+            if rsv & RSV1 and self.deflate:
+                self.violation = Violation(CLOSE_PROTOCOL_ERROR, "RSV1 set on a continuation frame")
+                return True
+            size = self.message_bytes + length
+        else:
+            if self.in_message:
+                self.violation = Violation(
+                    CLOSE_PROTOCOL_ERROR, "new data message inside a fragmented message"
+                )
+                return True
+            size = length
+        limit = self.max_message_bytes
+        if limit and size > limit:
+            self.violation = Violation(
+                CLOSE_MESSAGE_TOO_BIG, f"message of more than {limit} bytes (at least {size})"
+            )
+            return True
+        if fin:
+            self.in_message = False
+            self.message_bytes = 0
+            self.messages += 1
+        else:
+            self.in_message = True
+            self.message_bytes = size
+        return False
+
+    def _read_close(self, data: bytes, start: int, length: int, masked: int) -> bool:
+        """Record a close frame's status code (§5.5.1)."""
+        if length == 1:
+            self.violation = Violation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+            return True
+        if length == 0:
+            code = CLOSE_NO_STATUS
+        elif masked:
+            key = data[start - 4 : start]
+            code = ((data[start] ^ key[0]) << 8) | (data[start + 1] ^ key[1])
+        else:
+            code = (data[start] << 8) | data[start + 1]
+        self.close_code = code
+        self.close_seen = True
+        return False
+
+
+def encode_close(code: int, reason: str = "", *, mask: bytes | None = None) -> bytes:
+    """A complete close frame (RFC 6455 §5.5.1), masked when ``mask`` is given.
+
+    The proxy writes close frames of its own towards a client unmasked and
+    towards a backend masked (it is the backend's client).
+    """
+    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    if mask is None:
+        return bytes((0x80 | OP_CLOSE, len(payload))) + payload
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return bytes((0x80 | OP_CLOSE, 0x80 | len(payload))) + mask + masked

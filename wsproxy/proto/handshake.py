@@ -1,0 +1,350 @@
+"""The RFC 6455 opening handshake, both hops, as plain functions. No I/O here.
+
+Downstream (client → proxy)::
+
+    check_raw_head(head)        request-smuggling shapes h11 would normalise away
+    check_upgrade(request)      §4.2.1 validation of the h11.Request → Upgrade | Rejection
+
+Upstream (proxy → backend)::
+
+    upstream_request(upgrade, ...)       the request the backend sees (hop-by-hop headers out,
+                                         X-Forwarded-* and Forwarded in)
+    check_upstream_response(resp, up)    §4.1 validation of the backend's 101 → Accepted | Rejection
+    downstream_101(accepted)             the bytes of the client's 101
+
+and ``http_error(rejection)`` for every refusal. Each verdict already carries
+the reaction (status, reason for the log, extra headers), as h11's
+``error_status_hint`` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+import h11
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: RFC 7230 §6.1 hop-by-hop headers, plus the ones a proxy must not pass on.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Headers the proxy sets itself towards the backend; a client's copies are dropped
+#: (trusted_proxies, which would keep them, comes with the gate).
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+REASONS = {
+    101: b"Switching Protocols",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    426: b"Upgrade Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Refuse the request with ``status``; ``reason`` is for the log, not the client."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """A valid WebSocket upgrade request, ready to be routed."""
+
+    request: h11.Request
+    host: str  # lower case, without the port
+    path: str  # the path part of the target, without the query
+    key: bytes  # Sec-WebSocket-Key as sent
+    subprotocols: tuple[str, ...] = ()  # offered, in order
+    extensions: frozenset[str] = frozenset()  # names of the offered extensions
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The backend accepted the upgrade; what was negotiated end to end."""
+
+    headers: tuple[tuple[bytes, bytes], ...]  # the backend's end-to-end headers, for the client's 101
+    accept: bytes
+    subprotocol: str | None = None
+    extensions: frozenset[str] = field(default_factory=frozenset)
+
+
+def accept_key(key: bytes) -> bytes:
+    """RFC 6455 §4.2.2: base64(SHA-1(key + GUID))."""
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def _extension_names(values: list[bytes]) -> frozenset[str]:
+    names = set()
+    for value in values:
+        for offer in value.split(b","):
+            name = offer.split(b";", 1)[0].strip().lower()
+            if name:
+                names.add(name.decode("latin-1"))
+    return frozenset(names)
+
+
+def check_raw_head(head: bytes) -> Rejection | None:
+    """Refuse header blocks whose meaning h11 would quietly normalise.
+
+    ``head`` is the request line and headers up to and including the blank
+    line. These shapes are how request smuggling starts (RFC 7230 §3.2.4,
+    §3.3.3): obsolete line folding, bare LF line endings, Content-Length twice,
+    Content-Length together with Transfer-Encoding.
+    """
+    if b"\r\n " in head or b"\r\n\t" in head:
+        return Rejection(400, "obsolete line folding in the request headers")
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return Rejection(400, "bare LF line ending in the request")
+    lower = head.lower()
+    content_lengths = lower.count(b"\r\ncontent-length:")
+    if content_lengths > 1:
+        return Rejection(400, "more than one Content-Length header")
+    if content_lengths and b"\r\ntransfer-encoding:" in lower:
+        return Rejection(400, "both Content-Length and Transfer-Encoding")
+    return None
+
+
+def _headers_by_name(request: h11.Request) -> dict[bytes, list[bytes]]:
+    by_name: dict[bytes, list[bytes]] = {}
+    for name, value in request.headers:
+        by_name.setdefault(name, []).append(value)
+    return by_name
+
+
+def _upgrade_required(reason: str) -> Rejection:
+    return Rejection(
+        426, reason, ((b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Version", b"13"))
+    )
+
+
+def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
+    """RFC 6455 §4.2.1: is this a WebSocket upgrade we may pass on?
+
+    A plain HTTP request (no ``Upgrade: websocket``) gets 426; a broken
+    upgrade gets 400; a version other than 13 gets 426 with
+    ``Sec-WebSocket-Version: 13`` (§4.4).
+    """
+    headers = _headers_by_name(request)
+    upgrade = headers.get(b"upgrade", [])
+    if not any(b"websocket" in _tokens(v) for v in upgrade):
+        seen = b", ".join(upgrade).decode("latin-1") or "none"
+        return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {seen})")
+    if request.method != b"GET":
+        return Rejection(400, f"WebSocket upgrade with method {request.method.decode('latin-1')}")
+    if request.http_version != b"1.1":
+        return Rejection(400, f"WebSocket upgrade over HTTP/{request.http_version.decode('latin-1')}")
+    for name in (b"transfer-encoding",):
+        if name in headers:
+            return Rejection(400, "a body on the upgrade request (Transfer-Encoding)")
+    for value in headers.get(b"content-length", []):
+        if value.strip() != b"0":
+            return Rejection(400, "a body on the upgrade request (Content-Length)")
+    hosts = headers.get(b"host", [])
+    if len(hosts) != 1 or not hosts[0]:
+        return Rejection(400, f"expected one Host header, got {len(hosts)}")
+    host = _host_without_port(hosts[0])
+    if host is None:
+        return Rejection(400, f"invalid Host header: {hosts[0].decode('latin-1')!r}")
+    if not any(b"upgrade" in _tokens(v) for v in headers.get(b"connection", [])):
+        return Rejection(400, "Connection header does not contain \"upgrade\"")
+    versions = headers.get(b"sec-websocket-version", [])
+    if versions != [b"13"]:
+        seen = b", ".join(versions).decode("latin-1") or "none"
+        return _upgrade_required(f"unsupported Sec-WebSocket-Version: {seen}")
+    keys = headers.get(b"sec-websocket-key", [])
+    if len(keys) != 1:
+        return Rejection(400, f"expected one Sec-WebSocket-Key header, got {len(keys)}")
+    key = keys[0].strip()
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 16:
+        return Rejection(400, f"Sec-WebSocket-Key is not 16 bytes in base64: {key.decode('latin-1')!r}")
+    target = request.target
+    if not target.startswith(b"/"):
+        return Rejection(400, f"request target must be a path: {target.decode('latin-1')!r}")
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    subprotocols = tuple(
+        t.decode("latin-1") for v in headers.get(b"sec-websocket-protocol", []) for t in _raw_tokens(v)
+    )
+    return Upgrade(
+        request=request,
+        host=host,
+        path=path,
+        key=key,
+        subprotocols=subprotocols,
+        extensions=_extension_names(headers.get(b"sec-websocket-extensions", [])),
+    )
+
+
+def _raw_tokens(value: bytes) -> list[bytes]:
+    return [t.strip() for t in value.split(b",") if t.strip()]
+
+
+def _host_without_port(value: bytes) -> str | None:
+    """The host part of a Host header, lower case, or None when malformed."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    else:
+        host, sep, port = text.partition(":")
+        rest = sep + port
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None
+    if not host or any(c in host for c in " /\\@?#"):
+        return None
+    return host
+
+
+def forwarding_headers(
+    client_ip: str, client_port: int, host_header: bytes, *, tls: bool
+) -> list[tuple[bytes, bytes]]:
+    """X-Forwarded-For/-Proto/-Host and RFC 7239 Forwarded for the backend."""
+    proto = b"https" if tls else b"http"
+    ip = client_ip.encode("ascii")
+    node = b'"[' + ip + b']"' if b":" in ip else ip
+    host = host_header.replace(b'"', b"")
+    return [
+        (b"X-Forwarded-For", ip),
+        (b"X-Forwarded-Proto", proto),
+        (b"X-Forwarded-Host", host_header),
+        (b"Forwarded", b"for=" + node + b';host="' + host + b'";proto=' + proto),
+    ]
+
+
+def upstream_request(
+    upgrade: Upgrade, extra_headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The target and headers of the upgrade request for the backend.
+
+    The client's headers pass in their order and spelling, minus hop-by-hop
+    ones (and those its Connection header names) and minus forwarding
+    headers, which ``extra_headers`` (from ``forwarding_headers``) replace.
+    The client's Sec-WebSocket-Key is kept, so the backend's
+    Sec-WebSocket-Accept is the one the client expects.
+    """
+    request = upgrade.request
+    named = set()
+    for name, value in request.headers:
+        if name == b"connection":
+            named.update(_tokens(value))
+    headers = []
+    for raw_name, value in request.headers.raw_items():
+        name = raw_name.lower()
+        if name in HOP_BY_HOP or name in FORWARDING_HEADERS or name in named:
+            continue
+        headers.append((raw_name, value))
+    headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+    headers += extra_headers
+    return request.target, headers
+
+
+def check_upstream_response(response: h11.InformationalResponse, upgrade: Upgrade) -> Accepted | Rejection:
+    """RFC 6455 §4.1: does the backend's 101 complete the client's handshake?
+
+    Success needs ``Upgrade: websocket``, ``Connection: upgrade``, the right
+    Sec-WebSocket-Accept, a subprotocol the client offered (or none) and only
+    extensions the client offered. Anything else is the backend's fault: 502.
+    """
+    if response.status_code != 101:
+        return Rejection(502, f"backend answered {response.status_code} where 101 was expected")
+    by_name: dict[bytes, list[bytes]] = {}
+    passed: list[tuple[bytes, bytes]] = []
+    for raw_name, value in response.headers.raw_items():
+        name = raw_name.lower()
+        by_name.setdefault(name, []).append(value)
+        if name not in HOP_BY_HOP and name != b"sec-websocket-accept":
+            passed.append((raw_name, value))
+    if not any(b"websocket" in _tokens(v) for v in by_name.get(b"upgrade", [])):
+        return Rejection(502, "backend's 101 lacks \"Upgrade: websocket\"")
+    if not any(b"upgrade" in _tokens(v) for v in by_name.get(b"connection", [])):
+        return Rejection(502, "backend's 101 lacks \"Connection: upgrade\"")
+    expected = accept_key(upgrade.key)
+    accepts = by_name.get(b"sec-websocket-accept", [])
+    if accepts != [expected]:
+        seen = b", ".join(accepts).decode("latin-1") or "none"
+        return Rejection(502, f"backend's Sec-WebSocket-Accept is wrong: {seen}")
+    protocols = [t.decode("latin-1") for v in by_name.get(b"sec-websocket-protocol", []) for t in _raw_tokens(v)]
+    if len(protocols) > 1 or (protocols and protocols[0] not in upgrade.subprotocols):
+        return Rejection(502, f"backend chose a subprotocol the client did not offer: {', '.join(protocols)}")
+    extensions = _extension_names(by_name.get(b"sec-websocket-extensions", []))
+    if not extensions <= upgrade.extensions:
+        unknown = ", ".join(sorted(extensions - upgrade.extensions))
+        return Rejection(502, f"backend chose extensions the client did not offer: {unknown}")
+    return Accepted(
+        headers=tuple(passed),
+        accept=expected,
+        subprotocol=protocols[0] if protocols else None,
+        extensions=extensions,
+    )
+
+
+def downstream_101(accepted: Accepted) -> bytes:
+    """The client's 101: the backend's end-to-end headers plus the upgrade headers."""
+    lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"]
+    lines += (b"Sec-WebSocket-Accept: ", accepted.accept, b"\r\n")
+    for name, value in accepted.headers:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A complete HTTP/1.1 response with a Content-Length body that closes the connection."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error"))]
+    for name, value in headers:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    lines.append(body)
+    return b"".join(lines)
+
+
+def http_error(rejection: Rejection) -> bytes:
+    """The response for a refused request; it closes the connection.
+
+    The body is the status line's reason phrase only: which check failed is
+    for the log, not for the client.
+    """
+    body = REASONS.get(rejection.status, b"Error") + b"\n"
+    headers = [*rejection.headers, (b"Content-Type", b"text/plain; charset=utf-8")]
+    return http_response(rejection.status, headers, body)
