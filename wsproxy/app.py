@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,6 +28,7 @@ import trio
 from .balance.policy import Selector, make_selector
 from .config.schema import Config, PoolName
 from .control.registry import Registry
+from .edge.listener import accept_loop, open_listener
 from .edge.session import CLOSE_TIMEOUT_S, Session, handle_connection
 from .proto.frames import CLOSE_GOING_AWAY
 from .proto.routing import Router
@@ -65,22 +67,28 @@ class App:
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
-        listeners: list[trio.SocketListener] = []
-        for spec in self.generation.config.listeners:
-            opened = await trio.open_tcp_listeners(spec.bind.port, host=spec.bind.host)
-            listeners += opened
-            self.addresses[spec.name] = [tuple(l.socket.getsockname()[:2]) for l in opened]  # type: ignore[misc]
-            for host, port in self.addresses[spec.name]:
-                log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
-        async with trio.open_nursery() as connections:
-            self._connections = connections
-            async with trio.open_nursery() as control:
-                self._control = control.cancel_scope
-                control.start_soon(self._idle_sweeper)
-                await control.start(
-                    partial(trio.serve_listeners, partial(handle_connection, app=self), listeners, handler_nursery=connections)
-                )
-                task_status.started(self.addresses)
+        listeners: list[socket.socket] = []
+        try:
+            for spec in self.generation.config.listeners:
+                opened = open_listener(spec)
+                listeners += opened
+                self.addresses[spec.name] = [sock.getsockname()[:2] for sock in opened]
+                for host, port in self.addresses[spec.name]:
+                    log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                async with trio.open_nursery() as control:
+                    self._control = control.cancel_scope
+                    control.start_soon(self._idle_sweeper)
+                    handler = partial(handle_connection, app=self)
+                    for sock in listeners:
+                        control.start_soon(accept_loop, sock, handler, connections)
+                    task_status.started(self.addresses)
+                for sock in listeners:  # stop accepting: new attempts are refused from now on
+                    sock.close()
+        finally:
+            for sock in listeners:
+                sock.close()
         log.info("event=stopped")
 
     def shutdown(self, timeout_s: float = CLOSE_TIMEOUT_S + 1.0) -> None:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .channel import YIELD_EVERY, ChannelBroken, RawChannel
 from ..proto.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
@@ -51,8 +52,6 @@ from ..proto.frames import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-RECEIVE_BYTES = 65536
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class Pump:
@@ -77,7 +76,7 @@ class Pump:
     )
 
     def __init__(
-        self, relay: Relay, side: str, src: trio.abc.Stream, dst: trio.abc.Stream, scanner: FrameScanner
+        self, relay: Relay, side: str, src: RawChannel, dst: RawChannel, scanner: FrameScanner
     ) -> None:
         self.relay = relay
         self.side = side  # the side this pump reads: "client" or "backend"
@@ -86,7 +85,7 @@ class Pump:
         self.scanner = scanner
         self.mask_frames = side == "client"  # frames we write towards the backend are masked
         self.bytes = 0  # forwarded
-        self.waiting = False  # blocked in receive_some
+        self.waiting = False  # inside src.receive()
         self.pending: bytes | None = None  # a close frame to write at the next boundary
         self.writing = False  # a close frame is being written by the inject task
         self.discard = False  # forwarding is over; only watch for the peer's close or EOF
@@ -100,13 +99,17 @@ class Pump:
         if initial:
             await self._feed(initial)
         src = self.src
+        streak = 0
         while not self.src_eof:
+            if self.pending is not None and self.scanner.remaining == 0:
+                await self._write_pending()  # requested while we were not waiting
             self.waiting = True
-            try:
-                data = await src.receive_some(RECEIVE_BYTES)
-            except _STREAM_ERRORS:
-                data = b""
+            data = await src.receive()
             self.waiting = False
+            streak += 1
+            if streak == YIELD_EVERY:  # the channel only yields when it has to wait
+                streak = 0
+                await trio.lowlevel.checkpoint()
             if self.writing:  # the inject task is writing our close: let it finish first
                 assert self._written is not None
                 await self._written.wait()
@@ -129,8 +132,8 @@ class Pump:
         out = scanner.feed(data)
         if out and not self.dst_gone:
             try:
-                await self.dst.send_all(out)
-            except _STREAM_ERRORS:
+                await self.dst.send(out)
+            except ChannelBroken:
                 self.dst_gone = True
                 self.relay.check_done()
         self.bytes += len(out)
@@ -178,9 +181,9 @@ class Pump:
         self.discard = True
         if not self.dst_gone:
             try:
-                await self.dst.send_all(frame)
+                await self.dst.send(frame)
                 self.close_out = True
-            except _STREAM_ERRORS:
+            except ChannelBroken:
                 self.dst_gone = True
         self.relay.arm_deadline()
         scanner = self.scanner
@@ -202,13 +205,13 @@ class Relay:
         "outcome",
         "closed_by",
         "_nursery",
-        "_deadline_armed",
+        "_deadline",
     )
 
     def __init__(
         self,
-        client: trio.abc.Stream,
-        backend: trio.abc.Stream,
+        client: RawChannel,
+        backend: RawChannel,
         *,
         up_scanner: FrameScanner,
         down_scanner: FrameScanner,
@@ -220,12 +223,14 @@ class Relay:
         self.outcome = ""  # why the session ended, for the log
         self.closed_by = ""  # "client", "backend" or "proxy": who started the ending
         self._nursery: trio.Nursery | None = None
-        self._deadline_armed = False
+        self._deadline: float | None = None  # set by the first close frame
 
     async def run(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
         """Relay until the session is over; ``from_*`` arrived with the handshakes."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._deadline is not None:  # finish() came before run()
+                nursery.cancel_scope.deadline = self._deadline
             nursery.start_soon(self._run_pump, self.up, from_client)
             await self._run_pump(self.down, from_backend)
         self._nursery = None
@@ -297,9 +302,10 @@ class Relay:
 
     def arm_deadline(self) -> None:
         """From the first close frame on, the session has close_timeout_s to end."""
-        if not self._deadline_armed and self._nursery is not None:
-            self._deadline_armed = True
-            self._nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout_s
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.close_timeout_s
+            if self._nursery is not None:
+                self._nursery.cancel_scope.deadline = self._deadline
 
     def check_done(self) -> None:
         """End the session once both TCP connections may close.

@@ -16,6 +16,7 @@ backend. The session owns its two sockets and closes both in ``finally``.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,8 @@ import h11
 import trio
 
 from ..errors import UpstreamUnavailable
-from ..proto.frames import RSV1, RSV_ALL, FrameScanner
+from .channel import ChannelBroken, RawChannel
+from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
 from ..proto.handshake import (
     Rejection,
     Upgrade,
@@ -75,35 +77,36 @@ class Session:
         self.idle_since = 0.0
 
 
-async def handle_connection(stream: trio.SocketStream, app: App, *, tls: bool = False) -> None:
-    """Serve one accepted connection; never raises."""
+async def handle_connection(sock: socket.socket, app: App, *, tls: bool = False) -> None:
+    """Serve one accepted connection; never raises, always closes both sockets."""
     conn_id = app.next_conn_id()
+    client = RawChannel(sock)
+    backend: RawChannel | None = None
     try:
-        peer_ip, peer_port = stream.socket.getpeername()[:2]
-    except OSError:
-        await trio.aclose_forcefully(stream)
-        return
-    session = Session(conn_id, f"{peer_ip}:{peer_port}", app.generation)
-    backend_stream: trio.SocketStream | None = None
-    try:
-        result = await _client_handshake(stream, session)
-        if result is None:
-            return
-        up, head_rest = result
-        connected = await _connect_upstream(stream, session, up, peer_ip, peer_port, tls=tls)
-        if connected is None:
-            return
-        backend_stream, from_backend = connected
-        await _relay(stream, backend_stream, session, head_rest, from_backend, app)
-    except Exception:
-        log.exception("event=error conn=%s peer=%s", conn_id, session.peer)
+        try:
+            peer_ip, peer_port = client.peername()
+        except OSError:
+            return  # reset before we looked
+        session = Session(conn_id, f"{peer_ip}:{peer_port}", app.generation)
+        try:
+            result = await _client_handshake(client, session)
+            if result is None:
+                return
+            up, head_rest = result
+            connected = await _connect_upstream(client, session, up, peer_ip, peer_port, tls=tls)
+            if connected is None:
+                return
+            backend, from_backend = connected
+            await _relay(client, backend, session, head_rest, from_backend, app)
+        except Exception:
+            log.exception("event=error conn=%s peer=%s", conn_id, session.peer)
     finally:
-        if backend_stream is not None:
-            await trio.aclose_forcefully(backend_stream)
-        await trio.aclose_forcefully(stream)
+        if backend is not None:
+            backend.close()
+        client.close()
 
 
-async def _refuse(stream: trio.SocketStream, session: Session, rejection: Rejection) -> None:
+async def _refuse(client: RawChannel, session: Session, rejection: Rejection) -> None:
     log.info(
         "event=refused conn=%s peer=%s status=%d reason=%r",
         session.conn_id,
@@ -111,22 +114,26 @@ async def _refuse(stream: trio.SocketStream, session: Session, rejection: Reject
         rejection.status,
         rejection.reason,
     )
-    await _send_and_close(stream, http_error(rejection))
+    await _send_and_close(client, http_error(rejection))
 
 
-async def _send_and_close(stream: trio.SocketStream, data: bytes) -> None:
+async def _send_and_close(client: RawChannel, data: bytes) -> None:
+    """Send a final response, half-close, and let the client read it before the socket goes.
+
+    Closing at once with unread request bytes in the kernel buffer would send
+    a reset that can destroy the response in flight (RFC 7230 §6.6).
+    """
     with trio.move_on_after(CLOSE_TIMEOUT_S):
         try:
-            await stream.send_all(data)
-            # Half-close and let the client read the response before the socket goes.
-            await stream.send_eof()
-            while await stream.receive_some(4096):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await client.send(data)
+        except ChannelBroken:
+            return
+        client.send_eof()
+        while await client.receive():
             pass
 
 
-async def _client_handshake(stream: trio.SocketStream, session: Session) -> tuple[Upgrade, bytes] | None:
+async def _client_handshake(stream: RawChannel, session: Session) -> tuple[Upgrade, bytes] | None:
     """Read and check the downstream request; refuse it, or return it with the bytes after it."""
     config = session.generation.config
     limit = config.limits.max_header_bytes
@@ -134,10 +141,7 @@ async def _client_handshake(stream: trio.SocketStream, session: Session) -> tupl
     head = b""
     with trio.move_on_after(config.timeouts.handshake_s) as scope:
         while True:
-            try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
+            data = await stream.receive()
             if not data:
                 return None  # the client went away before sending a whole request
             buf += data
@@ -190,14 +194,14 @@ async def _client_handshake(stream: trio.SocketStream, session: Session) -> tupl
 
 
 async def _connect_upstream(
-    stream: trio.SocketStream,
+    stream: RawChannel,
     session: Session,
     up: Upgrade,
     peer_ip: str,
     peer_port: int,
     *,
     tls: bool,
-) -> tuple[trio.SocketStream, bytes] | None:
+) -> tuple[RawChannel, bytes] | None:
     """Dial a backend and complete its handshake; on failure answer the client and return None.
 
     Returns the backend stream and the bytes that came after its 101.
@@ -211,7 +215,7 @@ async def _connect_upstream(
     host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
     target, headers = upstream_request(up, forwarding_headers(peer_ip, peer_port, host_header, tls=tls))
     request = h11.Request(method=b"GET", target=target, headers=headers)
-    backend_stream: trio.SocketStream | None = None
+    backend_stream: RawChannel | None = None
     try:
         backend_stream, backend = await dial(
             candidates, config.timeouts.connect_s, conn_id=session.conn_id
@@ -226,11 +230,15 @@ async def _connect_upstream(
         )
     except UpstreamUnavailable as exc:
         if backend_stream is not None:
-            await trio.aclose_forcefully(backend_stream)
+            backend_stream.close()
         await _refuse(stream, session, Rejection(exc.status, f"pool={pool.name} {exc.reason}"))
         return None
+    except BaseException:
+        if backend_stream is not None:
+            backend_stream.close()
+        raise
     if isinstance(answer, Refusal):
-        await trio.aclose_forcefully(backend_stream)
+        backend_stream.close()
         log.info(
             "event=refused conn=%s peer=%s pool=%s backend=%s status=%d reason='backend refused the upgrade'",
             session.conn_id,
@@ -258,16 +266,16 @@ async def _connect_upstream(
         close_timeout_s=CLOSE_TIMEOUT_S,
     )
     try:
-        await stream.send_all(downstream_101(accepted))
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await trio.aclose_forcefully(backend_stream)
+        await stream.send(downstream_101(accepted))
+    except ChannelBroken:
+        backend_stream.close()
         return None
     return backend_stream, from_backend
 
 
 async def _relay(
-    client: trio.SocketStream,
-    backend: trio.SocketStream,
+    client: RawChannel,
+    backend: RawChannel,
     session: Session,
     from_client: bytes,
     from_backend: bytes,
@@ -288,6 +296,8 @@ async def _relay(
         route.pool,
         backend_cfg.address,
     )
+    if app.stopping:  # established while the proxy was shutting down
+        relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")
     try:
         await relay.run(from_client, from_backend)
     finally:

@@ -18,6 +18,7 @@ import trio
 
 from ..config.schema import BackendConfig
 from ..errors import UpstreamUnavailable
+from .channel import ChannelBroken, RawChannel, connect
 from ..proto.handshake import HOP_BY_HOP, Accepted, Rejection, Upgrade, check_upstream_response
 
 log = logging.getLogger("wsproxy.edge.upstream")
@@ -37,14 +38,14 @@ class Refusal:
 
 async def dial(
     candidates: Sequence[BackendConfig], connect_timeout_s: float, *, conn_id: str
-) -> tuple[trio.SocketStream, BackendConfig]:
+) -> tuple[RawChannel, BackendConfig]:
     """Connect to the first candidate that accepts; 502 when none does."""
     errors = []
     for backend in candidates:
         address = backend.address
         try:
             with trio.fail_after(connect_timeout_s):
-                stream = await trio.open_tcp_stream(address.host, address.port)
+                stream = await connect(address.host, address.port)
         except trio.TooSlowError:
             errors.append(f"{address}: connect timed out after {connect_timeout_s:g}s")
         except OSError as exc:
@@ -56,7 +57,7 @@ async def dial(
 
 
 async def upgrade(
-    stream: trio.SocketStream,
+    stream: RawChannel,
     request: h11.Request,
     up: Upgrade,
     *,
@@ -72,7 +73,7 @@ async def upgrade(
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
     try:
         with trio.fail_after(timeout_s):
-            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+            await stream.send(conn.send(request) + conn.send(h11.EndOfMessage()))
             response = await _next_response(stream, conn)
             if isinstance(response, h11.InformationalResponse):
                 verdict = check_upstream_response(response, up)
@@ -87,17 +88,17 @@ async def upgrade(
         ) from None
     except h11.ProtocolError as exc:
         raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except ChannelBroken as exc:
         raise UpstreamUnavailable(502, f"backend connection failed during the upgrade: {exc}") from None
 
 
 async def _next_response(
-    stream: trio.SocketStream, conn: h11.Connection
+    stream: RawChannel, conn: h11.Connection
 ) -> h11.InformationalResponse | h11.Response:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
+            data = await stream.receive()
             if not data:
                 raise UpstreamUnavailable(502, "backend closed the connection without answering the upgrade")
             conn.receive_data(data)
@@ -111,13 +112,13 @@ async def _next_response(
         raise UpstreamUnavailable(502, f"unexpected answer from the backend: {type(event).__name__}")
 
 
-async def _read_refusal(stream: trio.SocketStream, conn: h11.Connection, response: h11.Response) -> Refusal:
+async def _read_refusal(stream: RawChannel, conn: h11.Connection, response: h11.Response) -> Refusal:
     """Read a refusing response's body (bounded) so it can be relayed as it was."""
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
+            data = await stream.receive()
             conn.receive_data(data)  # b"" marks EOF, which ends a close-delimited body
             continue
         if isinstance(event, h11.Data):

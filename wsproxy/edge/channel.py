@@ -1,0 +1,152 @@
+"""Non-blocking sockets driven by trio's I/O waits: the proxy's fast byte pipes.
+
+trio's ``SocketStream`` yields to the scheduler on every successful receive
+and send (that is how trio guarantees fairness), which costs a full scheduler
+pass per chunk, two or three per relayed message. The relay moves a chunk in
+one ``recv`` and one ``send`` system call whenever the kernel is ready, and
+only parks the task (``trio.lowlevel.wait_readable``/``wait_writable``) when
+it is not. Fairness is kept by the callers: a pump that has not waited for
+``YIELD_EVERY`` chunks in a row checkpoints once.
+
+``RawChannel`` wraps a connected non-blocking stdlib socket. It is all that
+the edge layer needs from a connection: ``receive``, ``send``, ``send_eof``,
+``close``; a TLS channel (later) offers the same four.
+
+Errors: a reset or broken connection is not an exception here. ``receive``
+returns ``b""`` (the peer is gone, as for EOF) and ``send`` raises
+``ChannelBroken`` so the writer knows its destination is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+
+RECEIVE_BYTES = 65536
+YIELD_EVERY = 32
+
+_GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOUT
+_CLOSED = trio.ClosedResourceError  # another task closed the socket while we waited
+
+
+class ChannelBroken(Exception):
+    """The peer cannot receive any more (reset, broken pipe, closed)."""
+
+
+class RawChannel:
+    """One TCP connection, as a non-blocking stdlib socket."""
+
+    __slots__ = ("sock", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not TCP (unix socket in tests)
+            pass
+        self.sock = sock
+        self.closed = False
+
+    def peername(self) -> tuple[str, int]:
+        host, port = self.sock.getpeername()[:2]
+        return host, port
+
+    async def receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes:
+        """The next bytes from the peer; ``b""`` once it has closed or reset."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except _CLOSED:
+                    return b""
+            except _GONE:
+                return b""
+            except OSError as exc:
+                if exc.errno == errno.EBADF or self.closed:
+                    return b""
+                raise
+
+    def try_receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes | None:
+        """What is there right now without waiting: bytes, ``b""`` at EOF, or None."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except (_GONE, OSError):
+            return b""
+
+    async def send(self, data: bytes | memoryview) -> None:
+        """Send all of ``data``; raise ``ChannelBroken`` when the peer is gone."""
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except (_GONE, OSError) as exc:
+            raise ChannelBroken(str(exc)) from None
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        try:
+            while view:
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except _CLOSED:
+                    raise ChannelBroken("closed") from None
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    continue
+                except (_GONE, OSError) as exc:
+                    raise ChannelBroken(str(exc)) from None
+                view = view[sent:]
+        finally:
+            view.release()
+
+    def send_eof(self) -> None:
+        """Half-close: the peer reads EOF after what was sent."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close now (idempotent); tasks waiting on the socket are woken."""
+        if not self.closed:
+            self.closed = True
+            try:
+                trio.lowlevel.notify_closing(self.sock)
+            except RuntimeError:  # pragma: no cover - outside trio
+                pass
+            self.sock.close()
+
+
+async def connect(host: str, port: int) -> RawChannel:
+    """Open a TCP connection to an IP literal or a name (resolved by trio)."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _canon, address in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+            return RawChannel(sock)
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last if last is not None else OSError(f"no address for {host}")
