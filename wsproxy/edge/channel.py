@@ -78,7 +78,7 @@ class RawChannel:
             return self.sock.recv(max_bytes)
         except BlockingIOError:
             return None
-        except (_GONE, OSError):
+        except OSError:
             return b""
 
     async def send(self, data: bytes | memoryview) -> None:
@@ -88,7 +88,7 @@ class RawChannel:
             sent = sock.send(data)
         except BlockingIOError:
             sent = 0
-        except (_GONE, OSError) as exc:
+        except OSError as exc:
             raise ChannelBroken(str(exc)) from None
         if sent == len(data):
             return
@@ -103,7 +103,7 @@ class RawChannel:
                     sent = sock.send(view)
                 except BlockingIOError:
                     continue
-                except (_GONE, OSError) as exc:
+                except OSError as exc:
                     raise ChannelBroken(str(exc)) from None
                 view = view[sent:]
         finally:
@@ -127,9 +127,23 @@ class RawChannel:
             self.sock.close()
 
 
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 async def connect(host: str, port: int) -> RawChannel:
-    """Open a TCP connection to an IP literal or a name (resolved by trio)."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    """Open a TCP connection to an IP literal or a name (resolved by trio, in a thread)."""
+    family = _literal_family(host)
+    if family is not None:
+        infos = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    else:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _canon, address in infos:
         sock = socket.socket(family, type_, proto)

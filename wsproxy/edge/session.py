@@ -214,7 +214,6 @@ async def _connect_upstream(
     candidates = generation.selectors[pool.name].order(pool.backends)
     host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
     target, headers = upstream_request(up, forwarding_headers(peer_ip, peer_port, host_header, tls=tls))
-    request = h11.Request(method=b"GET", target=target, headers=headers)
     backend_stream: RawChannel | None = None
     try:
         backend_stream, backend = await dial(
@@ -223,7 +222,8 @@ async def _connect_upstream(
         session.backend = backend
         answer = await upgrade(
             backend_stream,
-            request,
+            target,
+            headers,
             up,
             timeout_s=config.timeouts.upstream_handshake_s,
             max_header_bytes=max(config.limits.max_header_bytes, 16384),

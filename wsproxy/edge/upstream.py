@@ -19,7 +19,15 @@ import trio
 from ..config.schema import BackendConfig
 from ..errors import UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
-from ..proto.handshake import HOP_BY_HOP, Accepted, Rejection, Upgrade, check_upstream_response
+from ..proto.handshake import (
+    HOP_BY_HOP,
+    Accepted,
+    Rejection,
+    Upgrade,
+    check_upstream_response,
+    encode_request,
+    parse_response_head,
+)
 
 log = logging.getLogger("wsproxy.edge.upstream")
 
@@ -58,7 +66,8 @@ async def dial(
 
 async def upgrade(
     stream: RawChannel,
-    request: h11.Request,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
     up: Upgrade,
     *,
     timeout_s: float,
@@ -66,21 +75,38 @@ async def upgrade(
 ) -> tuple[Accepted, bytes] | Refusal:
     """Send the upgrade request; return what was negotiated and the bytes after the 101.
 
-    A non-101 answer is returned as a ``Refusal`` to relay to the client.
-    Raises ``UpstreamUnavailable`` with 504 when the backend stays silent and
-    502 when it answers something that is not HTTP or not a valid 101.
+    The 101 is parsed by ``parse_response_head`` (the fast path); any other
+    answer, or a 101 it does not accept, is handed to h11, which either finds
+    it valid after all, returns a ``Refusal`` to relay to the client, or says
+    why it is not HTTP. Raises ``UpstreamUnavailable``: 504 when the backend
+    stays silent, 502 when its answer is not a valid 101 or not HTTP.
     """
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
     try:
         with trio.fail_after(timeout_s):
-            await stream.send(conn.send(request) + conn.send(h11.EndOfMessage()))
+            await stream.send(encode_request(target, headers))
+            buf = bytearray()
+            while True:
+                data = await stream.receive()
+                if not data:
+                    raise UpstreamUnavailable(
+                        502, "backend closed the connection without answering the upgrade"
+                    )
+                buf += data
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    break
+                if len(buf) > max_header_bytes:
+                    raise UpstreamUnavailable(502, f"backend's response head is over {max_header_bytes} bytes")
+            head = parse_response_head(bytes(buf[: end + 4]))
+            if head is not None and head.status_code == 101:
+                return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+            conn.send(h11.Request(method=b"GET", target=target, headers=headers))
+            conn.send(h11.EndOfMessage())
+            conn.receive_data(bytes(buf))
             response = await _next_response(stream, conn)
             if isinstance(response, h11.InformationalResponse):
-                verdict = check_upstream_response(response, up)
-                if isinstance(verdict, Rejection):
-                    raise UpstreamUnavailable(502, verdict.reason)
-                trailing, _closed = conn.trailing_data
-                return verdict, bytes(trailing)
+                return _accepted(check_upstream_response(response, up), bytes(conn.trailing_data[0]))
             return await _read_refusal(stream, conn, response)
     except trio.TooSlowError:
         raise UpstreamUnavailable(
@@ -90,6 +116,12 @@ async def upgrade(
         raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
     except ChannelBroken as exc:
         raise UpstreamUnavailable(502, f"backend connection failed during the upgrade: {exc}") from None
+
+
+def _accepted(verdict: Accepted | Rejection, trailing: bytes) -> tuple[Accepted, bytes]:
+    if isinstance(verdict, Rejection):
+        raise UpstreamUnavailable(502, verdict.reason)
+    return verdict, trailing
 
 
 async def _next_response(

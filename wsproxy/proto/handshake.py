@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 import h11
@@ -279,7 +280,58 @@ def upstream_request(
     return request.target, headers
 
 
-def check_upstream_response(response: h11.InformationalResponse, upgrade: Upgrade) -> Accepted | Rejection:
+def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The bytes of a GET request with ``headers``.
+
+    Every name and value here came through h11's validation of the client's
+    request, or is the proxy's own, so they are written as they are.
+    """
+    lines = [b"GET ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9])(?: [\t -~\x80-\xff]*)?")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A backend's status line and headers, as ``parse_response_head`` found them."""
+
+    status_code: int
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+
+
+def parse_response_head(head: bytes) -> ResponseHead | None:
+    """Parse a response head (up to and including the blank line), strictly.
+
+    This is the fast path for the one answer that matters, the 101: RFC 7230
+    §3 grammar, HTTP/1.1 only, CRLF line endings, no obsolete line folding.
+    Returns None for anything it does not accept; the caller then lets h11
+    parse the response (to relay a refusal as it was, or to report why it is
+    not HTTP).
+    """
+    lines = head.split(b"\r\n")
+    if len(lines) < 3 or lines[-1] or lines[-2]:
+        return None
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    headers = []
+    for line in lines[1:-2]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            return None
+        headers.append((header[1], header[2]))
+    return ResponseHead(int(match[1]), tuple(headers))
+
+
+def check_upstream_response(
+    response: h11.InformationalResponse | ResponseHead, upgrade: Upgrade
+) -> Accepted | Rejection:
     """RFC 6455 §4.1: does the backend's 101 complete the client's handshake?
 
     Success needs ``Upgrade: websocket``, ``Connection: upgrade``, the right
@@ -290,7 +342,8 @@ def check_upstream_response(response: h11.InformationalResponse, upgrade: Upgrad
         return Rejection(502, f"backend answered {response.status_code} where 101 was expected")
     by_name: dict[bytes, list[bytes]] = {}
     passed: list[tuple[bytes, bytes]] = []
-    for raw_name, value in response.headers.raw_items():
+    items = response.raw_headers if isinstance(response, ResponseHead) else response.headers.raw_items()
+    for raw_name, value in items:
         name = raw_name.lower()
         by_name.setdefault(name, []).append(value)
         if name not in HOP_BY_HOP and name != b"sec-websocket-accept":
