@@ -106,13 +106,17 @@ class Pump:
             self.waiting = True
             data = await src.receive()
             self.waiting = False
+            if self.writing:  # the inject task is writing our close: let it finish first
+                assert self._written is not None
+                await self._written.wait()
+            elif self.pending is not None and self.scanner.remaining == 0:
+                # Requested while we waited, and we woke before the inject task ran: the
+                # close goes first, what we just read is the peer's and is only watched.
+                await self._write_pending()
             streak += 1
             if streak == YIELD_EVERY:  # the channel only yields when it has to wait
                 streak = 0
                 await trio.lowlevel.checkpoint()
-            if self.writing:  # the inject task is writing our close: let it finish first
-                assert self._written is not None
-                await self._written.wait()
             if not data:
                 self.src_eof = True
                 self.relay.on_eof(self)
