@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Any
 
 import trio
 
@@ -139,14 +140,16 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
 
 async def connect(host: str, port: int) -> RawChannel:
     """Open a TCP connection to an IP literal or a name (resolved by trio, in a thread)."""
-    family = _literal_family(host)
-    if family is not None:
-        infos = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    literal = _literal_family(host)
+    targets: list[tuple[int, tuple[Any, ...]]]
+    if literal is not None:
+        targets = [(literal, (host, port))]
     else:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        targets = [(info[0], info[4]) for info in infos]
     last: OSError | None = None
-    for family, type_, proto, _canon, address in infos:
-        sock = socket.socket(family, type_, proto)
+    for family, address in targets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             try:
