@@ -7,6 +7,7 @@ the test owns, so each test cleans up after itself when its nursery ends.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -87,7 +88,7 @@ async def start_tcp_backend(
     nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
 ) -> int:
     """A raw TCP server on 127.0.0.1 running ``handler`` per connection (misbehaving backends)."""
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, host="127.0.0.1")
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 

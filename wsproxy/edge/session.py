@@ -152,7 +152,7 @@ async def _client_handshake(stream: RawChannel, session: Session) -> tuple[Upgra
             if len(buf) > limit:
                 await _refuse(stream, session, Rejection(431, f"request head over {limit} bytes"))
                 return None
-            if b"\n\n" in buf:
+            if buf.count(b"\n") != buf.count(b"\r\n"):
                 await _refuse(stream, session, Rejection(400, "bare LF line ending in the request"))
                 return None
     if scope.cancelled_caught:

@@ -93,11 +93,11 @@ async def upgrade(
                     )
                 buf += data
                 end = buf.find(b"\r\n\r\n")
-                if end >= 0:
+                if end >= 0 or b"\n\n" in buf:  # a bare-LF head goes to h11 below
                     break
                 if len(buf) > max_header_bytes:
                     raise UpstreamUnavailable(502, f"backend's response head is over {max_header_bytes} bytes")
-            head = parse_response_head(bytes(buf[: end + 4]))
+            head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
             if head is not None and head.status_code == 101:
                 return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)

@@ -132,7 +132,7 @@ class FrameScanner:
         self.violation: Violation | None = None
         self.in_message = False  # a fragmented data message is in progress
         self.message_bytes = 0  # payload bytes of the current message so far
-        self.messages = 0  # complete data messages seen
+        self.messages = 0  # data messages whose final frame header has been seen
         #: the close frame's status code (CLOSE_NO_STATUS when it had no payload)
         self.close_code: int | None = None
         self.close_seen = False
@@ -339,7 +339,10 @@ def encode_close(code: int, reason: str = "", *, mask: bytes | None = None) -> b
     The proxy writes close frames of its own towards a client unmasked and
     towards a backend masked (it is the backend's client).
     """
-    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    encoded = reason.encode("utf-8")
+    if len(encoded) > 123:  # §5.5: 125 bytes of payload; cut on a character boundary
+        encoded = encoded[:123].decode("utf-8", "ignore").encode("utf-8")
+    payload = code.to_bytes(2, "big") + encoded
     if mask is None:
         return bytes((0x80 | OP_CLOSE, len(payload))) + payload
     masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))

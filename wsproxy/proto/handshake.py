@@ -46,8 +46,12 @@ HOP_BY_HOP = frozenset(
 )
 
 #: Headers the proxy sets itself towards the backend; a client's copies are dropped
-#: (trusted_proxies, which would keep them, comes with the gate).
+#: (trusted_proxies, which would keep them, comes with the gate), and so are
+#: look-alikes spelled with underscores, which CGI-style backends read as the same.
 FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+#: Headers the handshake needs end to end: a client's Connection header cannot remove them.
+_ESSENTIAL_PREFIXES = (b"host", b"sec-websocket-")
 
 REASONS = {
     101: b"Switching Protocols",
@@ -57,9 +61,13 @@ REASONS = {
     404: b"Not Found",
     408: b"Request Timeout",
     426: b"Upgrade Required",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -132,8 +140,10 @@ def check_raw_head(head: bytes) -> Rejection | None:
     content_lengths = lower.count(b"\r\ncontent-length:")
     if content_lengths > 1:
         return Rejection(400, "more than one Content-Length header")
-    if content_lengths and b"\r\ntransfer-encoding:" in lower:
-        return Rejection(400, "both Content-Length and Transfer-Encoding")
+    if b"\r\ntransfer-encoding:" in lower:
+        if content_lengths:
+            return Rejection(400, "both Content-Length and Transfer-Encoding")
+        return Rejection(400, "a body on the upgrade request (Transfer-Encoding)")
     return None
 
 
@@ -230,7 +240,7 @@ def _host_without_port(value: bytes) -> str | None:
     else:
         host, sep, port = text.partition(":")
         rest = sep + port
-    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+    if rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()):
         return None
     if not host or any(c in host for c in " /\\@?#"):
         return None
@@ -259,8 +269,10 @@ def upstream_request(
     """The target and headers of the upgrade request for the backend.
 
     The client's headers pass in their order and spelling, minus hop-by-hop
-    ones (and those its Connection header names) and minus forwarding
-    headers, which ``extra_headers`` (from ``forwarding_headers``) replace.
+    ones (and those its Connection header names, except Host and
+    Sec-WebSocket-*, which the handshake needs) and minus forwarding headers
+    (also spelled with underscores), which ``extra_headers`` (from
+    ``forwarding_headers``) replace.
     The client's Sec-WebSocket-Key is kept, so the backend's
     Sec-WebSocket-Accept is the one the client expects.
     """
@@ -268,11 +280,11 @@ def upstream_request(
     named = set()
     for name, value in request.headers:
         if name == b"connection":
-            named.update(_tokens(value))
+            named.update(t for t in _tokens(value) if not t.startswith(_ESSENTIAL_PREFIXES))
     headers = []
     for raw_name, value in request.headers.raw_items():
         name = raw_name.lower()
-        if name in HOP_BY_HOP or name in FORWARDING_HEADERS or name in named:
+        if name in HOP_BY_HOP or name in named or name.replace(b"_", b"-") in FORWARDING_HEADERS:
             continue
         headers.append((raw_name, value))
     headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
