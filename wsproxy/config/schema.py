@@ -17,7 +17,13 @@ PoolName = NewType("PoolName", str)
 ListenerName = NewType("ListenerName", str)
 
 #: The balancing algorithms this version implements (``pools.NAME.balance``).
-BALANCE_ALGORITHMS = ("round_robin",)
+BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
+
+#: Where a sticky key comes from (``pools.NAME.sticky.key``): "cookie:NAME",
+#: "header:NAME", "query:NAME", "ip", "claim:NAME".
+STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim")
+
+HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,43 @@ class RouteConfig:
 class BackendConfig:
     address: Address  # where the backend accepts WebSocket upgrades (plain ws://)
     weight: int = 1  # relative share of new sessions, 1..1000
+    max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StickyCookieConfig:
+    secret: bytes  # read from secret_file at load time (HMAC key; never logged)
+    secret_file: str  # where the secret came from, for messages
+    max_age_s: float = 86400.0  # the cookie's Max-Age
+    same_site: str = "Lax"  # Strict | Lax | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StickyConfig:
+    source: str  # one of STICKY_SOURCES
+    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip)
+    cookie: StickyCookieConfig | None = None  # required when source == "cookie"
+    on_unavailable: str = "repick"  # repick | reject (503) when the pinned backend cannot take the session
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    type: str = "tcp"  # one of HEALTH_CHECK_TYPES
+    path: str = "/healthz"  # request target of http and websocket checks
+    interval_s: float = 5.0  # between two checks of one backend, +-10% jitter
+    timeout_s: float = 2.0  # one check, connect included
+    rise: int = 2  # consecutive passes to become healthy
+    fall: int = 3  # consecutive failures to become unhealthy
+    expect_status: tuple[int, ...] = (200,)  # http only
+    start_healthy: bool = False  # new backends take traffic before their first pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PassiveHealthConfig:
+    failures: int = 3  # connect failures, connect timeouts and failed upgrades within window_s
+    window_s: float = 10.0
+    ejection_s: float = 30.0  # first ejection; doubles on repeated ejections, capped at 10x
+    max_ejected_percent: int = 50  # never more of a pool's backends ejected at once
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +98,12 @@ class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
     backends: tuple[BackendConfig, ...]  # at least one, addresses unique within the pool
+    hash_balance_factor: int = 0  # hash only: no backend above ceil(factor/100 x mean) sessions; 0 = off, else > 100
+    retries: int = 2  # failed connects or upgrades retried on another backend before the client sees an error
+    slow_start_s: float = 0.0  # a backend that becomes healthy ramps its weight up over this time; 0 = off
+    sticky: StickyConfig | None = None
+    health: HealthConfig | None = None  # active checks; None = none (backends count as healthy)
+    passive: PassiveHealthConfig | None = None  # passive ejection; None = off
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
