@@ -179,7 +179,7 @@ def test_unknown_key() -> None:
         """
     assert str(error_in(text)) == (
         't.yaml:9:9: pools.echo.backends[0]: '
-        'unknown key "backend" (expected one of: address, weight)'
+        'unknown key "backend" (expected one of: address, weight, max_connections)'
     )
 
 
@@ -217,10 +217,10 @@ def test_duplicate_listener_name() -> None:
 
 
 def test_unknown_balance_lists_the_allowed_values() -> None:
-    text = MINIMAL.replace("  echo:\n", "  echo:\n    balance: least_conn\n")
+    text = MINIMAL.replace("  echo:\n", "  echo:\n    balance: least_connections\n")
     assert str(error_in(text)) == (
-        't.yaml:8:14: pools.echo.balance: unknown balance algorithm "least_conn" '
-        "(expected one of: round_robin)"
+        't.yaml:8:14: pools.echo.balance: unknown balance algorithm "least_connections" '
+        "(expected one of: round_robin, least_conn, random_two, hash)"
     )
 
 
@@ -378,7 +378,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         # pools
         (
             MINIMAL.replace("pools:\n", "pools:\n  other: fast\n"),
-            '7:10: pools.other: expected a pool (balance, backends), got "fast"',
+            '7:10: pools.other: expected a pool (balance, backends, ...), got "fast"',
         ),
         (
             MINIMAL.replace("pool: echo", "pool: e cho").replace("  echo:", "  e cho:"),
@@ -386,7 +386,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         ),
         (
             with_pool_line("    balance: [round_robin]\n"),
-            "8:14: pools.echo.balance: expected one of: round_robin, got a list",
+            "8:14: pools.echo.balance: expected one of: round_robin, least_conn, random_two, hash, got a list",
         ),
         (
             with_pool_line("    backends: [{address: '127.0.0.1:1'}]\n"),
@@ -516,7 +516,7 @@ def test_all_errors_are_reported_in_one_run_sorted_by_position() -> None:
         "t.yaml:3:11: listeners[0].bind: port must be in 0..65535, got 99999",
         't.yaml:5:11: routes[0].pool: route names pool "chat", which is not defined',
         't.yaml:8:14: pools.echo.balance: '
-        'unknown balance algorithm "random" (expected one of: round_robin)',
+        'unknown balance algorithm "random" (expected one of: round_robin, least_conn, random_two, hash)',
         't.yaml:10:18: pools.echo.backends[0].address: expected "host:port", got "chat-3"',
         f't.yaml:12:9: timeouts.idle: {DURATION}, got "forever"',
         "t.yaml:14:21: limits.max_header_bytes: must be at least 1024 bytes, got 100",

@@ -1,0 +1,203 @@
+"""The ``pools`` section: backends, balancing, stickiness and health. No I/O but one:
+the sticky cookie's ``secret_file`` is read here, at load time, so that a
+missing or empty secret is a config error with its position, like any other.
+"""
+
+from __future__ import annotations
+
+import os
+
+from yaml.nodes import Node
+
+from wsproxy.config.durations import quote
+from wsproxy.config.reader import At, Reader, given
+from wsproxy.config.schema import (
+    BALANCE_ALGORITHMS,
+    HEALTH_CHECK_TYPES,
+    STICKY_SOURCES,
+    Address,
+    BackendConfig,
+    HealthConfig,
+    PassiveHealthConfig,
+    PoolConfig,
+    PoolName,
+    StickyConfig,
+    StickyCookieConfig,
+)
+
+#: The smallest secret accepted for signing sticky cookies.
+MIN_SECRET_BYTES = 16
+
+
+def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str] | None]:
+    """The pools that are valid, and the names of all pools (``None`` if there is no
+    mapping of pools at all, so that routes are not also reported as dangling)."""
+    entries = r.entries(at, "a mapping of pool names to pools")
+    if at is None or entries is None:
+        return {}, None
+    if not entries:
+        r.error(at, "at least one pool is required")
+    result = {}
+    for name_at, pool_at in entries.values():
+        name = r.name(name_at, "a pool name")
+        fields = r.fields(
+            pool_at,
+            required=("backends",),
+            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive"),
+            what="a pool (balance, backends, ...)",
+        )
+        if fields is None:
+            continue
+        balance = r.choice(fields.get("balance"), BALANCE_ALGORITHMS, "balance algorithm")
+        backends = _backends(r, fields.get("backends"))
+        factor = _balance_factor(r, fields.get("hash_balance_factor"))
+        retries = r.integer(fields.get("retries"), 0, 10)
+        slow_start = r.duration(fields.get("slow_start"))
+        sticky = _sticky(r, fields.get("sticky"))
+        health = _health(r, fields.get("health"))
+        passive = _passive(r, fields.get("passive"))
+        if name is not None:
+            pool = PoolConfig(
+                name=PoolName(name),
+                backends=backends,
+                sticky=sticky,
+                health=health,
+                passive=passive,
+                **given(balance=balance, hash_balance_factor=factor, retries=retries, slow_start_s=slow_start),
+            )
+            result[pool.name] = pool
+    return result, set(entries)
+
+
+def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
+    items = r.items(at, "backends")
+    if at is None or items is None:
+        return ()
+    if not items:
+        r.error(at, "a pool needs at least one backend")
+    addresses: dict[Address, Node] = {}
+    backends = []
+    for item in items:
+        fields = r.fields(
+            item,
+            required=("address",),
+            optional=("weight", "max_connections"),
+            what="a backend (address, weight, max_connections)",
+        )
+        if fields is None:
+            continue
+        address = r.address(fields.get("address"), allow_port_zero=False)
+        weight = r.integer(fields.get("weight"), 1, 1000)
+        max_connections = r.integer(fields.get("max_connections"), 0, 10_000_000)
+        if address is not None:
+            r.unique(addresses, address, fields["address"], "backend address")
+            backends.append(
+                BackendConfig(address=address, **given(weight=weight, max_connections=max_connections))
+            )
+    return tuple(backends)
+
+
+def _balance_factor(r: Reader, at: At | None) -> int | None:
+    """A percentage above 100 (125 = no backend above 1.25 x the mean), or 0 for no bound."""
+    factor = r.integer(at, 0, 10_000)
+    if at is not None and factor is not None and 0 < factor <= 100:
+        r.error(at, f"must be 0 (no bound) or more than 100 (a percentage of the mean load), got {factor}")
+        return None
+    return factor
+
+
+def _sticky(r: Reader, at: At | None) -> StickyConfig | None:
+    fields = r.fields(at, required=("key",), optional=("cookie", "on_unavailable"), what="a sticky mapping (key, cookie, on_unavailable)")
+    if fields is None:
+        return None
+    key = r.text(fields.get("key"), '"cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME"')
+    on_unavailable = r.choice(fields.get("on_unavailable"), ("repick", "reject"), "on_unavailable")
+    cookie = _cookie(r, fields.get("cookie"))
+    if key is None:
+        return None
+    source, _, name = key.partition(":")
+    key_at = fields["key"]
+    if source not in STICKY_SOURCES or (source == "ip") != (name == "") or (source != "ip" and not name.strip()):
+        r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got {quote(key)}')
+        return None
+    if source == "cookie" and cookie is None and "cookie" not in fields:
+        r.error(key_at, "a cookie key needs a cookie mapping with secret_file (the key that signs the cookie)")
+        return None
+    if source != "cookie" and "cookie" in fields:
+        r.error(fields["cookie"], f'cookie settings only apply to a "cookie:NAME" key, not {quote(key)}')
+        return None
+    return StickyConfig(source=source, name=name, cookie=cookie, **given(on_unavailable=on_unavailable))
+
+
+def _cookie(r: Reader, at: At | None) -> StickyCookieConfig | None:
+    fields = r.fields(at, required=("secret_file",), optional=("max_age", "same_site"), what="a cookie mapping (secret_file, max_age, same_site)")
+    if fields is None:
+        return None
+    max_age = r.duration(fields.get("max_age"))
+    same_site = r.choice(fields.get("same_site"), ("Strict", "Lax", "None"), "same_site")
+    path = r.text(fields.get("secret_file"), "a file name")
+    if path is None:
+        return None
+    if not os.path.isabs(path):  # relative to the config file, like nginx's include
+        path = os.path.join(os.path.dirname(os.path.abspath(r.file)), path)
+    try:
+        with open(path, "rb") as file:
+            secret = file.read().strip()
+    except OSError as exc:
+        r.error(fields["secret_file"], f"cannot read {path}: {exc.strerror or exc}")
+        return None
+    if len(secret) < MIN_SECRET_BYTES:
+        r.error(fields["secret_file"], f"the secret in {path} is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed")
+        return None
+    return StickyCookieConfig(
+        secret=secret, secret_file=path, **given(max_age_s=max_age, same_site=same_site)
+    )
+
+
+def _health(r: Reader, at: At | None) -> HealthConfig | None:
+    fields = r.fields(
+        at,
+        optional=("type", "path", "interval", "timeout", "rise", "fall", "expect_status", "start_healthy"),
+        what="a health mapping (type, path, interval, timeout, rise, fall, expect_status, start_healthy)",
+        null_is_empty=True,
+    )
+    if fields is None:
+        return None
+    path = r.text(fields.get("path"), 'a path starting with "/"')
+    if path is not None and not path.startswith("/"):
+        r.error(fields["path"], f'expected a path starting with "/", got {quote(path)}')
+        path = None
+    health = HealthConfig(
+        **given(
+            type=r.choice(fields.get("type"), HEALTH_CHECK_TYPES, "health check type"),
+            path=path,
+            interval_s=r.duration(fields.get("interval")),
+            timeout_s=r.duration(fields.get("timeout")),
+            rise=r.integer(fields.get("rise"), 1, 100),
+            fall=r.integer(fields.get("fall"), 1, 100),
+            expect_status=r.integers(fields.get("expect_status"), 100, 599),
+            start_healthy=r.boolean(fields.get("start_healthy")),
+        )
+    )
+    if "expect_status" in fields and health.type != "http":
+        r.error(fields["expect_status"], f'expect_status applies to http checks only, not {quote(health.type)}')
+    return health
+
+
+def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:
+    fields = r.fields(
+        at,
+        optional=("failures", "window", "ejection", "max_ejected_percent"),
+        what="a passive mapping (failures, window, ejection, max_ejected_percent)",
+        null_is_empty=True,
+    )
+    if fields is None:
+        return None
+    return PassiveHealthConfig(
+        **given(
+            failures=r.integer(fields.get("failures"), 1, 1000),
+            window_s=r.duration(fields.get("window")),
+            ejection_s=r.duration(fields.get("ejection")),
+            max_ejected_percent=r.integer(fields.get("max_ejected_percent"), 0, 100),
+        )
+    )
