@@ -4,7 +4,7 @@
 
     App.serve
     ├── connections : one task per downstream connection (edge.session.handle_connection)
-    └── control     : trio.serve_listeners (accepting), the idle sweeper
+    └── control     : the accept loops, the idle sweeper, one health checker per pool
     main            : App.serve + the signal loop (SIGTERM/SIGINT → App.shutdown)
 
 ``App`` owns everything a running proxy shares: the current ``Generation``
@@ -27,6 +27,7 @@ import trio
 
 from .balance.policy import Selector, make_selector
 from .config.schema import Config, PoolName
+from .control.health import HealthChecker
 from .control.registry import Registry
 from .edge.listener import accept_loop, open_listener
 from .edge.session import CLOSE_TIMEOUT_S, Session, handle_connection
@@ -47,7 +48,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.router = Router(self.config.routes)
-        self.selectors = {name: make_selector(pool.balance) for name, pool in self.config.pools.items()}
+        self.selectors = {name: make_selector(pool) for name, pool in self.config.pools.items()}
 
 
 class App:
@@ -56,6 +57,7 @@ class App:
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
         self.addresses: dict[str, list[tuple[str, int]]] = {}  # listener name → bound addresses
+        self.health_checkers: dict[PoolName, HealthChecker] = {}
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(2).hex()
         self._control: trio.CancelScope | None = None
@@ -80,6 +82,10 @@ class App:
                 async with trio.open_nursery() as control:
                     self._control = control.cancel_scope
                     control.start_soon(self._idle_sweeper)
+                    for pool in self.generation.config.pools.values():
+                        checker = HealthChecker(pool, self.registry)
+                        self.health_checkers[pool.name] = checker
+                        await control.start(checker.run)
                     handler = partial(handle_connection, app=self)
                     for sock in listeners:
                         control.start_soon(accept_loop, sock, handler, connections)

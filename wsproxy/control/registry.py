@@ -10,10 +10,11 @@ Theory of operation
 A backend's availability for a new session is the conjunction of four
 independent facts, each with its own owner:
 
-- health (active checks, ``control.health``): UNKNOWN until the first result,
-  UP after ``rise`` consecutive passes, DOWN after ``fall`` consecutive
-  failures. Without active checks a backend counts as UP. UNKNOWN backends take
-  no traffic unless the pool says ``start_healthy``.
+- health (active checks, ``control.health``): UNKNOWN until the first result;
+  a new backend is UP after its first pass, a DOWN one after ``rise``
+  consecutive passes; any backend is DOWN after ``fall`` consecutive failures.
+  In a pool without active checks the health checker marks every backend UP.
+  UNKNOWN backends take no traffic unless the pool says ``start_healthy``.
 - ejection (passive health, the session code): ``failures`` connect or upgrade
   failures within ``window_s`` eject the backend for ``ejection_s``, doubled for
   each ejection in a row (at most 10x), and never more than
@@ -93,6 +94,7 @@ class BackendState:
 
     def mark_up(self, now: float) -> None:
         """Healthy without a check (pools without active checks, or start_healthy)."""
+        self.passes = self.failures = 0  # a later check starts counting afresh
         if self.health is not Health.UP:
             self.health = Health.UP
             self.up_since = now

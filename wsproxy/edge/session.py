@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,8 @@ from ..proto.handshake import (
     upstream_request,
 )
 from .relay import Relay
-from .upstream import Refusal, dial, upgrade
+from .upstream import Refusal, open_upstream
+from ..balance.plan import NoBackend, cookie_for, plan_session
 
 if TYPE_CHECKING:
     from ..app import App, Generation
@@ -63,6 +65,7 @@ class Session:
         "started",
         "idle_mark",
         "idle_since",
+        "sticky",
     )
 
     def __init__(self, conn_id: str, peer: str, generation: Generation) -> None:
@@ -75,6 +78,7 @@ class Session:
         self.started = time.monotonic()
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
+        self.sticky = "none"  # how stickiness decided the backend, for the log
 
 
 async def handle_connection(sock: socket.socket, app: App, *, tls: bool = False) -> None:
@@ -93,7 +97,7 @@ async def handle_connection(sock: socket.socket, app: App, *, tls: bool = False)
             if result is None:
                 return
             up, head_rest = result
-            connected = await _connect_upstream(client, session, up, peer_ip, peer_port, tls=tls)
+            connected = await _connect_upstream(client, session, app, up, peer_ip, peer_port, tls=tls)
             if connected is None:
                 return
             backend, from_backend = connected
@@ -194,83 +198,102 @@ async def _client_handshake(stream: RawChannel, session: Session) -> tuple[Upgra
 
 
 async def _connect_upstream(
-    stream: RawChannel,
+    client: RawChannel,
     session: Session,
+    app: App,
     up: Upgrade,
     peer_ip: str,
     peer_port: int,
     *,
     tls: bool,
 ) -> tuple[RawChannel, bytes] | None:
-    """Dial a backend and complete its handshake; on failure answer the client and return None.
+    """Pick backends, dial, complete the upstream handshake and answer the client's upgrade.
 
-    Returns the backend stream and the bytes that came after its 101.
+    On failure the client gets its answer here and None is returned. On
+    success returns the backend channel and the bytes that came after its 101.
     """
     generation = session.generation
     config = generation.config
     route = session.route
     assert route is not None
     pool = config.pools[route.pool]
-    candidates = generation.selectors[pool.name].order(pool.backends)
+    plan = plan_session(
+        pool,
+        app.registry,
+        generation.selectors[pool.name],
+        trio.current_time(),
+        headers=list(up.request.headers),
+        target=up.request.target,
+        client_ip=peer_ip,
+        tls=tls,
+    )
+    if isinstance(plan, NoBackend):
+        extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
+        log.info(
+            "event=refused conn=%s peer=%s status=%d reason=%r",
+            session.conn_id, session.peer, plan.status, plan.reason,
+        )
+        body = plan.body.encode()
+        await _send_and_close(client, http_response(plan.status, [*extra, _TEXT_PLAIN], body))
+        return None
+    session.sticky = plan.sticky
     host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
     target, headers = upstream_request(up, forwarding_headers(peer_ip, peer_port, host_header, tls=tls))
-    backend_stream: RawChannel | None = None
     try:
-        backend_stream, backend = await dial(
-            candidates, config.timeouts.connect_s, conn_id=session.conn_id
-        )
-        session.backend = backend
-        answer = await upgrade(
-            backend_stream,
+        result = await open_upstream(
+            plan.order,
+            pool,
+            app.registry,
             target,
             headers,
             up,
-            timeout_s=config.timeouts.upstream_handshake_s,
+            timeouts=config.timeouts,
             max_header_bytes=max(config.limits.max_header_bytes, 16384),
+            conn_id=session.conn_id,
         )
     except UpstreamUnavailable as exc:
-        if backend_stream is not None:
-            backend_stream.close()
-        await _refuse(stream, session, Rejection(exc.status, f"pool={pool.name} {exc.reason}"))
+        await _refuse(client, session, Rejection(exc.status, exc.reason))
         return None
-    except BaseException:
-        if backend_stream is not None:
-            backend_stream.close()
-        raise
-    if isinstance(answer, Refusal):
-        backend_stream.close()
+    if isinstance(result, Refusal):
         log.info(
-            "event=refused conn=%s peer=%s pool=%s backend=%s status=%d reason='backend refused the upgrade'",
-            session.conn_id,
-            session.peer,
-            pool.name,
-            session.backend.address if session.backend else "-",
-            answer.status,
+            "event=refused conn=%s peer=%s pool=%s status=%d reason='backend refused the upgrade'",
+            session.conn_id, session.peer, pool.name, result.status,
         )
-        await _send_and_close(stream, http_response(answer.status, answer.headers, answer.body))
+        await _send_and_close(client, http_response(result.status, result.headers, result.body))
         return None
-    accepted, from_backend = answer
+    backend = result.backend
+    session.backend = backend
+    cookie = plan.set_cookie if backend is plan.order[0] else cookie_for(pool, backend, tls=tls)
+    accepted = result.accepted
     deflate = "permessage-deflate" in accepted.extensions
     unknown = bool(accepted.extensions - {"permessage-deflate"})
     rsv_allowed = RSV_ALL if unknown else (RSV1 if deflate else 0)
+    deflate = deflate and not unknown
     max_message = config.limits.max_message_bytes
     session.relay = Relay(
-        stream,
-        backend_stream,
+        client,
+        result.channel,
         up_scanner=FrameScanner(
-            from_client=True, rsv_allowed=rsv_allowed, deflate=deflate and not unknown, max_message_bytes=max_message
+            from_client=True, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=max_message
         ),
         down_scanner=FrameScanner(
-            from_client=False, rsv_allowed=rsv_allowed, deflate=deflate and not unknown, max_message_bytes=max_message
+            from_client=False, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=max_message
         ),
         close_timeout_s=CLOSE_TIMEOUT_S,
     )
     try:
-        await stream.send(downstream_101(accepted))
-    except ChannelBroken:
-        backend_stream.close()
-        return None
-    return backend_stream, from_backend
+        await client.send(downstream_101(accepted, [(b"Set-Cookie", cookie)] if cookie else ()))
+    except (ChannelBroken, BaseException):
+        app.registry.state(backend.address).active -= 1
+        result.channel.close()
+        session.relay = None
+        if isinstance(sys.exc_info()[1], ChannelBroken):
+            return None
+        raise
+    return result.channel, result.trailing
+
+
+_TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
 
 
 async def _relay(
@@ -285,16 +308,17 @@ async def _relay(
     assert relay is not None and session.route is not None and session.backend is not None
     route, backend_cfg = session.route, session.backend
     app.sessions[session.conn_id] = session
-    state = app.registry.state(backend_cfg.address)
-    state.active += 1
+    state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
+    state.total += 1
     log.info(
-        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s",
+        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s",
         session.conn_id,
         session.peer,
         route.host,
         route.path,
         route.pool,
         backend_cfg.address,
+        session.sticky,
     )
     if app.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")

@@ -1,7 +1,8 @@
 """Dial a backend and complete the upstream half of the handshake (trio shell).
 
-``dial`` tries the pool's candidates in order, each at most once, within
-``timeouts.connect`` each. ``upgrade`` sends the request built by
+``open_upstream`` tries the planned backends in order, each at most once,
+within ``timeouts.connect`` each, and records failures for passive health.
+``upgrade`` sends the request built by
 ``proto.handshake.upstream_request`` with h11 and reads the backend's answer
 with h11 within ``timeouts.upstream_handshake``. The decisions are in
 ``proto.handshake``; this module only moves bytes and keeps time.
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from ..config.schema import BackendConfig
+from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
+from ..control.registry import Registry
 from ..errors import UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
 from ..proto.handshake import (
@@ -44,24 +46,92 @@ class Refusal:
     body: bytes
 
 
-async def dial(
-    candidates: Sequence[BackendConfig], connect_timeout_s: float, *, conn_id: str
-) -> tuple[RawChannel, BackendConfig]:
-    """Connect to the first candidate that accepts; 502 when none does."""
+@dataclass(slots=True)
+class Connected:
+    """A backend accepted the upgrade."""
+
+    channel: RawChannel
+    backend: BackendConfig
+    accepted: Accepted
+    trailing: bytes  # bytes that came after its 101
+
+
+async def open_upstream(
+    order: Sequence[BackendConfig],
+    pool: PoolConfig,
+    registry: Registry,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    up: Upgrade,
+    *,
+    timeouts: TimeoutsConfig,
+    max_header_bytes: int,
+    conn_id: str,
+) -> Connected | Refusal:
+    """Try the backends of ``order`` in turn until one accepts the upgrade.
+
+    A refused or timed-out connect, a silent backend and an invalid answer
+    move on to the next backend (each is tried once; the plan already holds
+    1 + retries of them) and count against the backend's passive health. A
+    backend that answers with a plain HTTP response is not retried: the
+    response is returned for the client (a 5xx also counts as a failure).
+    While a backend is being tried it counts as one more active session, so
+    that concurrent handshakes see each other in balancing and max_connections.
+
+    Raises ``UpstreamUnavailable``: 504 when a backend accepted the connection
+    but never answered the upgrade, 502 otherwise.
+    """
+    status = 502
     errors = []
-    for backend in candidates:
+    for backend in order:
         address = backend.address
+        state = registry.state(address)
+        state.active += 1
+        connected = False
         try:
-            with trio.fail_after(connect_timeout_s):
-                stream = await connect(address.host, address.port)
-        except trio.TooSlowError:
-            errors.append(f"{address}: connect timed out after {connect_timeout_s:g}s")
-        except OSError as exc:
-            errors.append(f"{address}: {exc.strerror or exc}")
-        else:
-            return stream, backend
-        log.warning("event=connect_failed conn=%s backend=%s error=%r", conn_id, address, errors[-1])
-    raise UpstreamUnavailable(502, "no backend accepted the connection: " + "; ".join(errors))
+            try:
+                with trio.fail_after(timeouts.connect_s):
+                    channel = await connect(address.host, address.port)
+            except trio.TooSlowError:
+                reason = f"connect timed out after {timeouts.connect_s:g}s"
+            except OSError as exc:
+                reason = f"connect failed: {exc.strerror or exc}"
+            else:
+                try:
+                    answer = await upgrade(
+                        channel, target, headers, up, timeout_s=timeouts.upstream_handshake_s, max_header_bytes=max_header_bytes
+                    )
+                except UpstreamUnavailable as exc:
+                    channel.close()
+                    reason = exc.reason
+                    if exc.status == 504:
+                        status = 504
+                except BaseException:
+                    channel.close()
+                    raise
+                else:
+                    if isinstance(answer, Refusal):
+                        channel.close()
+                        if answer.status >= 500:
+                            _failed(registry, pool, backend, f"answered {answer.status} to the upgrade", conn_id)
+                        return answer
+                    connected = True
+                    registry.record_success(address, trio.current_time())
+                    return Connected(channel, backend, *answer)
+            errors.append(f"{address}: {reason}")
+            _failed(registry, pool, backend, reason, conn_id)
+        finally:
+            if not connected:
+                state.active -= 1
+    raise UpstreamUnavailable(status, f"pool {pool.name}: " + "; ".join(errors))
+
+
+def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, conn_id: str) -> None:
+    log.warning("event=upstream_failed conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, backend.address, reason)
+    if pool.passive is not None:
+        ejected = registry.record_failure(backend.address, pool.backends, trio.current_time(), pool.passive)
+        if ejected:
+            log.warning("event=ejected pool=%s backend=%s reason=%r", pool.name, backend.address, ejected)
 
 
 async def upgrade(

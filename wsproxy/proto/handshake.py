@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -277,7 +278,7 @@ def upstream_request(
     Sec-WebSocket-Accept is the one the client expects.
     """
     request = upgrade.request
-    named = set()
+    named: set[bytes] = set()
     for name, value in request.headers:
         if name == b"connection":
             named.update(t for t in _tokens(value) if not t.startswith(_ESSENTIAL_PREFIXES))
@@ -384,11 +385,12 @@ def check_upstream_response(
     )
 
 
-def downstream_101(accepted: Accepted) -> bytes:
-    """The client's 101: the backend's end-to-end headers plus the upgrade headers."""
+def downstream_101(accepted: Accepted, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """The client's 101: the backend's end-to-end headers, the upgrade headers and
+    the proxy's own (``extra_headers``, e.g. a sticky cookie)."""
     lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"]
     lines += (b"Sec-WebSocket-Accept: ", accepted.accept, b"\r\n")
-    for name, value in accepted.headers:
+    for name, value in (*accepted.headers, *extra_headers):
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
