@@ -103,6 +103,7 @@ BACKENDS = "backends:\n  - address: 127.0.0.1:9001\n"
         ("sticky: {key: \"ip:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got "ip:x"'),
         ("sticky: {key: \"cookie:s\"}\n", "8:19: pools.chat.sticky.key: a cookie key needs a cookie mapping with secret_file (the key that signs the cookie)"),
         ("sticky: {key: ip, cookie: {secret_file: cookie.key}}\n", '8:31: pools.chat.sticky.cookie: cookie settings only apply to a "cookie:NAME" key, not "ip"'),
+        ("sticky: {key: \"cookie:a b\"}\n", "8:19: pools.chat.sticky.key: a cookie name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got \"a b\""),
         ("sticky: {key: ip, on_unavailable: drop}\n", '8:39: pools.chat.sticky.on_unavailable: unknown on_unavailable "drop" (expected one of: repick, reject)'),
         ("health: {type: icmp}\n", '8:20: pools.chat.health.type: unknown health check type "icmp" (expected one of: tcp, http, websocket)'),
         ("health: {type: websocket, expect_status: [200]}\n", '8:46: pools.chat.health.expect_status: expect_status applies to http checks only, not "websocket"'),

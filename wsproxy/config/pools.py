@@ -6,6 +6,7 @@ missing or empty secret is a config error with its position, like any other.
 from __future__ import annotations
 
 import os
+import re
 
 from yaml.nodes import Node
 
@@ -24,6 +25,9 @@ from wsproxy.config.schema import (
     StickyConfig,
     StickyCookieConfig,
 )
+
+#: RFC 7230 §3.2.6 token: what a cookie or header name may be made of.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 #: The smallest secret accepted for signing sticky cookies.
 MIN_SECRET_BYTES = 16
@@ -119,6 +123,9 @@ def _sticky(r: Reader, at: At | None) -> StickyConfig | None:
     key_at = fields["key"]
     if source not in STICKY_SOURCES or (source == "ip") != (name == "") or (source != "ip" and not name.strip()):
         r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got {quote(key)}')
+        return None
+    if source in ("cookie", "header") and not _TOKEN.fullmatch(name):
+        r.error(key_at, f"a {source} name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got {quote(name)}")
         return None
     if source == "cookie" and cookie is None and "cookie" not in fields:
         r.error(key_at, "a cookie key needs a cookie mapping with secret_file (the key that signs the cookie)")

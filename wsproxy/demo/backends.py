@@ -21,6 +21,12 @@ def echo_backend(name: str):  # type: ignore[no-untyped-def]
     async def handler(request: WebSocketRequest) -> None:
         offered = request.proposed_subprotocols
         ws = await request.accept(subprotocol=offered[0] if offered else None)
+        if request.path == "/healthz":  # wsproxy's health check: answer its ping, say nothing
+            try:
+                await ws.get_message()
+            except ConnectionClosed:
+                pass
+            return
         log.info("event=open backend=%s path=%s", name, request.path)
         try:
             await ws.send_message(f"{name}: connected; send anything and it comes back")
