@@ -10,8 +10,9 @@ Units are in the names: ``*_s`` are seconds (float), ``*_bytes`` are bytes.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 PoolName = NewType("PoolName", str)
 ListenerName = NewType("ListenerName", str)
@@ -24,6 +25,13 @@ BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
 STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
+
+#: Where credentials are looked for (``routes[].auth.sources``): "header"
+#: (Authorization: Bearer), "cookie:NAME", "query:NAME", "subprotocol".
+AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
+
+#: JWT algorithms wsproxy accepts in ``routes[].auth.jwt.algorithms`` ("none" never).
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +46,69 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SniCertConfig:
+    names: tuple[str, ...]  # exact names or "*.example.com"; lower case
+    cert: str  # PEM file: leaf first, then the chain
+    key: str  # PEM private key file
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """TLS termination on a listener; files are read by ``edge.tls.load_tls``."""
+
+    cert: str  # the default certificate (PEM, leaf first, then the chain)
+    key: str
+    sni: tuple[SniCertConfig, ...] = ()  # more certificates, chosen by server name
+    client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
+    client_cert: str = "off"  # required | optional | off
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenerConfig:
     name: ListenerName  # unique; later also the systemd socket's FileDescriptorName
     bind: Address  # where to accept downstream connections
+    tls: TlsConfig | None = None  # wss:// when set
+    proxy_protocol: str = "off"  # v1 | v2 | off: a PROXY protocol header precedes every connection
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    name: str  # becomes the identity
+    sha256: bytes  # SHA-256 digest of the token (32 bytes); the config never holds a token
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    algorithms: tuple[str, ...]  # subset of JWT_ALGORITHMS; a key only serves its own family
+    keys: tuple[str, ...] = ()  # PEM public key files
+    jwks_file: str | None = None  # a JWKS file; keys chosen by "kid"; "oct" keys serve HS*
+    secret_file: str | None = None  # an HS* shared secret
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: float = 30.0
+    identity_claim: str = "sub"
+    pass_claims: tuple[str, ...] = ()  # sent upstream as X-Auth-Claim-<Name>
+    # Key material, read at load time so that a reload re-reads it (opaque here).
+    key_material: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardAuthConfig:
+    url: str  # http://host:port/path of the auth service
+    send_headers: tuple[str, ...] = ("Cookie", "Authorization")
+    copy_headers: tuple[str, ...] = ()  # from its 2xx answer into the upstream request
+    timeout_s: float = 2.0
+    cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    mode: str  # tokens | jwt | forward
+    sources: tuple[str, ...] = ("header",)  # "header", "cookie:NAME", "query:NAME", "subprotocol"
+    identity_header: str = "X-Auth-Subject"
+    tokens: tuple[TokenConfig, ...] = ()  # tokens mode: from `tokens` and/or `tokens_file`
+    jwt: JwtConfig | None = None
+    forward: ForwardAuthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,11 +116,25 @@ class RouteConfig:
     host: str = "*"  # "*", an exact name, or "*.example.com" (one or more leading labels); lower case
     path: str = "/"  # prefix, matched on whole path segments ("/chat" matches "/chat/x", not "/chatroom")
     pool: PoolName  # the pool that serves requests matching this route
+    origins: tuple[str, ...] | None = None  # allowed Origins ("https://*.example.com"); None = any
+    allow_missing_origin: bool = True  # non-browser clients send no Origin
+    auth: AuthConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendTlsConfig:
+    """TLS towards a pool's backends (``pools.NAME.tls``); verification is always on."""
+
+    ca: str | None = None  # PEM CA bundle; None = the system's trust store
+    server_name: str | None = None  # SNI and the name to verify; None = the backend's host
+    cert: str | None = None  # client certificate for mTLS to the backend
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendConfig:
-    address: Address  # where the backend accepts WebSocket upgrades (plain ws://)
+    address: Address  # where the backend accepts WebSocket upgrades
+    tls: bool = False  # "wss://host:port" in the YAML, or the pool has a tls mapping
     weight: int = 1  # relative share of new sessions, 1..1000
     max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
 
@@ -104,6 +186,7 @@ class PoolConfig:
     sticky: StickyConfig | None = None
     health: HealthConfig | None = None  # active checks; None = none (backends count as healthy)
     passive: PassiveHealthConfig | None = None  # passive ejection; None = off
+    tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,10 +197,20 @@ class TimeoutsConfig:
     idle_s: float = 600.0  # no byte in either direction of an established session
 
 
+@dataclass(frozen=True, slots=True)
+class RateConfig:
+    rate_per_s: float  # tokens added per second ("20/s", "600/m")
+    burst: int  # bucket size
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     max_header_bytes: int = 16384  # request line + header block of the downstream request
     max_message_bytes: int = 16 * 1024 * 1024  # one message across its fragments; 0 = unlimited
+    max_connections: int = 0  # whole process; beyond it 503 with Retry-After; 0 = no limit
+    max_connections_per_ip: int = 0  # 429 beyond it; 0 = no limit
+    handshake_rate_per_ip: RateConfig | None = None  # token bucket per client address; 429 + Retry-After
+    max_message_rate: RateConfig | None = None  # per session and direction; close 1008 to the sender
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,3 +221,5 @@ class Config:
     pools: dict[PoolName, PoolConfig] = field(hash=False)  # every route's pool is here
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
+    #: peers whose X-Forwarded-* / Forwarded headers are kept and appended to
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
