@@ -294,7 +294,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         (
             MINIMAL + "listener: []\n",
             '10:1: unknown key "listener" '
-            "(expected one of: listeners, routes, pools, timeouts, limits)",
+            "(expected one of: listeners, routes, pools, timeouts, limits, trusted_proxies)",
         ),
         (MINIMAL + "pools: {}\n", '10:1: duplicate key "pools" (first at line 6)'),
         ("a: b: c\n", "1:5: invalid YAML: mapping values are not allowed here"),
@@ -311,7 +311,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         ),
         (
             with_listeners("  - 127.0.0.1:80\n"),
-            '2:5: listeners[0]: expected a listener (name, bind), got "127.0.0.1:80"',
+            '2:5: listeners[0]: expected a listener (name, bind, tls, proxy_protocol), got "127.0.0.1:80"',
         ),
         (
             with_listeners("  - {name: pub lic, bind: '0.0.0.0:80'}\n"),
@@ -521,7 +521,7 @@ def test_all_errors_are_reported_in_one_run_sorted_by_position() -> None:
         f't.yaml:12:9: timeouts.idle: {DURATION}, got "forever"',
         "t.yaml:14:21: limits.max_header_bytes: must be at least 1024 bytes, got 100",
         't.yaml:15:3: limits: unknown key "max_frame_bytes" '
-        "(expected one of: max_header_bytes, max_message_bytes)",
+        "(expected one of: max_header_bytes, max_message_bytes, max_connections, max_connections_per_ip, handshake_rate_per_ip, max_message_rate)",
     ]
 
 

@@ -31,6 +31,7 @@ from wsproxy.config.durations import (
     parse_size,
     quote,
 )
+from wsproxy.config import gate
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
@@ -94,7 +95,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     top = r.fields(
         At(root, ""),
         required=("listeners", "routes", "pools"),
-        optional=("timeouts", "limits"),
+        optional=("timeouts", "limits", "trusted_proxies"),
         what="a mapping with listeners, routes and pools",
     )
     if top is None:
@@ -104,6 +105,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     routes = _routes(r, top.get("routes"), pool_names)
     timeouts = _timeouts(r, top.get("timeouts"))
     limits = _limits(r, top.get("limits"))
+    trusted = gate.trusted_proxies(r, top.get("trusted_proxies"))
     if r.errors:
         return None
     return Config(
@@ -113,6 +115,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
         pools=pool_map,
         timeouts=timeouts,
         limits=limits,
+        **given(trusted_proxies=trusted),
     )
 
 
@@ -126,17 +129,26 @@ def _listeners(r: Reader, at: At | None) -> tuple[ListenerConfig, ...]:
     binds: dict[Address, Node] = {}
     listeners = []
     for item in items:
-        fields = r.fields(item, required=("name", "bind"), what="a listener (name, bind)")
+        fields = r.fields(
+            item,
+            required=("name", "bind"),
+            optional=("tls", "proxy_protocol"),
+            what="a listener (name, bind, tls, proxy_protocol)",
+        )
         if fields is None:
             continue
         name = r.name(fields.get("name"), "a listener name")
         bind = r.address(fields.get("bind"), allow_port_zero=True)
+        tls = gate.listener_tls(r, fields.get("tls"))
+        proxy_protocol = r.choice(fields.get("proxy_protocol"), ("v1", "v2", "off"), "proxy_protocol")
         if name is not None:
             r.unique(names, name, fields["name"], "listener name")
         if bind is not None and bind.port != 0:  # each port-0 bind gets a port of its own
             r.unique(binds, bind, fields["bind"], "listener bind")
         if name is not None and bind is not None:
-            listeners.append(ListenerConfig(name=ListenerName(name), bind=bind))
+            listeners.append(
+                ListenerConfig(name=ListenerName(name), bind=bind, tls=tls, **given(proxy_protocol=proxy_protocol))
+            )
     return tuple(listeners)
 
 
@@ -151,18 +163,31 @@ def _routes(
     routes = []
     for item in items:
         fields = r.fields(
-            item, required=("pool",), optional=("host", "path"), what="a route (host, path, pool)"
+            item,
+            required=("pool",),
+            optional=("host", "path", "origins", "allow_missing_origin", "auth"),
+            what="a route (host, path, pool, origins, allow_missing_origin, auth)",
         )
         if fields is None:
             continue
         host = _route_host(r, fields.get("host"))
         path = _route_path(r, fields.get("path"))
+        origins = gate.origins(r, fields.get("origins"))
+        allow_missing = r.boolean(fields.get("allow_missing_origin"))
+        auth = gate.auth(r, fields.get("auth"))
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
         if pool_names is not None and pool not in pool_names:
             r.error(fields["pool"], f"route names pool {quote(pool)}, which is not defined")
-        routes.append(RouteConfig(pool=PoolName(pool), **given(host=host, path=path)))
+        routes.append(
+            RouteConfig(
+                pool=PoolName(pool),
+                origins=origins,
+                auth=auth,
+                **given(host=host, path=path, allow_missing_origin=allow_missing),
+            )
+        )
     return tuple(routes)
 
 
@@ -208,14 +233,29 @@ def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
 
 
 def _limits(r: Reader, at: At | None) -> LimitsConfig:
-    fields = r.fields(at, optional=("max_header_bytes", "max_message_bytes"), null_is_empty=True)
+    fields = r.fields(
+        at,
+        optional=(
+            "max_header_bytes",
+            "max_message_bytes",
+            "max_connections",
+            "max_connections_per_ip",
+            "handshake_rate_per_ip",
+            "max_message_rate",
+        ),
+        null_is_empty=True,
+    )
     if fields is None:
         return LimitsConfig()
     return LimitsConfig(
+        handshake_rate_per_ip=gate.rate(r, fields.get("handshake_rate_per_ip")),
+        max_message_rate=gate.rate(r, fields.get("max_message_rate")),
         **given(
             max_header_bytes=r.size(fields.get("max_header_bytes"), minimum=1024),
             max_message_bytes=r.size(fields.get("max_message_bytes"), minimum=0),  # 0 = unlimited
-        )
+            max_connections=r.integer(fields.get("max_connections"), 0, 10_000_000),
+            max_connections_per_ip=r.integer(fields.get("max_connections_per_ip"), 0, 10_000_000),
+        ),
     )
 
 

@@ -5,11 +5,12 @@ missing or empty secret is a config error with its position, like any other.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
 
-from yaml.nodes import Node
+from yaml.nodes import Node, ScalarNode
 
+from wsproxy.config import gate
 from wsproxy.config.durations import quote
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
@@ -47,7 +48,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         fields = r.fields(
             pool_at,
             required=("backends",),
-            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive"),
+            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive", "tls"),
             what="a pool (balance, backends, ...)",
         )
         if fields is None:
@@ -60,6 +61,11 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         sticky = _sticky(r, fields.get("sticky"))
         health = _health(r, fields.get("health"))
         passive = _passive(r, fields.get("passive"))
+        tls, tls_context = gate.backend_tls(r, fields.get("tls"))
+        if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
+            backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
+        elif any(b.tls for b in backends):
+            tls_context = gate.default_backend_context(r, fields["backends"])
         if name is not None:
             pool = PoolConfig(
                 name=PoolName(name),
@@ -67,6 +73,8 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 sticky=sticky,
                 health=health,
                 passive=passive,
+                tls=tls,
+                tls_context=tls_context,
                 **given(balance=balance, hash_balance_factor=factor, retries=retries, slow_start_s=slow_start),
             )
             result[pool.name] = pool
@@ -90,13 +98,23 @@ def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
         )
         if fields is None:
             continue
-        address = r.address(fields.get("address"), allow_port_zero=False)
+        address_at = fields.get("address")
+        tls = False
+        text = address_at.node.value if address_at is not None and isinstance(address_at.node, ScalarNode) else None
+        if address_at is not None and text is not None and "://" in text:
+            scheme, _, rest = text.partition("://")
+            if scheme not in ("ws", "wss"):
+                r.error(address_at, f'expected "host:port", "ws://host:port" or "wss://host:port", got {quote(text)}')
+                continue
+            tls = scheme == "wss"
+            address_at = At(ScalarNode("tag:yaml.org,2002:str", rest, address_at.node.start_mark, address_at.node.end_mark), address_at.path)
+        address = r.address(address_at, allow_port_zero=False)
         weight = r.integer(fields.get("weight"), 1, 1000)
         max_connections = r.integer(fields.get("max_connections"), 0, 10_000_000)
         if address is not None:
             r.unique(addresses, address, fields["address"], "backend address")
             backends.append(
-                BackendConfig(address=address, **given(weight=weight, max_connections=max_connections))
+                BackendConfig(address=address, tls=tls, **given(weight=weight, max_connections=max_connections))
             )
     return tuple(backends)
 
@@ -142,17 +160,10 @@ def _cookie(r: Reader, at: At | None) -> StickyCookieConfig | None:
         return None
     max_age = r.duration(fields.get("max_age"))
     same_site = r.choice(fields.get("same_site"), ("Strict", "Lax", "None"), "same_site")
-    path = r.text(fields.get("secret_file"), "a file name")
-    if path is None:
+    read = r.read(fields.get("secret_file"))
+    if read is None:
         return None
-    if not os.path.isabs(path):  # relative to the config file, like nginx's include
-        path = os.path.join(os.path.dirname(os.path.abspath(r.file)), path)
-    try:
-        with open(path, "rb") as file:
-            secret = file.read().strip()
-    except OSError as exc:
-        r.error(fields["secret_file"], f"cannot read {path}: {exc.strerror or exc}")
-        return None
+    path, secret = read[0], read[1].strip()
     if len(secret) < MIN_SECRET_BYTES:
         r.error(fields["secret_file"], f"the secret in {path} is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed")
         return None

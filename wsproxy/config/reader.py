@@ -9,6 +9,7 @@ here.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection
 from typing import Any, NamedTuple, TypeVar
@@ -263,6 +264,37 @@ class Reader:
             self.error(at, f"must be greater than 0, got {describe(at.node)}")
             return None
         return seconds
+
+    def filepath(self, at: At | None, what: str = "a file name") -> str | None:
+        """A file name, made absolute: a relative one is relative to the config file."""
+        text = self.text(at, what)
+        if text is None:
+            return None
+        if os.path.isabs(text):
+            return text
+        return os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
+
+    def read(self, at: At | None, what: str = "a file name") -> tuple[str, bytes] | None:
+        """A file named at ``at``, read whole: (absolute path, content); errors say why not."""
+        path = self.filepath(at, what)
+        if at is None or path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return path, file.read()
+        except OSError as exc:
+            self.error(at, f"cannot read {path}: {exc.strerror or exc}")
+            return None
+
+    def strings(self, at: At | None, what: str) -> tuple[str, ...] | None:
+        """A list of strings."""
+        items = self.items(at, what)
+        if items is None:
+            return None
+        values = [self.text(item, what) for item in items]
+        if any(value is None for value in values):
+            return None
+        return tuple(value for value in values if value is not None)
 
     def address(self, at: At | None, *, allow_port_zero: bool) -> Address | None:
         text = self.text(at, '"host:port"')

@@ -61,6 +61,7 @@ class TlsConfig:
     sni: tuple[SniCertConfig, ...] = ()  # more certificates, chosen by server name
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
+    context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,6 +188,7 @@ class PoolConfig:
     health: HealthConfig | None = None  # active checks; None = none (backends count as healthy)
     passive: PassiveHealthConfig | None = None  # passive ejection; None = off
     tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
+    tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

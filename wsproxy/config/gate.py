@@ -1,0 +1,330 @@
+"""The gate's config keys: listener TLS and PROXY protocol, route Origin and auth,
+connection and rate limits, trusted proxies, backend TLS.
+
+Certificates, keys, JWT keys, token files and secrets are read here, at load
+time, and turned into what the proxy uses (SSL contexts, key material), so a
+config that names an unreadable, expired or mismatched file is refused like
+any other bad value, with its position, and a reload validates them all before
+anything changes.
+"""
+
+from __future__ import annotations
+
+import binascii
+import ipaddress
+
+from wsproxy.config.durations import quote
+from wsproxy.config.reader import At, Reader, given
+from wsproxy.config.schema import (
+    AUTH_SOURCES,
+    JWT_ALGORITHMS,
+    AuthConfig,
+    BackendTlsConfig,
+    ForwardAuthConfig,
+    JwtConfig,
+    RateConfig,
+    SniCertConfig,
+    TlsConfig,
+    TokenConfig,
+)
+
+
+def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
+    from wsproxy.edge.tls import TlsError, server_context
+
+    fields = r.fields(
+        at,
+        required=("cert", "key"),
+        optional=("sni", "client_ca", "client_cert"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert)",
+    )
+    if fields is None:
+        return None
+    cert = r.filepath(fields.get("cert"))
+    key = r.filepath(fields.get("key"))
+    client_ca = r.filepath(fields.get("client_ca"))
+    client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
+    if client_ca is not None and client_cert is None and "client_cert" not in fields:
+        client_cert = "required"  # naming a client CA means mTLS unless said otherwise
+    if client_cert in ("required", "optional") and client_ca is None:
+        r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
+        return None
+    sni = []
+    for item in r.items(fields.get("sni"), "SNI certificates") or []:
+        entry = r.fields(item, required=("names", "cert", "key"), what="an SNI entry (names, cert, key)")
+        if entry is None:
+            continue
+        names = r.strings(entry.get("names"), "server names")
+        entry_cert = r.filepath(entry.get("cert"))
+        entry_key = r.filepath(entry.get("key"))
+        if names is not None and entry_cert is not None and entry_key is not None:
+            sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
+    if cert is None or key is None:
+        return None
+    tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
+    try:
+        context = server_context(tls)
+    except TlsError as exc:
+        r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
+        return None
+    return TlsConfig(
+        cert=cert, key=key, sni=tls.sni, client_ca=client_ca, client_cert=tls.client_cert, context=context
+    )
+
+
+def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, object]:
+    """A pool's ``tls`` mapping and the client SSLContext built from it."""
+    from wsproxy.edge.tls import TlsError, client_context
+
+    fields = r.fields(at, optional=("ca", "server_name", "cert", "key"), what="a tls mapping (ca, server_name, cert, key)", null_is_empty=True)
+    if fields is None:
+        return None, None
+    tls = BackendTlsConfig(
+        ca=r.filepath(fields.get("ca")),
+        server_name=r.text(fields.get("server_name"), "a server name"),
+        cert=r.filepath(fields.get("cert")),
+        key=r.filepath(fields.get("key")),
+    )
+    if (tls.cert is None) != (tls.key is None):
+        r.error(at, "cert and key go together")  # type: ignore[arg-type]
+        return tls, None
+    try:
+        return tls, client_context(tls)
+    except TlsError as exc:
+        r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
+        return tls, None
+
+
+def default_backend_context(r: Reader, at: At) -> object:
+    """The client SSLContext for wss:// backends of a pool without a tls mapping."""
+    from wsproxy.edge.tls import TlsError, client_context
+
+    try:
+        return client_context(None)
+    except TlsError as exc:  # pragma: no cover - the system trust store is unreadable
+        r.error(at, f"{exc.file}: {exc.reason}")
+        return None
+
+
+def origins(r: Reader, at: At | None) -> tuple[str, ...] | None:
+    values = r.strings(at, "origins")
+    if at is None or values is None:
+        return None
+    from wsproxy.proto.origin import check_origin_pattern
+
+    for index, value in enumerate(values):
+        try:
+            check_origin_pattern(value)
+        except ValueError as exc:
+            r.error(At(at.node.value[index], f"{at.path}[{index}]"), str(exc))
+    return values
+
+
+def auth(r: Reader, at: At | None) -> AuthConfig | None:
+    fields = r.fields(
+        at,
+        optional=("sources", "identity_header", "tokens", "tokens_file", "jwt", "forward"),
+        what="an auth mapping (sources, identity_header, and one of tokens, jwt, forward)",
+    )
+    if at is None or fields is None:
+        return None
+    modes = [m for m in ("tokens", "jwt", "forward") if m in fields or (m == "tokens" and "tokens_file" in fields)]
+    if len(modes) != 1:
+        r.error(at, f"auth needs exactly one of tokens (or tokens_file), jwt, forward; got {', '.join(modes) or 'none'}")
+        return None
+    mode = modes[0]
+    sources = _sources(r, fields.get("sources"))
+    identity_header = r.text(fields.get("identity_header"), "a header name")
+    if mode == "tokens":
+        tokens = _tokens(r, fields.get("tokens"), fields.get("tokens_file"))
+        return AuthConfig(mode=mode, tokens=tokens, **given(sources=sources, identity_header=identity_header))
+    if mode == "jwt":
+        jwt = _jwt(r, fields["jwt"])
+        return AuthConfig(mode=mode, jwt=jwt, **given(sources=sources, identity_header=identity_header))
+    forward = _forward(r, fields["forward"])
+    return AuthConfig(mode=mode, forward=forward, **given(sources=sources, identity_header=identity_header))
+
+
+def _sources(r: Reader, at: At | None) -> tuple[str, ...] | None:
+    values = r.strings(at, "credential sources")
+    if at is None or values is None:
+        return None
+    for index, value in enumerate(values):
+        kind, _, name = value.partition(":")
+        needs_name = kind in ("cookie", "query")
+        if kind not in AUTH_SOURCES or needs_name != bool(name):
+            r.error(
+                At(at.node.value[index], f"{at.path}[{index}]"),
+                f'expected "header", "cookie:NAME", "query:NAME" or "subprotocol", got {quote(value)}',
+            )
+    return values
+
+
+def _tokens(r: Reader, at: At | None, file_at: At | None) -> tuple[TokenConfig, ...]:
+    from wsproxy.proto.auth import parse_tokens_file
+
+    tokens: list[TokenConfig] = []
+    for item in r.items(at, "tokens") or []:
+        entry = r.fields(item, required=("name", "sha256"), what="a token (name, sha256)")
+        if entry is None:
+            continue
+        name = r.text(entry.get("name"), "a name")
+        digest = r.text(entry.get("sha256"), "a SHA-256 hex digest")
+        if name is None or digest is None:
+            continue
+        try:
+            raw = binascii.unhexlify(digest)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            r.error(entry["sha256"], "expected a SHA-256 digest as 64 hex digits (the config never holds a token)")
+            continue
+        tokens.append(TokenConfig(name=name, sha256=raw))
+    read = r.read(file_at)
+    if read is not None and file_at is not None:
+        try:
+            tokens += parse_tokens_file(read[1].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            r.error(file_at, f"{read[0]}: {exc}")
+    return tuple(tokens)
+
+
+def _jwt(r: Reader, at: At) -> JwtConfig | None:
+    from wsproxy.proto.auth import load_jwt_keys
+
+    fields = r.fields(
+        at,
+        required=("algorithms",),
+        optional=("keys", "jwks_file", "secret_file", "issuer", "audience", "leeway", "identity_claim", "pass_claims"),
+        what="a jwt mapping (algorithms, keys, jwks_file, secret_file, issuer, audience, leeway, identity_claim, pass_claims)",
+    )
+    if fields is None:
+        return None
+    algorithms = r.strings(fields.get("algorithms"), "algorithms")
+    if algorithms is not None:
+        bad = [a for a in algorithms if a not in JWT_ALGORITHMS]
+        if bad or not algorithms:
+            r.error(fields["algorithms"], f"unknown or refused algorithms {', '.join(bad) or '(none)'} (allowed: {', '.join(JWT_ALGORITHMS)}; never none)")
+            algorithms = None
+    pem_keys = []
+    key_paths = []
+    for item in r.items(fields.get("keys"), "PEM public key files") or []:
+        read = r.read(item)
+        if read is not None:
+            key_paths.append(read[0])
+            pem_keys.append(read[1])
+    jwks = r.read(fields.get("jwks_file"))
+    secret = r.read(fields.get("secret_file"))
+    if not pem_keys and jwks is None and secret is None and not r.errors:
+        r.error(at, "jwt needs keys, jwks_file or secret_file")
+        return None
+    config = JwtConfig(
+        algorithms=algorithms or ("RS256",),
+        keys=tuple(key_paths),
+        jwks_file=jwks[0] if jwks else None,
+        secret_file=secret[0] if secret else None,
+        **given(
+            issuer=r.text(fields.get("issuer"), "an issuer"),
+            audience=r.text(fields.get("audience"), "an audience"),
+            leeway_s=_leeway(r, fields.get("leeway")),
+            identity_claim=r.text(fields.get("identity_claim"), "a claim name"),
+            pass_claims=r.strings(fields.get("pass_claims"), "claim names"),
+        ),
+    )
+    if algorithms is None:
+        return None
+    try:
+        material = load_jwt_keys(
+            config,
+            pem_keys=pem_keys,
+            jwks=jwks[1] if jwks else None,
+            secret=secret[1].strip() if secret else None,
+        )
+    except ValueError as exc:
+        r.error(at, str(exc))
+        return None
+    return JwtConfig(
+        algorithms=config.algorithms,
+        keys=config.keys,
+        jwks_file=config.jwks_file,
+        secret_file=config.secret_file,
+        issuer=config.issuer,
+        audience=config.audience,
+        leeway_s=config.leeway_s,
+        identity_claim=config.identity_claim,
+        pass_claims=config.pass_claims,
+        key_material=material,
+    )
+
+
+def _leeway(r: Reader, at: At | None) -> float | None:
+    text = r.text(at, "a duration")
+    if at is None or text is None:
+        return None
+    if text in ("0", "0s"):
+        return 0.0
+    return r.duration(at)
+
+
+def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
+    from wsproxy.edge.forward_auth import parse_url
+
+    fields = r.fields(
+        at,
+        required=("url",),
+        optional=("send_headers", "copy_headers", "timeout", "cache"),
+        what="a forward mapping (url, send_headers, copy_headers, timeout, cache)",
+    )
+    if fields is None:
+        return None
+    url = r.text(fields.get("url"), "an http:// URL")
+    if url is not None:
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            r.error(fields["url"], str(exc))
+            return None
+    cache_at = fields.get("cache")
+    cache = 0.0 if cache_at is not None and r.text(cache_at, "a duration") in ("0", "0s", "off") else r.duration(cache_at)
+    if url is None:
+        return None
+    return ForwardAuthConfig(
+        url=url,
+        **given(
+            send_headers=r.strings(fields.get("send_headers"), "header names"),
+            copy_headers=r.strings(fields.get("copy_headers"), "header names"),
+            timeout_s=r.duration(fields.get("timeout")),
+            cache_s=cache,
+        ),
+    )
+
+
+def rate(r: Reader, at: At | None) -> RateConfig | None:
+    fields = r.fields(at, required=("rate", "burst"), what='a rate mapping (rate: "20/s", burst: 40)')
+    if fields is None:
+        return None
+    from wsproxy.proto.limits import parse_rate
+
+    text = r.text(fields.get("rate"), 'a rate like "20/s", "600/m"')
+    burst = r.integer(fields.get("burst"), 1, 1_000_000)
+    if text is None or burst is None:
+        return None
+    try:
+        per_s = parse_rate(text)
+    except ValueError as exc:
+        r.error(fields["rate"], str(exc))
+        return None
+    return RateConfig(per_s, burst)
+
+
+def trusted_proxies(r: Reader, at: At | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    values = r.strings(at, "CIDRs")
+    if at is None or values is None:
+        return None
+    networks = []
+    for index, value in enumerate(values):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            r.error(At(at.node.value[index], f"{at.path}[{index}]"), f"expected an address or CIDR like 10.0.0.0/8, got {quote(value)}")
+    return tuple(networks)
