@@ -26,12 +26,14 @@ from functools import partial
 import trio
 
 from .balance.policy import Selector, make_selector
-from .config.schema import Config, PoolName
+from .config.schema import Config, ListenerConfig, PoolName
 from .control.health import HealthChecker
 from .control.registry import Registry
+from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
 from .edge.session import CLOSE_TIMEOUT_S, Session, handle_connection
 from .proto.frames import CLOSE_GOING_AWAY
+from .proto.limits import ClientTable
 from .proto.routing import Router
 
 log = logging.getLogger("wsproxy.app")
@@ -45,10 +47,12 @@ class Generation:
     number: int
     router: Router = field(init=False)
     selectors: dict[PoolName, Selector] = field(init=False)
+    gates: dict[int, RouteGate] = field(init=False)  # by id() of a route of this config
 
     def __post_init__(self) -> None:
         self.router = Router(self.config.routes)
         self.selectors = {name: make_selector(pool) for name, pool in self.config.pools.items()}
+        self.gates = {id(route): RouteGate.build(route) for route in self.config.routes}
 
 
 class App:
@@ -58,6 +62,8 @@ class App:
         self.sessions: dict[str, Session] = {}
         self.addresses: dict[str, list[tuple[str, int]]] = {}  # listener name → bound addresses
         self.health_checkers: dict[PoolName, HealthChecker] = {}
+        self.clients = ClientTable()  # per client address: live connections, handshake rate
+        self.connection_count = 0  # downstream connections being served
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(2).hex()
         self._control: trio.CancelScope | None = None
@@ -69,11 +75,11 @@ class App:
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
-        listeners: list[socket.socket] = []
+        listeners: list[tuple[ListenerConfig, socket.socket]] = []
         try:
             for spec in self.generation.config.listeners:
                 opened = open_listener(spec)
-                listeners += opened
+                listeners += [(spec, sock) for sock in opened]
                 self.addresses[spec.name] = [sock.getsockname()[:2] for sock in opened]
                 for host, port in self.addresses[spec.name]:
                     log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
@@ -86,14 +92,14 @@ class App:
                         checker = HealthChecker(pool, self.registry)
                         self.health_checkers[pool.name] = checker
                         await control.start(checker.run)
-                    handler = partial(handle_connection, app=self)
-                    for sock in listeners:
+                    for spec, sock in listeners:
+                        handler = partial(handle_connection, app=self, listener=spec)
                         control.start_soon(accept_loop, sock, handler, connections)
                     task_status.started(self.addresses)
-                for sock in listeners:  # stop accepting: new attempts are refused from now on
+                for _spec, sock in listeners:  # stop accepting: new attempts are refused from now on
                     sock.close()
         finally:
-            for sock in listeners:
+            for _spec, sock in listeners:
                 sock.close()
         log.info("event=stopped")
 

@@ -267,7 +267,7 @@ def _leeway(r: Reader, at: At | None) -> float | None:
 
 
 def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
-    from wsproxy.edge.forward_auth import parse_url
+    from wsproxy.edge.forward_auth import check_header_names, parse_url
 
     fields = r.fields(
         at,
@@ -288,7 +288,7 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
     cache = 0.0 if cache_at is not None and r.text(cache_at, "a duration") in ("0", "0s", "off") else r.duration(cache_at)
     if url is None:
         return None
-    return ForwardAuthConfig(
+    forward = ForwardAuthConfig(
         url=url,
         **given(
             send_headers=r.strings(fields.get("send_headers"), "header names"),
@@ -297,6 +297,12 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
             cache_s=cache,
         ),
     )
+    try:
+        check_header_names(forward)
+    except ValueError as exc:
+        r.error(at, str(exc))
+        return None
+    return forward
 
 
 def rate(r: Reader, at: At | None) -> RateConfig | None:

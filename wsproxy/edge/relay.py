@@ -42,12 +42,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from .channel import YIELD_EVERY, ChannelBroken, RawChannel
+from ..config.schema import RateConfig
 from ..proto.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
     FrameScanner,
     encode_close,
 )
+from ..proto.limits import MessageRate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,6 +75,8 @@ class Pump:
         "src_eof",
         "dst_gone",
         "close_out",
+        "rate",
+        "counted",
         "_written",
     )
 
@@ -92,6 +97,8 @@ class Pump:
         self.src_eof = False
         self.dst_gone = False
         self.close_out = False  # a close frame (relayed or ours) went to dst
+        self.rate: MessageRate | None = None  # limits.max_message_rate for this direction
+        self.counted = 0  # messages already charged to the rate
         self._written: trio.Event | None = None
 
     async def run(self, initial: bytes) -> None:
@@ -141,6 +148,13 @@ class Pump:
                 self.dst_gone = True
                 self.relay.check_done()
         self.bytes += len(out)
+        if self.rate is not None and scanner.messages != self.counted and scanner.violation is None:
+            # Charged after forwarding: at most one chunk's messages beyond the rate pass; the
+            # close frames then go at the next frame boundary, like a drain's.
+            allowed = self.rate.allow(trio.current_time(), scanner.messages - self.counted)
+            self.counted = scanner.messages
+            if not allowed:
+                self.relay.on_policy_violation(self, CLOSE_POLICY_VIOLATION, "message rate over the limit")
         if scanner.violation is not None:
             self.relay.on_violation(self)
         elif scanner.close_seen and not self.close_out:
@@ -220,9 +234,13 @@ class Relay:
         up_scanner: FrameScanner,
         down_scanner: FrameScanner,
         close_timeout_s: float,
+        message_rate: RateConfig | None = None,
     ) -> None:
         self.up = Pump(self, "client", client, backend, up_scanner)
         self.down = Pump(self, "backend", backend, client, down_scanner)
+        if message_rate is not None:
+            self.up.rate = MessageRate(message_rate)
+            self.down.rate = MessageRate(message_rate)
         self.close_timeout_s = close_timeout_s
         self.outcome = ""  # why the session ended, for the log
         self.closed_by = ""  # "client", "backend" or "proxy": who started the ending
@@ -292,6 +310,16 @@ class Relay:
         pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer protocol error"))
         # ...and the offender gets its code from the pump that writes to it.
         other.request_close(self._close_frame(other, violation.close_code, violation.reason))
+
+    def on_policy_violation(self, pump: Pump, code: int, reason: str) -> None:
+        """``pump``'s source broke a limit (not the protocol): ``code`` to it, 1001 to the other side."""
+        if self.closed_by:
+            return
+        self._start_ending("proxy", f"{pump.side} {reason}")
+        self.arm_deadline()
+        other = self.down if pump is self.up else self.up
+        pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer policy violation"))
+        other.request_close(self._close_frame(other, code, reason))
 
     def finish(self, client_code: int, backend_code: int, reason: str) -> None:
         """End the session from the proxy's side (idle timeout, shutdown, drain)."""

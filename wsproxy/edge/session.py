@@ -1,55 +1,53 @@
 """One downstream connection, from accept to the last byte (trio shell).
 
-    read request (h11, within timeouts.handshake)
-      → check_raw_head / check_upgrade            (proto.handshake)
-      → route                                     (proto.routing)
-      → order backends                            (balance.policy)
-      → dial + upstream upgrade                   (edge.upstream)
+    PROXY header, admission, TLS handshake     (edge.gate, proto.limits, edge.tls)
+      → read request (h11)                      (edge.request, proto.handshake)
+      → route                                   (proto.routing)
+      → Origin, credentials                     (edge.gate, proto.origin, proto.auth)
+      → plan backends                           (balance.plan)
+      → dial + upstream upgrade                 (edge.upstream)
       → 101 to the client
-      → relay                                     (edge.relay)
+      → relay                                   (edge.relay)
 
-Every refusal on the way is an HTTP response with the status the verdict
-carries and one log line that says why; nothing of a refused request reaches a
-backend. The session owns its two sockets and closes both in ``finally``.
+Everything up to the request itself happens within ``timeouts.handshake``
+from accept. Every refusal on the way is an HTTP response with the status the
+verdict carries and one log line that says why; nothing of a refused request
+reaches a backend. The session owns its sockets and closes them in
+``finally``.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import sys
+import ssl
 import time
 from typing import TYPE_CHECKING
 
-import h11
 import trio
 
-from ..errors import UpstreamUnavailable
-from .channel import ChannelBroken, RawChannel
-from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
-from ..proto.handshake import (
-    Rejection,
-    Upgrade,
-    check_raw_head,
-    check_upgrade,
-    downstream_101,
-    forwarding_headers,
-    http_error,
-    http_response,
-    upstream_request,
-)
-from .relay import Relay
-from .upstream import Refusal, open_upstream
 from ..balance.plan import NoBackend, cookie_for, plan_session
+from ..errors import UpstreamUnavailable
+from ..proto.forwarded import forwarding
+from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
+from ..proto.handshake import Rejection, Upgrade, downstream_101, http_response, upstream_request
+from .channel import ChannelBroken, RawChannel
+from .forward_auth import Denied
+from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
+from .relay import Relay
+from .request import CLOSE_TIMEOUT_S, read_request, refuse, send_final
+from .tls import TlsChannel, peer_subject
+from .upstream import Refusal, open_upstream
 
 if TYPE_CHECKING:
     from ..app import App, Generation
-    from ..config.schema import BackendConfig, RouteConfig
+    from ..config.schema import BackendConfig, ListenerConfig, RouteConfig
 
 log = logging.getLogger("wsproxy.edge.session")
 
-#: How long a closing session may take to finish its close handshakes.
-CLOSE_TIMEOUT_S = 5.0
+_TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
+
+__all__ = ["CLOSE_TIMEOUT_S", "Session", "handle_connection"]
 
 
 class Session:
@@ -58,6 +56,7 @@ class Session:
     __slots__ = (
         "conn_id",
         "peer",
+        "client_ip",
         "generation",
         "route",
         "backend",
@@ -66,11 +65,13 @@ class Session:
         "idle_mark",
         "idle_since",
         "sticky",
+        "identity",
     )
 
-    def __init__(self, conn_id: str, peer: str, generation: Generation) -> None:
+    def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
         self.conn_id = conn_id
-        self.peer = peer
+        self.peer = peer  # the client's address (after PROXY protocol), for logs
+        self.client_ip = client_ip
         self.generation = generation
         self.route: RouteConfig | None = None
         self.backend: BackendConfig | None = None
@@ -79,122 +80,120 @@ class Session:
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
         self.sticky = "none"  # how stickiness decided the backend, for the log
+        self.identity = "-"  # who the gate let in (never the credential), for the log
 
 
-async def handle_connection(sock: socket.socket, app: App, *, tls: bool = False) -> None:
-    """Serve one accepted connection; never raises, always closes both sockets."""
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def handle_connection(sock: socket.socket, app: App, listener: ListenerConfig) -> None:
+    """Serve one accepted connection; never raises, always closes its sockets."""
     conn_id = app.next_conn_id()
+    generation = app.generation
+    config = generation.config
+    deadline = trio.current_time() + config.timeouts.handshake_s
     client = RawChannel(sock)
     backend: RawChannel | None = None
+    admitted_ip: str | None = None
     try:
         try:
             peer_ip, peer_port = client.peername()
         except OSError:
             return  # reset before we looked
-        session = Session(conn_id, f"{peer_ip}:{peer_port}", app.generation)
+        client_ip, client_port = peer_ip, peer_port
+        if listener.proxy_protocol != "off":
+            try:
+                with trio.fail_at(deadline):
+                    source = await read_proxy_header(client, listener.proxy_protocol)
+            except (ProxyHeaderError, trio.TooSlowError) as exc:
+                reason = str(exc) or "PROXY header not complete in time"
+                log.info("event=refused conn=%s peer=%s reason=%r", conn_id, _fmt(peer_ip, peer_port), reason)
+                return
+            if source is not None:
+                client_ip, client_port = source
+        session = Session(conn_id, _fmt(client_ip, client_port), client_ip, generation)
+        admission = app.clients.admit(client_ip, trio.current_time(), config.limits, app.connection_count)
+        if admission is None:
+            app.clients.connected(client_ip)
+            app.connection_count += 1
+            admitted_ip = client_ip
+        if listener.tls is not None:
+            client = TlsChannel.wrap_server(client.sock, listener.tls.context)
+            try:
+                with trio.fail_at(deadline):
+                    await client.handshake()
+            except (ssl.SSLError, ChannelBroken, trio.TooSlowError) as exc:
+                reason = getattr(exc, "reason", None) or str(exc) or "TLS handshake not complete in time"
+                log.info("event=tls_failed conn=%s peer=%s reason=%r", conn_id, session.peer, reason)
+                return
+            assert isinstance(client, TlsChannel)
+            subject = peer_subject(client.sock)
+            if subject:
+                session.identity = subject
+        if admission is not None:
+            await refuse(client, conn_id, session.peer, admission)
+            return
         try:
-            result = await _client_handshake(client, session)
-            if result is None:
-                return
-            up, head_rest = result
-            connected = await _connect_upstream(client, session, app, up, peer_ip, peer_port, tls=tls)
-            if connected is None:
-                return
-            backend, from_backend = connected
-            await _relay(client, backend, session, head_rest, from_backend, app)
-        except Exception:
-            log.exception("event=error conn=%s peer=%s", conn_id, session.peer)
+            backend, from_backend, from_client = await _handshakes(client, session, app, listener, deadline, client_port)
+        except _Done:
+            return
+        await _relay(client, backend, session, from_client, from_backend, app)
+    except Exception:
+        log.exception("event=error conn=%s", conn_id)
     finally:
+        if admitted_ip is not None:
+            app.clients.disconnected(admitted_ip)
+            app.connection_count -= 1
         if backend is not None:
             backend.close()
         client.close()
 
 
-async def _refuse(client: RawChannel, session: Session, rejection: Rejection) -> None:
-    log.info(
-        "event=refused conn=%s peer=%s status=%d reason=%r",
+class _Done(Exception):
+    """The connection was answered and is over (refused, or the client left)."""
+
+
+async def _handshakes(
+    client: RawChannel, session: Session, app: App, listener: ListenerConfig, deadline: float, client_port: int
+) -> tuple[RawChannel, bytes, bytes]:
+    """Both handshakes: returns the backend channel and the bytes that came with the two heads."""
+    config = session.generation.config
+    tls = listener.tls is not None
+    result = await read_request(
+        client,
         session.conn_id,
         session.peer,
-        rejection.status,
-        rejection.reason,
+        deadline=deadline,
+        handshake_s=config.timeouts.handshake_s,
+        limit=config.limits.max_header_bytes,
     )
-    await _send_and_close(client, http_error(rejection))
-
-
-async def _send_and_close(client: RawChannel, data: bytes) -> None:
-    """Send a final response, half-close, and let the client read it before the socket goes.
-
-    Closing at once with unread request bytes in the kernel buffer would send
-    a reset that can destroy the response in flight (RFC 7230 §6.6).
-    """
-    with trio.move_on_after(CLOSE_TIMEOUT_S):
-        try:
-            await client.send(data)
-        except ChannelBroken:
-            return
-        client.send_eof()
-        while await client.receive():
-            pass
-
-
-async def _client_handshake(stream: RawChannel, session: Session) -> tuple[Upgrade, bytes] | None:
-    """Read and check the downstream request; refuse it, or return it with the bytes after it."""
-    config = session.generation.config
-    limit = config.limits.max_header_bytes
-    buf = bytearray()
-    head = b""
-    with trio.move_on_after(config.timeouts.handshake_s) as scope:
-        while True:
-            data = await stream.receive()
-            if not data:
-                return None  # the client went away before sending a whole request
-            buf += data
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(buf[: end + 4])
-                break
-            if len(buf) > limit:
-                await _refuse(stream, session, Rejection(431, f"request head over {limit} bytes"))
-                return None
-            if buf.count(b"\n") != buf.count(b"\r\n"):
-                await _refuse(stream, session, Rejection(400, "bare LF line ending in the request"))
-                return None
-    if scope.cancelled_caught:
-        if buf:
-            await _refuse(
-                stream, session, Rejection(408, f"request not complete within {config.timeouts.handshake_s:g}s")
-            )
-        else:
-            log.info("event=refused conn=%s peer=%s reason='no request within %gs'",
-                     session.conn_id, session.peer, config.timeouts.handshake_s)
-        return None
-    if len(head) > limit:
-        await _refuse(stream, session, Rejection(431, f"request head over {limit} bytes"))
-        return None
-    rejection = check_raw_head(head)
-    if rejection is not None:
-        await _refuse(stream, session, rejection)
-        return None
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-    conn.receive_data(head)
-    try:
-        event = conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        await _refuse(stream, session, Rejection(exc.error_status_hint, f"malformed request: {exc}"))
-        return None
-    if not isinstance(event, h11.Request):  # pragma: no cover - h11 has the whole head
-        await _refuse(stream, session, Rejection(400, "malformed request"))
-        return None
-    verdict = check_upgrade(event)
-    if isinstance(verdict, Rejection):
-        await _refuse(stream, session, verdict)
-        return None
-    route = session.generation.router.match(verdict.host, verdict.path)
+    if result is None:
+        raise _Done
+    if isinstance(result, Rejection):
+        await refuse(client, session.conn_id, session.peer, result)
+        raise _Done
+    up, from_client = result
+    route = session.generation.router.match(up.host, up.path)
     if route is None:
-        await _refuse(stream, session, Rejection(404, f"no route for host={verdict.host} path={verdict.path}"))
-        return None
+        await refuse(client, session.conn_id, session.peer, Rejection(404, f"no route for host={up.host} path={up.path}"))
+        raise _Done
     session.route = route
-    return verdict, bytes(buf[len(head) :])
+    host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
+    verdict = await check_request(
+        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
+    )
+    if isinstance(verdict, Rejection):
+        await refuse(client, session.conn_id, session.peer, verdict)
+        raise _Done
+    if isinstance(verdict, Denied):
+        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, verdict.status, verdict.reason)
+        await send_final(client, http_response(verdict.status, verdict.headers, verdict.body))
+        raise _Done
+    if verdict.identity is not None:
+        session.identity = verdict.identity
+    backend, from_backend = await _connect_upstream(client, session, app, up, verdict, host_header, client_port, tls=tls)
+    return backend, from_backend, from_client
 
 
 async def _connect_upstream(
@@ -202,16 +201,13 @@ async def _connect_upstream(
     session: Session,
     app: App,
     up: Upgrade,
-    peer_ip: str,
-    peer_port: int,
+    admitted: Admitted,
+    host_header: bytes,
+    client_port: int,
     *,
     tls: bool,
-) -> tuple[RawChannel, bytes] | None:
-    """Pick backends, dial, complete the upstream handshake and answer the client's upgrade.
-
-    On failure the client gets its answer here and None is returned. On
-    success returns the backend channel and the bytes that came after its 101.
-    """
+) -> tuple[RawChannel, bytes]:
+    """Pick backends, dial, complete the upstream handshake and answer the client's upgrade."""
     generation = session.generation
     config = generation.config
     route = session.route
@@ -224,21 +220,33 @@ async def _connect_upstream(
         trio.current_time(),
         headers=list(up.request.headers),
         target=up.request.target,
-        client_ip=peer_ip,
+        client_ip=session.client_ip,
+        claims=admitted.claims,
         tls=tls,
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
-        log.info(
-            "event=refused conn=%s peer=%s status=%d reason=%r",
-            session.conn_id, session.peer, plan.status, plan.reason,
-        )
-        body = plan.body.encode()
-        await _send_and_close(client, http_response(plan.status, [*extra, _TEXT_PLAIN], body))
-        return None
+        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, plan.status, plan.reason)
+        await send_final(client, http_response(plan.status, [*extra, _TEXT_PLAIN], plan.body.encode()))
+        raise _Done
     session.sticky = plan.sticky
-    host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
-    target, headers = upstream_request(up, forwarding_headers(peer_ip, peer_port, host_header, tls=tls))
+    added, dropped = forwarding(
+        list(up.request.headers),
+        peer_ip=session.client_ip,
+        client_ip=session.client_ip,
+        client_port=client_port,
+        host_header=host_header,
+        tls=tls,
+        trusted=config.trusted_proxies,
+    )
+    rewrite = admitted.rewrite
+    target, headers = upstream_request(
+        up,
+        [*added, *admitted.headers],
+        target=rewrite.target if rewrite else None,
+        client_headers=rewrite.headers if rewrite else None,
+        drop=set(dropped) | admitted.drop,
+    )
     try:
         result = await open_upstream(
             plan.order,
@@ -252,48 +260,51 @@ async def _connect_upstream(
             conn_id=session.conn_id,
         )
     except UpstreamUnavailable as exc:
-        await _refuse(client, session, Rejection(exc.status, exc.reason))
-        return None
+        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason))
+        raise _Done from None
     if isinstance(result, Refusal):
         log.info(
             "event=refused conn=%s peer=%s pool=%s status=%d reason='backend refused the upgrade'",
             session.conn_id, session.peer, pool.name, result.status,
         )
-        await _send_and_close(client, http_response(result.status, result.headers, result.body))
-        return None
+        await send_final(client, http_response(result.status, result.headers, result.body))
+        raise _Done
     backend = result.backend
     session.backend = backend
+    extra_101 = []
     cookie = plan.set_cookie if backend is plan.order[0] else cookie_for(pool, backend, tls=tls)
+    if cookie:
+        extra_101.append((b"Set-Cookie", cookie))
     accepted = result.accepted
+    if rewrite is not None and rewrite.subprotocol_reply and accepted.subprotocol is None:
+        extra_101.append((b"Sec-WebSocket-Protocol", rewrite.subprotocol_reply.encode("latin-1")))
     deflate = "permessage-deflate" in accepted.extensions
     unknown = bool(accepted.extensions - {"permessage-deflate"})
     rsv_allowed = RSV_ALL if unknown else (RSV1 if deflate else 0)
     deflate = deflate and not unknown
-    max_message = config.limits.max_message_bytes
+    limits = config.limits
     session.relay = Relay(
         client,
         result.channel,
         up_scanner=FrameScanner(
-            from_client=True, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=max_message
+            from_client=True, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=limits.max_message_bytes
         ),
         down_scanner=FrameScanner(
-            from_client=False, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=max_message
+            from_client=False, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=limits.max_message_bytes
         ),
         close_timeout_s=CLOSE_TIMEOUT_S,
+        message_rate=limits.max_message_rate,
     )
     try:
-        await client.send(downstream_101(accepted, [(b"Set-Cookie", cookie)] if cookie else ()))
-    except (ChannelBroken, BaseException):
+        await client.send(downstream_101(accepted, extra_101))
+    except BaseException as exc:
         app.registry.state(backend.address).active -= 1
         result.channel.close()
         session.relay = None
-        if isinstance(sys.exc_info()[1], ChannelBroken):
-            return None
+        if isinstance(exc, ChannelBroken):
+            raise _Done from None
         raise
     return result.channel, result.trailing
-
-
-_TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
 
 
 async def _relay(
@@ -311,7 +322,7 @@ async def _relay(
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     log.info(
-        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s",
+        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%s",
         session.conn_id,
         session.peer,
         route.host,
@@ -319,6 +330,7 @@ async def _relay(
         route.pool,
         backend_cfg.address,
         session.sticky,
+        session.identity,
     )
     if app.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")
@@ -329,12 +341,13 @@ async def _relay(
         del app.sessions[session.conn_id]
         up, down = relay.up.scanner, relay.down.scanner
         log.info(
-            "event=close conn=%s peer=%s pool=%s backend=%s by=%s reason=%r client_code=%s backend_code=%s "
-            "dur_s=%.3f up_b=%d down_b=%d up_msgs=%d down_msgs=%d",
+            "event=close conn=%s peer=%s pool=%s backend=%s identity=%s by=%s reason=%r client_code=%s "
+            "backend_code=%s dur_s=%.3f up_b=%d down_b=%d up_msgs=%d down_msgs=%d",
             session.conn_id,
             session.peer,
             route.pool,
             backend_cfg.address,
+            session.identity,
             relay.closed_by or "-",
             relay.outcome or "cancelled",
             up.close_code if up.close_code is not None else "-",

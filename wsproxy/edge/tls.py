@@ -166,18 +166,26 @@ def client_context(tls: BackendTlsConfig | None) -> ssl.SSLContext:
     return ctx
 
 
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+}
+
+
 def peer_subject(sock: ssl.SSLSocket) -> str | None:
     """The verified client certificate's subject as "CN=alice,O=Example", or None."""
     cert = sock.getpeercert()
     if not cert:
         return None
     parts = []
-    for rdn in cert.get("subject", ()):
+    subject: tuple[tuple[tuple[str, str], ...], ...] = cert.get("subject", ())  # type: ignore[assignment]
+    for rdn in subject:
         for key, value in rdn:
-            short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-                     "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
-                     "emailAddress": "emailAddress"}.get(key, key)
-            parts.append(f"{short}={value}")
+            parts.append(f"{_SHORT_NAMES.get(key, key)}={value}")
     return ",".join(parts) or None
 
 

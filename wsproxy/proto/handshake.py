@@ -265,17 +265,24 @@ def forwarding_headers(
 
 
 def upstream_request(
-    upgrade: Upgrade, extra_headers: list[tuple[bytes, bytes]]
+    upgrade: Upgrade,
+    extra_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    target: bytes | None = None,
+    client_headers: Sequence[tuple[bytes, bytes]] | None = None,
+    drop: frozenset[bytes] | set[bytes] = frozenset(),
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The target and headers of the upgrade request for the backend.
 
     The client's headers pass in their order and spelling, minus hop-by-hop
     ones (and those its Connection header names, except Host and
-    Sec-WebSocket-*, which the handshake needs) and minus forwarding headers
-    (also spelled with underscores), which ``extra_headers`` (from
-    ``forwarding_headers``) replace.
+    Sec-WebSocket-*, which the handshake needs), minus forwarding headers
+    (also spelled with underscores) and minus the lower-case names in
+    ``drop``; ``extra_headers`` (forwarding and identity headers) follow.
     The client's Sec-WebSocket-Key is kept, so the backend's
-    Sec-WebSocket-Accept is the one the client expects.
+    Sec-WebSocket-Accept is the one the client expects. ``target`` and
+    ``client_headers`` replace the request's own when the gate rewrote them
+    (a credential taken out of the query or the headers).
     """
     request = upgrade.request
     named: set[bytes] = set()
@@ -283,14 +290,14 @@ def upstream_request(
         if name == b"connection":
             named.update(t for t in _tokens(value) if not t.startswith(_ESSENTIAL_PREFIXES))
     headers = []
-    for raw_name, value in request.headers.raw_items():
+    for raw_name, value in client_headers if client_headers is not None else request.headers.raw_items():
         name = raw_name.lower()
-        if name in HOP_BY_HOP or name in named or name.replace(b"_", b"-") in FORWARDING_HEADERS:
+        if name in HOP_BY_HOP or name in named or name in drop or name.replace(b"_", b"-") in FORWARDING_HEADERS:
             continue
         headers.append((raw_name, value))
     headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
     headers += extra_headers
-    return request.target, headers
+    return (target if target is not None else request.target), headers
 
 
 def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -1,0 +1,447 @@
+"""Forward authentication: ask an HTTP auth service whether a client may connect.
+
+This is nginx's ``auth_request`` and Traefik's ``forwardAuth`` for WebSocket
+upgrades. For each upgrade, wsproxy sends a subrequest to the auth service::
+
+    GET /auth HTTP/1.1
+    Host: 127.0.0.1:9100
+    X-Forwarded-Method: GET
+    X-Forwarded-Uri: /chat?room=1           (the client's target, query included)
+    X-Forwarded-For: 203.0.113.9
+    X-Forwarded-Proto: https
+    X-Forwarded-Host: chat.example.com
+    Cookie: ...                             (the ``send_headers``, only those)
+    Connection: close
+
+and acts on the answer:
+
+    2xx            allow; the ``copy_headers`` of the answer go into the upstream request
+    401, 403       deny; status, WWW-Authenticate, Content-Type and the body (at most
+                   ``MAX_DENIAL_BODY_BYTES``) of the answer are passed to the client
+    anything else  Rejection(503), and so are a timeout, a refused connection and
+                   an answer that is not HTTP
+
+The whole exchange, connect (and name resolution) included, runs within
+``timeout_s``. One connection per subrequest: no keep-alive, no pipelining.
+
+Allow answers are cached for ``cache_s`` (0 = off), keyed by a SHA-256 over the
+forwarded credentials (the values of ``send_headers``; the raw values are
+never stored), in an LRU bounded to ``max_cache_entries``. The cache assumes
+that the auth service's verdict depends on the credentials only: when it also
+depends on the target, the host or the client address, leave ``cache_s`` at 0.
+Give each route its own ``ForwardAuth``, so that an allow on one route never
+answers for another. Denials and errors are never cached.
+
+The module has two halves:
+
+- a pure half, no trio and no I/O (``parse_url``, ``subrequest_headers``,
+  ``credentials_key``, ``decide``, ``AllowCache``): the decisions, testable
+  without an event loop, as ``proto/`` modules are;
+- a trio shell, ``ForwardAuth.check``: cache lookup → connect → send → read
+  → ``decide`` → cache, a few lines that move bytes and keep time.
+
+What it is not: only ``http://`` auth services are supported; ``https://``
+(TLS to the auth service) is a later addition. Concurrent checks with the
+same credentials are not coalesced (each cache miss makes its own
+subrequest), and a failed subrequest is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from ..config.schema import ForwardAuthConfig
+from ..proto.handshake import FORWARDING_HEADERS, HOP_BY_HOP, Rejection, Upgrade
+from .channel import ChannelBroken, RawChannel, connect
+
+__all__ = [
+    "MAX_DENIAL_BODY_BYTES",
+    "MAX_RESPONSE_HEAD_BYTES",
+    "AllowCache",
+    "Allowed",
+    "Denied",
+    "ForwardAuth",
+    "check_header_names",
+    "credentials_key",
+    "decide",
+    "parse_url",
+    "subrequest_headers",
+]
+
+#: Largest body of a 401/403 passed on to the client; the rest is cut off.
+MAX_DENIAL_BODY_BYTES = 16384
+
+#: Largest status line + headers accepted from the auth service (h11's limit).
+MAX_RESPONSE_HEAD_BYTES = 16384
+
+#: Headers the subrequest sets itself: ``send_headers`` may not name them.
+_OWN_SUBREQUEST_HEADERS = frozenset(
+    {b"host", b"content-length", b"x-forwarded-method", b"x-forwarded-uri"}
+) | FORWARDING_HEADERS | HOP_BY_HOP
+
+#: Headers the upstream handshake owns: ``copy_headers`` may not name them.
+_OWN_UPSTREAM_HEADERS = frozenset({b"host", b"content-length"}) | FORWARDING_HEADERS | HOP_BY_HOP
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 7230 §3.2.6
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+# --- verdicts -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """The auth service allowed the request."""
+
+    headers: list[tuple[bytes, bytes]]  # copy_headers from its answer: names as configured, values as answered
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """The auth service answered 401 or 403: pass its answer to the client."""
+
+    status: int  # 401 or 403
+    headers: list[tuple[bytes, bytes]]  # WWW-Authenticate and Content-Type of the answer
+    body: bytes  # at most MAX_DENIAL_BODY_BYTES of its body
+    reason: str  # for the log, not for the client
+
+
+# --- the pure half: no trio, no I/O ----------------------------------------------
+
+
+def parse_url(url: str) -> tuple[str, int, bytes]:
+    """Split the auth service's URL into host, port and request target.
+
+    ``http://auth.internal:9100/check?scope=ws`` → ``("auth.internal", 9100,
+    b"/check?scope=ws")``. The host is an IP literal (IPv6 in brackets, returned
+    without them) or a DNS name, lower case; the port defaults to 80; the target
+    defaults to ``/``. Only ``http://`` is accepted: ``https://`` to the auth
+    service is a later addition.
+
+    Raises ``ValueError`` with a message that says what was wrong, for the
+    config loader to report with the file position.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f'expected an "http://host[:port]/path" URL, got {url!r}')
+    if scheme.lower() == "https":
+        raise ValueError(f"https:// auth services are not supported yet (only http://), got {url!r}")
+    if scheme.lower() != "http":
+        raise ValueError(f"unsupported URL scheme {scheme!r} (only http://), got {url!r}")
+    if "#" in rest:
+        raise ValueError(f"a URL fragment is never sent to a server; remove it from {url!r}")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, target = rest[:cut], rest[cut:]
+    if "@" in authority:
+        raise ValueError(f"credentials in the URL are not supported (use send_headers), got {url!r}")
+    host, port = _split_authority(authority, url)
+    if not target or target.startswith("?"):
+        target = "/" + target
+    for char in target:
+        if not "!" <= char <= "~":
+            raise ValueError(f"character {char!r} is not allowed in the URL's path or query (percent-encode it), got {url!r}")
+    return host, port, target.encode("ascii")
+
+
+def _split_authority(authority: str, url: str) -> tuple[str, int]:
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise ValueError(f'unclosed "[" in the URL\'s host, got {url!r}')
+        host, port_part = authority[1:end], authority[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r} in the URL {url!r}") from None
+        if port_part and not port_part.startswith(":"):
+            raise ValueError(f'expected ":port" after "]" in the URL, got {url!r}')
+        port_text = port_part[1:] if port_part else None
+    else:
+        if authority.count(":") > 1:
+            raise ValueError(f"an IPv6 address in a URL needs brackets, as in http://[::1]:9100/, got {url!r}")
+        host, colon, port_text_or_empty = authority.partition(":")
+        port_text = port_text_or_empty if colon else None
+        if not host:
+            raise ValueError(f"no host in the URL {url!r}")
+        name = host[:-1] if host.endswith(".") else host
+        if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+            raise ValueError(f"invalid host name {host!r} in the URL {url!r}")
+        host = name
+    port = 80
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise ValueError(f"invalid port {port_text!r} in the URL {url!r}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535 in the URL {url!r}")
+    return host.lower(), port
+
+
+def host_header(host: str, port: int) -> bytes:
+    """The Host header for ``host:port`` (RFC 7230 §5.4; the port only when not 80)."""
+    name = f"[{host}]" if ":" in host else host
+    return (name if port == 80 else f"{name}:{port}").encode("ascii")
+
+
+def check_header_names(config: ForwardAuthConfig) -> None:
+    """Refuse ``send_headers`` and ``copy_headers`` that are not header names or
+    that name headers the proxy sets itself (Host, Connection, X-Forwarded-*, ...).
+
+    Copying ``Sec-WebSocket-*`` from the auth service would break the
+    upstream handshake, so those are refused too. Raises ``ValueError``.
+    """
+    for field_name, names, reserved in (
+        ("send_headers", config.send_headers, _OWN_SUBREQUEST_HEADERS),
+        ("copy_headers", config.copy_headers, _OWN_UPSTREAM_HEADERS),
+    ):
+        for name in names:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{field_name}: {name!r} is not a header name")
+            lower = name.lower().encode("ascii")
+            if lower in reserved or lower.replace(b"_", b"-") in reserved:
+                raise ValueError(f"{field_name}: {name} is set by the proxy and cannot be forwarded")
+            if field_name == "copy_headers" and lower.startswith(b"sec-websocket-"):
+                raise ValueError(f"{field_name}: {name} belongs to the WebSocket handshake")
+
+
+def _values(headers: Iterable[tuple[bytes, bytes]], lower_name: bytes) -> list[bytes]:
+    return [value for name, value in headers if name.lower() == lower_name]
+
+
+def credentials_key(upgrade: Upgrade, send_headers: Sequence[bytes]) -> bytes:
+    """SHA-256 over the values of ``send_headers`` in the client's request.
+
+    Each header contributes its name, its number of occurrences and each value,
+    all length-prefixed, so that no two different sets of credentials share an
+    encoding. A client without any of them has a key too (the empty set).
+    """
+    digest = hashlib.sha256(b"wsproxy forward auth v1\0")
+    for name in send_headers:
+        lower = name.lower()
+        values = _values(upgrade.request.headers, lower)
+        digest.update(len(lower).to_bytes(4, "big") + lower + len(values).to_bytes(4, "big"))
+        for value in values:
+            digest.update(len(value).to_bytes(4, "big") + value)
+    return digest.digest()
+
+
+def subrequest_headers(
+    upgrade: Upgrade,
+    send_headers: Sequence[bytes],
+    *,
+    service_host: bytes,
+    client_ip: str,
+    host_header: bytes,
+    tls: bool,
+) -> list[tuple[bytes, bytes]]:
+    """The headers of the subrequest to the auth service.
+
+    ``service_host`` is the auth service's Host; ``client_ip``, ``host_header``
+    and ``tls`` describe the downstream connection. Of the client's headers only
+    ``send_headers`` pass, with the configured spelling, every occurrence in order.
+    """
+    request = upgrade.request
+    headers = [
+        (b"Host", service_host),
+        (b"X-Forwarded-Method", request.method),
+        (b"X-Forwarded-Uri", request.target),
+        (b"X-Forwarded-For", client_ip.encode("ascii")),
+        (b"X-Forwarded-Proto", b"https" if tls else b"http"),
+        (b"X-Forwarded-Host", host_header),
+    ]
+    for name in send_headers:
+        headers += [(name, value) for value in _values(request.headers, name.lower())]
+    headers.append((b"Connection", b"close"))
+    return headers
+
+
+def decide(
+    response: h11.Response, body: bytes, copy_headers: Sequence[bytes], *, service: str
+) -> Allowed | Denied | Rejection:
+    """The verdict for the auth service's answer (``service`` names it in reasons).
+
+    2xx allows and carries ``copy_headers`` (configured spelling, every value the
+    answer has, in order); 401 and 403 deny with the answer's WWW-Authenticate,
+    Content-Type and ``body``; anything else is the auth service failing: 503.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        copied = [(name, value) for name in copy_headers for value in _values(response.headers, name.lower())]
+        return Allowed(copied)
+    if status in (401, 403):
+        passed = [(b"WWW-Authenticate", v) for v in _values(response.headers, b"www-authenticate")]
+        passed += [(b"Content-Type", v) for v in _values(response.headers, b"content-type")]
+        return Denied(status, passed, body, f"auth service {service} answered {status}")
+    return Rejection(503, f"auth service {service} answered {status}")
+
+
+@dataclass(slots=True)
+class _Entry:
+    verdict: Allowed
+    expires_at: float
+
+
+class AllowCache:
+    """Allow verdicts by credentials key: LRU, bounded, each entry expiring.
+
+    Time is passed in (``now``, in seconds of any monotonic clock), so the
+    cache has no clock of its own. Disabled (nothing stored) when ``ttl_s`` or
+    ``max_entries`` is 0.
+    """
+
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be 0 or more, got {max_entries}")
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0 and self.max_entries > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float) -> Allowed | None:
+        """The cached verdict for ``key``, or None when there is none or it expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry.expires_at:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry.verdict
+
+    def put(self, key: bytes, verdict: Allowed, now: float) -> None:
+        """Remember ``verdict`` until ``now + ttl_s``, evicting the least recently used."""
+        if not self.enabled:
+            return
+        self._entries[key] = _Entry(verdict, now + self.ttl_s)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+# --- the trio shell -------------------------------------------------------------
+
+
+class _NoAnswer(Exception):
+    """The auth service closed the connection before its answer was complete."""
+
+
+class ForwardAuth:
+    """Forward authentication for one route (see the module docstring).
+
+    Only ``http://`` auth services; ``https://`` is a later addition.
+    Raises ``ValueError`` for a URL ``parse_url`` refuses or header names
+    ``check_header_names`` refuses.
+    """
+
+    def __init__(self, config: ForwardAuthConfig, *, max_cache_entries: int = 10000) -> None:
+        self.host, self.port, self.target = parse_url(config.url)
+        check_header_names(config)
+        self.config = config
+        self.service_host = host_header(self.host, self.port)
+        self.send_headers = tuple(name.encode("ascii") for name in config.send_headers)
+        self.copy_headers = tuple(name.encode("ascii") for name in config.copy_headers)
+        self.cache = AllowCache(max_cache_entries, config.cache_s)
+        self.cache_hits = 0  # checks answered from the cache
+        self.cache_misses = 0  # checks that asked the auth service
+
+    async def check(
+        self, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool
+    ) -> Allowed | Denied | Rejection:
+        """Ask the auth service (or the cache) about ``upgrade``.
+
+        ``client_ip``, ``host_header`` (the client's Host) and ``tls`` become
+        X-Forwarded-For, -Host and -Proto. Never raises for the auth service's
+        failures: those are ``Rejection(503, reason)``.
+        """
+        key = credentials_key(upgrade, self.send_headers) if self.cache.enabled else None
+        if key is not None:
+            cached = self.cache.get(key, trio.current_time())
+            if cached is not None:
+                self.cache_hits += 1
+                return cached
+        self.cache_misses += 1
+        headers = subrequest_headers(
+            upgrade, self.send_headers, service_host=self.service_host,
+            client_ip=client_ip, host_header=host_header, tls=tls,
+        )
+        verdict = await self._ask(headers)
+        if key is not None and isinstance(verdict, Allowed):
+            self.cache.put(key, verdict, trio.current_time())
+        return verdict
+
+    async def _ask(self, headers: list[tuple[bytes, bytes]]) -> Allowed | Denied | Rejection:
+        """One subrequest, connect included, within ``timeout_s``."""
+        service = self.config.url
+        timeout_s = self.config.timeout_s
+        channel: RawChannel | None = None
+        try:
+            with trio.fail_after(timeout_s):
+                channel = await connect(self.host, self.port)
+                conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+                request = h11.Request(method=b"GET", target=self.target, headers=headers)
+                await channel.send((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+                response = await _read_response(channel, conn)
+                body = b""
+                if response.status_code in (401, 403):
+                    body = await _read_body(channel, conn, MAX_DENIAL_BODY_BYTES)
+        except trio.TooSlowError:
+            return Rejection(503, f"auth service {service} did not answer within {timeout_s:g}s")
+        except OSError as exc:  # refused, unreachable, name not found
+            return Rejection(503, f"auth service {service}: connect failed: {exc.strerror or exc}")
+        except ChannelBroken as exc:
+            return Rejection(503, f"auth service {service}: connection broken: {exc}")
+        except _NoAnswer:
+            return Rejection(503, f"auth service {service} closed the connection without answering")
+        except h11.ProtocolError as exc:
+            return Rejection(503, f"auth service {service} sent invalid HTTP: {exc}")
+        finally:
+            if channel is not None:
+                channel.close()
+        return decide(response, body, self.copy_headers, service=service)
+
+
+async def _next_event(channel: RawChannel, conn: h11.Connection, *, eof_is_error: bool) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)  # PAUSED cannot happen to a client
+            return event
+        data = await channel.receive()
+        if not data and eof_is_error:
+            raise _NoAnswer
+        conn.receive_data(data)  # b"" marks EOF, which ends a close-delimited body
+
+
+async def _read_response(channel: RawChannel, conn: h11.Connection) -> h11.Response:
+    while True:
+        event = await _next_event(channel, conn, eof_is_error=True)
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            continue  # 100 Continue and the like: the answer follows
+        raise _NoAnswer
+
+
+async def _read_body(channel: RawChannel, conn: h11.Connection, max_bytes: int) -> bytes:
+    """The response body, cut off after ``max_bytes`` (the rest is not read)."""
+    body = bytearray()
+    while len(body) < max_bytes:
+        event = await _next_event(channel, conn, eof_is_error=False)
+        if not isinstance(event, h11.Data):
+            break  # EndOfMessage, or ConnectionClosed ending a close-delimited body
+        body += event.data
+    return bytes(body[:max_bytes])

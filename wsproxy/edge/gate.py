@@ -1,0 +1,152 @@
+"""The gate's trio side: what happens to a connection before its request is read,
+and the checks between reading it and choosing a backend.
+
+    accept → PROXY protocol header (``read_proxy_header``) → admission (limits)
+           → TLS handshake → request → Origin → credentials → backend
+
+The decisions live in ``proto.proxy_protocol``, ``proto.limits``,
+``proto.origin``, ``proto.auth`` and ``proto.forwarded``; ``edge.forward_auth``
+makes the subrequest of forward auth. This module only reads bytes and keeps
+time for them.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..config.schema import RouteConfig
+from ..proto import proxy_protocol
+from ..proto.auth import (
+    Principal,
+    Rewrite,
+    find_credential,
+    identity_headers,
+    missing_credentials,
+    verify_jwt,
+    verify_tokens,
+)
+from ..proto.handshake import Rejection, Upgrade
+from ..proto.origin import OriginPolicy, check_origin, compile_origins
+from .channel import RawChannel
+from .forward_auth import Allowed, Denied, ForwardAuth
+
+#: The longest PROXY header read (v2: 16 bytes + at most this much of addresses and TLVs).
+MAX_PROXY_HEADER_BYTES = 16 + proxy_protocol.MAX_V2_LENGTH
+
+
+class ProxyHeaderError(Exception):
+    """The PROXY protocol header is missing, malformed or truncated: close the connection."""
+
+
+async def _recv_exact(channel: RawChannel, n: int, *, peek: bool = False) -> bytes:
+    """Up to ``n`` bytes, waiting for at least one; never more than ``n`` (nothing beyond the header)."""
+    sock = channel.sock
+    flags = socket.MSG_PEEK if peek else 0
+    while True:
+        try:
+            data = sock.recv(n, flags)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            raise ProxyHeaderError(f"connection failed: {exc.strerror or exc}") from None
+        if not data:
+            raise ProxyHeaderError("connection closed inside the PROXY header")
+        return data
+
+
+async def read_proxy_header(channel: RawChannel, version: str) -> tuple[str, int] | None:
+    """Read exactly the PROXY header (v1 or v2) from the socket; return the client address.
+
+    Only the header's bytes are consumed, so what follows (the request, or a
+    TLS ClientHello) is still in the socket for whoever reads next. Returns
+    None for "PROXY UNKNOWN" and v2 LOCAL (keep the peer address). Raises
+    ``ProxyHeaderError`` for anything else that is not a valid header.
+    """
+    buf = b""
+    while True:
+        if version == "v2":
+            need = 16 if len(buf) < 16 else 16 + int.from_bytes(buf[14:16], "big")
+            if need > MAX_PROXY_HEADER_BYTES:
+                raise ProxyHeaderError(f"PROXY v2 header of {need} bytes")
+            if len(buf) < need:
+                buf += await _recv_exact(channel, need - len(buf))
+        else:
+            peeked = await _recv_exact(channel, 108 - len(buf), peek=True)
+            end = peeked.find(b"\r\n")
+            buf += await _recv_exact(channel, end + 2 if end >= 0 else len(peeked))
+        verdict = proxy_protocol.parse(buf, version)
+        if isinstance(verdict, proxy_protocol.Invalid):
+            raise ProxyHeaderError(verdict.reason)
+        if isinstance(verdict, proxy_protocol.ProxyHeader):
+            return verdict.source
+        if len(buf) >= MAX_PROXY_HEADER_BYTES:  # pragma: no cover - parse says Invalid first
+            raise ProxyHeaderError("PROXY header too long")
+
+
+@dataclass(slots=True)
+class RouteGate:
+    """What a route checks, built once per config generation (forward auth keeps a cache)."""
+
+    route: RouteConfig
+    origins: OriginPolicy | None
+    forward: ForwardAuth | None = None
+
+    @classmethod
+    def build(cls, route: RouteConfig) -> RouteGate:
+        origins = compile_origins(route.origins) if route.origins is not None else None
+        forward = None
+        if route.auth is not None and route.auth.forward is not None:
+            forward = ForwardAuth(route.auth.forward)
+        return cls(route, origins, forward)
+
+
+@dataclass(slots=True)
+class Admitted:
+    """The request passed the gate: how the upstream request differs from the client's."""
+
+    rewrite: Rewrite | None = None  # credential and spoofed identity removed (auth routes)
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # identity and copied headers to add
+    drop: frozenset[bytes] = frozenset()  # lower-case names of client headers the added ones replace
+    identity: str | None = None  # for the log
+    claims: dict[str, object] | None = None  # the JWT's claims (sticky "claim:NAME" keys)
+
+
+async def check_request(
+    gate: RouteGate, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool
+) -> Admitted | Rejection | Denied:
+    """Origin first (403), then credentials (401/403, or the auth service's answer)."""
+    route = gate.route
+    headers = list(upgrade.request.headers)
+    if route.origins is not None or not route.allow_missing_origin:
+        rejection = check_origin(gate.origins, route.allow_missing_origin, headers)
+        if rejection is not None:
+            return rejection
+    auth = route.auth
+    if auth is None:
+        return Admitted()
+    credential, rewrite = find_credential(auth, upgrade)
+    if auth.mode == "forward":
+        assert gate.forward is not None
+        answer = await gate.forward.check(upgrade, client_ip=client_ip, host_header=host_header, tls=tls)
+        if isinstance(answer, Allowed):
+            # The client's own copies of copy_headers never pass, whatever the service answered.
+            drop = frozenset(name.lower().encode("latin-1") for name in auth.forward.copy_headers) if auth.forward else frozenset()
+            return Admitted(rewrite=rewrite, headers=list(answer.headers), drop=drop)
+        return answer
+    if credential is None:
+        return missing_credentials()
+    verdict: Principal | Rejection
+    if auth.mode == "tokens":
+        verdict = verify_tokens(auth, credential)
+    else:
+        verdict = verify_jwt(auth, credential, time.time())
+    if isinstance(verdict, Rejection):
+        return verdict
+    return Admitted(
+        rewrite=rewrite, headers=identity_headers(auth, verdict), identity=verdict.identity, claims=dict(verdict.claims)
+    )

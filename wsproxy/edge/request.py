@@ -1,0 +1,93 @@
+"""Reading the downstream request and answering refusals (trio shell).
+
+``read_request`` reads the request head within the session's handshake
+deadline and runs the sans-I/O checks of ``proto.handshake`` on it; every
+refusal goes through ``refuse`` (or ``send_final`` for a response relayed as
+it was), which sends the response and closes gently so the client can read it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h11
+import trio
+
+from ..proto.handshake import Rejection, Upgrade, check_raw_head, check_upgrade, http_error
+from .channel import ChannelBroken, RawChannel
+
+log = logging.getLogger("wsproxy.edge.session")
+
+#: How long a final response (or a closing session) may take to go out.
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def refuse(client: RawChannel, conn_id: str, peer: str, rejection: Rejection) -> None:
+    """Answer ``rejection`` and log why, in one line."""
+    log.info("event=refused conn=%s peer=%s status=%d reason=%r", conn_id, peer, rejection.status, rejection.reason)
+    await send_final(client, http_error(rejection))
+
+
+async def send_final(client: RawChannel, data: bytes) -> None:
+    """Send a final response, half-close, and let the client read it before the socket goes.
+
+    Closing at once with unread request bytes in the kernel buffer would send
+    a reset that can destroy the response in flight (RFC 7230 §6.6).
+    """
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            await client.send(data)
+        except ChannelBroken:
+            return
+        client.send_eof()
+        while await client.receive():
+            pass
+
+
+async def read_request(
+    client: RawChannel, conn_id: str, peer: str, *, deadline: float, handshake_s: float, limit: int
+) -> tuple[Upgrade, bytes] | Rejection | None:
+    """The client's upgrade and the bytes after its head, or a Rejection to answer.
+
+    Returns None when there is nothing to answer: the client went away, or
+    sent nothing before the deadline (a connection that never spoke gets no
+    408; it is closed).
+    """
+    buf = bytearray()
+    head = b""
+    with trio.move_on_at(deadline) as scope:
+        while True:
+            data = await client.receive()
+            if not data:
+                return None
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(buf[: end + 4])
+                break
+            if len(buf) > limit:
+                return Rejection(431, f"request head over {limit} bytes")
+            if buf.count(b"\n") != buf.count(b"\r\n"):
+                return Rejection(400, "bare LF line ending in the request")
+    if scope.cancelled_caught:
+        if buf:
+            return Rejection(408, f"request not complete within {handshake_s:g}s")
+        log.info("event=refused conn=%s peer=%s reason='no request within %gs'", conn_id, peer, handshake_s)
+        return None
+    if len(head) > limit:
+        return Rejection(431, f"request head over {limit} bytes")
+    rejection = check_raw_head(head)
+    if rejection is not None:
+        return rejection
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        return Rejection(exc.error_status_hint, f"malformed request: {exc}")
+    if not isinstance(event, h11.Request):  # pragma: no cover - h11 has the whole head
+        return Rejection(400, "malformed request")
+    verdict = check_upgrade(event)
+    if isinstance(verdict, Rejection):
+        return verdict
+    return verdict, bytes(buf[len(head) :])
