@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 from collections import deque
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..config.schema import Address, HealthConfig, PoolConfig
 from ..edge.channel import ChannelBroken, RawChannel, connect
+from ..edge.tls import TlsChannel
 from .registry import Health, Registry
 
 log = logging.getLogger("wsproxy.control.health")
@@ -84,6 +86,10 @@ RECEIVE_BYTES = 16384
 Result = tuple[bool, str, float | None]
 
 
+#: What a check of a wss:// backend needs: the pool's client SSLContext and the name to verify.
+TlsTarget = tuple[ssl.SSLContext, str]
+
+
 @dataclass(slots=True)
 class _Progress:
     """How far one check got: the timeout's reason depends on it."""
@@ -92,7 +98,9 @@ class _Progress:
     rtt_s: float | None = None
 
 
-async def check_backend(address: Address, health: HealthConfig) -> tuple[bool, str, float | None]:
+async def check_backend(
+    address: Address, health: HealthConfig, *, tls: TlsTarget | None = None
+) -> tuple[bool, str, float | None]:
     """Probe ``address`` once; return ``(passed, "ok" or why not, rtt_s)``.
 
     ``rtt_s`` is the connect time (tcp), request sent → status line (http), or
@@ -104,7 +112,7 @@ async def check_backend(address: Address, health: HealthConfig) -> tuple[bool, s
     timeout = f"{health.timeout_s:g}s"
     result: Result | None = None
     with trio.move_on_after(health.timeout_s):
-        result = await _check(address, health, progress)
+        result = await _check(address, health, progress, tls)
     if result is not None:
         return result
     if progress.phase == "connect":
@@ -116,7 +124,7 @@ async def check_backend(address: Address, health: HealthConfig) -> tuple[bool, s
     return False, f"timed out after {timeout}", None
 
 
-async def _check(address: Address, health: HealthConfig, progress: _Progress) -> Result:
+async def _check(address: Address, health: HealthConfig, progress: _Progress, tls: TlsTarget | None) -> Result:
     started = trio.current_time()
     try:
         channel = await connect(address.host, address.port)
@@ -124,6 +132,17 @@ async def _check(address: Address, health: HealthConfig, progress: _Progress) ->
         return False, "connect refused", None
     except OSError as exc:
         return False, f"connect failed: {exc.strerror or exc}", None
+    if tls is not None:  # a wss:// backend: the check speaks TLS and verifies it, like sessions do
+        context, server_name = tls
+        channel = TlsChannel.wrap_client(channel.sock, context, server_name)
+        try:
+            await channel.handshake()
+        except ssl.SSLCertVerificationError as exc:
+            channel.close()
+            return False, f"TLS verification failed: {exc.verify_message}", None
+        except (ssl.SSLError, ChannelBroken) as exc:
+            channel.close()
+            return False, f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}", None
     try:
         if health.type == "tcp":
             return True, "ok", trio.current_time() - started
@@ -325,6 +344,14 @@ class HealthChecker:
         scope = self._loops[address] = trio.CancelScope()
         return scope
 
+    def _tls_target(self, address: Address) -> TlsTarget | None:
+        pool = self.pool
+        backend = next((b for b in pool.backends if b.address == address), None)
+        if backend is None or not backend.tls or pool.tls_context is None:
+            return None
+        server_name = pool.tls.server_name if pool.tls and pool.tls.server_name else address.host
+        return pool.tls_context, server_name
+
     async def _watch(
         self,
         address: Address,
@@ -336,7 +363,7 @@ class HealthChecker:
         with scope:
             task_status.started()
             while (health := self.pool.health) is not None:
-                ok, reason, rtt_s = await check_backend(address, health)
+                ok, reason, rtt_s = await check_backend(address, health, tls=self._tls_target(address))
                 self._record(address, health, ok, reason, rtt_s)
                 await trio.sleep(health.interval_s * self.rng.uniform(1 - JITTER, 1 + JITTER))
         if self._loops.get(address) is scope:  # not replaced by a newer loop for the same address
