@@ -113,6 +113,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeepaliveConfig:
+    interval_s: float = 30.0  # the proxy pings both sides this often (at frame boundaries)...
+    timeout_s: float = 10.0  # ...and a side whose pong does not come back within this is dead
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     host: str = "*"  # "*", an exact name, or "*.example.com" (one or more leading labels); lower case
     path: str = "/"  # prefix, matched on whole path segments ("/chat" matches "/chat/x", not "/chatroom")
@@ -120,6 +126,7 @@ class RouteConfig:
     origins: tuple[str, ...] | None = None  # allowed Origins ("https://*.example.com"); None = any
     allow_missing_origin: bool = True  # non-browser clients send no Origin
     auth: AuthConfig | None = None
+    keepalive: KeepaliveConfig | None = None  # off when absent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +184,14 @@ class PassiveHealthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DrainConfig:
+    timeout_s: float = 30.0  # a draining backend's sessions continue this long...
+    spread_s: float = 20.0  # ...then are closed (1012 to the client, 1001 to the backend) evenly over this
+    close_timeout_s: float = 5.0  # the close handshake of a closing session, then TCP closes
+    on_unhealthy: bool = False  # also drain a backend when its health checks take it DOWN
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
@@ -189,6 +204,7 @@ class PoolConfig:
     passive: PassiveHealthConfig | None = None  # passive ejection; None = off
     tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
     tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
+    drain: DrainConfig = DrainConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,6 +232,26 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownConfig:
+    timeout_s: float = 30.0  # SIGTERM/SIGINT: sessions get this long to close, then the rest is cut
+    spread_s: float = 10.0  # the 1001 closes are spread evenly over this
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    bind: Address | None = None  # "127.0.0.1:9090"...
+    unix_path: str | None = None  # ...or "unix:/run/wsproxy/admin.sock"
+    token_file: str | None = None  # bearer token required by every admin request when set
+    token: bytes | None = field(default=None, repr=False)  # read from token_file at load time
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    format: str = "text"  # text | json
+    level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     source: str  # the file it was loaded from, for messages
     listeners: tuple[ListenerConfig, ...]  # at least one; names and binds unique
@@ -225,3 +261,6 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     #: peers whose X-Forwarded-* / Forwarded headers are kept and appended to
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    admin: AdminConfig | None = None  # the admin listener (metrics, status, drain); None = off
+    log: LogConfig = LogConfig()
