@@ -31,7 +31,7 @@ from wsproxy.config.durations import (
     parse_size,
     quote,
 )
-from wsproxy.config import gate
+from wsproxy.config import gate, ops
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
@@ -95,7 +95,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     top = r.fields(
         At(root, ""),
         required=("listeners", "routes", "pools"),
-        optional=("timeouts", "limits", "trusted_proxies"),
+        optional=("timeouts", "limits", "trusted_proxies", "shutdown", "admin", "log"),
         what="a mapping with listeners, routes and pools",
     )
     if top is None:
@@ -106,6 +106,9 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     timeouts = _timeouts(r, top.get("timeouts"))
     limits = _limits(r, top.get("limits"))
     trusted = gate.trusted_proxies(r, top.get("trusted_proxies"))
+    shutdown = ops.shutdown(r, top.get("shutdown"))
+    admin = ops.admin(r, top.get("admin"))
+    log = ops.log(r, top.get("log"))
     if r.errors:
         return None
     return Config(
@@ -115,7 +118,8 @@ def _config(r: Reader, root: Node | None) -> Config | None:
         pools=pool_map,
         timeouts=timeouts,
         limits=limits,
-        **given(trusted_proxies=trusted),
+        admin=admin,
+        **given(trusted_proxies=trusted, shutdown=shutdown, log=log),
     )
 
 
@@ -165,8 +169,8 @@ def _routes(
         fields = r.fields(
             item,
             required=("pool",),
-            optional=("host", "path", "origins", "allow_missing_origin", "auth"),
-            what="a route (host, path, pool, origins, allow_missing_origin, auth)",
+            optional=("host", "path", "origins", "allow_missing_origin", "auth", "keepalive"),
+            what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive)",
         )
         if fields is None:
             continue
@@ -175,6 +179,7 @@ def _routes(
         origins = gate.origins(r, fields.get("origins"))
         allow_missing = r.boolean(fields.get("allow_missing_origin"))
         auth = gate.auth(r, fields.get("auth"))
+        keepalive = ops.keepalive(r, fields.get("keepalive"))
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -185,6 +190,7 @@ def _routes(
                 pool=PoolName(pool),
                 origins=origins,
                 auth=auth,
+                keepalive=keepalive,
                 **given(host=host, path=path, allow_missing_origin=allow_missing),
             )
         )

@@ -19,6 +19,7 @@ from wsproxy.config.schema import (
     STICKY_SOURCES,
     Address,
     BackendConfig,
+    DrainConfig,
     HealthConfig,
     PassiveHealthConfig,
     PoolConfig,
@@ -48,7 +49,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         fields = r.fields(
             pool_at,
             required=("backends",),
-            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive", "tls"),
+            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive", "tls", "drain"),
             what="a pool (balance, backends, ...)",
         )
         if fields is None:
@@ -62,6 +63,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         health = _health(r, fields.get("health"))
         passive = _passive(r, fields.get("passive"))
         tls, tls_context = gate.backend_tls(r, fields.get("tls"))
+        drain = _drain(r, fields.get("drain"))
         if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
             backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
         elif any(b.tls for b in backends):
@@ -75,7 +77,13 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 passive=passive,
                 tls=tls,
                 tls_context=tls_context,
-                **given(balance=balance, hash_balance_factor=factor, retries=retries, slow_start_s=slow_start),
+                **given(
+                    drain=drain,
+                    balance=balance,
+                    hash_balance_factor=factor,
+                    retries=retries,
+                    slow_start_s=slow_start,
+                ),
             )
             result[pool.name] = pool
     return result, set(entries)
@@ -200,6 +208,25 @@ def _health(r: Reader, at: At | None) -> HealthConfig | None:
     if "expect_status" in fields and health.type != "http":
         r.error(fields["expect_status"], f'expect_status applies to http checks only, not {quote(health.type)}')
     return health
+
+
+def _drain(r: Reader, at: At | None) -> DrainConfig | None:
+    fields = r.fields(
+        at,
+        optional=("timeout", "spread", "close_timeout", "on_unhealthy"),
+        what="a drain mapping (timeout, spread, close_timeout, on_unhealthy)",
+        null_is_empty=True,
+    )
+    if fields is None:
+        return None
+    return DrainConfig(
+        **given(
+            timeout_s=r.duration_or_zero(fields.get("timeout")),
+            spread_s=r.duration_or_zero(fields.get("spread")),
+            close_timeout_s=r.duration(fields.get("close_timeout")),
+            on_unhealthy=r.boolean(fields.get("on_unhealthy")),
+        )
+    )
 
 
 def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:

@@ -296,6 +296,12 @@ class Reader:
             return None
         return tuple(value for value in values if value is not None)
 
+    def duration_or_zero(self, at: At | None) -> float | None:
+        """Seconds, where "0" (or "0s") is allowed and means "at once"."""
+        if at is not None and isinstance(at.node, ScalarNode) and at.node.value in ("0", "0s", "0ms"):
+            return 0.0
+        return self.duration(at)
+
     def address(self, at: At | None, *, allow_port_zero: bool) -> Address | None:
         text = self.text(at, '"host:port"')
         if at is None or text is None:

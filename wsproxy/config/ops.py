@@ -1,0 +1,75 @@
+"""The operations keys: route keepalive, shutdown, the admin listener, logging.
+
+The admin token is read from its file here, at load time, like every other
+file a config names.
+"""
+
+from __future__ import annotations
+
+from wsproxy.config.durations import quote
+from wsproxy.config.reader import At, Reader, given
+from wsproxy.config.schema import AdminConfig, KeepaliveConfig, LogConfig, ShutdownConfig
+
+#: The smallest admin token accepted.
+MIN_TOKEN_BYTES = 16
+
+
+def keepalive(r: Reader, at: At | None) -> KeepaliveConfig | None:
+    fields = r.fields(at, optional=("interval", "timeout"), what="a keepalive mapping (interval, timeout)", null_is_empty=True)
+    if fields is None:
+        return None
+    return KeepaliveConfig(
+        **given(interval_s=r.duration(fields.get("interval")), timeout_s=r.duration(fields.get("timeout")))
+    )
+
+
+def shutdown(r: Reader, at: At | None) -> ShutdownConfig | None:
+    fields = r.fields(at, optional=("timeout", "spread"), what="a shutdown mapping (timeout, spread)", null_is_empty=True)
+    if fields is None:
+        return None
+    config = ShutdownConfig(
+        **given(timeout_s=r.duration(fields.get("timeout")), spread_s=r.duration_or_zero(fields.get("spread")))
+    )
+    if config.spread_s > config.timeout_s:
+        r.error(at, f"spread ({config.spread_s:g}s) cannot be longer than timeout ({config.timeout_s:g}s)")  # type: ignore[arg-type]
+    return config
+
+
+def admin(r: Reader, at: At | None) -> AdminConfig | None:
+    fields = r.fields(at, required=("bind",), optional=("token_file",), what="an admin mapping (bind, token_file)")
+    if fields is None:
+        return None
+    bind_at = fields.get("bind")
+    text = r.text(bind_at, '"host:port" or "unix:/path"')
+    token = None
+    read = r.read(fields.get("token_file"))
+    if read is not None:
+        token = read[1].strip()
+        if len(token) < MIN_TOKEN_BYTES:
+            r.error(fields["token_file"], f"the token in {read[0]} is {len(token)} bytes; at least {MIN_TOKEN_BYTES} are needed")
+            token = None
+    if bind_at is None or text is None:
+        return None
+    token_file = read[0] if read else None
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path.startswith("/"):
+            r.error(bind_at, f'expected "unix:" and an absolute path, got {quote(text)}')
+            return None
+        return AdminConfig(unix_path=path, token_file=token_file, token=token)
+    address = r.address(bind_at, allow_port_zero=True)
+    if address is None:
+        return None
+    return AdminConfig(bind=address, token_file=token_file, token=token)
+
+
+def log(r: Reader, at: At | None) -> LogConfig | None:
+    fields = r.fields(at, optional=("format", "level"), what="a log mapping (format, level)", null_is_empty=True)
+    if fields is None:
+        return None
+    return LogConfig(
+        **given(
+            format=r.choice(fields.get("format"), ("text", "json"), "log format"),
+            level=r.choice(fields.get("level"), ("debug", "info", "warning", "error"), "log level"),
+        )
+    )
