@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import app, log
 
     log.configure(args.log_level)
-    trio.run(app.main, config)
+    trio.run(app.main, config, args.config)
     return 0
 
 

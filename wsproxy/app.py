@@ -3,14 +3,29 @@
 ::
 
     App.serve
-    ├── connections : one task per downstream connection (edge.session.handle_connection)
-    └── control     : the accept loops, the idle sweeper, one health checker per pool
-    main            : App.serve + the signal loop (SIGTERM/SIGINT → App.shutdown)
+    ├── connections : one task per downstream connection (edge.session.handle_connection),
+    │                 and the spread closes of a shutdown
+    └── control     : one accept loop per listening socket (each in its own cancel scope),
+                      the idle sweeper, one health checker per pool, drains, the admin server,
+                      the systemd watchdog
+    main            : App.serve + the signal loop (SIGHUP → reload, SIGTERM/SIGINT → shutdown)
 
 ``App`` owns everything a running proxy shares: the current ``Generation``
-(the config and what is built from it), the backend ``Registry`` and the table
-of established sessions. Nothing of this is global, so several ``App``s can
-run in one process (the tests do).
+(the config and what is built from it), the backend ``Registry``, the table of
+established sessions, the per-client table and the metrics. Nothing of this is
+global, so several ``App``s can run in one process (the tests do).
+
+Theory of operation: reload
+---------------------------
+A reload is a new ``Config``, loaded and validated in full (files included)
+before ``App.reload`` is called. ``reload`` first does the only part that can
+still fail, opening the sockets of new or moved listeners; if that fails
+nothing has changed. Then, without a checkpoint in between: listeners that
+kept their address keep their socket and serve the new settings from the next
+accept on; removed ones stop accepting; the generation reference is swapped
+(new sessions use the new routes and pools at once, established ones keep
+theirs); health checkers are updated; sessions whose backend left its pool
+drain. Backend state lives in the registry by address, so it survives.
 """
 
 from __future__ import annotations
@@ -18,25 +33,31 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import signal
 import socket
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from typing import Any
 
 import trio
 
 from .balance.policy import Selector, make_selector
-from .config.schema import Config, ListenerConfig, PoolName
+from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
 from .control.health import HealthChecker
-from .control.registry import Registry
+from .control.registry import Health, Registry
 from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
-from .edge.session import CLOSE_TIMEOUT_S, Session, handle_connection
-from .proto.frames import CLOSE_GOING_AWAY
+from .edge.session import Session, handle_connection
+from .proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .proto.limits import ClientTable
 from .proto.routing import Router
 
 log = logging.getLogger("wsproxy.app")
+
+#: Random share of a spread interval added to each close, so closes do not fall on a grid.
+SPREAD_JITTER = 0.5
 
 
 @dataclass(slots=True)
@@ -55,74 +76,369 @@ class Generation:
         self.gates = {id(route): RouteGate.build(route) for route in self.config.routes}
 
 
+@dataclass(slots=True)
+class ListenerSlot:
+    """A listener's sockets and the settings new connections on them get (swapped by reloads)."""
+
+    spec: ListenerConfig
+    sockets: list[socket.socket]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def close(self) -> None:
+        self.scope.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+
+class ReloadError(Exception):
+    """A valid config that could not be applied (a new listener could not bind)."""
+
+
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         self.generation = Generation(config, 1)
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
-        self.addresses: dict[str, list[tuple[str, int]]] = {}  # listener name → bound addresses
-        self.health_checkers: dict[PoolName, HealthChecker] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.connection_count = 0  # downstream connections being served
+        self.health_checkers: dict[PoolName, HealthChecker] = {}
+        self.listeners: dict[str, ListenerSlot] = {}
+        self.stopping = False
+        self.last_reload_unix: float | None = None
+        self.last_reload_error: str | None = None
+        self.reloads = 0
+        self.reload_failures = 0
+        self.on_ready: Callable[[], None] | None = None  # systemd READY=1 and the like
+        self._inherited = inherited or {}  # systemd socket activation: listener name → sockets
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(2).hex()
-        self._control: trio.CancelScope | None = None
+        self._control: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
-        self.stopping = False
+        self._rng = random.Random()
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
 
-    async def serve(self, *, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]] = trio.TASK_STATUS_IGNORED) -> None:
+    @property
+    def addresses(self) -> dict[str, list[tuple[str, int]]]:
+        """Listener name → the addresses it is bound to."""
+        return {name: [sock.getsockname()[:2] for sock in slot.sockets] for name, slot in self.listeners.items()}
+
+    # -- running ----------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
-        listeners: list[tuple[ListenerConfig, socket.socket]] = []
         try:
             for spec in self.generation.config.listeners:
-                opened = open_listener(spec)
-                listeners += [(spec, sock) for sock in opened]
-                self.addresses[spec.name] = [sock.getsockname()[:2] for sock in opened]
-                for host, port in self.addresses[spec.name]:
-                    log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
+                self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))
+            for name, slot in self.listeners.items():
+                for host, port in self.addresses[name]:
+                    log.info("event=listening listener=%s address=%s tls=%s", name, _fmt(host, port), slot.spec.tls is not None)
             async with trio.open_nursery() as connections:
                 self._connections = connections
                 async with trio.open_nursery() as control:
-                    self._control = control.cancel_scope
+                    self._control = control
                     control.start_soon(self._idle_sweeper)
                     for pool in self.generation.config.pools.values():
-                        checker = HealthChecker(pool, self.registry)
-                        self.health_checkers[pool.name] = checker
-                        await control.start(checker.run)
-                    for spec, sock in listeners:
-                        handler = partial(handle_connection, app=self, listener=spec)
-                        control.start_soon(accept_loop, sock, handler, connections)
+                        await self._start_checker(pool)
+                    for slot in self.listeners.values():
+                        self._start_accepting(slot)
                     task_status.started(self.addresses)
-                for _spec, sock in listeners:  # stop accepting: new attempts are refused from now on
-                    sock.close()
+                    if self.on_ready is not None:
+                        self.on_ready()
         finally:
-            for _spec, sock in listeners:
-                sock.close()
+            for slot in self.listeners.values():
+                slot.close()
         log.info("event=stopped")
 
-    def shutdown(self, timeout_s: float = CLOSE_TIMEOUT_S + 1.0) -> None:
-        """Stop accepting, close every session with 1001, and give them ``timeout_s`` to finish."""
+    def _open(self, spec: ListenerConfig) -> list[socket.socket]:
+        inherited = self._inherited.pop(spec.name, None)
+        if inherited:
+            log.info("event=listener_inherited listener=%s sockets=%d", spec.name, len(inherited))
+            return inherited
+        return open_listener(spec)
+
+    def _start_accepting(self, slot: ListenerSlot) -> None:
+        assert self._control is not None and self._connections is not None
+        connections = self._connections
+
+        def handler(sock: socket.socket) -> Any:
+            return handle_connection(sock, self, slot.spec)  # the slot's settings at accept time
+
+        async def accept_all() -> None:
+            with slot.scope:
+                async with trio.open_nursery() as loops:
+                    for sock in slot.sockets:
+                        loops.start_soon(accept_loop, sock, handler, connections)
+
+        self._control.start_soon(accept_all)
+
+    async def _start_checker(self, pool: PoolConfig) -> None:
+        assert self._control is not None
+        checker = HealthChecker(pool, self.registry, on_change=self._health_changed)
+        self.health_checkers[pool.name] = checker
+        await self._control.start(checker.run)
+
+    # -- reload -------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
+        old = self.generation
+        opened: dict[str, list[socket.socket]] = {}
+        try:
+            for spec in config.listeners:
+                slot = self.listeners.get(spec.name)
+                if slot is None or slot.spec.bind != spec.bind:
+                    opened[spec.name] = open_listener(spec)
+        except OSError as exc:
+            for sockets in opened.values():
+                for sock in sockets:
+                    sock.close()
+            raise ReloadError(f"cannot open listener: {exc.strerror or exc}") from None
+        # From here on nothing fails and nothing waits: the switch is atomic for every task.
+        new = Generation(config, old.number + 1)
+        keep = {spec.name for spec in config.listeners}
+        for name in [n for n in self.listeners if n not in keep or n in opened]:
+            self.listeners.pop(name).close()
+            log.info("event=listener_closed listener=%s", name)
+        for spec in config.listeners:
+            if spec.name in opened:
+                slot = self.listeners[spec.name] = ListenerSlot(spec, opened[spec.name])
+                if self._control is not None and not self.stopping:
+                    self._start_accepting(slot)
+                for host, port in self.addresses[spec.name]:
+                    log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
+            else:
+                self.listeners[spec.name].spec = spec
+        self.generation = new
+        self._update_checkers(old.config, config)
+        self._drain_removed(old.config, config)
+        self.reloads += 1
+        self.last_reload_unix = time.time()
+        self.last_reload_error = None
+        log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
+
+    def reload_failed(self, errors: Sequence[str]) -> None:
+        """Count and log a refused reload; the old config keeps serving."""
+        self.reload_failures += 1
+        self.last_reload_error = "; ".join(errors)
+        for error in errors:
+            log.error("event=reload_failed error=%r", error)
+        log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", self.generation.number, len(errors))
+
+    def _update_checkers(self, old: Config, new: Config) -> None:
+        for name in [n for n in self.health_checkers if n not in new.pools]:
+            self.health_checkers.pop(name).stop()
+        for name, pool in new.pools.items():
+            checker = self.health_checkers.get(name)
+            if checker is not None:
+                try:
+                    checker.update(pool)
+                    continue
+                except RuntimeError:  # a pool that gained health checks: a new checker runs them
+                    pass
+            if self._control is not None:
+                self._control.start_soon(self._start_checker, pool)
+
+    def _drain_removed(self, old: Config, new: Config) -> None:
+        """Backends that left their pool drain; backends that came back are undrained."""
+        for name, pool in old.pools.items():
+            kept = {b.address for b in new.pools[name].backends} if name in new.pools else set()
+            drain = new.pools[name].drain if name in new.pools else pool.drain
+            for backend in pool.backends:
+                if backend.address not in kept:
+                    self._drain(name, backend.address, drain, "removed by reload")
+        for name, pool in new.pools.items():
+            for backend in pool.backends:
+                state = self.registry.state(backend.address)
+                if state.draining and state.drain_reason == "removed by reload":
+                    state.draining = False
+                    state.drain_reason = ""
+
+    # -- draining -----------------------------------------------------------------
+
+    def drain_backend(self, pool: str, address: str) -> bool | None:
+        """Admin: drain a backend of a pool. None if unknown, False if it was draining already."""
+        backend = self._find(pool, address)
+        if backend is None:
+            return None
+        state = self.registry.state(backend)
+        if state.draining:
+            return False
+        self._drain(pool, backend, self.generation.config.pools[PoolName(pool)].drain, "admin")
+        return True
+
+    def undrain_backend(self, pool: str, address: str) -> bool | None:
+        """Admin: take a backend back into rotation. None if unknown, False if it was not draining."""
+        backend = self._find(pool, address)
+        if backend is None:
+            return None
+        state = self.registry.state(backend)
+        if not state.draining:
+            return False
+        state.draining = False
+        state.drain_reason = ""
+        log.info("event=undrain pool=%s backend=%s", pool, backend)
+        return True
+
+    def _find(self, pool: str, address: str) -> Address | None:
+        config = self.generation.config.pools.get(PoolName(pool))
+        if config is None:
+            return None
+        return next((b.address for b in config.backends if str(b.address) == address), None)
+
+    def _health_changed(self, pool: PoolConfig, address: Address, health: Health) -> None:
+        if health is Health.DOWN and pool.drain.on_unhealthy:
+            self._drain(pool.name, address, pool.drain, "unhealthy")
+        elif health is Health.UP:
+            state = self.registry.state(address)
+            if state.draining and state.drain_reason == "unhealthy":
+                state.draining = False
+                state.drain_reason = ""
+
+    def _drain(self, pool: str, address: Address, drain: DrainConfig, reason: str) -> None:
+        state = self.registry.state(address)
+        if state.draining and state.drain_reason:
+            return
+        state.draining = True
+        state.drain_reason = reason
+        log.info(
+            "event=drain pool=%s backend=%s reason=%r sessions=%d close_after_s=%g spread_s=%g",
+            pool, address, reason, state.active, drain.timeout_s, drain.spread_s,
+        )
+        if self._control is not None:
+            self._control.start_soon(self._drain_sessions, pool, address, drain, reason)
+
+    async def _drain_sessions(self, pool: str, address: Address, drain: DrainConfig, reason: str) -> None:
+        """After the grace period, close the backend's sessions spread over ``drain.spread_s``."""
+        await trio.sleep(drain.timeout_s)
+        state = self.registry.state(address)
+        if not state.draining:
+            return  # undrained during the grace period
+        sessions = [
+            s for s in self.sessions.values()
+            if s.backend is not None and s.backend.address == address and s.route is not None and s.route.pool == pool
+        ]
+        log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
+        await self._close_spread(
+            sessions, drain.spread_s, CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, f"backend draining ({reason})",
+            still=lambda: state.draining,
+        )
+
+    async def _close_spread(
+        self,
+        sessions: Sequence[Session],
+        spread_s: float,
+        client_code: int,
+        backend_code: int,
+        reason: str,
+        *,
+        still: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Close ``sessions`` evenly over ``spread_s``, each at a jittered point of its slot."""
+        count = len(sessions)
+        if not count:
+            return
+        slot_s = spread_s / count
+        start = trio.current_time()
+        order = list(sessions)
+        self._rng.shuffle(order)  # nobody is always first
+        for index, session in enumerate(order):
+            at = start + slot_s * (index + self._rng.uniform(0, SPREAD_JITTER))
+            await trio.sleep_until(at)
+            if not still():
+                return
+            relay = session.relay
+            if relay is not None and session.conn_id in self.sessions:
+                session.draining = True
+                relay.finish(client_code, backend_code, reason)
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every session with 1001 spread over shutdown.spread, wait up to shutdown.timeout."""
         if self.stopping:
             return
         self.stopping = True
-        log.info("event=shutdown sessions=%d", len(self.sessions))
+        settings = self.generation.config.shutdown
+        log.info(
+            "event=shutdown sessions=%d spread_s=%g timeout_s=%g", len(self.sessions), settings.spread_s, settings.timeout_s
+        )
+        for slot in self.listeners.values():
+            slot.close()  # new connection attempts are refused from now on
         if self._control is not None:
-            self._control.cancel()
-        for session in list(self.sessions.values()):
-            if session.relay is not None:
-                session.relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")
+            self._control.cancel_scope.cancel()
         if self._connections is not None:
-            self._connections.cancel_scope.deadline = trio.current_time() + timeout_s
+            self._connections.cancel_scope.deadline = trio.current_time() + settings.timeout_s
+            self._connections.start_soon(
+                self._close_spread,
+                list(self.sessions.values()),
+                settings.spread_s,
+                CLOSE_GOING_AWAY,
+                CLOSE_GOING_AWAY,
+                "proxy shutting down",
+            )
 
     def abort(self) -> None:
         """Close everything now."""
+        self.stopping = True
         if self._control is not None:
-            self._control.cancel()
+            self._control.cancel_scope.cancel()
         if self._connections is not None:
             self._connections.cancel_scope.cancel()
+
+    # -- state for the admin API and systemd ------------------------------------------
+
+    def status_line(self) -> str:
+        return f"{len(self.sessions)} sessions, config generation {self.generation.number}"
+
+    def status(self) -> dict[str, object]:
+        """What GET /status returns."""
+        config = self.generation.config
+        now = trio.current_time()
+        pools: dict[str, object] = {}
+        for name, pool in config.pools.items():
+            backends = []
+            for backend in pool.backends:
+                state = self.registry.state(backend.address)
+                backends.append(
+                    {
+                        "address": str(backend.address),
+                        "weight": backend.weight,
+                        "health": state.health.value,
+                        "last_check": state.last_check,
+                        "rtt_s": state.rtt_s,
+                        "active": state.active,
+                        "total": state.total,
+                        "draining": state.draining,
+                        "ejected": state.ejected(now),
+                        "available": state.available(now, backend),
+                    }
+                )
+            pools[name] = {"balance": pool.balance, "backends": backends}
+        return {
+            "generation": self.generation.number,
+            "sessions": len(self.sessions),
+            "draining_sessions": sum(1 for s in self.sessions.values() if s.draining),
+            "connections": self.connection_count,
+            "last_reload_unix": self.last_reload_unix,
+            "last_reload_error": self.last_reload_error,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "listeners": [
+                {"name": name, "addresses": [_fmt(h, p) for h, p in addresses], "tls": self.listeners[name].spec.tls is not None}
+                for name, addresses in self.addresses.items()
+            ],
+            "routes": [
+                {"host": r.host, "path": r.path, "pool": r.pool, "auth": r.auth.mode if r.auth else None}
+                for r in config.routes
+            ],
+            "pools": pools,
+        }
+
+    # -- the idle sweeper -----------------------------------------------------------
 
     async def _idle_sweeper(self) -> None:
         """Close sessions that relayed nothing for ``timeouts.idle``, without per-chunk timers."""
@@ -146,14 +462,29 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def main(config: Config) -> None:
-    """Run the proxy until SIGTERM or SIGINT; a second signal exits at once."""
+async def main(config: Config, path: str) -> None:
+    """Run the proxy: SIGHUP reloads ``path``; SIGTERM or SIGINT shut down, a second one exits at once."""
+    from .config.load import load_config
+    from .errors import ConfigErrors
+
     app = App(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if app.stopping:
+                        continue
+                    log.info("event=signal signal=SIGHUP action=reload path=%s", path)
+                    try:
+                        new = await trio.to_thread.run_sync(load_config, path)
+                        app.reload(new)
+                    except ConfigErrors as exc:
+                        app.reload_failed([str(e) for e in exc.errors])
+                    except ReloadError as exc:
+                        app.reload_failed([str(exc)])
+                    continue
                 if app.stopping:
                     log.warning("event=signal signal=%s action=exit_now", name)
                     app.abort()

@@ -32,7 +32,7 @@ WSPROXY = [sys.executable, "-m", "wsproxy"]
 #: How long the proxy may take to stop after a signal when nothing holds it up.
 EXIT_S = 4.0
 
-#: Shutdown deadline of app.App.shutdown: CLOSE_TIMEOUT_S (5 s) + 1 s.
+#: Shutdown deadline (shutdown.timeout in run_config); sessions' closes are not spread.
 SHUTDOWN_DEADLINE_S = 6.0
 
 
@@ -55,6 +55,9 @@ def run_config(listen_port: int, backend_port: int) -> str:
               - address: 127.0.0.1:{backend_port}
         timeouts:
           handshake: 5s
+        shutdown:
+          timeout: 6s
+          spread: 0s
         """
 
 

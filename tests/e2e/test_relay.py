@@ -39,7 +39,7 @@ from tests.support import (
     start_ws_backend,
     with_timeouts,
 )
-from wsproxy.config.schema import LimitsConfig
+from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, ShutdownConfig
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -986,7 +986,9 @@ async def test_graceful_shutdown(nursery: trio.Nursery, caplog: pytest.LogCaptur
         backend = await start_ws_backend(nursery, rec.handler)
         client_closes: list[tuple[int, str | None]] = []
         async with trio.open_nursery() as proxy_nursery:
-            app, port = await start_proxy(proxy_nursery, make_config([backend]))
+            # No spread: the closes go out at once (test_ops covers the spread).
+            config = dataclasses.replace(make_config([backend]), shutdown=ShutdownConfig(spread_s=0))
+            app, port = await start_proxy(proxy_nursery, config)
 
             async def client(i: int, ready: trio.Event) -> None:
                 async with open_websocket_url(url(port)) as ws:
@@ -1012,7 +1014,7 @@ async def test_graceful_shutdown(nursery: trio.Nursery, caplog: pytest.LogCaptur
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)
     messages = [r.getMessage() for r in caplog.records]
-    assert "event=shutdown sessions=3" in messages
+    assert "event=shutdown sessions=3 spread_s=0 timeout_s=30" in messages
     assert messages[-1] == "event=stopped"
 
 
@@ -1075,15 +1077,22 @@ async def test_client_data_in_same_segment_as_the_upgrade(nursery: trio.Nursery)
         await stream.aclose()
 
 
+def close_timeout(config: Config, seconds: float) -> Config:
+    """``config`` with the pools' drain.close_timeout set to ``seconds``."""
+    pools = {
+        name: dataclasses.replace(pool, drain=DrainConfig(close_timeout_s=seconds)) for name, pool in config.pools.items()
+    }
+    return dataclasses.replace(config, pools=pools)
+
+
 async def test_close_handshake_deadline_client_never_answers(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Backend closes, the client never answers: its TCP is closed once close_timeout_s is over."""
-    monkeypatch.setattr("wsproxy.edge.session.CLOSE_TIMEOUT_S", 0.3)
     with trio.fail_after(5):
         rec = Recorder()
         backend = await start_ws_backend(nursery, rec.handler)
-        app, port = await start_proxy(nursery, make_config([backend]))
+        app, port = await start_proxy(nursery, close_timeout(make_config([backend]), 0.3))
         stream, reader, _ = await raw_client(port)
         await stream.send_all(client_frame(OP_TEXT, b"close me"))
         frames, close = await reader.read_until_close()
@@ -1100,7 +1109,6 @@ async def test_close_handshake_deadline_backend_never_answers(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Client closes, the backend never answers nor closes TCP: both are closed after close_timeout_s."""
-    monkeypatch.setattr("wsproxy.edge.session.CLOSE_TIMEOUT_S", 0.3)
     backend_saw: list[tuple[Frame | None, bytes, float]] = []
 
     async def backend_handler(stream: trio.SocketStream) -> None:
@@ -1113,7 +1121,7 @@ async def test_close_handshake_deadline_backend_never_answers(
 
     with trio.fail_after(5):
         backend = await start_tcp_backend(nursery, backend_handler)
-        app, port = await start_proxy(nursery, make_config([backend]))
+        app, port = await start_proxy(nursery, close_timeout(make_config([backend]), 0.3))
         stream, reader, _ = await raw_client(port)
         await stream.send_all(client_frame(OP_CLOSE, close_payload(4000, "bye")))
         start = trio.current_time()

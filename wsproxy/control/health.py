@@ -52,6 +52,7 @@ import os
 import random
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
@@ -270,9 +271,17 @@ class HealthChecker:
     state and its loop.
     """
 
-    def __init__(self, pool: PoolConfig, registry: Registry, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        pool: PoolConfig,
+        registry: Registry,
+        *,
+        rng: random.Random | None = None,
+        on_change: Callable[[PoolConfig, Address, Health], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.registry = registry
+        self.on_change = on_change  # told of every health change (the app drains on DOWN if asked to)
         self.rng = rng if rng is not None else random.Random()
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._nursery: trio.Nursery | None = None
@@ -333,6 +342,13 @@ class HealthChecker:
         for address in wanted:
             if address not in self._loops:
                 self._nursery.start_soon(self._watch, address, self._new_loop(address))
+
+    def stop(self) -> None:
+        """The pool is gone: stop every loop (run() then returns)."""
+        for scope in self._loops.values():
+            scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     def _new_loop(self, address: Address) -> trio.CancelScope:
         """Register the loop of ``address`` (so update() can stop it before it runs)."""
@@ -402,6 +418,8 @@ class HealthChecker:
             self._log_change(address, Health.UP, before, reason)
 
     def _log_change(self, address: Address, after: Health, before: Health, reason: str) -> None:
+        if self.on_change is not None:
+            self.on_change(self.pool, address, after)
         log.info(
             "event=health pool=%s backend=%s state=%s reason=%r was=%s",
             self.pool.name,

@@ -66,6 +66,7 @@ class Session:
         "idle_since",
         "sticky",
         "identity",
+        "draining",
     )
 
     def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
@@ -81,6 +82,7 @@ class Session:
         self.idle_since = 0.0
         self.sticky = "none"  # how stickiness decided the backend, for the log
         self.identity = "-"  # who the gate let in (never the credential), for the log
+        self.draining = False  # its close has been ordered by a drain or a shutdown
 
 
 def _fmt(host: str, port: int) -> str:
@@ -292,7 +294,7 @@ async def _connect_upstream(
         down_scanner=FrameScanner(
             from_client=False, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=limits.max_message_bytes
         ),
-        close_timeout_s=CLOSE_TIMEOUT_S,
+        close_timeout_s=pool.drain.close_timeout_s,
         message_rate=limits.max_message_rate,
     )
     try:
