@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="overrides log.level"
+    )
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
     return parser
@@ -45,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import app, log
 
-    log.configure(args.log_level)
-    trio.run(app.main, config, args.config)
+    log.configure(args.log_level or config.log.level, config.log.format)
+    trio.run(app.main, config, args.config, args.log_level is not None)
     return 0
 
 

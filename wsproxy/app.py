@@ -46,6 +46,7 @@ import trio
 from .balance.policy import Selector, make_selector
 from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
 from .control.health import HealthChecker
+from .control.metrics import Metrics
 from .control.registry import Health, Registry
 from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
@@ -100,6 +101,7 @@ class App:
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
+        self.metrics = Metrics(started_unix=time.time())
         self.connection_count = 0  # downstream connections being served
         self.health_checkers: dict[PoolName, HealthChecker] = {}
         self.listeners: dict[str, ListenerSlot] = {}
@@ -109,6 +111,7 @@ class App:
         self.reloads = 0
         self.reload_failures = 0
         self.on_ready: Callable[[], None] | None = None  # systemd READY=1 and the like
+        self.log_overridden: bool | None = None  # None: logging is the embedder's (tests); False: log.* applies
         self._inherited = inherited or {}  # systemd socket activation: listener name → sockets
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(2).hex()
@@ -213,17 +216,23 @@ class App:
             else:
                 self.listeners[spec.name].spec = spec
         self.generation = new
+        if config.log != old.config.log and self.log_overridden is False:
+            from . import log as logsetup
+
+            logsetup.configure(config.log.level, config.log.format)
         self._update_checkers(old.config, config)
         self._drain_removed(old.config, config)
         self.reloads += 1
         self.last_reload_unix = time.time()
         self.last_reload_error = None
+        self.metrics.reload(True, generation=new.number, now_unix=self.last_reload_unix)
         log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
 
     def reload_failed(self, errors: Sequence[str]) -> None:
         """Count and log a refused reload; the old config keeps serving."""
         self.reload_failures += 1
         self.last_reload_error = "; ".join(errors)
+        self.metrics.reload(False, generation=self.generation.number, now_unix=time.time())
         for error in errors:
             log.error("event=reload_failed error=%r", error)
         log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", self.generation.number, len(errors))
@@ -391,6 +400,16 @@ class App:
 
     # -- state for the admin API and systemd ------------------------------------------
 
+    def render_metrics(self) -> str:
+        """What GET /metrics returns (Prometheus text format)."""
+        return self.metrics.render(
+            registry=self.registry,
+            pools={str(name): pool for name, pool in self.generation.config.pools.items()},
+            generation=self.generation.number,
+            draining_sessions=sum(1 for s in self.sessions.values() if s.draining),
+            now=trio.current_time(),
+        )
+
     def status_line(self) -> str:
         return f"{len(self.sessions)} sessions, config generation {self.generation.number}"
 
@@ -462,12 +481,22 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def main(config: Config, path: str) -> None:
-    """Run the proxy: SIGHUP reloads ``path``; SIGTERM or SIGINT shut down, a second one exits at once."""
+async def main(config: Config, path: str, log_overridden: bool = False) -> None:
+    """Run the proxy: SIGHUP reloads ``path``; SIGTERM or SIGINT shut down, a second one exits at once.
+
+    Under systemd: listening sockets passed by socket activation are used by
+    listener name, and the notify protocol reports READY, RELOADING, STOPPING,
+    STATUS and the watchdog.
+    """
     from .config.load import load_config
+    from .control.admin import serve_admin
+    from .control.systemd import Notifier, listen_fds
     from .errors import ConfigErrors
 
-    app = App(config)
+    notifier = Notifier.from_environ()
+    app = App(config, inherited=listen_fds())
+    app.log_overridden = log_overridden
+    app.on_ready = lambda: notifier.ready(app.status_line())
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:
@@ -477,6 +506,7 @@ async def main(config: Config, path: str) -> None:
                     if app.stopping:
                         continue
                     log.info("event=signal signal=SIGHUP action=reload path=%s", path)
+                    notifier.reloading()
                     try:
                         new = await trio.to_thread.run_sync(load_config, path)
                         app.reload(new)
@@ -484,15 +514,27 @@ async def main(config: Config, path: str) -> None:
                         app.reload_failed([str(e) for e in exc.errors])
                     except ReloadError as exc:
                         app.reload_failed([str(exc)])
+                    notifier.ready(app.status_line())
                     continue
                 if app.stopping:
                     log.warning("event=signal signal=%s action=exit_now", name)
                     app.abort()
                     return
                 log.info("event=signal signal=%s action=shutdown", name)
+                notifier.stopping()
                 app.shutdown()
+
+        async def report_status() -> None:
+            while True:
+                await trio.sleep(5)
+                notifier.status(app.status_line())
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
+            nursery.start_soon(notifier.watchdog)
+            nursery.start_soon(report_status)
+            if config.admin is not None:
+                address = await nursery.start(serve_admin, app, config.admin)
+                log.info("event=admin_listening address=%s", address)
             await app.serve()  # returns once accepting has stopped and every session has ended
             nursery.cancel_scope.cancel()

@@ -77,8 +77,12 @@ async def read_proxy_header(channel: RawChannel, version: str) -> tuple[str, int
                 buf += await _recv_exact(channel, need - len(buf))
         else:
             peeked = await _recv_exact(channel, 108 - len(buf), peek=True)
-            end = peeked.find(b"\r\n")
-            buf += await _recv_exact(channel, end + 2 if end >= 0 else len(peeked))
+            if buf.endswith(b"\r") and peeked.startswith(b"\n"):
+                take = 1  # the CRLF was split between two reads
+            else:
+                end = peeked.find(b"\r\n")
+                take = end + 2 if end >= 0 else len(peeked)
+            buf += await _recv_exact(channel, take)
         verdict = proxy_protocol.parse(buf, version)
         if isinstance(verdict, proxy_protocol.Invalid):
             raise ProxyHeaderError(verdict.reason)
@@ -122,10 +126,9 @@ async def check_request(
     """Origin first (403), then credentials (401/403, or the auth service's answer)."""
     route = gate.route
     headers = list(upgrade.request.headers)
-    if route.origins is not None or not route.allow_missing_origin:
-        rejection = check_origin(gate.origins, route.allow_missing_origin, headers)
-        if rejection is not None:
-            return rejection
+    rejection = check_origin(gate.origins, route.allow_missing_origin, headers)  # also: Origin twice → 403
+    if rejection is not None:
+        return rejection
     auth = route.auth
     if auth is None:
         return Admitted()

@@ -46,6 +46,7 @@ from ..config.schema import RateConfig
 from ..proto.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
+    CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
     FrameScanner,
     encode_close,
@@ -222,6 +223,7 @@ class Relay:
         "close_timeout_s",
         "outcome",
         "closed_by",
+        "kind",
         "_nursery",
         "_deadline",
     )
@@ -243,6 +245,7 @@ class Relay:
             self.down.rate = MessageRate(message_rate)
         self.close_timeout_s = close_timeout_s
         self.outcome = ""  # why the session ended, for the log
+        self.kind = ""  # the same as one word, for metrics
         self.closed_by = ""  # "client", "backend" or "proxy": who started the ending
         self._nursery: trio.Nursery | None = None
         self._deadline: float | None = None  # set by the first close frame
@@ -267,14 +270,19 @@ class Relay:
 
     # -- events from the pumps ------------------------------------------------
 
-    def _start_ending(self, by: str, outcome: str) -> None:
+    def _start_ending(self, by: str, outcome: str, kind: str) -> None:
         if not self.closed_by:
             self.closed_by = by
             self.outcome = outcome
+            self.kind = kind
+
+    def outcome_kind(self) -> str:
+        """The ending as one of a few words, for metrics labels."""
+        return self.kind or "error"
 
     def on_close_relayed(self, pump: Pump) -> None:
         """``pump`` forwarded its source's close frame."""
-        self._start_ending(pump.side, "close")
+        self._start_ending(pump.side, "close", "normal")
         self.arm_deadline()
         self.check_done()
 
@@ -284,10 +292,10 @@ class Relay:
             # The peer vanished without a close frame: tell the other side, which is
             # written by this same pump (up writes the backend, down the client).
             if pump is self.up:
-                self._start_ending("client", "client vanished")
+                self._start_ending("client", "client vanished", "client_gone")
                 frame = encode_close(CLOSE_GOING_AWAY, "client went away", mask=os.urandom(4))
             else:
-                self._start_ending("backend", "backend vanished")
+                self._start_ending("backend", "backend vanished", "backend_gone")
                 frame = encode_close(CLOSE_BAD_GATEWAY, "backend went away")
             other = self.down if pump is self.up else self.up
             other.discard = True  # its destination is the peer that vanished
@@ -303,7 +311,8 @@ class Relay:
         """``pump``'s source broke the protocol: its code to it, 1001 to the other side."""
         violation = pump.scanner.violation
         assert violation is not None
-        self._start_ending("proxy", f"{pump.side} protocol error: {violation.reason}")
+        kind = "too_big" if violation.close_code == CLOSE_MESSAGE_TOO_BIG else "protocol_error"
+        self._start_ending("proxy", f"{pump.side} protocol error: {violation.reason}", kind)
         other = self.down if pump is self.up else self.up
         # The scanner stopped before the offending frame, so this pump's output is at a
         # boundary: the other side gets 1001 from it (written when its chunk is done)...
@@ -315,15 +324,17 @@ class Relay:
         """``pump``'s source broke a limit (not the protocol): ``code`` to it, 1001 to the other side."""
         if self.closed_by:
             return
-        self._start_ending("proxy", f"{pump.side} {reason}")
+        self._start_ending("proxy", f"{pump.side} {reason}", "rate_limited")
         self.arm_deadline()
         other = self.down if pump is self.up else self.up
         pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer policy violation"))
         other.request_close(self._close_frame(other, code, reason))
 
-    def finish(self, client_code: int, backend_code: int, reason: str) -> None:
+    def finish(self, client_code: int, backend_code: int, reason: str, kind: str = "") -> None:
         """End the session from the proxy's side (idle timeout, shutdown, drain)."""
-        self._start_ending("proxy", reason)
+        if not kind:
+            kind = "idle" if "idle" in reason else "shutdown" if "shutting down" in reason else "drain" if "drain" in reason else "error"
+        self._start_ending("proxy", reason, kind)
         self.arm_deadline()
         self.down.request_close(encode_close(client_code, reason))
         self.up.request_close(encode_close(backend_code, reason, mask=os.urandom(4)))

@@ -323,8 +323,12 @@ async def _relay(
     app.sessions[session.conn_id] = session
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
+    backend_name = str(backend_cfg.address)
+    route_name = f"{route.host}{route.path}"
+    app.metrics.session_opened(route_name, route.pool, backend_name)
+    app.metrics.handshake_done(time.monotonic() - session.started)
     log.info(
-        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%s",
+        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%r",
         session.conn_id,
         session.peer,
         route.host,
@@ -342,8 +346,21 @@ async def _relay(
         state.active -= 1
         del app.sessions[session.conn_id]
         up, down = relay.up.scanner, relay.down.scanner
+        app.metrics.session_closed(
+            route_name,
+            route.pool,
+            backend_name,
+            outcome=relay.outcome_kind(),
+            duration_s=time.monotonic() - session.started,
+            bytes_up=relay.bytes_up,
+            bytes_down=relay.bytes_down,
+            messages_up=up.messages,
+            messages_down=down.messages,
+            client_code=up.close_code,
+            backend_code=down.close_code,
+        )
         log.info(
-            "event=close conn=%s peer=%s pool=%s backend=%s identity=%s by=%s reason=%r client_code=%s "
+            "event=close conn=%s peer=%s pool=%s backend=%s identity=%r by=%s reason=%r client_code=%s "
             "backend_code=%s dur_s=%.3f up_b=%d down_b=%d up_msgs=%d down_msgs=%d",
             session.conn_id,
             session.peer,

@@ -1,0 +1,441 @@
+"""End to end: the admin listener in front of a real ``App``, over loopback and a unix socket.
+
+Every test runs a real ``wsproxy.app.App`` (``start_proxy``) in front of a real
+trio-websocket echo backend, and ``serve_admin`` for that App in the test's
+nursery. Requests are made by a small h11 client (keep-alive, one connection
+per ``AdminClient``) or written by hand where the request must be malformed.
+``/metrics`` is read back with prometheus_client's parser, as a scraper would.
+
+What is covered: a live session shows in the metrics of its backend and
+route, and its end in ``sessions_total``; ``/status``; drain and undrain
+(percent-encoded and IPv6 addresses, idempotence, unknown pool or backend,
+the log line); the bearer token; the unix socket (stale file replaced, mode
+0660, removed on exit); 404 and 405 with ``Allow``; HEAD; keep-alive; and
+that a malformed, oversized or slow request is answered or dropped without
+stopping the listener. What the numbers mean is tested purely in
+``tests/control/test_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import h11
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+from tests.support import make_config, start_proxy, start_ws_backend
+from wsproxy.app import App
+from wsproxy.config.schema import Address, AdminConfig
+from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin
+
+LOOPBACK = AdminConfig(bind=Address("127.0.0.1", 0))
+TOKEN = b"s3cret-admin-token"
+
+
+# -- a small h11 client ------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        assert self.headers["content-type"] == "application/json", self.headers
+        document = json.loads(self.body)
+        assert isinstance(document, dict)
+        return document
+
+
+class AdminClient:
+    """HTTP/1.1 requests on one connection, kept alive between requests."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, address: str) -> AdminClient:
+        if address.startswith("unix:"):
+            return cls(await trio.open_unix_socket(address[5:]))
+        host, _, port = address.rpartition(":")
+        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)))
+
+    async def request(
+        self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> Reply:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        head = [("Host", "admin"), *headers]
+        if body or method == "POST":
+            head.append(("Content-Length", str(len(body))))
+        data = self.conn.send(h11.Request(method=method, target=target, headers=head))
+        if body:
+            data += self.conn.send(h11.Data(data=body))
+        data += self.conn.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+        assert response is not None
+        names = {name.decode().lower(): value.decode() for name, value in response.headers}
+        return Reply(response.status_code, names, b"".join(chunks))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def call(address: str, method: str, target: str, *, token: bytes | None = None) -> Reply:
+    """One request on a new connection."""
+    client = await AdminClient.connect(address)
+    try:
+        headers = [("Authorization", f"Bearer {token.decode()}")] if token else []
+        return await client.request(method, target, headers=headers)
+    finally:
+        await client.aclose()
+
+
+async def raw(address: str, data: bytes, *, read_timeout_s: float = 5.0) -> bytes:
+    """Send ``data`` as it is and read until the server closes."""
+    host, _, port = address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(data)
+        chunks = []
+        with trio.move_on_after(read_timeout_s):
+            while chunk := await stream.receive_some(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    app: App
+    proxy_port: int
+    backend: str  # the echo backend, as the admin API names it: "127.0.0.1:PORT"
+    admin: str  # where serve_admin listens
+
+
+async def start_stack(nursery: trio.Nursery, admin: AdminConfig = LOOPBACK) -> Stack:
+    backend_port = await start_ws_backend(nursery)
+    app, proxy_port = await start_proxy(nursery, make_config([backend_port]))
+    address = await nursery.start(partial(serve_admin, app, admin))
+    return Stack(app, proxy_port, f"127.0.0.1:{backend_port}", address)
+
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(reply: Reply) -> Series:
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for s in family.samples
+    }
+
+
+def total(series: Series, name: str, **labels: str) -> float:
+    """The sum of the ``name`` series that carry (at least) ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
+
+
+def backend_status(status: dict[str, object], pool: str, address: str) -> dict[str, object]:
+    pools = status["pools"]
+    assert isinstance(pools, dict)
+    backends = pools[pool]["backends"]
+    found = [b for b in backends if b["address"] == address]
+    assert len(found) == 1, backends
+    entry = found[0]
+    assert isinstance(entry, dict)
+    return entry
+
+
+async def until(predicate: object, *, timeout_s: float = 5.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+# -- /metrics and /status ----------------------------------------------------------------------
+
+
+async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        async with open_websocket_url(f"ws://127.0.0.1:{stack.proxy_port}/chat") as ws:
+            await ws.send_message("hello")
+            assert await ws.get_message() == "hello"
+            series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
+            backend = {"pool": "main", "backend": stack.backend}
+            assert total(series, "wsproxy_backend_sessions_active", **backend) == 1
+            assert total(series, "wsproxy_sessions_active", **backend) == 1  # summed over routes
+            assert total(series, "wsproxy_backend_up", **backend) == 1  # no health checks: up
+            assert total(series, "wsproxy_backend_health", state="up", **backend) == 1
+            assert total(series, "wsproxy_backend_draining", **backend) == 0
+            assert total(series, "wsproxy_handshake_duration_seconds_count") == 1
+            assert total(series, "wsproxy_config_generation") == 1
+        await until(lambda: not stack.app.sessions)
+        series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
+        assert total(series, "wsproxy_backend_sessions_active", **backend) == 0
+        assert total(series, "wsproxy_sessions_active", **backend) == 0
+        assert total(series, "wsproxy_sessions_total", outcome="normal", **backend) == 1
+        assert total(series, "wsproxy_messages_total", direction="up") == 1
+        assert total(series, "wsproxy_messages_total", direction="down") == 1
+        assert total(series, "wsproxy_close_codes_total", side="client", code="1000") == 1
+
+
+async def test_status_lists_listeners_pools_and_backends(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        reply = await call(stack.admin, "GET", "/status")
+        assert reply.status == 200
+        status = reply.json()
+        assert status["generation"] == 1
+        assert status["listeners"], status
+        entry = backend_status(status, "main", stack.backend)
+        assert entry["draining"] is False
+        assert entry["health"] == "up"
+        assert entry["active"] == 0
+
+
+async def test_head_answers_without_a_body_and_keep_alive_serves_several_requests(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        client = await AdminClient.connect(stack.admin)
+        try:
+            head = await client.request("HEAD", "/metrics")
+            assert head.status == 200 and head.body == b""
+            assert int(head.headers["content-length"]) > 0
+            for _ in range(3):
+                assert (await client.request("GET", "/status")).status == 200
+            assert (await client.request("GET", "/nope")).status == 404
+            assert (await client.request("GET", "/metrics")).status == 200
+        finally:
+            await client.aclose()
+
+
+# -- drain / undrain ---------------------------------------------------------------------------
+
+
+async def test_drain_and_undrain_a_backend(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        encoded = stack.backend.replace(":", "%3A")
+        drain = f"/pools/main/backends/{encoded}/drain"
+        undrain = f"/pools/main/backends/{stack.backend}/undrain"  # a bare ":" is fine too
+
+        reply = await call(stack.admin, "POST", drain)
+        assert reply.status == 200
+        assert reply.json() == {"pool": "main", "backend": stack.backend, "draining": True, "changed": True}
+        status = (await call(stack.admin, "GET", "/status")).json()
+        assert backend_status(status, "main", stack.backend)["draining"] is True
+        series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
+        assert total(series, "wsproxy_backend_draining", pool="main", backend=stack.backend) == 1
+
+        again = await call(stack.admin, "POST", drain)
+        assert again.json() == {"pool": "main", "backend": stack.backend, "draining": True, "changed": False}
+
+        reply = await call(stack.admin, "POST", undrain)
+        assert reply.json() == {"pool": "main", "backend": stack.backend, "draining": False, "changed": True}
+        status = (await call(stack.admin, "GET", "/status")).json()
+        assert backend_status(status, "main", stack.backend)["draining"] is False
+        again = await call(stack.admin, "POST", undrain)
+        assert again.json()["changed"] is False
+
+    actions = [r.getMessage() for r in caplog.records if r.name == "wsproxy.control.admin" and "event=admin" in r.getMessage()]
+    assert len(actions) == 4, actions
+    assert actions[0].startswith(f"event=admin action=drain pool=main backend={stack.backend} result=changed")
+    assert all(r.levelno == logging.INFO for r in caplog.records if "event=admin" in r.getMessage())
+
+
+async def test_drain_of_unknown_pool_or_backend_is_404(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        for target in (
+            f"/pools/nope/backends/{stack.backend}/drain",
+            "/pools/main/backends/127.0.0.1:1/drain",
+            "/pools/main/backends/%5B%3A%3A1%5D%3A9001/undrain",  # [::1]:9001, decoded, not in the pool
+        ):
+            reply = await call(stack.admin, "POST", target)
+            assert reply.status == 404, target
+            assert reply.json()["error"] == "unknown pool or backend"
+        assert reply.json()["backend"] == "[::1]:9001"
+        status = (await call(stack.admin, "GET", "/status")).json()
+        assert backend_status(status, "main", stack.backend)["draining"] is False
+
+
+# -- routing errors, methods, limits -----------------------------------------------------------
+
+
+async def test_unknown_paths_are_404_and_wrong_methods_405(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        for target in ("/", "/index.html", "/metrics/x", "/pools/main/backends", "/pools/main/backends/a/b/drain",
+                       f"/pools/main/backends/{stack.backend}/frobnicate"):  # fmt: skip
+            assert (await call(stack.admin, "GET", target)).status == 404, target
+        for method, target, allow in (
+            ("POST", "/metrics", "GET, HEAD"),
+            ("DELETE", "/status", "GET, HEAD"),
+            ("GET", f"/pools/main/backends/{stack.backend}/drain", "POST"),
+            ("PUT", f"/pools/main/backends/{stack.backend}/undrain", "POST"),
+        ):
+            reply = await call(stack.admin, method, target)
+            assert (reply.status, reply.headers.get("allow")) == (405, allow), (method, target)
+        status = (await call(stack.admin, "GET", "/status")).json()
+        assert backend_status(status, "main", stack.backend)["draining"] is False  # the GET did nothing
+
+
+async def test_malformed_requests_get_an_error_and_the_listener_keeps_serving(nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        stack = await start_stack(nursery)
+        for data, expected in (
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET /status HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n", 400),
+            (b"GET /status HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
+            (b"GET /status HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+        ):
+            answer = await raw(stack.admin, data)
+            assert answer.startswith(b"HTTP/1.1 %d " % expected), (data[:40], answer[:80])
+            assert b"connection: close" in answer.lower()
+            assert (await call(stack.admin, "GET", "/status")).status == 200
+
+        # a POST body over the bound: 413, connection closed
+        answer = await raw(
+            stack.admin,
+            b"POST /pools/main/backends/x/drain HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000,
+        )
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        # a small POST body is read and ignored
+        client = await AdminClient.connect(stack.admin)
+        try:
+            reply = await client.request("POST", f"/pools/main/backends/{stack.backend}/drain", body=b'{"ignored": 1}')
+            assert reply.json()["changed"] is True
+            assert (await client.request("GET", "/status")).status == 200  # same connection, still in sync
+        finally:
+            await client.aclose()
+        assert (await call(stack.admin, "GET", "/status")).status == 200
+
+
+async def test_a_slow_request_is_dropped_after_10s(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    stack = await start_stack(nursery)
+    host, _, port = stack.admin.rpartition(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(b"GET /status HTTP/1.1\r\n")  # and never the rest
+        started = trio.current_time()
+        with trio.fail_after(60):
+            assert await stream.receive_some(100) == b""
+        assert 9.5 <= trio.current_time() - started <= 10.5
+    assert (await call(stack.admin, "GET", "/status")).status == 200
+
+
+# -- token -------------------------------------------------------------------------------------
+
+
+async def test_a_token_is_required_when_configured(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        config = AdminConfig(bind=Address("127.0.0.1", 0), token_file="/run/admin.token", token=TOKEN + b"\n")
+        stack = await start_stack(nursery, config)
+        for target in ("/metrics", "/status", "/nope"):
+            reply = await call(stack.admin, "GET", target)
+            assert reply.status == 401, target
+            assert reply.headers["www-authenticate"].startswith("Bearer")
+        reply = await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/drain", token=b"wrong")
+        assert reply.status == 401
+        assert 'error="invalid_token"' in reply.headers["www-authenticate"]
+        status = (await call(stack.admin, "GET", "/status", token=TOKEN)).json()
+        assert backend_status(status, "main", stack.backend)["draining"] is False  # the refused drain did nothing
+        assert (await call(stack.admin, "GET", "/metrics", token=TOKEN)).status == 200
+        reply = await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/drain", token=TOKEN)
+        assert reply.status == 200
+        assert (await call(stack.admin, "GET", "/nope", token=TOKEN)).status == 404
+
+
+# -- unix socket -------------------------------------------------------------------------------
+
+
+async def test_unix_socket_replaces_a_stale_file_and_speaks_http(nursery: trio.Nursery, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "admin.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a socket file nobody listens on, as a killed process leaves it
+    stale.close()
+    with trio.fail_after(10):
+        scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def run_admin(app: App, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await serve_admin(app, AdminConfig(unix_path=path), task_status=task_status)
+            finally:
+                done.set()
+
+        backend_port = await start_ws_backend(nursery)
+        app, _port = await start_proxy(nursery, make_config([backend_port]))
+        address = await nursery.start(run_admin, app)
+        assert address == f"unix:{path}"
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+        stream = await trio.open_unix_socket(path)
+        async with stream:
+            await stream.send_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"content-type: application/json" in head.lower()
+        status = json.loads(body)
+        assert backend_status(status, "main", f"127.0.0.1:{backend_port}")["draining"] is False
+
+        reply = await call(address, "POST", f"/pools/main/backends/127.0.0.1:{backend_port}/drain")
+        assert reply.json()["draining"] is True
+
+        # a second admin server on the same path while the first listens: refused, the file left alone
+        with pytest.raises(OSError, match="another process is listening"):
+            await serve_admin(app, AdminConfig(unix_path=path))
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+        scope.cancel()
+        await done.wait()
+        assert not os.path.exists(path)  # removed on exit
+
+
+async def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "admin.sock")
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(OSError, match="not a socket"):
+        await serve_admin(App(make_config([1])), AdminConfig(unix_path=path))
+    with open(path) as f:
+        assert f.read() == "precious"

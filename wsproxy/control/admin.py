@@ -1,0 +1,367 @@
+"""The admin listener: metrics, status and backend drains over HTTP/1.1 (trio shell).
+
+::
+
+    serve_admin                 in the app's control nursery
+    └── nursery
+        ├── accept_loop         one per bound socket (edge.listener)
+        └── _serve_connection   one per admin connection: h11, keep-alive
+
+Routes (everything else is 404, ``/`` included for now):
+
+- ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
+- ``GET /status``: the JSON document ``AdminApp.status`` builds.
+- ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
+  percent-decoded (``127.0.0.1%3A9001`` or ``127.0.0.1:9001``, ``[::1]:9001``);
+  the answer is ``{"pool", "backend", "draining", "changed"}``, or 404 when the
+  pool or backend is unknown. Each is logged at INFO.
+
+``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
+``Allow``. When ``AdminConfig.token`` is set, every request needs
+``Authorization: Bearer <token>`` (compared in constant time), else 401 with
+``WWW-Authenticate: Bearer`` (RFC 6750 §3).
+
+Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
+KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
+its first byte being awaited to the last byte of the answer (an idle
+keep-alive connection is closed after that long). A malformed request gets
+the status h11 hints (400, 431...) and its connection is closed; the listener
+goes on serving.
+
+This module is not the App: what the numbers and the status say, and what
+draining does, is the App's (``AdminApp``); here is only the HTTP around it.
+The listener binds loopback or a unix socket as configured; it does no TLS.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterable
+from functools import partial
+from typing import Protocol
+from urllib.parse import unquote_to_bytes
+
+import h11
+import trio
+
+from ..config.schema import AdminConfig, ListenerConfig, ListenerName
+from ..edge.channel import ChannelBroken, RawChannel
+from ..edge.listener import BACKLOG, accept_loop, open_listener
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .registry import Registry
+
+log = logging.getLogger("wsproxy.control.admin")
+
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers
+MAX_BODY_BYTES = 64 * 1024  # a POST body, read and ignored
+REQUEST_TIMEOUT_S = 10.0  # one request, from waiting for it to the end of the answer
+CLOSE_LINGER_S = 2.0  # after the last answer, for the client to read it before the socket goes
+UNIX_SOCKET_MODE = 0o660
+
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_ACTIONS = {"drain": True, "undrain": False}  # action → draining afterwards
+
+
+class AdminApp(Protocol):
+    """What the admin server needs from the application (``wsproxy.app.App``)."""
+
+    metrics: Metrics
+    registry: Registry
+
+    def status(self) -> dict[str, object]:
+        """The JSON body of ``GET /status``."""
+        ...
+
+    def drain_backend(self, pool: str, address: str) -> bool | None:
+        """None: no such pool or backend; True: draining now; False: it already was."""
+        ...
+
+    def undrain_backend(self, pool: str, address: str) -> bool | None:
+        """None: no such pool or backend; True: no longer draining; False: it was not."""
+        ...
+
+    def render_metrics(self) -> str:
+        """The Prometheus text of the current state."""
+        ...
+
+
+async def serve_admin(
+    app: AdminApp, config: AdminConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the admin API on ``config.bind`` or ``config.unix_path`` until cancelled.
+
+    ``task_status.started`` gets the bound address once listening:
+    ``"127.0.0.1:9090"``, ``"[::1]:9090"`` or ``"unix:/run/wsproxy/admin.sock"``.
+    """
+    token = _token(config)
+    unix_path = config.unix_path
+    if unix_path is not None:
+        sockets = [_open_unix(unix_path)]
+        addresses = [f"unix:{unix_path}"]
+    elif config.bind is not None:
+        sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
+        addresses = [_fmt(*sock.getsockname()[:2]) for sock in sockets]
+    else:
+        raise ValueError("admin: neither bind nor unix_path is set")
+    inode = os.stat(unix_path).st_ino if unix_path is not None else None
+    try:
+        async with trio.open_nursery() as nursery:
+            handler = partial(_serve_connection, app=app, token=token)
+            for sock in sockets:
+                nursery.start_soon(accept_loop, sock, handler, nursery)
+            for address in addresses:
+                log.info("event=listening listener=admin address=%s auth=%s", address, "token" if token else "none")
+            task_status.started(addresses[0])
+    finally:
+        for sock in sockets:
+            sock.close()
+        if unix_path is not None:
+            _unlink_if_ours(unix_path, inode)
+
+
+def _token(config: AdminConfig) -> bytes | None:
+    if config.token is None:
+        return None
+    token = config.token.strip()  # a token file usually ends with a line feed
+    if not token:
+        raise ValueError(f"admin: the token in {config.token_file or 'the config'} is empty")
+    return token
+
+
+def _open_unix(path: str) -> socket.socket:
+    """A listening AF_UNIX stream socket at ``path``, replacing a stale socket file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, f"admin: {path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:  # nobody listens: a leftover of a process that is gone
+                os.unlink(path)
+            else:
+                raise OSError(errno.EADDRINUSE, f"admin: another process is listening on {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, UNIX_SOCKET_MODE)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink_if_ours(path: str, inode: int | None) -> None:
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- one connection ------------------------------------------------------------------------------
+
+
+async def _serve_connection(sock: socket.socket, app: AdminApp, token: bytes | None) -> None:
+    """Answer requests on one connection until it closes, errs or idles; never raises."""
+    channel = RawChannel(sock)
+    peer = _peer(sock)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        while True:
+            with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
+                again = await _one_request(channel, conn, app, token, peer)
+            if scope.cancelled_caught:
+                return  # slow, or idle between requests: nothing more to say
+            if not again:
+                break
+            conn.start_next_cycle()
+        if conn.their_state is not h11.CLOSED:
+            await _close_gently(channel)
+    except ChannelBroken:
+        pass
+    except Exception:
+        log.exception("event=error listener=admin peer=%s", peer)
+    finally:
+        channel.close()
+
+
+async def _one_request(channel: RawChannel, conn: h11.Connection, app: AdminApp, token: bytes | None, peer: str) -> bool:
+    """Read one request and answer it; True if the connection may carry another."""
+    try:
+        request = await _read_head(channel, conn)
+        if not isinstance(request, h11.Request):
+            return False  # closed between requests
+        body_bytes = 0
+        while True:
+            event = await _next_event(channel, conn)
+            if isinstance(event, h11.EndOfMessage):
+                break
+            if isinstance(event, h11.Data):
+                body_bytes += len(event.data)
+                if body_bytes > MAX_BODY_BYTES:
+                    await _send(channel, conn, request, _text(413, f"request body over {MAX_BODY_BYTES} bytes"), close=True)
+                    return False
+            elif isinstance(event, h11.ConnectionClosed):
+                return False
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
+        return False
+    await _send(channel, conn, request, _answer(request, app, token, peer))
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def _read_head(channel: RawChannel, conn: h11.Connection) -> h11.Event:
+    """The next request (or ConnectionClosed), its head at most ``MAX_HEAD_BYTES``.
+
+    h11's ``max_incomplete_event_size`` only bounds a head still incomplete
+    after a receive; one that arrives whole in a single receive is measured here.
+    """
+    buffered = len(conn.trailing_data[0])  # pipelined bytes left over from the previous request
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)
+            if isinstance(event, h11.Request) and buffered - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError(f"request head over {MAX_HEAD_BYTES} bytes", error_status_hint=431)
+            return event
+        data = await channel.receive()
+        buffered += len(data)
+        conn.receive_data(data)  # b"" at EOF: h11 makes it ConnectionClosed
+
+
+async def _next_event(channel: RawChannel, conn: h11.Connection) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)  # PAUSED: only after EndOfMessage, and we stop there
+            return event
+        conn.receive_data(await channel.receive())  # b"" at EOF: h11 makes it ConnectionClosed
+
+
+async def _close_gently(channel: RawChannel) -> None:
+    """Half-close, then let the client read the answer before the socket goes (RFC 7230 §6.6)."""
+    channel.send_eof()
+    with trio.move_on_after(CLOSE_LINGER_S):
+        while await channel.receive():
+            pass
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "-"
+    if isinstance(name, tuple):
+        return _fmt(name[0], name[1])
+    return "unix"
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+_Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+async def _send(
+    channel: RawChannel, conn: h11.Connection, request: h11.Request | None, answer: _Answer, *, close: bool = False
+) -> None:
+    status, headers, body = answer
+    headers = [*headers, (b"Content-Length", b"%d" % len(body)), (b"Cache-Control", b"no-store")]
+    if close:
+        headers.append((b"Connection", b"close"))
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    if request is None or request.method != b"HEAD":
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    await channel.send(data)
+
+
+def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str) -> _Answer:
+    """The response to one complete request (sans-I/O but for the App's own calls)."""
+    if token is not None:
+        given = _bearer(request.headers)
+        if given is None or not hmac.compare_digest(given, token):
+            challenge = b'Bearer realm="wsproxy-admin"'
+            if given is not None:
+                challenge += b', error="invalid_token"'
+            status, headers, body = _text(401, "a bearer token is required")
+            return status, [*headers, (b"WWW-Authenticate", challenge)], body
+    method = request.method.decode("ascii", "replace")
+    segments = _segments(request.target)
+    if segments is None:
+        return _text(400, "invalid percent-encoding in the request target")
+    try:
+        if segments in (["metrics"], ["status"]):
+            if method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            if segments == ["metrics"]:
+                return 200, [(b"Content-Type", METRICS_CONTENT_TYPE.encode())], app.render_metrics().encode()
+            return _json(200, app.status())
+        if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
+            if method != "POST":
+                return _not_allowed("POST")
+            return _backend_action(app, segments[1], segments[3], segments[4], peer)
+    except Exception:
+        log.exception("event=error listener=admin method=%s target=%r", method, request.target)
+        return _text(500, "internal error")
+    return _text(404, "not found")
+
+
+def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:
+    draining = _ACTIONS[action]
+    changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
+    result = "unknown" if changed is None else ("changed" if changed else "unchanged")
+    log.info("event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, pool, backend, result, peer)
+    if changed is None:
+        return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})
+    return _json(200, {"pool": pool, "backend": backend, "draining": draining, "changed": changed})
+
+
+def _segments(target: bytes) -> list[str] | None:
+    """The path's segments, each percent-decoded (so an encoded "/" stays inside its segment)."""
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    try:
+        return [unquote_to_bytes(part).decode("utf-8") for part in path.split(b"/") if part]
+    except UnicodeDecodeError:
+        return None
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.partition(b" ")
+            if scheme.lower() == b"bearer" and credentials.strip():
+                return credentials.strip()
+            return None
+    return None
+
+
+def _text(status: int, message: str) -> _Answer:
+    return status, [(b"Content-Type", _TEXT)], message.encode() + b"\n"
+
+
+def _json(status: int, document: object) -> _Answer:
+    return status, [(b"Content-Type", _JSON)], json.dumps(document, indent=2).encode() + b"\n"
+
+
+def _not_allowed(allow: str) -> _Answer:
+    status, headers, body = _text(405, "method not allowed")
+    return status, [*headers, (b"Allow", allow.encode())], body
