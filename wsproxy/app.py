@@ -460,10 +460,19 @@ class App:
     # -- the idle sweeper -----------------------------------------------------------
 
     async def _idle_sweeper(self) -> None:
-        """Close sessions that relayed nothing for ``timeouts.idle``, without per-chunk timers."""
+        """Idle timeouts and keepalive pings for every session, without per-chunk timers.
+
+        One pass over the sessions every ``timeouts.idle`` / 8 (or a quarter of
+        the shortest keepalive timeout), at most every 5 s. A session is idle
+        when its byte counters have not moved since it was last seen moving.
+        """
         while True:
-            idle_s = self.generation.config.timeouts.idle_s
-            await trio.sleep(min(max(idle_s / 8, 0.02), 5.0))
+            config = self.generation.config
+            period = config.timeouts.idle_s / 8
+            for route in config.routes:
+                if route.keepalive is not None:
+                    period = min(period, route.keepalive.timeout_s / 4, route.keepalive.interval_s / 4)
+            await trio.sleep(min(max(period, 0.02), 5.0))
             now = trio.current_time()
             for session in list(self.sessions.values()):
                 relay = session.relay
@@ -475,6 +484,10 @@ class App:
                     session.idle_since = now
                 elif now - session.idle_since >= session.generation.config.timeouts.idle_s:
                     relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout")
+                    continue
+                keepalive = session.route.keepalive if session.route is not None else None
+                if keepalive is not None:
+                    relay.keepalive(now, keepalive.interval_s, keepalive.timeout_s)
 
 
 def _fmt(host: str, port: int) -> str:

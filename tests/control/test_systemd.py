@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,15 +69,19 @@ class NotifySocket:
 
 
 @pytest.fixture
-def path_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    path = tmp_path / "notify"
-    if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
-        path = Path(tempfile.mkdtemp(prefix="wsp-")) / "notify"
+def short_dir() -> Iterator[Path]:
+    """A directory for AF_UNIX paths: sun_path holds 108 bytes, more than some tmp_paths leave."""
+    path = Path(tempfile.mkdtemp(prefix="wsp-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def path_socket(short_dir: Path) -> Iterator[NotifySocket]:
+    path = short_dir / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
         yield NotifySocket(sock, str(path))
-        if path.exists():
-            path.unlink()
 
 
 @pytest.fixture
@@ -162,8 +167,8 @@ def test_default_environ_is_os_environ(path_socket: NotifySocket, monkeypatch: p
     assert path_socket.received() == [b"STOPPING=1"]
 
 
-def test_socket_gone_never_raises_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    path = Path(tempfile.mkdtemp(prefix="wsp-")) / "notify"
+def test_socket_gone_never_raises_and_warns_once(short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = short_dir / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(path)})
@@ -186,7 +191,6 @@ def test_socket_gone_never_raises_and_warns_once(caplog: pytest.LogCaptureFixtur
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
         f"event=notify_recovered socket={path}"
     ]
-    path.unlink()
 
 
 def test_abstract_socket_gone_never_raises(caplog: pytest.LogCaptureFixture) -> None:
@@ -369,12 +373,12 @@ def ipv6_available() -> bool:
     return True
 
 
-def test_listen_fds_maps_sockets_by_name(tmp_path: Path) -> None:
+def test_listen_fds_maps_sockets_by_name(short_dir: Path) -> None:
     """Three listeners, one name used twice (v4 + v6 of one listener), one unix socket."""
     public_v4 = tcp_listener()
     public_v6 = tcp_listener("::1") if ipv6_available() else tcp_listener()
     admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    admin_path = Path(tempfile.mkdtemp(prefix="wsp-")) / "admin.sock"
+    admin_path = short_dir / "admin.sock"
     admin.bind(str(admin_path))
     admin.listen()
     opened = [public_v4, admin, public_v6]
@@ -384,7 +388,6 @@ def test_listen_fds_maps_sockets_by_name(tmp_path: Path) -> None:
     finally:
         for sock in opened:
             sock.close()
-        admin_path.unlink()
     sockets = report["sockets"]
     assert list(sockets) == ["public", "admin"]
     assert [s["fd"] for s in sockets["public"]] == [3, 5]

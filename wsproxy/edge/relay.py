@@ -50,6 +50,7 @@ from ..proto.frames import (
     CLOSE_POLICY_VIOLATION,
     FrameScanner,
     encode_close,
+    encode_ping,
 )
 from ..proto.limits import MessageRate
 
@@ -78,6 +79,10 @@ class Pump:
         "close_out",
         "rate",
         "counted",
+        "pending_close",
+        "ping_payload",
+        "ping_written_at",
+        "last_ping",
         "_written",
     )
 
@@ -100,6 +105,11 @@ class Pump:
         self.close_out = False  # a close frame (relayed or ours) went to dst
         self.rate: MessageRate | None = None  # limits.max_message_rate for this direction
         self.counted = 0  # messages already charged to the rate
+        self.pending_close = False  # ``pending`` is a close frame (then discard), not a ping
+        # keepalive, towards dst: the outstanding ping's payload, when it went out, the last ping
+        self.ping_payload: bytes | None = None
+        self.ping_written_at: float | None = None
+        self.last_ping = 0.0
         self._written: trio.Event | None = None
 
     async def run(self, initial: bytes) -> None:
@@ -166,16 +176,28 @@ class Pump:
 
     def request_close(self, frame: bytes) -> None:
         """Write ``frame`` (a close frame) to ``dst`` at the next frame boundary, then discard."""
-        if self.close_out or self.pending is not None or self.writing or self.discard:
+        if self.close_out or self.discard or (self.pending is not None and self.pending_close):
             return
+        self._request(frame, close=True)
+
+    def request_ping(self, frame: bytes) -> None:
+        """Write ``frame`` (the proxy's own ping) to ``dst`` at the next frame boundary."""
+        if self.close_out or self.discard or self.pending is not None or self.dst_gone:
+            return
+        self._request(frame, close=False)
+
+    def _request(self, frame: bytes, *, close: bool) -> None:
         self.pending = frame
+        self.pending_close = close
+        if self.writing:
+            return  # the inject task writes it after the frame it is writing
         if self.src_eof:
             # The loop is over: write it from a task of its own if a boundary allows it.
             if self.scanner.remaining == 0:
                 self.relay.spawn(self._inject)
             else:
                 self.pending = None
-                self.discard = True
+                self.discard = self.discard or close
         elif self.waiting and self.scanner.remaining == 0:
             self.relay.spawn(self._inject)
         else:
@@ -188,7 +210,8 @@ class Pump:
         self.writing = True
         self._written = trio.Event()
         try:
-            await self._write_pending()
+            while self.pending is not None and self.scanner.remaining == 0:
+                await self._write_pending()
         finally:
             self.writing = False
             self._written.set()
@@ -196,22 +219,31 @@ class Pump:
     async def _write_pending(self) -> None:
         frame = self.pending
         assert frame is not None
+        closing = self.pending_close
         self.pending = None
-        self.discard = True
+        if closing:
+            self.discard = True
         if not self.dst_gone:
             try:
                 await self.dst.send(frame)
-                self.close_out = True
+                if closing:
+                    self.close_out = True
+                else:
+                    self.ping_written_at = trio.current_time()
             except ChannelBroken:
                 self.dst_gone = True
-        self.relay.arm_deadline()
         scanner = self.scanner
-        if scanner.stopped or scanner.stop_at_boundary:
-            # What followed the boundary still counts: it may hold the peer's close frame.
+        resume = scanner.stopped or scanner.stop_at_boundary
+        if resume:
             scanner.stop_at_boundary = False
             scanner.stopped = False
-            scanner.feed(b"")
-        self.relay.check_done()
+        if closing:
+            self.relay.arm_deadline()
+            if resume:
+                scanner.feed(b"")  # what followed the boundary may hold the peer's close frame
+            self.relay.check_done()
+        elif resume:
+            await self._feed(b"")  # forward what followed the boundary
 
 
 class Relay:
@@ -329,6 +361,49 @@ class Relay:
         other = self.down if pump is self.up else self.up
         pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer policy violation"))
         other.request_close(self._close_frame(other, code, reason))
+
+    def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
+        """Ping both sides every ``interval_s``; a side whose pong is ``timeout_s`` late is dead.
+
+        Called periodically (by the app's sweeper). The ping goes out at a frame
+        boundary of the stream towards that side; the timeout runs from when it
+        went out, and the pong is taken out of the stream by the scanner that
+        reads that side, so the other side never sees it.
+        """
+        if self.closed_by:
+            return
+        for writer, reader, side in ((self.down, self.up, "client"), (self.up, self.down, "backend")):
+            if writer.ping_payload is not None:
+                if reader.scanner.swallow_pong is None:  # answered
+                    writer.ping_payload = None
+                    writer.ping_written_at = None
+                elif writer.ping_written_at is not None and now - writer.ping_written_at >= timeout_s:
+                    self.peer_dead(side, timeout_s)
+                    return
+                continue
+            if not writer.last_ping:
+                writer.last_ping = now  # the session's first look: the interval starts now
+            elif now - writer.last_ping >= interval_s:
+                payload = os.urandom(8)
+                writer.ping_payload = payload
+                writer.last_ping = now
+                reader.scanner.swallow_pong = payload
+                writer.request_ping(encode_ping(payload, mask=os.urandom(4) if writer.mask_frames else None))
+
+    def peer_dead(self, side: str, timeout_s: float) -> None:
+        """``side`` did not answer the keepalive ping: tell the other side, drop the dead one."""
+        if side == "backend":
+            self._start_ending("proxy", f"backend did not answer a ping within {timeout_s:g}s", "keepalive")
+            self.up.dst_gone = True  # nothing more goes to the dead backend...
+            self.up.discard = True  # ...and the client's close reply is only watched for
+            self.down.request_close(encode_close(CLOSE_BAD_GATEWAY, "backend not responding"))
+        else:
+            self._start_ending("proxy", f"client did not answer a ping within {timeout_s:g}s", "keepalive")
+            self.down.dst_gone = True  # nothing more goes to the dead client
+            self.down.discard = True
+            self.up.request_close(encode_close(CLOSE_GOING_AWAY, "client not responding", mask=os.urandom(4)))
+        self.arm_deadline()
+        self.check_done()
 
     def finish(self, client_code: int, backend_code: int, reason: str, kind: str = "") -> None:
         """End the session from the proxy's side (idle timeout, shutdown, drain)."""

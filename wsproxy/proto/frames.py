@@ -38,6 +38,11 @@ What is enforced (a ``Violation`` with the close code for the offender):
 - ``max_message_bytes``: the sum of a message's payload lengths, checked from
   the headers before any byte of the frame that would exceed it is sent (1009).
 
+Keepalive: when the proxy pings a peer, the scanner reading that peer is given
+the ping's payload (``swallow_pong``); the matching pong is cut out of what
+``feed`` returns, so the other side never sees an answer to a ping it did not
+send. Everything else, including unsolicited pongs, passes.
+
 What is not checked here, on purpose: UTF-8 validity of text messages and of
 close reasons, the close code's registry range, and non-minimal length
 encodings. Those concern the payload, which the proxy never decodes; both
@@ -112,7 +117,10 @@ class FrameScanner:
         "close_seen",
         "stop_at_boundary",
         "stopped",
+        "swallow_pong",
+        "pongs_swallowed",
         "_held",
+        "_cuts",
     )
 
     def __init__(
@@ -140,7 +148,12 @@ class FrameScanner:
         #: when set, ``feed`` returns only up to the next frame boundary and sets ``stopped``
         self.stop_at_boundary = False
         self.stopped = False
+        #: the payload of the proxy's own outstanding ping to the other side of this
+        #: direction's source: its pong is taken out of the stream, not forwarded
+        self.swallow_pong: bytes | None = None
+        self.pongs_swallowed = 0
         self._held = b""  # an incomplete header or control frame, not yet forwarded
+        self._cuts: list[tuple[int, int]] = []  # frames to take out of the current chunk
 
     @property
     def at_boundary(self) -> bool:
@@ -175,6 +188,8 @@ class FrameScanner:
                 self._held = data[remaining:]
                 return data[:remaining]
             end = self._scan(data, remaining)
+            if self._cuts:
+                return self._cut(data, end)
             return data if end == n else data[:end]
         if self._held:
             data = self._held + data
@@ -184,7 +199,20 @@ class FrameScanner:
             self._held = data
             return b""
         end = self._scan(data, 0)
+        if self._cuts:
+            return self._cut(data, end)
         return data if end == len(data) else data[:end]
+
+    def _cut(self, data: bytes, end: int) -> bytes:
+        """``data[:end]`` without the frames recorded in ``_cuts`` (the proxy's own pongs)."""
+        pieces = []
+        start = 0
+        for cut_start, cut_end in self._cuts:
+            pieces.append(data[start:cut_start])
+            start = cut_end
+        pieces.append(data[start:end])
+        self._cuts = []
+        return b"".join(pieces)
 
     def _scan(self, data: bytes, pos: int) -> int:
         """Walk the frames of ``data`` from ``pos`` (a frame boundary).
@@ -236,6 +264,9 @@ class FrameScanner:
                 if opcode == OP_CLOSE:
                     if self._read_close(data, pos + header_len, length, masked):
                         return pos
+                elif opcode == OP_PONG and self.swallow_pong is not None:
+                    if self._our_pong(data, pos + header_len, length, masked):
+                        self._cuts.append((pos, frame_end))  # the answer to the proxy's own ping
                 pos = frame_end
                 continue
             if self._check_data(opcode, rsv, fin, length):
@@ -317,6 +348,22 @@ class FrameScanner:
             self.message_bytes = size
         return False
 
+    def _our_pong(self, data: bytes, start: int, length: int, masked: int) -> bool:
+        """Is this pong the answer to the proxy's ping (``swallow_pong``)? Then it is taken out."""
+        expected = self.swallow_pong
+        assert expected is not None
+        if length != len(expected):
+            return False
+        payload = data[start : start + length]
+        if masked:
+            key = data[start - 4 : start]
+            payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+        if payload != expected:
+            return False
+        self.swallow_pong = None
+        self.pongs_swallowed += 1
+        return True
+
     def _read_close(self, data: bytes, start: int, length: int, masked: int) -> bool:
         """Record a close frame's status code (§5.5.1)."""
         if length == 1:
@@ -332,6 +379,14 @@ class FrameScanner:
         self.close_code = code
         self.close_seen = True
         return False
+
+
+def encode_ping(payload: bytes, *, mask: bytes | None = None) -> bytes:
+    """A complete ping frame (RFC 6455 §5.5.2), masked when ``mask`` is given."""
+    if mask is None:
+        return bytes((0x80 | OP_PING, len(payload))) + payload
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return bytes((0x80 | OP_PING, 0x80 | len(payload))) + mask + masked
 
 
 def encode_close(code: int, reason: str = "", *, mask: bytes | None = None) -> bytes:
