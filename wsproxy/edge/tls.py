@@ -21,7 +21,6 @@ top-level certificate when nothing matches.
 from __future__ import annotations
 
 import datetime
-import errno
 import socket
 import ssl
 from collections.abc import Sequence
@@ -288,19 +287,6 @@ class TlsChannel(RawChannel):
             self.sock.unwrap()
         except (ssl.SSLError, OSError, ValueError):
             pass
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                trio.lowlevel.notify_closing(self.sock)
-            except RuntimeError:  # pragma: no cover - outside trio
-                pass
-            try:
-                self.sock.close()
-            except OSError as exc:  # pragma: no cover
-                if exc.errno != errno.EBADF:
-                    raise
 
 
 __all__ = [
