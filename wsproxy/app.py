@@ -30,6 +30,7 @@ drain. Backend state lives in the registry by address, so it survives.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -39,6 +40,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -47,7 +49,7 @@ from .balance.policy import Selector, make_selector
 from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
 from .control.health import HealthChecker
 from .control.metrics import Metrics
-from .control.registry import Health, Registry
+from .control.registry import BackendState, Health, Registry
 from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
 from .edge.session import Session, handle_connection
@@ -59,6 +61,7 @@ log = logging.getLogger("wsproxy.app")
 
 #: Random share of a spread interval added to each close, so closes do not fall on a grid.
 SPREAD_JITTER = 0.5
+
 
 
 @dataclass(slots=True)
@@ -118,6 +121,7 @@ class App:
         self._control: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
+        self._removals: dict[tuple[PoolName, Address], int] = {}  # removal drains: (pool, backend) → epoch
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -189,32 +193,68 @@ class App:
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
         old = self.generation
+        # Listeners are matched by address first (a rename keeps the socket), then by name.
+        by_bind = {slot.spec.bind: name for name, slot in self.listeners.items()}
+        reuse: dict[str, str] = {}  # new listener name → the old listener whose sockets it takes
+        for spec in config.listeners:
+            old_name = by_bind.get(spec.bind)
+            if old_name is not None and old_name not in reuse.values():
+                reuse[spec.name] = old_name
         opened: dict[str, list[socket.socket]] = {}
+        freed: list[ListenerSlot] = []  # old listeners closed early to free a port
         try:
             for spec in config.listeners:
-                slot = self.listeners.get(spec.name)
-                if slot is None or slot.spec.bind != spec.bind:
+                if spec.name in reuse:
+                    continue
+                try:
                     opened[spec.name] = open_listener(spec)
-        except OSError as exc:
+                except OSError as exc:
+                    # The port may be held by a listener this reload removes or moves (e.g.
+                    # 127.0.0.1:443 → 0.0.0.0:443): free it and try once more. Connection
+                    # attempts to that port are refused for that instant only.
+                    blocker = next(
+                        (n for n, slot in self.listeners.items()
+                         if slot.spec.bind.port == spec.bind.port and n not in reuse.values()
+                         and slot not in freed),
+                        None,
+                    )
+                    if exc.errno != errno.EADDRINUSE or blocker is None:
+                        raise ReloadError(f"listener {spec.name}: cannot bind {spec.bind}: {exc.strerror or exc}") from None
+                    self.listeners[blocker].close()
+                    freed.append(self.listeners[blocker])
+                    opened[spec.name] = open_listener(spec)
+        except (OSError, ReloadError) as exc:
             for sockets in opened.values():
                 for sock in sockets:
                     sock.close()
+            for slot in freed:  # put back what was freed (best effort)
+                try:
+                    slot.sockets = open_listener(slot.spec)
+                    slot.scope = trio.CancelScope()
+                    self._start_accepting(slot)
+                except OSError:
+                    pass
+            if isinstance(exc, ReloadError):
+                raise
             raise ReloadError(f"cannot open listener: {exc.strerror or exc}") from None
         # From here on nothing fails and nothing waits: the switch is atomic for every task.
         new = Generation(config, old.number + 1)
-        keep = {spec.name for spec in config.listeners}
-        for name in [n for n in self.listeners if n not in keep or n in opened]:
-            self.listeners.pop(name).close()
-            log.info("event=listener_closed listener=%s", name)
+        previous = self.listeners
+        self.listeners = {}
         for spec in config.listeners:
-            if spec.name in opened:
+            if spec.name in reuse:
+                slot = previous.pop(reuse[spec.name])
+                slot.spec = spec  # the next accept uses the new settings (TLS contexts included)
+                self.listeners[spec.name] = slot
+            else:
                 slot = self.listeners[spec.name] = ListenerSlot(spec, opened[spec.name])
                 if self._control is not None and not self.stopping:
                     self._start_accepting(slot)
                 for host, port in self.addresses[spec.name]:
                     log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
-            else:
-                self.listeners[spec.name].spec = spec
+        for name, slot in previous.items():
+            slot.close()
+            log.info("event=listener_closed listener=%s", name)
         self.generation = new
         if config.log != old.config.log and self.log_overridden is False:
             from . import log as logsetup
@@ -252,19 +292,23 @@ class App:
                 self._control.start_soon(self._start_checker, pool)
 
     def _drain_removed(self, old: Config, new: Config) -> None:
-        """Backends that left their pool drain; backends that came back are undrained."""
+        """The sessions of backends that left their pool drain (the pool no longer picks them)."""
         for name, pool in old.pools.items():
             kept = {b.address for b in new.pools[name].backends} if name in new.pools else set()
             drain = new.pools[name].drain if name in new.pools else pool.drain
             for backend in pool.backends:
                 if backend.address not in kept:
-                    self._drain(name, backend.address, drain, "removed by reload")
-        for name, pool in new.pools.items():
-            for backend in pool.backends:
-                state = self.registry.state(backend.address)
-                if state.draining and state.drain_reason == "removed by reload":
-                    state.draining = False
-                    state.drain_reason = ""
+                    key = (name, backend.address)
+                    epoch = self._removals[key] = self._removals.get(key, 0) + 1
+                    self._drain_sessions_of(
+                        name, backend.address, drain, "removed by reload", still=partial(self._still_removed, key, epoch)
+                    )
+
+    def _still_removed(self, key: tuple[PoolName, Address], epoch: int) -> bool:
+        """A removal drain stands while no later reload re-added or removed the backend again."""
+        pool = self.generation.config.pools.get(key[0])
+        back = pool is not None and any(b.address == key[1] for b in pool.backends)
+        return self._removals.get(key) == epoch and not back
 
     # -- draining -----------------------------------------------------------------
 
@@ -273,8 +317,7 @@ class App:
         backend = self._find(pool, address)
         if backend is None:
             return None
-        state = self.registry.state(backend)
-        if state.draining:
+        if self.registry.state(backend).draining:
             return False
         self._drain(pool, backend, self.generation.config.pools[PoolName(pool)].drain, "admin")
         return True
@@ -287,8 +330,7 @@ class App:
         state = self.registry.state(backend)
         if not state.draining:
             return False
-        state.draining = False
-        state.drain_reason = ""
+        self._undrain(state)
         log.info("event=undrain pool=%s backend=%s", pool, backend)
         return True
 
@@ -304,37 +346,65 @@ class App:
         elif health is Health.UP:
             state = self.registry.state(address)
             if state.draining and state.drain_reason == "unhealthy":
-                state.draining = False
-                state.drain_reason = ""
+                self._undrain(state)
+
+    def _undrain(self, state: BackendState) -> None:
+        state.draining = False
+        state.drain_reason = ""
+        state.drain_epoch += 1  # a drain still waiting for its grace period gives up
 
     def _drain(self, pool: str, address: Address, drain: DrainConfig, reason: str) -> None:
+        """Take a backend out of rotation (every pool: the state is per address), then close its sessions."""
         state = self.registry.state(address)
-        if state.draining and state.drain_reason:
+        if state.draining:
             return
         state.draining = True
         state.drain_reason = reason
+        state.drain_epoch += 1
+        epoch = state.drain_epoch
+        self._drain_sessions_of(pool, address, drain, reason, still=lambda: state.drain_epoch == epoch)
+
+    def _drain_sessions_of(
+        self,
+        pool: str,
+        address: Address,
+        drain: DrainConfig,
+        reason: str,
+        still: Callable[[], bool],
+    ) -> None:
+        """Close the sessions of ``pool`` on ``address`` after the grace period, spread out.
+
+        ``still`` says whether the drain still stands when its time comes: an
+        undrain, or a reload that puts the backend back, cancels it.
+        """
+        sessions = self._sessions_on(pool, address)
         log.info(
             "event=drain pool=%s backend=%s reason=%r sessions=%d close_after_s=%g spread_s=%g",
-            pool, address, reason, state.active, drain.timeout_s, drain.spread_s,
+            pool, address, reason, len(sessions), drain.timeout_s, drain.spread_s,
         )
         if self._control is not None:
-            self._control.start_soon(self._drain_sessions, pool, address, drain, reason)
+            self._control.start_soon(self._drain_later, pool, address, drain, reason, still)
 
-    async def _drain_sessions(self, pool: str, address: Address, drain: DrainConfig, reason: str) -> None:
-        """After the grace period, close the backend's sessions spread over ``drain.spread_s``."""
-        await trio.sleep(drain.timeout_s)
-        state = self.registry.state(address)
-        if not state.draining:
-            return  # undrained during the grace period
-        sessions = [
+    def _sessions_on(self, pool: str, address: Address) -> list[Session]:
+        return [
             s for s in self.sessions.values()
             if s.backend is not None and s.backend.address == address and s.route is not None and s.route.pool == pool
         ]
+
+    async def _drain_later(
+        self, pool: str, address: Address, drain: DrainConfig, reason: str, still: Callable[[], bool]
+    ) -> None:
+        await trio.sleep(drain.timeout_s)
+        if not still():
+            return
+        sessions = self._sessions_on(pool, address)
         log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
         await self._close_spread(
-            sessions, drain.spread_s, CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, f"backend draining ({reason})",
-            still=lambda: state.draining,
+            sessions, drain.spread_s, CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, f"backend draining ({reason})", still=still
         )
+        key = (PoolName(pool), address)
+        if reason == "removed by reload" and still():
+            del self._removals[key]  # done: forget it, so many reloads leave nothing behind
 
     async def _close_spread(
         self,

@@ -68,7 +68,8 @@ class BackendState:
     ejections: int = 0  # ejections in a row (reset by a success after an ejection)
     # -- operator
     draining: bool = False
-    drain_reason: str = ""  # "admin", "removed by reload", "unhealthy"
+    drain_reason: str = ""  # "admin" or "unhealthy"
+    drain_epoch: int = 0  # bumped by every drain and undrain: a pending drain checks it is still current
 
     def record_check(self, ok: bool, reason: str, now: float, *, rise: int, fall: int) -> str | None:
         """Count one active check; return a log message when the health changes."""

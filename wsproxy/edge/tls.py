@@ -89,12 +89,12 @@ def _load_chain(ctx: ssl.SSLContext, cert: str, key: str, now: datetime.datetime
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
         raise TlsError(exc.filename or key, "cannot read: No such file or directory") from None
-    except OSError as exc:
-        raise TlsError(key, f"cannot read: {exc.strerror or exc}") from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise TlsError(key, f"the key does not match the certificate {cert}") from None
         raise TlsError(key, f"cannot load the key pair with {cert}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise TlsError(key, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _load_ca(ctx: ssl.SSLContext, path: str) -> None:
