@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import app, log
 
     log.configure(args.log_level or config.log.level, config.log.format)
-    trio.run(app.main, config, args.config, args.log_level is not None)
-    return 0
+    failed: list[BaseException] = []
+    try:
+        trio.run(app.main, config, args.config, args.log_level is not None)
+    except* app.ListenError as group:
+        failed.extend(group.exceptions)
+    for exc in failed:
+        print(f"wsproxy: {exc}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

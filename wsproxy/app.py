@@ -94,6 +94,10 @@ class ListenerSlot:
             sock.close()
 
 
+class ListenError(Exception):
+    """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
+
+
 class ReloadError(Exception):
     """A valid config that could not be applied (a new listener could not bind)."""
 
@@ -165,7 +169,10 @@ class App:
         if inherited:
             log.info("event=listener_inherited listener=%s sockets=%d", spec.name, len(inherited))
             return inherited
-        return open_listener(spec)
+        try:
+            return open_listener(spec)
+        except OSError as exc:
+            raise ListenError(f"listener {spec.name}: cannot listen on {spec.bind}: {exc.strerror or exc}") from None
 
     def _start_accepting(self, slot: ListenerSlot) -> None:
         assert self._control is not None and self._connections is not None

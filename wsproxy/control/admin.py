@@ -7,8 +7,14 @@
         ├── accept_loop         one per bound socket (edge.listener)
         └── _serve_connection   one per admin connection: h11, keep-alive
 
-Routes (everything else is 404, ``/`` included for now):
+Routes (everything else is 404):
 
+- ``GET /``: the live status page, and ``GET /static/FILE`` its stylesheet and
+  script: files shipped in the package (``control/status_page/``), read once,
+  served with their media type and ``Content-Security-Policy: default-src
+  'self'`` (no inline script or style; the page only talks to this listener).
+  These answer without the token, as they hold no data: the page asks for the
+  token when ``/status`` answers 401, and keeps it in the tab's memory only.
 - ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
 - ``GET /status``: the JSON document ``AdminApp.status`` builds.
 - ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
@@ -17,7 +23,8 @@ Routes (everything else is 404, ``/`` included for now):
   pool or backend is unknown. Each is logged at INFO.
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
-``Allow``. When ``AdminConfig.token`` is set, every request needs
+``Allow``. When ``AdminConfig.token`` is set, every request but the page's
+needs
 ``Authorization: Bearer <token>`` (compared in constant time), else 401 with
 ``WWW-Authenticate: Bearer`` (RFC 6750 §3).
 
@@ -42,8 +49,9 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Iterable, Mapping
+from functools import cache, partial
+from importlib import resources
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
@@ -68,6 +76,22 @@ UNIX_SOCKET_MODE = 0o660
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _ACTIONS = {"drain": True, "undrain": False}  # action → draining afterwards
+
+#: The status page's files (``GET /`` is ``index.html``, ``GET /static/NAME`` the others), by suffix.
+PAGE_PACKAGE = "wsproxy.control"
+PAGE_FOLDER = "status_page"
+PAGE_MEDIA_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+#: On the page and its files: nothing inline, nothing from elsewhere, never inside a frame.
+PAGE_HEADERS = [
+    (b"Content-Security-Policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"Referrer-Policy", b"no-referrer"),
+]
 
 
 class AdminApp(Protocol):
@@ -296,6 +320,14 @@ async def _send(
 
 def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str) -> _Answer:
     """The response to one complete request (sans-I/O but for the App's own calls)."""
+    method = request.method.decode("ascii", "replace")
+    segments = _segments(request.target)
+    if segments is None:
+        return _text(400, "invalid percent-encoding in the request target")
+    if segments == [] or (len(segments) == 2 and segments[0] == "static"):
+        if method not in ("GET", "HEAD"):
+            return _not_allowed("GET, HEAD")
+        return _page_file("index.html" if not segments else segments[1], static=bool(segments))
     if token is not None:
         given = _bearer(request.headers)
         if given is None or not hmac.compare_digest(given, token):
@@ -304,10 +336,6 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str)
                 challenge += b', error="invalid_token"'
             status, headers, body = _text(401, "a bearer token is required")
             return status, [*headers, (b"WWW-Authenticate", challenge)], body
-    method = request.method.decode("ascii", "replace")
-    segments = _segments(request.target)
-    if segments is None:
-        return _text(400, "invalid percent-encoding in the request target")
     try:
         if segments in (["metrics"], ["status"]):
             if method not in ("GET", "HEAD"):
@@ -323,6 +351,40 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str)
         log.exception("event=error listener=admin method=%s target=%r", method, request.target)
         return _text(500, "internal error")
     return _text(404, "not found")
+
+
+def _page_file(name: str, *, static: bool) -> _Answer:
+    """``index.html`` for ``GET /``, or a file of the page for ``GET /static/NAME``."""
+    files = _page_files()
+    if static and name == "index.html":
+        name = ""  # the page itself is at "/" only
+    found = files.get(name)
+    if found is None:
+        if not files:
+            return _text(404, f"the status page is not installed (no {PAGE_PACKAGE}/{PAGE_FOLDER} in the package)")
+        return _text(404, "not found")
+    media_type, body = found
+    return 200, [(b"Content-Type", media_type), *PAGE_HEADERS], body
+
+
+@cache
+def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
+    """Every file of the status page with a known suffix: name → (media type, content).
+
+    Read once, on the first request for the page; the table is the whole
+    allow-list, so no request target ever reaches the file system.
+    """
+    files: dict[str, tuple[bytes, bytes]] = {}
+    try:
+        folder = resources.files(PAGE_PACKAGE).joinpath(PAGE_FOLDER)
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1]
+            if entry.is_file() and suffix in PAGE_MEDIA_TYPES and not entry.name.startswith("."):
+                files[entry.name] = (PAGE_MEDIA_TYPES[suffix], entry.read_bytes())
+    except OSError as exc:
+        log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
+    return files
 
 
 def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:

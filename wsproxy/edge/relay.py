@@ -82,6 +82,7 @@ class Pump:
         "pending_close",
         "ping_payload",
         "ping_written_at",
+        "ping_mark",
         "last_ping",
         "_written",
     )
@@ -109,6 +110,7 @@ class Pump:
         # keepalive, towards dst: the outstanding ping's payload, when it went out, the last ping
         self.ping_payload: bytes | None = None
         self.ping_written_at: float | None = None
+        self.ping_mark = 0  # bytes forwarded from that side when the ping went out
         self.last_ping = 0.0
         self._written: trio.Event | None = None
 
@@ -367,8 +369,10 @@ class Relay:
 
         Called periodically (by the app's sweeper). The ping goes out at a frame
         boundary of the stream towards that side; the timeout runs from when it
-        went out, and the pong is taken out of the stream by the scanner that
-        reads that side, so the other side never sees it.
+        went out, or from the last time bytes came from that side (a peer in the
+        middle of a long frame cannot answer yet, but is not dead), and the pong
+        is taken out of the stream by the scanner that reads that side, so the
+        other side never sees it.
         """
         if self.closed_by:
             return
@@ -377,15 +381,22 @@ class Relay:
                 if reader.scanner.swallow_pong is None:  # answered
                     writer.ping_payload = None
                     writer.ping_written_at = None
-                elif writer.ping_written_at is not None and now - writer.ping_written_at >= timeout_s:
-                    self.peer_dead(side, timeout_s)
-                    return
+                elif writer.ping_written_at is not None:
+                    if reader.bytes != writer.ping_mark:
+                        # Bytes keep coming from that side (say, one long frame it cannot put
+                        # a pong into): it is alive; its pong may come later.
+                        writer.ping_mark = reader.bytes
+                        writer.ping_written_at = now
+                    elif now - writer.ping_written_at >= timeout_s:
+                        self.peer_dead(side, timeout_s)
+                        return
                 continue
             if not writer.last_ping:
                 writer.last_ping = now  # the session's first look: the interval starts now
             elif now - writer.last_ping >= interval_s:
                 payload = os.urandom(8)
                 writer.ping_payload = payload
+                writer.ping_mark = reader.bytes
                 writer.last_ping = now
                 reader.scanner.swallow_pong = payload
                 writer.request_ping(encode_ping(payload, mask=os.urandom(4) if writer.mask_frames else None))
