@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(app.main, config, args.config, args.log_level is not None)
     except* app.ListenError as group:
         failed.extend(group.exceptions)
-    for exc in failed:
-        print(f"wsproxy: {exc}", file=sys.stderr)
+    for failure in failed:
+        print(f"wsproxy: {failure}", file=sys.stderr)
     return 1 if failed else 0
 
 

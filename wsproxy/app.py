@@ -494,11 +494,26 @@ class App:
         """What GET /status returns."""
         config = self.generation.config
         now = trio.current_time()
+        live: dict[Address, list[int]] = {}  # what open sessions relayed so far, by backend
+        for session in self.sessions.values():
+            if session.relay is not None and session.backend is not None:
+                relay = session.relay
+                counts = live.setdefault(session.backend.address, [0, 0, 0, 0])
+                counts[0] += relay.bytes_up
+                counts[1] += relay.bytes_down
+                counts[2] += relay.up.scanner.messages
+                counts[3] += relay.down.scanner.messages
+        totals = [0, 0, 0, 0]
+        for state in self.registry:
+            extra = live.get(state.address, [0, 0, 0, 0])
+            for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
+                totals[i] += value + extra[i]
         pools: dict[str, object] = {}
         for name, pool in config.pools.items():
             backends = []
             for backend in pool.backends:
                 state = self.registry.state(backend.address)
+                extra = live.get(backend.address, [0, 0, 0, 0])
                 backends.append(
                     {
                         "address": str(backend.address),
@@ -511,6 +526,10 @@ class App:
                         "draining": state.draining,
                         "ejected": state.ejected(now),
                         "available": state.available(now, backend),
+                        "bytes_up": state.bytes_up + extra[0],
+                        "bytes_down": state.bytes_down + extra[1],
+                        "messages_up": state.messages_up + extra[2],
+                        "messages_down": state.messages_down + extra[3],
                     }
                 )
             pools[name] = {"balance": pool.balance, "backends": backends}
@@ -523,6 +542,10 @@ class App:
             "last_reload_error": self.last_reload_error,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
+            "bytes_up": totals[0],
+            "bytes_down": totals[1],
+            "messages_up": totals[2],
+            "messages_down": totals[3],
             "listeners": [
                 {"name": name, "addresses": [_fmt(h, p) for h, p in addresses], "tls": self.listeners[name].spec.tls is not None}
                 for name, addresses in self.addresses.items()

@@ -15,6 +15,7 @@ Routes (everything else is 404):
   'self'`` (no inline script or style; the page only talks to this listener).
   These answer without the token, as they hold no data: the page asks for the
   token when ``/status`` answers 401, and keeps it in the tab's memory only.
+  ``GET /favicon.ico``, which browsers ask for by themselves, is 204.
 - ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
 - ``GET /status``: the JSON document ``AdminApp.status`` builds.
 - ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
@@ -24,9 +25,8 @@ Routes (everything else is 404):
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When ``AdminConfig.token`` is set, every request but the page's
-needs
-``Authorization: Bearer <token>`` (compared in constant time), else 401 with
-``WWW-Authenticate: Bearer`` (RFC 6750 §3).
+needs ``Authorization: Bearer <token>`` (compared in constant time), else 401
+with ``WWW-Authenticate: Bearer`` (RFC 6750 §3).
 
 Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
 KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
@@ -308,7 +308,9 @@ async def _send(
     channel: RawChannel, conn: h11.Connection, request: h11.Request | None, answer: _Answer, *, close: bool = False
 ) -> None:
     status, headers, body = answer
-    headers = [*headers, (b"Content-Length", b"%d" % len(body)), (b"Cache-Control", b"no-store")]
+    if status != 204:  # RFC 9110 §8.6: no Content-Length on a 204
+        headers = [*headers, (b"Content-Length", b"%d" % len(body))]
+    headers = [*headers, (b"Cache-Control", b"no-store")]
     if close:
         headers.append((b"Connection", b"close"))
     data = conn.send(h11.Response(status_code=status, headers=headers))
@@ -324,9 +326,11 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str)
     segments = _segments(request.target)
     if segments is None:
         return _text(400, "invalid percent-encoding in the request target")
-    if segments == [] or (len(segments) == 2 and segments[0] == "static"):
+    if segments in ([], ["favicon.ico"]) or (len(segments) == 2 and segments[0] == "static"):
         if method not in ("GET", "HEAD"):
             return _not_allowed("GET, HEAD")
+        if segments == ["favicon.ico"]:
+            return 204, [], b""  # browsers ask for it; a 404 would be an error in their console
         return _page_file("index.html" if not segments else segments[1], static=bool(segments))
     if token is not None:
         given = _bearer(request.headers)

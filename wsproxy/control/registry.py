@@ -54,6 +54,11 @@ class BackendState:
     address: Address
     active: int = 0  # established sessions
     total: int = 0  # sessions ever established
+    # what the sessions that have ended relayed (live ones are counted by their relays)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
     # -- active health checks
     health: Health = Health.UNKNOWN
     passes: int = 0  # consecutive passed checks

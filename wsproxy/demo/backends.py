@@ -1,8 +1,9 @@
-"""Demo backends: small trio-websocket servers that ``make demo`` runs behind the proxy.
+"""Demo echo backends: small trio-websocket servers that ``make demo`` runs behind the proxy.
 
 Not part of the proxy: they exist so that a newcomer has something real to
 proxy to. Each echo backend greets a new connection with its name (so the
-balancing is visible) and then echoes every message unchanged.
+balancing is visible) and then echoes every message unchanged. The chat
+backends and the chat page are in ``chat.py``.
 """
 
 from __future__ import annotations

@@ -346,6 +346,10 @@ async def _relay(
         state.active -= 1
         del app.sessions[session.conn_id]
         up, down = relay.up.scanner, relay.down.scanner
+        state.bytes_up += relay.bytes_up
+        state.bytes_down += relay.bytes_down
+        state.messages_up += up.messages
+        state.messages_down += down.messages
         app.metrics.session_closed(
             route_name,
             route.pool,

@@ -1,0 +1,366 @@
+"""End to end: the status page of the admin listener, in a real browser.
+
+Each test runs a real ``wsproxy.app.App`` (``start_proxy``) over two real
+trio-websocket echo backends, and ``serve_admin`` for it, in the test's
+nursery. The browser is Debian's ``/usr/bin/chromium`` driven by Playwright's
+sync API in a worker thread (``trio.to_thread.run_sync``); whatever the browser
+step needs done on the trio side (open a WebSocket session, read
+``App.status``, stop the admin listener) it asks for with ``trio.from_thread``.
+
+What is covered: the page and its files (media types, CSP, no token needed,
+nothing else served); in the browser, both backends shown "up", an open
+session counted on its backend within 2 s, Drain pressed from the keyboard
+(the state shows draining, the session gets 1012, new sessions go to the other
+backend, focus stays on the button, the change is announced), Undrain reached
+with Tab, the admin token asked for (a wrong one refused, the right one kept
+in memory only and used for the drain), no horizontal scroll at 375 px, the
+"disconnected" banner, and no console errors or page errors. Screenshots go
+to ``tests/artifacts/`` (desktop and phone), for a human to look at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from tests.e2e.test_admin import AdminClient, call
+from tests.support import make_config, start_proxy, start_ws_backend
+from wsproxy.app import App
+from wsproxy.config.schema import Address, AdminConfig, DrainConfig, HealthConfig, PoolName
+from wsproxy.control.admin import serve_admin
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None  # type: ignore[assignment]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+TOKEN = "s3cret-admin-token"
+#: What Chromium itself logs for a fetch answered 401: expected while the page asks for the token.
+UNAUTHORIZED_LOG = "Failed to load resource: the server responded with a status of 401"
+
+needs_browser = pytest.mark.skipif(
+    sync_playwright is None or not os.path.exists(CHROMIUM),
+    reason=(
+        "the Python playwright package is not installed"
+        if sync_playwright is None
+        else f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    ),
+)
+
+
+# -- the stack -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    app: App
+    proxy_port: int
+    backends: list[str]  # "127.0.0.1:PORT", as /status names them
+    admin: str  # "127.0.0.1:PORT"
+    admin_scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.admin}/"
+
+
+async def start_stack(nursery: trio.Nursery, *, token: str | None = None) -> Stack:
+    ports = [await start_ws_backend(nursery) for _ in range(2)]
+    config = make_config(ports)
+    pool = dataclasses.replace(
+        config.pools[PoolName("main")],
+        drain=DrainConfig(timeout_s=0.0, spread_s=0.0),  # a drain closes the sessions at once
+        health=HealthConfig(type="tcp", interval_s=0.5, timeout_s=1.0, rise=1),  # a check result and RTT to show
+    )
+    config = dataclasses.replace(config, pools={PoolName("main"): pool})
+    app, proxy_port = await start_proxy(nursery, config)
+    admin_config = AdminConfig(
+        bind=Address("127.0.0.1", 0),
+        token_file="/run/admin.token" if token else None,
+        token=token.encode() if token else None,
+    )
+    scope = trio.CancelScope()
+
+    async def run_admin(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await serve_admin(app, admin_config, task_status=task_status)
+
+    address = await nursery.start(run_admin)
+    return Stack(app, proxy_port, [f"127.0.0.1:{p}" for p in ports], address, scope)
+
+
+@dataclass
+class Held:
+    """A WebSocket session kept open through the proxy until the proxy closes it."""
+
+    backend: str  # where the proxy sent it
+    closed: trio.Event = field(default_factory=trio.Event)
+    close_code: int | None = None
+
+
+async def hold_session(stack: Stack, nursery: trio.Nursery) -> Held:
+    """Open a session, say hello, find its backend in ``App.status``; keep it open in ``nursery``."""
+    before = _active(stack.app)
+
+    async def run(*, task_status: trio.TaskStatus[Held] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_websocket_url(f"ws://127.0.0.1:{stack.proxy_port}/chat") as ws:
+            await ws.send_message("hello")
+            assert await ws.get_message() == "hello"
+            grown = [b for b, n in _active(stack.app).items() if n == before.get(b, 0) + 1]
+            assert len(grown) == 1, (before, _active(stack.app))
+            held = Held(grown[0])
+            task_status.started(held)
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                held.close_code = exc.reason.code if exc.reason else None
+            held.closed.set()
+
+    result: Held = await nursery.start(run)
+    return result
+
+
+def _active(app: App) -> dict[str, int]:
+    pools: Any = app.status()["pools"]
+    return {b["address"]: b["active"] for b in pools["main"]["backends"]}
+
+
+# -- the browser, in a worker thread ---------------------------------------------------------------
+
+
+@dataclass
+class Browser:
+    page: Page
+    errors: list[str]  # console errors and uncaught exceptions, in order
+
+    def row(self, backend: str) -> Any:
+        return self.page.locator(f'tr[data-backend="{backend}"]')
+
+    def state(self, backend: str) -> Any:
+        return self.row(backend).locator(".state-badge")
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def with_browser(url: str, steps: Callable[[Browser], None], **context: Any) -> list[str]:
+    """Run ``steps`` against a fresh page at ``url`` (in this thread); return what went to the console as errors."""
+    assert sync_playwright is not None
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(**context).new_page()
+            page.set_default_timeout(5000)
+            expect.set_options(timeout=5000)
+            errors: list[str] = []
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+            response = page.goto(url)
+            assert response is not None and response.status == 200
+            assert "default-src 'self'" in response.headers["content-security-policy"]
+            steps(Browser(page, errors))
+            return errors
+        finally:
+            browser.close()
+
+
+def no_horizontal_scroll(page: Page) -> None:
+    width = page.evaluate("[document.scrollingElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"horizontal scroll: content {width[0]} px wide in a {width[1]} px viewport"
+
+
+# -- without a browser: what the listener serves ---------------------------------------------------
+
+
+async def test_the_page_and_its_files_are_served_with_their_media_types_and_a_csp(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery, token=TOKEN)  # the page needs no token: it holds no data
+        page = await call(stack.admin, "GET", "/")
+        assert page.status == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+        assert page.headers["x-content-type-options"] == "nosniff"
+        html = page.body.decode()
+        assert '<script src="/static/status.js"' in html and '<link rel="stylesheet" href="/static/status.css">' in html
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html), "an inline script would be refused by the CSP"
+        assert " style=" not in html and "<style" not in html, "inline style would be refused by the CSP"
+        assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+        for name, media_type in (("status.css", "text/css"), ("status.js", "text/javascript")):
+            reply = await call(stack.admin, "GET", f"/static/{name}")
+            assert reply.status == 200, name
+            assert reply.headers["content-type"] == f"{media_type}; charset=utf-8"
+            assert reply.body
+            head = await call(stack.admin, "HEAD", f"/static/{name}")
+            assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) == len(reply.body)
+        for target in ("/static/index.html", "/static/nope.js", "/static/..%2Fadmin.py", "/static/", "/index.html",
+                       "/static/status.js/x", "/static/__init__.py"):  # fmt: skip
+            reply = await call(stack.admin, "GET", target, token=TOKEN.encode())
+            assert reply.status == 404, target
+        reply = await call(stack.admin, "POST", "/")
+        assert (reply.status, reply.headers["allow"]) == (405, "GET, HEAD")
+        assert (await call(stack.admin, "GET", "/status")).status == 401  # the data still needs the token
+
+
+async def test_the_page_is_served_on_a_kept_alive_connection(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        client = await AdminClient.connect(stack.admin)
+        try:
+            for target in ("/", "/static/status.css", "/static/status.js", "/status", "/"):
+                assert (await client.request("GET", target)).status == 200, target
+        finally:
+            await client.aclose()
+
+
+# -- in the browser --------------------------------------------------------------------------------
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_status_page_is_live_and_drains_from_the_keyboard(nursery: trio.Nursery) -> None:
+    stack = await start_stack(nursery)
+    a, b = stack.backends
+    held: list[Held] = []
+
+    def open_session() -> Held:
+        session: Held = trio.from_thread.run(hold_session, stack, nursery)
+        held.append(session)
+        return session
+
+    def steps(browser: Browser) -> None:
+        page = browser.page
+        expect(page.locator("#conn")).to_have_attribute("data-conn", "up")
+        for backend in (a, b):
+            expect(browser.state(backend)).to_have_text("up")
+            expect(browser.row(backend).locator("td.check")).to_have_text("ok")
+            expect(browser.row(backend).locator("td.rtt")).to_have_text(re.compile(r"^\d+(\.\d+)? ms$"))
+        expect(page.locator("#generation")).to_have_text("1")
+        expect(page.locator("#listeners")).to_contain_text("test")
+        expect(page.locator("#routes")).to_contain_text("main")
+
+        # An open session is counted on its backend within 2 s.
+        first = open_session()
+        other = b if first.backend == a else a
+        expect(browser.row(first.backend).locator("td.active")).to_have_text("1", timeout=2000)
+        expect(browser.row(other).locator("td.active")).to_have_text("0")
+        expect(page.locator("#t-sessions")).to_have_text("1", timeout=2000)
+        page.wait_for_timeout(2500)  # a few points on the sparklines
+
+        # Drain from the keyboard: focus the button, press Enter.
+        drain = browser.row(first.backend).locator("button.drain")
+        drain.focus()
+        page.keyboard.press("Enter")
+        expect(browser.state(first.backend)).to_have_text("draining")
+        expect(browser.row(first.backend)).to_have_attribute("data-state", "draining")
+        trio.from_thread.run(_wait_closed, first)
+        assert first.close_code == 1012  # RFC 6455 §7.4.1: service restart, try again
+        expect(browser.row(first.backend).locator("td.active")).to_have_text("0", timeout=2000)
+        expect(page.locator("#announcer")).to_contain_text("draining")
+        expect(page.locator("#events")).to_contain_text(f"{first.backend}: up → draining")
+        assert page.evaluate("document.activeElement.className") == "drain current"  # focus kept across updates
+
+        # New sessions go to the other backend.
+        second = open_session()
+        assert second.backend == other
+        expect(browser.row(other).locator("td.active")).to_have_text("1", timeout=2000)
+        page.wait_for_timeout(1500)
+        browser.screenshot("status-page-desktop.png")
+
+        # Undrain is the next stop of the tab order.
+        page.keyboard.press("Tab")
+        focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
+        assert focused == f"Undrain {first.backend} in pool main"
+        page.keyboard.press("Enter")
+        expect(browser.state(first.backend)).to_have_text("up")
+        expect(page.locator("#events")).to_contain_text(f"{first.backend}: draining → up")
+
+        # A phone: 375 px wide, nothing to scroll sideways.
+        page.set_viewport_size({"width": 375, "height": 667})
+        page.wait_for_timeout(1200)
+        expect(browser.state(a)).to_be_visible()
+        no_horizontal_scroll(page)
+        browser.screenshot("status-page-phone.png")
+        assert browser.errors == [], browser.errors
+
+        # The admin API goes away: the banner says so, and the page keeps trying.
+        trio.from_thread.run_sync(stack.admin_scope.cancel)
+        expect(page.locator("#banner")).to_be_visible(timeout=4000)
+        expect(page.locator("#banner")).to_contain_text("Disconnected")
+        expect(page.locator("#conn")).to_have_attribute("data-conn", "down")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "status-page-disconnected.png"))
+
+    errors = await trio.to_thread.run_sync(partial(with_browser, stack.url, steps, viewport={"width": 1280, "height": 800}))
+    # Once the listener is gone, Chromium logs each refused fetch; nothing else may appear.
+    assert all("ERR_CONNECTION_REFUSED" in e for e in errors), errors
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_status_page_asks_for_the_token_and_keeps_it_in_memory(nursery: trio.Nursery) -> None:
+    stack = await start_stack(nursery, token=TOKEN)
+    a, _ = stack.backends
+
+    def steps(browser: Browser) -> None:
+        page = browser.page
+        form = page.locator("#token-form")
+        expect(form).to_be_visible()
+        expect(page.locator("#token-input")).to_be_focused()
+        expect(page.locator("#conn")).to_have_attribute("data-conn", "auth")
+
+        page.keyboard.type("not-the-token")
+        page.keyboard.press("Enter")
+        expect(page.locator("#token-error")).to_be_visible()
+        expect(page.locator("#token-error")).to_contain_text("refused")
+        expect(page.locator("#token-input")).to_be_focused()
+        expect(page.locator("#token-input")).to_have_value("")
+
+        page.keyboard.type(TOKEN)
+        page.keyboard.press("Enter")
+        expect(form).to_be_hidden()
+        expect(browser.state(a)).to_have_text("up")
+        expect(page.locator("#conn")).to_have_attribute("data-conn", "up")
+
+        browser.row(a).locator("button.drain").focus()
+        page.keyboard.press("Enter")
+        expect(browser.state(a)).to_have_text("draining")  # the POST carried the token
+        stored = page.evaluate(
+            "[localStorage.length, sessionStorage.length, document.cookie, document.body.innerHTML.includes(%r)]" % TOKEN
+        )
+        assert stored == [0, 0, "", False]
+        page.wait_for_timeout(1500)
+        browser.screenshot("status-page-dark.png")
+        page.set_viewport_size({"width": 375, "height": 667})
+        no_horizontal_scroll(page)
+
+    errors = await trio.to_thread.run_sync(partial(with_browser, stack.url, steps, color_scheme="dark"))
+    assert [e for e in errors if not e.startswith(UNAUTHORIZED_LOG)] == [], errors
+    assert len(errors) == 2, errors  # the first /status, and the one with the wrong token: polling waits for the form
+
+
+async def _wait_closed(held: Held) -> None:
+    with trio.fail_after(5):
+        await held.closed.wait()
