@@ -68,7 +68,7 @@ SECRET = b"pools-e2e-secret-0123456789abcdef"
 COOKIE = "wsp"
 COOKIE_MAX_AGE_S = 3600.0
 #: Scheduling slack added to every computed time bound.
-SLACK_S = 0.1
+SLACK_S = 0.3  # scheduling noise on a loaded 2-core machine (CI runs beside other work)
 
 #: What the timing tests measured, printed at the end of each (``pytest -s`` shows them).
 TIMINGS: dict[str, float] = {}
