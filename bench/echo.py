@@ -2,6 +2,7 @@
 
     python bench/echo.py --port 29000        # prints "READY port=29000" once listening
     python bench/echo.py --port 0            # the kernel picks the port; READY tells which
+    python bench/echo.py --port 0 --tls-cert ec.crt --tls-key ec.key    # wss:// instead
 
 Design: one ``select.epoll`` loop over non-blocking sockets with TCP_NODELAY, stdlib only.
 Each connection performs the opening handshake, then echoes every text/binary/continuation
@@ -16,6 +17,12 @@ frame, RSV bits, bad control frame, unknown opcode) get close 1002 and are count
 While output is pending (the peer reads slower than it writes) the connection stops
 reading, so memory per connection stays bounded by one receive. On SIGTERM/SIGINT it
 prints one ``echo-stats`` line (key=value) to stderr and exits.
+
+With ``--tls-cert/--tls-key`` every connection is TLS (the same policy as a wsproxy TLS
+listener, see tlsutil.py): by default through ``tlsutil.TlsLayer`` (memory BIOs: one 256 KiB
+``recv`` for many records, ciphertext out through the same ``OutBuffer``), or with
+``--tls-io sock`` through a non-blocking ``ssl.SSLSocket`` (OpenSSL does the socket I/O),
+kept to compare the two. A TLS connection that the echo server closes gets close_notify first.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import argparse
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 
 from outbuf import OutBuffer
 from procstat import raise_nofile, tune_malloc
+from tlsutil import TlsLayer, server_context
 from rfc6455 import (
     HEADER_END,
     OP_BINARY,
@@ -59,24 +68,30 @@ class Stats:
         self.bad_handshakes = 0
         self.protocol_errors = 0
         self.accept_errors = 0
+        self.tls_handshakes = 0
+        self.tls_errors = 0  # TLS handshake or record failures (not a peer's plain EOF)
 
     def line(self) -> str:
         return (
             f"echo-stats accepted={self.accepted} upgraded={self.upgraded} "
             f"bad_handshakes={self.bad_handshakes} protocol_errors={self.protocol_errors} "
-            f"accept_errors={self.accept_errors}"
+            f"accept_errors={self.accept_errors} tls_handshakes={self.tls_handshakes} "
+            f"tls_errors={self.tls_errors}"
         )
 
 
 class EchoConn:
-    """One client connection: handshake, then the streaming frame echo."""
+    """One client connection: [TLS handshake,] upgrade, then the streaming frame echo."""
 
     __slots__ = ("sock", "fd", "ep", "stats", "upgraded", "head", "tail", "remaining",
                  "mask", "mask_off", "out", "closing", "closed", "events", "fast_in", "fast_out", "fast_hlen",
-                 "fast_total")
+                 "fast_total", "tls", "ssl_sock", "tls_open")
 
-    def __init__(self, sock: socket.socket, ep: select.epoll, stats: Stats) -> None:
+    def __init__(self, sock: socket.socket, ep: select.epoll, stats: Stats, tls: TlsLayer | None = None) -> None:
         self.sock = sock
+        self.tls = tls  # TLS over memory BIOs, or None
+        self.ssl_sock = isinstance(sock, ssl.SSLSocket)  # --tls-io sock: OpenSSL does the socket I/O
+        self.tls_open = tls is None and not self.ssl_sock  # False until the TLS handshake is done
         self.fd = sock.fileno()
         self.ep = ep
         self.stats = stats
@@ -100,6 +115,9 @@ class EchoConn:
     # -- events -------------------------------------------------------------------------
 
     def on_readable(self) -> None:
+        if self.ssl_sock:
+            self.sock_readable()
+            return
         try:
             data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -110,12 +128,116 @@ class EchoConn:
         if not data:
             self.close()
             return
+        if self.tls is not None:
+            self.on_tls(data)
+            return
         reply = self.feed_frames(data) if self.upgraded else self.feed_handshake(data)
         if reply:
             self.write(reply)
 
     def on_writable(self) -> None:
-        self.flush()
+        if self.ssl_sock and not self.tls_open:
+            self.sock_handshake()
+        else:
+            self.flush()
+
+    # -- TLS through memory BIOs (the default) ----------------------------------------------
+
+    def on_tls(self, raw: bytes) -> None:
+        """``raw`` is ciphertext from the socket; replies are encrypted before ``write``."""
+        tls = self.tls
+        assert tls is not None
+        out = b""
+        try:
+            if not self.tls_open:
+                done, out = tls.handshake(raw)
+                if not done:
+                    if out:
+                        self.write(out)
+                    return
+                self.tls_open = True
+                self.stats.tls_handshakes += 1
+                raw = b""  # the client's first records may already sit in the BIO
+            data, eof = tls.decrypt(raw)
+            if tls.out.pending:  # e.g. the answer to a key update
+                out += tls.out.read()
+            if data:
+                reply = self.feed_frames(data) if self.upgraded else self.feed_handshake(data)
+                if reply:
+                    out += tls.encrypt(reply)
+            if eof or self.closing:
+                self.closing = True
+                out += tls.close_notify()
+        except ssl.SSLError:
+            self.stats.tls_errors += 1
+            self.close()
+            return
+        if out:
+            self.write(out)
+        elif self.closing:
+            self.close()
+
+    # -- TLS through a non-blocking ssl.SSLSocket (--tls-io sock) ---------------------------
+
+    def sock_handshake(self) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want(EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self.want(EPOLLOUT)
+            return
+        except ssl.SSLError as exc:
+            if not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                self.stats.tls_errors += 1
+            self.close()
+            return
+        except OSError:
+            self.close()
+            return
+        self.tls_open = True
+        self.stats.tls_handshakes += 1
+        self.want(EPOLLIN)
+        self.sock_readable()  # records may already wait inside OpenSSL
+
+    def sock_readable(self) -> None:
+        if not self.tls_open:
+            self.sock_handshake()
+            return
+        sock = self.sock
+        parts: list[bytes] = []
+        eof = False
+        while True:  # until OpenSSL needs the socket again: epoll cannot see its buffer
+            try:
+                chunk = sock.recv(RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""
+            except ssl.SSLError:
+                self.stats.tls_errors += 1
+                self.close()
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                eof = True
+                break
+            parts.append(chunk)
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            reply = self.feed_frames(data) if self.upgraded else self.feed_handshake(data)
+            if reply:
+                self.write(reply)
+            if self.closed:
+                return
+        if eof or self.closing:
+            self.closing = True
+            if not self.out:
+                self.close()
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -238,7 +360,7 @@ class EchoConn:
         else:
             try:
                 sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
                 self.close()
@@ -278,6 +400,11 @@ class EchoConn:
             self.ep.unregister(self.fd)
         except OSError:
             pass
+        if self.ssl_sock and self.closing and self.tls_open and isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.unwrap()  # close_notify (best effort, not waiting for the peer's)
+            except (ssl.SSLError, OSError, ValueError):
+                pass
         self.sock.close()
 
 
@@ -291,7 +418,8 @@ def listen(port: int) -> socket.socket:
     return lsock
 
 
-def accept_all(lsock: socket.socket, ep: select.epoll, conns: dict[int, EchoConn], stats: Stats) -> bool:
+def accept_all(lsock: socket.socket, ep: select.epoll, conns: dict[int, EchoConn], stats: Stats,
+               tls_ctx: ssl.SSLContext | None = None, tls_io: str = "bio") -> bool:
     """Accept every pending connection; False if accept() failed (e.g. EMFILE)."""
     while True:
         try:
@@ -306,11 +434,16 @@ def accept_all(lsock: socket.socket, ep: select.epoll, conns: dict[int, EchoConn
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stats.accepted += 1
-        conn = EchoConn(sock, ep, stats)
+        if tls_ctx is None:
+            conn = EchoConn(sock, ep, stats)
+        elif tls_io == "bio":
+            conn = EchoConn(sock, ep, stats, TlsLayer(tls_ctx, server_side=True))
+        else:
+            conn = EchoConn(tls_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), ep, stats)
         conns[conn.fd] = conn
 
 
-def serve(lsock: socket.socket, stats: Stats) -> None:
+def serve(lsock: socket.socket, stats: Stats, tls_ctx: ssl.SSLContext | None = None, tls_io: str = "bio") -> None:
     """Run the event loop forever (until a signal raises SystemExit)."""
     ep = select.epoll()
     lfd = lsock.fileno()
@@ -324,7 +457,7 @@ def serve(lsock: socket.socket, stats: Stats) -> None:
         timeout = max(0.0, resume_at - time.monotonic()) if resume_at else -1
         for fd, ev in ep.poll(timeout, 1024):
             if fd == lfd:
-                if not accept_all(lsock, ep, conns, stats):
+                if not accept_all(lsock, ep, conns, stats, tls_ctx, tls_io):
                     ep.unregister(lfd)  # level-triggered: would spin until an fd is free
                     resume_at = time.monotonic() + 0.1
                 continue
@@ -342,7 +475,14 @@ def serve(lsock: socket.socket, stats: Stats) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve wss:// (needs --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-io", choices=("bio", "sock"), default="bio",
+                        help="TLS through memory BIOs (default) or a non-blocking ssl.SSLSocket")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    tls_ctx = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     raise_nofile()
     tune_malloc()
     stats = Stats()
@@ -355,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     lsock = listen(args.port)
     print(f"READY port={lsock.getsockname()[1]}", flush=True)
     try:
-        serve(lsock, stats)
+        serve(lsock, stats, tls_ctx, args.tls_io)
     finally:
         print(stats.line(), file=sys.stderr, flush=True)
 

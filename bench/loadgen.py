@@ -13,6 +13,11 @@ Workloads (the ids of ../shared/bench/README.md):
     conn   20 concurrent loops of connect + upgrade + close handshake + TCP close -> handshakes/s
     hold   open N idle connections, hold them H s                    -> target RSS KiB per connection
 
+    tls-conn      as conn over TLS (wss://), a full TLS handshake each (target: ECDSA P-256 cert)
+    tls-conn-rsa  the same; the runner points it at a target with an RSA 2048 certificate
+    tls-pp50 / tls-st50 / tls-st64k / tls-hold   as pp50 / st50 / st64k / hold over TLS
+                                                 (tls-hold: 3000 connections by default)
+
 How it stays cheap: every worker builds its message's client frame once (binary, FIN, mask
 key 00000000 so sending needs no XOR and the frame bytes are the same for every send), sends
 all frames due on a connection with one ``send``, receives up to 256 KiB per ``recv``, and
@@ -20,6 +25,11 @@ verifies echoes with C-speed ``bytes.startswith`` against the prebuilt expected 
 (with a general streaming frame parser as the fallback for re-fragmented or split frames).
 Every echoed message is checked in full (length and every payload byte), and so is
 ``Sec-WebSocket-Accept``; the handshake key is random per connection.
+
+TLS (tlsutil.TlsLayer): each connection gets a new ``ssl.SSLObject`` over memory BIOs after
+the TCP connect, so every handshake is a full one (no session is ever reused; OP_NO_TICKET);
+the certificate is not verified (CERT_NONE). Ciphertext goes through the same non-blocking
+``recv``/``send``/``OutBuffer`` path as plain data.
 
 Timing: a run is warmup + measurement window on CLOCK_MONOTONIC (shared by all processes);
 only messages/handshakes completed and verified inside the window count. The parent samples
@@ -39,6 +49,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -48,6 +59,7 @@ from typing import Any
 
 from outbuf import OutBuffer
 from procstat import cpu_seconds, machine_busy_seconds, raise_nofile, rss_kib, tune_malloc
+from tlsutil import TlsLayer, client_context
 from rfc6455 import (
     HEADER_END,
     OP_BINARY,
@@ -68,7 +80,8 @@ RECV_SIZE = 256 * 1024
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 CLOSE_FRAME = build_frame(OP_CLOSE, b"\x03\xe8", mask=ZERO_MASK)  # close 1000, client side
 PHASE_TIMEOUT_S = 10.0  # connect+upgrade, or close handshake, of one connection
-ERROR_KINDS = ("open_fail", "handshake_fail", "bad_payload", "protocol", "dropped", "stalled", "timeout")
+ERROR_KINDS = ("open_fail", "handshake_fail", "bad_payload", "protocol", "dropped", "stalled", "timeout",
+               "tls_resumed")
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class Workload:
     conns: int  # connections (pingpong, stream, hold) or concurrent loops (connrate)
     size: int = 0  # payload bytes per message
     window: int = 1  # messages in flight per connection
+    tls: bool = False  # wss://
+    cert: str = "ec"  # TLS: which certificate the target must present ("ec" or "rsa"; runner's choice)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -89,7 +104,15 @@ WORKLOADS: dict[str, Workload] = {
     "st64k": Workload("st64k", "stream", 4, 65536, 8),
     "conn": Workload("conn", "connrate", 20),
     "hold": Workload("hold", "hold", 5000),
+    "tls-conn": Workload("tls-conn", "connrate", 20, tls=True),
+    "tls-conn-rsa": Workload("tls-conn-rsa", "connrate", 20, tls=True, cert="rsa"),
+    "tls-pp50": Workload("tls-pp50", "pingpong", 50, 1024, tls=True),
+    "tls-st50": Workload("tls-st50", "stream", 50, 1024, 16, tls=True),
+    "tls-st64k": Workload("tls-st64k", "stream", 4, 65536, 8, tls=True),
+    "tls-hold": Workload("tls-hold", "hold", 3000, tls=True),
 }
+PLAIN_WORKLOADS = [name for name, wl in WORKLOADS.items() if not wl.tls]
+TLS_WORKLOADS = [name for name, wl in WORKLOADS.items() if wl.tls]
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,7 @@ class WorkerSpec:
     window: int
     cpus: tuple[int, ...] | None  # CPU affinity, None = leave as is
     open_concurrency: int = 64  # hold: connection attempts in progress at once
+    tls: bool = False
 
 
 @dataclass
@@ -117,6 +141,8 @@ class WorkerResult:
     cpu_s: float = 0.0  # this worker's own CPU time in the window
     opened: int = 0
     open_secs: float = 0.0
+    tls_resumed: int = 0  # TLS handshakes that resumed a session (should stay 0)
+    tls: str = ""  # TLS version and cipher of the first connection
 
 
 def payload_pattern(size: int) -> bytes:
@@ -128,19 +154,19 @@ def payload_pattern(size: int) -> bytes:
 # one client connection
 # ---------------------------------------------------------------------------------------------
 
-CONNECTING, HANDSHAKE, OPEN, CLOSING, DRAINING, DONE = range(6)
+CONNECTING, TLS_HANDSHAKE, HANDSHAKE, OPEN, CLOSING, DRAINING, DONE = range(7)
 
 
 class Client:
     """A client WebSocket connection driven by its ``Worker``'s epoll loop.
 
-    States: CONNECTING (non-blocking connect) → HANDSHAKE (request sent, reading the 101) →
-    OPEN → [connrate: CLOSING (close frame sent) → DRAINING (close received, awaiting EOF)] →
-    DONE (socket closed).
+    States: CONNECTING (non-blocking connect) → [wss://: TLS_HANDSHAKE] → HANDSHAKE (request
+    sent, reading the 101) → OPEN → [connrate: CLOSING (close frame sent) → DRAINING (close
+    received, awaiting EOF or close_notify)] → DONE (socket closed).
     """
 
     __slots__ = ("w", "sock", "fd", "state", "key", "head", "tail", "remaining", "fin",
-                 "in_msg", "msg_off", "out", "events", "sent_ns", "done_msgs", "deadline")
+                 "in_msg", "msg_off", "out", "events", "sent_ns", "done_msgs", "deadline", "tls")
 
     def __init__(self, worker: Worker, sock: socket.socket) -> None:
         self.w = worker
@@ -159,6 +185,7 @@ class Client:
         self.sent_ns = 0  # pingpong: when the message in flight was sent
         self.done_msgs = 0  # messages completed in the window
         self.deadline = time.monotonic() + PHASE_TIMEOUT_S
+        self.tls: TlsLayer | None = None  # wss://: set once TCP is connected
 
     # -- events -----------------------------------------------------------------------------
 
@@ -167,6 +194,11 @@ class Client:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.w.fail(self, "open_fail")
+                return
+            if self.w.tls_ctx is not None:
+                self.state = TLS_HANDSHAKE
+                self.tls = TlsLayer(self.w.tls_ctx, server_side=False)
+                self.tls_step(b"")
                 return
             self.state = HANDSHAKE
             self.send(self.w.request(self.key))
@@ -182,12 +214,61 @@ class Client:
             data = b""
         if not data:
             self.w.on_eof(self)
+            return
+        if self.tls is not None:
+            self.on_tls(data)
         elif self.state == HANDSHAKE:
             self.feed_handshake(data)
         else:
             done = self.feed_frames(data)
             if done and self.state == OPEN:
                 self.w.on_messages(self, done)
+
+    # -- TLS ----------------------------------------------------------------------------------
+
+    def tls_step(self, raw: bytes) -> None:
+        """Advance the TLS handshake with ciphertext ``raw``; then send the upgrade request."""
+        tls = self.tls
+        assert tls is not None
+        try:
+            done, out = tls.handshake(raw)
+        except ssl.SSLError:
+            self.w.fail(self, "handshake_fail")
+            return
+        if out:
+            self.send_raw(out)
+            if self.state == DONE:
+                return
+        if done:
+            self.state = HANDSHAKE
+            self.w.on_tls_open(self)
+            self.send(self.w.request(self.key))
+            if tls.inc.pending and self.state != DONE:
+                self.on_tls(b"")
+
+    def on_tls(self, raw: bytes) -> None:
+        """Ciphertext ``raw`` arrived: decrypt, then handle the plaintext like plain input."""
+        if self.state == TLS_HANDSHAKE:
+            self.tls_step(raw)
+            return
+        tls = self.tls
+        assert tls is not None
+        try:
+            data, eof = tls.decrypt(raw)
+        except ssl.SSLError:
+            self.w.fail(self, "protocol")
+            return
+        if tls.out.pending:  # e.g. the answer to a key update
+            self.send_raw(tls.out.read())
+        if data and self.state != DONE:
+            if self.state == HANDSHAKE:
+                self.feed_handshake(data)
+            else:
+                done = self.feed_frames(data)
+                if done and self.state == OPEN:
+                    self.w.on_messages(self, done)
+        if eof and self.state != DONE:  # close_notify: the server is done with us
+            self.w.on_eof(self)
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -291,6 +372,11 @@ class Client:
     # -- output -----------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            data = self.tls.encrypt(data)
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
         if self.out:
             self.out.append(data)
             return
@@ -350,6 +436,7 @@ class Worker:
         self.frame = build_frame(OP_BINARY, self.pattern, mask=ZERO_MASK)
         self.window_frames = self.frame * spec.window
         self.echo_frame = build_frame(OP_BINARY, self.pattern, mask=None)
+        self.tls_ctx = client_context() if spec.tls else None
         self._request = (
             f"GET / HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
@@ -402,6 +489,13 @@ class Worker:
         return self.win_start_ns <= now_ns < self.win_end_ns
 
     # -- reactions to client events -----------------------------------------------------------
+
+    def on_tls_open(self, c: Client) -> None:
+        assert c.tls is not None
+        if c.tls.obj.session_reused:
+            self.result.tls_resumed += 1
+        if not self.result.tls:
+            self.result.tls = c.tls.describe()
 
     def on_open(self, c: Client) -> None:
         self.opening -= 1
@@ -468,7 +562,7 @@ class Worker:
 
     def expire(self, now: float) -> None:
         for c in list(self.clients.values()):
-            if c.state in (CONNECTING, HANDSHAKE, CLOSING, DRAINING) and now > c.deadline:
+            if c.state in (CONNECTING, TLS_HANDSHAKE, HANDSHAKE, CLOSING, DRAINING) and now > c.deadline:
                 self.fail(c, "timeout")
 
     def run_until(self, deadline: float) -> None:
@@ -594,8 +688,12 @@ class Options:
     cpus: tuple[int, ...] | None = None  # affinity of the worker processes
     cpu_pids: dict[str, list[int]] = field(default_factory=dict)  # name -> PIDs to sample CPU of
     rss_pids: list[int] = field(default_factory=list)  # hold: PIDs whose RSS is measured
-    hold_n: int = 5000
+    hold_n: int | None = None  # hold: connections to open (None: the workload's own count)
     hold_secs: float = 3.0
+
+
+def hold_count(wl: Workload, opt: Options) -> int:
+    return wl.conns if opt.hold_n is None else opt.hold_n
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -608,13 +706,13 @@ class Fleet:
     """The worker processes of one measurement and their pipes."""
 
     def __init__(self, wl: Workload, opt: Options) -> None:
-        conns = opt.hold_n if wl.mode == "hold" else wl.conns
+        conns = hold_count(wl, opt) if wl.mode == "hold" else wl.conns
         self.open_timeout = max(30.0, conns / 100)
         ctx = mp.get_context("fork")
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         for share in split(conns, opt.workers):
-            spec = WorkerSpec(wl.mode, opt.host, opt.port, share, wl.size, wl.window, opt.cpus)
+            spec = WorkerSpec(wl.mode, opt.host, opt.port, share, wl.size, wl.window, opt.cpus, tls=wl.tls)
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(child_end, spec, self.open_timeout), daemon=True)
             proc.start()
@@ -723,8 +821,8 @@ def measure_hold(wl: Workload, opt: Options, fleet: Fleet) -> dict[str, Any]:
         rss_during_kib=rss_during,
         kib_per_conn=round((rss_during - rss_before) / opened, 2) if opened and opt.rss_pids else None,
     )
-    if opened < opt.hold_n and not summary["errors"]:
-        summary["errors"]["open_fail"] = opt.hold_n - opened
+    if opened < hold_count(wl, opt) and not summary["errors"]:
+        summary["errors"]["open_fail"] = hold_count(wl, opt) - opened
     return summary
 
 
@@ -754,6 +852,11 @@ def summarize(wl: Workload, opt: Options, results: list[WorkerResult]) -> dict[s
         "loadgen_cpu_s": round(sum(r.cpu_s for r in results), 3),
         "errors": {k: errors[k] for k in ERROR_KINDS if errors[k]},
     }
+    if wl.tls:
+        out["tls"] = next((r.tls for r in results if r.tls), "")
+        out["tls_resumed"] = sum(r.tls_resumed for r in results)
+        if out["tls_resumed"]:  # every handshake must be a full one
+            out["errors"]["tls_resumed"] = out["tls_resumed"]
     if lat:
         out.update(
             p50_us=round(percentile(lat, 0.50) / 1e3, 1),
@@ -789,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--cpus", type=pid_list, default=None, help="pin workers to these CPUs, e.g. 1")
-    parser.add_argument("--hold-n", type=int, default=5000)
+    parser.add_argument("--hold-n", type=int, default=None, help="hold: connections (default 5000, tls-hold 3000)")
     parser.add_argument("--hold-secs", type=float, default=3.0)
     args = parser.parse_args(argv)
     raise_nofile()

@@ -10,6 +10,7 @@ few ``send`` calls.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
 
 MERGE_BELOW = 64 * 1024  # append to the last chunk while it is smaller than this
@@ -39,8 +40,8 @@ class OutBuffer:
             head = self.chunks[0]
             try:
                 sent = sock.send(memoryview(head)[self.offset :])
-            except (BlockingIOError, InterruptedError):
-                return
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return  # (the SSL ones: echo.py --tls-io sock, where sock is an SSLSocket)
             self.offset += sent
             if self.offset < len(head):
                 return

@@ -1,6 +1,7 @@
 """wsproxy benchmark runner: the same workloads direct and through the proxy, in one invocation.
 
-    python bench/run.py                                   # all workloads, ~1-2 min
+    python bench/run.py                                   # the plain (ws://) workloads, ~1-2 min
+    python bench/run.py --tls                             # the wss:// workloads (= --workloads tls)
     python bench/run.py --workloads pp50,st50 --reps 3 --json /tmp/bench.json
     python bench/run.py --proxy-cmd "CMD ... {config}"    # start another command as the proxy
     python bench/run.py --target 127.0.0.1:30080 --target-pid 4242 --echo-port 29000
@@ -9,7 +10,10 @@ For each workload and rep it measures DIRECT (load generator -> echo server) and
 (load generator -> proxy -> the same echo server), then prints one markdown table with the
 medians, the ratio proxied / direct, and the proxy's CPU cost per relayed message (or per
 handshake), followed by a rig table (CPU use of proxy, echo and load generator) that tells
-which process was the bottleneck. Exit status 1 if any payload error, failed handshake,
+which process was the bottleneck. TLS workloads (tls-*) get their own table: direct = load
+generator -> a TLS echo server (echo.py --tls-cert), proxied = load generator -> the proxy's TLS
+listener -> the plain echo server; certificates (ECDSA P-256, RSA 2048) are made at run time
+in the temp dir. Exit status 1 if any payload error, failed handshake, resumed TLS session,
 dropped or stalled connection was seen (the counts are printed), 2 on setup failures.
 
 Stdlib only; Linux only (epoll, /proc, sched_setaffinity). See bench/README.md.
@@ -38,11 +42,23 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))  # the sibling modules, also for "python -m bench.run"
 
-from loadgen import WORKLOADS, Options, Workload, loopback_target, measure, pid_list  # noqa: E402
+from loadgen import (  # noqa: E402
+    PLAIN_WORKLOADS,
+    TLS_WORKLOADS,
+    WORKLOADS,
+    Options,
+    Workload,
+    loopback_target,
+    measure,
+    pid_list,
+)
 from procstat import pin_all_threads, raise_nofile, with_descendants  # noqa: E402
+from tlsutil import make_certs  # noqa: E402
 
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_S = 20.0  # after a proxied run: how long the proxy may take to close its connections
+SETTLE_SLACK_FDS = 8  # open fds above the count before the run that still count as settled
 
 CONFIG_TEMPLATE = """\
 listeners:
@@ -62,6 +78,30 @@ timeouts:
 limits:
   max_message_bytes: 0
 """
+
+#: a TLS listener, inserted after the plain one when TLS workloads run
+TLS_LISTENER_TEMPLATE = """\
+  - name: {name}
+    bind: "127.0.0.1:{port}"
+    tls:
+      cert: {cert}
+      key: {key}
+"""
+
+#: the certificate kinds and what the report calls them
+CERT_NAMES = {"ec": "ECDSA P-256", "rsa": "RSA 2048"}
+
+
+def proxy_config(proxy_port: int, echo_port: int, tls: dict[str, tuple[int, Path, Path]]) -> str:
+    """wsproxy's YAML: the plain listener, plus one TLS listener per certificate kind in ``tls``
+    ({kind: (port, cert, key)}), all routed to the plain echo server."""
+    text = CONFIG_TEMPLATE.format(proxy_port=proxy_port, echo_port=echo_port)
+    extra = "".join(
+        TLS_LISTENER_TEMPLATE.format(name=f"bench-tls-{kind}", port=port, cert=json.dumps(str(cert)),
+                                     key=json.dumps(str(key)))
+        for kind, (port, cert, key) in tls.items()
+    )
+    return text.replace("routes:\n", extra + "routes:\n", 1)
 
 
 class SetupError(Exception):
@@ -153,27 +193,31 @@ def spawn(name: str, argv: list[str], logdir: Path, cpus: set[int] | None, **kw:
 
 
 class Echo:
-    """The echo backend; restartable on the same port. Accumulates its exit statistics."""
+    """An echo server (the plain backend, or a TLS one for direct wss:// runs); restartable on
+    the same port. Accumulates its exit statistics."""
 
-    def __init__(self, port: int, logdir: Path, cpus: set[int] | None) -> None:
+    def __init__(self, port: int, logdir: Path, cpus: set[int] | None, name: str = "echo",
+                 extra_args: list[str] | None = None) -> None:
         self.port = port
         self.logdir = logdir
         self.cpus = cpus
+        self.name = name
+        self.extra_args = extra_args or []
         self.proc: Managed | None = None
         self.stats: dict[str, int] = {}
 
     def start(self) -> None:
-        argv = [sys.executable, str(BENCH_DIR / "echo.py"), "--port", str(self.port)]
-        self.proc = spawn("echo", argv, self.logdir, self.cpus, stdout=subprocess.PIPE)
+        argv = [sys.executable, str(BENCH_DIR / "echo.py"), "--port", str(self.port), *self.extra_args]
+        self.proc = spawn(self.name, argv, self.logdir, self.cpus, stdout=subprocess.PIPE)
         stdout = self.proc.proc.stdout
         assert stdout is not None
         if not select.select([stdout], [], [], READY_TIMEOUT_S)[0]:
             self.proc.stop()
-            raise SetupError(f"echo server did not print READY within {READY_TIMEOUT_S:.0f}s")
+            raise SetupError(f"{self.name} server did not print READY within {READY_TIMEOUT_S:.0f}s")
         line = stdout.readline().decode()  # "READY port=N"; EOF if it died
         if not line.startswith("READY port="):
             self.proc.check()
-            raise SetupError(f"echo server printed {line!r} instead of READY")
+            raise SetupError(f"{self.name} server printed {line!r} instead of READY")
         self.port = int(line.split("=", 1)[1])
 
     def stop(self) -> None:
@@ -220,22 +264,35 @@ def wait_listening(port: int, proc: Managed, timeout: float) -> None:
 class Proxy:
     """The proxy under test: started by the runner (restartable) or an external process."""
 
-    def __init__(self, args: argparse.Namespace, echo_port: int, logdir: Path, cpus: set[int] | None) -> None:
+    def __init__(self, args: argparse.Namespace, echo_port: int, logdir: Path, cpus: set[int] | None,
+                 certs: dict[str, tuple[Path, Path]] | None = None) -> None:
         self.cpus = cpus
         self.logdir = logdir
         self.proc: Managed | None = None
         self.external = args.target is not None
+        self.tls_ports: dict[str, int] = {}  # certificate kind -> TLS listener port
+        self.idle_fds: int | None = None  # open fds before the first run of this proxy life
         if self.external:
             self.host, self.port = args.target
+            if args.target_tls:
+                self.tls_ports["ec"] = args.target_tls[1]
+            if args.target_tls_rsa:
+                self.tls_ports["rsa"] = args.target_tls_rsa[1]
             self.argv: list[str] = []
             self.roots: list[int] = args.target_pid
             return
         self.host, self.port = "127.0.0.1", free_port()
+        certs = certs or {}
+        tls = {kind: (free_port(), cert, key) for kind, (cert, key) in certs.items()}
+        self.tls_ports = {kind: port for kind, (port, _, _) in tls.items()}
         config = logdir / "wsproxy.yaml"
-        config.write_text(CONFIG_TEMPLATE.format(proxy_port=self.port, echo_port=echo_port))
+        config.write_text(proxy_config(self.port, echo_port, tls))
         if args.proxy_cmd:
             subst = {"{config}": str(config), "{port}": str(self.port),
-                     "{echo_port}": str(echo_port), "{echo}": str(echo_port)}
+                     "{echo_port}": str(echo_port), "{echo}": str(echo_port),
+                     "{tls_port}": str(self.tls_ports.get("ec", "")),
+                     "{tls_rsa_port}": str(self.tls_ports.get("rsa", "")),
+                     "{cert_dir}": str(logdir / "certs")}
             self.argv = [expand(word, subst) for word in shlex.split(args.proxy_cmd)]
         else:
             self.argv = [sys.executable, "-m", "wsproxy", "run", "-c", str(config)]
@@ -247,23 +304,71 @@ class Proxy:
             return f"already running (PIDs {pids})"
         return " ".join(shlex.quote(a) for a in self.argv)
 
+    def ports(self) -> list[int]:
+        return [self.port, *self.tls_ports.values()]
+
     def start(self) -> None:
         if self.external:
-            try:
-                socket.create_connection((self.host, self.port), timeout=2).close()
-            except OSError as exc:
-                raise SetupError(f"--target {self.host}:{self.port} does not accept connections: {exc}") from None
+            for port in self.ports():
+                try:
+                    socket.create_connection((self.host, port), timeout=2).close()
+                except OSError as exc:
+                    raise SetupError(f"the target {self.host}:{port} does not accept connections: {exc}") from None
             if self.cpus:
                 for pid in self.pids():
                     pin_all_threads(pid, self.cpus)
             return
         self.proc = spawn("proxy", self.argv, self.logdir, self.cpus, stdout=subprocess.DEVNULL, cwd=REPO_DIR)
         self.roots = [self.proc.pid]
-        wait_listening(self.port, self.proc, READY_TIMEOUT_S)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for port in self.ports():
+            wait_listening(port, self.proc, max(1.0, deadline - time.monotonic()))
 
     def pids(self) -> list[int]:
         """The processes whose CPU and RSS count as the proxy's (roots and descendants)."""
         return with_descendants(self.roots) if self.roots else []
+
+    def open_fds(self) -> int | None:
+        """Open file descriptors of the proxy's processes; None if unknown (no PIDs, no access)."""
+        pids = self.pids()
+        if not pids:
+            return None
+        total = 0
+        for pid in pids:
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return None
+        return total
+
+    def note_idle(self) -> None:
+        """Before a run: remember the idle fd count (once per proxy life)."""
+        if self.idle_fds is None:
+            self.idle_fds = self.open_fds()
+
+    def settle(self) -> float | None:
+        """After a run: wait until the proxy has closed that run's connections.
+
+        Otherwise the closing work of one run (thousands of sessions after hold) is charged to
+        the next, and a SIGTERM that arrives meanwhile waits for wsproxy's shutdown drain.
+        Returns the seconds it took, or None when the fd count is unknown or did not come down.
+        """
+        if self.idle_fds is None:
+            return None
+        t0 = time.monotonic()
+        while True:
+            n = self.open_fds()
+            if n is None:
+                return None
+            if n <= self.idle_fds + SETTLE_SLACK_FDS:
+                return round(time.monotonic() - t0, 2)
+            if time.monotonic() - t0 > SETTLE_TIMEOUT_S:
+                print(f"warning: the proxy still has {n} open fds (idle: {self.idle_fds}) "
+                      f"{SETTLE_TIMEOUT_S:.0f} s after the run", file=sys.stderr, flush=True)
+                return None
+            time.sleep(0.05)
 
     def check(self) -> None:
         if self.proc:
@@ -273,6 +378,7 @@ class Proxy:
         if self.proc:
             self.proc.stop()
             self.proc = None
+            self.idle_fds = None
 
     def restart(self) -> None:
         if not self.external:
@@ -299,20 +405,23 @@ class Rig:
     echo: Echo
     proxy: Proxy
     load_cpus: tuple[int, ...] | None
+    echo_tls: dict[str, Echo] = field(default_factory=dict)  # certificate kind -> TLS echo server
     runs: list[dict[str, Any]] = field(default_factory=list)
     fatal: str | None = None  # why the invocation stopped early (the proxy died, ...)
 
-    def options(self, host: str, port: int, cpu_pids: dict[str, list[int]], rss_pids: list[int]) -> Options:
+    def options(self, wl: Workload, host: str, port: int, cpu_pids: dict[str, list[int]],
+                rss_pids: list[int]) -> Options:
         a = self.args
         return Options(host=host, port=port, workers=a.workers, duration=a.duration, warmup=a.warmup,
                        cpus=self.load_cpus, cpu_pids=cpu_pids, rss_pids=rss_pids,
-                       hold_n=a.hold_n, hold_secs=a.hold_secs)
+                       hold_n=a.tls_hold_n if wl.tls else a.hold_n, hold_secs=a.hold_secs)
 
     def measure_direct(self, wl: Workload) -> dict[str, Any]:
+        echo = self.echo_tls[wl.cert] if wl.tls else self.echo
         if wl.mode == "hold":
-            self.echo.restart()  # RSS growth must not hide in memory kept from earlier runs
-        pids = [self.echo.pid]
-        return measure(wl, self.options("127.0.0.1", self.echo.port, {"target": pids, "echo": pids}, pids))
+            echo.restart()  # RSS growth must not hide in memory kept from earlier runs
+        pids = [echo.pid]
+        return measure(wl, self.options(wl, "127.0.0.1", echo.port, {"target": pids, "echo": pids}, pids))
 
     def measure_proxied(self, wl: Workload) -> dict[str, Any]:
         if wl.mode == "hold":
@@ -323,8 +432,14 @@ class Rig:
         cpu_pids = {"echo": [self.echo.pid]}
         if pids:
             cpu_pids["target"] = pids
-        result = measure(wl, self.options(self.proxy.host, self.proxy.port, cpu_pids, pids))
+        port = self.proxy.tls_ports[wl.cert] if wl.tls else self.proxy.port
+        self.proxy.note_idle()
+        try:
+            result = measure(wl, self.options(wl, self.proxy.host, port, cpu_pids, pids))
+        finally:
+            settle_s = self.proxy.settle()
         self.proxy.check()
+        result["proxy_settle_s"] = settle_s
         return result
 
     def run(self, wl: Workload, rep: int, side: str) -> None:
@@ -335,12 +450,22 @@ class Rig:
             result = {"workload": wl.name, "errors": {"run_failed": 1}, "failure": str(exc)}
         result.update(side=side, rep=rep)
         self.runs.append(result)
-        print(f"  {wl.name:6} rep {rep + 1} {side:8} {progress_line(result)}", file=sys.stderr, flush=True)
+        print(f"  {wl.name:12} rep {rep + 1} {side:8} {progress_line(result)}", file=sys.stderr, flush=True)
+
+    def echo_stats(self) -> dict[str, int]:
+        """Exit statistics of all echo servers, summed."""
+        total: dict[str, int] = {}
+        for echo in (self.echo, *self.echo_tls.values()):
+            for key, value in echo.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
 
 def progress_line(r: dict[str, Any]) -> str:
     parts = [f"{k}={r[k]}" for k in ("msgs_per_s", "mb_per_s", "p50_us", "hs_per_s", "kib_per_conn", "open_secs")
              if r.get(k)]
+    if (r.get("proxy_settle_s") or 0) >= 0.5:
+        parts.append(f"(proxy closed the run's connections in {r['proxy_settle_s']} s)")
     if r.get("errors"):
         parts.append(f"errors={r['errors']}")
     if r.get("failure"):
@@ -364,6 +489,11 @@ METRICS: dict[str, list[tuple[str, str]]] = {
 
 
 Figure = Callable[[dict[str, Any]], "float | None"]
+
+
+def metrics_of(name: str) -> list[tuple[str, str]]:
+    """The figures of a workload; a TLS one has those of its plain twin (tls-conn-rsa: conn)."""
+    return METRICS[name.removeprefix("tls-").removesuffix("-rsa")]
 
 
 def field_of(key: str) -> Figure:
@@ -397,6 +527,21 @@ def fmt(x: float | None, unit: str = "") -> str:
     if abs(x) >= 10:
         return f"{x:.1f}{unit}"
     return f"{x:.2f}{unit}"
+
+
+def cpu_per_msg(r: dict[str, Any], who: str, hops: int = 2) -> float | None:
+    """CPU µs of ``who`` per message hop (see ``cpu_cost_us``); None for handshake runs."""
+    cpu = r.get("cpu_s", {}).get(who)
+    if cpu is None or r.get("handshakes") or not r.get("msgs"):
+        return None
+    return float(cpu * 1e6 / (hops * r["msgs"]))
+
+
+def cpu_per_handshake(r: dict[str, Any], who: str) -> float | None:
+    cpu = r.get("cpu_s", {}).get(who)
+    if cpu is None or not r.get("handshakes"):
+        return None
+    return float(cpu * 1e6 / r["handshakes"])
 
 
 def cpu_cost_us(r: dict[str, Any], who: str, hops: int = 2) -> float | None:
@@ -439,7 +584,7 @@ def main_table(runs: list[dict[str, Any]], workloads: list[str]) -> list[str]:
     for name in workloads:
         direct = [r for r in runs if r["workload"] == name and r["side"] == "direct"]
         proxied = [r for r in runs if r["workload"] == name and r["side"] == "proxied"]
-        for i, (label, key) in enumerate(METRICS[name]):
+        for i, (label, key) in enumerate(metrics_of(name)):
             figure = field_of(key)
             d = median_of(direct, figure)
             p = median_of(proxied, figure)
@@ -449,26 +594,68 @@ def main_table(runs: list[dict[str, Any]], workloads: list[str]) -> list[str]:
     return lines
 
 
+def tls_table(runs: list[dict[str, Any]], workloads: list[str]) -> list[str]:
+    """The TLS workloads: the plain table's columns, CPU per message and per handshake apart."""
+    lines = [
+        "| workload | figure | direct (TLS echo) | proxied (TLS → ws://) | ratio (proxied ÷ direct) "
+        "| proxy CPU µs per relayed msg | proxy CPU µs per handshake (TLS + upgrade + close) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in workloads:
+        mode = WORKLOADS[name].mode
+        direct = [r for r in runs if r["workload"] == name and r["side"] == "direct"]
+        proxied = [r for r in runs if r["workload"] == name and r["side"] == "proxied"]
+        for i, (label, key) in enumerate(metrics_of(name)):
+            figure = field_of(key)
+            d = median_of(direct, figure)
+            p = median_of(proxied, figure)
+            ratio = fmt(p / d if d and p is not None else None)
+            per_msg = cell(proxied, lambda r: cpu_per_msg(r, "target")) if i == 0 and mode in ("pingpong", "stream") else "–"
+            per_hs = cell(proxied, lambda r: cpu_per_handshake(r, "target")) if i == 0 and mode == "connrate" else "–"
+            lines.append(f"| {name} | {label} | {cell(direct, figure)} | {cell(proxied, figure)} | {ratio} "
+                         f"| {per_msg} | {per_hs} |")
+    return lines
+
+
+def tls_summary(runs: list[dict[str, Any]]) -> str:
+    """What was negotiated, per side, and how many sessions were resumed (must be 0)."""
+    parts = []
+    for side in ("direct", "proxied"):
+        seen = sorted({r["tls"] for r in runs if r.get("tls") and r["side"] == side})
+        if seen:
+            parts.append(f"{side}: {', '.join(seen)}")
+    resumed = sum(r.get("tls_resumed", 0) for r in runs)
+    return f"negotiated {'; '.join(parts) or '–'}; resumed sessions: {resumed} (full handshakes only)"
+
 def rig_table(runs: list[dict[str, Any]], workloads: list[str]) -> list[str]:
     lines = [
         "| workload | proxy CPU % | echo CPU % direct / proxied | load generator CPU % direct / proxied "
-        "| other CPU % direct / proxied | echo CPU µs per echoed msg (conn: per handshake), direct |",
-        "|---|---|---|---|---|---|",
+        "| other CPU % direct / proxied | echo CPU µs per echoed msg (conn: per handshake), direct "
+        "| load generator CPU µs per echoed msg (conn: per handshake), direct |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in workloads:
-        if name == "hold":
+        if WORKLOADS[name].mode == "hold":
             continue
         d = [r for r in runs if r["workload"] == name and r["side"] == "direct"]
         p = [r for r in runs if r["workload"] == name and r["side"] == "proxied"]
         echo_cost = median_of(d, lambda r: cpu_cost_us(r, "echo", hops=1))
+        load_cost = median_of(d, loadgen_cost_us)
         lines.append(
             f"| {name} | {fmt(median_of(p, lambda r: busy(r, 'target')))} "
             f"| {fmt(median_of(d, lambda r: busy(r, 'echo')))} / {fmt(median_of(p, lambda r: busy(r, 'echo')))} "
             f"| {fmt(median_of(d, lambda r: busy(r, 'loadgen')))} / {fmt(median_of(p, lambda r: busy(r, 'loadgen')))} "
             f"| {fmt(median_of(d, lambda r: busy(r, 'other')))} / {fmt(median_of(p, lambda r: busy(r, 'other')))} "
-            f"| {fmt(echo_cost)} |"
+            f"| {fmt(echo_cost)} | {fmt(load_cost)} |"
         )
     return lines
+
+
+def loadgen_cost_us(r: dict[str, Any]) -> float | None:
+    """The load generator's own CPU µs (all workers) per echoed message or per handshake."""
+    cpu = r.get("loadgen_cpu_s")
+    n = r.get("handshakes") or r.get("msgs")
+    return float(cpu * 1e6 / n) if cpu is not None and n else None
 
 
 def error_lines(runs: list[dict[str, Any]], echo_stats: dict[str, int]) -> list[str]:
@@ -478,7 +665,7 @@ def error_lines(runs: list[dict[str, Any]], echo_stats: dict[str, int]) -> list[
             detail = ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items()))
             extra = f" ({r['failure']})" if r.get("failure") else ""
             lines.append(f"- {r['workload']} rep {r['rep'] + 1} {r['side']}: {detail}{extra}")
-    for key in ("protocol_errors", "bad_handshakes", "accept_errors"):
+    for key in ("protocol_errors", "bad_handshakes", "accept_errors", "tls_errors"):
         if echo_stats.get(key):
             lines.append(f"- echo server: {key}={echo_stats[key]}")
     return lines
@@ -491,13 +678,16 @@ def error_lines(runs: list[dict[str, Any]], echo_stats: dict[str, int]) -> list[
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark wsproxy against a direct baseline (see bench/README.md)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma-separated list of {','.join(WORKLOADS)}; also 'plain' (default: "
+                   f"{','.join(PLAIN_WORKLOADS)}), 'tls' (all tls-*), 'all'")
+    p.add_argument("--tls", action="store_true", help="run the TLS (wss://) workloads: same as --workloads tls")
     p.add_argument("--duration", type=float, default=3.0, help="measurement window per run, s (default 3)")
     p.add_argument("--warmup", type=float, default=0.5, help="load before the window, s (default 0.5)")
     p.add_argument("--reps", type=int, default=1, help="repetitions; the table shows medians (default 1)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--hold-n", type=int, default=5000, help="connections held by 'hold' (default 5000)")
+    p.add_argument("--tls-hold-n", type=int, default=3000, help="connections held by 'tls-hold' (default 3000)")
     p.add_argument("--hold-secs", type=float, default=3.0, help="how long 'hold' holds them, s (default 3)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="proxy on CPU 0, echo + load generator on CPU 1 (default: on with >= 2 CPUs)")
@@ -505,16 +695,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "placeholders {config} {port} {echo_port}")
     p.add_argument("--target", type=loopback_target, help="benchmark an already running proxy at 127.0.0.1:PORT")
     p.add_argument("--target-pid", type=pid_list, default=[], help="PID[,PID..] of that proxy (CPU/RSS)")
+    p.add_argument("--target-tls", type=loopback_target,
+                   help="with --target: its TLS listener (ECDSA certificate) for the tls-* workloads")
+    p.add_argument("--target-tls-rsa", type=loopback_target,
+                   help="with --target: its TLS listener with an RSA certificate, for tls-conn-rsa")
     p.add_argument("--echo-port", type=int, default=0,
                    help="port of the echo server (default: a free one; required with --target)")
     p.add_argument("--direct-only", action="store_true",
                    help="measure only the rig itself (load generator -> echo), no proxy")
     p.add_argument("--json", type=Path, help="also write the raw results to this file")
     args = p.parse_args(argv)
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.tls and args.workloads is not None:
+        p.error("--tls is short for --workloads tls; give one of them")
+    groups = {"plain": PLAIN_WORKLOADS, "tls": TLS_WORKLOADS, "all": list(WORKLOADS)}
+    names: list[str] = []
+    for w in ("tls" if args.tls else args.workloads or "plain").split(","):
+        for name in groups.get(w.strip(), [w.strip()] if w.strip() else []):
+            if name not in names:
+                names.append(name)
+    args.workloads = names
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
-        p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}, plain, tls, all")
+    if not args.workloads:
+        p.error("no workloads given")
+    tls_kinds = {WORKLOADS[w].cert for w in args.workloads if WORKLOADS[w].tls}
+    if args.target and "ec" in tls_kinds and not args.target_tls:
+        p.error("the tls-* workloads against --target need --target-tls 127.0.0.1:PORT (its TLS listener)")
+    if args.target and "rsa" in tls_kinds and not args.target_tls_rsa:
+        p.error("tls-conn-rsa against --target needs --target-tls-rsa 127.0.0.1:PORT (a TLS listener with an "
+                "RSA certificate); leave it out with --workloads tls-conn,tls-pp50,...")
+    if (args.target_tls or args.target_tls_rsa) and not args.target:
+        p.error("--target-tls and --target-tls-rsa go with --target")
     if args.direct_only and (args.target or args.proxy_cmd):
         p.error("--direct-only excludes --target and --proxy-cmd")
     if args.target and args.proxy_cmd:
@@ -523,6 +735,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--target needs --echo-port: the port your proxy forwards to, where the echo server will listen")
     if args.workers < 1 or args.reps < 1:
         p.error("--workers and --reps must be >= 1")
+    if args.hold_n < 1 or args.tls_hold_n < 1:
+        p.error("--hold-n and --tls-hold-n must be >= 1")
     return args
 
 
@@ -541,29 +755,46 @@ def choose_cpus(pin: bool | None) -> tuple[set[int] | None, set[int] | None]:
 
 def check_nofile(args: argparse.Namespace) -> tuple[int, str | None]:
     limit = raise_nofile()  # inherited by every process the runner starts; they raise it again
-    need = 2 * args.hold_n + 200 if "hold" in args.workloads else 1000
-    if limit < need:
-        return limit, (f"RLIMIT_NOFILE hard limit is {limit}, 'hold' with {args.hold_n} connections needs "
-                       f"about {need} (proxy: 2 sockets per connection); raise it (ulimit -Hn) or lower --hold-n")
+    for name, n, option in (("hold", args.hold_n, "--hold-n"), ("tls-hold", args.tls_hold_n, "--tls-hold-n")):
+        need = 2 * n + 200
+        if name in args.workloads and limit < need:
+            return limit, (f"RLIMIT_NOFILE hard limit is {limit}, '{name}' with {n} connections needs about "
+                           f"{need} (proxy: 2 sockets per connection); raise it (ulimit -Hn) or lower {option}")
     return limit, None
 
 
 def header(args: argparse.Namespace, proxy: Proxy | None, echo: Echo, proxy_cpus: set[int] | None,
-           load_cpus: set[int] | None, nofile: int) -> list[str]:
+           load_cpus: set[int] | None, nofile: int, echo_tls: dict[str, Echo], certs_how: str) -> list[str]:
     pin = (f"proxy on CPU {fmt_cpus(proxy_cpus)}, echo + load generator on CPU {fmt_cpus(load_cpus)}"
            if proxy_cpus else "not pinned")
     what = ("none (--direct-only)" if args.direct_only or proxy is None
             else f"`{proxy.describe()}` on 127.0.0.1:{proxy.port}")
-    return [
+    holds = []
+    if "hold" in args.workloads:
+        holds.append(f"hold: {args.hold_n} connections")
+    if "tls-hold" in args.workloads:
+        holds.append(f"tls-hold: {args.tls_hold_n} connections")
+    lines = [
         f"## wsproxy benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
         f"- proxy: {what}",
         f"- echo server: bench/echo.py on 127.0.0.1:{echo.port}; load generator: bench/loadgen.py, "
         f"{args.workers} worker process(es)",
         f"- {os.cpu_count()} CPUs, {pin}; RLIMIT_NOFILE {nofile}; Python {sys.version.split()[0]}",
-        f"- each run: {args.warmup:g} s warmup + {args.duration:g} s window; {args.reps} rep(s), medians; "
-        f"hold: {args.hold_n} connections for {args.hold_secs:g} s (fresh echo/proxy per hold run)",
+        f"- each run: {args.warmup:g} s warmup + {args.duration:g} s window; {args.reps} rep(s), medians"
+        + (f"; {', '.join(holds)} for {args.hold_secs:g} s (fresh echo/proxy per hold run)" if holds else ""),
     ]
+    if echo_tls:
+        kinds = sorted(echo_tls)
+        listeners = ("" if proxy is None or args.direct_only else
+                     "; proxy TLS listeners " + ", ".join(f"{CERT_NAMES[k]} 127.0.0.1:{proxy.tls_ports[k]}"
+                                                          for k in kinds) + " → plain ws:// to the echo server")
+        lines.append(
+            f"- TLS: self-signed {' and '.join(CERT_NAMES[k] for k in kinds)} certificates made with the {certs_how} "
+            "in the temp dir; client: no verification (CERT_NONE), SNI localhost, a new session per connection "
+            "(OP_NO_TICKET); direct = bench/echo.py --tls-cert on "
+            + ", ".join(f"127.0.0.1:{echo_tls[k].port} ({CERT_NAMES[k]})" for k in kinds) + listeners)
+    return lines
 
 
 def fmt_cpus(cpus: set[int] | None) -> str:
@@ -579,15 +810,29 @@ def measure_all(args: argparse.Namespace, logdir: Path) -> tuple[list[str], list
     proxy_cpus, load_cpus = choose_cpus(args.pin)
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)  # the runner mostly sleeps; keep it off the proxy's core
+    kinds = sorted({WORKLOADS[w].cert for w in args.workloads if WORKLOADS[w].tls})
+    certs: dict[str, tuple[Path, Path]] = {}
+    certs_how = ""
+    if kinds:
+        try:
+            all_certs, certs_how = make_certs(logdir / "certs")
+        except RuntimeError as exc:
+            raise SetupError(str(exc)) from None
+        certs = {k: all_certs[k] for k in kinds}
     echo = Echo(args.echo_port, logdir, load_cpus)
+    echo_tls = {k: Echo(0, logdir, load_cpus, name=f"echo-tls-{k}",
+                        extra_args=["--tls-cert", str(crt), "--tls-key", str(key)])
+                for k, (crt, key) in certs.items()}
     proxy: Proxy | None = None
     try:
         echo.start()
-        proxy = Proxy(args, echo.port, logdir, proxy_cpus)
+        for e in echo_tls.values():
+            e.start()
+        proxy = Proxy(args, echo.port, logdir, proxy_cpus, certs)
         if not args.direct_only:
             print(f"proxy: {proxy.describe()}", file=sys.stderr, flush=True)
             proxy.start()
-        rig = Rig(args, echo, proxy, tuple(load_cpus) if load_cpus else None)
+        rig = Rig(args, echo, proxy, tuple(load_cpus) if load_cpus else None, echo_tls)
         sides = ("direct",) if args.direct_only else ("direct", "proxied")
         try:
             for name in args.workloads:
@@ -601,15 +846,25 @@ def measure_all(args: argparse.Namespace, logdir: Path) -> tuple[list[str], list
         if proxy:
             proxy.stop()
         echo.stop()
-    return header(args, proxy, echo, proxy_cpus, load_cpus, nofile), warnings, rig
+        for e in echo_tls.values():
+            e.stop()
+    return header(args, proxy, echo, proxy_cpus, load_cpus, nofile, echo_tls, certs_how), warnings, rig
 
 
 def report(args: argparse.Namespace, head: list[str], warnings: list[str], rig: Rig) -> tuple[list[str], bool]:
     """The markdown report, and whether any error was seen."""
-    lines = head + [""] + main_table(rig.runs, args.workloads)
-    if any(w != "hold" for w in args.workloads):
+    plain = [w for w in args.workloads if not WORKLOADS[w].tls]
+    tls = [w for w in args.workloads if WORKLOADS[w].tls]
+    lines = head
+    if plain:  # (the heading only when a TLS table follows: plain-only output stays as it was)
+        lines += ["", "### Plain (ws://)", ""] if tls else [""]
+        lines += main_table(rig.runs, plain)
+    if tls:
+        lines += ["", "### TLS (wss://)", "", tls_summary(rig.runs) + ".", ""] + tls_table(rig.runs, tls)
+    if any(WORKLOADS[w].mode != "hold" for w in args.workloads):
         lines += ["", "Rig check (100 % = one core busy; the busiest process is the bottleneck; "
-                  "'other' = the rest of the machine: neighbours' load makes figures noisy):", ""]
+                  "'other' = the rest of the machine: neighbours' load makes figures noisy"
+                  + ("; tls-* direct: 'echo' is the TLS echo server" if tls else "") + "):", ""]
         lines += rig_table(rig.runs, args.workloads)
     other = max((busy(r, "other") or 0.0 for r in rig.runs), default=0.0)
     if other > 25:
@@ -617,7 +872,7 @@ def report(args: argparse.Namespace, head: list[str], warnings: list[str], rig: 
                         "absolute figures are unreliable. Compare ratios and CPU µs per message, use --reps 3, "
                         "or rerun on a quieter machine.")
     lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
-    errors = error_lines(rig.runs, rig.echo.stats)
+    errors = error_lines(rig.runs, rig.echo_stats())
     if rig.fatal:
         first = rig.fatal.splitlines()[0].split("; stderr tail")[0]
         errors.append(f"- stopped early, the remaining runs are missing: {first} (its stderr tail is above)")
@@ -628,7 +883,7 @@ def report(args: argparse.Namespace, head: list[str], warnings: list[str], rig: 
 
 def write_json(path: Path, args: argparse.Namespace, rig: Rig) -> None:
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    path.write_text(json.dumps({"meta": meta, "proxy": rig.proxy.describe(), "echo_stats": rig.echo.stats,
+    path.write_text(json.dumps({"meta": meta, "proxy": rig.proxy.describe(), "echo_stats": rig.echo_stats(),
                                 "runs": rig.runs}, indent=1))
 
 
