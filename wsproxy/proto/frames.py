@@ -222,6 +222,7 @@ class FrameScanner:
         """
         n = len(data)
         from_client = self.from_client
+        limit = self.max_message_bytes or 1 << 64
         while pos < n:
             if n - pos < 2:
                 self._held = data[pos:]
@@ -254,6 +255,16 @@ class FrameScanner:
             fin = b0 & 0x80
             if (masked == 0) == from_client:
                 return self._fail_mask(pos, from_client)
+            if (b0 == 0x82 or b0 == 0x81) and length <= limit and not self.in_message:
+                # The common case, a whole unfragmented text or binary message without
+                # RSV bits: nothing else to check (the general path below agrees).
+                self.messages += 1
+                frame_end = pos + header_len + length
+                if frame_end > n:
+                    self.remaining = frame_end - n
+                    return n
+                pos = frame_end
+                continue
             if opcode >= OP_CLOSE:
                 if self._check_control(opcode, rsv, fin, length):
                     return pos
