@@ -130,7 +130,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                 log.info("event=tls_failed conn=%s peer=%s reason=%r", conn_id, session.peer, reason)
                 return
             assert isinstance(client, TlsChannel)
-            subject = peer_subject(client.sock)
+            subject = peer_subject(client.ssl)
             if subject:
                 session.identity = subject
         if admission is not None:
