@@ -144,6 +144,14 @@ class App:
         try:
             for spec in self.generation.config.listeners:
                 self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))
+            for name, sockets in self._inherited.items():  # passed by systemd, but no listener has the name
+                log.warning(
+                    "event=listener_unused name=%s sockets=%d reason='no listener has this name; closed'",
+                    name, len(sockets),
+                )
+                for sock in sockets:
+                    sock.close()
+            self._inherited.clear()
             for name, slot in self.listeners.items():
                 for host, port in self.addresses[name]:
                     log.info("event=listening listener=%s address=%s tls=%s", name, _fmt(host, port), slot.spec.tls is not None)
@@ -168,6 +176,14 @@ class App:
         inherited = self._inherited.pop(spec.name, None)
         if inherited:
             log.info("event=listener_inherited listener=%s sockets=%d", spec.name, len(inherited))
+            for sock in inherited:
+                host, port = sock.getsockname()[:2]
+                if port != spec.bind.port or (host != spec.bind.host and spec.bind.host not in ("0.0.0.0", "::")):
+                    log.warning(
+                        "event=listener_address listener=%s passed=%s bind=%s reason='the socket passed by systemd is used; "
+                        "its address differs from the listener bind'",
+                        spec.name, _fmt(host, port), spec.bind,
+                    )
             return inherited
         try:
             return open_listener(spec)
@@ -488,7 +504,8 @@ class App:
         )
 
     def status_line(self) -> str:
-        return f"{len(self.sessions)} sessions, config generation {self.generation.number}"
+        count = len(self.sessions)
+        return f"{count} session{'' if count == 1 else 's'}, config generation {self.generation.number}"
 
     def status(self) -> dict[str, object]:
         """What GET /status returns."""
