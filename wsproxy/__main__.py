@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import trio
 
-    from . import app, log
+    from . import app, log, run
 
     log.configure(args.log_level or config.log.level, config.log.format)
     failed: list[BaseException] = []
     try:
-        trio.run(app.main, config, args.config, args.log_level is not None)
+        trio.run(run.main, config, args.config, args.log_level is not None)
     except* app.ListenError as group:
         failed.extend(group.exceptions)
     for failure in failed:

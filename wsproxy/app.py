@@ -8,7 +8,8 @@
     └── control     : one accept loop per listening socket (each in its own cancel scope),
                       the idle sweeper, one health checker per pool, drains, the admin server,
                       the systemd watchdog
-    main            : App.serve + the signal loop (SIGHUP → reload, SIGTERM/SIGINT → shutdown)
+    run.main        : App.serve + the signal loop (SIGHUP → reload, SIGTERM/SIGINT → shutdown),
+                      systemd notify, the admin listener
 
 ``App`` owns everything a running proxy shares: the current ``Generation``
 (the config and what is built from it), the backend ``Registry``, the table of
@@ -35,7 +36,6 @@ import itertools
 import logging
 import os
 import random
-import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +50,7 @@ from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolCon
 from .control.health import HealthChecker
 from .control.metrics import Metrics
 from .control.registry import BackendState, Health, Registry
+from .control.status import snapshot
 from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
 from .edge.session import Session, handle_connection
@@ -508,71 +509,8 @@ class App:
         return f"{count} session{'' if count == 1 else 's'}, config generation {self.generation.number}"
 
     def status(self) -> dict[str, object]:
-        """What GET /status returns."""
-        config = self.generation.config
-        now = trio.current_time()
-        live: dict[Address, list[int]] = {}  # what open sessions relayed so far, by backend
-        for session in self.sessions.values():
-            if session.relay is not None and session.backend is not None:
-                relay = session.relay
-                counts = live.setdefault(session.backend.address, [0, 0, 0, 0])
-                counts[0] += relay.bytes_up
-                counts[1] += relay.bytes_down
-                counts[2] += relay.up.scanner.messages
-                counts[3] += relay.down.scanner.messages
-        totals = [0, 0, 0, 0]
-        for state in self.registry:
-            extra = live.get(state.address, [0, 0, 0, 0])
-            for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
-                totals[i] += value + extra[i]
-        pools: dict[str, object] = {}
-        for name, pool in config.pools.items():
-            backends = []
-            for backend in pool.backends:
-                state = self.registry.state(backend.address)
-                extra = live.get(backend.address, [0, 0, 0, 0])
-                backends.append(
-                    {
-                        "address": str(backend.address),
-                        "weight": backend.weight,
-                        "health": state.health.value,
-                        "last_check": state.last_check,
-                        "rtt_s": state.rtt_s,
-                        "active": state.active,
-                        "total": state.total,
-                        "draining": state.draining,
-                        "ejected": state.ejected(now),
-                        "available": state.available(now, backend),
-                        "bytes_up": state.bytes_up + extra[0],
-                        "bytes_down": state.bytes_down + extra[1],
-                        "messages_up": state.messages_up + extra[2],
-                        "messages_down": state.messages_down + extra[3],
-                    }
-                )
-            pools[name] = {"balance": pool.balance, "backends": backends}
-        return {
-            "generation": self.generation.number,
-            "sessions": len(self.sessions),
-            "draining_sessions": sum(1 for s in self.sessions.values() if s.draining),
-            "connections": self.connection_count,
-            "last_reload_unix": self.last_reload_unix,
-            "last_reload_error": self.last_reload_error,
-            "reloads": self.reloads,
-            "reload_failures": self.reload_failures,
-            "bytes_up": totals[0],
-            "bytes_down": totals[1],
-            "messages_up": totals[2],
-            "messages_down": totals[3],
-            "listeners": [
-                {"name": name, "addresses": [_fmt(h, p) for h, p in addresses], "tls": self.listeners[name].spec.tls is not None}
-                for name, addresses in self.addresses.items()
-            ],
-            "routes": [
-                {"host": r.host, "path": r.path, "pool": r.pool, "auth": r.auth.mode if r.auth else None}
-                for r in config.routes
-            ],
-            "pools": pools,
-        }
+        """What GET /status returns (and the status page shows)."""
+        return snapshot(self)
 
     # -- the idle sweeper -----------------------------------------------------------
 
@@ -609,62 +547,3 @@ class App:
 
 def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def main(config: Config, path: str, log_overridden: bool = False) -> None:
-    """Run the proxy: SIGHUP reloads ``path``; SIGTERM or SIGINT shut down, a second one exits at once.
-
-    Under systemd: listening sockets passed by socket activation are used by
-    listener name, and the notify protocol reports READY, RELOADING, STOPPING,
-    STATUS and the watchdog.
-    """
-    from .config.load import load_config
-    from .control.admin import serve_admin
-    from .control.systemd import Notifier, listen_fds
-    from .errors import ConfigErrors
-
-    notifier = Notifier.from_environ()
-    app = App(config, inherited=listen_fds())
-    app.log_overridden = log_overridden
-    app.on_ready = lambda: notifier.ready(app.status_line())
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-
-        async def watch_signals() -> None:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    if app.stopping:
-                        continue
-                    log.info("event=signal signal=SIGHUP action=reload path=%s", path)
-                    notifier.reloading()
-                    try:
-                        new = await trio.to_thread.run_sync(load_config, path)
-                        app.reload(new)
-                    except ConfigErrors as exc:
-                        app.reload_failed([str(e) for e in exc.errors])
-                    except ReloadError as exc:
-                        app.reload_failed([str(exc)])
-                    notifier.ready(app.status_line())
-                    continue
-                if app.stopping:
-                    log.warning("event=signal signal=%s action=exit_now", name)
-                    app.abort()
-                    return
-                log.info("event=signal signal=%s action=shutdown", name)
-                notifier.stopping()
-                app.shutdown()
-
-        async def report_status() -> None:
-            while True:
-                await trio.sleep(5)
-                notifier.status(app.status_line())
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(notifier.watchdog)
-            nursery.start_soon(report_status)
-            if config.admin is not None:
-                address = await nursery.start(serve_admin, app, config.admin)
-                log.info("event=admin_listening address=%s", address)
-            await app.serve()  # returns once accepting has stopped and every session has ended
-            nursery.cancel_scope.cancel()

@@ -94,7 +94,7 @@ ERROR_LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>
 
 
 async def test_check_reports_every_error_with_its_position(tmp_path: Path) -> None:
-    path = write_config(
+    write_config(
         tmp_path,
         """\
         listeners:

@@ -35,8 +35,6 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-import wsproxy.__main__
-import wsproxy.app
 from tests.support import closed_port, start_ws_backend
 from wsproxy.config.schema import ShutdownConfig
 
@@ -53,12 +51,6 @@ needs_analyze = pytest.mark.skipif(
     ANALYZE is None, reason="systemd-analyze is not installed (Debian: apt-get install -y systemd)"
 )
 
-#: The integration is wired by app.py (or __main__.py); until then the tests
-#: of a running wsproxy under a manager are skipped, not failed.
-WIRED = any(
-    re.search(r"\b(Notifier|listen_fds)\b", Path(m.__file__ or "").read_text()) for m in (wsproxy.app, wsproxy.__main__)
-)
-needs_wiring = pytest.mark.skipif(not WIRED, reason="app.py does not use wsproxy.control.systemd yet")
 
 
 def directives(path: Path) -> list[tuple[str, str, str]]:
@@ -245,7 +237,6 @@ async def echo_once(port: int) -> None:
 GENERATION = re.compile(r"^(\d+) sessions?, config generation (\d+)$")
 
 
-@needs_wiring
 async def test_run_notifies_ready_reloading_stopping(tmp_path: Path, nursery: trio.Nursery) -> None:
     backend_port = await start_ws_backend(nursery)
     port = closed_port()
@@ -283,7 +274,6 @@ async def test_run_notifies_ready_reloading_stopping(tmp_path: Path, nursery: tr
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 
-@needs_wiring
 @pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate is not installed (package systemd)")
 async def test_socket_activation_uses_the_passed_socket(tmp_path: Path, nursery: trio.Nursery) -> None:
     """systemd-socket-activate binds the port and execs wsproxy on the first connection.

@@ -1,0 +1,89 @@
+"""The JSON of ``GET /status``: a snapshot of the running proxy. No I/O here.
+
+Built from the ``App``'s current generation, its registry and its open
+sessions; byte and message totals add what open sessions have relayed so far
+to what ended sessions left in the registry.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config.schema import Address
+
+if TYPE_CHECKING:
+    from ..app import App
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def snapshot(app: App) -> dict[str, object]:
+    config = app.generation.config
+    now = trio.current_time()
+    live: dict[Address, list[int]] = {}  # what open sessions relayed so far, by backend
+    for session in app.sessions.values():
+        if session.relay is not None and session.backend is not None:
+            relay = session.relay
+            counts = live.setdefault(session.backend.address, [0, 0, 0, 0])
+            counts[0] += relay.bytes_up
+            counts[1] += relay.bytes_down
+            counts[2] += relay.up.scanner.messages
+            counts[3] += relay.down.scanner.messages
+    totals = [0, 0, 0, 0]
+    for state in app.registry:
+        extra = live.get(state.address, [0, 0, 0, 0])
+        for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
+            totals[i] += value + extra[i]
+    pools: dict[str, object] = {}
+    for name, pool in config.pools.items():
+        backends = []
+        for backend in pool.backends:
+            state = app.registry.state(backend.address)
+            extra = live.get(backend.address, [0, 0, 0, 0])
+            backends.append(
+                {
+                    "address": str(backend.address),
+                    "weight": backend.weight,
+                    "health": state.health.value,
+                    "last_check": state.last_check,
+                    "rtt_s": state.rtt_s,
+                    "active": state.active,
+                    "total": state.total,
+                    "draining": state.draining,
+                    "ejected": state.ejected(now),
+                    "available": state.available(now, backend),
+                    "bytes_up": state.bytes_up + extra[0],
+                    "bytes_down": state.bytes_down + extra[1],
+                    "messages_up": state.messages_up + extra[2],
+                    "messages_down": state.messages_down + extra[3],
+                }
+            )
+        pools[name] = {"balance": pool.balance, "backends": backends}
+    return {
+        "generation": app.generation.number,
+        "sessions": len(app.sessions),
+        "draining_sessions": sum(1 for s in app.sessions.values() if s.draining),
+        "connections": app.connection_count,
+        "last_reload_unix": app.last_reload_unix,
+        "last_reload_error": app.last_reload_error,
+        "reloads": app.reloads,
+        "reload_failures": app.reload_failures,
+        "bytes_up": totals[0],
+        "bytes_down": totals[1],
+        "messages_up": totals[2],
+        "messages_down": totals[3],
+        "listeners": [
+            {"name": name, "addresses": [_fmt(h, p) for h, p in addresses], "tls": app.listeners[name].spec.tls is not None}
+            for name, addresses in app.addresses.items()
+        ],
+        "routes": [
+            {"host": r.host, "path": r.path, "pool": r.pool, "auth": r.auth.mode if r.auth else None}
+            for r in config.routes
+        ],
+        "pools": pools,
+    }
+
