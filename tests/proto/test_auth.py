@@ -29,18 +29,16 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from wsproxy.config.schema import AuthConfig, JwtConfig, TokenConfig
 from wsproxy.proto.auth import (
     Credential,
-    JwtKeys,
     Principal,
     Rewrite,
     claim_header_name,
     find_credential,
     identity_headers,
-    load_jwt_keys,
     missing_credentials,
     parse_tokens_file,
-    verify_jwt,
     verify_tokens,
 )
+from wsproxy.proto.jwt import JwtKeys, load_jwt_keys, verify_jwt
 from wsproxy.proto.handshake import Rejection, Upgrade, check_upgrade
 
 Headers = list[tuple[bytes, bytes]]

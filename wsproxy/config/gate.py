@@ -190,7 +190,7 @@ def _tokens(r: Reader, at: At | None, file_at: At | None) -> tuple[TokenConfig, 
 
 
 def _jwt(r: Reader, at: At) -> JwtConfig | None:
-    from wsproxy.proto.auth import load_jwt_keys
+    from wsproxy.proto.jwt import load_jwt_keys
 
     fields = r.fields(
         at,

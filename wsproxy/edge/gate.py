@@ -26,9 +26,9 @@ from ..proto.auth import (
     find_credential,
     identity_headers,
     missing_credentials,
-    verify_jwt,
     verify_tokens,
 )
+from ..proto.jwt import verify_jwt
 from ..proto.handshake import Rejection, Upgrade
 from ..proto.origin import OriginPolicy, check_origin, compile_origins
 from .channel import RawChannel
