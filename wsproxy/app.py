@@ -502,7 +502,20 @@ class App:
             generation=self.generation.number,
             draining_sessions=sum(1 for s in self.sessions.values() if s.draining),
             now=trio.current_time(),
+            live=self._live_counts(),
         )
+
+    def _live_counts(self) -> dict[str, tuple[int, int]]:
+        """Messages and bytes (up, down) relayed so far by the sessions still open."""
+        bytes_up = bytes_down = messages_up = messages_down = 0
+        for session in self.sessions.values():
+            relay = session.relay
+            if relay is not None:
+                bytes_up += relay.bytes_up
+                bytes_down += relay.bytes_down
+                messages_up += relay.up.scanner.messages
+                messages_down += relay.down.scanner.messages
+        return {"bytes": (bytes_up, bytes_down), "messages": (messages_up, messages_down)}
 
     def status_line(self) -> str:
         count = len(self.sessions)

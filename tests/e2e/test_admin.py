@@ -213,6 +213,29 @@ async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) ->
         assert total(series, "wsproxy_close_codes_total", side="client", code="1000") == 1
 
 
+async def test_bytes_and_messages_move_while_a_session_runs_and_stay_monotonic(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        seen: list[tuple[float, float]] = []
+
+        async def scrape() -> None:
+            series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
+            seen.append(
+                (total(series, "wsproxy_messages_total", direction="up"), total(series, "wsproxy_bytes_total", direction="up"))
+            )
+
+        async with open_websocket_url(f"ws://127.0.0.1:{stack.proxy_port}/chat") as ws:
+            for i in range(3):
+                await ws.send_message(f"m{i}")
+                assert await ws.get_message() == f"m{i}"
+                await scrape()
+        await until(lambda: not stack.app.sessions)
+        await scrape()
+    assert [m for m, _ in seen[:3]] == [1, 2, 3]  # counted while the session is open
+    assert seen[3][0] == 3  # and once, not twice, when it has ended
+    assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:])), seen  # bytes never go backwards
+
+
 async def test_status_lists_listeners_pools_and_backends(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         stack = await start_stack(nursery)

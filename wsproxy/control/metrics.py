@@ -13,8 +13,10 @@ What is counted where
 - Per route (``session_opened``/``session_closed``): ``wsproxy_sessions_active``
   and ``wsproxy_sessions_total{outcome}``, labelled ``route``, ``pool``,
   ``backend``, plus messages, bytes, close codes and the session duration.
-  Messages and bytes are added when a session *closes*, so a long session
-  shows up in ``wsproxy_bytes_total`` at its end, not while it runs.
+  Messages and bytes of ended sessions are added when they close; what open
+  sessions have relayed so far is passed to ``render`` (``live``) and added
+  there, so ``wsproxy_bytes_total`` moves while a long session runs and stays
+  monotonic when it ends (its bytes move from ``live`` to the totals at once).
 - Per pool and backend, read from the ``Registry`` at render time:
   ``wsproxy_backend_*`` (sessions active, health, check round trip, draining,
   ejected). The registry is keyed by address, so a backend listed in two
@@ -209,11 +211,14 @@ class Metrics:
         generation: int,
         draining_sessions: int,
         now: float | None = None,
+        live: Mapping[str, tuple[int, int]] | None = None,
     ) -> str:
         """The text format of every metric.
 
         ``now`` is the caller's ``trio.current_time()``, the clock ejections are
         kept in; without it ``wsproxy_backend_ejected`` has no samples.
+        ``live`` maps "messages" and "bytes" to (up, down) relayed so far by the
+        sessions still open.
         """
         out = _Writer()
         out.family("wsproxy_sessions_active", "gauge", "Established sessions, by route, pool and backend.")
@@ -228,12 +233,13 @@ class Metrics:
         out.histogram(
             "wsproxy_handshake_duration_seconds", self.handshake, "From accept to the 101 sent to the client."
         )
-        out.family("wsproxy_messages_total", "counter", "WebSocket messages relayed, counted at session close.")
+        live = live or {}
+        out.family("wsproxy_messages_total", "counter", "WebSocket messages relayed, open sessions included.")
         for direction, n in self._messages.items():
-            out.sample("wsproxy_messages_total", n, direction=direction)
-        out.family("wsproxy_bytes_total", "counter", "Bytes relayed (frames included), counted at session close.")
+            out.sample("wsproxy_messages_total", n + _live(live, "messages", direction), direction=direction)
+        out.family("wsproxy_bytes_total", "counter", "Bytes relayed (frames included), open sessions included.")
         for direction, n in self._bytes.items():
-            out.sample("wsproxy_bytes_total", n, direction=direction)
+            out.sample("wsproxy_bytes_total", n + _live(live, "bytes", direction), direction=direction)
         out.family(
             "wsproxy_close_codes_total", "counter", "Close codes sent by each side; none = gone without a close frame."
         )
@@ -293,6 +299,11 @@ class Metrics:
         if now is not None:
             for pool, backend, state in rows:
                 out.sample("wsproxy_backend_ejected", int(state.ejected(now)), pool=pool, backend=backend)
+
+
+def _live(live: Mapping[str, tuple[int, int]], what: str, direction: str) -> int:
+    up, down = live.get(what, (0, 0))
+    return up if direction == "up" else down
 
 
 class _Writer:
