@@ -46,7 +46,7 @@ from typing import Any
 import trio
 
 from .balance.policy import Selector, make_selector
-from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
+from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.health import HealthChecker
 from .control.metrics import Metrics
 from .control.registry import BackendState, Health, Registry
@@ -155,7 +155,7 @@ class App:
             self._inherited.clear()
             for name, slot in self.listeners.items():
                 for host, port in self.addresses[name]:
-                    log.info("event=listening listener=%s address=%s tls=%s", name, _fmt(host, port), slot.spec.tls is not None)
+                    log.info("event=listening listener=%s address=%s tls=%s", name, hostport(host, port), slot.spec.tls is not None)
             async with trio.open_nursery() as connections:
                 self._connections = connections
                 async with trio.open_nursery() as control:
@@ -183,7 +183,7 @@ class App:
                     log.warning(
                         "event=listener_address listener=%s passed=%s bind=%s reason='the socket passed by systemd is used; "
                         "its address differs from the listener bind'",
-                        spec.name, _fmt(host, port), spec.bind,
+                        spec.name, hostport(host, port), spec.bind,
                     )
             return inherited
         try:
@@ -275,7 +275,7 @@ class App:
                 if self._control is not None and not self.stopping:
                     self._start_accepting(slot)
                 for host, port in self.addresses[spec.name]:
-                    log.info("event=listening listener=%s address=%s", spec.name, _fmt(host, port))
+                    log.info("event=listening listener=%s address=%s", spec.name, hostport(host, port))
         for name, slot in previous.items():
             slot.close()
             log.info("event=listener_closed listener=%s", name)
@@ -558,5 +558,3 @@ class App:
                     relay.keepalive(now, keepalive.interval_s, keepalive.timeout_s)
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

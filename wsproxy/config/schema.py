@@ -34,6 +34,11 @@ AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
+def hostport(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets: ``[::1]:9000``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A TCP endpoint: ``host:port`` or ``[v6]:port`` in the YAML."""
@@ -42,7 +47,7 @@ class Address:
     port: int  # 0 only for listeners: the kernel picks a free port
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,7 +58,7 @@ from urllib.parse import unquote_to_bytes
 import h11
 import trio
 
-from ..config.schema import AdminConfig, ListenerConfig, ListenerName
+from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.channel import ChannelBroken, RawChannel
 from ..edge.listener import BACKLOG, accept_loop, open_listener
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -132,7 +132,7 @@ async def serve_admin(
         addresses = [f"unix:{unix_path}"]
     elif config.bind is not None:
         sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
-        addresses = [_fmt(*sock.getsockname()[:2]) for sock in sockets]
+        addresses = [hostport(*sock.getsockname()[:2]) for sock in sockets]
     else:
         raise ValueError("admin: neither bind nor unix_path is set")
     inode = os.stat(unix_path).st_ino if unix_path is not None else None
@@ -196,8 +196,6 @@ def _unlink_if_ours(path: str, inode: int | None) -> None:
         pass
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- one connection ------------------------------------------------------------------------------
@@ -295,7 +293,7 @@ def _peer(sock: socket.socket) -> str:
     except OSError:
         return "-"
     if isinstance(name, tuple):
-        return _fmt(name[0], name[1])
+        return hostport(name[0], name[1])
     return "unix"
 
 

@@ -11,14 +11,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..config.schema import Address
+from ..config.schema import Address, hostport
 
 if TYPE_CHECKING:
     from ..app import App
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def snapshot(app: App) -> dict[str, object]:
@@ -77,7 +75,7 @@ def snapshot(app: App) -> dict[str, object]:
         "messages_up": totals[2],
         "messages_down": totals[3],
         "listeners": [
-            {"name": name, "addresses": [_fmt(h, p) for h, p in addresses], "tls": app.listeners[name].spec.tls is not None}
+            {"name": name, "addresses": [hostport(h, p) for h, p in addresses], "tls": app.listeners[name].spec.tls is not None}
             for name, addresses in app.addresses.items()
         ],
         "routes": [

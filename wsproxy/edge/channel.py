@@ -73,15 +73,6 @@ class RawChannel:
                     return b""
                 raise
 
-    def try_receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes | None:
-        """What is there right now without waiting: bytes, ``b""`` at EOF, or None."""
-        try:
-            return self.sock.recv(max_bytes)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
-
     async def send(self, data: bytes | memoryview) -> None:
         """Send all of ``data``; raise ``ChannelBroken`` when the peer is gone."""
         sock = self.sock

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..balance.plan import NoBackend, cookie_for, plan_session
+from ..config.schema import hostport
 from ..errors import UpstreamUnavailable
 from ..proto.forwarded import forwarding
 from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
-from ..proto.handshake import Rejection, Upgrade, downstream_101, http_response, upstream_request
+from ..proto.handshake import TEXT_PLAIN, Rejection, Upgrade, downstream_101, http_response, upstream_request
 from .channel import ChannelBroken, RawChannel
 from .forward_auth import Denied
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsproxy.edge.session")
 
-_TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
 
 __all__ = ["CLOSE_TIMEOUT_S", "Session", "handle_connection"]
 
@@ -85,8 +85,6 @@ class Session:
         self.draining = False  # its close has been ordered by a drain or a shutdown
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def handle_connection(sock: socket.socket, app: App, listener: ListenerConfig) -> None:
@@ -110,11 +108,11 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                     source = await read_proxy_header(client, listener.proxy_protocol)
             except (ProxyHeaderError, trio.TooSlowError) as exc:
                 reason = str(exc) or "PROXY header not complete in time"
-                log.info("event=refused conn=%s peer=%s reason=%r", conn_id, _fmt(peer_ip, peer_port), reason)
+                log.info("event=refused conn=%s peer=%s reason=%r", conn_id, hostport(peer_ip, peer_port), reason)
                 return
             if source is not None:
                 client_ip, client_port = source
-        session = Session(conn_id, _fmt(client_ip, client_port), client_ip, generation)
+        session = Session(conn_id, hostport(client_ip, client_port), client_ip, generation)
         admission = app.clients.admit(client_ip, trio.current_time(), config.limits, app.connection_count)
         if admission is None:
             app.clients.connected(client_ip)
@@ -229,7 +227,7 @@ async def _connect_upstream(
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
         log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, plan.status, plan.reason)
-        await send_final(client, http_response(plan.status, [*extra, _TEXT_PLAIN], plan.body.encode()))
+        await send_final(client, http_response(plan.status, [*extra, TEXT_PLAIN], plan.body.encode()))
         raise _Done
     session.sticky = plan.sticky
     added, dropped = forwarding(

@@ -299,14 +299,6 @@ class TlsChannel(RawChannel):
                         return b""
                 return data
 
-    def try_receive(self, max_bytes: int = 65536) -> bytes | None:
-        try:
-            return self.ssl.read(max_bytes)
-        except ssl.SSLWantReadError:
-            return None
-        except ssl.SSLError:
-            return b""
-
     async def send(self, data: bytes | memoryview) -> None:
         try:
             self.ssl.write(data)

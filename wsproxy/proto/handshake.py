@@ -177,9 +177,8 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
         return Rejection(400, f"WebSocket upgrade with method {request.method.decode('latin-1')}")
     if request.http_version != b"1.1":
         return Rejection(400, f"WebSocket upgrade over HTTP/{request.http_version.decode('latin-1')}")
-    for name in (b"transfer-encoding",):
-        if name in headers:
-            return Rejection(400, "a body on the upgrade request (Transfer-Encoding)")
+    if b"transfer-encoding" in headers:
+        return Rejection(400, "a body on the upgrade request (Transfer-Encoding)")
     for value in headers.get(b"content-length", []):
         if value.strip() != b"0":
             return Rejection(400, "a body on the upgrade request (Content-Length)")
@@ -403,6 +402,10 @@ def downstream_101(accepted: Accepted, extra_headers: Sequence[tuple[bytes, byte
     return b"".join(lines)
 
 
+#: The Content-Type of the proxy's own short response bodies.
+TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
+
+
 def http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     """A complete HTTP/1.1 response with a Content-Length body that closes the connection."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error"))]
@@ -420,5 +423,5 @@ def http_error(rejection: Rejection) -> bytes:
     for the log, not for the client.
     """
     body = REASONS.get(rejection.status, b"Error") + b"\n"
-    headers = [*rejection.headers, (b"Content-Type", b"text/plain; charset=utf-8")]
+    headers = [*rejection.headers, TEXT_PLAIN]
     return http_response(rejection.status, headers, body)
