@@ -72,7 +72,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..config.schema import Address, HealthConfig, PoolConfig
 from ..edge.channel import ChannelBroken, RawChannel, connect
-from ..edge.tls import TlsChannel
+from ..edge.tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from .registry import Health, Registry
 
 log = logging.getLogger("wsproxy.control.health")
@@ -134,16 +134,10 @@ async def _check(address: Address, health: HealthConfig, progress: _Progress, tl
     except OSError as exc:
         return False, f"connect failed: {exc.strerror or exc}", None
     if tls is not None:  # a wss:// backend: the check speaks TLS and verifies it, like sessions do
-        context, server_name = tls
-        channel = TlsChannel.wrap_client(channel.sock, context, server_name)
         try:
-            await channel.handshake()
-        except ssl.SSLCertVerificationError as exc:
-            channel.close()
-            return False, f"TLS verification failed: {exc.verify_message}", None
-        except (ssl.SSLError, ChannelBroken) as exc:
-            channel.close()
-            return False, f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}", None
+            channel = await start_client_tls(channel, *tls)
+        except TlsHandshakeFailed as exc:
+            return False, str(exc), None
     try:
         if health.type == "tcp":
             return True, "ok", trio.current_time() - started
@@ -365,8 +359,7 @@ class HealthChecker:
         backend = next((b for b in pool.backends if b.address == address), None)
         if backend is None or not backend.tls or pool.tls_context is None:
             return None
-        server_name = pool.tls.server_name if pool.tls and pool.tls.server_name else address.host
-        return pool.tls_context, server_name
+        return pool.tls_context, backend_server_name(pool, address)
 
     async def _watch(
         self,

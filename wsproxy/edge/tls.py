@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import trio
 
-from ..config.schema import BackendTlsConfig, SniCertConfig, TlsConfig
+from ..config.schema import Address, BackendTlsConfig, PoolConfig, SniCertConfig, TlsConfig
 from .channel import ChannelBroken, RawChannel
 
 #: Mozilla "intermediate" (v5.7) TLS 1.2 cipher suites.
@@ -193,6 +193,36 @@ def peer_subject(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
         for key, value in rdn:
             parts.append(f"{_SHORT_NAMES.get(key, key)}={value}")
     return ",".join(parts) or None
+
+
+class TlsHandshakeFailed(Exception):
+    """A TLS handshake towards a backend failed; the message says why, for the log."""
+
+
+def backend_server_name(pool: PoolConfig, address: Address) -> str:
+    """The name a wss:// backend's certificate must carry: the pool's server_name, or its host."""
+    return pool.tls.server_name if pool.tls and pool.tls.server_name else address.host
+
+
+async def start_client_tls(channel: RawChannel, context: ssl.SSLContext, server_name: str) -> TlsChannel:
+    """Wrap a fresh connection to a backend in TLS and verify its certificate.
+
+    Raises ``TlsHandshakeFailed`` (the connection closed) with the verifier's
+    reason; sessions and health checks report the same words.
+    """
+    tls = TlsChannel.wrap_client(channel.sock, context, server_name)
+    try:
+        await tls.handshake()
+    except ssl.SSLCertVerificationError as exc:
+        tls.close()
+        raise TlsHandshakeFailed(f"TLS verification failed: {exc.verify_message} (server name {server_name!r})") from None
+    except (ssl.SSLError, ChannelBroken) as exc:
+        tls.close()
+        raise TlsHandshakeFailed(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
+    except BaseException:
+        tls.close()
+        raise
+    return tls
 
 
 class TlsChannel(RawChannel):

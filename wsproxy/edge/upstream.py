@@ -11,7 +11,6 @@ with h11 within ``timeouts.upstream_handshake``. The decisions are in
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
 from ..control.registry import Registry
 from ..errors import UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
-from .tls import TlsChannel
+from .tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..proto.handshake import (
     HOP_BY_HOP,
     Accepted,
@@ -95,12 +94,14 @@ async def open_upstream(
                 with trio.fail_after(timeouts.connect_s):
                     channel = await connect(address.host, address.port)
                     if backend.tls:
-                        channel = await _start_tls(channel, pool, backend)
+                        channel = await start_client_tls(
+                            channel, pool.tls_context, backend_server_name(pool, address)
+                        )
             except trio.TooSlowError:
                 reason = f"connect timed out after {timeouts.connect_s:g}s"
             except OSError as exc:
                 reason = f"connect failed: {exc.strerror or exc}"
-            except _TlsFailed as exc:
+            except TlsHandshakeFailed as exc:
                 reason = str(exc)
             else:
                 try:
@@ -130,28 +131,6 @@ async def open_upstream(
             if not connected:
                 state.active -= 1
     raise UpstreamUnavailable(status, f"pool {pool.name}: " + "; ".join(errors))
-
-
-class _TlsFailed(Exception):
-    """The TLS handshake with a wss:// backend failed (the message says why)."""
-
-
-async def _start_tls(channel: RawChannel, pool: PoolConfig, backend: BackendConfig) -> RawChannel:
-    """Wrap a fresh connection to a wss:// backend in TLS and verify its certificate."""
-    server_name = pool.tls.server_name if pool.tls and pool.tls.server_name else backend.address.host
-    tls = TlsChannel.wrap_client(channel.sock, pool.tls_context, server_name)
-    try:
-        await tls.handshake()
-    except ssl.SSLCertVerificationError as exc:
-        tls.close()
-        raise _TlsFailed(f"TLS verification failed: {exc.verify_message} (server name {server_name!r})") from None
-    except (ssl.SSLError, ChannelBroken) as exc:
-        tls.close()
-        raise _TlsFailed(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
-    except BaseException:
-        tls.close()
-        raise
-    return tls
 
 
 def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, conn_id: str) -> None:
