@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.trio.client import connect as ws_connect
 
+from tests.wsframes import frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config
@@ -90,62 +91,6 @@ def write(tmp_path: Path, name: str, data: bytes | str) -> str:
     path = tmp_path / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return str(path)
-
-
-# --- a tiny independent frame codec -------------------------------------------------------
-
-
-def frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
-    head = bytearray([0x80 | opcode])
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head.append(bit | n)
-    elif n < 1 << 16:
-        head += bytes([bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8, "big")
-    if mask:
-        key = os.urandom(4)
-        head += key
-        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-    return bytes(head) + payload
-
-
-async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> tuple[int, bytes] | None:
-    """(opcode, unmasked payload) of the next frame in ``buf`` + ``stream``; None at EOF."""
-
-    async def fill(n: int) -> bool:
-        while len(buf) < n:
-            try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                return False
-            buf.extend(data)
-        return True
-
-    if not await fill(2):
-        return None
-    n, pos = buf[1] & 0x7F, 2
-    if n >= 126:
-        size = 2 if n == 126 else 8
-        if not await fill(2 + size):
-            return None
-        n, pos = int.from_bytes(buf[2 : 2 + size], "big"), 2 + size
-    key = b""
-    if buf[1] & 0x80:
-        if not await fill(pos + 4):
-            return None
-        key, pos = bytes(buf[pos : pos + 4]), pos + 4
-    if not await fill(pos + n):
-        return None
-    opcode, payload = buf[0] & 0x0F, bytes(buf[pos : pos + n])
-    del buf[: pos + n]
-    if key:
-        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-    return opcode, payload
 
 
 def accept_for(key: bytes) -> bytes:
@@ -223,7 +168,7 @@ async def start_recording_backend(nursery: trio.Nursery, *, choose: str | None =
                 got = await read_frame(_Recording(stream, upstream), buf)
                 if got is None:
                     return
-                opcode, payload = got
+                opcode, payload = got.opcode, got.payload
                 if opcode == 0x1:
                     await stream.send_all(frame(0x1, payload, mask=False))
                 elif opcode == 0x8:

@@ -29,6 +29,7 @@ import trio
 import yaml
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
+from tests.wsframes import Frame, frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config
@@ -67,67 +68,6 @@ async def run_proxy(nursery: trio.Nursery, app: App) -> dict[str, int]:
     """Serve ``app``; its listeners' ports by name."""
     addresses = await nursery.start(app.serve)
     return {name: bound[0][1] for name, bound in addresses.items()}
-
-
-# --- a tiny independent frame codec -------------------------------------------------------------
-
-
-def frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
-    n = len(payload)
-    assert n < 126
-    head = bytes([0x80 | opcode, (0x80 if mask else 0) | n])
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-
-
-@dataclass
-class Frame:
-    opcode: int
-    payload: bytes  # unmasked
-    masked: bool
-
-    @property
-    def code(self) -> int:
-        assert self.opcode == OP_CLOSE, self
-        return int.from_bytes(self.payload[:2], "big")
-
-
-async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> Frame | None:
-    """The next frame from ``buf`` + ``stream``; None at EOF."""
-
-    async def fill(n: int) -> bool:
-        while len(buf) < n:
-            try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                return False
-            buf.extend(data)
-        return True
-
-    if not await fill(2):
-        return None
-    n, pos = buf[1] & 0x7F, 2
-    if n >= 126:
-        size = 2 if n == 126 else 8
-        if not await fill(2 + size):
-            return None
-        n, pos = int.from_bytes(buf[2 : 2 + size], "big"), 2 + size
-    key = b""
-    if buf[1] & 0x80:
-        if not await fill(pos + 4):
-            return None
-        key, pos = bytes(buf[pos : pos + 4]), pos + 4
-    if not await fill(pos + n):
-        return None
-    opcode, payload = buf[0] & 0x0F, bytes(buf[pos : pos + n])
-    del buf[: pos + n]
-    if key:
-        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-    return Frame(opcode, payload, bool(key))
 
 
 async def read_until_close(stream: trio.abc.ReceiveStream, buf: bytearray) -> tuple[list[Frame], Frame | None]:
