@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.trio.client import connect as ws_connect
 
+from tests.authservice import AuthService, start_auth_service
 from tests.wsframes import frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
@@ -672,21 +673,6 @@ def test_an_hmac_secret_file_holding_a_public_key_is_refused_at_load(tmp_path: P
 # --- 3. forward auth -------------------------------------------------------------------------
 
 
-@dataclass
-class AuthService:
-    """A real HTTP auth service (trio + h11); its verdict depends on the ``sid`` cookie."""
-
-    port: int = 0
-    requests: list[h11.Request] = field(default_factory=list)
-
-    def asked_for(self, path: str) -> list[h11.Request]:
-        """The subrequests for client requests to ``path`` (the query not compared)."""
-        return [
-            r for r in self.requests
-            if any(n == b"x-forwarded-uri" and v.partition(b"?")[0] == path.encode() for n, v in r.headers)
-        ]
-
-
 DENY_401_CHALLENGE = b'Bearer realm="e2e", error="invalid_token"'
 
 
@@ -707,41 +693,8 @@ def auth_verdict(request: h11.Request) -> tuple[int, list[tuple[bytes, bytes]], 
     return 401, [(b"WWW-Authenticate", DENY_401_CHALLENGE), (b"Content-Type", b"text/plain")], b"log in first\n"
 
 
-async def start_auth_service(nursery: trio.Nursery) -> AuthService:
-    service = AuthService()
-
-    async def handler(stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return
-        assert request is not None
-        service.requests.append(request)
-        verdict = auth_verdict(request)
-        if verdict is None:
-            await trio.sleep_forever()
-        assert verdict is not None
-        status, headers, body = verdict
-        response = h11.Response(status_code=status, headers=[*headers, (b"Content-Length", b"%d" % len(body))])
-        with_body = conn.send(response) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        await stream.send_all(with_body)
-        await stream.aclose()
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    service.port = int(listeners[0].socket.getsockname()[1])
-    return service
-
-
 async def forward_proxy(nursery: trio.Nursery, tmp_path: Path) -> tuple[int, Upstream, AuthService]:
-    service = await start_auth_service(nursery)
+    service = await start_auth_service(nursery, auth_verdict)
     backend, upstream = await start_recording_backend(nursery)
 
     def route(path: str, cache: str) -> dict[str, Any]:
