@@ -18,10 +18,8 @@ import dataclasses
 import hashlib
 import logging
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -29,7 +27,6 @@ import pytest
 import trio
 import websockets.exceptions
 import websockets.sync.client
-import websockets.sync.server
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
 from tests.support import (
@@ -37,6 +34,7 @@ from tests.support import (
     start_proxy,
     start_tcp_backend,
     start_ws_backend,
+    websockets_backend,
     with_timeouts,
 )
 from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, PoolName, RouteConfig, ShutdownConfig
@@ -303,19 +301,6 @@ def ws_connect(port: int, **kw: Any) -> websockets.sync.client.ClientConnection:
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
-
-
-@contextmanager
-def websockets_backend(handler: Callable[[Any], None], **kw: Any) -> Iterator[int]:
-    """A ``websockets`` sync server on 127.0.0.1 port 0, served from a thread."""
-    server = websockets.sync.server.serve(handler, "127.0.0.1", 0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.socket.getsockname()[1])
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def the_session(app: Any) -> Any:
