@@ -24,8 +24,10 @@ from wsproxy.proto.frames import (
     OP_TEXT,
     RSV1,
     FrameScanner,
+    UNMASK_IMPL,
     close_code_allowed,
     unmask,
+    unmask_portable,
 )
 
 OP_CONT = 0x0
@@ -227,7 +229,15 @@ def test_verdict_matches_pythons_decoder_however_the_message_is_cut(
 
 @given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4), phase=st.integers(0, 3))
 def test_unmask_is_the_bytewise_xor(payload: bytes, key: bytes, phase: int) -> None:
-    assert unmask(payload, key, phase) == bytes(b ^ key[(i + phase) & 3] for i, b in enumerate(payload))
+    expected = bytes(b ^ key[(i + phase) & 3] for i, b in enumerate(payload))
+    assert unmask(payload, key, phase) == expected
+    # The portable routine (used where websockets' C extension is missing) agrees.
+    assert unmask_portable(payload, key[phase:] + key[:phase]) == expected
+
+
+def test_the_c_masking_routine_is_in_use() -> None:
+    """websockets ships its C extension in every wheel for this platform: a fallback here is a packaging bug."""
+    assert UNMASK_IMPL == "websockets.speedups"
 
 
 # --- close frames (Autobahn 7.x) ----------------------------------------------------------
