@@ -13,9 +13,19 @@ import sys
 from . import __version__
 
 
+class _Version(argparse.Action):
+    """``--version``: the version and which frame scanner is in use (imported only when asked)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        from ._mypyc import describe
+
+        print(f"wsproxy {__version__}\n{describe()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsproxy", description="WebSocket reverse proxy and load balancer")
-    parser.add_argument("--version", action="version", version=f"wsproxy {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and the frame scanner in use")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")

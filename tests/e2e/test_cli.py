@@ -25,6 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 import wsproxy
+from wsproxy._mypyc import describe
 from tests.support import UPGRADE_REQUEST, closed_port, start_ws_backend
 
 WSPROXY = [sys.executable, "-m", "wsproxy"]
@@ -74,7 +75,9 @@ async def wsproxy_cmd(*args: str, cwd: Path | None = None) -> subprocess.Complet
 async def test_version() -> None:
     done = await wsproxy_cmd("--version")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.decode() == f"wsproxy {wsproxy.__version__}\n"
+    # The scanner line is the one this process's own import gives (same tree, same build).
+    assert done.stdout.decode() == f"wsproxy {wsproxy.__version__}\n{describe()}\n"
+    assert describe().startswith(("frame scanner: compiled (mypyc)\n", "frame scanner: pure Python"))
 
 
 async def test_check_accepts_a_valid_config(tmp_path: Path) -> None:

@@ -115,9 +115,12 @@ _apply_mask: Callable[[bytes, bytes], bytes]
 try:
     # The websockets library's C masking routine: about 15 times faster than the integer
     # XOR on a 1 KiB payload (bench/README.md); the portable version where it is missing.
-    from websockets.speedups import apply_mask as _apply_mask
+    # (Imported under another name and assigned: mypyc's build does not see websockets.)
+    from websockets.speedups import apply_mask as _speedups_apply_mask
 except ImportError:  # pragma: no cover - websockets built without its C extension
     _apply_mask = unmask_portable
+else:
+    _apply_mask = _speedups_apply_mask
 
 #: Which masking routine ``unmask`` uses, for ``wsproxy --version``.
 UNMASK_IMPL = "websockets.speedups" if _apply_mask is not unmask_portable else "portable"
