@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.machinery
 import os
 import sys
 import tempfile
@@ -103,6 +104,8 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         if not self.extensions:
+            if self.inplace:
+                self.remove_in_place_builds()
             return
         try:
             super().run()
@@ -116,6 +119,17 @@ class BuildExt(build_ext):
                 source = ROOT / (module.replace(".", "/") + ".py")
                 record = extension.with_name(extension.name + DIGEST_SUFFIX)
                 record.write_text(hashlib.sha256(source.read_bytes()).hexdigest() + "\n")
+
+    def remove_in_place_builds(self) -> None:
+        """An editable install of the pure package: remove what an earlier one compiled in the tree
+        (the extensions would otherwise go on shadowing the sources)."""
+        built = (*importlib.machinery.EXTENSION_SUFFIXES, DIGEST_SUFFIX)
+        for module in (*MODULES, GROUP_NAME + "__mypyc"):
+            path = ROOT / module.replace(".", "/")
+            for candidate in path.parent.glob(path.name + ".*"):
+                if candidate.name.endswith(built):
+                    say(f"removing {candidate.relative_to(ROOT)} (built by an earlier install)")
+                    candidate.unlink()
 
     def build_extension(self, ext) -> None:  # noqa: ANN001 - setuptools' Extension
         try:

@@ -149,3 +149,17 @@ def test_without_a_working_compiler_the_build_installs_the_pure_package(tmp_path
     assert done.returncode == 0, done.stderr
     assert "no working C compiler with Python.h" in done.stderr
     assert not list((root / "wsproxy").rglob("*.so"))
+
+
+def test_no_mypyc_switch_removes_extensions_an_earlier_editable_install_built(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path, with_extensions=False)
+    proto = root / "wsproxy" / "proto"
+    earlier = [proto / f"frames{SUFFIX}", proto / f"frames{SUFFIX}{_mypyc.SOURCE_DIGEST_SUFFIX}"]
+    earlier.append(proto / f"native__mypyc{SUFFIX}")
+    for path in earlier:
+        path.write_bytes(b"an earlier build")
+    done = build_in_place(root, WSPROXY_NO_MYPYC="1")
+    assert done.returncode == 0, done.stderr
+    assert [path for path in earlier if path.exists()] == []
+    assert (proto / "frames.py").exists()
+    assert report(root)[1] == "not compiled"
