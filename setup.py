@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent
 # The shared library of the compiled group: wsproxy/proto/native__mypyc.*.so
 GROUP_NAME = "wsproxy.proto.native"
 DIGEST_SUFFIX = ".mypyc-source-sha256"  # as wsproxy/_mypyc.py's SOURCE_DIGEST_SUFFIX
+METADATA_COMMANDS = {"egg_info", "dist_info", "sdist"}  # setup.py runs that compile nothing
 
 
 def say(message: str) -> None:
@@ -96,14 +97,19 @@ class BuildExt(build_ext):
     builds in place (editable installs), records which source each extension was compiled from."""
 
     def finalize_options(self) -> None:
-        # mypyc runs here rather than when setup.py is loaded: pip loads it three times
-        # (requirements, metadata, build) and only a build needs the C code.
-        if self.distribution.ext_modules is PLACEHOLDERS:
-            self.distribution.ext_modules = mypyc_extensions(MODULES)
+        # mypyc runs here rather than when setup.py is loaded, and not for metadata (egg_info
+        # finalizes build_ext to list sources): pip runs setup.py three times (requirements,
+        # metadata, build) and only the build needs the C code. Without mypyc's extensions the
+        # placeholders stay (the build command runs build_ext only for a distribution that has
+        # extensions) and run() builds nothing.
+        building = not set(self.distribution.commands) <= METADATA_COMMANDS
+        if building and self.distribution.ext_modules is PLACEHOLDERS:
+            self.distribution.ext_modules = mypyc_extensions(MODULES) or PLACEHOLDERS
         super().finalize_options()
 
     def run(self) -> None:
-        if not self.extensions:
+        if self.distribution.ext_modules is PLACEHOLDERS:
+            self.extensions = []
             if self.inplace:
                 self.remove_in_place_builds()
             return
