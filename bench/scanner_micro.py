@@ -29,7 +29,7 @@ from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsproxy._mypyc import FALLBACK, is_compiled, load_pure  # noqa: E402
+from wsproxy._mypyc import FALLBACK, is_compiled, load_pure_copies  # noqa: E402
 from wsproxy.proto import frames  # noqa: E402
 
 MASK = b"\x37\xfa\x21\x3d"
@@ -89,7 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="timeit runs per figure (the minimum is kept)")
     args = parser.parse_args()
-    pure = load_pure(frames.__name__, as_name="wsproxy.proto._frames_pure")
+    pure = load_pure_copies()[frames.__name__]
     default = "compiled (mypyc)" if is_compiled(frames) else f"pure Python ({FALLBACK or 'not compiled'})"
     print(f"default import: {default}; unmasking: {frames.UNMASK_IMPL}; load average {os.getloadavg()[0]:.2f}")
     print()

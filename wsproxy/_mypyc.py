@@ -89,6 +89,33 @@ def load_pure(name: str, as_name: str | None = None) -> ModuleType:
     return module
 
 
+def pure_name(name: str) -> str:
+    """The name ``load_pure_copies`` registers the pure copy of ``name`` under."""
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent}._{leaf}_pure"
+
+
+def load_pure_copies() -> dict[str, ModuleType]:
+    """Pure-Python copies of every listed module, beside the default imports: name -> copy.
+
+    Each copy is registered under ``pure_name(name)``, and while the copies are executed
+    the listed names point at them, so that a copy importing another listed module
+    (``from .frames import FrameScanner``) gets the other's pure copy, as in a pure install.
+    """
+    copies: dict[str, ModuleType] = {}
+    saved = {name: sys.modules.get(name) for name in MYPYC_MODULES}
+    try:
+        for name in MYPYC_MODULES:
+            copies[name] = sys.modules[name] = load_pure(name, as_name=pure_name(name))
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return copies
+
+
 def _extension(name: str) -> Path | None:
     """The extension file built for ``name``, if any (what a plain import would pick first)."""
     path = source_path(name)

@@ -86,7 +86,8 @@ def test_without_an_extension_the_source_is_used_quietly(tmp_path: Path) -> None
 
 def test_an_extension_that_fails_to_import_falls_back_with_a_warning(tmp_path: Path) -> None:
     root = copy_tree(tmp_path, with_extensions=False)
-    (root / "wsproxy" / "proto" / f"frames{SUFFIX}").write_bytes(b"not an ELF file")
+    for name in _mypyc.MYPYC_MODULES:
+        (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"not an ELF file")
     file, fallback, line, stderr = report(root)
     assert file.endswith("frames.py")
     assert fallback.startswith("compiled module failed to import (")
@@ -163,3 +164,12 @@ def test_no_mypyc_switch_removes_extensions_an_earlier_editable_install_built(tm
     assert [path for path in earlier if path.exists()] == []
     assert (proto / "frames.py").exists()
     assert report(root)[1] == "not compiled"
+
+
+def test_pure_copies_sit_beside_the_default_imports() -> None:
+    before = {name: sys.modules[name] for name in _mypyc.MYPYC_MODULES}
+    copies = _mypyc.load_pure_copies()
+    assert {name: sys.modules[name] for name in _mypyc.MYPYC_MODULES} == before
+    for name, copy in copies.items():
+        assert copy.__name__ == _mypyc.pure_name(name) and copy.__file__ == str(_mypyc.source_path(name))
+        assert not _mypyc.is_compiled(copy)
