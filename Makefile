@@ -29,3 +29,4 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -f wsproxy/*/*.so wsproxy/*/*.mypyc-source-sha256   # extensions setup.py built in place
