@@ -12,8 +12,8 @@ by the scanner), each as a client sends them (masked) and as a server does
 the script says which); ``pure`` is the ``.py`` executed as a separate module.
 
 Each figure is the minimum over ``--repeat`` timeit runs (stdlib ``timeit``, auto-ranged
-to about 0.2 s each). On a machine shared with other work the absolute figures move;
-the ratio between the two, measured back to back, is what to read.
+to about 0.2 s each), the two implementations' runs interleaved. On a machine shared with
+other work the absolute figures move; the ratio between the two is what to read.
 
 What this is not: a relay benchmark (bench/run.py measures the proxy end to end).
 """
@@ -69,7 +69,8 @@ def workloads() -> list[tuple[str, bool, list[bytes], int]]:
     return cases
 
 
-def per_frame_us(module: ModuleType, from_client: bool, reads: list[bytes], count: int, repeat: int) -> float:
+def timer(module: ModuleType, from_client: bool, reads: list[bytes]) -> tuple[timeit.Timer, int]:
+    """A timer feeding ``reads`` to a fresh scanner of ``module``, and its auto-ranged loop count."""
     scanner = module.FrameScanner(from_client=from_client)
     feed = scanner.feed
     for chunk in reads:  # every read must pass whole: the figures would mean nothing otherwise
@@ -79,10 +80,18 @@ def per_frame_us(module: ModuleType, from_client: bool, reads: list[bytes], coun
         for chunk in reads:
             feed(chunk)
 
-    timer = timeit.Timer(run)
-    number, _ = timer.autorange()
-    best = min(timer.repeat(repeat=repeat, number=number)) / number
-    return best / count * 1e6
+    clock = timeit.Timer(run)
+    return clock, clock.autorange()[0]
+
+
+def per_frame_us(modules: list[ModuleType], from_client: bool, reads: list[bytes], count: int, repeat: int) -> list[float]:
+    """µs per frame of each module, runs interleaved (so that a load change hits both), minimum kept."""
+    timers = [timer(module, from_client, reads) for module in modules]
+    best = [float("inf")] * len(modules)
+    for _ in range(repeat):
+        for i, (clock, number) in enumerate(timers):
+            best[i] = min(best[i], clock.timeit(number) / number)
+    return [seconds / count * 1e6 for seconds in best]
 
 
 def main() -> int:
@@ -96,8 +105,7 @@ def main() -> int:
     print("| reads fed | default µs/frame | pure µs/frame | default / pure |")
     print("|---|---:|---:|---:|")
     for name, from_client, reads, count in workloads():
-        fast = per_frame_us(frames, from_client, reads, count, args.repeat)
-        slow = per_frame_us(pure, from_client, reads, count, args.repeat)
+        fast, slow = per_frame_us([frames, pure], from_client, reads, count, args.repeat)
         print(f"| {name} | {fast:.3f} | {slow:.3f} | {fast / slow:.2f} |")
     return 0
 
