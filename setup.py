@@ -118,6 +118,8 @@ class BuildExt(build_ext):
         except Exception as exc:  # a compiler or linker error
             say(f"building the compiled modules failed ({exc}): installing the pure-Python modules")
             self.extensions = []
+            if self.inplace:
+                self.remove_in_place_builds()
             return
         if self.inplace:
             for module in MODULES:
@@ -149,6 +151,7 @@ class BuildExt(build_ext):
 
 MODULES = listed_modules()
 # Placeholders that make the distribution one with extensions (so build_ext runs and the
-# wheel is platform-specific); BuildExt.run replaces them with mypyc's, or with nothing.
+# wheel is platform-specific); BuildExt.finalize_options replaces them with mypyc's when it
+# compiles, and BuildExt.run builds nothing when they are still there.
 PLACEHOLDERS = [Extension(module, [module.replace(".", "/") + ".py"]) for module in MODULES]
 setup(ext_modules=PLACEHOLDERS, cmdclass={"build_ext": BuildExt})
