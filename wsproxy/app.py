@@ -52,10 +52,12 @@ from .control.metrics import Metrics
 from .control.registry import BackendState, Health, Registry
 from .control.status import snapshot
 from .edge.gate import RouteGate
+from .edge.engine import HAVE_EPOLL, Engine
 from .edge.listener import accept_loop, open_listener
 from .edge.session import Session, handle_connection
 from .proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from .proto.limits import ClientTable
+from .proto.relay import Outcome
 from .proto.routing import Router
 
 log = logging.getLogger("wsproxy.app")
@@ -104,8 +106,18 @@ class ReloadError(Exception):
 
 
 class App:
-    def __init__(self, config: Config, *, inherited: dict[str, list[socket.socket]] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        inherited: dict[str, list[socket.socket]] | None = None,
+        engine: bool | None = None,
+    ) -> None:
         self.generation = Generation(config, 1)
+        if engine is None:  # the epoll engine where there is epoll, unless WSPROXY_RELAY=trio
+            engine = HAVE_EPOLL and os.environ.get("WSPROXY_RELAY", "engine") != "trio"
+        #: relays every plain session (None: each session relays itself with trio pumps)
+        self.engine: Engine | None = Engine() if engine else None
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
@@ -156,22 +168,30 @@ class App:
             for name, slot in self.listeners.items():
                 for host, port in self.addresses[name]:
                     log.info("event=listening listener=%s address=%s tls=%s", name, hostport(host, port), slot.spec.tls is not None)
-            async with trio.open_nursery() as connections:
-                self._connections = connections
-                async with trio.open_nursery() as control:
-                    self._control = control
-                    control.start_soon(self._idle_sweeper)
-                    for pool in self.generation.config.pools.values():
-                        await self._start_checker(pool)
-                    for slot in self.listeners.values():
-                        self._start_accepting(slot)
-                    task_status.started(self.addresses)
-                    if self.on_ready is not None:
-                        self.on_ready()
+            async with trio.open_nursery() as engine_nursery:
+                if self.engine is not None:
+                    engine_nursery.start_soon(self.engine.run)
+                await self._serve_connections(task_status)
+                engine_nursery.cancel_scope.cancel()  # every session has ended
         finally:
             for slot in self.listeners.values():
                 slot.close()
         log.info("event=stopped")
+
+    async def _serve_connections(self, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]]) -> None:
+        """The control tasks, the accept loops and one task per connection, until all have ended."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            async with trio.open_nursery() as control:
+                self._control = control
+                control.start_soon(self._idle_sweeper)
+                for pool in self.generation.config.pools.values():
+                    await self._start_checker(pool)
+                for slot in self.listeners.values():
+                    self._start_accepting(slot)
+                task_status.started(self.addresses)
+                if self.on_ready is not None:
+                    self.on_ready()
 
     def _open(self, spec: ListenerConfig) -> list[socket.socket]:
         inherited = self._inherited.pop(spec.name, None)
@@ -424,7 +444,13 @@ class App:
         sessions = self._sessions_on(pool, address)
         log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
         await self._close_spread(
-            sessions, drain.spread_s, CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, f"backend draining ({reason})", still=still
+            sessions,
+            drain.spread_s,
+            CLOSE_SERVICE_RESTART,
+            CLOSE_GOING_AWAY,
+            f"backend draining ({reason})",
+            Outcome.DRAIN,
+            still=still,
         )
         key = (PoolName(pool), address)
         if reason == "removed by reload" and still():
@@ -437,6 +463,7 @@ class App:
         client_code: int,
         backend_code: int,
         reason: str,
+        kind: Outcome,
         *,
         still: Callable[[], bool] = lambda: True,
     ) -> None:
@@ -456,7 +483,7 @@ class App:
             relay = session.relay
             if relay is not None and session.conn_id in self.sessions:
                 session.draining = True
-                relay.finish(client_code, backend_code, reason)
+                relay.finish(client_code, backend_code, reason, kind)
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -482,6 +509,7 @@ class App:
                 CLOSE_GOING_AWAY,
                 CLOSE_GOING_AWAY,
                 "proxy shutting down",
+                Outcome.SHUTDOWN,
             )
 
     def abort(self) -> None:
@@ -551,7 +579,7 @@ class App:
                     session.idle_mark = mark
                     session.idle_since = now
                 elif now - session.idle_since >= session.generation.config.timeouts.idle_s:
-                    relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout")
+                    relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", Outcome.IDLE)
                     continue
                 keepalive = session.route.keepalive if session.route is not None else None
                 if keepalive is not None:
