@@ -61,23 +61,25 @@ class Reply:
 class AdminClient:
     """HTTP/1.1 requests on one connection, kept alive between requests."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
         self.stream = stream
+        self.host = host  # the Host header sent unless a request gives its own
         self.conn = h11.Connection(h11.CLIENT)
 
     @classmethod
     async def connect(cls, address: str) -> AdminClient:
         if address.startswith("unix:"):
-            return cls(await trio.open_unix_socket(address[5:]))
+            return cls(await trio.open_unix_socket(address[5:]), "localhost")
         host, _, port = address.rpartition(":")
-        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)))
+        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)), address)
 
     async def request(
         self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
     ) -> Reply:
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-        head = [("Host", "admin"), *headers]
+        given = any(name.lower() == "host" for name, _ in headers)
+        head = [*([] if given else [("Host", self.host)]), *headers]
         if body or method == "POST":
             head.append(("Content-Length", str(len(body))))
         data = self.conn.send(h11.Request(method=method, target=target, headers=head))
@@ -107,12 +109,14 @@ class AdminClient:
         await self.stream.aclose()
 
 
-async def call(address: str, method: str, target: str, *, token: bytes | None = None) -> Reply:
+async def call(
+    address: str, method: str, target: str, *, token: bytes | None = None, headers: Sequence[tuple[str, str]] = ()
+) -> Reply:
     """One request on a new connection."""
     client = await AdminClient.connect(address)
     try:
-        headers = [("Authorization", f"Bearer {token.decode()}")] if token else []
-        return await client.request(method, target, headers=headers)
+        auth = [("Authorization", f"Bearer {token.decode()}")] if token else []
+        return await client.request(method, target, headers=[*auth, *headers])
     finally:
         await client.aclose()
 

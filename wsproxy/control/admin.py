@@ -2,9 +2,10 @@
 
 ::
 
-    serve_admin                 in the app's control nursery
+    AdminServer.serve           in run.py's nursery (serve_admin for one config)
     └── nursery
-        ├── accept_loop         one per bound socket (edge.listener)
+        ├── _run_listening      one per listener generation; a reload that moves it starts another
+        │   └── accept_loop     one per bound socket (edge.listener)
         └── _serve_connection   one per admin connection: h11, keep-alive
 
 Routes (everything else is 404):
@@ -26,7 +27,21 @@ Routes (everything else is 404):
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When ``AdminConfig.token`` is set, every request but the page's
 needs ``Authorization: Bearer <token>`` (compared in constant time), else 401
-with ``WWW-Authenticate: Bearer`` (RFC 6750 §3).
+with ``WWW-Authenticate: Bearer`` (RFC 6750 §3), logged at WARNING with the
+peer and the path (never the token).
+
+Before any of that, ``admin_policy.check_request`` decides whether a browser
+could have been made to send the request: a Host that does not name this
+listener gets 421 (DNS rebinding), a state-changing request from another
+origin 403 (cross-site request forgery); a control character in a decoded
+path segment gets 400. Each refusal is logged with its reason; every value
+from the request is written with ``log.field``, so none can forge a line.
+
+A reload applies the admin section (``AdminServer.prepare`` then ``commit``):
+a new token replaces the old one at once, for open connections too; a new
+``bind`` opens the new listener first (a failure leaves the old one serving
+and fails the reload), then stops the old one, whose connections finish
+their current requests.
 
 Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
 KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
@@ -50,17 +65,20 @@ import os
 import socket
 import stat
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cache, partial
 from importlib import resources
 from typing import Protocol
-from urllib.parse import unquote_to_bytes
 
 import h11
 import trio
 
 from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.channel import ChannelBroken, RawChannel
+from ..config.ops import is_loopback_host
 from ..edge.listener import BACKLOG, accept_loop, open_listener
+from ..log import field as logged
+from .admin_policy import AdminSite, Refusal, check_request, path_segments
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .registry import Registry
@@ -125,30 +143,166 @@ async def serve_admin(
     ``task_status.started`` gets the bound address once listening:
     ``"127.0.0.1:9090"``, ``"[::1]:9090"`` or ``"unix:/run/wsproxy/admin.sock"``.
     """
-    token = _token(config)
+    # With a config, serve() always starts with an address, never None.
+    await AdminServer(app).serve(config, task_status=task_status)  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class _Listening:
+    """One opened admin listener: its sockets, what it answers to, and the scope that stops it."""
+
+    sockets: list[socket.socket]
+    addresses: list[str]
+    site: AdminSite
+    unix_path: str | None = None
+    inode: int | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.unix_path is not None:
+            _unlink_if_ours(self.unix_path, self.inode)
+
+
+@dataclass(frozen=True)
+class AdminChange:
+    """A reload's admin section, made ready by ``AdminServer.prepare``: the new listener already bound."""
+
+    config: AdminConfig | None
+    token: bytes | None
+    move: bool  # bind or unix_path changed (or the listener was added or removed)
+    listening: _Listening | None  # opened when ``move`` and a listener is wanted
+
+
+class AdminServer:
+    """The admin listener of one process, kept across reloads.
+
+    ``serve`` runs it; a reload calls ``prepare`` (may raise OSError: nothing
+    changed) and, once the rest of the config is applied, ``commit`` (never
+    fails) or ``abandon``. The token is read per request, so a commit takes
+    effect for the very next request on any connection.
+    """
+
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
+        self.config: AdminConfig | None = None
+        self.token: bytes | None = None
+        self._listening: _Listening | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def address(self) -> str | None:
+        """Where it listens now (the first address), or None when off."""
+        return self._listening.addresses[0] if self._listening else None
+
+    async def serve(
+        self, config: AdminConfig | None, *, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen as ``config`` says (not at all when None) until cancelled; started with the address."""
+        token = _token(config) if config is not None else None
+        listening = _open(config) if config is not None else None  # OSError: start-up fails, as for any listener
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.config, self.token = config, token
+                if listening is not None:
+                    self._start(listening)
+                    listening = None
+                task_status.started(self.address)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            if listening is not None:
+                listening.close()
+
+    def prepare(self, config: AdminConfig | None) -> AdminChange:
+        """Ready ``config`` for ``commit``: open the new listener if it moved; OSError if it cannot."""
+        token = _token(config) if config is not None else None
+        move = _where(config) != _where(self.config)
+        listening = _open(config) if move and config is not None else None
+        return AdminChange(config, token, move, listening)
+
+    def abandon(self, change: AdminChange) -> None:
+        """The reload failed elsewhere: close what ``prepare`` opened."""
+        if change.listening is not None:
+            change.listening.close()
+
+    def commit(self, change: AdminChange) -> None:
+        """Swap in the token, move the listener, and log what changed."""
+        changed = []
+        if change.token != self.token:
+            changed.append("token")
+        if change.config is not None and self.config is not None and change.config.insecure_no_token != self.config.insecure_no_token:
+            changed.append("insecure_no_token")
+        self.config, self.token = change.config, change.token
+        old = self._listening
+        if change.move:
+            changed.append("bind")
+            if old is not None:
+                old.scope.cancel()  # _run_listening closes its sockets; its connections finish their requests
+                self._listening = None
+            if change.listening is not None:
+                if self._nursery is None:  # not serving (shutting down): nothing to move to
+                    change.listening.close()
+                else:
+                    self._start(change.listening)
+        if not changed:
+            return
+        log.info(
+            "event=admin_reloaded changed=%s address=%s was=%s auth=%s",
+            ",".join(changed), self.address or "off", old.addresses[0] if old and change.move else "-",
+            "token" if self.token else "none",
+        )
+        if "token" in changed and self._listening is not None:
+            _warn_if_insecure(self.config, self._listening.addresses, self.token)
+
+    def _start(self, listening: _Listening) -> None:
+        assert self._nursery is not None
+        self._listening = listening
+        self._nursery.start_soon(self._run_listening, listening)
+        for address in listening.addresses:
+            log.info("event=listening listener=admin address=%s auth=%s", address, "token" if self.token else "none")
+        _warn_if_insecure(self.config, listening.addresses, self.token)
+
+    async def _run_listening(self, listening: _Listening) -> None:
+        assert self._nursery is not None
+        handler = partial(_serve_connection, server=self, site=listening.site)
+        try:
+            with listening.scope:
+                async with trio.open_nursery() as accepting:
+                    for sock in listening.sockets:
+                        accepting.start_soon(accept_loop, sock, handler, self._nursery)
+        finally:
+            listening.close()
+
+
+def _where(config: AdminConfig | None) -> object:
+    return None if config is None else (config.bind, config.unix_path)
+
+
+def _open(config: AdminConfig) -> _Listening:
+    """Bind ``config``'s listener (OSError if it cannot)."""
     unix_path = config.unix_path
     if unix_path is not None:
-        sockets = [_open_unix(unix_path)]
-        addresses = [f"unix:{unix_path}"]
-    elif config.bind is not None:
-        sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
-        addresses = [hostport(*sock.getsockname()[:2]) for sock in sockets]
-    else:
+        sock = _open_unix(unix_path)
+        return _Listening([sock], [f"unix:{unix_path}"], AdminSite.for_unix(), unix_path, os.stat(unix_path).st_ino)
+    if config.bind is None:
         raise ValueError("admin: neither bind nor unix_path is set")
-    inode = os.stat(unix_path).st_ino if unix_path is not None else None
-    try:
-        async with trio.open_nursery() as nursery:
-            handler = partial(_serve_connection, app=app, token=token)
-            for sock in sockets:
-                nursery.start_soon(accept_loop, sock, handler, nursery)
-            for address in addresses:
-                log.info("event=listening listener=admin address=%s auth=%s", address, "token" if token else "none")
-            task_status.started(addresses[0])
-    finally:
-        for sock in sockets:
-            sock.close()
-        if unix_path is not None:
-            _unlink_if_ours(unix_path, inode)
+    sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
+    bound = [sock.getsockname()[:2] for sock in sockets]
+    return _Listening(
+        sockets, [hostport(host, port) for host, port in bound], AdminSite.for_tcp(bound, config.bind.host)
+    )
+
+
+def _warn_if_insecure(config: AdminConfig | None, addresses: list[str], token: bytes | None) -> None:
+    if config is None or config.bind is None or token is not None or is_loopback_host(config.bind.host):
+        return
+    log.warning(
+        "event=admin_insecure address=%s reason=%r",
+        addresses[0], "insecure_no_token: true: anyone who can reach this address can drain backends",
+    )
 
 
 def _token(config: AdminConfig) -> bytes | None:
@@ -201,7 +355,7 @@ def _unlink_if_ours(path: str, inode: int | None) -> None:
 # -- one connection ------------------------------------------------------------------------------
 
 
-async def _serve_connection(sock: socket.socket, app: AdminApp, token: bytes | None) -> None:
+async def _serve_connection(sock: socket.socket, server: AdminServer, site: AdminSite) -> None:
     """Answer requests on one connection until it closes, errs or idles; never raises."""
     channel = RawChannel(sock)
     peer = _peer(sock)
@@ -209,7 +363,7 @@ async def _serve_connection(sock: socket.socket, app: AdminApp, token: bytes | N
     try:
         while True:
             with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
-                again = await _one_request(channel, conn, app, token, peer)
+                again = await _one_request(channel, conn, server, site, peer)
             if scope.cancelled_caught:
                 return  # slow, or idle between requests: nothing more to say
             if not again:
@@ -225,7 +379,7 @@ async def _serve_connection(sock: socket.socket, app: AdminApp, token: bytes | N
         channel.close()
 
 
-async def _one_request(channel: RawChannel, conn: h11.Connection, app: AdminApp, token: bytes | None, peer: str) -> bool:
+async def _one_request(channel: RawChannel, conn: h11.Connection, server: AdminServer, site: AdminSite, peer: str) -> bool:
     """Read one request and answer it; True if the connection may carry another."""
     try:
         request = await _read_head(channel, conn)
@@ -247,7 +401,7 @@ async def _one_request(channel: RawChannel, conn: h11.Connection, app: AdminApp,
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
-    await _send(channel, conn, request, _answer(request, app, token, peer))
+    await _send(channel, conn, request, _answer(request, server.app, server.token, site, peer))
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
@@ -318,12 +472,15 @@ async def _send(
     await channel.send(data)
 
 
-def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str) -> _Answer:
-    """The response to one complete request (sans-I/O but for the App's own calls)."""
+def _answer(request: h11.Request, app: AdminApp, token: bytes | None, site: AdminSite, peer: str) -> _Answer:
+    """The response to one complete request (sans-I/O but for the App's own calls and the log)."""
     method = request.method.decode("ascii", "replace")
-    segments = _segments(request.target)
-    if segments is None:
-        return _text(400, "invalid percent-encoding in the request target")
+    refusal = check_request(site, request.method, request.headers)
+    segments = path_segments(request.target) if refusal is None else refusal
+    if isinstance(segments, Refusal):
+        _log_refusal(request, segments, peer)
+        status, headers, body = _text(segments.status, segments.reason)
+        return status, [*headers, (b"Connection", b"close")] if segments.status == 421 else headers, body
     if segments in ([], ["favicon.ico"]) or (len(segments) == 2 and segments[0] == "static"):
         if method not in ("GET", "HEAD"):
             return _not_allowed("GET, HEAD")
@@ -336,6 +493,7 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str)
             challenge = b'Bearer realm="wsproxy-admin"'
             if given is not None:
                 challenge += b', error="invalid_token"'
+            _log_refusal(request, Refusal(401, "invalid bearer token" if given else "no bearer token"), peer)
             status, headers, body = _text(401, "a bearer token is required")
             return status, [*headers, (b"WWW-Authenticate", challenge)], body
     try:
@@ -350,9 +508,25 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str)
                 return _not_allowed("POST")
             return _backend_action(app, segments[1], segments[3], segments[4], peer)
     except Exception:
-        log.exception("event=error listener=admin method=%s target=%r", method, request.target)
+        log.exception("event=error listener=admin method=%s path=%s", logged(method), logged(_path(request.target)))
         return _text(500, "internal error")
     return _text(404, "not found")
+
+
+def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
+    """One line per refused request: WARNING for 401/403/421 (someone tried), INFO for a malformed path."""
+    headers = dict(request.headers)  # the last of a repeated header is enough to say what was seen
+    log.log(
+        logging.INFO if refusal.status == 400 else logging.WARNING,
+        "event=admin_refused listener=admin peer=%s status=%d method=%s path=%s host=%s origin=%s reason=%r",
+        peer, refusal.status, logged(request.method), logged(_path(request.target)),
+        logged(headers.get(b"host", b"-")), logged(headers.get(b"origin", b"-")), refusal.reason,
+    )
+
+
+def _path(target: bytes) -> bytes:
+    """The target without its query: the admin API takes no query, and a query is no business of the log."""
+    return target.split(b"?", 1)[0]
 
 
 def _page_file(name: str, *, static: bool) -> _Answer:
@@ -393,19 +567,12 @@ def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: s
     draining = _ACTIONS[action]
     changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
     result = "unknown" if changed is None else ("changed" if changed else "unchanged")
-    log.info("event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, pool, backend, result, peer)
+    log.info(
+        "event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, logged(pool), logged(backend), result, peer
+    )
     if changed is None:
         return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})
     return _json(200, {"pool": pool, "backend": backend, "draining": draining, "changed": changed})
-
-
-def _segments(target: bytes) -> list[str] | None:
-    """The path's segments, each percent-decoded (so an encoded "/" stays inside its segment)."""
-    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
-    try:
-        return [unquote_to_bytes(part).decode("utf-8") for part in path.split(b"/") if part]
-    except UnicodeDecodeError:
-        return None
 
 
 def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
