@@ -18,12 +18,14 @@ stopping the listener. What the numbers mean is tested purely in
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,6 +39,7 @@ from tests.support import make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig
 from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin
+from wsproxy.log import TEXT_FORMAT, JsonFormatter, TextFormatter
 
 LOOPBACK = AdminConfig(bind=Address("127.0.0.1", 0))
 TOKEN = b"s3cret-admin-token"
@@ -466,3 +469,173 @@ async def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: object) ->
         await serve_admin(App(make_config([1])), AdminConfig(unix_path=path))
     with open(path) as f:
         assert f.read() == "precious"
+
+
+# -- browsers: cross-origin requests and DNS rebinding (issue 15, item 1) -------------------------
+
+
+def drained(stack: Stack) -> bool:
+    draining = backend_status(stack.app.status(), "main", stack.backend)["draining"]
+    assert isinstance(draining, bool)
+    return draining
+
+
+async def test_a_cross_origin_post_is_forbidden_and_nothing_drains(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        drain = f"/pools/main/backends/{stack.backend.replace(':', '%3A')}/drain"
+        # curl -si -X POST -H 'Origin: http://evil.example' http://127.0.0.1:PORT/pools/main/backends/...%3A.../drain
+        for headers in (
+            [("Origin", "http://evil.example")],
+            [("Origin", "null")],
+            [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors")],  # what Chromium sends for no-cors
+            [("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")],
+        ):
+            reply = await call(stack.admin, "POST", drain, headers=headers)
+            assert reply.status == 403, headers
+            assert reply.headers["content-type"].startswith("text/plain")
+            assert reply.body.startswith(b"cross-origin request refused"), reply.body
+            assert not drained(stack)
+        assert (await call(stack.admin, "POST", drain.replace("/drain", "/undrain"), headers=headers)).status == 403
+    refused = [r for r in caplog.records if "event=admin_refused" in r.getMessage()]
+    assert len(refused) == 5 and all(r.levelno == logging.WARNING for r in refused)
+    assert "status=403 method=POST path=/pools/main/backends/" in refused[0].getMessage()
+    assert "origin=http://evil.example reason='cross-origin request refused" in refused[0].getMessage()
+    assert not [r for r in caplog.records if "event=admin action=" in r.getMessage()]
+
+
+async def test_a_same_origin_post_drains(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        port = stack.admin.rsplit(":", 1)[1]
+        for origin, action in ((f"http://{stack.admin}", "drain"), (f"http://localhost:{port}", "undrain")):
+            headers = [("Origin", origin), ("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Mode", "cors")]
+            reply = await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/{action}", headers=headers)
+            assert reply.status == 200, reply.body
+            assert reply.json()["changed"] is True
+            assert drained(stack) is (action == "drain")
+
+
+async def test_a_rebinding_host_is_misdirected_on_every_path(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        port = stack.admin.rsplit(":", 1)[1]
+        for target in ("/status", "/metrics", "/", "/static/status.js", f"/pools/main/backends/{stack.backend}/drain"):
+            method = "POST" if target.endswith("/drain") else "GET"
+            client = await AdminClient.connect(stack.admin)
+            try:
+                reply = await client.request(method, target, headers=[("Host", f"rebind.attacker.example:{port}")])
+            finally:
+                await client.aclose()
+            assert reply.status == 421, target
+            assert reply.headers["connection"] == "close"
+            assert reply.body == (
+                f"misdirected request: the Host is not this admin listener "
+                f"(127.0.0.1:{port}, [::1]:{port}, localhost:{port})\n"
+            ).encode()
+            assert b"pools" not in reply.body and b"wsproxy_" not in reply.body
+        assert not drained(stack)
+        for host in (stack.admin, f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+            client = await AdminClient.connect(stack.admin)
+            try:
+                assert (await client.request("GET", "/status", headers=[("Host", host)])).status == 200, host
+            finally:
+                await client.aclose()
+
+
+async def test_a_unix_socket_admin_takes_any_host_but_still_refuses_cross_origin_posts(
+    nursery: trio.Nursery, tmp_path: object
+) -> None:
+    path = os.path.join(str(tmp_path), "admin.sock")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery, AdminConfig(unix_path=path))
+        for request in (
+            b"GET /status HTTP/1.0\r\n\r\n",  # no Host at all
+            b"GET /status HTTP/1.1\r\nHost: rebind.attacker.example:9090\r\nConnection: close\r\n\r\n",
+        ):
+            async with await trio.open_unix_socket(path) as stream:
+                await stream.send_all(request)
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 "), data[:80]
+        drain = f"/pools/main/backends/{stack.backend}/drain"
+        reply = await call(stack.admin, "POST", drain, headers=[("Origin", "http://evil.example")])
+        assert reply.status == 403
+        assert not drained(stack)
+        assert (await call(stack.admin, "POST", drain)).status == 200
+
+
+# -- log injection (issue 15, item 7) --------------------------------------------------------------
+
+
+@pytest.fixture
+def formatted_log() -> Iterator[dict[str, io.StringIO]]:
+    """What ``wsproxy.control.admin`` logs, written by the real text and JSON formatters."""
+    streams = {"text": io.StringIO(), "json": io.StringIO()}
+    handlers = [logging.StreamHandler(streams["text"]), logging.StreamHandler(streams["json"])]
+    handlers[0].setFormatter(TextFormatter(TEXT_FORMAT))
+    handlers[1].setFormatter(JsonFormatter())
+    logger = logging.getLogger("wsproxy.control.admin")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield streams
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_control_characters_in_a_segment_are_400_and_no_log_line_is_forged(
+    nursery: trio.Nursery, formatted_log: dict[str, io.StringIO]
+) -> None:
+    forged = "INFO  wsproxy.app event=reloaded generation=99"
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        for escape in ("%0A", "%0D%0A", "%00", "%1B", "%7F"):
+            segment = f"main{escape}{forged.replace(' ', '%20').replace('=', '%3D')}"
+            reply = await call(stack.admin, "POST", f"/pools/{segment}/backends/{stack.backend}/drain")
+            assert (reply.status, reply.body) == (400, b"control character in the request path\n"), escape
+        # no control character: a legal (unknown) name, logged as one quoted value
+        for segment in ("%20event%3Dforged", "x%20level%3Ddebug%20ts%3D0", "%27%22"):
+            reply = await call(stack.admin, "POST", f"/pools/{segment}/backends/{stack.backend}/drain")
+            assert reply.status == 404
+        assert not drained(stack)
+    text_lines = [line for line in formatted_log["text"].getvalue().splitlines() if "event=listening" not in line]
+    assert len(text_lines) == 8, text_lines
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO |WARNING) wsproxy\.control\.admin event=admin", line)
+               for line in text_lines), text_lines
+    entries = [json.loads(line) for line in formatted_log["json"].getvalue().splitlines()]
+    entries = [entry for entry in entries if entry["event"] != "listening"]
+    assert len(entries) == 8, entries
+    for entry in entries:
+        assert entry["event"] in ("admin", "admin_refused") and entry["logger"] == "wsproxy.control.admin"
+        assert entry["level"] in ("info", "warning") and "generation" not in entry
+    assert [e["pool"] for e in entries if e["event"] == "admin"] == [" event=forged", "x level=debug ts=0", "'\""]
+    assert entries[0]["path"].startswith("/pools/main%0A")  # the refused path as sent, still percent-encoded
+
+
+async def test_a_failed_authentication_is_logged_with_peer_and_path_never_the_token(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery, AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=TOKEN))
+        assert (await call(stack.admin, "GET", "/status?x=1")).status == 401
+        wrong = b"wrong-" + TOKEN
+        assert (await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/drain", token=wrong)).status == 401
+        assert (await call(stack.admin, "GET", "/status", token=TOKEN)).status == 200
+    refused = [r for r in caplog.records if "event=admin_refused" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.WARNING, logging.WARNING]
+    first, second = (r.getMessage() for r in refused)
+    assert re.search(r"peer=127\.0\.0\.1:\d+ status=401 method=GET path=/status host=", first), first
+    assert "reason='no bearer token'" in first and "x=1" not in first
+    assert f"status=401 method=POST path=/pools/main/backends/{stack.backend}/drain" in second
+    assert "reason='invalid bearer token'" in second
+    assert not [r for r in caplog.records if TOKEN.decode() in r.getMessage()]
