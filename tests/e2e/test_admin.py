@@ -19,15 +19,20 @@ stopping the listener. What the numbers mean is tested purely in
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import h11
 import pytest
@@ -35,7 +40,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import make_config, start_proxy, start_ws_backend
+from tests.support import closed_port, make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig
 from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin
@@ -639,3 +644,189 @@ async def test_a_failed_authentication_is_logged_with_peer_and_path_never_the_to
     assert f"status=401 method=POST path=/pools/main/backends/{stack.backend}/drain" in second
     assert "reason='invalid bearer token'" in second
     assert not [r for r in caplog.records if TOKEN.decode() in r.getMessage()]
+
+
+# -- reload applies the admin section (issue 15, item 6) ---------------------------------------------
+
+
+async def test_a_reload_swaps_the_token_in_place_and_moves_the_listener(nursery: trio.Nursery) -> None:
+    from wsproxy.control.admin import AdminServer
+
+    new_token = b"n3w-admin-token-0123"
+    with trio.fail_after(15):
+        backend_port = await start_ws_backend(nursery)
+        app, _port = await start_proxy(nursery, make_config([backend_port]))
+        server = AdminServer(app)
+        first = await nursery.start(server.serve, AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=TOKEN))
+        kept = await AdminClient.connect(first)  # a keep-alive connection opened before the reload
+        try:
+            bearer = [("Authorization", f"Bearer {TOKEN.decode()}")]
+            assert (await kept.request("GET", "/status", headers=bearer)).status == 200
+
+            # the token file changed, the bind did not: same listener, new token at once, on open connections too
+            server.commit(server.prepare(AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=new_token)))
+            assert server.address == first
+            assert (await kept.request("GET", "/status", headers=bearer)).status == 401
+            new_bearer = [("Authorization", f"Bearer {new_token.decode()}")]
+            assert (await kept.request("GET", "/status", headers=new_bearer)).status == 200
+
+            # a bind that cannot be had: OSError from prepare, nothing changed
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                busy = Address("127.0.0.1", taken.getsockname()[1])
+                with pytest.raises(OSError):
+                    server.prepare(AdminConfig(bind=busy, token_file="/t", token=b"another-token-0123456"))
+            assert server.address == first and server.token == new_token
+            assert (await call(first, "GET", "/status", token=new_token)).status == 200
+
+            # a new bind: the new listener answers, the old one stops accepting; its open connection finishes
+            moved = Address("127.0.0.1", closed_port())
+            server.commit(server.prepare(AdminConfig(bind=moved, token_file="/t", token=new_token)))
+            assert server.address == str(moved)
+            assert (await call(str(moved), "GET", "/status", token=new_token)).status == 200
+            with trio.fail_after(2):
+                while True:
+                    try:
+                        await (await AdminClient.connect(first)).aclose()
+                    except OSError:
+                        break  # refused: nothing listens on the old address any more
+                    await trio.sleep(0.01)
+            assert (await kept.request("GET", "/status", headers=new_bearer)).status == 200
+
+            # the admin section removed: nothing listens
+            server.commit(server.prepare(None))
+            assert server.address is None
+            with pytest.raises(OSError):
+                await AdminClient.connect(str(moved))
+        finally:
+            await kept.aclose()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def test_sighup_rotates_the_token_and_moves_the_listener_of_a_real_process(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from tests.e2e.test_reload import make_config as process_config
+    from tests.e2e.test_reload import pool, run_proxy
+
+    token_path = tmp_path / "admin.token"
+    old, new = b"old-admin-token-0123456", b"new-admin-token-6543210"
+    token_path.write_bytes(old + b"\n")
+    backend_port = await start_ws_backend(nursery)
+    port, admin_port, moved_port = closed_port(), closed_port(), closed_port()
+
+    def config(admin_port: int) -> dict[str, object]:
+        return process_config(
+            listeners={"public": port}, pools={"main": pool(backend_port)}, routes=[("/", "main")], admin_port=0,
+            admin={"bind": f"127.0.0.1:{admin_port}", "token_file": str(token_path)},
+        )
+
+    async with run_proxy(tmp_path, config(admin_port), ports=[port]) as proxy:
+        with trio.fail_after(30):
+            first = f"127.0.0.1:{admin_port}"
+            assert (await call(first, "GET", "/status", token=old)).status == 200
+
+            _write(token_path, new.decode() + "\n")
+            log = await proxy.reload()
+            assert "event=reloaded " in log, log
+            assert (await call(first, "GET", "/status", token=old)).status == 401  # right after event=reloaded
+            assert (await call(first, "GET", "/status", token=new)).status == 200
+            assert re.search(r"event=admin_reloaded changed=token address=127\.0\.0\.1:\d+ was=- auth=token", log), log
+
+            log = await proxy.reload(config(moved_port))
+            second = f"127.0.0.1:{moved_port}"
+            assert f"event=admin_reloaded changed=bind address={second} was={first} auth=token" in log, log
+            assert (await call(second, "GET", "/status", token=new)).status == 200
+            with trio.fail_after(2):
+                while True:
+                    try:
+                        await (await AdminClient.connect(first)).aclose()
+                    except OSError:
+                        break
+                    await trio.sleep(0.01)
+
+            # a bind that fails is a reload error: the old listener (and the old config) keep serving
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                log = await proxy.reload(config(taken.getsockname()[1]))
+                assert "event=reload_failed" in log and "action=kept_old_config" in log, log
+                assert f"admin.bind: cannot listen on 127.0.0.1:{taken.getsockname()[1]}: Address already in use" in log
+                assert (await call(second, "GET", "/status", token=new)).status == 200
+            proxy.assert_running()
+            assert old.decode() not in proxy.log() and new.decode() not in proxy.log()
+            assert "Traceback" not in proxy.log()
+
+
+# -- a non-loopback admin needs a token (issue 15, item 1) ---------------------------------------------
+
+
+def _loopback_only_name() -> str | None:
+    """A host name other than ``localhost`` that resolves to loopback addresses only, if this machine has one."""
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, 0, type=socket.SOCK_STREAM)}
+    except OSError:
+        return None
+    return name if addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses) else None
+
+
+def _admin_yaml(tmp_path: Path, admin: str, port: int = 8080) -> Path:
+    path = tmp_path / "wsproxy.yaml"
+    path.write_text(
+        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
+        "routes: [{pool: echo}]\n"
+        "pools: {echo: {backends: [{address: '127.0.0.1:9001'}]}}\n"
+        "shutdown: {timeout: 2s, spread: 0s}\n"
+        f"admin: {admin}\n"
+    )
+    return path
+
+
+async def wsproxy(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process([sys.executable, "-m", "wsproxy", *args], capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def test_check_and_run_refuse_a_non_loopback_bind_without_a_token(tmp_path: Path) -> None:
+    path = _admin_yaml(tmp_path, "{bind: '0.0.0.0:9090'}", port=closed_port())
+    for command in ("check", "run"):
+        done = await wsproxy(command, "-c", str(path))
+        output = done.stderr.decode()
+        assert done.returncode == 1, output
+        assert f"{path}:5:15: admin.bind: 0.0.0.0:9090 is not a loopback address" in output, output
+        assert "insecure_no_token: true" in output
+    path = _admin_yaml(tmp_path, "{bind: '0.0.0.0:9090', insecure_no_token: true}")
+    done = await wsproxy("check", "-c", str(path))
+    assert done.returncode == 0, done.stderr.decode()
+
+
+async def test_an_insecure_admin_starts_with_a_warning(tmp_path: Path) -> None:
+    name = _loopback_only_name()
+    if name is None:  # binding 0.0.0.0 would leave loopback, which the tests never do
+        pytest.skip("no host name of this machine resolves to loopback only")
+    port, admin_port = closed_port(), closed_port()
+    path = _admin_yaml(tmp_path, f"{{bind: '{name}:{admin_port}', insecure_no_token: true}}", port=port)
+    log_path = tmp_path / "wsproxy.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "wsproxy", "run", "-c", str(path)], stdout=log_file, stderr=log_file)
+    try:
+        with trio.fail_after(15):
+            while "event=admin_listening" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                await trio.sleep(0.02)
+            log = log_path.read_text()
+            assert re.search(r"WARNING wsproxy\.control\.admin event=admin_insecure address=\S+ reason='insecure_no_token", log), log
+            address = f"127.0.0.1:{admin_port}"
+            assert (await call(address, "GET", "/status")).status == 200
+            reply = await call(address, "GET", "/status", headers=[("Host", f"{name}:{admin_port}")])
+            assert reply.status == 200  # the name bind gave is this listener's
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await trio.to_thread.run_sync(proc.wait, 10)
