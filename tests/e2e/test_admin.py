@@ -12,8 +12,16 @@ route, and its end in ``sessions_total``; ``/status``; drain and undrain
 the log line); the bearer token; the unix socket (stale file replaced, mode
 0660, removed on exit); 404 and 405 with ``Allow``; HEAD; keep-alive; and
 that a malformed, oversized or slow request is answered or dropped without
-stopping the listener. What the numbers mean is tested purely in
-``tests/control/test_metrics``.
+stopping the listener. Against browsers (issue 15): a cross-origin POST is
+403 and drains nothing, a rebinding Host is 421 on every path, a same-origin
+POST works, a unix socket takes any Host; control characters in a path
+segment are 400 and no value forges a log line (real text and JSON
+formatters); failed authentication is logged without the token; a reload
+swaps the token on open connections and moves the listener (in-process and on
+a real ``wsproxy run`` with SIGHUP, a failed bind keeping the old listener);
+``check`` and ``run`` refuse a non-loopback admin without a token. What the
+numbers mean is tested purely in ``tests/control/test_metrics``, the Host and
+Origin rules in ``tests/control/test_admin_policy``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ session counted on its backend within 2 s, Drain pressed from the keyboard
 backend, focus stays on the button, the change is announced), Undrain reached
 with Tab, the admin token asked for (a wrong one refused, the right one kept
 in memory only and used for the drain), no horizontal scroll at 375 px, the
-"disconnected" banner, and no console errors or page errors. Screenshots go
+"disconnected" banner, and no console errors or page errors; and that a page on
+another loopback origin cannot drain through ``fetch(..., {method: "POST",
+mode: "no-cors"})``, nor read ``/status`` through a rebinding name (421). Screenshots go
 to ``tests/artifacts/`` (desktop and phone), for a human to look at.
 """
 
