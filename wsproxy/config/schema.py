@@ -250,6 +250,7 @@ class AdminConfig:
     unix_path: str | None = None  # ...or "unix:/run/wsproxy/admin.sock"
     token_file: str | None = None  # bearer token required by every admin request when set
     token: bytes | None = field(default=None, repr=False)  # read from token_file at load time
+    insecure_no_token: bool = False  # allows a non-loopback bind without token_file (logged at WARNING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
