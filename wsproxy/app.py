@@ -100,7 +100,7 @@ class ListenError(Exception):
 
 
 class ReloadError(Exception):
-    """A valid config that could not be applied (a new listener could not bind)."""
+    """A valid config that could not be applied (a new listener could not bind), or one that could not be loaded in time."""
 
 
 class App:
@@ -127,6 +127,9 @@ class App:
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
         self._removals: dict[tuple[PoolName, Address], int] = {}  # removal drains: (pool, backend) → epoch
+        self._reloading = False  # a reload_from is loading or applying
+        self._reload_again = False  # a SIGHUP came during it: load once more when it is done
+        self._loader_busy = False  # a loader thread is running (possibly abandoned, still stuck)
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -213,6 +216,66 @@ class App:
         await self._control.start(checker.run)
 
     # -- reload -------------------------------------------------------------------
+
+    async def reload_from(self, path: str, load: Callable[[str], Config]) -> None:
+        """SIGHUP: load ``path`` in a thread, then apply it, or log why not and keep the old config.
+
+        The loader runs under the running config's ``timeouts.reload``; past it
+        the reload is abandoned (``event=reload_failed``). The thread is
+        abandoned too (``abandon_on_cancel``): a loader stuck in a read can
+        delay neither this task's end, nor the signal loop, nor a shutdown.
+        While an abandoned loader is still stuck, further reloads fail at once
+        rather than pile up threads. A SIGHUP that arrives during a reload runs
+        one more reload when it is done (they coalesce).
+        """
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        try:
+            while not self.stopping:
+                self._reload_again = False
+                await self._reload_once(path, load)
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = False
+
+    async def _reload_once(self, path: str, load: Callable[[str], Config]) -> None:
+        from .errors import ConfigErrors
+
+        if self._loader_busy:
+            self.reload_failed([f"{path}: the loader of an abandoned reload is still stuck; not loading again until it returns"])
+            return
+        timeout_s = self.generation.config.timeouts.reload_s
+
+        def load_and_mark() -> Config:
+            try:
+                return load(path)
+            finally:
+                self._loader_busy = False  # read by the trio thread; a plain flag is enough
+
+        self._loader_busy = True
+        new: Config | None = None
+        try:
+            with trio.move_on_after(timeout_s):
+                new = await trio.to_thread.run_sync(load_and_mark, abandon_on_cancel=True)
+        except ConfigErrors as exc:
+            self.reload_failed([str(e) for e in exc.errors])
+            return
+        except Exception as exc:  # a loader bug must not take the running proxy down
+            log.exception("event=reload_error path=%s", path)
+            self.reload_failed([f"{path}: loading failed: {type(exc).__name__}"])
+            return
+        if new is None:
+            self.reload_failed([f"{path}: loading did not finish within {timeout_s:g}s (timeouts.reload); abandoned"])
+            return
+        if self.stopping:
+            return
+        try:
+            self.reload(new)
+        except ReloadError as exc:
+            self.reload_failed([str(exc)])
 
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""

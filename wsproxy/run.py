@@ -11,7 +11,7 @@ import signal
 
 import trio
 
-from .app import App, ReloadError
+from .app import App
 from .config.schema import Config
 
 log = logging.getLogger("wsproxy.app")
@@ -27,7 +27,6 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     from .config.load import load_config
     from .control.admin import serve_admin
     from .control.systemd import Notifier, listen_fds
-    from .errors import ConfigErrors
 
     notifier = Notifier.from_environ()
     app = App(config, inherited=listen_fds())
@@ -42,15 +41,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                     if app.stopping:
                         continue
                     log.info("event=signal signal=SIGHUP action=reload path=%s", path)
-                    notifier.reloading()
-                    try:
-                        new = await trio.to_thread.run_sync(load_config, path)
-                        app.reload(new)
-                    except ConfigErrors as exc:
-                        app.reload_failed([str(e) for e in exc.errors])
-                    except ReloadError as exc:
-                        app.reload_failed([str(exc)])
-                    notifier.ready(app.status_line())
+                    nursery.start_soon(reload_config)  # beside this loop: signals are handled while it loads
                     continue
                 if app.stopping:
                     log.warning("event=signal signal=%s action=exit_now", name)
@@ -59,6 +50,11 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 log.info("event=signal signal=%s action=shutdown", name)
                 notifier.stopping()
                 app.shutdown()
+
+        async def reload_config() -> None:
+            notifier.reloading()
+            await app.reload_from(path, load_config)  # loads under timeouts.reload, then applies or logs
+            notifier.ready(app.status_line())
 
         async def report_status() -> None:
             while True:
