@@ -31,11 +31,13 @@ drain. Backend state lives in the registry by address, so it survives.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
 import os
 import random
+import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -53,15 +55,18 @@ from .control.registry import BackendState, Health, Registry
 from .control.status import snapshot
 from .edge.gate import RouteGate
 from .edge.listener import accept_loop, open_listener
+from .edge.overload import OVERLOAD_RESPONSE
 from .edge.session import Session, handle_connection
 from .proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
-from .proto.limits import ClientTable
+from .proto.limits import ClientTable, fd_budget
 from .proto.routing import Router
 
 log = logging.getLogger("wsproxy.app")
 
 #: Random share of a spread interval added to each close, so closes do not fall on a grid.
 SPREAD_JITTER = 0.5
+#: An unlimited (or huge) RLIMIT_NOFILE counts as this many descriptors.
+MAX_NOFILE = 10_000_000
 
 
 
@@ -95,6 +100,39 @@ class ListenerSlot:
             sock.close()
 
 
+def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
+    """``config`` with ``limits.max_connections`` derived from the fd limit when it was not set.
+
+    The soft ``RLIMIT_NOFILE`` minus a reserve, halved (``proto.limits.fd_budget``),
+    logged at start (``event=limits``) and whenever a reload changes it. An explicit
+    value is kept; one that exceeds the budget (or 0, no limit) gets a WARNING: past
+    the budget, clients get 503s from running out of descriptors instead.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > MAX_NOFILE:
+        soft = MAX_NOFILE
+    budget = fd_budget(soft, backends=len({b.address for p in config.pools.values() for b in p.backends}))
+    limits = config.limits
+    before = previous.limits.max_connections if previous is not None else None
+    if limits.max_connections is None:
+        if budget.max_connections != before:
+            log.info(
+                "event=limits max_connections=%d (from RLIMIT_NOFILE=%d) reserve=%d",
+                budget.max_connections, soft, budget.reserve,
+            )
+        return dataclasses.replace(config, limits=dataclasses.replace(limits, max_connections=budget.max_connections))
+    if (limits.max_connections == 0 or limits.max_connections > budget.max_connections) and (
+        previous is None or limits.max_connections != before
+    ):
+        log.warning(
+            "event=limits max_connections=%s reason=%r",
+            limits.max_connections or "unlimited",
+            f"more than RLIMIT_NOFILE={soft} allows ({budget.max_connections}); "
+            "beyond that, clients get 503 when the proxy runs out of descriptors",
+        )
+    return config
+
+
 class ListenError(Exception):
     """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
 
@@ -105,7 +143,7 @@ class ReloadError(Exception):
 
 class App:
     def __init__(self, config: Config, *, inherited: dict[str, list[socket.socket]] | None = None) -> None:
-        self.generation = Generation(config, 1)
+        self.generation = Generation(with_fd_budget(config), 1)
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
@@ -201,11 +239,14 @@ class App:
         def handler(sock: socket.socket) -> Any:
             return handle_connection(sock, self, slot.spec)  # the slot's settings at accept time
 
+        def overload_answer() -> bytes | None:
+            return None if slot.spec.tls is not None else OVERLOAD_RESPONSE  # no plain text on a TLS port
+
         async def accept_all() -> None:
             with slot.scope:
                 async with trio.open_nursery() as loops:
                     for sock in slot.sockets:
-                        loops.start_soon(accept_loop, sock, handler, connections)
+                        loops.start_soon(accept_loop, sock, handler, connections, overload_answer)
 
         self._control.start_soon(accept_all)
 
@@ -280,6 +321,7 @@ class App:
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
         old = self.generation
+        config = with_fd_budget(config, old.config)
         # Listeners are matched by address first (a rename keeps the socket), then by name.
         by_bind = {slot.spec.bind: name for name, slot in self.listeners.items()}
         reuse: dict[str, str] = {}  # new listener name → the old listener whose sockets it takes
