@@ -33,7 +33,6 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     from .config.load import load_config
     from .control.admin import AdminServer
     from .control.systemd import Notifier, listen_fds
-    from .errors import ConfigErrors
 
     notifier = Notifier.from_environ()
     app = App(config, inherited=listen_fds())
@@ -49,15 +48,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                     if app.stopping:
                         continue
                     log.info("event=signal signal=SIGHUP action=reload path=%s", path)
-                    notifier.reloading()
-                    try:
-                        new = await trio.to_thread.run_sync(load_config, path)
-                        reload(app, admin, new)
-                    except ConfigErrors as exc:
-                        app.reload_failed([str(e) for e in exc.errors])
-                    except ReloadError as exc:
-                        app.reload_failed([str(exc)])
-                    notifier.ready(app.status_line())
+                    nursery.start_soon(reload_config)  # beside this loop: signals are handled while it loads
                     continue
                 if app.stopping:
                     log.warning("event=signal signal=%s action=exit_now", name)
@@ -66,6 +57,12 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 log.info("event=signal signal=%s action=shutdown", name)
                 notifier.stopping()
                 app.shutdown()
+
+        async def reload_config() -> None:
+            notifier.reloading()
+            # Loads under timeouts.reload, then applies to the App and the admin listener, or logs why not.
+            await app.reload_from(path, load_config, apply=lambda new: reload(app, admin, new))
+            notifier.ready(app.status_line())
 
         async def report_status() -> None:
             while True:

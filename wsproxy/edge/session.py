@@ -263,7 +263,7 @@ async def _connect_upstream(
             conn_id=session.conn_id,
         )
     except UpstreamUnavailable as exc:
-        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason))
+        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason, exc.headers))
         raise _Done from None
     if isinstance(result, Refusal):
         log.info(
