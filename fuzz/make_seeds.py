@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import shutil
 import struct
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import h11
 import websockets.client
+import websockets.datastructures
 import websockets.server
 from websockets.http11 import Request as WsRequest
 from wsproto import ConnectionType, WSConnection
@@ -111,9 +113,103 @@ def frame_seeds() -> list[bytes]:
     return seeds
 
 
+# -- handshakes ---------------------------------------------------------------------------
+
+#: fuzz_handshake.KEY and its Sec-WebSocket-Accept (RFC 6455 §1.3's example).
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def _wsproto_request(**kwargs: object) -> bytes:
+    client = WSConnection(ConnectionType.CLIENT)
+    return client.send(Request(**kwargs))  # type: ignore[arg-type]
+
+
+def _websockets_request(uri: str, **kwargs: object) -> bytes:
+    from websockets.uri import parse_uri
+
+    client = websockets.client.ClientProtocol(parse_uri(uri), **kwargs)  # type: ignore[arg-type]
+    client.send_request(client.connect())
+    return b"".join(client.data_to_send())
+
+
+def request_heads() -> list[bytes]:
+    heads = [
+        _wsproto_request(host="example.com", target="/"),
+        _wsproto_request(host="chat.example.com:8080", target="/chat/room?x=1&access_token=t",
+                         subprotocols=["chat", "superchat"]),
+        _wsproto_request(host="[2001:db8::1]:443", target="/a/./b/../c//d", extensions=[PerMessageDeflate()]),
+        _wsproto_request(host="example.com", target="/%61dmin;x", extra_headers=[(b"Origin", b"https://app.example"),
+                         (b"Cookie", b"session=abc"), (b"Authorization", b"Bearer tok")]),
+        _websockets_request("ws://example.com/chat?room=1", subprotocols=["chat"]),
+        _websockets_request("ws://localhost:8080/", origin="http://localhost:8000"),
+    ]
+    base = heads[0]
+    heads += [
+        base.replace(b"GET", b"POST"),
+        base.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        base.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"),
+        base.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        base.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+        base.replace(b"\r\nHost", b"\r\n Host"),
+        b"GET http://example.com/chat HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    ]
+    # A plain HTTP request from h11, as a browser hitting the WebSocket port sends.
+    conn = h11.Connection(h11.CLIENT)
+    heads.append(conn.send(h11.Request(method="GET", target="/index.html",
+                                       headers=[("Host", "example.com"), ("Accept", "*/*")])) or b"")
+    return [b"\x00" + head for head in heads]
+
+
+def response_heads() -> list[bytes]:
+    seeds = []
+    for flags, subprotocols, deflate in ((1, [], False), (3, ["chat", "superchat"], False), (5, [], True),
+                                         (7, ["chat", "superchat"], True)):
+        # websockets' server answering the client request fuzz_handshake sends for these flags.
+        headers = [("Host", "backend.example"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                   ("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Version", "13")]
+        if subprotocols:
+            headers.append(("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
+        if deflate:
+            headers.append(("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"))
+        request = WsRequest("/chat", websockets.datastructures.Headers(headers))
+        server = websockets.server.ServerProtocol(subprotocols=subprotocols or None)
+        if deflate:
+            from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+            server = websockets.server.ServerProtocol(
+                subprotocols=subprotocols or None, extensions=[ServerPerMessageDeflateFactory()])
+        response = server.accept(request)
+        server.send_response(response)
+        wire = b"".join(server.data_to_send())
+        wire = re.sub(rb"Date: [^\r]*", b"Date: Thu, 01 Jan 2026 00:00:00 GMT", wire)  # reproducible seeds
+        seeds.append(bytes([flags]) + wire)
+        # wsproto's server, the same way.
+        wsserver = WSConnection(ConnectionType.SERVER)
+        wsserver.receive_data(b"GET /chat HTTP/1.1\r\n" + b"".join(
+            f"{name}: {value}\r\n".encode() for name, value in headers) + b"\r\n")
+        event = next(iter(wsserver.events()))
+        assert isinstance(event, Request), event
+        accept = AcceptConnection(subprotocol=subprotocols[0] if subprotocols else None,
+                                  extensions=[PerMessageDeflate()] if deflate else [])
+        seeds.append(bytes([flags]) + wsserver.send(accept))
+    ok = seeds[0]
+    seeds += [
+        ok.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        ok.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"),
+        ok.replace(b"101 Switching Protocols", b"101"),
+        ok.replace(b"Upgrade: websocket", b"Upgrade: websocket\r\n\tfolded"),
+        ok.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        b"\x01HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nforbidden\n",
+        b"\x01HTTP/1.1 100 Continue\r\n\r\n",
+        b"\x01HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n",
+    ]
+    return seeds
+
+
 def main() -> None:
     counts = {
         "frames": _write("frames", frame_seeds()),
+        "handshake": _write("handshake", request_heads() + response_heads()),
     }
     for target, count in counts.items():
         print(f"{target:<14} {count:>3} seeds")
