@@ -14,8 +14,11 @@ libFuzzer names its own corpus files. This is a tool, not part of wsproxy.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
+import os
+import random
 import re
 import shutil
 import struct
@@ -129,7 +132,9 @@ def _websockets_request(uri: str, **kwargs: object) -> bytes:
 
     client = websockets.client.ClientProtocol(parse_uri(uri), **kwargs)  # type: ignore[arg-type]
     client.send_request(client.connect())
-    return b"".join(client.data_to_send())
+    wire = b"".join(client.data_to_send())
+    key = base64.b64encode(os.urandom(16))  # websockets draws its key from the system's generator
+    return re.sub(rb"Sec-WebSocket-Key: [^\r]*", b"Sec-WebSocket-Key: " + key, wire)
 
 
 def request_heads() -> list[bytes]:
@@ -194,8 +199,6 @@ def response_heads() -> list[bytes]:
         seeds.append(bytes([flags]) + wsserver.send(accept))
     ok = seeds[0]
     seeds += [
-        ok.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: gzip\r\n\r\n"),
-        ok.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"),
         ok.replace(b"101 Switching Protocols", b"101"),
         ok.replace(b"Upgrade: websocket", b"Upgrade: websocket\r\n\tfolded"),
         ok.replace(b"HTTP/1.1", b"HTTP/1.0"),
@@ -206,10 +209,64 @@ def response_heads() -> list[bytes]:
     return seeds
 
 
+# -- PROXY protocol -----------------------------------------------------------------------
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def _v2(command: int, family: int, block: bytes, tlvs: bytes = b"", crc: bool = False) -> bytes:
+    if crc:
+        tlvs += b"\x03\x00\x04\x00\x00\x00\x00"
+    body = block + tlvs
+    header = V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack(">H", len(body)) + body
+    if crc:
+        header = header[:-4] + struct.pack(">I", _crc32c(header))
+    return header
+
+
+def proxy_seeds() -> list[bytes]:
+    v1 = [
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n",
+        b"PROXY TCP6 2001:db8::1 2001:db8::2 56324 443\r\n",
+        b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1 65535\r\n",
+        b"PROXY UNKNOWN\r\n",
+        b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\nGET / HTTP/1.1\r\n",
+        b"PROXY TCP4 192.0.2.01 198.51.100.2 56324 443\r\n",
+        b"GET / HTTP/1.1\r\n",
+    ]
+    four = bytes(ipaddress.IPv4Address("192.0.2.1").packed) + ipaddress.IPv4Address("203.0.113.9").packed
+    six = ipaddress.IPv6Address("2001:db8::1").packed + ipaddress.IPv6Address("::ffff:192.0.2.7").packed
+    v2 = [
+        _v2(1, 0x11, four + struct.pack(">HH", 56324, 443)),
+        _v2(1, 0x21, six + struct.pack(">HH", 1, 8080)),
+        _v2(1, 0x11, four + struct.pack(">HH", 56324, 443), tlvs=b"\x01\x00\x08http/1.1", crc=True),
+        _v2(0, 0x00, b""),
+        _v2(1, 0x00, b""),
+        _v2(1, 0x31, bytes(216)),
+        _v2(1, 0x12, four + struct.pack(">HH", 53, 53)),
+        _v2(1, 0x11, four + struct.pack(">HH", 56324, 443)) + b"\x16\x03\x01",
+    ]
+    return [b"\x00" + seed for seed in v1] + [b"\x01" + seed for seed in v2]
+
+
 def main() -> None:
+    # Masks and Sec-WebSocket-Key values come from os.urandom: make them reproducible.
+    generator = random.Random(6455)
+    os.urandom = generator.randbytes
     counts = {
         "frames": _write("frames", frame_seeds()),
         "handshake": _write("handshake", request_heads() + response_heads()),
+        "proxy_protocol": _write("proxy_protocol", proxy_seeds()),
     }
     for target, count in counts.items():
         print(f"{target:<14} {count:>3} seeds")
