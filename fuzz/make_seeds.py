@@ -259,6 +259,47 @@ def proxy_seeds() -> list[bytes]:
     return [b"\x00" + seed for seed in v1] + [b"\x01" + seed for seed in v2]
 
 
+# -- router -------------------------------------------------------------------------------
+
+
+def router_seeds() -> list[bytes]:
+    # Routes (host, path) index fuzz_router.HOSTS and PATHS: [/admin → host secure, /admin, /].
+    table = bytes([2, 3, 1, 0, 1, 0, 0])
+    hosts = [b"example.com", b"secure.example.com", b"a.b.example.com", b"secure.example.com."]
+    targets = [b"/", b"/admin", b"/admin/x?token=1", b"/%61dmin", b"//admin", b"/x/../admin", b"/Admin",
+               b"/admin;x", b"/admin%2f", b"/chat/./room", b"/a/%2e%2e/admin?q=%2e%2e", b"/%7Euser/%7e"]
+    seeds = []
+    for i, target in enumerate(targets):
+        host = hosts[i % len(hosts)]
+        seeds.append(table + bytes([len(host)]) + host + target)
+    return seeds
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def config_seeds() -> list[bytes]:
+    minimal = (ROOT / "tests" / "config" / "test_load.py").read_text().split('MINIMAL = """\\\n', 1)[1]
+    minimal = minimal.split('"""', 1)[0]
+    seeds = [
+        (ROOT / "conf" / "wsproxy.yaml").read_bytes(),
+        (ROOT / "conf" / "demo.yaml").read_bytes(),
+        minimal.encode(),
+        minimal.encode() + b"timeouts: {handshake: 5s, idle: 1m30s}\nlimits:\n  max_message_bytes: 16MiB\n",
+        minimal.encode() + b"admin:\n  bind: 127.0.0.1:9090\nlog: {format: json}\n",
+        minimal.replace("  - pool: echo", '  - host: "*.example.com"\n    path: /chat\n    pool: echo\n'
+                        "    auth:\n      tokens_file: tokens\n").encode(),
+        minimal.replace("    backends:", "    sticky:\n      key: cookie:s\n      cookie: {secret_file: demo-cookie.key}\n"
+                        "    backends:").encode(),
+        b"defaults: &d {interval: 2s}\n" + minimal.encode() + b"shutdown:\n  <<: *d\n",
+        b"listeners: [\n",
+        b"listeners:\n  - name: a\n    bind: nope\nroutes: []\npools: {}\n",
+        b"\xff\xfe not utf-8\n",
+        b"",
+    ]
+    return seeds
+
+
 def main() -> None:
     # Masks and Sec-WebSocket-Key values come from os.urandom: make them reproducible.
     generator = random.Random(6455)
@@ -267,6 +308,8 @@ def main() -> None:
         "frames": _write("frames", frame_seeds()),
         "handshake": _write("handshake", request_heads() + response_heads()),
         "proxy_protocol": _write("proxy_protocol", proxy_seeds()),
+        "router": _write("router", router_seeds()),
+        "config": _write("config", config_seeds()),
     }
     for target, count in counts.items():
         print(f"{target:<14} {count:>3} seeds")
