@@ -61,7 +61,9 @@ def test_one_input(data: bytes) -> None:
         return
     if not errors:
         finding("config-empty", "ConfigErrors without an error")
-    lines = data.count(b"\n") + 1
+    # Lines as YAML counts them (§5.4: CR LF, CR, LF, and in YAML 1.1 NEL, LS, PS too).
+    text_in = data.decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = sum(text_in.count(c) for c in "\r\n\x85\u2028\u2029") + 1
     positions = []
     for error in errors:
         text = str(error)
