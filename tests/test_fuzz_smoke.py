@@ -83,3 +83,15 @@ def test_a_few_seconds_of_fuzzing_find_nothing_new(target: str, tmp_path: Path, 
     log = Path(str(result["log"])).read_text(errors="replace")
     assert result["returncode"] == 0 and not result["artifacts"], log[-3000:]
     assert int(result["inputs"]) > 0, log[-3000:]  # type: ignore[call-overload]
+
+
+def test_the_router_harness_catches_routing_on_the_raw_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 15 item 2 as the harness sees it: a "normaliser" that changes nothing lets
+    # /%61dmin take the open route while a decoding backend serves /admin.
+    router_target = _target("router")
+    routes = bytes([1, 0, 1, 0, 0])  # two routes: * /admin, then * /
+    data = routes + bytes([11]) + b"example.com" + b"/%61dmin"
+    monkeypatch.setattr(router_target, "NORMALISE", lambda target: target)
+    with pytest.raises(Finding) as info:
+        router_target.test_one_input(data)
+    assert info.value.tag == "target-route"
