@@ -307,7 +307,7 @@ def test_upstream_request_strips_hop_by_hop_and_replaces_forwarding() -> None:
     target, headers = upstream_request(up, forwarded)
     assert target == b"/chat?room=1"  # the query goes to the backend
     assert headers == [
-        (b"Host", b"Example.com"),
+        (b"Host", b"example.com"),  # normalised, as routing saw it
         (b"User-Agent", b"test/1.0"),
         (b"Sec-WebSocket-Key", KEY),
         (b"Sec-WebSocket-Version", b"13"),
