@@ -251,7 +251,7 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
     headers = _headers_by_name(request)
     upgrade = headers.get(b"upgrade", [])
     if not any(b"websocket" in _tokens(v) for v in upgrade):
-        return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {_shape(upgrade)})")
+        return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {'other than websocket' if upgrade else 'none'})")
     if request.method != b"GET":
         method = request.method.decode("latin-1") if request.method in _METHODS else "other"
         return Rejection(400, f"WebSocket upgrade with method {method}")
@@ -273,7 +273,10 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
         return Rejection(400, "Connection header does not contain \"upgrade\"")
     versions = headers.get(b"sec-websocket-version", [])
     if versions != [b"13"]:
-        shown = versions[0].decode("ascii") if len(versions) == 1 and versions[0].isdigit() and len(versions[0]) <= 3 else _shape(versions)
+        if len(versions) == 1 and versions[0].isdigit() and len(versions[0]) <= 3:
+            shown = versions[0].decode("ascii")  # a version number is no secret; anything else is not shown
+        else:
+            shown = "none" if not versions else ("not a number" if len(versions) == 1 else f"{len(versions)} headers")
         return _upgrade_required(f"unsupported Sec-WebSocket-Version: {shown}")
     keys = headers.get(b"sec-websocket-key", [])
     if len(keys) != 1:
@@ -286,7 +289,7 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
     if len(raw) != 16:
         return Rejection(400, "Sec-WebSocket-Key is not 16 bytes in base64")
     if not request.target.startswith(b"/"):
-        form = "an absolute URI" if b"://" in request.target else "not a path"
+        form = "an absolute URI" if b"://" in request.target else "another form"
         return Rejection(400, f"request target must be a path (origin-form), got {form}")
     target = normalise_target(request.target)
     if isinstance(target, Rejection):
@@ -309,13 +312,6 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
 
 #: Methods a refusal may name; any other token is "other" (it came from the client).
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI"})
-
-
-def _shape(values: list[bytes]) -> str:
-    """What a refusal says of a header's values without quoting them: "none", or how many."""
-    if not values:
-        return "none"
-    return "1 value" if len(values) == 1 else f"{len(values)} values"
 
 
 def _raw_tokens(value: bytes) -> list[bytes]:
