@@ -29,7 +29,7 @@ import binascii
 import hashlib
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -126,7 +126,7 @@ class Rejection:
 class Upgrade:
     """A valid WebSocket upgrade request, ready to be routed."""
 
-    request: h11.Request
+    request: h11.Request | RequestHead  # what the client sent (h11's, or the fast path's)
     host: str  # lower case, without the port and a trailing dot (proto.target.normalise_host)
     path: str  # the normalised path (proto.target), without the query; what routing matches
     key: bytes  # Sec-WebSocket-Key as sent
@@ -226,7 +226,80 @@ def h11_reason(exc: h11.ProtocolError) -> str:
     return "malformed request"
 
 
-def _headers_by_name(request: h11.Request) -> dict[bytes, list[bytes]]:
+class HeaderList:
+    """Request headers as the fast path read them; iterates like h11's ``Headers``.
+
+    Iteration gives (lower-case name, value) pairs, ``raw_items`` the names
+    as sent; values have no surrounding whitespace (RFC 9110 §5.5, as h11).
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return ((name.lower(), value) for name, value in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def raw_items(self) -> list[tuple[bytes, bytes]]:
+        return list(self._raw)
+
+
+class RequestHead:
+    """A request head that the fast path parsed: what the checks read of an ``h11.Request``."""
+
+    __slots__ = ("method", "target", "http_version", "headers")
+
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.method = b"GET"  # the fast path takes nothing else
+        self.target = target
+        self.http_version = b"1.1"
+        self.headers = HeaderList(headers)
+
+
+#: The only request line the fast path takes: GET, an origin-form target of visible ASCII, HTTP/1.1.
+_REQUEST_LINE = re.compile(rb"GET (/[!-~]*) HTTP/1\.1")
+
+
+def parse_request_head(head: bytes) -> RequestHead | None:
+    """The client's request head, parsed without h11 when it has the one common shape.
+
+    ``head`` has passed ``check_raw_head`` (CRLF only, no folding, no
+    control characters). Returns None for anything else (another method or
+    version, an unusual target, a header line outside RFC 9110's grammar, no
+    or two Host, Content-Length or Transfer-Encoding): h11 then parses it and gives
+    the precise verdict. A differential test holds both paths to the same
+    verdicts.
+    """
+    lines = head.split(b"\r\n")
+    if len(lines) < 4 or lines[-1] or lines[-2]:
+        return None
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    headers = []
+    host = False
+    for line in lines[1:-2]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            return None
+        name = header[1].lower()
+        if name == b"host":
+            if host:
+                return None  # two Host headers: h11 words that refusal
+            host = True
+        elif name in _FRAMING_HEADERS:
+            return None  # a body on an upgrade: h11 and check_upgrade say how it is wrong
+        headers.append((header[1], header[2]))
+    if not host:
+        return None  # h11 words that refusal
+    return RequestHead(match[1], headers)
+
+
+def _headers_by_name(request: h11.Request | RequestHead) -> dict[bytes, list[bytes]]:
     by_name: dict[bytes, list[bytes]] = {}
     for name, value in request.headers:
         by_name.setdefault(name, []).append(value)
@@ -239,7 +312,7 @@ def _upgrade_required(reason: str) -> Rejection:
     )
 
 
-def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
+def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
     """RFC 6455 §4.2.1: is this a WebSocket upgrade we may pass on?
 
     A plain HTTP request (no ``Upgrade: websocket``) gets 426; a broken
