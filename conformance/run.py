@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-direct", action="store_true",
                         help="skip the direct run and read its reports from the last run (same CASES)")
     args = parser.parse_args(argv)
+    # absolute, not resolved: a virtualenv's python is a symlink out of it
+    args.wstest, args.python2 = args.wstest.absolute(), args.python2.absolute()
 
     selection = select_cases(args.cases)
     kinds = list(selection)
