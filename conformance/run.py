@@ -82,7 +82,7 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeo
             if match := regex.search(line):
                 return match
         if proc.poll() is not None:
-            raise SystemExit(f"conformance: {proc.args} exited with {proc.returncode}; see {path}")
+            raise SystemExit(f"conformance: {proc.args!r} exited with {proc.returncode}; see {path}")
         time.sleep(0.1)
     raise SystemExit(f"conformance: no line matching {pattern!r} in {path} within {timeout_s:.0f} s")
 
@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-direct", action="store_true",
                         help="skip the direct run and read its reports from the last run (same CASES)")
     args = parser.parse_args(argv)
+    # SIGTERM (make being stopped) unwinds like Ctrl-C: every child is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # absolute, not resolved: a virtualenv's python is a symlink out of it
     args.wstest, args.python2 = args.wstest.absolute(), args.python2.absolute()
 
