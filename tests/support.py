@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import trio
+import websockets.sync.server
 from trio_websocket import WebSocketRequest, serve_websocket, ConnectionClosed
 
 from wsproxy.app import App
@@ -133,3 +137,16 @@ UPGRADE_REQUEST = (
     b"Sec-WebSocket-Version: 13\r\n"
     b"\r\n"
 )
+
+
+@contextmanager
+def websockets_backend(handler: Callable[[Any], None], **kw: Any) -> Iterator[int]:
+    """A ``websockets`` sync server on 127.0.0.1 port 0, served from a thread."""
+    server = websockets.sync.server.serve(handler, "127.0.0.1", 0, **kw)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.socket.getsockname()[1])
+    finally:
+        server.shutdown()
+        thread.join(5)

@@ -14,9 +14,9 @@ import trio
 OP_CLOSE = 0x8
 
 
-def frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
-    """One final frame; masked with a random key when ``mask``."""
-    head = bytearray([0x80 | opcode])
+def frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True, rsv: int = 0) -> bytes:
+    """One frame (final unless ``fin`` is false); masked with a random key when ``mask``."""
+    head = bytearray([(0x80 if fin else 0) | rsv | opcode])
     n = len(payload)
     bit = 0x80 if mask else 0
     if n < 126:

@@ -391,7 +391,7 @@ async def start_flooding_backend(nursery: trio.Nursery) -> tuple[int, list[Frame
     return int(listeners[0].socket.getsockname()[1]), from_proxy
 
 
-async def test_backend_over_the_message_rate_gets_1008_and_the_client_1001(
+async def test_backend_over_the_message_rate_gets_1008_and_the_client_1014(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keep_proxy_log(caplog)
@@ -403,7 +403,7 @@ async def test_backend_over_the_message_rate_gets_1008_and_the_client_1001(
             await trio.sleep(0.2)
             flooded = await admitted(port, target="/chat/flood")
             before, close = await read_until_close(flooded.stream, flooded.buf)
-            assert close is not None and close.code == 1001, close
+            assert close is not None and close.code == 1014, close  # a backend fault: the failure code
             assert not close.masked
             assert 5 <= len(before) <= 50
             assert [f.payload for f in before] == [b"flood %d" % i for i in range(len(before))]

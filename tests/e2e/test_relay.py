@@ -18,10 +18,8 @@ import dataclasses
 import hashlib
 import logging
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -29,7 +27,6 @@ import pytest
 import trio
 import websockets.exceptions
 import websockets.sync.client
-import websockets.sync.server
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
 from tests.support import (
@@ -37,9 +34,10 @@ from tests.support import (
     start_proxy,
     start_tcp_backend,
     start_ws_backend,
+    websockets_backend,
     with_timeouts,
 )
-from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, ShutdownConfig
+from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, PoolName, RouteConfig, ShutdownConfig
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -305,19 +303,6 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
 
 
-@contextmanager
-def websockets_backend(handler: Callable[[Any], None], **kw: Any) -> Iterator[int]:
-    """A ``websockets`` sync server on 127.0.0.1 port 0, served from a thread."""
-    server = websockets.sync.server.serve(handler, "127.0.0.1", 0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.socket.getsockname()[1])
-    finally:
-        server.shutdown()
-        thread.join(5)
-
-
 def the_session(app: Any) -> Any:
     assert len(app.sessions) == 1, app.sessions
     return next(iter(app.sessions.values()))
@@ -489,10 +474,13 @@ async def test_message_over_limit_from_backend(nursery: trio.Nursery) -> None:
     with trio.fail_after(5):
         rec = Recorder()
         backend = await start_ws_backend(nursery, rec.handler)
-        app, port = await start_proxy(nursery, small_limit_config(backend))
+        # trio-websocket (wsproto 1.3) refuses 1014 as reserved: the route sends 1011 instead.
+        config = small_limit_config(backend)
+        config = dataclasses.replace(config, routes=(RouteConfig(pool=PoolName("main"), backend_failure_close_code=1011),))
+        app, port = await start_proxy(nursery, config)
         async with open_websocket_url(url(port)) as healthy, open_websocket_url(url(port)) as ws:
             await ws.send_message("big please")
-            assert await closed_with(ws) == (1001, "peer protocol error")
+            assert await closed_with(ws) == (1011, "backend protocol error: message of more than 1000 bytes (at least 1001)")
             await wait_until(lambda: (1009, "message of more than 1000 bytes (at least 1001)") in rec.closes, "backend close", show=lambda: rec.closes)
             await healthy.send_message("ok")
             assert await healthy.get_message() == "ok"
@@ -809,8 +797,9 @@ async def test_hostile_frame_from_backend(nursery: trio.Nursery, kind: str) -> N
             stream, reader, _ = await raw_client(port)
             frames, close = await reader.read_until_close()
             assert [(f.opcode, f.payload) for f in frames] == [(OP_TEXT, b"before")]
-            assert close is not None and close.close == (1001, "peer protocol error")
-            await stream.send_all(client_frame(OP_CLOSE, close_payload(1001)))
+            assert close is not None and close.close[0] == 1014, close
+            assert close.close[1].startswith("backend protocol error: "), close
+            await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
             assert await reader.read_eof() == b""
             await stream.aclose()
             await wait_until(lambda: bool(backend_saw), "backend read")
@@ -831,10 +820,11 @@ async def test_hostile_frame_from_backend_trio_websocket_client(nursery: trio.Nu
 
     with trio.fail_after(5):
         backend = await start_tcp_backend(nursery, backend_handler)
-        app, port = await start_proxy(nursery, make_config([backend]))
+        routes = (RouteConfig(pool=PoolName("main"), backend_failure_close_code=1011),)
+        app, port = await start_proxy(nursery, make_config([backend], routes=routes))
         async with open_websocket_url(url(port)) as ws:
             assert await ws.get_message() == "hello"
-            assert await closed_with(ws) == (1001, "peer protocol error")
+            assert await closed_with(ws) == (1011, "backend protocol error: masked frame from the server")
 
 
 # -- 10. a side that dies ----------------------------------------------------------------------
@@ -1250,11 +1240,12 @@ async def test_backend_violation_waits_for_the_frame_in_flight_to_the_backend(nu
         await stream.send_all(whole[:30_000])
         await partial_arrived.wait()
         frames, close = await reader.read_until_close()
-        assert frames == [] and close is not None and close.close == (1001, "peer protocol error")
+        assert frames == [] and close is not None
+        assert close.close == (1014, "backend protocol error: masked frame from the server")
         await trio.sleep(0.1)
         assert backend_saw == []  # still inside our frame: no close frame for the backend yet
         await stream.send_all(whole[30_000:])
-        await stream.send_all(client_frame(OP_CLOSE, close_payload(1001)))
+        await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
         await wait_until(lambda: bool(backend_saw), "backend read")
         seen, backend_close = backend_saw[0]
         assert [(f.opcode, f.payload) for f in seen] == [(OP_BINARY, payload)]

@@ -23,6 +23,7 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from wsproxy.proto.frames import (
+    CLOSE_INVALID_DATA,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_PROTOCOL_ERROR,
@@ -775,6 +776,7 @@ garbage: st.SearchStrategy[tuple[list[FrameSpec], bytes]] = st.one_of(
     from_client=st.booleans(),
     rsv_allowed=st.sampled_from([0, RSV1, RSV_ALL]),
     max_message_bytes=st.sampled_from([0, 1, 100, 70000]),
+    validate_utf8=st.booleans(),
     splits=st.data(),
 )
 def test_garbage_never_raises_and_forwards_a_frame_aligned_prefix(
@@ -782,6 +784,7 @@ def test_garbage_never_raises_and_forwards_a_frame_aligned_prefix(
     from_client: bool,
     rsv_allowed: int,
     max_message_bytes: int,
+    validate_utf8: bool,
     splits: st.DataObject,
 ) -> None:
     specs, tail = junk
@@ -791,6 +794,7 @@ def test_garbage_never_raises_and_forwards_a_frame_aligned_prefix(
         "rsv_allowed": rsv_allowed,
         "deflate": rsv_allowed == RSV1,
         "max_message_bytes": max_message_bytes,
+        "validate_utf8": validate_utf8,
     }
     reference = FrameScanner(**kwargs)  # type: ignore[arg-type]
     whole_out = reference.feed(data)
@@ -798,10 +802,16 @@ def test_garbage_never_raises_and_forwards_a_frame_aligned_prefix(
     scanner = FrameScanner(**kwargs)  # type: ignore[arg-type]
     split_out = run(scanner, cut(data, cuts))
 
+    assert data.startswith(whole_out)
+    if reference.violation is not None and reference.violation.close_code == CLOSE_INVALID_DATA:
+        # Invalid UTF-8 is found where its byte arrives: fed whole, before the frame that
+        # holds it; fed in pieces, possibly inside that frame, after its valid start.
+        assert scanner.violation == reference.violation
+        assert data.startswith(split_out) and split_out.startswith(whole_out)
+        return
     # However it was cut, the same bytes pass and the scanner ends in the same state.
     assert split_out == whole_out
     assert state(scanner) == state(reference)
-    assert data.startswith(whole_out)
 
     boundaries, headers = header_walk(data)
     end = len(whole_out)

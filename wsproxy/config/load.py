@@ -169,8 +169,18 @@ def _routes(
         fields = r.fields(
             item,
             required=("pool",),
-            optional=("host", "path", "origins", "allow_missing_origin", "auth", "keepalive"),
-            what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive)",
+            optional=(
+                "host",
+                "path",
+                "origins",
+                "allow_missing_origin",
+                "auth",
+                "keepalive",
+                "validate_utf8",
+                "backend_failure_close_code",
+            ),
+            what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
+            "validate_utf8, backend_failure_close_code)",
         )
         if fields is None:
             continue
@@ -180,6 +190,8 @@ def _routes(
         allow_missing = r.boolean(fields.get("allow_missing_origin"))
         auth = gate.auth(r, fields.get("auth"))
         keepalive = ops.keepalive(r, fields.get("keepalive"))
+        validate_utf8 = r.boolean(fields.get("validate_utf8"))
+        failure_code = _backend_failure_code(r, fields.get("backend_failure_close_code"))
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -191,10 +203,31 @@ def _routes(
                 origins=origins,
                 auth=auth,
                 keepalive=keepalive,
-                **given(host=host, path=path, allow_missing_origin=allow_missing),
+                **given(
+                    host=host,
+                    path=path,
+                    allow_missing_origin=allow_missing,
+                    validate_utf8=validate_utf8,
+                    backend_failure_close_code=failure_code,
+                ),
             )
         )
     return tuple(routes)
+
+
+#: What a client may be told when its backend fails: 1014 "Bad Gateway" (RFC 6455 registry)
+#: or 1011 "Internal Error", for clients that refuse 1014 (wsproto before 1.3, Autobahn).
+BACKEND_FAILURE_CODES = (1014, 1011)
+
+
+def _backend_failure_code(r: Reader, at: At | None) -> int | None:
+    code = r.integer(at, 1000, 4999)
+    if at is None or code is None:
+        return None
+    if code not in BACKEND_FAILURE_CODES:
+        r.error(at, f"expected 1014 or 1011, got {code}")
+        return None
+    return code
 
 
 def _route_host(r: Reader, at: At | None) -> str | None:

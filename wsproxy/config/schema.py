@@ -132,6 +132,8 @@ class RouteConfig:
     allow_missing_origin: bool = True  # non-browser clients send no Origin
     auth: AuthConfig | None = None
     keepalive: KeepaliveConfig | None = None  # off when absent
+    validate_utf8: bool = True  # text messages and close reasons must be UTF-8 (1007 to the sender)
+    backend_failure_close_code: int = 1014  # to the client when the backend fails (1014 or 1011)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -48,6 +48,7 @@ OUTCOMES = frozenset(
         "client_gone",
         "backend_gone",
         "protocol_error",
+        "invalid_data",
         "too_big",
         "rate_limited",
         "idle",

@@ -22,10 +22,22 @@ Endings (the side that owns each reaction in brackets)::
     close frame from a side       relayed like any frame; the session ends when
                                   the backend has closed TCP and the client has
                                   answered (or closed), within close_timeout
-    backend EOF without close     client gets 1014 (down), up discards
+    backend EOF without close     client gets the backend failure code (down), up discards
     client EOF without close      backend gets 1001 (up), down discards
-    violation by a side           offender gets its code (1002/1009), the other 1001
+    violation by the client       client gets its code (1002/1007/1009), the backend 1001
+    violation by the backend      backend gets its code, the client the backend failure code
+    keepalive unanswered          the dead side's TCP closes; the other gets 1001 (backend)
+                                  or the backend failure code (client)
     finish() (idle, shutdown)     both sides get the codes given
+
+The backend failure code is the route's ``backend_failure_close_code``: 1014
+(RFC 6455 registry: "Bad Gateway") by default, or 1011 for clients that reject
+1014 (wsproto before 1.3 and clients built on it, the Autobahn client).
+
+A violation found inside a frame whose start was already forwarded (invalid
+UTF-8 arriving late in a long text frame) leaves the destination inside that
+frame: no close frame can be placed there, so that destination's TCP is closed
+without one (§7.1.7 again); the offender still gets its close code.
 
 A close frame that cannot be placed at a boundary (the peer died in the middle
 of a frame) is not sent: the connection is closed without it, which is what
@@ -46,6 +58,7 @@ from ..config.schema import RateConfig
 from ..proto.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
+    CLOSE_INVALID_DATA,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
     FrameScanner,
@@ -255,6 +268,7 @@ class Relay:
         "up",
         "down",
         "close_timeout_s",
+        "backend_failure_code",
         "outcome",
         "closed_by",
         "kind",
@@ -271,6 +285,7 @@ class Relay:
         down_scanner: FrameScanner,
         close_timeout_s: float,
         message_rate: RateConfig | None = None,
+        backend_failure_code: int = CLOSE_BAD_GATEWAY,
     ) -> None:
         self.up = Pump(self, "client", client, backend, up_scanner)
         self.down = Pump(self, "backend", backend, client, down_scanner)
@@ -278,6 +293,7 @@ class Relay:
             self.up.rate = MessageRate(message_rate)
             self.down.rate = MessageRate(message_rate)
         self.close_timeout_s = close_timeout_s
+        self.backend_failure_code = backend_failure_code  # to the client when the backend fails
         self.outcome = ""  # why the session ended, for the log
         self.kind = ""  # the same as one word, for metrics
         self.closed_by = ""  # "client", "backend" or "proxy": who started the ending
@@ -330,7 +346,7 @@ class Relay:
                 frame = encode_close(CLOSE_GOING_AWAY, "client went away", mask=os.urandom(4))
             else:
                 self._start_ending("backend", "backend vanished", "backend_gone")
-                frame = encode_close(CLOSE_BAD_GATEWAY, "backend went away")
+                frame = encode_close(self.backend_failure_code, "backend went away")
             other = self.down if pump is self.up else self.up
             other.discard = True  # its destination is the peer that vanished
             pump.request_close(frame)
@@ -345,14 +361,24 @@ class Relay:
         """``pump``'s source broke the protocol: its code to it, 1001 to the other side."""
         violation = pump.scanner.violation
         assert violation is not None
-        kind = "too_big" if violation.close_code == CLOSE_MESSAGE_TOO_BIG else "protocol_error"
+        code = violation.close_code
+        kind = "too_big" if code == CLOSE_MESSAGE_TOO_BIG else "invalid_data" if code == CLOSE_INVALID_DATA else "protocol_error"
         self._start_ending("proxy", f"{pump.side} protocol error: {violation.reason}", kind)
         other = self.down if pump is self.up else self.up
-        # The scanner stopped before the offending frame, so this pump's output is at a
-        # boundary: the other side gets 1001 from it (written when its chunk is done)...
-        pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer protocol error"))
+        if pump.scanner.remaining:
+            # Found inside a frame already started on the other stream: nothing can be
+            # placed there, so that destination's TCP closes without a close frame.
+            pump.dst_gone = True
+            pump.discard = True
+        elif pump is self.up:
+            # The scanner stopped before the offending frame, so this pump's output is at
+            # a boundary: the backend gets 1001 from it (written when its chunk is done)...
+            pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer protocol error"))
+        else:
+            pump.request_close(encode_close(self.backend_failure_code, f"backend protocol error: {violation.reason}"))
         # ...and the offender gets its code from the pump that writes to it.
-        other.request_close(self._close_frame(other, violation.close_code, violation.reason))
+        other.request_close(self._close_frame(other, code, violation.reason))
+        self.check_done()
 
     def on_policy_violation(self, pump: Pump, code: int, reason: str) -> None:
         """``pump``'s source broke a limit (not the protocol): ``code`` to it, 1001 to the other side."""
@@ -361,7 +387,10 @@ class Relay:
         self._start_ending("proxy", f"{pump.side} {reason}", "rate_limited")
         self.arm_deadline()
         other = self.down if pump is self.up else self.up
-        pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer policy violation"))
+        if pump is self.up:
+            pump.request_close(self._close_frame(pump, CLOSE_GOING_AWAY, "peer policy violation"))
+        else:
+            pump.request_close(encode_close(self.backend_failure_code, f"backend {reason}"))
         other.request_close(self._close_frame(other, code, reason))
 
     def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
@@ -407,7 +436,7 @@ class Relay:
             self._start_ending("proxy", f"backend did not answer a ping within {timeout_s:g}s", "keepalive")
             self.up.dst_gone = True  # nothing more goes to the dead backend...
             self.up.discard = True  # ...and the client's close reply is only watched for
-            self.down.request_close(encode_close(CLOSE_BAD_GATEWAY, "backend not responding"))
+            self.down.request_close(encode_close(self.backend_failure_code, "backend not responding"))
         else:
             self._start_ending("proxy", f"client did not answer a ping within {timeout_s:g}s", "keepalive")
             self.down.dst_gone = True  # nothing more goes to the dead client

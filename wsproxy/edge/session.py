@@ -287,13 +287,22 @@ async def _connect_upstream(
         client,
         result.channel,
         up_scanner=FrameScanner(
-            from_client=True, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=limits.max_message_bytes
+            from_client=True,
+            rsv_allowed=rsv_allowed,
+            deflate=deflate,
+            max_message_bytes=limits.max_message_bytes,
+            validate_utf8=route.validate_utf8,
         ),
         down_scanner=FrameScanner(
-            from_client=False, rsv_allowed=rsv_allowed, deflate=deflate, max_message_bytes=limits.max_message_bytes
+            from_client=False,
+            rsv_allowed=rsv_allowed,
+            deflate=deflate,
+            max_message_bytes=limits.max_message_bytes,
+            validate_utf8=route.validate_utf8,
         ),
         close_timeout_s=pool.drain.close_timeout_s,
         message_rate=limits.max_message_rate,
+        backend_failure_code=route.backend_failure_close_code,
     )
     try:
         await client.send(downstream_101(accepted, extra_101))
