@@ -165,7 +165,10 @@ def run_wstest(wstest: Path, agent: str, url: str, patterns: list[str], out_dir:
         except subprocess.CalledProcessError as exc:
             raise SystemExit(f"conformance: wstest exited with {exc.returncode}; see {out_dir / 'wstest.log'}")
     took_s = time.monotonic() - started
-    print(f"  {agent:<8} {' '.join(patterns):<40} {took_s:7.1f} s", flush=True)
+    shown = " ".join(patterns)
+    if len(shown) > 40:
+        shown = f"{shown[:30]}... ({len(patterns)} patterns)"
+    print(f"  {agent:<8} {shown:<40} {took_s:7.1f} s", flush=True)
     return took_s
 
 
