@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench typecheck conformance clean
+.PHONY: demo test bench typecheck fuzz conformance clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Coverage-guided fuzzing (atheris) of the frame scanner, the handshake checks,
+# the PROXY protocol parser, the router and the config loader: FUZZ_SECONDS per
+# target, then a table of inputs and findings (fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
+	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict wsproxy/proto wsproxy/balance wsproxy/config

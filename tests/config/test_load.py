@@ -452,7 +452,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         (
             MINIMAL + "timeouts:\n  idle_s: 10s\n",
             '11:3: timeouts: unknown key "idle_s" '
-            "(expected one of: handshake, connect, upstream_handshake, idle)",
+            "(expected one of: handshake, connect, upstream_handshake, idle, reload)",
         ),
         (
             MINIMAL + "timeouts:\n  idle: 600\n",

@@ -151,7 +151,7 @@ class Proxy:
         """GET ``target`` from the admin API: (status, body)."""
         stream = await trio.open_tcp_stream("127.0.0.1", self.admin_port)
         async with stream:
-            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.admin_port}\r\nConnection: close\r\n\r\n".encode())
             data = b""
             with trio.fail_after(5):
                 while chunk := await stream.receive_some(65536):

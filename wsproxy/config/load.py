@@ -44,6 +44,7 @@ from wsproxy.config.schema import (
     RouteConfig,
     TimeoutsConfig,
 )
+from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 from wsproxy.errors import ConfigError, ConfigErrors
 
 __all__ = ["load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
@@ -56,8 +57,9 @@ def load_config(path: str) -> Config:
     error without position if the file cannot be read.
     """
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        text = read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except FileRefused as exc:
+        raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {exc}")]) from None
     except OSError as exc:
         reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
         raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {reason}")]) from None
@@ -257,7 +259,7 @@ def _route_path(r: Reader, at: At | None) -> str | None:
 
 def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
     fields = r.fields(
-        at, optional=("handshake", "connect", "upstream_handshake", "idle"), null_is_empty=True
+        at, optional=("handshake", "connect", "upstream_handshake", "idle", "reload"), null_is_empty=True
     )
     if fields is None:
         return TimeoutsConfig()
@@ -267,6 +269,7 @@ def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
             connect_s=r.duration(fields.get("connect")),
             upstream_handshake_s=r.duration(fields.get("upstream_handshake")),
             idle_s=r.duration(fields.get("idle")),
+            reload_s=r.duration(fields.get("reload")),
         )
     )
 

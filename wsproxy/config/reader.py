@@ -25,6 +25,7 @@ from wsproxy.config.durations import (
     parse_size,
     quote,
 )
+from wsproxy.config.files import MAX_FILE_BYTES, FileRefused, check_file, read_file
 from wsproxy.config.schema import Address
 from wsproxy.errors import ConfigError
 
@@ -274,17 +275,40 @@ class Reader:
             return text
         return os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
 
-    def read(self, at: At | None, what: str = "a file name") -> tuple[str, bytes] | None:
-        """A file named at ``at``, read whole: (absolute path, content); errors say why not."""
+    def read(self, at: At | None, what: str = "a file name", max_bytes: int = MAX_FILE_BYTES) -> tuple[str, bytes] | None:
+        """A file named at ``at``, read whole: (absolute path, content); errors say why not.
+
+        Only a regular file of at most ``max_bytes`` is read (``config.files``):
+        a FIFO, a device or a directory is an error at the key, never a hang.
+        """
         path = self.filepath(at, what)
         if at is None or path is None:
             return None
         try:
-            with open(path, "rb") as file:
-                return path, file.read()
+            return path, read_file(path, max_bytes)
+        except FileRefused as exc:
+            self.error(at, str(exc))
         except OSError as exc:
             self.error(at, f"cannot read {path}: {exc.strerror or exc}")
+        return None
+
+    def tls_file(self, at: At | None, max_bytes: int = MAX_FILE_BYTES) -> str | None:
+        """A certificate, key or CA file that ``ssl`` will read by path: checked, not read.
+
+        ``ssl.SSLContext.load_cert_chain`` and ``load_verify_locations`` open
+        the file themselves, so checking its type and size first is what can be
+        done (a file swapped in between is left to the reload deadline). A
+        missing file is left to the TLS loader, which says so.
+        """
+        path = self.filepath(at)
+        if at is None or path is None:
             return None
+        try:
+            check_file(path, max_bytes)
+        except FileRefused as exc:
+            self.error(at, str(exc))
+            return None
+        return path
 
     def strings(self, at: At | None, what: str) -> tuple[str, ...] | None:
         """A list of strings."""

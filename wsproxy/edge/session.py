@@ -31,10 +31,13 @@ from ..config.schema import hostport
 from ..errors import UpstreamUnavailable
 from ..proto.forwarded import forwarding
 from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
+from ..proto.limits import MessageRate
+from ..proto.relay import Outcome
 from ..proto.handshake import TEXT_PLAIN, Rejection, Upgrade, downstream_101, http_response, upstream_request
 from .channel import ChannelBroken, RawChannel
 from .forward_auth import Denied
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
+from .engine import EngineRelay
 from .relay import Relay
 from .request import CLOSE_TIMEOUT_S, read_request, refuse, send_final
 from .tls import TlsChannel, peer_subject
@@ -76,7 +79,7 @@ class Session:
         self.generation = generation
         self.route: RouteConfig | None = None
         self.backend: BackendConfig | None = None
-        self.relay: Relay | None = None  # set once both handshakes are done
+        self.relay: Relay | EngineRelay | None = None  # set once both handshakes are done
         self.started = time.monotonic()
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
@@ -260,7 +263,7 @@ async def _connect_upstream(
             conn_id=session.conn_id,
         )
     except UpstreamUnavailable as exc:
-        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason))
+        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason, exc.headers))
         raise _Done from None
     if isinstance(result, Refusal):
         log.info(
@@ -283,27 +286,45 @@ async def _connect_upstream(
     rsv_allowed = RSV_ALL if unknown else (RSV1 if deflate else 0)
     deflate = deflate and not unknown
     limits = config.limits
-    session.relay = Relay(
-        client,
-        result.channel,
-        up_scanner=FrameScanner(
-            from_client=True,
-            rsv_allowed=rsv_allowed,
-            deflate=deflate,
-            max_message_bytes=limits.max_message_bytes,
-            validate_utf8=route.validate_utf8,
-        ),
-        down_scanner=FrameScanner(
-            from_client=False,
-            rsv_allowed=rsv_allowed,
-            deflate=deflate,
-            max_message_bytes=limits.max_message_bytes,
-            validate_utf8=route.validate_utf8,
-        ),
-        close_timeout_s=pool.drain.close_timeout_s,
-        message_rate=limits.max_message_rate,
-        backend_failure_code=route.backend_failure_close_code,
+    up_scanner = FrameScanner(
+        from_client=True,
+        rsv_allowed=rsv_allowed,
+        deflate=deflate,
+        max_message_bytes=limits.max_message_bytes,
+        validate_utf8=route.validate_utf8,
     )
+    down_scanner = FrameScanner(
+        from_client=False,
+        rsv_allowed=rsv_allowed,
+        deflate=deflate,
+        max_message_bytes=limits.max_message_bytes,
+        validate_utf8=route.validate_utf8,
+    )
+    rate = limits.max_message_rate
+    rates = (MessageRate(rate), MessageRate(rate)) if rate is not None else None
+    backend_channel = result.channel
+    if app.engine is not None and type(client) is RawChannel and type(backend_channel) is RawChannel:
+        # Plain on both sides: the epoll engine relays it (TLS stays with the trio pumps).
+        session.relay = EngineRelay(
+            app.engine,
+            client.sock,
+            backend_channel.sock,
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
+            close_timeout_s=pool.drain.close_timeout_s,
+            backend_failure_code=route.backend_failure_close_code,
+            message_rate=rates,
+        )
+    else:
+        session.relay = Relay(
+            client,
+            backend_channel,
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
+            close_timeout_s=pool.drain.close_timeout_s,
+            backend_failure_code=route.backend_failure_close_code,
+            message_rate=rates,
+        )
     try:
         await client.send(downstream_101(accepted, extra_101))
     except BaseException as exc:
@@ -346,7 +367,7 @@ async def _relay(
         session.identity,
     )
     if app.stopping:  # established while the proxy was shutting down
-        relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")
+        relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
     try:
         await relay.run(from_client, from_backend)
     finally:
@@ -361,7 +382,7 @@ async def _relay(
             route_name,
             route.pool,
             backend_name,
-            outcome=relay.outcome_kind(),
+            outcome=relay.machine.kind.value,
             duration_s=time.monotonic() - session.started,
             bytes_up=relay.bytes_up,
             bytes_down=relay.bytes_down,
@@ -378,8 +399,8 @@ async def _relay(
             route.pool,
             backend_cfg.address,
             session.identity,
-            relay.closed_by or "-",
-            relay.outcome or "cancelled",
+            relay.machine.closed_by.value,
+            relay.machine.reason or "cancelled",
             up.close_code if up.close_code is not None else "-",
             down.close_code if down.close_code is not None else "-",
             time.monotonic() - session.started,

@@ -19,8 +19,9 @@ import trio
 
 from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
 from ..control.registry import Registry
-from ..errors import UpstreamUnavailable
+from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
+from .overload import RateLimitedWarning
 from .tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..proto.handshake import (
     HOP_BY_HOP,
@@ -33,6 +34,7 @@ from ..proto.handshake import (
 )
 
 log = logging.getLogger("wsproxy.edge.upstream")
+_overloaded = RateLimitedWarning(log)  # one WARNING a second at most while the proxy is out of fds
 
 #: Largest error response body relayed from a backend that refused an upgrade.
 MAX_ERROR_BODY_BYTES = 65536
@@ -80,7 +82,9 @@ async def open_upstream(
     that concurrent handshakes see each other in balancing and max_connections.
 
     Raises ``UpstreamUnavailable``: 504 when a backend accepted the connection
-    but never answered the upgrade, 502 otherwise.
+    but never answered the upgrade, 502 otherwise; ``LocalOverload`` (503 with
+    ``Retry-After``) at once when the proxy cannot create or connect a socket
+    of its own (``edge.overload``), without counting it against the backend.
     """
     status = 502
     errors = []
@@ -97,6 +101,13 @@ async def open_upstream(
                         channel = await start_client_tls(
                             channel, pool.tls_context, backend_server_name(pool, address)
                         )
+            except LocalOverload as exc:
+                # The proxy's own sockets ran out: not this backend's failure (no passive-health
+                # record), and the next backend would fail the same way (no retry).
+                _overloaded.warning(
+                    "event=local_overload conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, address, exc.reason
+                )
+                raise
             except trio.TooSlowError:
                 reason = f"connect timed out after {timeouts.connect_s:g}s"
             except OSError as exc:

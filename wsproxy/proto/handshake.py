@@ -316,6 +316,10 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9])(?: [\t -~\x80-\xff]*)?"
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*")
 
 
+#: The log reason of a 101 that carries message framing (RFC 9112 §6.1/§6.2, RFC 9110 §8.6).
+FRAMING_IN_101 = "backend answered 101 with Transfer-Encoding/Content-Length"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
     """A backend's status line and headers, as ``parse_response_head`` found them."""
@@ -355,7 +359,11 @@ def check_upstream_response(
 
     Success needs ``Upgrade: websocket``, ``Connection: upgrade``, the right
     Sec-WebSocket-Accept, a subprotocol the client offered (or none) and only
-    extensions the client offered. Anything else is the backend's fault: 502.
+    extensions the client offered, and no message framing: RFC 9110 §8.6 and
+    RFC 9112 §6.1/§6.2 forbid ``Content-Length`` and ``Transfer-Encoding`` in a
+    1xx response (h11 refuses the conflicting or non-chunked shapes; this check
+    refuses them all, so the fast path and h11 agree and none reaches the
+    client). Anything else is the backend's fault: 502.
     """
     if response.status_code != 101:
         return Rejection(502, f"backend answered {response.status_code} where 101 was expected")
@@ -367,6 +375,8 @@ def check_upstream_response(
         by_name.setdefault(name, []).append(value)
         if name not in HOP_BY_HOP and name != b"sec-websocket-accept":
             passed.append((raw_name, value))
+    if b"transfer-encoding" in by_name or b"content-length" in by_name:
+        return Rejection(502, FRAMING_IN_101)
     if not any(b"websocket" in _tokens(v) for v in by_name.get(b"upgrade", [])):
         return Rejection(502, "backend's 101 lacks \"Upgrade: websocket\"")
     if not any(b"upgrade" in _tokens(v) for v in by_name.get(b"connection", [])):
