@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     selection = select_cases(args.cases)
     kinds = list(selection)
-    reports: Path = args.reports
+    reports: Path = args.reports.absolute()  # wstest runs in the report directory
     reports.mkdir(parents=True, exist_ok=True)
     if not args.reuse_direct:
         for run in ("direct", "proxied"):
