@@ -13,7 +13,7 @@ import logging
 import h11
 import trio
 
-from ..proto.handshake import Rejection, Upgrade, check_raw_head, check_upgrade, http_error
+from ..proto.handshake import Rejection, Upgrade, check_raw_head, check_upgrade, h11_reason, http_error
 from .channel import ChannelBroken, RawChannel
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -84,7 +84,7 @@ async def read_request(
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        return Rejection(exc.error_status_hint, f"malformed request: {exc}")
+        return Rejection(exc.error_status_hint, h11_reason(exc))  # h11's own message quotes the line
     if not isinstance(event, h11.Request):  # pragma: no cover - h11 has the whole head
         return Rejection(400, "malformed request")
     verdict = check_upgrade(event)

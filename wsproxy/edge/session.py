@@ -177,12 +177,12 @@ async def _handshakes(
         await refuse(client, session.conn_id, session.peer, result)
         raise _Done
     up, from_client = result
-    route = session.generation.router.match(up.host, up.path)
-    if route is None:
-        await refuse(client, session.conn_id, session.peer, Rejection(404, f"no route for host={up.host} path={up.path}"))
+    route = session.generation.router.route(up.host, up.path)  # the normalised host and path
+    if isinstance(route, Rejection):
+        await refuse(client, session.conn_id, session.peer, route)
         raise _Done
     session.route = route
-    host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
+    host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
         session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
     )
@@ -222,7 +222,7 @@ async def _connect_upstream(
         generation.selectors[pool.name],
         trio.current_time(),
         headers=list(up.request.headers),
-        target=up.request.target,
+        target=up.target,
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
@@ -249,6 +249,7 @@ async def _connect_upstream(
         target=rewrite.target if rewrite else None,
         client_headers=rewrite.headers if rewrite else None,
         drop=set(dropped) | admitted.drop,
+        strip=generation.router.strip_headers(route),
     )
     try:
         result = await open_upstream(
