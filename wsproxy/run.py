@@ -39,6 +39,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     app.log_overridden = log_overridden
     app.on_ready = lambda: notifier.ready(app.status_line())
     admin = AdminServer(app)
+    admin.reload_timeout_s = config.timeouts.reload_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:
@@ -69,6 +70,12 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 await trio.sleep(5)
                 notifier.status(app.status_line())
 
+        async def reload_on_request() -> list[str] | None:  # POST /reload (wsproxy reload)
+            log.info("event=reload_requested by=admin path=%s", path)
+            return await app.reload_and_wait(lambda: nursery.start_soon(reload_config))
+
+        admin.reloader = reload_on_request
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
             nursery.start_soon(notifier.watchdog)
@@ -97,3 +104,4 @@ def reload(app: App, admin: AdminServer, new: Config) -> None:
         admin.abandon(change)
         raise
     admin.commit(change)
+    admin.reload_timeout_s = new.timeouts.reload_s

@@ -109,7 +109,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     limits = _limits(r, top.get("limits"))
     trusted = gate.trusted_proxies(r, top.get("trusted_proxies"))
     shutdown = ops.shutdown(r, top.get("shutdown"))
-    admin = ops.admin(r, top.get("admin"))
+    admin = ops.admin(r, top.get("admin"), pool_names)
     log = ops.log(r, top.get("log"))
     if r.errors:
         return None
