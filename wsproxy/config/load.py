@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import yaml
-from yaml.nodes import Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from wsproxy.config.durations import (
     is_host_name,
@@ -32,10 +32,12 @@ from wsproxy.config.durations import (
     quote,
 )
 from wsproxy.config import gate, ops
+from wsproxy.config.compose import compose
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     Address,
+    AdminConfig,
     Config,
     LimitsConfig,
     ListenerConfig,
@@ -47,7 +49,7 @@ from wsproxy.config.schema import (
 from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 from wsproxy.errors import ConfigError, ConfigErrors
 
-__all__ = ["load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
+__all__ = ["load_admin", "load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
 
 
 def load_config(path: str) -> Config:
@@ -56,8 +58,12 @@ def load_config(path: str) -> Config:
     Raises :class:`ConfigErrors` for every problem in the file, or with a single
     error without position if the file cannot be read.
     """
+    return parse_config(_read_text(path), path)
+
+
+def _read_text(path: str) -> str:
     try:
-        text = read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+        return read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
     except FileRefused as exc:
         raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {exc}")]) from None
     except OSError as exc:
@@ -67,7 +73,6 @@ def load_config(path: str) -> Config:
         byte = exc.object[exc.start]
         message = f"cannot read: not UTF-8 (byte {byte:#04x} at offset {exc.start})"
         raise ConfigErrors([ConfigError(path, 0, 0, "", message)]) from None
-    return parse_config(text, path)
 
 
 def parse_config(text: str, filename: str) -> Config:
@@ -75,15 +80,49 @@ def parse_config(text: str, filename: str) -> Config:
 
     Raises :class:`ConfigErrors` with every problem found, sorted by position.
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigErrors([_syntax_error(filename, text, exc)]) from None
-    reader = Reader(filename)
+    root, reader = _compose(text, filename)
     config = _config(reader, root)
     if config is None or reader.errors:
-        raise ConfigErrors(sorted(reader.errors, key=lambda error: (error.line, error.column)))
+        raise ConfigErrors(_sorted(reader.errors, filename))
     return config
+
+
+def _compose(text: str, filename: str) -> tuple[Node | None, Reader]:
+    """The tree (includes merged, variables substituted) and a Reader holding the errors found so far."""
+    try:
+        root, composed = compose(text, filename)
+    except yaml.YAMLError as exc:
+        raise ConfigErrors([syntax_error(filename, text, exc)]) from None
+    reader = Reader(filename)
+    reader.errors.extend(composed.errors)
+    return root, reader
+
+
+def _sorted(errors: list[ConfigError], main: str) -> list[ConfigError]:
+    """By position: the main file's errors first, then each included file's."""
+    files = list(dict.fromkeys([main, *(error.file for error in errors)]))
+    return sorted(errors, key=lambda error: (files.index(error.file), error.line, error.column))
+
+
+def load_admin(path: str) -> AdminConfig | None:
+    """Only the ``admin`` section of the config at ``path`` (includes and variables applied).
+
+    For the operator commands (``wsproxy reload``, ``status``...), which must
+    reach the running proxy even when the rest of the file has errors (that is
+    what ``reload`` is there to report). Raises ConfigErrors for errors that
+    stop the admin section from being read.
+    """
+    text = _read_text(path)
+    root, reader = _compose(text, path)
+    admin = None
+    if isinstance(root, MappingNode):
+        for key, value in root.value:
+            if isinstance(key, ScalarNode) and key.value == "admin":
+                admin = ops.admin(reader, At(value, "admin"))
+    errors = [error for error in reader.errors if error.path.startswith("admin")]
+    if errors:
+        raise ConfigErrors(errors)
+    return admin
 
 
 # --- the sections, in the order of the schema ----------------------------------
@@ -301,7 +340,7 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
     )
 
 
-def _syntax_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
+def syntax_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
     """A ConfigError at the position PyYAML gives for a syntax error."""
     if isinstance(exc, yaml.MarkedYAMLError):
         line, column = _position(exc.problem_mark or exc.context_mark)
