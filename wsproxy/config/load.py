@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import ipaddress
+
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
@@ -48,6 +50,7 @@ from wsproxy.config.schema import (
 )
 from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 from wsproxy.errors import ConfigError, ConfigErrors
+from wsproxy.proto.routing import host_matches, path_matches
 
 __all__ = ["load_admin", "load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
 
@@ -149,6 +152,9 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     trusted = gate.trusted_proxies(r, top.get("trusted_proxies"))
     shutdown = ops.shutdown(r, top.get("shutdown"))
     admin = ops.admin(r, top.get("admin"), pool_names)
+    if admin is not None and admin.bind is not None and admin.bind.port != 0:
+        bind_node = next(v for k, v in top["admin"].node.value if isinstance(k, ScalarNode) and k.value == "bind")
+        check_overlaps(r, [*r.bound, (admin.bind, At(bind_node, "admin.bind"))], start=len(r.bound), identical=True)
     log = ops.log(r, top.get("log"))
     if r.errors:
         return None
@@ -172,6 +178,7 @@ def _listeners(r: Reader, at: At | None) -> tuple[ListenerConfig, ...]:
         r.error(at, "at least one listener is required")
     names: dict[str, Node] = {}
     binds: dict[Address, Node] = {}
+    bound: list[tuple[Address, At]] = []
     listeners = []
     for item in items:
         fields = r.fields(
@@ -194,7 +201,51 @@ def _listeners(r: Reader, at: At | None) -> tuple[ListenerConfig, ...]:
             listeners.append(
                 ListenerConfig(name=ListenerName(name), bind=bind, tls=tls, **given(proxy_protocol=proxy_protocol))
             )
+            bound.append((bind, fields["bind"]))
+    check_overlaps(r, bound)
+    r.bound = bound  # the admin bind is checked against them too
     return tuple(listeners)
+
+
+def check_overlaps(r: Reader, bound: list[tuple[Address, At]], start: int = 1, identical: bool = False) -> None:
+    """Report each bind that would fail because an earlier one holds its port.
+
+    ``0.0.0.0:P`` takes port P on every IPv4 address, ``[::]:P`` on every IPv6
+    one (wsproxy binds IPv6 sockets IPV6_V6ONLY, so the two coexist), so
+    ``127.0.0.1:P`` after ``0.0.0.0:P`` fails with EADDRINUSE at start.
+    Identical listener binds are reported as duplicates already (``identical``
+    checks them too, for the admin bind); DNS names other than ``localhost``
+    are not resolved here. Only the binds from ``start`` on are checked.
+    """
+    for index in range(start, len(bound)):
+        bind, at = bound[index]
+        for earlier, earlier_at in bound[:index]:
+            if bind.port == earlier.port and (bind != earlier or identical) and _overlap(bind.host, earlier.host):
+                r.error(
+                    at,
+                    f"{bind} overlaps {earlier} ({earlier_at.path}, {r.where(earlier_at.node, at.node)}):"
+                    " both hold the same port on the same address, so one cannot be bound",
+                )
+                break
+
+
+def _ips(host: str) -> set[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] | None:
+    if host.lower() == "localhost":
+        return {(4, ipaddress.ip_address("127.0.0.1")), (6, ipaddress.ip_address("::1"))}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return {(ip.version, ip)}
+
+
+def _overlap(a: str, b: str) -> bool:
+    first, second = _ips(a), _ips(b)
+    if first is None or second is None:
+        return False
+    return any(
+        fa == fb and (x == y or x.is_unspecified or y.is_unspecified) for fa, x in first for fb, y in second
+    )
 
 
 def _routes(
@@ -206,6 +257,7 @@ def _routes(
     if not items:
         r.error(at, "at least one route is required")
     routes = []
+    placed: list[tuple[RouteConfig, At]] = []
     for item in items:
         fields = r.fields(
             item,
@@ -238,7 +290,7 @@ def _routes(
             continue
         if pool_names is not None and pool not in pool_names:
             r.error(fields["pool"], f"route names pool {quote(pool)}, which is not defined")
-        routes.append(
+        route = (
             RouteConfig(
                 pool=PoolName(pool),
                 origins=origins,
@@ -253,7 +305,38 @@ def _routes(
                 ),
             )
         )
+        _check_shadowed(r, route, item, placed)
+        placed.append((route, item))
+        routes.append(route)
     return tuple(routes)
+
+
+def _check_shadowed(r: Reader, route: RouteConfig, at: At, earlier: list[tuple[RouteConfig, At]]) -> None:
+    """A route that an earlier one covers entirely never matches (first match wins): an error.
+
+    Covers: the earlier host pattern matches every host this one does, and the
+    earlier path prefix every path (``proto.routing``'s rules).
+    """
+    for before, before_at in earlier:
+        if host_pattern_covers(before.host, route.host) and path_matches(before.path, route.path):
+            r.error(
+                at,
+                f"this route never matches: {before_at.path} ({r.where(before_at.node, at.node)}, host"
+                f" {quote(before.host)}, path {quote(before.path)}) comes first and takes every request it would;"
+                " put the narrower route first",
+            )
+            return
+
+
+def host_pattern_covers(pattern: str, other: str) -> bool:
+    """Does route host ``pattern`` match every host that ``other`` matches?"""
+    if pattern == "*":
+        return True
+    if other == "*":
+        return False
+    if other.startswith("*."):
+        return pattern.startswith("*.") and other[1:].endswith(pattern[1:])
+    return host_matches(pattern, other)
 
 
 #: What a client may be told when its backend fails: 1014 "Bad Gateway" (RFC 6455 registry)

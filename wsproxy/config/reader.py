@@ -66,6 +66,7 @@ class Reader:
     def __init__(self, file: str) -> None:
         self.file = file
         self.errors: list[ConfigError] = []
+        self.bound: list[tuple[Address, At]] = []  # the listeners' binds, for checks across sections
         # (key, key node, value node) by id() of a MappingNode; None while it is being expanded
         self._pairs_of: dict[int, list[tuple[str, Node, Node]] | None] = {}
 
