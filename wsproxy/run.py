@@ -14,7 +14,7 @@ import trio
 
 from typing import TYPE_CHECKING
 
-from .app import App, ReloadError
+from .app import App, ListenError, ReloadError
 from .config.schema import Config
 
 if TYPE_CHECKING:
@@ -80,11 +80,19 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
             nursery.start_soon(watch_signals)
             nursery.start_soon(notifier.watchdog)
             nursery.start_soon(report_status)
-            address = await nursery.start(admin.serve, config.admin)  # serves nothing until a reload adds it when None
+            try:
+                address = await nursery.start(admin.serve, config.admin)  # serves nothing until a reload adds it when None
+            except OSError as exc:  # one line and exit 1, as for a listener (wsproxy.__main__)
+                raise ListenError(f"admin.bind: cannot listen on {_admin_where(config)}: {exc.strerror or exc}") from None
             if address is not None:
                 log.info("event=admin_listening address=%s", address)
             await app.serve()  # returns once accepting has stopped and every session has ended
             nursery.cancel_scope.cancel()
+
+
+def _admin_where(config: Config) -> str:
+    admin = config.admin
+    return f"unix:{admin.unix_path}" if admin and admin.unix_path else str(admin and admin.bind)
 
 
 def reload(app: App, admin: AdminServer, new: Config) -> None:
@@ -96,8 +104,7 @@ def reload(app: App, admin: AdminServer, new: Config) -> None:
     try:
         change = admin.prepare(new.admin)
     except OSError as exc:
-        where = f"unix:{new.admin.unix_path}" if new.admin and new.admin.unix_path else (new.admin and new.admin.bind)
-        raise ReloadError(f"admin.bind: cannot listen on {where}: {exc.strerror or exc}") from exc
+        raise ReloadError(f"admin.bind: cannot listen on {_admin_where(new)}: {exc.strerror or exc}") from exc
     try:
         app.reload(new)
     except BaseException:
