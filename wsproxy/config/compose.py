@@ -61,6 +61,7 @@ class Composed:
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
         self.files: list[str] = []
+        self.failed: set[int] = set()  # id() of scalars with an unset variable: the Reader says nothing more of them
 
     def error(self, node: Node, path: str, message: str) -> None:
         mark = node.start_mark
@@ -118,33 +119,34 @@ def _compose_one(text: str, filename: str, env: Mapping[str, str], composed: Com
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is None:
         return None
-    for node in _walk(root):
+    for node, path, is_key in _walk(root):
         node.start_mark.name = filename
         node.end_mark.name = filename
-        if isinstance(node, ScalarNode) and "$" in node.value:
-            _interpolate(node, env, composed)
+        if isinstance(node, ScalarNode) and not is_key and "$" in node.value:
+            _interpolate(node, path, env, composed)
     return root
 
 
-def _walk(root: Node) -> Iterator[Node]:
-    """Every node once (an alias shares its anchor's node), keys included."""
+def _walk(root: Node) -> Iterator[tuple[Node, str, bool]]:
+    """(node, its YAML path, is a key) for every node once (an alias shares its anchor's node)."""
     seen: set[int] = set()
-    stack = [root]
+    stack: list[tuple[Node, str, bool]] = [(root, "", False)]
     while stack:
-        node = stack.pop()
+        node, path, is_key = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        yield node
+        yield node, path, is_key
         if isinstance(node, SequenceNode):
-            stack.extend(node.value)
+            stack.extend((item, f"{path}[{index}]", False) for index, item in enumerate(node.value))
         elif isinstance(node, MappingNode):
             for key, value in node.value:
-                stack.append(key)
-                stack.append(value)
+                name = key.value if isinstance(key, ScalarNode) else "?"
+                stack.append((key, path, True))
+                stack.append((value, f"{path}.{name}" if path else str(name), False))
 
 
-def _interpolate(node: ScalarNode, env: Mapping[str, str], composed: Composed) -> None:
+def _interpolate(node: ScalarNode, path: str, env: Mapping[str, str], composed: Composed) -> None:
     missing: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:
@@ -163,9 +165,11 @@ def _interpolate(node: ScalarNode, env: Mapping[str, str], composed: Composed) -
     value = _VARIABLE.sub(substitute, node.value)
     if value == node.value:
         return
+    if missing:
+        composed.failed.add(id(node))
     for name in missing:
         composed.error(
-            node, "", f"environment variable {name} is not set (in {quote(node.value)}; ${{{name}:-default}} gives a default)"
+            node, path, f"environment variable {name} is not set (in {quote(node.value)}; ${{{name}:-default}} gives a default)"
         )
     if node.style is None:  # plain: typed by what it now says; quoted: still a string
         node.tag = _RESOLVER.resolve(ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]

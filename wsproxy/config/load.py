@@ -98,6 +98,7 @@ def _compose(text: str, filename: str) -> tuple[Node | None, Reader]:
         raise ConfigErrors([syntax_error(filename, text, exc)]) from None
     reader = Reader(filename)
     reader.errors.extend(composed.errors)
+    reader.silenced = composed.failed
     return root, reader
 
 

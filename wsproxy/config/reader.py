@@ -67,6 +67,7 @@ class Reader:
         self.file = file
         self.errors: list[ConfigError] = []
         self.bound: list[tuple[Address, At]] = []  # the listeners' binds, for checks across sections
+        self.silenced: set[int] = set()  # id() of nodes already reported (an unset ${VAR}): no second error
         # (key, key node, value node) by id() of a MappingNode; None while it is being expanded
         self._pairs_of: dict[int, list[tuple[str, Node, Node]] | None] = {}
 
@@ -74,6 +75,8 @@ class Reader:
         self.error_at(at.node, at.path, message)
 
     def error_at(self, node: Node, path: str, message: str) -> None:
+        if id(node) in self.silenced:
+            return
         line, column = node.start_mark.line + 1, node.start_mark.column + 1  # PyYAML counts from 0
         self.errors.append(ConfigError(self.file_of(node), line, column, path, message))
 
