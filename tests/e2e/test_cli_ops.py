@@ -274,3 +274,9 @@ async def test_c_defaults_to_etc_wsproxy(tmp_path: Path) -> None:
         pytest.skip("this machine has a /etc/wsproxy/wsproxy.yaml")
     assert done.returncode == 1
     assert "/etc/wsproxy/wsproxy.yaml" in done.stderr.decode()
+
+
+def test_the_man_page_is_up_to_date() -> None:
+    from wsproxy.manpage import PAGE, render
+
+    assert PAGE.read_text() == render(), "man/wsproxy.1 is stale: run python -m wsproxy.manpage"
