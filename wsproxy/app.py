@@ -180,6 +180,11 @@ class App:
         self._reloading = False  # a reload_from is loading or applying
         self._reload_again = False  # a SIGHUP came during it: load once more when it is done
         self._loader_busy = False  # a loader thread is running (possibly abandoned, still stuck)
+        # POST /reload waits for "its" reload: attempts are numbered, their errors kept briefly.
+        self._reload_attempts = 0
+        self._reload_results: dict[int, list[str] | None] = {}  # attempt → errors ([] applied, None not run)
+        self._reload_done = trio.Event()
+        self._last_reload_errors: list[str] = []
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -301,11 +306,17 @@ class App:
         try:
             while not self.stopping:
                 self._reload_again = False
+                self._reload_attempts += 1
+                attempt, applied, failed = self._reload_attempts, self.reloads, self.reload_failures
                 await self._reload_once(path, load, apply or self.reload)
+                result = list(self._last_reload_errors) if self.reload_failures != failed else [] if self.reloads != applied else None
+                self._finish_attempt(attempt, result)
                 if not self._reload_again:
                     break
         finally:
             self._reloading = False
+            self._reload_done.set()  # a waiter whose reload will not run (shutting down) looks again
+            self._reload_done = trio.Event()
 
     async def _reload_once(self, path: str, load: Callable[[str], Config], apply: Callable[[Config], None]) -> None:
         from .errors import ConfigErrors
@@ -342,6 +353,37 @@ class App:
             apply(new)
         except ReloadError as exc:
             self.reload_failed([str(exc)])
+
+    async def reload_and_wait(self, start: Callable[[], None]) -> list[str] | None:
+        """``POST /reload``: ``start`` a reload (as SIGHUP does), wait for it, return its errors.
+
+        [] when the new config was applied; the errors when it was refused
+        (the old config keeps serving); None when the process is shutting down.
+        The reload waited for is the first one that starts after this call (one
+        already loading may have read the file before it changed).
+        """
+        if self.stopping:
+            return None
+        attempt = self._reload_attempts + 1
+        start()
+        while attempt not in self._reload_results:
+            if self.stopping and not self._reloading:
+                return None
+            await self._reload_done.wait()
+        return self._reload_results[attempt]
+
+    def _finish_attempt(self, attempt: int, result: list[str] | None) -> None:
+        self._reload_results[attempt] = result
+        for old in [n for n in self._reload_results if n <= attempt - 16]:
+            del self._reload_results[old]
+        self._reload_done.set()
+        self._reload_done = trio.Event()
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """``GET /ready``: see ``control.ready``."""
+        from .control.ready import readiness
+
+        return readiness(self)
 
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
@@ -425,6 +467,7 @@ class App:
     def reload_failed(self, errors: Sequence[str]) -> None:
         """Count and log a refused reload; the old config keeps serving."""
         self.reload_failures += 1
+        self._last_reload_errors = list(errors)
         self.last_reload_error = "; ".join(errors)
         self.metrics.reload(False, generation=self.generation.number, now_unix=time.time())
         for error in errors:

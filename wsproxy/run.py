@@ -14,7 +14,7 @@ import trio
 
 from typing import TYPE_CHECKING
 
-from .app import App, ReloadError
+from .app import App, ListenError, ReloadError
 from .config.schema import Config
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     app.log_overridden = log_overridden
     app.on_ready = lambda: notifier.ready(app.status_line())
     admin = AdminServer(app)
+    admin.reload_timeout_s = config.timeouts.reload_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:
@@ -69,15 +70,29 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 await trio.sleep(5)
                 notifier.status(app.status_line())
 
+        async def reload_on_request() -> list[str] | None:  # POST /reload (wsproxy reload)
+            log.info("event=reload_requested by=admin path=%s", path)
+            return await app.reload_and_wait(lambda: nursery.start_soon(reload_config))
+
+        admin.reloader = reload_on_request
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
             nursery.start_soon(notifier.watchdog)
             nursery.start_soon(report_status)
-            address = await nursery.start(admin.serve, config.admin)  # serves nothing until a reload adds it when None
+            try:
+                address = await nursery.start(admin.serve, config.admin)  # serves nothing until a reload adds it when None
+            except OSError as exc:  # one line and exit 1, as for a listener (wsproxy.__main__)
+                raise ListenError(f"admin.bind: cannot listen on {_admin_where(config)}: {exc.strerror or exc}") from None
             if address is not None:
                 log.info("event=admin_listening address=%s", address)
             await app.serve()  # returns once accepting has stopped and every session has ended
             nursery.cancel_scope.cancel()
+
+
+def _admin_where(config: Config) -> str:
+    admin = config.admin
+    return f"unix:{admin.unix_path}" if admin and admin.unix_path else str(admin and admin.bind)
 
 
 def reload(app: App, admin: AdminServer, new: Config) -> None:
@@ -89,11 +104,11 @@ def reload(app: App, admin: AdminServer, new: Config) -> None:
     try:
         change = admin.prepare(new.admin)
     except OSError as exc:
-        where = f"unix:{new.admin.unix_path}" if new.admin and new.admin.unix_path else (new.admin and new.admin.bind)
-        raise ReloadError(f"admin.bind: cannot listen on {where}: {exc.strerror or exc}") from exc
+        raise ReloadError(f"admin.bind: cannot listen on {_admin_where(new)}: {exc.strerror or exc}") from exc
     try:
         app.reload(new)
     except BaseException:
         admin.abandon(change)
         raise
     admin.commit(change)
+    admin.reload_timeout_s = new.timeouts.reload_s

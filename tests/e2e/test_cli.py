@@ -74,7 +74,7 @@ async def wsproxy_cmd(*args: str, cwd: Path | None = None) -> subprocess.Complet
 async def test_version() -> None:
     done = await wsproxy_cmd("--version")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.decode() == f"wsproxy {wsproxy.__version__}\n"
+    assert done.stdout.decode().splitlines()[0] == f"wsproxy {wsproxy.__version__}"  # then Python, trio, OpenSSL
 
 
 async def test_check_accepts_a_valid_config(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
-    if client_cert in ("required", "optional") and client_ca is None:
+    if client_cert in ("required", "optional") and "client_ca" not in fields:
         r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
         return None
     sni = []
@@ -60,8 +60,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
         entry_key = r.tls_file(entry.get("key"))
         if names is not None and entry_cert is not None and entry_key is not None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
-    if cert is None or key is None:
-        return None
+    if cert is None or key is None or ("client_ca" in fields and client_ca is None):
+        return None  # each missing file is reported at its own key already
     tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
     try:
         context = server_context(tls)

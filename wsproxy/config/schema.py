@@ -256,6 +256,8 @@ class AdminConfig:
     token_file: str | None = None  # bearer token required by every admin request when set
     token: bytes | None = field(default=None, repr=False)  # read from token_file at load time
     insecure_no_token: bool = False  # allows a non-loopback bind without token_file (logged at WARNING)
+    health_needs_token: bool = False  # GET /healthz and /ready need the token too (probes then send it)
+    ready_pools: tuple[str, ...] | None = None  # pools /ready needs a backend in; None = every pool a route names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

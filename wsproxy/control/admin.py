@@ -42,7 +42,7 @@ import trio
 from ..config.ops import is_loopback_host
 from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.listener import BACKLOG, accept_loop, open_listener
-from .admin_http import MAX_HEAD_BYTES, AdminApp, serve_connection
+from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, serve_connection
 from .admin_policy import AdminSite
 
 __all__ = ["MAX_HEAD_BYTES", "AdminApp", "AdminChange", "AdminServer", "serve_admin"]
@@ -105,6 +105,8 @@ class AdminServer:
         self.app = app
         self.config: AdminConfig | None = None
         self.token: bytes | None = None
+        self.reloader: Reloader | None = None  # POST /reload; set by ``wsproxy run``
+        self.reload_timeout_s = 30.0  # timeouts.reload of the running config (``wsproxy run`` keeps it current)
         self._listening: _Listening | None = None
         self._nursery: trio.Nursery | None = None
 

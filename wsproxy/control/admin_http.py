@@ -11,6 +11,15 @@ Routes (everything else is 404):
   ``GET /favicon.ico``, which browsers ask for by themselves, is 204.
 - ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
 - ``GET /status``: the JSON document ``AdminApp.status`` builds.
+- ``GET /healthz``: 200 ``ok`` while the process serves (liveness).
+- ``GET /ready``: 200 when ready for new clients, else 503; both with the JSON
+  ``{"ready", "reasons", "pools"}`` (``control.ready``). These two answer
+  without the token unless ``admin.health_needs_token: true``, so that a
+  Kubernetes probe or an L4 balancer can use them.
+- ``POST /reload``: the same reload as SIGHUP, waited for: 200
+  ``{"applied": true, "generation"}``, or 409 ``{"applied": false,
+  "errors": [...]}`` (the old config keeps serving); 503 while shutting down.
+  ``wsproxy reload`` calls it.
 - ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
   percent-decoded (``127.0.0.1%3A9001`` or ``127.0.0.1:9001``, ``[::1]:9001``);
   the answer is ``{"pool", "backend", "draining", "changed"}``, or 404 when the
@@ -18,7 +27,8 @@ Routes (everything else is 404):
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When a token is set, every request but the page's needs
-``Authorization: Bearer <token>`` (compared in constant time), else 401 with
+``Authorization: Bearer <token>`` (compared in constant time; the health
+endpoints only when ``health_needs_token``), else 401 with
 ``WWW-Authenticate: Bearer`` (RFC 6750 §3), logged at WARNING with the peer and
 the path (never the token).
 
@@ -48,7 +58,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
 from typing import Protocol
@@ -56,7 +66,7 @@ from typing import Protocol
 import h11
 import trio
 
-from ..config.schema import hostport
+from ..config.schema import AdminConfig, hostport
 from ..edge.channel import ChannelBroken, RawChannel
 from ..log import field as logged
 from .admin_policy import AdminSite, Refusal, check_request, path_segments
@@ -115,12 +125,24 @@ class AdminApp(Protocol):
         """The Prometheus text of the current state."""
         ...
 
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """``GET /ready``: (ready, the JSON body)."""
+        ...
+
+
+#: ``POST /reload``: runs one reload that starts after the call and returns its errors
+#: ([] = applied, None = not run: shutting down).
+Reloader = Callable[[], Awaitable["list[str] | None"]]
+
 
 class AdminState(Protocol):
     """What a connection reads per request (``control.admin.AdminServer``): a reload swaps both."""
 
     app: AdminApp
     token: bytes | None
+    config: AdminConfig | None
+    reloader: Reloader | None  # None: POST /reload is not offered (an embedding without a config file)
+    reload_timeout_s: float  # how long POST /reload may wait for its reload
 
 
 # -- one connection ------------------------------------------------------------------------------
@@ -134,7 +156,7 @@ async def serve_connection(sock: socket.socket, server: AdminState, site: AdminS
     try:
         while True:
             with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
-                again = await _one_request(channel, conn, server, site, peer)
+                again = await _one_request(channel, conn, server, site, peer, scope)
             if scope.cancelled_caught:
                 return  # slow, or idle between requests: nothing more to say
             if not again:
@@ -150,7 +172,9 @@ async def serve_connection(sock: socket.socket, server: AdminState, site: AdminS
         channel.close()
 
 
-async def _one_request(channel: RawChannel, conn: h11.Connection, server: AdminState, site: AdminSite, peer: str) -> bool:
+async def _one_request(
+    channel: RawChannel, conn: h11.Connection, server: AdminState, site: AdminSite, peer: str, scope: trio.CancelScope
+) -> bool:
     """Read one request and answer it; True if the connection may carry another."""
     try:
         request = await _read_head(channel, conn)
@@ -172,7 +196,12 @@ async def _one_request(channel: RawChannel, conn: h11.Connection, server: AdminS
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
-    await _send(channel, conn, request, _answer(request, server.app, server.token, site, peer))
+    answer = _answer(request, server, site, peer)
+    if answer is _RELOAD:
+        # A reload may take up to timeouts.reload: the request's own deadline grows to match.
+        scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
+        answer = await _reload(server, peer)
+    await _send(channel, conn, request, answer)
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
@@ -243,8 +272,16 @@ async def _send(
     await channel.send(data)
 
 
-def _answer(request: h11.Request, app: AdminApp, token: bytes | None, site: AdminSite, peer: str) -> _Answer:
+#: What ``_answer`` returns for ``POST /reload``, which ``_reload`` answers once the reload is done.
+_RELOAD: _Answer = (0, [], b"")
+
+#: Paths answered without the token unless ``admin.health_needs_token``.
+HEALTH_PATHS = (["healthz"], ["ready"])
+
+
+def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str) -> _Answer:
     """The response to one complete request (sans-I/O but for the App's own calls and the log)."""
+    app, token = server.app, server.token
     method = request.method.decode("ascii", "replace")
     refusal = check_request(site, request.method, request.headers)
     segments = path_segments(request.target) if refusal is None else refusal
@@ -258,7 +295,7 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, site: Admi
         if segments == ["favicon.ico"]:
             return 204, [], b""  # browsers ask for it; a 404 would be an error in their console
         return _page_file("index.html" if not segments else segments[1], static=bool(segments))
-    if token is not None:
+    if token is not None and not (segments in HEALTH_PATHS and not (server.config and server.config.health_needs_token)):
         given = _bearer(request.headers)
         if given is None or not hmac.compare_digest(given, token):
             challenge = b'Bearer realm="wsproxy-admin"'
@@ -268,6 +305,19 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, site: Admi
             status, headers, body = _text(401, "a bearer token is required")
             return status, [*headers, (b"WWW-Authenticate", challenge)], body
     try:
+        if segments in HEALTH_PATHS:
+            if method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            if segments == ["healthz"]:
+                return _text(200, "ok")
+            ready, document = app.readiness()
+            return _json(200 if ready else 503, document)
+        if segments == ["reload"]:
+            if method != "POST":
+                return _not_allowed("POST")
+            if server.reloader is None:
+                return _text(404, "not found")
+            return _RELOAD
         if segments in (["metrics"], ["status"]):
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
@@ -282,6 +332,22 @@ def _answer(request: h11.Request, app: AdminApp, token: bytes | None, site: Admi
         log.exception("event=error listener=admin method=%s path=%s", logged(method), logged(_path(request.target)))
         return _text(500, "internal error")
     return _text(404, "not found")
+
+
+async def _reload(server: AdminState, peer: str) -> _Answer:
+    """Run the reload ``POST /reload`` asked for and answer its outcome."""
+    assert server.reloader is not None
+    log.info("event=admin action=reload peer=%s", peer)
+    try:
+        errors = await server.reloader()
+    except Exception:
+        log.exception("event=error listener=admin method=POST path=/reload")
+        return _text(500, "internal error")
+    if errors is None:
+        return _json(503, {"applied": False, "errors": ["shutting down: no reload"]})
+    if errors:
+        return _json(409, {"applied": False, "errors": errors})
+    return _json(200, {"applied": True, "generation": server.app.status()["generation"]})
 
 
 def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
