@@ -119,7 +119,8 @@ def test_variables_are_substituted_and_typed_as_written(tmp_path: Path, monkeypa
     monkeypatch.delenv("WSP_UNSET", raising=False)
     main = write(tmp_path / "wsproxy.yaml", """\
         listeners: [{name: public, bind: "127.0.0.1:${WSP_PORT}"}]
-        routes: [{pool: echo, path: "/$${literal}"}]
+        routes: [{pool: echo}]
+        admin: {bind: "unix:/run/wsproxy/$${literal}.sock"}
         pools:
           echo:
             retries: ${WSP_RETRIES}
@@ -129,7 +130,7 @@ def test_variables_are_substituted_and_typed_as_written(tmp_path: Path, monkeypa
     assert config.listeners[0].bind.port == 8088
     assert config.pools["echo"].retries == 3  # type: ignore[index]
     assert str(config.pools["echo"].backends[0].address) == "127.0.0.1:9001"  # type: ignore[index]
-    assert config.routes[0].path == "/${literal}"
+    assert config.admin is not None and config.admin.unix_path == "/run/wsproxy/${literal}.sock"  # "$$" is a "$"
 
 
 def test_an_unset_variable_is_a_located_error_not_a_misleading_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
