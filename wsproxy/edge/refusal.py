@@ -36,7 +36,7 @@ class Reason(str, enum.Enum):
 
     PROXY_HEADER = "proxy_header"  # PROXY protocol header missing, invalid or late (no answer)
     TIMEOUT = "timeout"  # no complete request within timeouts.handshake (408, or no answer if nothing came)
-    UPGRADE = "upgrade"  # not a valid HTTP request or not a valid WebSocket upgrade (400/405/426/431...)
+    UPGRADE = "upgrade"  # not a valid HTTP request or not a valid WebSocket upgrade (400/426/431)
     NO_ROUTE = "no_route"  # no route for the host and path (404)
     ORIGIN = "origin"  # Origin not allowed or missing (403)
     AUTH = "auth"  # credentials missing or refused, by the proxy or the auth service (401/403)
