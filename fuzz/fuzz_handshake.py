@@ -38,7 +38,8 @@ from fuzz._harness import Reader, finding, fuzz_main, instrumented
 
 with instrumented("wsproxy", "h11"):
     import h11
-    from wsproxy.proto.handshake import (
+    from wsproxy.proto.target import normalise_target
+from wsproxy.proto.handshake import (
         Accepted,
         Rejection,
         ResponseHead,
@@ -139,10 +140,18 @@ def _check_upgrade_fields(event: h11.Request, up: Upgrade) -> None:
     if len(hosts) == 1 and not _URI_HOST.fullmatch(hosts[0]):
         finding("request-host-grammar", f"an upgrade with a Host that is not uri-host [\":\" port]: {hosts[0]!r}")
     raw = hosts[0].decode("latin-1").strip().lower() if len(hosts) == 1 else None
-    if raw is None or not (raw == up.host or raw.startswith(up.host + ":") or raw.startswith("[" + up.host + "]")):
+    if raw is not None:
+        name, colon, port = raw.rpartition(":") if not raw.endswith("]") else (raw, "", "")
+        if not colon or not port.isdigit():
+            name = raw
+        raw = name.rstrip(".") if name.endswith(".") and not name.endswith("..") else name  # one trailing dot
+    if raw is None or not (raw == up.host or raw == "[" + up.host + "]"):
         finding("request-host", f"Upgrade.host {up.host!r} from Host {hosts!r}")
-    if up.path != event.target.split(b"?", 1)[0].decode("latin-1"):
-        finding("request-path", f"Upgrade.path {up.path!r} from target {event.target!r}")
+    # The path is the normalised target's (proto/target.py), never the raw one.
+    normal = normalise_target(event.target)
+    expected = normal.split(b"?", 1)[0].decode("latin-1") if isinstance(normal, bytes) else None
+    if up.path != expected:
+        finding("request-path", f"Upgrade.path {up.path!r} from target {event.target!r} (normalised: {normal!r})")
 
 
 def _check_with_wsproto(head: bytes, up: Upgrade) -> None:

@@ -19,6 +19,7 @@ comparing it with the running one on SIGHUP) is ``control/reload.py``'s job.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 import yaml
@@ -46,6 +47,8 @@ from wsproxy.config.schema import (
 )
 from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 from wsproxy.errors import ConfigError, ConfigErrors
+from wsproxy.proto.handshake import FORWARDING_HEADERS, Rejection
+from wsproxy.proto.target import normalise_path
 
 __all__ = ["load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
 
@@ -180,9 +183,12 @@ def _routes(
                 "keepalive",
                 "validate_utf8",
                 "backend_failure_close_code",
+                "path_ignore_case",
+                "strip_headers",
+                "strip_headers_default",
             ),
             what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
-            "validate_utf8, backend_failure_close_code)",
+            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default)",
         )
         if fields is None:
             continue
@@ -194,6 +200,9 @@ def _routes(
         keepalive = ops.keepalive(r, fields.get("keepalive"))
         validate_utf8 = r.boolean(fields.get("validate_utf8"))
         failure_code = _backend_failure_code(r, fields.get("backend_failure_close_code"))
+        path_ignore_case = r.boolean(fields.get("path_ignore_case"))
+        strip_headers = _strip_headers(r, fields.get("strip_headers"))
+        strip_headers_default = r.boolean(fields.get("strip_headers_default"))
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -211,6 +220,9 @@ def _routes(
                     allow_missing_origin=allow_missing,
                     validate_utf8=validate_utf8,
                     backend_failure_close_code=failure_code,
+                    path_ignore_case=path_ignore_case,
+                    strip_headers=strip_headers,
+                    strip_headers_default=strip_headers_default,
                 ),
             )
         )
@@ -253,8 +265,39 @@ def _route_path(r: Reader, at: At | None) -> str | None:
     elif any(char in "?#" or char.isspace() for char in path):
         r.error(at, f'a route path cannot contain "?", "#" or whitespace, got {quote(path)}')
     else:
-        return path
+        # Requests are matched in normal form (proto.target), so a prefix in another form never matches.
+        normal = normalise_path(path.encode("utf-8"))
+        if isinstance(normal, Rejection):
+            r.error(at, f"{normal.reason.replace('request path', 'a route path')}, got {quote(path)}")
+        elif normal != path.encode("utf-8"):
+            r.error(at, f"a route path is matched in normal form: write {quote(normal.decode('ascii'))}, not {quote(path)}")
+        else:
+            return path
     return None
+
+
+#: Headers a route cannot strip: the handshake needs them, or the proxy always rewrites them.
+_UNSTRIPPABLE = ("host", "upgrade", "connection", "sec-websocket-")
+
+
+def _strip_headers(r: Reader, at: At | None) -> tuple[str, ...] | None:
+    """``strip_headers``: header names (RFC 9110 §5.1 tokens) the route never passes upstream."""
+    names = r.strings(at, "header names")
+    if at is None or names is None:
+        return None
+    for index, name in enumerate(names):
+        item = At(at.node.value[index], f"{at.path}[{index}]")
+        canonical = name.lower().replace("_", "-")
+        if not _HEADER_NAME.fullmatch(name):
+            r.error(item, f"expected a header name, got {quote(name)}")
+        elif canonical.startswith(_UNSTRIPPABLE):
+            r.error(item, f"{name} cannot be stripped: the WebSocket handshake needs it")
+        elif canonical.encode("latin-1") in FORWARDING_HEADERS:
+            r.error(item, f"{name} is always replaced by the proxy (or appended to, for trusted_proxies)")
+    return names
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:

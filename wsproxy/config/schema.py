@@ -134,6 +134,9 @@ class RouteConfig:
     keepalive: KeepaliveConfig | None = None  # off when absent
     validate_utf8: bool = True  # text messages and close reasons must be UTF-8 (1007 to the sender)
     backend_failure_close_code: int = 1014  # to the client when the backend fails (1014 or 1011)
+    path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
+    strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
+    strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from ..proto.handshake import Rejection, Upgrade, check_raw_head, check_upgrade
+from ..proto.handshake import (
+    Rejection,
+    RequestHead,
+    Upgrade,
+    check_raw_head,
+    check_upgrade,
+    h11_reason,
+    parse_request_head,
+)
 from .channel import ChannelBroken, RawChannel
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -81,14 +89,17 @@ async def read_request(
     rejection = check_raw_head(head)
     if rejection is not None:
         return rejection
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-    conn.receive_data(head)
-    try:
-        event = conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        return Rejection(exc.error_status_hint, f"malformed request: {exc}")
-    if not isinstance(event, h11.Request):  # pragma: no cover - h11 has the whole head
-        return Rejection(400, "malformed request")
+    event: h11.Request | RequestHead | None = parse_request_head(head)  # the common shape, without h11
+    if event is None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        conn.receive_data(head)
+        try:
+            parsed = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Rejection(exc.error_status_hint, h11_reason(exc))  # h11's own message quotes the line
+        if not isinstance(parsed, h11.Request):  # pragma: no cover - h11 has the whole head
+            return Rejection(400, "malformed request")
+        event = parsed
     verdict = check_upgrade(event)
     if isinstance(verdict, Rejection):
         return verdict

@@ -190,13 +190,13 @@ async def _handshakes(
         await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
-    route = session.generation.router.match(up.host, up.path)
-    if route is None:
-        rejection = Rejection(404, f"no route for host={up.host} path={up.path}")
-        await _refuse(client, session, app, Refused.of(Reason.NO_ROUTE, rejection))
+    route = session.generation.router.route(up.host, up.path)  # the normalised host and path
+    if isinstance(route, Rejection):
+        reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
+        await _refuse(client, session, app, Refused.of(reason, route))
         raise _Done
     session.route = route
-    host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
+    host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
         session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
     )
@@ -232,7 +232,7 @@ async def _connect_upstream(
         generation.selectors[pool.name],
         trio.current_time(),
         headers=list(up.request.headers),
-        target=up.request.target,
+        target=up.target,
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
@@ -258,6 +258,7 @@ async def _connect_upstream(
         target=rewrite.target if rewrite else None,
         client_headers=rewrite.headers if rewrite else None,
         drop=set(dropped) | admitted.drop,
+        strip=generation.router.strip_headers(route),
     )
     try:
         result = await open_upstream(
