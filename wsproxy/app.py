@@ -50,7 +50,7 @@ import trio
 from .balance.policy import Selector, make_selector
 from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.health import HealthChecker
-from .control.metrics import Metrics
+from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
 from .control.registry import BackendState, Health, Registry
 from .control.status import snapshot
 from .edge.gate import RouteGate
@@ -185,6 +185,7 @@ class App:
         self._reload_results: dict[int, list[str] | None] = {}  # attempt → errors ([] applied, None not run)
         self._reload_done = trio.Event()
         self._last_reload_errors: list[str] = []
+        self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -231,6 +232,7 @@ class App:
             async with trio.open_nursery() as control:
                 self._control = control
                 control.start_soon(self._idle_sweeper)
+                control.start_soon(measure_loop_lag, self.metrics)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
                 for slot in self.listeners.values():
@@ -267,11 +269,14 @@ class App:
         def overload_answer() -> bytes | None:
             return None if slot.spec.tls is not None else OVERLOAD_RESPONSE  # no plain text on a TLS port
 
+        def shed(count: int) -> None:  # refusals without a session: counted here, logged by the loop
+            self.metrics.refused(NO_ROUTE, "overload", None if slot.spec.tls is not None else 503, count)
+
         async def accept_all() -> None:
             with slot.scope:
                 async with trio.open_nursery() as loops:
                     for sock in slot.sockets:
-                        loops.start_soon(accept_loop, sock, handler, connections, overload_answer)
+                        loops.start_soon(accept_loop, sock, handler, connections, overload_answer, shed)
 
         self._control.start_soon(accept_all)
 
@@ -461,7 +466,6 @@ class App:
         self.reloads += 1
         self.last_reload_unix = time.time()
         self.last_reload_error = None
-        self.metrics.reload(True, generation=new.number, now_unix=self.last_reload_unix)
         log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
 
     def reload_failed(self, errors: Sequence[str]) -> None:
@@ -469,7 +473,6 @@ class App:
         self.reload_failures += 1
         self._last_reload_errors = list(errors)
         self.last_reload_error = "; ".join(errors)
-        self.metrics.reload(False, generation=self.generation.number, now_unix=time.time())
         for error in errors:
             log.error("event=reload_failed error=%r", error)
         log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", self.generation.number, len(errors))
@@ -675,28 +678,9 @@ class App:
 
     # -- state for the admin API and systemd ------------------------------------------
 
-    def render_metrics(self) -> str:
-        """What GET /metrics returns (Prometheus text format)."""
-        return self.metrics.render(
-            registry=self.registry,
-            pools={str(name): pool for name, pool in self.generation.config.pools.items()},
-            generation=self.generation.number,
-            draining_sessions=sum(1 for s in self.sessions.values() if s.draining),
-            now=trio.current_time(),
-            live=self._live_counts(),
-        )
-
-    def _live_counts(self) -> dict[str, tuple[int, int]]:
-        """Messages and bytes (up, down) relayed so far by the sessions still open."""
-        bytes_up = bytes_down = messages_up = messages_down = 0
-        for session in self.sessions.values():
-            relay = session.relay
-            if relay is not None:
-                bytes_up += relay.bytes_up
-                bytes_down += relay.bytes_down
-                messages_up += relay.up.scanner.messages
-                messages_down += relay.down.scanner.messages
-        return {"bytes": (bytes_up, bytes_down), "messages": (messages_up, messages_down)}
+    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
+        """What GET /metrics returns: (content type, body), OpenMetrics if ``accept`` asks for it."""
+        return render(self._metrics_registry, accept)
 
     def status_line(self) -> str:
         count = len(self.sessions)

@@ -217,8 +217,8 @@ async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) ->
             series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
             backend = {"pool": "main", "backend": stack.backend}
             assert total(series, "wsproxy_backend_sessions_active", **backend) == 1
-            assert total(series, "wsproxy_sessions_active", **backend) == 1  # summed over routes
-            assert total(series, "wsproxy_backend_up", **backend) == 1  # no health checks: up
+            assert total(series, "wsproxy_sessions_active") == 1  # by route
+            assert total(series, "wsproxy_backend_bytes_total", direction="up", **backend) > 0  # live
             assert total(series, "wsproxy_backend_health", state="up", **backend) == 1
             assert total(series, "wsproxy_backend_draining", **backend) == 0
             assert total(series, "wsproxy_handshake_duration_seconds_count") == 1
@@ -226,11 +226,13 @@ async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) ->
         await until(lambda: not stack.app.sessions)
         series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
         assert total(series, "wsproxy_backend_sessions_active", **backend) == 0
-        assert total(series, "wsproxy_sessions_active", **backend) == 0
-        assert total(series, "wsproxy_sessions_total", outcome="normal", **backend) == 1
+        assert total(series, "wsproxy_sessions_active") == 0
+        assert total(series, "wsproxy_sessions_closed_total", outcome="normal", **backend) == 1
         assert total(series, "wsproxy_messages_total", direction="up") == 1
         assert total(series, "wsproxy_messages_total", direction="down") == 1
-        assert total(series, "wsproxy_close_codes_total", side="client", code="1000") == 1
+        assert total(series, "wsproxy_backend_messages_total", direction="down", **backend) == 1
+        assert total(series, "wsproxy_close_codes_total", sent_by="client", to="backend", code="1000") == 1
+        assert total(series, "wsproxy_close_codes_total", sent_by="proxy") == 0  # it only relayed
 
 
 async def test_bytes_and_messages_move_while_a_session_runs_and_stay_monotonic(nursery: trio.Nursery) -> None:

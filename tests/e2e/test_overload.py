@@ -193,6 +193,9 @@ async def test_many_clients_under_a_low_fd_limit_get_101_or_503_and_no_backend_i
         assert "event=upstream_failed" not in text and "event=ejected" not in text, text[-3000:]
         assert "state=down" not in text, text[-3000:]
         assert "Traceback" not in text and "event=error" not in text, text[-3000:]
+        # Every 503 was counted once (wsproxy_refused_total), the accept loop's sheds included.
+        counted = await proxy.status()
+        assert counted["refused"] == len(refused), (counted["refused_by_reason"], len(refused))
         if explicit:  # the proxy really ran out of descriptors, and said so at most once a second
             overload_lines = [line for line in text.splitlines() if "event=accept_overload" in line or "event=local_overload" in line]
             assert overload_lines, text[-3000:]

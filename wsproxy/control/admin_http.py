@@ -9,7 +9,8 @@ Routes (everything else is 404):
   These answer without the token, as they hold no data: the page asks for the
   token when ``/status`` answers 401, and keeps it in the tab's memory only.
   ``GET /favicon.ico``, which browsers ask for by themselves, is 204.
-- ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
+- ``GET /metrics``: the Prometheus text format, or OpenMetrics when ``Accept`` asks
+  for it (``AdminApp.render_metrics``).
 - ``GET /status``: the JSON document ``AdminApp.status`` builds.
 - ``GET /healthz``: 200 ``ok`` while the process serves (liveness).
 - ``GET /ready``: 200 when ready for new clients, else 503; both with the JSON
@@ -70,7 +71,6 @@ from ..config.schema import AdminConfig, hostport
 from ..edge.channel import ChannelBroken, RawChannel
 from ..log import field as logged
 from .admin_policy import AdminSite, Refusal, check_request, path_segments
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .registry import Registry
 
@@ -121,8 +121,8 @@ class AdminApp(Protocol):
         """None: no such pool or backend; True: no longer draining; False: it was not."""
         ...
 
-    def render_metrics(self) -> str:
-        """The Prometheus text of the current state."""
+    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
+        """(content type, body) of the current metrics: OpenMetrics if ``accept`` asks for it."""
         ...
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
@@ -322,7 +322,9 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
             if segments == ["metrics"]:
-                return 200, [(b"Content-Type", METRICS_CONTENT_TYPE.encode())], app.render_metrics().encode()
+                accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
+                content_type, body = app.render_metrics(accept)
+                return 200, [(b"Content-Type", content_type.encode())], body
             return _json(200, app.status())
         if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
             if method != "POST":

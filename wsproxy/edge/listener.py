@@ -102,11 +102,13 @@ async def accept_loop(
     handler: Callable[[socket.socket], Awaitable[None]],
     nursery: trio.Nursery,
     overload_answer: Callable[[], bytes | None] = lambda: None,
+    on_shed: Callable[[int], None] | None = None,
 ) -> None:
     """Accept forever on ``lsock``, one ``handler(sock)`` task per connection.
 
     ``overload_answer`` gives the bytes sent to a connection shed while the
-    process is out of file descriptors (None: close it without a word).
+    process is out of file descriptors (None: close it without a word);
+    ``on_shed(n)`` counts them (``wsproxy_refused_total{reason="overload"}``).
     """
     batch = 0
     spare = _open_spare()
@@ -125,6 +127,8 @@ async def accept_loop(
                         os.close(spare)
                         spare = None
                         shed = _shed_waiting(lsock, overload_answer())
+                        if shed and on_shed is not None:
+                            on_shed(shed)
                     if spare is None:
                         spare = _open_spare()  # None again if the descriptor was taken meanwhile
                     _overloaded.warning(

@@ -33,13 +33,15 @@ from ..proto.forwarded import forwarding
 from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
 from ..proto.limits import MessageRate
 from ..proto.relay import Outcome
-from ..proto.handshake import TEXT_PLAIN, Rejection, Upgrade, downstream_101, http_response, upstream_request
+from ..errors import LocalOverload
+from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
-from .forward_auth import Denied
+from ..control.metrics import NO_ROUTE, route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
+from .refusal import Reason, Refused, refuse
 from .relay import Relay
-from .request import CLOSE_TIMEOUT_S, read_request, refuse, send_final
+from .request import CLOSE_TIMEOUT_S, Silent, read_request
 from .tls import TlsChannel, peer_subject
 from .upstream import Refusal, open_upstream
 
@@ -111,7 +113,9 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                     source = await read_proxy_header(client, listener.proxy_protocol)
             except (ProxyHeaderError, trio.TooSlowError) as exc:
                 reason = str(exc) or "PROXY header not complete in time"
-                log.info("event=refused conn=%s peer=%s reason=%r", conn_id, hostport(peer_ip, peer_port), reason)
+                refused = Refused(Reason.PROXY_HEADER, None, reason)
+                peer = hostport(peer_ip, peer_port)
+                await refuse(client, refused, conn_id=conn_id, peer=peer, route=NO_ROUTE, counter=app.metrics)
                 return
             if source is not None:
                 client_ip, client_port = source
@@ -135,7 +139,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             if subject:
                 session.identity = subject
         if admission is not None:
-            await refuse(client, conn_id, session.peer, admission)
+            await _refuse(client, session, app, Refused.of(Reason.LIMIT, admission))
             return
         try:
             backend, from_backend, from_client = await _handshakes(client, session, app, listener, deadline, client_port)
@@ -157,6 +161,12 @@ class _Done(Exception):
     """The connection was answered and is over (refused, or the client left)."""
 
 
+async def _refuse(client: RawChannel, session: Session, app: App, refused: Refused) -> None:
+    """``edge.refusal.refuse`` with the session's fields (route ``-`` until one matched)."""
+    route = route_label(session.route) if session.route is not None else NO_ROUTE
+    await refuse(client, refused, conn_id=session.conn_id, peer=session.peer, route=route, counter=app.metrics)
+
+
 async def _handshakes(
     client: RawChannel, session: Session, app: App, listener: ListenerConfig, deadline: float, client_port: int
 ) -> tuple[RawChannel, bytes, bytes]:
@@ -173,25 +183,25 @@ async def _handshakes(
     )
     if result is None:
         raise _Done
+    if isinstance(result, Silent):
+        await _refuse(client, session, app, Refused(Reason.TIMEOUT, None, result.reason))
+        raise _Done
     if isinstance(result, Rejection):
-        await refuse(client, session.conn_id, session.peer, result)
+        await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
     route = session.generation.router.route(up.host, up.path)  # the normalised host and path
     if isinstance(route, Rejection):
-        await refuse(client, session.conn_id, session.peer, route)
+        reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
+        await _refuse(client, session, app, Refused.of(reason, route))
         raise _Done
     session.route = route
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
         session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
     )
-    if isinstance(verdict, Rejection):
-        await refuse(client, session.conn_id, session.peer, verdict)
-        raise _Done
-    if isinstance(verdict, Denied):
-        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, verdict.status, verdict.reason)
-        await send_final(client, http_response(verdict.status, verdict.headers, verdict.body))
+    if isinstance(verdict, Refused):
+        await _refuse(client, session, app, verdict)
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
@@ -229,8 +239,7 @@ async def _connect_upstream(
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
-        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, plan.status, plan.reason)
-        await send_final(client, http_response(plan.status, [*extra, TEXT_PLAIN], plan.body.encode()))
+        await _refuse(client, session, app, Refused.plain(Reason.NO_BACKEND, plan.status, plan.reason, plan.body, extra))
         raise _Done
     session.sticky = plan.sticky
     added, dropped = forwarding(
@@ -262,16 +271,22 @@ async def _connect_upstream(
             timeouts=config.timeouts,
             max_header_bytes=max(config.limits.max_header_bytes, 16384),
             conn_id=session.conn_id,
+            timings=app.metrics,
         )
     except UpstreamUnavailable as exc:
-        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason, exc.headers))
+        reason = (
+            Reason.OVERLOAD if isinstance(exc, LocalOverload)
+            else Reason.UPSTREAM_TIMEOUT if exc.status == 504
+            else Reason.UPSTREAM_FAILED
+        )  # fmt: skip
+        await _refuse(client, session, app, Refused.of(reason, Rejection(exc.status, exc.reason, exc.headers)))
         raise _Done from None
     if isinstance(result, Refusal):
-        log.info(
-            "event=refused conn=%s peer=%s pool=%s status=%d reason='backend refused the upgrade'",
-            session.conn_id, session.peer, pool.name, result.status,
+        refused = Refused.relayed(
+            Reason.BACKEND_REFUSED, result.status, result.headers, result.body, "backend refused the upgrade",
+            fields=(("pool", pool.name),),
         )
-        await send_final(client, http_response(result.status, result.headers, result.body))
+        await _refuse(client, session, app, refused)
         raise _Done
     backend = result.backend
     session.backend = backend
@@ -353,8 +368,7 @@ async def _relay(
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)
-    route_name = f"{route.host}{route.path}"
-    app.metrics.session_opened(route_name, route.pool, backend_name)
+    route_name = route_label(route)
     app.metrics.handshake_done(time.monotonic() - session.started)
     log.info(
         "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%r",
@@ -385,12 +399,10 @@ async def _relay(
             backend_name,
             outcome=relay.machine.kind.value,
             duration_s=time.monotonic() - session.started,
-            bytes_up=relay.bytes_up,
-            bytes_down=relay.bytes_down,
-            messages_up=up.messages,
-            messages_down=down.messages,
             client_code=up.close_code,
             backend_code=down.close_code,
+            proxy_to_client=relay.down.own_close_code,
+            proxy_to_backend=relay.up.own_close_code,
         )
         log.info(
             "event=close conn=%s peer=%s pool=%s backend=%s identity=%r by=%s reason=%r client_code=%s "

@@ -109,6 +109,7 @@ class Direction:
         "src_eof",
         "dst_gone",
         "close_out",
+        "own_close_code",
         "rate",
         "counted",
         "ping_payload",
@@ -130,6 +131,7 @@ class Direction:
         self.src_eof = False
         self.dst_gone = False
         self.close_out = False  # a close frame (relayed or ours) went to the destination
+        self.own_close_code: int | None = None  # the code of a close frame of ours that went there
         self.rate: MessageRate | None = None  # limits.max_message_rate for this direction
         self.counted = 0  # messages already charged to the rate
         # keepalive, towards the destination: the outstanding ping, when it went out, ...
@@ -322,6 +324,7 @@ class RelayMachine:
             d.out.append(frame)
             if closing:
                 d.close_out = True
+                d.own_close_code = close_code_of(frame)
             else:
                 d.ping_written_at = self.now
         scanner = d.scanner
@@ -459,3 +462,16 @@ class RelayMachine:
     @property
     def bytes_down(self) -> int:
         return self.down.bytes
+
+
+def close_code_of(frame: bytes) -> int | None:
+    """The status code of a close frame made by ``encode_close`` (RFC 6455 §5.5.1: payload under 126 bytes).
+
+    Read once per close frame of the proxy's own, for the metrics' ``sent_by="proxy"``;
+    never per relayed frame.
+    """
+    if len(frame) >= 8 and frame[1] & 0x80:  # masked (towards a backend): 4 mask bytes first
+        return ((frame[6] ^ frame[2]) << 8) | (frame[7] ^ frame[3])
+    if len(frame) >= 4 and not frame[1] & 0x80:
+        return (frame[2] << 8) | frame[3]
+    return None
