@@ -648,3 +648,18 @@ def test_upstream_request_strips_claims_and_the_strip_set() -> None:
     kept = {name.lower() for name, _ in headers}
     assert b"x-auth-claim-role" not in kept and b"x_auth_claim_role" not in kept
     assert {b"x-auth-subject", b"x-real-ip", b"x-original-url"} <= kept
+
+
+@pytest.mark.parametrize("space", [b"\xa0", b"\x85", b"\x1c"])
+def test_a_host_wrapped_in_non_http_whitespace_is_refused(space: bytes) -> None:
+    """Only SP and HTAB are optional around a value (RFC 9110 §5.6.3); found by fuzz/fuzz_handshake.py."""
+    head = (
+        b"GET / HTTP/1.1\r\nHost:" + space + b"8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    if check_raw_head(head) is not None:
+        return  # a control character: refused before parsing
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    verdict = check_upgrade(conn.next_event())
+    assert isinstance(verdict, Rejection) and (verdict.status, verdict.reason) == (400, "invalid Host header")

@@ -403,7 +403,9 @@ def _authority(value: bytes) -> tuple[str, bytes] | None:
     plain = _PLAIN_HOST.fullmatch(value)
     if plain is not None:  # the common case: already lower case, no trailing dot
         return plain[1].decode("ascii"), value
-    text = value.decode("latin-1").strip()
+    # Only HTTP's own whitespace (RFC 9110 §5.6.3: SP, HTAB) is optional around a value;
+    # str.strip() would also take NBSP (0xA0) and other Latin-1 spaces away (found by fuzzing).
+    text = value.strip(b" \t").decode("latin-1")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
