@@ -78,3 +78,25 @@ async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> Frame | 
     if key:
         payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
     return Frame(opcode, payload, bool(key))
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    """Every whole frame in ``data`` (for pure tests of what the proxy queued)."""
+    frames = []
+    buf = bytearray(data)
+    while len(buf) >= 2:
+        n, pos = buf[1] & 0x7F, 2
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            n, pos = int.from_bytes(buf[2 : 2 + size], "big"), 2 + size
+        key = b""
+        if buf[1] & 0x80:
+            key, pos = bytes(buf[pos : pos + 4]), pos + 4
+        if len(buf) < pos + n:
+            break
+        opcode, payload = buf[0] & 0x0F, bytes(buf[pos : pos + n])
+        del buf[: pos + n]
+        if key:
+            payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+        frames.append(Frame(opcode, payload, bool(key)))
+    return frames

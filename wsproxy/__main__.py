@@ -1,8 +1,15 @@
-"""The ``wsproxy`` command: parse arguments, set up logging, run. Nothing else.
+"""The ``wsproxy`` command: parse arguments, then run, check, or call the admin API. Nothing else.
 
-    wsproxy run -c FILE      serve until SIGTERM or SIGINT
-    wsproxy check -c FILE    validate a config: exit 0, or print every error and exit 1
+    wsproxy run -c FILE                    serve until SIGTERM or SIGINT
+    wsproxy check -c FILE [--dump]         validate a config: exit 0, or print every error and exit 1
+    wsproxy reload -c FILE                 make the running proxy reload FILE; exit 0 only when applied
+    wsproxy status -c FILE                 what the running proxy serves
+    wsproxy drain|undrain -c FILE POOL BACKEND
     wsproxy --version
+
+``-c`` defaults to /etc/wsproxy/wsproxy.yaml. The operator commands live in
+``wsproxy.cli``; the man page (``man/wsproxy.1``) is generated from this parser
+by ``python -m wsproxy.manpage``.
 """
 
 from __future__ import annotations
@@ -10,35 +17,114 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from .cli import DEFAULT_CONFIG, CommandFailed, version_text
+
+RUN_DESCRIPTION = """\
+Serve WebSocket connections as FILE says, until SIGTERM or SIGINT.
+
+Signals:
+  SIGHUP          reload FILE (loaded in a thread, applied atomically, or
+                  logged and refused: the old config keeps serving);
+                  `wsproxy reload` does the same and waits for the outcome
+  SIGTERM, SIGINT graceful shutdown: stop accepting, close sessions with 1001
+                  spread over shutdown.spread, wait up to shutdown.timeout;
+                  a second signal exits at once
+
+Exit status:
+  0  stopped after a signal
+  1  the config has errors, or a listener or the admin listener cannot bind
+  2  usage error
+"""
+
+EPILOG = f"""\
+FILE defaults to {DEFAULT_CONFIG}. Exit status: 0 success; 1 config errors,
+a refused reload or an admin API that cannot be reached; 2 usage error.
+"""
 
 
-class _Version(argparse.Action):
-    """``--version``: the version and which frame scanner is in use (imported only when asked)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
-        from ._mypyc import describe
-
-        print(f"wsproxy {__version__}\n{describe()}")
-        parser.exit()
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG, metavar="FILE", help=f"the YAML config file (default: {DEFAULT_CONFIG})"
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsproxy", description="WebSocket reverse proxy and load balancer")
-    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and the frame scanner in use")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
-    run.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
+def parser() -> argparse.ArgumentParser:
+    """The whole command line (the man page is generated from it)."""
+    top = argparse.ArgumentParser(
+        prog="wsproxy",
+        description="WebSocket reverse proxy and load balancer",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=version_text())
+    commands = top.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+    run = commands.add_parser("run", help="serve until SIGTERM or SIGINT", description=RUN_DESCRIPTION, formatter_class=raw)
+    _config_option(run)
     run.add_argument(
         "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="overrides log.level"
     )
-    check = commands.add_parser("check", help="validate a config file and exit")
-    check.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML config file")
-    return parser
+    check = commands.add_parser(
+        "check", help="validate a config file and exit",
+        description="Validate FILE (and the files it includes and names) as `run` would; print every error"
+        " as FILE:LINE:COL: PATH: MESSAGE and exit 1, or exit 0.",
+    )
+    _config_option(check)
+    check.add_argument(
+        "--dump", action="store_true", help="print the effective config as YAML (defaults filled in, secrets redacted)"
+    )
+    reload = commands.add_parser(
+        "reload", help="make the running proxy reload its config and wait for the outcome",
+        description="Ask the proxy running FILE to reload it (POST /reload on its admin API, the same reload as"
+        " SIGHUP) and wait: exit 0 when the new config was applied, 1 with its errors otherwise.",
+    )
+    _config_option(reload)
+    status = commands.add_parser(
+        "status", help="show what the running proxy serves",
+        description="Print the running proxy's listeners, pools and backends (GET /status on its admin API).",
+    )
+    _config_option(status)
+    status.add_argument("--json", action="store_true", help="print the JSON document as the admin API gives it")
+    for name, verb in (("drain", "stop sending new sessions to"), ("undrain", "send new sessions again to")):
+        action = commands.add_parser(
+            name, help=f"{verb} a backend",
+            description=f"{verb.capitalize()} BACKEND of POOL in the running proxy (POST"
+            f" /pools/POOL/backends/BACKEND/{name} on its admin API).",
+        )
+        _config_option(action)
+        action.add_argument("pool", metavar="POOL", help="the pool's name")
+        action.add_argument("backend", metavar="BACKEND", help='the backend\'s address, "host:port"')
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    command_line = parser()
+    try:
+        import argcomplete  # type: ignore[import-not-found,unused-ignore]  # optional: the `completion` extra
+    except ImportError:
+        pass
+    else:
+        argcomplete.autocomplete(command_line)
+    args = command_line.parse_args(argv)
+    if args.command is None:
+        command_line.print_help()
+        return 2
+    from . import cli
+
+    try:
+        if args.command == "reload":
+            return cli.reload(args.config, sys.stdout)
+        if args.command == "status":
+            return cli.status(args.config, sys.stdout, args.json)
+        if args.command in ("drain", "undrain"):
+            return cli.drain(args.config, args.pool, args.backend, args.command == "undrain", sys.stdout)
+    except CommandFailed as exc:
+        print(f"wsproxy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return _run_or_check(args)
+
+
+def _run_or_check(args: argparse.Namespace) -> int:
     from .config.load import load_config
     from .errors import ConfigErrors
 
@@ -50,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsproxy: {len(exc.errors)} error(s) in {args.config}", file=sys.stderr)
         return 1
     if args.command == "check":
+        if args.dump:
+            from .cli import dump
+
+            sys.stdout.write(dump(config))
+            return 0
         print(f"wsproxy: {args.config} is valid")
         return 0
 

@@ -31,11 +31,13 @@ drain. Backend state lives in the registry by address, so it survives.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
 import os
 import random
+import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -48,20 +50,25 @@ import trio
 from .balance.policy import Selector, make_selector
 from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.health import HealthChecker
-from .control.metrics import Metrics
+from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
 from .control.registry import BackendState, Health, Registry
 from .control.status import snapshot
 from .edge.gate import RouteGate
+from .edge.engine import HAVE_EPOLL, Engine
 from .edge.listener import accept_loop, open_listener
+from .edge.overload import OVERLOAD_RESPONSE
 from .edge.session import Session, handle_connection
 from .proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
-from .proto.limits import ClientTable
+from .proto.limits import ClientTable, fd_budget
+from .proto.relay import Outcome
 from .proto.routing import Router
 
 log = logging.getLogger("wsproxy.app")
 
 #: Random share of a spread interval added to each close, so closes do not fall on a grid.
 SPREAD_JITTER = 0.5
+#: An unlimited (or huge) RLIMIT_NOFILE counts as this many descriptors.
+MAX_NOFILE = 10_000_000
 
 
 
@@ -95,17 +102,60 @@ class ListenerSlot:
             sock.close()
 
 
+def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
+    """``config`` with ``limits.max_connections`` derived from the fd limit when it was not set.
+
+    The soft ``RLIMIT_NOFILE`` minus a reserve, halved (``proto.limits.fd_budget``),
+    logged at start (``event=limits``) and whenever a reload changes it. An explicit
+    value is kept; one that exceeds the budget (or 0, no limit) gets a WARNING: past
+    the budget, clients get 503s from running out of descriptors instead.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > MAX_NOFILE:
+        soft = MAX_NOFILE
+    budget = fd_budget(soft, backends=len({b.address for p in config.pools.values() for b in p.backends}))
+    limits = config.limits
+    before = previous.limits.max_connections if previous is not None else None
+    if limits.max_connections is None:
+        if budget.max_connections != before:
+            log.info(
+                "event=limits max_connections=%d (from RLIMIT_NOFILE=%d) reserve=%d",
+                budget.max_connections, soft, budget.reserve,
+            )
+        return dataclasses.replace(config, limits=dataclasses.replace(limits, max_connections=budget.max_connections))
+    if (limits.max_connections == 0 or limits.max_connections > budget.max_connections) and (
+        previous is None or limits.max_connections != before
+    ):
+        log.warning(
+            "event=limits max_connections=%s reason=%r",
+            limits.max_connections or "unlimited",
+            f"more than RLIMIT_NOFILE={soft} allows ({budget.max_connections}); "
+            "beyond that, clients get 503 when the proxy runs out of descriptors",
+        )
+    return config
+
+
 class ListenError(Exception):
     """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
 
 
 class ReloadError(Exception):
-    """A valid config that could not be applied (a new listener could not bind)."""
+    """A valid config that could not be applied (a new listener could not bind), or one that could not be loaded in time."""
 
 
 class App:
-    def __init__(self, config: Config, *, inherited: dict[str, list[socket.socket]] | None = None) -> None:
-        self.generation = Generation(config, 1)
+    def __init__(
+        self,
+        config: Config,
+        *,
+        inherited: dict[str, list[socket.socket]] | None = None,
+        engine: bool | None = None,
+    ) -> None:
+        self.generation = Generation(with_fd_budget(config), 1)
+        if engine is None:  # the epoll engine where there is epoll, unless WSPROXY_RELAY=trio
+            engine = HAVE_EPOLL and os.environ.get("WSPROXY_RELAY", "engine") != "trio"
+        #: relays every plain session (None: each session relays itself with trio pumps)
+        self.engine: Engine | None = Engine() if engine else None
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
@@ -127,6 +177,15 @@ class App:
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
         self._removals: dict[tuple[PoolName, Address], int] = {}  # removal drains: (pool, backend) → epoch
+        self._reloading = False  # a reload_from is loading or applying
+        self._reload_again = False  # a SIGHUP came during it: load once more when it is done
+        self._loader_busy = False  # a loader thread is running (possibly abandoned, still stuck)
+        # POST /reload waits for "its" reload: attempts are numbered, their errors kept briefly.
+        self._reload_attempts = 0
+        self._reload_results: dict[int, list[str] | None] = {}  # attempt → errors ([] applied, None not run)
+        self._reload_done = trio.Event()
+        self._last_reload_errors: list[str] = []
+        self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -156,22 +215,31 @@ class App:
             for name, slot in self.listeners.items():
                 for host, port in self.addresses[name]:
                     log.info("event=listening listener=%s address=%s tls=%s", name, hostport(host, port), slot.spec.tls is not None)
-            async with trio.open_nursery() as connections:
-                self._connections = connections
-                async with trio.open_nursery() as control:
-                    self._control = control
-                    control.start_soon(self._idle_sweeper)
-                    for pool in self.generation.config.pools.values():
-                        await self._start_checker(pool)
-                    for slot in self.listeners.values():
-                        self._start_accepting(slot)
-                    task_status.started(self.addresses)
-                    if self.on_ready is not None:
-                        self.on_ready()
+            async with trio.open_nursery() as engine_nursery:
+                if self.engine is not None:
+                    engine_nursery.start_soon(self.engine.run)
+                await self._serve_connections(task_status)
+                engine_nursery.cancel_scope.cancel()  # every session has ended
         finally:
             for slot in self.listeners.values():
                 slot.close()
         log.info("event=stopped")
+
+    async def _serve_connections(self, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]]) -> None:
+        """The control tasks, the accept loops and one task per connection, until all have ended."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            async with trio.open_nursery() as control:
+                self._control = control
+                control.start_soon(self._idle_sweeper)
+                control.start_soon(measure_loop_lag, self.metrics)
+                for pool in self.generation.config.pools.values():
+                    await self._start_checker(pool)
+                for slot in self.listeners.values():
+                    self._start_accepting(slot)
+                task_status.started(self.addresses)
+                if self.on_ready is not None:
+                    self.on_ready()
 
     def _open(self, spec: ListenerConfig) -> list[socket.socket]:
         inherited = self._inherited.pop(spec.name, None)
@@ -198,11 +266,17 @@ class App:
         def handler(sock: socket.socket) -> Any:
             return handle_connection(sock, self, slot.spec)  # the slot's settings at accept time
 
+        def overload_answer() -> bytes | None:
+            return None if slot.spec.tls is not None else OVERLOAD_RESPONSE  # no plain text on a TLS port
+
+        def shed(count: int) -> None:  # refusals without a session: counted here, logged by the loop
+            self.metrics.refused(NO_ROUTE, "overload", None if slot.spec.tls is not None else 503, count)
+
         async def accept_all() -> None:
             with slot.scope:
                 async with trio.open_nursery() as loops:
                     for sock in slot.sockets:
-                        loops.start_soon(accept_loop, sock, handler, connections)
+                        loops.start_soon(accept_loop, sock, handler, connections, overload_answer, shed)
 
         self._control.start_soon(accept_all)
 
@@ -214,9 +288,112 @@ class App:
 
     # -- reload -------------------------------------------------------------------
 
+    async def reload_from(
+        self, path: str, load: Callable[[str], Config], apply: Callable[[Config], None] | None = None
+    ) -> None:
+        """SIGHUP: load ``path`` in a thread, then apply it, or log why not and keep the old config.
+
+        ``apply`` (default ``reload``) applies the loaded config or raises ReloadError;
+        ``wsproxy run`` passes one that applies the admin section too.
+
+        The loader runs under the running config's ``timeouts.reload``; past it
+        the reload is abandoned (``event=reload_failed``). The thread is
+        abandoned too (``abandon_on_cancel``): a loader stuck in a read can
+        delay neither this task's end, nor the signal loop, nor a shutdown.
+        While an abandoned loader is still stuck, further reloads fail at once
+        rather than pile up threads. A SIGHUP that arrives during a reload runs
+        one more reload when it is done (they coalesce).
+        """
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        try:
+            while not self.stopping:
+                self._reload_again = False
+                self._reload_attempts += 1
+                attempt, applied, failed = self._reload_attempts, self.reloads, self.reload_failures
+                await self._reload_once(path, load, apply or self.reload)
+                result = list(self._last_reload_errors) if self.reload_failures != failed else [] if self.reloads != applied else None
+                self._finish_attempt(attempt, result)
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = False
+            self._reload_done.set()  # a waiter whose reload will not run (shutting down) looks again
+            self._reload_done = trio.Event()
+
+    async def _reload_once(self, path: str, load: Callable[[str], Config], apply: Callable[[Config], None]) -> None:
+        from .errors import ConfigErrors
+
+        if self._loader_busy:
+            self.reload_failed([f"{path}: the loader of an abandoned reload is still stuck; not loading again until it returns"])
+            return
+        timeout_s = self.generation.config.timeouts.reload_s
+
+        def load_and_mark() -> Config:
+            try:
+                return load(path)
+            finally:
+                self._loader_busy = False  # read by the trio thread; a plain flag is enough
+
+        self._loader_busy = True
+        new: Config | None = None
+        try:
+            with trio.move_on_after(timeout_s):
+                new = await trio.to_thread.run_sync(load_and_mark, abandon_on_cancel=True)
+        except ConfigErrors as exc:
+            self.reload_failed([str(e) for e in exc.errors])
+            return
+        except Exception as exc:  # a loader bug must not take the running proxy down
+            log.exception("event=reload_error path=%s", path)
+            self.reload_failed([f"{path}: loading failed: {type(exc).__name__}"])
+            return
+        if new is None:
+            self.reload_failed([f"{path}: loading did not finish within {timeout_s:g}s (timeouts.reload); abandoned"])
+            return
+        if self.stopping:
+            return
+        try:
+            apply(new)
+        except ReloadError as exc:
+            self.reload_failed([str(exc)])
+
+    async def reload_and_wait(self, start: Callable[[], None]) -> list[str] | None:
+        """``POST /reload``: ``start`` a reload (as SIGHUP does), wait for it, return its errors.
+
+        [] when the new config was applied; the errors when it was refused
+        (the old config keeps serving); None when the process is shutting down.
+        The reload waited for is the first one that starts after this call (one
+        already loading may have read the file before it changed).
+        """
+        if self.stopping:
+            return None
+        attempt = self._reload_attempts + 1
+        start()
+        while attempt not in self._reload_results:
+            if self.stopping and not self._reloading:
+                return None
+            await self._reload_done.wait()
+        return self._reload_results[attempt]
+
+    def _finish_attempt(self, attempt: int, result: list[str] | None) -> None:
+        self._reload_results[attempt] = result
+        for old in [n for n in self._reload_results if n <= attempt - 16]:
+            del self._reload_results[old]
+        self._reload_done.set()
+        self._reload_done = trio.Event()
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """``GET /ready``: see ``control.ready``."""
+        from .control.ready import readiness
+
+        return readiness(self)
+
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
         old = self.generation
+        config = with_fd_budget(config, old.config)
         # Listeners are matched by address first (a rename keeps the socket), then by name.
         by_bind = {slot.spec.bind: name for name, slot in self.listeners.items()}
         reuse: dict[str, str] = {}  # new listener name → the old listener whose sockets it takes
@@ -289,14 +466,13 @@ class App:
         self.reloads += 1
         self.last_reload_unix = time.time()
         self.last_reload_error = None
-        self.metrics.reload(True, generation=new.number, now_unix=self.last_reload_unix)
         log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
 
     def reload_failed(self, errors: Sequence[str]) -> None:
         """Count and log a refused reload; the old config keeps serving."""
         self.reload_failures += 1
+        self._last_reload_errors = list(errors)
         self.last_reload_error = "; ".join(errors)
-        self.metrics.reload(False, generation=self.generation.number, now_unix=time.time())
         for error in errors:
             log.error("event=reload_failed error=%r", error)
         log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", self.generation.number, len(errors))
@@ -424,7 +600,13 @@ class App:
         sessions = self._sessions_on(pool, address)
         log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
         await self._close_spread(
-            sessions, drain.spread_s, CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, f"backend draining ({reason})", still=still
+            sessions,
+            drain.spread_s,
+            CLOSE_SERVICE_RESTART,
+            CLOSE_GOING_AWAY,
+            f"backend draining ({reason})",
+            Outcome.DRAIN,
+            still=still,
         )
         key = (PoolName(pool), address)
         if reason == "removed by reload" and still():
@@ -437,6 +619,7 @@ class App:
         client_code: int,
         backend_code: int,
         reason: str,
+        kind: Outcome,
         *,
         still: Callable[[], bool] = lambda: True,
     ) -> None:
@@ -456,7 +639,7 @@ class App:
             relay = session.relay
             if relay is not None and session.conn_id in self.sessions:
                 session.draining = True
-                relay.finish(client_code, backend_code, reason)
+                relay.finish(client_code, backend_code, reason, kind)
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -482,6 +665,7 @@ class App:
                 CLOSE_GOING_AWAY,
                 CLOSE_GOING_AWAY,
                 "proxy shutting down",
+                Outcome.SHUTDOWN,
             )
 
     def abort(self) -> None:
@@ -494,28 +678,9 @@ class App:
 
     # -- state for the admin API and systemd ------------------------------------------
 
-    def render_metrics(self) -> str:
-        """What GET /metrics returns (Prometheus text format)."""
-        return self.metrics.render(
-            registry=self.registry,
-            pools={str(name): pool for name, pool in self.generation.config.pools.items()},
-            generation=self.generation.number,
-            draining_sessions=sum(1 for s in self.sessions.values() if s.draining),
-            now=trio.current_time(),
-            live=self._live_counts(),
-        )
-
-    def _live_counts(self) -> dict[str, tuple[int, int]]:
-        """Messages and bytes (up, down) relayed so far by the sessions still open."""
-        bytes_up = bytes_down = messages_up = messages_down = 0
-        for session in self.sessions.values():
-            relay = session.relay
-            if relay is not None:
-                bytes_up += relay.bytes_up
-                bytes_down += relay.bytes_down
-                messages_up += relay.up.scanner.messages
-                messages_down += relay.down.scanner.messages
-        return {"bytes": (bytes_up, bytes_down), "messages": (messages_up, messages_down)}
+    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
+        """What GET /metrics returns: (content type, body), OpenMetrics if ``accept`` asks for it."""
+        return render(self._metrics_registry, accept)
 
     def status_line(self) -> str:
         count = len(self.sessions)
@@ -551,7 +716,7 @@ class App:
                     session.idle_mark = mark
                     session.idle_since = now
                 elif now - session.idle_since >= session.generation.config.timeouts.idle_s:
-                    relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout")
+                    relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", Outcome.IDLE)
                     continue
                 keepalive = session.route.keepalive if session.route is not None else None
                 if keepalive is not None:

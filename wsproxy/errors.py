@@ -7,7 +7,9 @@ catches it does not have to decide again::
     ├── ConfigError(file, line, column, path, message)   one problem in a config file
     │   └── ConfigErrors(errors)                          all problems found in one load
     ├── HandshakeRejected(status, reason, headers)        HTTP error to the downstream client
-    └── UpstreamUnavailable(status, reason)               502/503/504 before the upgrade
+    └── UpstreamUnavailable(status, reason, headers)      502/503/504 before the upgrade
+        └── LocalOverload(reason, headers)                503 + Retry-After: the proxy's own
+                                                          sockets ran out, not the backend's fault
 
 Protocol violations inside an established session are not exceptions: the
 frame scanner returns them as values (``proto.frames.Violation``), because the
@@ -78,10 +80,21 @@ class HandshakeRejected(WsproxyError):
 class UpstreamUnavailable(WsproxyError):
     """No backend could take the session: 502 (refused), 503 (none available), 504 (silent)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.headers = tuple(headers)  # extra response headers (Retry-After)
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
+
+
+class LocalOverload(UpstreamUnavailable):
+    """The proxy could not create or connect its own upstream socket (EMFILE, ENOBUFS...): 503.
+
+    Not a backend failure: no passive-health record, no retry on another backend.
+    """
+
+    def __init__(self, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__(503, reason, headers)

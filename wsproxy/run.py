@@ -1,6 +1,7 @@
 """``wsproxy run``: the App under signals, systemd and the admin listener.
 
-    SIGHUP          reload the config file (loaded in a thread, applied atomically)
+    SIGHUP          reload the config file (loaded in a thread, applied atomically,
+                    the admin section included: token swapped, listener moved)
     SIGTERM/SIGINT  graceful shutdown; a second one exits at once
 """
 
@@ -11,8 +12,13 @@ import signal
 
 import trio
 
-from .app import App, ReloadError
+from typing import TYPE_CHECKING
+
+from .app import App, ListenError, ReloadError
 from .config.schema import Config
+
+if TYPE_CHECKING:
+    from .control.admin import AdminServer
 
 log = logging.getLogger("wsproxy.app")
 
@@ -25,14 +31,15 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     STATUS and the watchdog.
     """
     from .config.load import load_config
-    from .control.admin import serve_admin
+    from .control.admin import AdminServer
     from .control.systemd import Notifier, listen_fds
-    from .errors import ConfigErrors
 
     notifier = Notifier.from_environ()
     app = App(config, inherited=listen_fds())
     app.log_overridden = log_overridden
     app.on_ready = lambda: notifier.ready(app.status_line())
+    admin = AdminServer(app)
+    admin.reload_timeout_s = config.timeouts.reload_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:
@@ -42,15 +49,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                     if app.stopping:
                         continue
                     log.info("event=signal signal=SIGHUP action=reload path=%s", path)
-                    notifier.reloading()
-                    try:
-                        new = await trio.to_thread.run_sync(load_config, path)
-                        app.reload(new)
-                    except ConfigErrors as exc:
-                        app.reload_failed([str(e) for e in exc.errors])
-                    except ReloadError as exc:
-                        app.reload_failed([str(exc)])
-                    notifier.ready(app.status_line())
+                    nursery.start_soon(reload_config)  # beside this loop: signals are handled while it loads
                     continue
                 if app.stopping:
                     log.warning("event=signal signal=%s action=exit_now", name)
@@ -60,17 +59,56 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 notifier.stopping()
                 app.shutdown()
 
+        async def reload_config() -> None:
+            notifier.reloading()
+            # Loads under timeouts.reload, then applies to the App and the admin listener, or logs why not.
+            await app.reload_from(path, load_config, apply=lambda new: reload(app, admin, new))
+            notifier.ready(app.status_line())
+
         async def report_status() -> None:
             while True:
                 await trio.sleep(5)
                 notifier.status(app.status_line())
 
+        async def reload_on_request() -> list[str] | None:  # POST /reload (wsproxy reload)
+            log.info("event=reload_requested by=admin path=%s", path)
+            return await app.reload_and_wait(lambda: nursery.start_soon(reload_config))
+
+        admin.reloader = reload_on_request
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
             nursery.start_soon(notifier.watchdog)
             nursery.start_soon(report_status)
-            if config.admin is not None:
-                address = await nursery.start(serve_admin, app, config.admin)
+            try:
+                address = await nursery.start(admin.serve, config.admin)  # serves nothing until a reload adds it when None
+            except OSError as exc:  # one line and exit 1, as for a listener (wsproxy.__main__)
+                raise ListenError(f"admin.bind: cannot listen on {_admin_where(config)}: {exc.strerror or exc}") from None
+            if address is not None:
                 log.info("event=admin_listening address=%s", address)
             await app.serve()  # returns once accepting has stopped and every session has ended
             nursery.cancel_scope.cancel()
+
+
+def _admin_where(config: Config) -> str:
+    admin = config.admin
+    return f"unix:{admin.unix_path}" if admin and admin.unix_path else str(admin and admin.bind)
+
+
+def reload(app: App, admin: AdminServer, new: Config) -> None:
+    """Apply ``new`` to the App and the admin listener together, or to neither (ReloadError).
+
+    The new admin listener is bound before anything changes; it takes over
+    (and the new token applies) right after the App logged ``event=reloaded``.
+    """
+    try:
+        change = admin.prepare(new.admin)
+    except OSError as exc:
+        raise ReloadError(f"admin.bind: cannot listen on {_admin_where(new)}: {exc.strerror or exc}") from exc
+    try:
+        app.reload(new)
+    except BaseException:
+        admin.abandon(change)
+        raise
+    admin.commit(change)
+    admin.reload_timeout_s = new.timeouts.reload_s

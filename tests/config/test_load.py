@@ -364,6 +364,39 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
             'got "/chat?x"',
         ),
         (
+            with_route("  - {pool: echo, path: /%61dmin}\n"),
+            '5:24: routes[0].path: a route path is matched in normal form: write "/admin", not "/%61dmin"',
+        ),
+        (
+            with_route("  - {pool: echo, path: //a/./b}\n"),
+            '5:24: routes[0].path: a route path is matched in normal form: write "/a/b", not "//a/./b"',
+        ),
+        (
+            with_route("  - {pool: echo, path: /a%2fb}\n"),
+            '5:24: routes[0].path: a route path with an encoded "/" (%2F), got "/a%2fb"',
+        ),
+        (
+            with_route("  - {pool: echo, path_ignore_case: yes please}\n"),
+            '5:36: routes[0].path_ignore_case: expected true or false, got "yes please"',
+        ),
+        (
+            with_route("  - {pool: echo, strip_headers: X-Debug}\n"),
+            '5:33: routes[0].strip_headers: expected a list of header names, got "X-Debug"',
+        ),
+        (
+            with_route("  - {pool: echo, strip_headers: [X-Debug, 'X Y']}\n"),
+            '5:43: routes[0].strip_headers[1]: expected a header name, got "X Y"',
+        ),
+        (
+            with_route("  - {pool: echo, strip_headers: [Sec-WebSocket-Key]}\n"),
+            "5:34: routes[0].strip_headers[0]: Sec-WebSocket-Key cannot be stripped: the WebSocket handshake needs it",
+        ),
+        (
+            with_route("  - {pool: echo, strip_headers: [X_Forwarded_For]}\n"),
+            "5:34: routes[0].strip_headers[0]: X_Forwarded_For is always replaced by the proxy "
+            "(or appended to, for trusted_proxies)",
+        ),
+        (
             with_route("  - {pool: echo, host: 'exa mple.com'}\n"),
             f'5:24: routes[0].host: {HOST_RULE}, got "exa mple.com"',
         ),
@@ -452,7 +485,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         (
             MINIMAL + "timeouts:\n  idle_s: 10s\n",
             '11:3: timeouts: unknown key "idle_s" '
-            "(expected one of: handshake, connect, upstream_handshake, idle)",
+            "(expected one of: handshake, connect, upstream_handshake, idle, reload)",
         ),
         (
             MINIMAL + "timeouts:\n  idle: 600\n",
@@ -739,3 +772,16 @@ def test_sizes_in_yaml_accept_integers_and_strings() -> None:
     limits = "limits: {max_header_bytes: 8KiB, max_message_bytes: 1_048_576}\n"
     config = parse_config(MINIMAL + limits, "t.yaml")
     assert config.limits == LimitsConfig(max_header_bytes=8192, max_message_bytes=1024 * 1024)
+
+
+def test_route_header_and_case_keys() -> None:
+    config = parse_config(
+        with_route(
+            "  - {pool: echo, path: /admin, path_ignore_case: true, strip_headers: [X-Debug, X_Trace],"
+            " strip_headers_default: false}\n  - pool: echo\n"
+        ),
+        "t.yaml",
+    )
+    first, second = config.routes
+    assert (first.path_ignore_case, first.strip_headers, first.strip_headers_default) == (True, ("X-Debug", "X_Trace"), False)
+    assert (second.path_ignore_case, second.strip_headers, second.strip_headers_default) == (False, (), True)

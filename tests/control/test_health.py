@@ -254,6 +254,48 @@ async def test_connect_that_hangs_is_a_connect_timeout(type: str) -> None:
         assert await check(port, health(type, timeout_s=0.3)) == (False, "connect timed out", None)
 
 
+@contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """This process really out of file descriptors: the soft limit lowered, then every free one taken."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    try:
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts descriptors in /proc/self/fd")
+async def test_the_proxy_out_of_descriptors_is_unknown_not_a_failure(nursery: trio.Nursery) -> None:
+    """EMFILE on the check's own socket says nothing about the backend: not recorded, never down."""
+    port = await start_ws_backend(nursery)
+    registry = Registry()
+    backend = BackendConfig(address=local(port))
+    pool = PoolConfig(name=PoolName("p"), backends=(backend,), health=health("tcp", interval_s=0.05, fall=1))
+    with out_of_descriptors():
+        ok, reason, rtt_s = await check_backend(local(port), health("tcp"))
+        assert (ok, rtt_s) == (None, None)
+        assert reason.startswith("proxy out of file descriptors"), reason
+        checker = HealthChecker(pool, registry)
+        async with trio.open_nursery() as checks:
+            await checks.start(checker.run)
+            await trio.sleep(0.3)  # about six checks, all without a descriptor
+            checks.cancel_scope.cancel()
+    state = registry.state(local(port))
+    assert state.health is Health.UNKNOWN, state.health
+
+
 async def test_tcp_passes_on_any_listener_and_times_the_connect(nursery: trio.Nursery) -> None:
     port = await start_ws_backend(nursery)
     ok, reason, rtt_s = await check(port, health("tcp"))

@@ -12,20 +12,35 @@ route, and its end in ``sessions_total``; ``/status``; drain and undrain
 the log line); the bearer token; the unix socket (stale file replaced, mode
 0660, removed on exit); 404 and 405 with ``Allow``; HEAD; keep-alive; and
 that a malformed, oversized or slow request is answered or dropped without
-stopping the listener. What the numbers mean is tested purely in
-``tests/control/test_metrics``.
+stopping the listener. Against browsers (issue 15): a cross-origin POST is
+403 and drains nothing, a rebinding Host is 421 on every path, a same-origin
+POST works, a unix socket takes any Host; control characters in a path
+segment are 400 and no value forges a log line (real text and JSON
+formatters); failed authentication is logged without the token; a reload
+swaps the token on open connections and moves the listener (in-process and on
+a real ``wsproxy run`` with SIGHUP, a failed bind keeping the old listener);
+``check`` and ``run`` refuse a non-loopback admin without a token. What the
+numbers mean is tested purely in ``tests/control/test_metrics``, the Host and
+Origin rules in ``tests/control/test_admin_policy``.
 """
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import stat
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import h11
 import pytest
@@ -33,10 +48,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import make_config, start_proxy, start_ws_backend
+from tests.support import closed_port, make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig
 from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin
+from wsproxy.log import TEXT_FORMAT, JsonFormatter, TextFormatter
 
 LOOPBACK = AdminConfig(bind=Address("127.0.0.1", 0))
 TOKEN = b"s3cret-admin-token"
@@ -61,23 +77,25 @@ class Reply:
 class AdminClient:
     """HTTP/1.1 requests on one connection, kept alive between requests."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
         self.stream = stream
+        self.host = host  # the Host header sent unless a request gives its own
         self.conn = h11.Connection(h11.CLIENT)
 
     @classmethod
     async def connect(cls, address: str) -> AdminClient:
         if address.startswith("unix:"):
-            return cls(await trio.open_unix_socket(address[5:]))
+            return cls(await trio.open_unix_socket(address[5:]), "localhost")
         host, _, port = address.rpartition(":")
-        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)))
+        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)), address)
 
     async def request(
         self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
     ) -> Reply:
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-        head = [("Host", "admin"), *headers]
+        given = any(name.lower() == "host" for name, _ in headers)
+        head = [*([] if given else [("Host", self.host)]), *headers]
         if body or method == "POST":
             head.append(("Content-Length", str(len(body))))
         data = self.conn.send(h11.Request(method=method, target=target, headers=head))
@@ -107,12 +125,14 @@ class AdminClient:
         await self.stream.aclose()
 
 
-async def call(address: str, method: str, target: str, *, token: bytes | None = None) -> Reply:
+async def call(
+    address: str, method: str, target: str, *, token: bytes | None = None, headers: Sequence[tuple[str, str]] = ()
+) -> Reply:
     """One request on a new connection."""
     client = await AdminClient.connect(address)
     try:
-        headers = [("Authorization", f"Bearer {token.decode()}")] if token else []
-        return await client.request(method, target, headers=headers)
+        auth = [("Authorization", f"Bearer {token.decode()}")] if token else []
+        return await client.request(method, target, headers=[*auth, *headers])
     finally:
         await client.aclose()
 
@@ -197,8 +217,8 @@ async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) ->
             series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
             backend = {"pool": "main", "backend": stack.backend}
             assert total(series, "wsproxy_backend_sessions_active", **backend) == 1
-            assert total(series, "wsproxy_sessions_active", **backend) == 1  # summed over routes
-            assert total(series, "wsproxy_backend_up", **backend) == 1  # no health checks: up
+            assert total(series, "wsproxy_sessions_active") == 1  # by route
+            assert total(series, "wsproxy_backend_bytes_total", direction="up", **backend) > 0  # live
             assert total(series, "wsproxy_backend_health", state="up", **backend) == 1
             assert total(series, "wsproxy_backend_draining", **backend) == 0
             assert total(series, "wsproxy_handshake_duration_seconds_count") == 1
@@ -206,11 +226,13 @@ async def test_metrics_show_a_live_session_and_its_end(nursery: trio.Nursery) ->
         await until(lambda: not stack.app.sessions)
         series = parse_metrics(await call(stack.admin, "GET", "/metrics"))
         assert total(series, "wsproxy_backend_sessions_active", **backend) == 0
-        assert total(series, "wsproxy_sessions_active", **backend) == 0
-        assert total(series, "wsproxy_sessions_total", outcome="normal", **backend) == 1
+        assert total(series, "wsproxy_sessions_active") == 0
+        assert total(series, "wsproxy_sessions_closed_total", outcome="normal", **backend) == 1
         assert total(series, "wsproxy_messages_total", direction="up") == 1
         assert total(series, "wsproxy_messages_total", direction="down") == 1
-        assert total(series, "wsproxy_close_codes_total", side="client", code="1000") == 1
+        assert total(series, "wsproxy_backend_messages_total", direction="down", **backend) == 1
+        assert total(series, "wsproxy_close_codes_total", sent_by="client", to="backend", code="1000") == 1
+        assert total(series, "wsproxy_close_codes_total", sent_by="proxy") == 0  # it only relayed
 
 
 async def test_bytes_and_messages_move_while_a_session_runs_and_stay_monotonic(nursery: trio.Nursery) -> None:
@@ -462,3 +484,359 @@ async def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: object) ->
         await serve_admin(App(make_config([1])), AdminConfig(unix_path=path))
     with open(path) as f:
         assert f.read() == "precious"
+
+
+# -- browsers: cross-origin requests and DNS rebinding (issue 15, item 1) -------------------------
+
+
+def drained(stack: Stack) -> bool:
+    draining = backend_status(stack.app.status(), "main", stack.backend)["draining"]
+    assert isinstance(draining, bool)
+    return draining
+
+
+async def test_a_cross_origin_post_is_forbidden_and_nothing_drains(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        drain = f"/pools/main/backends/{stack.backend.replace(':', '%3A')}/drain"
+        # curl -si -X POST -H 'Origin: http://evil.example' http://127.0.0.1:PORT/pools/main/backends/...%3A.../drain
+        for headers in (
+            [("Origin", "http://evil.example")],
+            [("Origin", "null")],
+            [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors")],  # what Chromium sends for no-cors
+            [("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")],
+        ):
+            reply = await call(stack.admin, "POST", drain, headers=headers)
+            assert reply.status == 403, headers
+            assert reply.headers["content-type"].startswith("text/plain")
+            assert reply.body.startswith(b"cross-origin request refused"), reply.body
+            assert not drained(stack)
+        assert (await call(stack.admin, "POST", drain.replace("/drain", "/undrain"), headers=headers)).status == 403
+    refused = [r for r in caplog.records if "event=admin_refused" in r.getMessage()]
+    assert len(refused) == 5 and all(r.levelno == logging.WARNING for r in refused)
+    assert "status=403 method=POST path=/pools/main/backends/" in refused[0].getMessage()
+    assert "origin=http://evil.example reason='cross-origin request refused" in refused[0].getMessage()
+    assert not [r for r in caplog.records if "event=admin action=" in r.getMessage()]
+
+
+async def test_a_same_origin_post_drains(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        port = stack.admin.rsplit(":", 1)[1]
+        for origin, action in ((f"http://{stack.admin}", "drain"), (f"http://localhost:{port}", "undrain")):
+            headers = [("Origin", origin), ("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Mode", "cors")]
+            reply = await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/{action}", headers=headers)
+            assert reply.status == 200, reply.body
+            assert reply.json()["changed"] is True
+            assert drained(stack) is (action == "drain")
+
+
+async def test_a_rebinding_host_is_misdirected_on_every_path(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        port = stack.admin.rsplit(":", 1)[1]
+        for target in ("/status", "/metrics", "/", "/static/status.js", f"/pools/main/backends/{stack.backend}/drain"):
+            method = "POST" if target.endswith("/drain") else "GET"
+            client = await AdminClient.connect(stack.admin)
+            try:
+                reply = await client.request(method, target, headers=[("Host", f"rebind.attacker.example:{port}")])
+            finally:
+                await client.aclose()
+            assert reply.status == 421, target
+            assert reply.headers["connection"] == "close"
+            assert reply.body == (
+                f"misdirected request: the Host is not this admin listener "
+                f"(127.0.0.1:{port}, [::1]:{port}, localhost:{port})\n"
+            ).encode()
+            assert b"pools" not in reply.body and b"wsproxy_" not in reply.body
+        assert not drained(stack)
+        for host in (stack.admin, f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+            client = await AdminClient.connect(stack.admin)
+            try:
+                assert (await client.request("GET", "/status", headers=[("Host", host)])).status == 200, host
+            finally:
+                await client.aclose()
+
+
+async def test_a_unix_socket_admin_takes_any_host_but_still_refuses_cross_origin_posts(
+    nursery: trio.Nursery, tmp_path: object
+) -> None:
+    path = os.path.join(str(tmp_path), "admin.sock")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery, AdminConfig(unix_path=path))
+        for request in (
+            b"GET /status HTTP/1.0\r\n\r\n",  # no Host at all
+            b"GET /status HTTP/1.1\r\nHost: rebind.attacker.example:9090\r\nConnection: close\r\n\r\n",
+        ):
+            async with await trio.open_unix_socket(path) as stream:
+                await stream.send_all(request)
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 "), data[:80]
+        drain = f"/pools/main/backends/{stack.backend}/drain"
+        reply = await call(stack.admin, "POST", drain, headers=[("Origin", "http://evil.example")])
+        assert reply.status == 403
+        assert not drained(stack)
+        assert (await call(stack.admin, "POST", drain)).status == 200
+
+
+# -- log injection (issue 15, item 7) --------------------------------------------------------------
+
+
+@pytest.fixture
+def formatted_log() -> Iterator[dict[str, io.StringIO]]:
+    """What ``wsproxy.control.admin`` logs, written by the real text and JSON formatters."""
+    streams = {"text": io.StringIO(), "json": io.StringIO()}
+    handlers = [logging.StreamHandler(streams["text"]), logging.StreamHandler(streams["json"])]
+    handlers[0].setFormatter(TextFormatter(TEXT_FORMAT))
+    handlers[1].setFormatter(JsonFormatter())
+    logger = logging.getLogger("wsproxy.control.admin")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield streams
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_control_characters_in_a_segment_are_400_and_no_log_line_is_forged(
+    nursery: trio.Nursery, formatted_log: dict[str, io.StringIO]
+) -> None:
+    forged = "INFO  wsproxy.app event=reloaded generation=99"
+    with trio.fail_after(10):
+        stack = await start_stack(nursery)
+        for escape in ("%0A", "%0D%0A", "%00", "%1B", "%7F"):
+            segment = f"main{escape}{forged.replace(' ', '%20').replace('=', '%3D')}"
+            reply = await call(stack.admin, "POST", f"/pools/{segment}/backends/{stack.backend}/drain")
+            assert (reply.status, reply.body) == (400, b"control character in the request path\n"), escape
+        # no control character: a legal (unknown) name, logged as one quoted value
+        for segment in ("%20event%3Dforged", "x%20level%3Ddebug%20ts%3D0", "%27%22"):
+            reply = await call(stack.admin, "POST", f"/pools/{segment}/backends/{stack.backend}/drain")
+            assert reply.status == 404
+        assert not drained(stack)
+    text_lines = [line for line in formatted_log["text"].getvalue().splitlines() if "event=listening" not in line]
+    assert len(text_lines) == 8, text_lines
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO |WARNING) wsproxy\.control\.admin event=admin", line)
+               for line in text_lines), text_lines
+    entries = [json.loads(line) for line in formatted_log["json"].getvalue().splitlines()]
+    entries = [entry for entry in entries if entry["event"] != "listening"]
+    assert len(entries) == 8, entries
+    for entry in entries:
+        assert entry["event"] in ("admin", "admin_refused") and entry["logger"] == "wsproxy.control.admin"
+        assert entry["level"] in ("info", "warning") and "generation" not in entry
+    assert [e["pool"] for e in entries if e["event"] == "admin"] == [" event=forged", "x level=debug ts=0", "'\""]
+    assert entries[0]["path"].startswith("/pools/main%0A")  # the refused path as sent, still percent-encoded
+
+
+async def test_a_failed_authentication_is_logged_with_peer_and_path_never_the_token(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    with trio.fail_after(10):
+        stack = await start_stack(nursery, AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=TOKEN))
+        assert (await call(stack.admin, "GET", "/status?x=1")).status == 401
+        wrong = b"wrong-" + TOKEN
+        assert (await call(stack.admin, "POST", f"/pools/main/backends/{stack.backend}/drain", token=wrong)).status == 401
+        assert (await call(stack.admin, "GET", "/status", token=TOKEN)).status == 200
+    refused = [r for r in caplog.records if "event=admin_refused" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.WARNING, logging.WARNING]
+    first, second = (r.getMessage() for r in refused)
+    assert re.search(r"peer=127\.0\.0\.1:\d+ status=401 method=GET path=/status host=", first), first
+    assert "reason='no bearer token'" in first and "x=1" not in first
+    assert f"status=401 method=POST path=/pools/main/backends/{stack.backend}/drain" in second
+    assert "reason='invalid bearer token'" in second
+    assert not [r for r in caplog.records if TOKEN.decode() in r.getMessage()]
+
+
+# -- reload applies the admin section (issue 15, item 6) ---------------------------------------------
+
+
+async def test_a_reload_swaps_the_token_in_place_and_moves_the_listener(nursery: trio.Nursery) -> None:
+    from wsproxy.control.admin import AdminServer
+
+    new_token = b"n3w-admin-token-0123"
+    with trio.fail_after(15):
+        backend_port = await start_ws_backend(nursery)
+        app, _port = await start_proxy(nursery, make_config([backend_port]))
+        server = AdminServer(app)
+        first = await nursery.start(server.serve, AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=TOKEN))
+        kept = await AdminClient.connect(first)  # a keep-alive connection opened before the reload
+        try:
+            bearer = [("Authorization", f"Bearer {TOKEN.decode()}")]
+            assert (await kept.request("GET", "/status", headers=bearer)).status == 200
+
+            # the token file changed, the bind did not: same listener, new token at once, on open connections too
+            server.commit(server.prepare(AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=new_token)))
+            assert server.address == first
+            assert (await kept.request("GET", "/status", headers=bearer)).status == 401
+            new_bearer = [("Authorization", f"Bearer {new_token.decode()}")]
+            assert (await kept.request("GET", "/status", headers=new_bearer)).status == 200
+
+            # a bind that cannot be had: OSError from prepare, nothing changed
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                busy = Address("127.0.0.1", taken.getsockname()[1])
+                with pytest.raises(OSError):
+                    server.prepare(AdminConfig(bind=busy, token_file="/t", token=b"another-token-0123456"))
+            assert server.address == first and server.token == new_token
+            assert (await call(first, "GET", "/status", token=new_token)).status == 200
+
+            # a new bind: the new listener answers, the old one stops accepting; its open connection finishes
+            moved = Address("127.0.0.1", closed_port())
+            server.commit(server.prepare(AdminConfig(bind=moved, token_file="/t", token=new_token)))
+            assert server.address == str(moved)
+            assert (await call(str(moved), "GET", "/status", token=new_token)).status == 200
+            with trio.fail_after(2):
+                while True:
+                    try:
+                        await (await AdminClient.connect(first)).aclose()
+                    except OSError:
+                        break  # refused: nothing listens on the old address any more
+                    await trio.sleep(0.01)
+            assert (await kept.request("GET", "/status", headers=new_bearer)).status == 200
+
+            # the admin section removed: nothing listens
+            server.commit(server.prepare(None))
+            assert server.address is None
+            with pytest.raises(OSError):
+                await AdminClient.connect(str(moved))
+        finally:
+            await kept.aclose()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def test_sighup_rotates_the_token_and_moves_the_listener_of_a_real_process(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from tests.e2e.test_reload import make_config as process_config
+    from tests.e2e.test_reload import pool, run_proxy
+
+    token_path = tmp_path / "admin.token"
+    old, new = b"old-admin-token-0123456", b"new-admin-token-6543210"
+    token_path.write_bytes(old + b"\n")
+    backend_port = await start_ws_backend(nursery)
+    port, admin_port, moved_port = closed_port(), closed_port(), closed_port()
+
+    def config(admin_port: int) -> dict[str, object]:
+        return process_config(
+            listeners={"public": port}, pools={"main": pool(backend_port)}, routes=[("/", "main")], admin_port=0,
+            admin={"bind": f"127.0.0.1:{admin_port}", "token_file": str(token_path)},
+        )
+
+    async with run_proxy(tmp_path, config(admin_port), ports=[port]) as proxy:
+        with trio.fail_after(30):
+            first = f"127.0.0.1:{admin_port}"
+            assert (await call(first, "GET", "/status", token=old)).status == 200
+
+            _write(token_path, new.decode() + "\n")
+            log = await proxy.reload()
+            assert "event=reloaded " in log, log
+            assert (await call(first, "GET", "/status", token=old)).status == 401  # right after event=reloaded
+            assert (await call(first, "GET", "/status", token=new)).status == 200
+            assert re.search(r"event=admin_reloaded changed=token address=127\.0\.0\.1:\d+ was=- auth=token", log), log
+
+            log = await proxy.reload(config(moved_port))
+            second = f"127.0.0.1:{moved_port}"
+            assert f"event=admin_reloaded changed=bind address={second} was={first} auth=token" in log, log
+            assert (await call(second, "GET", "/status", token=new)).status == 200
+            with trio.fail_after(2):
+                while True:
+                    try:
+                        await (await AdminClient.connect(first)).aclose()
+                    except OSError:
+                        break
+                    await trio.sleep(0.01)
+
+            # a bind that fails is a reload error: the old listener (and the old config) keep serving
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                log = await proxy.reload(config(taken.getsockname()[1]))
+                assert "event=reload_failed" in log and "action=kept_old_config" in log, log
+                assert f"admin.bind: cannot listen on 127.0.0.1:{taken.getsockname()[1]}: Address already in use" in log
+                assert (await call(second, "GET", "/status", token=new)).status == 200
+            proxy.assert_running()
+            assert old.decode() not in proxy.log() and new.decode() not in proxy.log()
+            assert "Traceback" not in proxy.log()
+
+
+# -- a non-loopback admin needs a token (issue 15, item 1) ---------------------------------------------
+
+
+def _loopback_only_name() -> str | None:
+    """A host name other than ``localhost`` that resolves to loopback addresses only, if this machine has one."""
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, 0, type=socket.SOCK_STREAM)}
+    except OSError:
+        return None
+    return name if addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses) else None
+
+
+def _admin_yaml(tmp_path: Path, admin: str, port: int = 8080) -> Path:
+    path = tmp_path / "wsproxy.yaml"
+    path.write_text(
+        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
+        "routes: [{pool: echo}]\n"
+        "pools: {echo: {backends: [{address: '127.0.0.1:9001'}]}}\n"
+        "shutdown: {timeout: 2s, spread: 0s}\n"
+        f"admin: {admin}\n"
+    )
+    return path
+
+
+async def wsproxy(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process([sys.executable, "-m", "wsproxy", *args], capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def test_check_and_run_refuse_a_non_loopback_bind_without_a_token(tmp_path: Path) -> None:
+    path = _admin_yaml(tmp_path, "{bind: '0.0.0.0:9090'}", port=closed_port())
+    for command in ("check", "run"):
+        done = await wsproxy(command, "-c", str(path))
+        output = done.stderr.decode()
+        assert done.returncode == 1, output
+        assert f"{path}:5:15: admin.bind: 0.0.0.0:9090 is not a loopback address" in output, output
+        assert "insecure_no_token: true" in output
+    path = _admin_yaml(tmp_path, "{bind: '0.0.0.0:9090', insecure_no_token: true}")
+    done = await wsproxy("check", "-c", str(path))
+    assert done.returncode == 0, done.stderr.decode()
+
+
+async def test_an_insecure_admin_starts_with_a_warning(tmp_path: Path) -> None:
+    name = _loopback_only_name()
+    if name is None:  # binding 0.0.0.0 would leave loopback, which the tests never do
+        pytest.skip("no host name of this machine resolves to loopback only")
+    port, admin_port = closed_port(), closed_port()
+    path = _admin_yaml(tmp_path, f"{{bind: '{name}:{admin_port}', insecure_no_token: true}}", port=port)
+    log_path = tmp_path / "wsproxy.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "wsproxy", "run", "-c", str(path)], stdout=log_file, stderr=log_file)
+    try:
+        with trio.fail_after(15):
+            while "event=admin_listening" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                await trio.sleep(0.02)
+            log = log_path.read_text()
+            assert re.search(r"WARNING wsproxy\.control\.admin event=admin_insecure address=\S+ reason='insecure_no_token", log), log
+            address = f"127.0.0.1:{admin_port}"
+            assert (await call(address, "GET", "/status")).status == 200
+            reply = await call(address, "GET", "/status", headers=[("Host", f"{name}:{admin_port}")])
+            assert reply.status == 200  # the name bind gave is this listener's
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await trio.to_thread.run_sync(proc.wait, 10)

@@ -85,7 +85,7 @@ class Demo:
 async def _admin_status(port: int) -> dict[str, Any] | None:
     try:
         response = await raw_request(
-            port, b"GET /status HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", read_timeout_s=2
+            port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port, read_timeout_s=2
         )
     except OSError:
         return None

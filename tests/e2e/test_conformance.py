@@ -22,6 +22,8 @@ from tests.support import make_config, start_proxy, start_tcp_backend, websocket
 from tests.wsframes import frame, read_frame
 from wsproxy.config.schema import PoolName, RouteConfig
 
+pytestmark = pytest.mark.usefixtures("relay_driver")  # every test with the engine and with trio pumps
+
 OP_TEXT, OP_CLOSE = 0x1, 0x8
 BAD_TEXT = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"  # Autobahn 6.3.1
 

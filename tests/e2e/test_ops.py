@@ -386,7 +386,7 @@ async def admin(address: str, method: str, target: str) -> tuple[int, bytes]:
     """One request on a new connection: (status, body)."""
     host, _, port = address.rpartition(":")
     conn = h11.Connection(h11.CLIENT)
-    headers = [("Host", "admin"), ("Connection", "close")]
+    headers = [("Host", address), ("Connection", "close")]  # the admin refuses other names (421)
     if method == "POST":
         headers.append(("Content-Length", "0"))
     async with await trio.open_tcp_stream(host, int(port)) as stream:

@@ -39,6 +39,8 @@ from tests.support import (
 )
 from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, PoolName, RouteConfig, ShutdownConfig
 
+pytestmark = pytest.mark.usefixtures("relay_driver")  # every test with the engine and with trio pumps
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

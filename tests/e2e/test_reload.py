@@ -151,7 +151,7 @@ class Proxy:
         """GET ``target`` from the admin API: (status, body)."""
         stream = await trio.open_tcp_stream("127.0.0.1", self.admin_port)
         async with stream:
-            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.admin_port}\r\nConnection: close\r\n\r\n".encode())
             data = b""
             with trio.fail_after(5):
                 while chunk := await stream.receive_some(65536):
@@ -478,7 +478,7 @@ async def test_a_broken_config_keeps_the_old_one_serving(nursery: trio.Nursery, 
                 cases = [
                     ("syntax error", syntax, {(6, 9)}),  # "[/old" is never closed: the ":" after "pool"
                     ("unknown key and a bad value", unknown, {(7, 5), (10, 14)}),  # key "pol"; value 99
-                    ("missing certificate", missing, {(4, 7)}),  # the tls mapping
+                    ("missing certificate and key", missing, {(4, 13), (5, 12)}),  # each at its own key
                 ]
                 for failures, (what, text, positions) in enumerate(cases, start=1):
                     outcome = await proxy.reload(text)

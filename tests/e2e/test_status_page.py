@@ -14,13 +14,16 @@ session counted on its backend within 2 s, Drain pressed from the keyboard
 backend, focus stays on the button, the change is announced), Undrain reached
 with Tab, the admin token asked for (a wrong one refused, the right one kept
 in memory only and used for the drain), no horizontal scroll at 375 px, the
-"disconnected" banner, and no console errors or page errors. Screenshots go
+"disconnected" banner, and no console errors or page errors; and that a page on
+another loopback origin cannot drain through ``fetch(..., {method: "POST",
+mode: "no-cors"})``, nor read ``/status`` through a rebinding name (421). Screenshots go
 to ``tests/artifacts/`` (desktop and phone), for a human to look at.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -364,3 +367,79 @@ async def test_status_page_asks_for_the_token_and_keeps_it_in_memory(nursery: tr
 async def _wait_closed(held: Held) -> None:
     with trio.fail_after(5):
         await held.closed.wait()
+
+
+# -- another origin cannot drive the admin API (issue 15, item 1) -----------------------------------
+
+EVIL_PAGE = """<!doctype html><title>evil</title><script>
+window.attack = (async () => {
+  const out = [];
+  for (const mode of ["no-cors", "cors"]) {
+    try {
+      const r = await fetch("http://%(admin)s/pools/main/backends/%(backend)s/drain", {method: "POST", mode});
+      out.push(mode + ":" + r.type);
+    } catch (e) { out.push(mode + ":error"); }
+  }
+  return out;
+})();
+</script>"""
+
+
+async def serve_evil_page(nursery: trio.Nursery, html: str) -> int:
+    """A page on another loopback origin (its own port), served by hand: the attacker's site."""
+    body = html.encode()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := await stream.receive_some(4096)):
+                data += chunk
+            await stream.send_all(answer if data.startswith(b"GET / ") else b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_a_page_from_another_origin_cannot_drain_or_read_through_a_rebinding_name(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy.control.admin")
+    stack = await start_stack(nursery)
+    a, _ = stack.backends
+    evil_port = await serve_evil_page(nursery, EVIL_PAGE % {"admin": stack.admin, "backend": a.replace(":", "%3A")})
+    admin_port = stack.admin.rsplit(":", 1)[1]
+
+    def browse() -> tuple[list[str], int, str]:
+        assert sync_playwright is not None
+        with sync_playwright() as playwright:
+            # rebind.test resolves to 127.0.0.1, as an attacker's name does once rebound
+            args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP rebind.test 127.0.0.1"]
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(5000)
+                response = page.goto(f"http://127.0.0.1:{evil_port}/")
+                assert response is not None and response.status == 200
+                outcome: list[str] = page.evaluate("window.attack")
+                rebound = page.goto(f"http://rebind.test:{admin_port}/status")
+                assert rebound is not None
+                return outcome, rebound.status, page.content()
+            finally:
+                browser.close()
+
+    outcome, rebound_status, rebound_body = await trio.to_thread.run_sync(browse)
+    assert outcome == ["no-cors:opaque", "cors:error"], outcome  # both sent, neither readable, and:
+    pools: Any = stack.app.status()["pools"]
+    assert [b["draining"] for b in pools["main"]["backends"]] == [False, False]
+    refused = [r.getMessage() for r in caplog.records if "event=admin_refused" in r.getMessage()]
+    forbidden = [m for m in refused if "status=403" in m]
+    assert len(forbidden) == 2, refused  # both POSTs (a "simple" request needs no preflight)
+    assert all(f"method=POST path=/pools/main/backends/" in m and f"origin=http://127.0.0.1:{evil_port} " in m for m in forbidden)
+    misdirected = [m for m in refused if "status=421" in m]  # Chromium retries a 421 once on a new connection
+    assert f"status=421 method=GET path=/status host=rebind.test:{admin_port}" in misdirected[0], refused
+    assert len(forbidden) + len(misdirected) == len(refused), refused
+    assert rebound_status == 421 and '"pools"' not in rebound_body
+    assert not [r for r in caplog.records if "event=admin action=" in r.getMessage()]

@@ -30,6 +30,7 @@ from wsproxy.proto.handshake import (
     check_upstream_response,
     downstream_101,
     forwarding_headers,
+    h11_reason,
     http_error,
     upstream_request,
 )
@@ -253,6 +254,85 @@ def test_raw_head_normal(head: bytes) -> None:
     assert check_raw_head(head) is None
 
 
+# --- control characters and what refusals say (issue 15, items 4 and 9) -------------------
+
+SECRET = "SECRET-xyz"
+
+
+@pytest.mark.parametrize("byte", [*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+def test_control_characters_in_a_header_value_are_refused(byte: int) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Note: a" + bytes([byte]) + b"b\r\n\r\n"
+    verdict = check_raw_head(head)
+    assert isinstance(verdict, Rejection) and verdict.status == 400
+    assert verdict.reason == "control character in a header"
+
+
+def test_h11_lets_some_control_characters_through() -> None:
+    """Why check_raw_head looks: h11 accepts 0x01 and 0x7F in a value (it refuses NUL, VT, FF)."""
+    for byte in (0x01, 0x1F, 0x7F):
+        parsed = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nX-Note: a" + bytes([byte]) + b"b\r\n\r\n")
+        assert (b"x-note", b"a" + bytes([byte]) + b"b") in list(parsed.headers)
+
+
+def test_a_tab_in_a_header_value_is_allowed() -> None:
+    assert check_raw_head(b"GET / HTTP/1.1\r\nHost: a\r\nX-Note: a\tb\r\n\r\n") is None
+
+
+MALFORMED = {
+    "request line": (f"GET /chat?access_token={SECRET} HTTP/1.1 extra\r\nHost: a\r\n\r\n", "malformed request line"),
+    "header line": (f"GET / HTTP/1.1\r\nHost: a\r\nAuthorization : Bearer {SECRET}\r\n\r\n", "malformed header line"),
+    "header name": (f"GET / HTTP/1.1\r\nHost: a\r\nX(Token): {SECRET}\r\n\r\n", "malformed header line"),
+    "continuation first": (f"GET / HTTP/1.1\r\n {SECRET}\r\nHost: a\r\n\r\n", "malformed header line"),
+    "no Host": (f"GET /{SECRET} HTTP/1.1\r\nX: {SECRET}\r\n\r\n", "no Host header"),
+    "two Hosts": ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host header"),
+    "bad Content-Length": (f"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: {SECRET}\r\n\r\n", "malformed Content-Length header"),
+    "Transfer-Encoding": (f"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {SECRET}\r\n\r\n", "unsupported Transfer-Encoding"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_h11_errors_get_fixed_reasons(case: tuple[str, str]) -> None:
+    head, reason = case
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(head.encode())
+    with pytest.raises(h11.RemoteProtocolError) as caught:
+        server.next_event()
+    assert h11_reason(caught.value) == reason
+
+
+@pytest.mark.parametrize(
+    ("headers", "target", "status"),
+    [
+        (edit(BASE, Upgrade=SECRET.encode()), b"/", 426),
+        (edit(BASE, Host=f"{SECRET} x".encode()), b"/", 400),
+        (edit(BASE, Host=f"{SECRET}:x".encode()), b"/", 400),
+        (edit(BASE, Sec_WebSocket_Version=SECRET.encode()), b"/", 426),
+        (edit(BASE, Sec_WebSocket_Key=SECRET.encode()), b"/", 400),
+        (BASE, f"http://h/chat?access_token={SECRET}".encode(), 400),
+        (BASE, f"/a%2f?access_token={SECRET}".encode(), 400),
+        (BASE, f"/a/../..?access_token={SECRET}".encode(), 400),
+    ],
+)
+def test_refusal_reasons_never_quote_a_value_or_the_target(headers: Headers, target: bytes, status: int) -> None:
+    verdict = check_upgrade(request(headers, target=target))
+    assert isinstance(verdict, Rejection) and verdict.status == status
+    assert "SECRET" not in verdict.reason
+
+
+def test_a_method_refusal_names_only_known_methods() -> None:
+    verdict = check_upgrade(request(BASE, method=SECRET.encode()))
+    assert isinstance(verdict, Rejection) and verdict.reason == "WebSocket upgrade with method other"
+    verdict = check_upgrade(request(BASE, method=b"POST"))
+    assert isinstance(verdict, Rejection) and verdict.reason == "WebSocket upgrade with method POST"
+
+
+def test_upgrade_carries_the_normalised_target_and_host() -> None:
+    up = upgrade(edit(BASE, Host=b"Secure.Example.COM.:8443"), target=b"//x/../%61dmin?q=%2e")
+    assert (up.host, up.path, up.target, up.authority) == ("secure.example.com", "/admin", b"/admin?q=%2e", b"secure.example.com:8443")
+    up = upgrade(edit(BASE, Host=b"[2001:DB8::1]:443"))
+    assert (up.host, up.authority) == ("2001:db8::1", b"[2001:db8::1]:443")
+
+
 # --- forwarding_headers and upstream_request ---------------------------------------
 
 
@@ -307,7 +387,7 @@ def test_upstream_request_strips_hop_by_hop_and_replaces_forwarding() -> None:
     target, headers = upstream_request(up, forwarded)
     assert target == b"/chat?room=1"  # the query goes to the backend
     assert headers == [
-        (b"Host", b"Example.com"),
+        (b"Host", b"example.com"),  # normalised, as routing saw it
         (b"User-Agent", b"test/1.0"),
         (b"Sec-WebSocket-Key", KEY),
         (b"Sec-WebSocket-Version", b"13"),
@@ -537,3 +617,49 @@ def test_http_error_parses_with_h11(rejection: Rejection, phrase: bytes) -> None
     assert (b"connection", b"close") in headers
     assert body == phrase + b"\n"
     assert rejection.reason.encode() not in body  # the reason is for the log
+
+
+SPOOFED: Headers = [
+    (b"X-Auth-Subject", b"root"),
+    (b"X_Auth_Subject", b"root"),
+    (b"x-auth-claim-role", b"admin"),
+    (b"X_AUTH_CLAIM_ROLE", b"admin"),
+    (b"X-Real-IP", b"6.6.6.6"),
+    (b"X_Real_IP", b"6.6.6.6"),
+    (b"True-Client-IP", b"6.6.6.6"),
+    (b"X-Original-URL", b"/admin"),
+    (b"X-Keep", b"me"),
+]
+
+
+def test_upstream_request_strips_claims_and_the_strip_set() -> None:
+    from wsproxy.proto.handshake import DEFAULT_STRIP_HEADERS
+
+    up = upgrade(BASE + SPOOFED, target=b"/x/../chat")
+    target, headers = upstream_request(up, [], strip=DEFAULT_STRIP_HEADERS | {b"x-auth-subject"})
+    assert target == b"/chat"
+    names = [name for name, _ in headers]
+    assert b"X-Keep" in names
+    assert not {n.lower().replace(b"_", b"-") for n in names} & {
+        b"x-auth-subject", b"x-auth-claim-role", b"x-real-ip", b"true-client-ip", b"x-original-url"
+    }
+    # X-Auth-Claim-* goes even with nothing else to strip; the rest only when asked
+    _, headers = upstream_request(up, [])
+    kept = {name.lower() for name, _ in headers}
+    assert b"x-auth-claim-role" not in kept and b"x_auth_claim_role" not in kept
+    assert {b"x-auth-subject", b"x-real-ip", b"x-original-url"} <= kept
+
+
+@pytest.mark.parametrize("space", [b"\xa0", b"\x85", b"\x1c"])
+def test_a_host_wrapped_in_non_http_whitespace_is_refused(space: bytes) -> None:
+    """Only SP and HTAB are optional around a value (RFC 9110 §5.6.3); found by fuzz/fuzz_handshake.py."""
+    head = (
+        b"GET / HTTP/1.1\r\nHost:" + space + b"8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    if check_raw_head(head) is not None:
+        return  # a control character: refused before parsing
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    verdict = check_upgrade(conn.next_event())
+    assert isinstance(verdict, Rejection) and (verdict.status, verdict.reason) == (400, "invalid Host header")

@@ -442,3 +442,16 @@ def test_format_rate_picks_a_readable_unit() -> None:
     assert format_rate(parse_rate("600/m")) == "10/s"
     assert format_rate(parse_rate("30/m")) == "30/m"
     assert format_rate(parse_rate("5/h")) == "5/h"
+
+
+# --- the default of max_connections (issue 15, item 5) -------------------------------
+
+
+def test_fd_budget_halves_what_the_reserve_leaves() -> None:
+    from wsproxy.proto.limits import fd_budget
+
+    budget = fd_budget(64, backends=2)
+    assert (budget.nofile, budget.reserve, budget.max_connections) == (64, 32 + 2 + 2, 14)
+    assert fd_budget(1024, backends=1).max_connections == (1024 - 65) // 2
+    assert fd_budget(65536).max_connections == (65536 - 32 - 2048) // 2
+    assert fd_budget(16).max_connections == 1  # never 0, which would mean "no limit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wsproxy.config.schema import PoolName, RouteConfig
-from wsproxy.proto.handshake import Upgrade, check_upgrade
+from wsproxy.proto.handshake import Rejection, Upgrade, check_upgrade
 from wsproxy.proto.routing import Router, host_matches, path_matches
 
 from .test_handshake import BASE, edit, request
@@ -112,3 +112,87 @@ def test_router_with_a_parsed_upgrade() -> None:
     assert isinstance(up, Upgrade)
     matched = Router(ROUTES).match(up.host, up.path)
     assert matched is not None and matched.pool == "chat-eu"
+
+
+# --- normalised requests, path parameters, case, stripped headers ---------------------------
+
+GUARDED = (
+    RouteConfig(path="/admin", pool=PoolName("admin")),
+    RouteConfig(host="secure.example.com", pool=PoolName("secure")),
+    RouteConfig(path="/public", pool=PoolName("public")),
+    RouteConfig(pool=PoolName("open")),
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "pool"),
+    [
+        ("h", b"/%61dmin", "admin"),
+        ("h", b"//admin", "admin"),
+        ("h", b"/x/../admin", "admin"),
+        ("h", b"/admin/;x", "admin"),
+        ("h", b"/admin/x;y", "admin"),
+        ("Secure.Example.COM.", b"/", "secure"),
+        ("secure.example.com.:443", b"/x", "secure"),
+        ("h", b"/Admin", "open"),  # case-sensitive unless the route says otherwise
+        ("h", b"/chat;jsessionid=1", "open"),  # parameters that do not change the route pass
+        ("h", b"/public/a;b", "public"),
+    ],
+)
+def test_a_normalised_upgrade_is_routed_as_its_backend_reads_it(host: str, target: bytes, pool: str) -> None:
+    up = check_upgrade(request(edit(BASE, Host=host.encode()), target=target))
+    assert isinstance(up, Upgrade)
+    matched = Router(GUARDED).route(up.host, up.path)
+    assert isinstance(matched, RouteConfig) and matched.pool == pool
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin;x",  # Tomcat reads /admin: it would pass as the open route
+        "/public;x",  # a backend that keeps parameters reads a root resource, not /public
+        "/public/..;/admin",  # Tomcat reads /admin
+        "/..;/admin",
+    ],
+)
+def test_path_parameters_that_change_the_route_are_refused(path: str) -> None:
+    verdict = Router(GUARDED).route("h", path)
+    assert isinstance(verdict, Rejection) and verdict.status == 400
+
+
+def test_no_route_is_404() -> None:
+    verdict = Router((route("chat", path="/chat"),)).route("h", "/other")
+    assert isinstance(verdict, Rejection) and verdict.status == 404
+
+
+def test_path_ignore_case() -> None:
+    routes = (RouteConfig(path="/admin", pool=PoolName("admin"), path_ignore_case=True), route("open"))
+    router = Router(routes)
+    for path in ("/Admin", "/ADMIN/x", "/admin", "/aDmIn/"):
+        assert router.match("h", path) is routes[0], path
+    assert router.match("h", "/Administrator") is routes[1]  # still whole segments
+    assert path_matches("/Chat", "/chat", ignore_case=True)
+    assert not path_matches("/chat", "/chatroom", ignore_case=True)
+
+
+def test_strip_headers_per_route() -> None:
+    from wsproxy.config.schema import AuthConfig, ForwardAuthConfig
+    from wsproxy.proto.handshake import DEFAULT_STRIP_HEADERS
+
+    routes = (
+        RouteConfig(path="/a", pool=PoolName("a"), auth=AuthConfig(mode="tokens", identity_header="X-User-Id")),
+        RouteConfig(
+            path="/f",
+            pool=PoolName("f"),
+            auth=AuthConfig(mode="forward", forward=ForwardAuthConfig(url="http://127.0.0.1:1/", copy_headers=("X-Tenant",))),
+        ),
+        RouteConfig(path="/raw", pool=PoolName("raw"), strip_headers_default=False, strip_headers=("X_Debug",)),
+        route("open"),
+    )
+    router = Router(routes)
+    identity = {b"x-auth-subject", b"x-user-id", b"x-tenant"}
+    for r in routes:  # every route strips every identity header of the config
+        assert identity <= router.strip_headers(r)
+    assert DEFAULT_STRIP_HEADERS <= router.strip_headers(routes[3])
+    assert b"x-real-ip" in router.strip_headers(routes[0])
+    assert router.strip_headers(routes[2]) == identity | {b"x-debug"}

@@ -14,6 +14,7 @@ import binascii
 import ipaddress
 
 from wsproxy.config.durations import quote
+from wsproxy.config.files import MAX_CA_BUNDLE_BYTES
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     AUTH_SOURCES,
@@ -40,13 +41,13 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     )
     if fields is None:
         return None
-    cert = r.filepath(fields.get("cert"))
-    key = r.filepath(fields.get("key"))
-    client_ca = r.filepath(fields.get("client_ca"))
+    cert = r.tls_file(fields.get("cert"))
+    key = r.tls_file(fields.get("key"))
+    client_ca = r.tls_file(fields.get("client_ca"), MAX_CA_BUNDLE_BYTES)
     client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
-    if client_cert in ("required", "optional") and client_ca is None:
+    if client_cert in ("required", "optional") and "client_ca" not in fields:
         r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
         return None
     sni = []
@@ -55,12 +56,12 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
         if entry is None:
             continue
         names = r.strings(entry.get("names"), "server names")
-        entry_cert = r.filepath(entry.get("cert"))
-        entry_key = r.filepath(entry.get("key"))
+        entry_cert = r.tls_file(entry.get("cert"))
+        entry_key = r.tls_file(entry.get("key"))
         if names is not None and entry_cert is not None and entry_key is not None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
-    if cert is None or key is None:
-        return None
+    if cert is None or key is None or ("client_ca" in fields and client_ca is None):
+        return None  # each missing file is reported at its own key already
     tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
     try:
         context = server_context(tls)
@@ -80,10 +81,10 @@ def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, obje
     if fields is None:
         return None, None
     tls = BackendTlsConfig(
-        ca=r.filepath(fields.get("ca")),
+        ca=r.tls_file(fields.get("ca"), MAX_CA_BUNDLE_BYTES),
         server_name=r.text(fields.get("server_name"), "a server name"),
-        cert=r.filepath(fields.get("cert")),
-        key=r.filepath(fields.get("key")),
+        cert=r.tls_file(fields.get("cert")),
+        key=r.tls_file(fields.get("key")),
     )
     if (tls.cert is None) != (tls.key is None):
         r.error(at, "cert and key go together")  # type: ignore[arg-type]

@@ -19,10 +19,12 @@ comparing it with the running one on SIGHUP) is ``control/reload.py``'s job.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Collection
 
 import yaml
-from yaml.nodes import Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from wsproxy.config.durations import (
     is_host_name,
@@ -32,10 +34,12 @@ from wsproxy.config.durations import (
     quote,
 )
 from wsproxy.config import gate, ops
+from wsproxy.config.compose import compose
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     Address,
+    AdminConfig,
     Config,
     LimitsConfig,
     ListenerConfig,
@@ -44,9 +48,13 @@ from wsproxy.config.schema import (
     RouteConfig,
     TimeoutsConfig,
 )
+from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 from wsproxy.errors import ConfigError, ConfigErrors
+from wsproxy.proto.handshake import FORWARDING_HEADERS, Rejection
+from wsproxy.proto.routing import host_matches, path_matches
+from wsproxy.proto.target import normalise_path
 
-__all__ = ["load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
+__all__ = ["load_admin", "load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
 
 
 def load_config(path: str) -> Config:
@@ -55,9 +63,14 @@ def load_config(path: str) -> Config:
     Raises :class:`ConfigErrors` for every problem in the file, or with a single
     error without position if the file cannot be read.
     """
+    return parse_config(_read_text(path), path)
+
+
+def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        return read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except FileRefused as exc:
+        raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {exc}")]) from None
     except OSError as exc:
         reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
         raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {reason}")]) from None
@@ -65,7 +78,6 @@ def load_config(path: str) -> Config:
         byte = exc.object[exc.start]
         message = f"cannot read: not UTF-8 (byte {byte:#04x} at offset {exc.start})"
         raise ConfigErrors([ConfigError(path, 0, 0, "", message)]) from None
-    return parse_config(text, path)
 
 
 def parse_config(text: str, filename: str) -> Config:
@@ -73,15 +85,50 @@ def parse_config(text: str, filename: str) -> Config:
 
     Raises :class:`ConfigErrors` with every problem found, sorted by position.
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigErrors([_syntax_error(filename, text, exc)]) from None
-    reader = Reader(filename)
+    root, reader = _compose(text, filename)
     config = _config(reader, root)
     if config is None or reader.errors:
-        raise ConfigErrors(sorted(reader.errors, key=lambda error: (error.line, error.column)))
+        raise ConfigErrors(_sorted(reader.errors, filename))
     return config
+
+
+def _compose(text: str, filename: str) -> tuple[Node | None, Reader]:
+    """The tree (includes merged, variables substituted) and a Reader holding the errors found so far."""
+    try:
+        root, composed = compose(text, filename)
+    except yaml.YAMLError as exc:
+        raise ConfigErrors([syntax_error(filename, text, exc)]) from None
+    reader = Reader(filename)
+    reader.errors.extend(composed.errors)
+    reader.silenced = composed.failed
+    return root, reader
+
+
+def _sorted(errors: list[ConfigError], main: str) -> list[ConfigError]:
+    """By position: the main file's errors first, then each included file's."""
+    files = list(dict.fromkeys([main, *(error.file for error in errors)]))
+    return sorted(errors, key=lambda error: (files.index(error.file), error.line, error.column))
+
+
+def load_admin(path: str) -> AdminConfig | None:
+    """Only the ``admin`` section of the config at ``path`` (includes and variables applied).
+
+    For the operator commands (``wsproxy reload``, ``status``...), which must
+    reach the running proxy even when the rest of the file has errors (that is
+    what ``reload`` is there to report). Raises ConfigErrors for errors that
+    stop the admin section from being read.
+    """
+    text = _read_text(path)
+    root, reader = _compose(text, path)
+    admin = None
+    if isinstance(root, MappingNode):
+        for key, value in root.value:
+            if isinstance(key, ScalarNode) and key.value == "admin":
+                admin = ops.admin(reader, At(value, "admin"))
+    errors = [error for error in reader.errors if error.path.startswith("admin")]
+    if errors:
+        raise ConfigErrors(errors)
+    return admin
 
 
 # --- the sections, in the order of the schema ----------------------------------
@@ -107,7 +154,10 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     limits = _limits(r, top.get("limits"))
     trusted = gate.trusted_proxies(r, top.get("trusted_proxies"))
     shutdown = ops.shutdown(r, top.get("shutdown"))
-    admin = ops.admin(r, top.get("admin"))
+    admin = ops.admin(r, top.get("admin"), pool_names)
+    if admin is not None and admin.bind is not None and admin.bind.port != 0:
+        bind_node = next(v for k, v in top["admin"].node.value if isinstance(k, ScalarNode) and k.value == "bind")
+        check_overlaps(r, [*r.bound, (admin.bind, At(bind_node, "admin.bind"))], start=len(r.bound), identical=True)
     log = ops.log(r, top.get("log"))
     if r.errors:
         return None
@@ -131,6 +181,7 @@ def _listeners(r: Reader, at: At | None) -> tuple[ListenerConfig, ...]:
         r.error(at, "at least one listener is required")
     names: dict[str, Node] = {}
     binds: dict[Address, Node] = {}
+    bound: list[tuple[Address, At]] = []
     listeners = []
     for item in items:
         fields = r.fields(
@@ -153,7 +204,51 @@ def _listeners(r: Reader, at: At | None) -> tuple[ListenerConfig, ...]:
             listeners.append(
                 ListenerConfig(name=ListenerName(name), bind=bind, tls=tls, **given(proxy_protocol=proxy_protocol))
             )
+            bound.append((bind, fields["bind"]))
+    check_overlaps(r, bound)
+    r.bound = bound  # the admin bind is checked against them too
     return tuple(listeners)
+
+
+def check_overlaps(r: Reader, bound: list[tuple[Address, At]], start: int = 1, identical: bool = False) -> None:
+    """Report each bind that would fail because an earlier one holds its port.
+
+    ``0.0.0.0:P`` takes port P on every IPv4 address, ``[::]:P`` on every IPv6
+    one (wsproxy binds IPv6 sockets IPV6_V6ONLY, so the two coexist), so
+    ``127.0.0.1:P`` after ``0.0.0.0:P`` fails with EADDRINUSE at start.
+    Identical listener binds are reported as duplicates already (``identical``
+    checks them too, for the admin bind); DNS names other than ``localhost``
+    are not resolved here. Only the binds from ``start`` on are checked.
+    """
+    for index in range(start, len(bound)):
+        bind, at = bound[index]
+        for earlier, earlier_at in bound[:index]:
+            if bind.port == earlier.port and (bind != earlier or identical) and _overlap(bind.host, earlier.host):
+                r.error(
+                    at,
+                    f"{bind} overlaps {earlier} ({earlier_at.path}, {r.where(earlier_at.node, at.node)}):"
+                    " both hold the same port on the same address, so one cannot be bound",
+                )
+                break
+
+
+def _ips(host: str) -> set[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] | None:
+    if host.lower() == "localhost":
+        return {(4, ipaddress.ip_address("127.0.0.1")), (6, ipaddress.ip_address("::1"))}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return {(ip.version, ip)}
+
+
+def _overlap(a: str, b: str) -> bool:
+    first, second = _ips(a), _ips(b)
+    if first is None or second is None:
+        return False
+    return any(
+        fa == fb and (x == y or x.is_unspecified or y.is_unspecified) for fa, x in first for fb, y in second
+    )
 
 
 def _routes(
@@ -165,6 +260,7 @@ def _routes(
     if not items:
         r.error(at, "at least one route is required")
     routes = []
+    placed: list[tuple[RouteConfig, At]] = []
     for item in items:
         fields = r.fields(
             item,
@@ -178,9 +274,12 @@ def _routes(
                 "keepalive",
                 "validate_utf8",
                 "backend_failure_close_code",
+                "path_ignore_case",
+                "strip_headers",
+                "strip_headers_default",
             ),
             what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
-            "validate_utf8, backend_failure_close_code)",
+            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default)",
         )
         if fields is None:
             continue
@@ -192,12 +291,15 @@ def _routes(
         keepalive = ops.keepalive(r, fields.get("keepalive"))
         validate_utf8 = r.boolean(fields.get("validate_utf8"))
         failure_code = _backend_failure_code(r, fields.get("backend_failure_close_code"))
+        path_ignore_case = r.boolean(fields.get("path_ignore_case"))
+        strip_headers = _strip_headers(r, fields.get("strip_headers"))
+        strip_headers_default = r.boolean(fields.get("strip_headers_default"))
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
         if pool_names is not None and pool not in pool_names:
             r.error(fields["pool"], f"route names pool {quote(pool)}, which is not defined")
-        routes.append(
+        route = (
             RouteConfig(
                 pool=PoolName(pool),
                 origins=origins,
@@ -209,10 +311,44 @@ def _routes(
                     allow_missing_origin=allow_missing,
                     validate_utf8=validate_utf8,
                     backend_failure_close_code=failure_code,
+                    path_ignore_case=path_ignore_case,
+                    strip_headers=strip_headers,
+                    strip_headers_default=strip_headers_default,
                 ),
             )
         )
+        _check_shadowed(r, route, item, placed)
+        placed.append((route, item))
+        routes.append(route)
     return tuple(routes)
+
+
+def _check_shadowed(r: Reader, route: RouteConfig, at: At, earlier: list[tuple[RouteConfig, At]]) -> None:
+    """A route that an earlier one covers entirely never matches (first match wins): an error.
+
+    Covers: the earlier host pattern matches every host this one does, and the
+    earlier path prefix every path (``proto.routing``'s rules).
+    """
+    for before, before_at in earlier:
+        if host_pattern_covers(before.host, route.host) and path_matches(before.path, route.path):
+            r.error(
+                at,
+                f"this route never matches: {before_at.path} ({r.where(before_at.node, at.node)}, host"
+                f" {quote(before.host)}, path {quote(before.path)}) comes first and takes every request it would;"
+                " put the narrower route first",
+            )
+            return
+
+
+def host_pattern_covers(pattern: str, other: str) -> bool:
+    """Does route host ``pattern`` match every host that ``other`` matches?"""
+    if pattern == "*":
+        return True
+    if other == "*":
+        return False
+    if other.startswith("*."):
+        return pattern.startswith("*.") and other[1:].endswith(pattern[1:])
+    return host_matches(pattern, other)
 
 
 #: What a client may be told when its backend fails: 1014 "Bad Gateway" (RFC 6455 registry)
@@ -251,13 +387,44 @@ def _route_path(r: Reader, at: At | None) -> str | None:
     elif any(char in "?#" or char.isspace() for char in path):
         r.error(at, f'a route path cannot contain "?", "#" or whitespace, got {quote(path)}')
     else:
-        return path
+        # Requests are matched in normal form (proto.target), so a prefix in another form never matches.
+        normal = normalise_path(path.encode("utf-8"))
+        if isinstance(normal, Rejection):
+            r.error(at, f"{normal.reason.replace('request path', 'a route path')}, got {quote(path)}")
+        elif normal != path.encode("utf-8"):
+            r.error(at, f"a route path is matched in normal form: write {quote(normal.decode('ascii'))}, not {quote(path)}")
+        else:
+            return path
     return None
+
+
+#: Headers a route cannot strip: the handshake needs them, or the proxy always rewrites them.
+_UNSTRIPPABLE = ("host", "upgrade", "connection", "sec-websocket-")
+
+
+def _strip_headers(r: Reader, at: At | None) -> tuple[str, ...] | None:
+    """``strip_headers``: header names (RFC 9110 §5.1 tokens) the route never passes upstream."""
+    names = r.strings(at, "header names")
+    if at is None or names is None:
+        return None
+    for index, name in enumerate(names):
+        item = At(at.node.value[index], f"{at.path}[{index}]")
+        canonical = name.lower().replace("_", "-")
+        if not _HEADER_NAME.fullmatch(name):
+            r.error(item, f"expected a header name, got {quote(name)}")
+        elif canonical.startswith(_UNSTRIPPABLE):
+            r.error(item, f"{name} cannot be stripped: the WebSocket handshake needs it")
+        elif canonical.encode("latin-1") in FORWARDING_HEADERS:
+            r.error(item, f"{name} is always replaced by the proxy (or appended to, for trusted_proxies)")
+    return names
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
     fields = r.fields(
-        at, optional=("handshake", "connect", "upstream_handshake", "idle"), null_is_empty=True
+        at, optional=("handshake", "connect", "upstream_handshake", "idle", "reload"), null_is_empty=True
     )
     if fields is None:
         return TimeoutsConfig()
@@ -267,6 +434,7 @@ def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
             connect_s=r.duration(fields.get("connect")),
             upstream_handshake_s=r.duration(fields.get("upstream_handshake")),
             idle_s=r.duration(fields.get("idle")),
+            reload_s=r.duration(fields.get("reload")),
         )
     )
 
@@ -298,7 +466,7 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
     )
 
 
-def _syntax_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
+def syntax_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
     """A ConfigError at the position PyYAML gives for a syntax error."""
     if isinstance(exc, yaml.MarkedYAMLError):
         line, column = _position(exc.problem_mark or exc.context_mark)

@@ -1,10 +1,16 @@
 """The operations keys: route keepalive, shutdown, the admin listener, logging.
 
 The admin token is read from its file here, at load time, like every other
-file a config names.
+file a config names. A TCP admin listener off loopback needs the token, or an
+explicit ``insecure_no_token: true``: without either, any host that can reach
+the port could drain the backends.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection
+from dataclasses import replace
 
 from wsproxy.config.durations import quote
 from wsproxy.config.reader import At, Reader, given
@@ -35,8 +41,21 @@ def shutdown(r: Reader, at: At | None) -> ShutdownConfig | None:
     return config
 
 
-def admin(r: Reader, at: At | None) -> AdminConfig | None:
-    fields = r.fields(at, required=("bind",), optional=("token_file",), what="an admin mapping (bind, token_file)")
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, or an IP literal in 127.0.0.0/8 or ``::1`` (a DNS name other than localhost is not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin(r: Reader, at: At | None, pool_names: Collection[str] | None = None) -> AdminConfig | None:
+    fields = r.fields(
+        at, required=("bind",), optional=("token_file", "insecure_no_token", "health_needs_token", "ready_pools"),
+        what="an admin mapping (bind, token_file, insecure_no_token, health_needs_token, ready_pools)",
+    )
     if fields is None:
         return None
     bind_at = fields.get("bind")
@@ -48,19 +67,37 @@ def admin(r: Reader, at: At | None) -> AdminConfig | None:
         if len(token) < MIN_TOKEN_BYTES:
             r.error(fields["token_file"], f"the token in {read[0]} is {len(token)} bytes; at least {MIN_TOKEN_BYTES} are needed")
             token = None
+    insecure = r.boolean(fields.get("insecure_no_token")) or False
+    health_needs_token = r.boolean(fields.get("health_needs_token")) or False
+    ready_pools = r.strings(fields.get("ready_pools"), "pool names")
+    if ready_pools is not None and pool_names is not None:
+        for item, name in zip(r.items(fields["ready_pools"], "pool names") or [], ready_pools):
+            if name not in pool_names:
+                r.error(item, f"ready_pools names pool {quote(name)}, which is not defined")
     if bind_at is None or text is None:
         return None
     token_file = read[0] if read else None
+    common = AdminConfig(
+        token_file=token_file, token=token, insecure_no_token=insecure,
+        health_needs_token=health_needs_token, ready_pools=ready_pools,
+    )
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path.startswith("/"):
             r.error(bind_at, f'expected "unix:" and an absolute path, got {quote(text)}')
             return None
-        return AdminConfig(unix_path=path, token_file=token_file, token=token)
+        return replace(common, unix_path=path)
     address = r.address(bind_at, allow_port_zero=True)
     if address is None:
         return None
-    return AdminConfig(bind=address, token_file=token_file, token=token)
+    if not is_loopback_host(address.host) and "token_file" not in fields and not insecure:
+        r.error(
+            bind_at,
+            f"{address} is not a loopback address: anyone who reaches it could drain backends;"
+            " set token_file, bind 127.0.0.1, ::1 or a unix socket, or set insecure_no_token: true",
+        )
+        return None
+    return replace(common, bind=address)
 
 
 def log(r: Reader, at: At | None) -> LogConfig | None:

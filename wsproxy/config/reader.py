@@ -25,6 +25,7 @@ from wsproxy.config.durations import (
     parse_size,
     quote,
 )
+from wsproxy.config.files import MAX_FILE_BYTES, FileRefused, check_file, read_file
 from wsproxy.config.schema import Address
 from wsproxy.errors import ConfigError
 
@@ -65,6 +66,8 @@ class Reader:
     def __init__(self, file: str) -> None:
         self.file = file
         self.errors: list[ConfigError] = []
+        self.bound: list[tuple[Address, At]] = []  # the listeners' binds, for checks across sections
+        self.silenced: set[int] = set()  # id() of nodes already reported (an unset ${VAR}): no second error
         # (key, key node, value node) by id() of a MappingNode; None while it is being expanded
         self._pairs_of: dict[int, list[tuple[str, Node, Node]] | None] = {}
 
@@ -72,8 +75,21 @@ class Reader:
         self.error_at(at.node, at.path, message)
 
     def error_at(self, node: Node, path: str, message: str) -> None:
+        if id(node) in self.silenced:
+            return
         line, column = node.start_mark.line + 1, node.start_mark.column + 1  # PyYAML counts from 0
-        self.errors.append(ConfigError(self.file, line, column, path, message))
+        self.errors.append(ConfigError(self.file_of(node), line, column, path, message))
+
+    def file_of(self, node: Node) -> str:
+        """The file ``node`` came from (``config.compose`` names every node's marks), else this Reader's."""
+        name: str = node.start_mark.name
+        return self.file if name.startswith("<") else name
+
+    def where(self, node: Node, other: Node) -> str:
+        """``line N`` of ``node``, or ``FILE:N`` when it is in another file than ``other``."""
+        line = node.start_mark.line + 1
+        file = self.file_of(node)
+        return f"line {line}" if file == self.file_of(other) else f"{file}:{line}"
 
     # --- collections ---
 
@@ -136,8 +152,7 @@ class Reader:
     def unique(self, seen: dict[_K, Node], key: _K, at: At, what: str) -> None:
         """Report ``key`` if an earlier node in ``seen`` had it already, else remember it."""
         if key in seen:
-            line = seen[key].start_mark.line + 1
-            self.error(at, f"duplicate {what} {quote(str(key))} (first at line {line})")
+            self.error(at, f"duplicate {what} {quote(str(key))} (first at {self.where(seen[key], at.node)})")
         else:
             seen[key] = at.node
 
@@ -162,8 +177,8 @@ class Reader:
             elif not isinstance(key_node, ScalarNode) or key_node.tag == _NULL:
                 self.error_at(key_node, path, f"expected a key name, got {describe(key_node)}")
             elif key_node.value in own:
-                first = own[key_node.value][1].start_mark.line + 1
-                message = f"duplicate key {quote(key_node.value)} (first at line {first})"
+                first = self.where(own[key_node.value][1], key_node)
+                message = f"duplicate key {quote(key_node.value)} (first at {first})"
                 self.error_at(key_node, path, message)
             else:
                 own[key_node.value] = (key_node.value, key_node, value_node)
@@ -272,19 +287,50 @@ class Reader:
             return None
         if os.path.isabs(text):
             return text
-        return os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
+        assert at is not None
+        return os.path.join(os.path.dirname(os.path.abspath(self.file_of(at.node))), text)
 
-    def read(self, at: At | None, what: str = "a file name") -> tuple[str, bytes] | None:
-        """A file named at ``at``, read whole: (absolute path, content); errors say why not."""
+    def read(self, at: At | None, what: str = "a file name", max_bytes: int = MAX_FILE_BYTES) -> tuple[str, bytes] | None:
+        """A file named at ``at``, read whole: (absolute path, content); errors say why not.
+
+        Only a regular file of at most ``max_bytes`` is read (``config.files``):
+        a FIFO, a device or a directory is an error at the key, never a hang.
+        """
         path = self.filepath(at, what)
         if at is None or path is None:
             return None
         try:
-            with open(path, "rb") as file:
-                return path, file.read()
+            return path, read_file(path, max_bytes)
+        except FileRefused as exc:
+            self.error(at, str(exc))
         except OSError as exc:
             self.error(at, f"cannot read {path}: {exc.strerror or exc}")
+        return None
+
+    def tls_file(self, at: At | None, max_bytes: int = MAX_FILE_BYTES) -> str | None:
+        """A certificate, key or CA file that ``ssl`` will read by path: checked, not read.
+
+        ``ssl.SSLContext.load_cert_chain`` and ``load_verify_locations`` open
+        the file themselves, so checking its type and size first is what can be
+        done (a file swapped in between is left to the reload deadline). A
+        missing or unreadable file is an error at its own key, so that every
+        one is reported at once (the TLS loader would stop at the first).
+        """
+        path = self.filepath(at)
+        if at is None or path is None:
             return None
+        try:
+            check_file(path, max_bytes)
+        except FileRefused as exc:
+            self.error(at, str(exc))
+            return None
+        if not os.path.exists(path):
+            self.error(at, f"cannot read {path}: No such file or directory")
+            return None
+        if not os.access(path, os.R_OK):
+            self.error(at, f"cannot read {path}: Permission denied")
+            return None
+        return path
 
     def strings(self, at: At | None, what: str) -> tuple[str, ...] | None:
         """A list of strings."""

@@ -134,6 +134,9 @@ class RouteConfig:
     keepalive: KeepaliveConfig | None = None  # off when absent
     validate_utf8: bool = True  # text messages and close reasons must be UTF-8 (1007 to the sender)
     backend_failure_close_code: int = 1014  # to the client when the backend fails (1014 or 1011)
+    path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
+    strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
+    strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,6 +223,7 @@ class TimeoutsConfig:
     connect_s: float = 5.0  # TCP connect to one backend
     upstream_handshake_s: float = 10.0  # the backend's answer to the upgrade request
     idle_s: float = 600.0  # no byte in either direction of an established session
+    reload_s: float = 30.0  # loading a config on SIGHUP (files included); beyond it the reload is abandoned
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +236,8 @@ class RateConfig:
 class LimitsConfig:
     max_header_bytes: int = 16384  # request line + header block of the downstream request
     max_message_bytes: int = 16 * 1024 * 1024  # one message across its fragments; 0 = unlimited
-    max_connections: int = 0  # whole process; beyond it 503 with Retry-After; 0 = no limit
+    max_connections: int | None = None  # whole process; beyond it 503 with Retry-After; 0 = no limit;
+    # None (absent): derived from the fd limit at start (proto.limits.fd_budget)
     max_connections_per_ip: int = 0  # 429 beyond it; 0 = no limit
     handshake_rate_per_ip: RateConfig | None = None  # token bucket per client address; 429 + Retry-After
     max_message_rate: RateConfig | None = None  # per session and direction; close 1008 to the sender
@@ -250,6 +255,9 @@ class AdminConfig:
     unix_path: str | None = None  # ...or "unix:/run/wsproxy/admin.sock"
     token_file: str | None = None  # bearer token required by every admin request when set
     token: bytes | None = field(default=None, repr=False)  # read from token_file at load time
+    insecure_no_token: bool = False  # allows a non-loopback bind without token_file (logged at WARNING)
+    health_needs_token: bool = False  # GET /healthz and /ready need the token too (probes then send it)
+    ready_pools: tuple[str, ...] | None = None  # pools /ready needs a backend in; None = every pool a route names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,120 +1,55 @@
-"""The admin listener: metrics, status and backend drains over HTTP/1.1 (trio shell).
+"""The admin listener: where the admin API listens, and how a reload changes it (trio shell).
 
 ::
 
-    serve_admin                 in the app's control nursery
+    AdminServer.serve           in run.py's nursery (serve_admin for one config)
     └── nursery
-        ├── accept_loop         one per bound socket (edge.listener)
-        └── _serve_connection   one per admin connection: h11, keep-alive
+        ├── _run_listening      one per listener generation; a reload that moves it starts another
+        │   └── accept_loop     one per bound socket (edge.listener)
+        └── serve_connection    one per admin connection: h11, keep-alive (control.admin_http)
 
-Routes (everything else is 404):
+It binds ``admin.bind`` (TCP) or a unix socket (mode 0660; a stale socket
+file is replaced, another process's is left alone; removed on exit). A TCP
+bind off loopback needs a token, or ``insecure_no_token: true`` (the config
+loader checks; a WARNING here at start). The names each listener answers to
+(``admin_policy.AdminSite``) come from what it actually bound.
 
-- ``GET /``: the live status page, and ``GET /static/FILE`` its stylesheet and
-  script: files shipped in the package (``control/status_page/``), read once,
-  served with their media type and ``Content-Security-Policy: default-src
-  'self'`` (no inline script or style; the page only talks to this listener).
-  These answer without the token, as they hold no data: the page asks for the
-  token when ``/status`` answers 401, and keeps it in the tab's memory only.
-  ``GET /favicon.ico``, which browsers ask for by themselves, is 204.
-- ``GET /metrics``: the Prometheus text format (``AdminApp.render_metrics``).
-- ``GET /status``: the JSON document ``AdminApp.status`` builds.
-- ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
-  percent-decoded (``127.0.0.1%3A9001`` or ``127.0.0.1:9001``, ``[::1]:9001``);
-  the answer is ``{"pool", "backend", "draining", "changed"}``, or 404 when the
-  pool or backend is unknown. Each is logged at INFO.
+A reload applies the admin section (``AdminServer.prepare`` then ``commit``):
+a new token replaces the old one at once, for open connections too; a new
+``bind`` opens the new listener first (a failure leaves the old one serving
+and fails the reload), then stops the old one, whose connections finish
+their current requests. Known limit: moving to the same port on an
+overlapping address (``127.0.0.1:9090`` → ``0.0.0.0:9090``) fails with
+EADDRINUSE, since the old socket still holds the port; move through another
+port.
 
-``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
-``Allow``. When ``AdminConfig.token`` is set, every request but the page's
-needs ``Authorization: Bearer <token>`` (compared in constant time), else 401
-with ``WWW-Authenticate: Bearer`` (RFC 6750 §3).
-
-Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
-KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
-its first byte being awaited to the last byte of the answer (an idle
-keep-alive connection is closed after that long). A malformed request gets
-the status h11 hints (400, 431...) and its connection is closed; the listener
-goes on serving.
-
-This module is not the App: what the numbers and the status say, and what
-draining does, is the App's (``AdminApp``); here is only the HTTP around it.
-The listener binds loopback or a unix socket as configured; it does no TLS.
+The routes, the checks and the answers are ``control.admin_http``'s; this
+module does no HTTP and no TLS.
 """
 
 from __future__ import annotations
 
 import errno
-import hmac
-import json
 import logging
 import os
 import socket
 import stat
-from collections.abc import Iterable, Mapping
-from functools import cache, partial
-from importlib import resources
-from typing import Protocol
-from urllib.parse import unquote_to_bytes
+from dataclasses import dataclass, field
+from functools import partial
 
-import h11
 import trio
 
+from ..config.ops import is_loopback_host
 from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
-from ..edge.channel import ChannelBroken, RawChannel
 from ..edge.listener import BACKLOG, accept_loop, open_listener
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .registry import Registry
+from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, serve_connection
+from .admin_policy import AdminSite
+
+__all__ = ["MAX_HEAD_BYTES", "AdminApp", "AdminChange", "AdminServer", "serve_admin"]
 
 log = logging.getLogger("wsproxy.control.admin")
 
-MAX_HEAD_BYTES = 16 * 1024  # request line and headers
-MAX_BODY_BYTES = 64 * 1024  # a POST body, read and ignored
-REQUEST_TIMEOUT_S = 10.0  # one request, from waiting for it to the end of the answer
-CLOSE_LINGER_S = 2.0  # after the last answer, for the client to read it before the socket goes
 UNIX_SOCKET_MODE = 0o660
-
-_JSON = b"application/json"
-_TEXT = b"text/plain; charset=utf-8"
-_ACTIONS = {"drain": True, "undrain": False}  # action → draining afterwards
-
-#: The status page's files (``GET /`` is ``index.html``, ``GET /static/NAME`` the others), by suffix.
-PAGE_PACKAGE = "wsproxy.control"
-PAGE_FOLDER = "status_page"
-PAGE_MEDIA_TYPES = {
-    ".html": b"text/html; charset=utf-8",
-    ".css": b"text/css; charset=utf-8",
-    ".js": b"text/javascript; charset=utf-8",
-    ".svg": b"image/svg+xml",
-}
-#: On the page and its files: nothing inline, nothing from elsewhere, never inside a frame.
-PAGE_HEADERS = [
-    (b"Content-Security-Policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
-    (b"X-Content-Type-Options", b"nosniff"),
-    (b"Referrer-Policy", b"no-referrer"),
-]
-
-
-class AdminApp(Protocol):
-    """What the admin server needs from the application (``wsproxy.app.App``)."""
-
-    metrics: Metrics
-    registry: Registry
-
-    def status(self) -> dict[str, object]:
-        """The JSON body of ``GET /status``."""
-        ...
-
-    def drain_backend(self, pool: str, address: str) -> bool | None:
-        """None: no such pool or backend; True: draining now; False: it already was."""
-        ...
-
-    def undrain_backend(self, pool: str, address: str) -> bool | None:
-        """None: no such pool or backend; True: no longer draining; False: it was not."""
-        ...
-
-    def render_metrics(self) -> str:
-        """The Prometheus text of the current state."""
-        ...
 
 
 async def serve_admin(
@@ -125,30 +60,168 @@ async def serve_admin(
     ``task_status.started`` gets the bound address once listening:
     ``"127.0.0.1:9090"``, ``"[::1]:9090"`` or ``"unix:/run/wsproxy/admin.sock"``.
     """
-    token = _token(config)
+    # With a config, serve() always starts with an address, never None.
+    await AdminServer(app).serve(config, task_status=task_status)  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class _Listening:
+    """One opened admin listener: its sockets, what it answers to, and the scope that stops it."""
+
+    sockets: list[socket.socket]
+    addresses: list[str]
+    site: AdminSite
+    unix_path: str | None = None
+    inode: int | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.unix_path is not None:
+            _unlink_if_ours(self.unix_path, self.inode)
+
+
+@dataclass(frozen=True)
+class AdminChange:
+    """A reload's admin section, made ready by ``AdminServer.prepare``: the new listener already bound."""
+
+    config: AdminConfig | None
+    token: bytes | None
+    move: bool  # bind or unix_path changed (or the listener was added or removed)
+    listening: _Listening | None  # opened when ``move`` and a listener is wanted
+
+
+class AdminServer:
+    """The admin listener of one process, kept across reloads.
+
+    ``serve`` runs it; a reload calls ``prepare`` (may raise OSError: nothing
+    changed) and, once the rest of the config is applied, ``commit`` (never
+    fails) or ``abandon``. The token is read per request, so a commit takes
+    effect for the very next request on any connection.
+    """
+
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
+        self.config: AdminConfig | None = None
+        self.token: bytes | None = None
+        self.reloader: Reloader | None = None  # POST /reload; set by ``wsproxy run``
+        self.reload_timeout_s = 30.0  # timeouts.reload of the running config (``wsproxy run`` keeps it current)
+        self._listening: _Listening | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def address(self) -> str | None:
+        """Where it listens now (the first address), or None when off."""
+        return self._listening.addresses[0] if self._listening else None
+
+    async def serve(
+        self, config: AdminConfig | None, *, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen as ``config`` says (not at all when None) until cancelled; started with the address."""
+        token = _token(config) if config is not None else None
+        listening = _open(config) if config is not None else None  # OSError: start-up fails, as for any listener
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.config, self.token = config, token
+                if listening is not None:
+                    self._start(listening)
+                    listening = None
+                task_status.started(self.address)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            if listening is not None:
+                listening.close()
+
+    def prepare(self, config: AdminConfig | None) -> AdminChange:
+        """Ready ``config`` for ``commit``: open the new listener if it moved; OSError if it cannot."""
+        token = _token(config) if config is not None else None
+        move = _where(config) != _where(self.config)
+        listening = _open(config) if move and config is not None else None
+        return AdminChange(config, token, move, listening)
+
+    def abandon(self, change: AdminChange) -> None:
+        """The reload failed elsewhere: close what ``prepare`` opened."""
+        if change.listening is not None:
+            change.listening.close()
+
+    def commit(self, change: AdminChange) -> None:
+        """Swap in the token, move the listener, and log what changed."""
+        changed = []
+        if change.token != self.token:
+            changed.append("token")
+        if change.config is not None and self.config is not None and change.config.insecure_no_token != self.config.insecure_no_token:
+            changed.append("insecure_no_token")
+        self.config, self.token = change.config, change.token
+        old = self._listening
+        if change.move:
+            changed.append("bind")
+            if old is not None:
+                old.scope.cancel()  # _run_listening closes its sockets; its connections finish their requests
+                self._listening = None
+            if change.listening is not None:
+                if self._nursery is None:  # not serving (shutting down): nothing to move to
+                    change.listening.close()
+                else:
+                    self._start(change.listening)
+        if not changed:
+            return
+        log.info(
+            "event=admin_reloaded changed=%s address=%s was=%s auth=%s",
+            ",".join(changed), self.address or "off", old.addresses[0] if old and change.move else "-",
+            "token" if self.token else "none",
+        )
+        if "token" in changed and self._listening is not None:
+            _warn_if_insecure(self.config, self._listening.addresses, self.token)
+
+    def _start(self, listening: _Listening) -> None:
+        assert self._nursery is not None
+        self._listening = listening
+        self._nursery.start_soon(self._run_listening, listening)
+        for address in listening.addresses:
+            log.info("event=listening listener=admin address=%s auth=%s", address, "token" if self.token else "none")
+        _warn_if_insecure(self.config, listening.addresses, self.token)
+
+    async def _run_listening(self, listening: _Listening) -> None:
+        assert self._nursery is not None
+        handler = partial(serve_connection, server=self, site=listening.site)
+        try:
+            with listening.scope:
+                async with trio.open_nursery() as accepting:
+                    for sock in listening.sockets:
+                        accepting.start_soon(accept_loop, sock, handler, self._nursery)
+        finally:
+            listening.close()
+
+
+def _where(config: AdminConfig | None) -> object:
+    return None if config is None else (config.bind, config.unix_path)
+
+
+def _open(config: AdminConfig) -> _Listening:
+    """Bind ``config``'s listener (OSError if it cannot)."""
     unix_path = config.unix_path
     if unix_path is not None:
-        sockets = [_open_unix(unix_path)]
-        addresses = [f"unix:{unix_path}"]
-    elif config.bind is not None:
-        sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
-        addresses = [hostport(*sock.getsockname()[:2]) for sock in sockets]
-    else:
+        sock = _open_unix(unix_path)
+        return _Listening([sock], [f"unix:{unix_path}"], AdminSite.for_unix(), unix_path, os.stat(unix_path).st_ino)
+    if config.bind is None:
         raise ValueError("admin: neither bind nor unix_path is set")
-    inode = os.stat(unix_path).st_ino if unix_path is not None else None
-    try:
-        async with trio.open_nursery() as nursery:
-            handler = partial(_serve_connection, app=app, token=token)
-            for sock in sockets:
-                nursery.start_soon(accept_loop, sock, handler, nursery)
-            for address in addresses:
-                log.info("event=listening listener=admin address=%s auth=%s", address, "token" if token else "none")
-            task_status.started(addresses[0])
-    finally:
-        for sock in sockets:
-            sock.close()
-        if unix_path is not None:
-            _unlink_if_ours(unix_path, inode)
+    sockets = open_listener(ListenerConfig(name=ListenerName("admin"), bind=config.bind))
+    bound = [sock.getsockname()[:2] for sock in sockets]
+    return _Listening(
+        sockets, [hostport(host, port) for host, port in bound], AdminSite.for_tcp(bound, config.bind.host)
+    )
+
+
+def _warn_if_insecure(config: AdminConfig | None, addresses: list[str], token: bytes | None) -> None:
+    if config is None or config.bind is None or token is not None or is_loopback_host(config.bind.host):
+        return
+    log.warning(
+        "event=admin_insecure address=%s reason=%r",
+        addresses[0], "insecure_no_token: true: anyone who can reach this address can drain backends",
+    )
 
 
 def _token(config: AdminConfig) -> bytes | None:
@@ -194,238 +267,3 @@ def _unlink_if_ours(path: str, inode: int | None) -> None:
             os.unlink(path)
     except OSError:
         pass
-
-
-
-
-# -- one connection ------------------------------------------------------------------------------
-
-
-async def _serve_connection(sock: socket.socket, app: AdminApp, token: bytes | None) -> None:
-    """Answer requests on one connection until it closes, errs or idles; never raises."""
-    channel = RawChannel(sock)
-    peer = _peer(sock)
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    try:
-        while True:
-            with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
-                again = await _one_request(channel, conn, app, token, peer)
-            if scope.cancelled_caught:
-                return  # slow, or idle between requests: nothing more to say
-            if not again:
-                break
-            conn.start_next_cycle()
-        if conn.their_state is not h11.CLOSED:
-            await _close_gently(channel)
-    except ChannelBroken:
-        pass
-    except Exception:
-        log.exception("event=error listener=admin peer=%s", peer)
-    finally:
-        channel.close()
-
-
-async def _one_request(channel: RawChannel, conn: h11.Connection, app: AdminApp, token: bytes | None, peer: str) -> bool:
-    """Read one request and answer it; True if the connection may carry another."""
-    try:
-        request = await _read_head(channel, conn)
-        if not isinstance(request, h11.Request):
-            return False  # closed between requests
-        body_bytes = 0
-        while True:
-            event = await _next_event(channel, conn)
-            if isinstance(event, h11.EndOfMessage):
-                break
-            if isinstance(event, h11.Data):
-                body_bytes += len(event.data)
-                if body_bytes > MAX_BODY_BYTES:
-                    await _send(channel, conn, request, _text(413, f"request body over {MAX_BODY_BYTES} bytes"), close=True)
-                    return False
-            elif isinstance(event, h11.ConnectionClosed):
-                return False
-    except h11.RemoteProtocolError as exc:
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
-        return False
-    await _send(channel, conn, request, _answer(request, app, token, peer))
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-
-async def _read_head(channel: RawChannel, conn: h11.Connection) -> h11.Event:
-    """The next request (or ConnectionClosed), its head at most ``MAX_HEAD_BYTES``.
-
-    h11's ``max_incomplete_event_size`` only bounds a head still incomplete
-    after a receive; one that arrives whole in a single receive is measured here.
-    """
-    buffered = len(conn.trailing_data[0])  # pipelined bytes left over from the previous request
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            assert not isinstance(event, type)
-            if isinstance(event, h11.Request) and buffered - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
-                raise h11.RemoteProtocolError(f"request head over {MAX_HEAD_BYTES} bytes", error_status_hint=431)
-            return event
-        data = await channel.receive()
-        buffered += len(data)
-        conn.receive_data(data)  # b"" at EOF: h11 makes it ConnectionClosed
-
-
-async def _next_event(channel: RawChannel, conn: h11.Connection) -> h11.Event:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            assert not isinstance(event, type)  # PAUSED: only after EndOfMessage, and we stop there
-            return event
-        conn.receive_data(await channel.receive())  # b"" at EOF: h11 makes it ConnectionClosed
-
-
-async def _close_gently(channel: RawChannel) -> None:
-    """Half-close, then let the client read the answer before the socket goes (RFC 7230 §6.6)."""
-    channel.send_eof()
-    with trio.move_on_after(CLOSE_LINGER_S):
-        while await channel.receive():
-            pass
-
-
-def _peer(sock: socket.socket) -> str:
-    try:
-        name = sock.getpeername()
-    except OSError:
-        return "-"
-    if isinstance(name, tuple):
-        return hostport(name[0], name[1])
-    return "unix"
-
-
-# -- answers -------------------------------------------------------------------------------------
-
-_Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
-
-
-async def _send(
-    channel: RawChannel, conn: h11.Connection, request: h11.Request | None, answer: _Answer, *, close: bool = False
-) -> None:
-    status, headers, body = answer
-    if status != 204:  # RFC 9110 §8.6: no Content-Length on a 204
-        headers = [*headers, (b"Content-Length", b"%d" % len(body))]
-    headers = [*headers, (b"Cache-Control", b"no-store")]
-    if close:
-        headers.append((b"Connection", b"close"))
-    data = conn.send(h11.Response(status_code=status, headers=headers))
-    if request is None or request.method != b"HEAD":
-        data += conn.send(h11.Data(data=body))
-    data += conn.send(h11.EndOfMessage())
-    await channel.send(data)
-
-
-def _answer(request: h11.Request, app: AdminApp, token: bytes | None, peer: str) -> _Answer:
-    """The response to one complete request (sans-I/O but for the App's own calls)."""
-    method = request.method.decode("ascii", "replace")
-    segments = _segments(request.target)
-    if segments is None:
-        return _text(400, "invalid percent-encoding in the request target")
-    if segments in ([], ["favicon.ico"]) or (len(segments) == 2 and segments[0] == "static"):
-        if method not in ("GET", "HEAD"):
-            return _not_allowed("GET, HEAD")
-        if segments == ["favicon.ico"]:
-            return 204, [], b""  # browsers ask for it; a 404 would be an error in their console
-        return _page_file("index.html" if not segments else segments[1], static=bool(segments))
-    if token is not None:
-        given = _bearer(request.headers)
-        if given is None or not hmac.compare_digest(given, token):
-            challenge = b'Bearer realm="wsproxy-admin"'
-            if given is not None:
-                challenge += b', error="invalid_token"'
-            status, headers, body = _text(401, "a bearer token is required")
-            return status, [*headers, (b"WWW-Authenticate", challenge)], body
-    try:
-        if segments in (["metrics"], ["status"]):
-            if method not in ("GET", "HEAD"):
-                return _not_allowed("GET, HEAD")
-            if segments == ["metrics"]:
-                return 200, [(b"Content-Type", METRICS_CONTENT_TYPE.encode())], app.render_metrics().encode()
-            return _json(200, app.status())
-        if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
-            if method != "POST":
-                return _not_allowed("POST")
-            return _backend_action(app, segments[1], segments[3], segments[4], peer)
-    except Exception:
-        log.exception("event=error listener=admin method=%s target=%r", method, request.target)
-        return _text(500, "internal error")
-    return _text(404, "not found")
-
-
-def _page_file(name: str, *, static: bool) -> _Answer:
-    """``index.html`` for ``GET /``, or a file of the page for ``GET /static/NAME``."""
-    files = _page_files()
-    if static and name == "index.html":
-        name = ""  # the page itself is at "/" only
-    found = files.get(name)
-    if found is None:
-        if not files:
-            return _text(404, f"the status page is not installed (no {PAGE_PACKAGE}/{PAGE_FOLDER} in the package)")
-        return _text(404, "not found")
-    media_type, body = found
-    return 200, [(b"Content-Type", media_type), *PAGE_HEADERS], body
-
-
-@cache
-def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
-    """Every file of the status page with a known suffix: name → (media type, content).
-
-    Read once, on the first request for the page; the table is the whole
-    allow-list, so no request target ever reaches the file system.
-    """
-    files: dict[str, tuple[bytes, bytes]] = {}
-    try:
-        folder = resources.files(PAGE_PACKAGE).joinpath(PAGE_FOLDER)
-        entries = list(folder.iterdir()) if folder.is_dir() else []
-        for entry in entries:
-            suffix = os.path.splitext(entry.name)[1]
-            if entry.is_file() and suffix in PAGE_MEDIA_TYPES and not entry.name.startswith("."):
-                files[entry.name] = (PAGE_MEDIA_TYPES[suffix], entry.read_bytes())
-    except OSError as exc:
-        log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
-    return files
-
-
-def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:
-    draining = _ACTIONS[action]
-    changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
-    result = "unknown" if changed is None else ("changed" if changed else "unchanged")
-    log.info("event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, pool, backend, result, peer)
-    if changed is None:
-        return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})
-    return _json(200, {"pool": pool, "backend": backend, "draining": draining, "changed": changed})
-
-
-def _segments(target: bytes) -> list[str] | None:
-    """The path's segments, each percent-decoded (so an encoded "/" stays inside its segment)."""
-    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
-    try:
-        return [unquote_to_bytes(part).decode("utf-8") for part in path.split(b"/") if part]
-    except UnicodeDecodeError:
-        return None
-
-
-def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, credentials = value.partition(b" ")
-            if scheme.lower() == b"bearer" and credentials.strip():
-                return credentials.strip()
-            return None
-    return None
-
-
-def _text(status: int, message: str) -> _Answer:
-    return status, [(b"Content-Type", _TEXT)], message.encode() + b"\n"
-
-
-def _json(status: int, document: object) -> _Answer:
-    return status, [(b"Content-Type", _JSON)], json.dumps(document, indent=2).encode() + b"\n"
-
-
-def _not_allowed(allow: str) -> _Answer:
-    status, headers, body = _text(405, "method not allowed")
-    return status, [*headers, (b"Allow", allow.encode())], body

@@ -72,10 +72,13 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..config.schema import Address, HealthConfig, PoolConfig
 from ..edge.channel import ChannelBroken, RawChannel, connect
+from ..edge.overload import RateLimitedWarning
+from ..errors import LocalOverload
 from ..edge.tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from .registry import Health, Registry
 
 log = logging.getLogger("wsproxy.control.health")
+_overloaded = RateLimitedWarning(log)  # checks skipped because the proxy is out of fds
 
 USER_AGENT = "wsproxy-health"
 USER_AGENT_B = USER_AGENT.encode()
@@ -84,7 +87,9 @@ JITTER = 0.1
 #: What a check reads at most per receive; health answers are small.
 RECEIVE_BYTES = 16384
 
-Result = tuple[bool, str, float | None]
+#: (passed, why, rtt_s); passed is None when the result is unknown: the proxy itself
+#: could not open a socket (``edge.overload``), which says nothing about the backend.
+Result = tuple[bool | None, str, float | None]
 
 
 #: What a check of a wss:// backend needs: the pool's client SSLContext and the name to verify.
@@ -101,8 +106,13 @@ class _Progress:
 
 async def check_backend(
     address: Address, health: HealthConfig, *, tls: TlsTarget | None = None
-) -> tuple[bool, str, float | None]:
+) -> Result:
     """Probe ``address`` once; return ``(passed, "ok" or why not, rtt_s)``.
+
+    ``passed`` is None (unknown) when the proxy could not create or connect a
+    socket of its own (out of file descriptors, buffers, memory or local
+    ports): that is not recorded, so the proxy's own overload never marks a
+    backend down.
 
     ``rtt_s`` is the connect time (tcp), request sent → status line (http), or
     ping → pong (websocket); None when the check failed. Never raises for
@@ -129,6 +139,8 @@ async def _check(address: Address, health: HealthConfig, progress: _Progress, tl
     started = trio.current_time()
     try:
         channel = await connect(address.host, address.port)
+    except LocalOverload as exc:
+        return None, exc.reason, None
     except ConnectionRefusedError:
         return False, "connect refused", None
     except OSError as exc:
@@ -373,7 +385,12 @@ class HealthChecker:
             task_status.started()
             while (health := self.pool.health) is not None:
                 ok, reason, rtt_s = await check_backend(address, health, tls=self._tls_target(address))
-                self._record(address, health, ok, reason, rtt_s)
+                if ok is None:  # the proxy's own overload: says nothing about the backend
+                    _overloaded.warning(
+                        "event=check_skipped pool=%s backend=%s reason=%r", self.pool.name, address, reason
+                    )
+                else:
+                    self._record(address, health, ok, reason, rtt_s)
                 await trio.sleep(health.interval_s * self.rng.uniform(1 - JITTER, 1 + JITTER))
         if self._loops.get(address) is scope:  # not replaced by a newer loop for the same address
             del self._loops[address]

@@ -1,83 +1,94 @@
-"""Counters of a running proxy and their Prometheus text rendering. No I/O here.
+"""The proxy's metrics: counters fed at session boundaries, and a collector read at scrape time.
 
-``Metrics`` is fed by the session and application code (``session_opened``,
-``session_closed``, ``refused``, ``handshake_done``, ``reload``) and keeps
-plain ints and dicts: counting is a dict update, and nothing here imports
-trio, takes a lock or touches a socket. ``render`` writes the Prometheus text
-exposition format, version 0.0.4 (what ``GET /metrics`` serves; ``control.admin``
-is the trio shell around it). It is not a client library: there is no
-registry of collectors, no push, no OpenMetrics.
+What this is: ``Metrics`` holds the few numbers nothing else keeps (sessions
+closed by outcome, close codes, refusals, handshake and upstream histograms,
+the event loop's lag), as plain ints and lists that are updated once per
+session, per refusal or per handshake, never per frame or per message.
+``WsproxyCollector`` is a prometheus_client collector that builds every
+``wsproxy_*`` family when ``/metrics`` is scraped, from those counters and
+from the state the proxy keeps anyway (the backend ``Registry``, the open
+sessions and their relay counters, the config in effect). ``render`` adds
+the standard process, platform and GC collectors and answers in the text
+format or, when the scraper's ``Accept`` asks for it, in OpenMetrics.
 
-What is counted where
----------------------
-- Per route (``session_opened``/``session_closed``): ``wsproxy_sessions_active``
-  and ``wsproxy_sessions_total{outcome}``, labelled ``route``, ``pool``,
-  ``backend``, plus messages, bytes, close codes and the session duration.
-  Messages and bytes of ended sessions are added when they close; what open
-  sessions have relayed so far is passed to ``render`` (``live``) and added
-  there, so ``wsproxy_bytes_total`` moves while a long session runs and stays
-  monotonic when it ends (its bytes move from ``live`` to the totals at once).
-- Per pool and backend, read from the ``Registry`` at render time:
-  ``wsproxy_backend_*`` (sessions active, health, check round trip, draining,
-  ejected). The registry is keyed by address, so a backend listed in two
-  pools reports the same state under both.
-- Process-wide: refusals by status, the handshake duration histogram,
-  reloads, the config generation, sessions being drained.
+What this is not: a place for per-frame work (the relay counts into plain
+integers, which are read here), nor an HTTP server (``control.admin_http``
+serves ``render``'s answer), nor global: each ``App`` has its own
+``CollectorRegistry``, so several can run in one process (the tests do).
 
-Label values are escaped as the format requires (backslash, double quote,
-line feed). Series are never removed: a counter that disappears and comes
-back would look like a reset. Close codes that a peer may choose freely are
-folded into ``3xxx`` (registered) and ``4xxx`` (private) so that a client
-cannot grow the number of series.
+Series of a backend exist while it is in some pool of the config in effect:
+they come from the config at scrape time, and what was counted for a
+backend that left every pool is forgotten at the next scrape (if it comes
+back, its counters restart from 0, which Prometheus reads as a reset). Close
+codes that a peer may choose freely are folded into ``3xxx`` (registered)
+and ``4xxx`` (private), and refusal reasons are a fixed vocabulary, so no
+client can grow the number of series.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
+import sys
+import time
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from ..config.schema import Address, PoolConfig
-from .registry import BackendState, Health, Registry
-
-#: The outcomes ``session_closed`` accepts; anything else is counted as "error".
-OUTCOMES = frozenset(
-    {
-        "normal",
-        "client_gone",
-        "backend_gone",
-        "protocol_error",
-        "invalid_data",
-        "too_big",
-        "rate_limited",
-        "idle",
-        "shutdown",
-        "drain",
-        "keepalive",
-        "error",
-    }
+import trio
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
 )
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from .. import __version__
+from .registry import Health, Registry
+
+if TYPE_CHECKING:
+    from ..config.schema import BackendConfig, Config, RouteConfig
+
+log = logging.getLogger("wsproxy.control.metrics")
 
 #: Upper bounds (seconds) of the handshake histogram: accept → 101 sent.
 HANDSHAKE_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+#: Upper bounds (seconds) of the upstream connect and upgrade histograms.
+UPSTREAM_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: Upper bounds (seconds) of the session duration histogram: 101 sent → closed.
 SESSION_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+#: Upper bounds (seconds) of how late the loop-lag probe's sleep woke up.
+LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: How often the loop-lag probe sleeps and measures.
+LOOP_LAG_INTERVAL_S = 0.25
 
-#: The media type of what ``render`` returns.
+#: ``route`` label of a refusal that happened before a route matched.
+NO_ROUTE = "-"
+#: ``status`` label of a refusal that was not answered (the connection was closed).
+NO_ANSWER = "none"
+
+#: The media type of the text format (prometheus_client's own, for tests and the admin API).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _HEALTH_STATES = tuple(Health)
+_SENDERS = (("client", "backend"), ("backend", "client"))  # (sent_by, to) of the codes the peers sent
 
 
 @dataclass(slots=True)
 class Histogram:
-    """Observations counted into fixed buckets (per bucket; ``render`` accumulates)."""
+    """Observations counted into fixed buckets: one list index and two adds per observation."""
 
     bounds: tuple[float, ...]  # upper bounds, ascending; +Inf is implied
-    counts: list[int] = field(init=False)  # one per bound, and one for +Inf
+    counts: list[int] = field(init=False)  # one per bound, and one for +Inf (not cumulative)
     total: float = 0.0
     count: int = 0
 
@@ -92,12 +103,14 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def cumulative(self) -> Iterable[tuple[str, int]]:
-        """(``le`` label, observations at most that) for every bucket, +Inf last."""
+    def buckets(self) -> list[tuple[str, float]]:
+        """(``le``, observations at most that), cumulative, ``+Inf`` last: what a histogram sample needs."""
         running = 0
+        out = []
         for bound, n in zip((*self.bounds, math.inf), self.counts):
             running += n
-            yield _number(bound), running
+            out.append((floatToGoString(bound), float(running)))
+        return out
 
 
 def close_code_label(code: int | None) -> str:
@@ -113,46 +126,52 @@ def close_code_label(code: int | None) -> str:
     return "invalid"
 
 
-class Metrics:
-    """Everything ``GET /metrics`` reports that the registry and config do not already hold.
+def route_label(route: RouteConfig) -> str:
+    """The ``route`` label: host pattern and path prefix, as the log writes them (``*/chat``)."""
+    return f"{route.host}{route.path}"
 
-    ``started_unix`` is when the first config was loaded: it is the last
-    successful (re)load until ``reload(True, ...)`` says otherwise.
+
+class Metrics:
+    """What ``/metrics`` reports that the registry, the sessions and the config do not already hold.
+
+    Fed by the edge: ``session_closed`` once per session, ``refused`` once per
+    refusal (by ``edge.refusal.refuse`` only), ``handshake_done`` and
+    ``upstream_*`` once per session set-up; ``loop_lag`` by ``measure_loop_lag``.
     """
 
     __slots__ = (
-        "_route_active",
-        "_sessions_total",
-        "_messages",
-        "_bytes",
-        "_close_codes",
-        "_refused",
+        "started_unix",
+        "sessions_closed",
+        "closed_count",
+        "close_codes",
+        "refusals",
         "handshake",
         "session_duration",
-        "reloads",
-        "reload_failures",
-        "last_reload_success_unix",
+        "upstream_connect",
+        "upstream_handshake",
+        "loop_lag",
+        "loop_lag_last_s",
     )
 
-    def __init__(self, *, started_unix: float = 0.0) -> None:
-        self._route_active: dict[tuple[str, str, str], int] = {}  # (route, pool, backend)
-        self._sessions_total: dict[tuple[str, str, str, str], int] = {}  # (route, pool, backend, outcome)
-        self._messages = {"up": 0, "down": 0}
-        self._bytes = {"up": 0, "down": 0}
-        self._close_codes: dict[tuple[str, str], int] = {}  # (side, code label)
-        self._refused: dict[int, int] = {}
+    def __init__(self, *, started_unix: float | None = None) -> None:
+        self.started_unix = time.time() if started_unix is None else started_unix
+        #: (route, pool, backend, outcome) → sessions ended
+        self.sessions_closed: dict[tuple[str, str, str, str], int] = {}
+        self.closed_count = 0  # every session ended (sessions_closed forgets gone backends)
+        #: (sent_by, to, code label) → close frames (or "none": gone without one)
+        self.close_codes: dict[tuple[str, str, str], int] = {}
+        #: (route, reason, status) → refusals
+        self.refusals: dict[tuple[str, str, str], int] = {}
         self.handshake = Histogram(HANDSHAKE_BUCKETS_S)
         self.session_duration = Histogram(SESSION_BUCKETS_S)
-        self.reloads = 0  # attempts, failed ones included
-        self.reload_failures = 0
-        self.last_reload_success_unix = started_unix
+        #: (pool, backend) → histogram of successful connects (TCP, and TLS for wss:// backends)
+        self.upstream_connect: dict[tuple[str, str], Histogram] = {}
+        #: (pool, backend) → histogram of accepted upgrades (request sent → 101 read)
+        self.upstream_handshake: dict[tuple[str, str], Histogram] = {}
+        self.loop_lag = Histogram(LOOP_LAG_BUCKETS_S)
+        self.loop_lag_last_s = 0.0
 
     # -- events ---------------------------------------------------------------------------------
-
-    def session_opened(self, route: str, pool: str, backend: str) -> None:
-        """A session is established (101 sent to the client)."""
-        key = (route, pool, backend)
-        self._route_active[key] = self._route_active.get(key, 0) + 1
 
     def session_closed(
         self,
@@ -162,196 +181,408 @@ class Metrics:
         *,
         outcome: str,
         duration_s: float,
-        bytes_up: int,
-        bytes_down: int,
-        messages_up: int,
-        messages_down: int,
         client_code: int | None,
         backend_code: int | None,
+        proxy_to_client: int | None = None,
+        proxy_to_backend: int | None = None,
     ) -> None:
-        """A session opened with ``session_opened`` has ended; ``outcome`` is one of ``OUTCOMES``."""
-        key = (route, pool, backend)
-        self._route_active[key] = max(self._route_active.get(key, 0) - 1, 0)
-        if outcome not in OUTCOMES:
-            outcome = "error"
-        total_key = (route, pool, backend, outcome)
-        self._sessions_total[total_key] = self._sessions_total.get(total_key, 0) + 1
-        self.session_duration.observe(duration_s)
-        self._bytes["up"] += max(bytes_up, 0)
-        self._bytes["down"] += max(bytes_down, 0)
-        self._messages["up"] += max(messages_up, 0)
-        self._messages["down"] += max(messages_down, 0)
-        for side, code in (("client", client_code), ("backend", backend_code)):
-            code_key = (side, close_code_label(code))
-            self._close_codes[code_key] = self._close_codes.get(code_key, 0) + 1
+        """A session (101 sent) has ended.
 
-    def refused(self, status: int) -> None:
-        """A handshake was answered with an HTTP error ``status``."""
-        self._refused[status] = self._refused.get(status, 0) + 1
+        ``client_code`` and ``backend_code`` are what each peer sent (None: it
+        went away without a close frame); ``proxy_to_*`` the codes of close
+        frames the proxy sent of its own (None: it sent none that way).
+        """
+        key = (route, pool, backend, outcome)
+        self.sessions_closed[key] = self.sessions_closed.get(key, 0) + 1
+        self.closed_count += 1
+        self.session_duration.observe(duration_s)
+        codes = self.close_codes
+        for (sent_by, to), code in zip(_SENDERS, (client_code, backend_code)):
+            code_key = (sent_by, to, close_code_label(code))
+            codes[code_key] = codes.get(code_key, 0) + 1
+        for to, code in (("client", proxy_to_client), ("backend", proxy_to_backend)):
+            if code is not None:
+                code_key = ("proxy", to, close_code_label(code))
+                codes[code_key] = codes.get(code_key, 0) + 1
+
+    def refused(self, route: str, reason: str, status: int | None, count: int = 1) -> None:
+        """A connection was refused (``status`` None: closed without an answer)."""
+        key = (route, reason, NO_ANSWER if status is None else str(status))
+        self.refusals[key] = self.refusals.get(key, 0) + count
 
     def handshake_done(self, seconds: float) -> None:
         """A session's handshakes took ``seconds``, from accept to the 101 sent."""
         self.handshake.observe(seconds)
 
-    def reload(self, ok: bool, *, generation: int, now_unix: float) -> None:
-        """A reload was attempted; ``generation`` is the one in effect after it."""
-        del generation  # the current generation is passed to render
-        self.reloads += 1
-        if ok:
-            self.last_reload_success_unix = now_unix
-        else:
-            self.reload_failures += 1
+    def upstream_connected(self, pool: str, backend: str, seconds: float) -> None:
+        """A connect to ``backend`` (and its TLS handshake, if any) succeeded in ``seconds``."""
+        histogram = self.upstream_connect.get((pool, backend))
+        if histogram is None:
+            histogram = self.upstream_connect[(pool, backend)] = Histogram(UPSTREAM_BUCKETS_S)
+        histogram.observe(seconds)
 
-    # -- rendering ------------------------------------------------------------------------------
+    def upstream_upgraded(self, pool: str, backend: str, seconds: float) -> None:
+        """``backend`` answered the upgrade with a valid 101 ``seconds`` after the request was sent."""
+        histogram = self.upstream_handshake.get((pool, backend))
+        if histogram is None:
+            histogram = self.upstream_handshake[(pool, backend)] = Histogram(UPSTREAM_BUCKETS_S)
+        histogram.observe(seconds)
 
-    def render(
-        self,
-        *,
-        registry: Registry,
-        pools: Mapping[str, PoolConfig],
-        generation: int,
-        draining_sessions: int,
-        now: float | None = None,
-        live: Mapping[str, tuple[int, int]] | None = None,
-    ) -> str:
-        """The text format of every metric.
+    def forget_backends(self, current: set[tuple[str, str]]) -> None:
+        """Drop what was counted for (pool, backend) pairs that are no longer in the config."""
+        for table in (self.upstream_connect, self.upstream_handshake):
+            for key in [k for k in table if k not in current]:
+                del table[key]
+        for closed in [k for k in self.sessions_closed if (k[1], k[2]) not in current]:
+            del self.sessions_closed[closed]
 
-        ``now`` is the caller's ``trio.current_time()``, the clock ejections are
-        kept in; without it ``wsproxy_backend_ejected`` has no samples.
-        ``live`` maps "messages" and "bytes" to (up, down) relayed so far by the
-        sessions still open.
-        """
-        out = _Writer()
-        out.family("wsproxy_sessions_active", "gauge", "Established sessions, by route, pool and backend.")
-        for (route, pool, backend), n in sorted(self._route_active.items()):
-            out.sample("wsproxy_sessions_active", n, route=route, pool=pool, backend=backend)
-        out.family("wsproxy_sessions_total", "counter", "Sessions ended, by route, pool, backend and outcome.")
-        for (route, pool, backend, outcome), n in sorted(self._sessions_total.items()):
-            out.sample("wsproxy_sessions_total", n, route=route, pool=pool, backend=backend, outcome=outcome)
-        out.histogram(
-            "wsproxy_session_duration_seconds", self.session_duration, "Session lifetime, from the 101 to the close."
+
+async def measure_loop_lag(metrics: Metrics, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Sleep ``interval_s`` again and again; how late each wake-up is, is the event loop's lag.
+
+    A task that hogs the loop (a long synchronous call, a flood of ready
+    sockets) delays every other task by as much; this probe is delayed too
+    and records it in ``wsproxy_event_loop_lag_seconds``.
+    """
+    while True:
+        start = trio.current_time()
+        await trio.sleep(interval_s)
+        lag_s = max(trio.current_time() - start - interval_s, 0.0)
+        metrics.loop_lag_last_s = lag_s
+        metrics.loop_lag.observe(lag_s)
+
+
+# -- what the collector reads ---------------------------------------------------------------------
+
+
+class _Scanner(Protocol):
+    @property
+    def messages(self) -> int: ...
+
+
+class _Direction(Protocol):
+    @property
+    def scanner(self) -> _Scanner: ...
+
+
+class _Relay(Protocol):
+    @property
+    def up(self) -> _Direction: ...
+
+    @property
+    def down(self) -> _Direction: ...
+
+    @property
+    def bytes_up(self) -> int: ...
+
+    @property
+    def bytes_down(self) -> int: ...
+
+
+class _Session(Protocol):
+    @property
+    def route(self) -> RouteConfig | None: ...
+
+    @property
+    def backend(self) -> BackendConfig | None: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def relay(self) -> _Relay | None: ...
+
+
+class _Generation(Protocol):
+    config: Config
+    number: int
+
+
+class MetricsSource(Protocol):
+    """What the collector reads from the application (``wsproxy.app.App``) at scrape time."""
+
+    metrics: Metrics
+    registry: Registry
+    reloads: int  # successful reloads
+    reload_failures: int
+    last_reload_unix: float | None
+
+    @property
+    def generation(self) -> _Generation: ...
+
+    @property
+    def sessions(self) -> Mapping[str, _Session]: ...
+
+
+class WsproxyCollector(Collector):
+    """Every ``wsproxy_*`` family, built from ``source``'s state when a scrape asks."""
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.source = source
+        self._certs: tuple[int, list[tuple[str, str, float]]] | None = None  # (id of the config, expiries)
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # nothing to check at registration; every family is built at collect time
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.source
+        metrics = app.metrics
+        generation = app.generation
+        config = generation.config
+        now = trio.current_time()
+        pairs = [(str(name), pool.backends) for name, pool in config.pools.items()]
+        current = {(pool, str(b.address)) for pool, backends in pairs for b in backends}
+        metrics.forget_backends(current)
+
+        build = InfoMetricFamily("wsproxy_build", "The running wsproxy's version and Python's.")
+        build.add_metric([], {"version": __version__, "python_version": sys.version.split()[0]})
+        yield build
+
+        # Open sessions: by route, and what they relayed so far by backend address.
+        active: dict[str, int] = {}
+        live: dict[str, list[int]] = {}
+        draining = 0
+        for session in app.sessions.values():
+            draining += session.draining
+            route, backend, relay = session.route, session.backend, session.relay
+            if route is not None:
+                name = route_label(route)
+                active[name] = active.get(name, 0) + 1
+            if relay is not None and backend is not None:
+                counts = live.setdefault(str(backend.address), [0, 0, 0, 0])
+                counts[0] += relay.bytes_up
+                counts[1] += relay.bytes_down
+                counts[2] += relay.up.scanner.messages
+                counts[3] += relay.down.scanner.messages
+        gauge = GaugeMetricFamily(
+            "wsproxy_sessions_active", "Established sessions (101 sent, not yet closed), by route.", labels=["route"]
         )
-        out.histogram(
-            "wsproxy_handshake_duration_seconds", self.handshake, "From accept to the 101 sent to the client."
+        for route in config.routes:
+            name = route_label(route)
+            gauge.add_metric([name], active.pop(name, 0))
+        for name, n in sorted(active.items()):  # routes a reload removed, with sessions still open
+            gauge.add_metric([name], n)
+        yield gauge
+        counter = CounterMetricFamily(
+            "wsproxy_sessions_closed",
+            "Sessions ended, by route, pool, backend and outcome.",
+            labels=["route", "pool", "backend", "outcome"],
         )
-        live = live or {}
-        out.family("wsproxy_messages_total", "counter", "WebSocket messages relayed, open sessions included.")
-        for direction, n in self._messages.items():
-            out.sample("wsproxy_messages_total", n + _live(live, "messages", direction), direction=direction)
-        out.family("wsproxy_bytes_total", "counter", "Bytes relayed (frames included), open sessions included.")
-        for direction, n in self._bytes.items():
-            out.sample("wsproxy_bytes_total", n + _live(live, "bytes", direction), direction=direction)
-        out.family(
-            "wsproxy_close_codes_total", "counter", "Close codes sent by each side; none = gone without a close frame."
+        for key, n in sorted(metrics.sessions_closed.items()):
+            counter.add_metric(list(key), n)
+        yield counter
+        gauge = GaugeMetricFamily("wsproxy_draining_sessions", "Open sessions whose close a drain or a shutdown ordered.")
+        gauge.add_metric([], draining)
+        yield gauge
+        yield _histogram(
+            "wsproxy_session_duration_seconds", "Session lifetime, from the 101 to the close.", metrics.session_duration
         )
-        for (side, code), n in sorted(self._close_codes.items()):
-            out.sample("wsproxy_close_codes_total", n, side=side, code=code)
-        out.family("wsproxy_refused_total", "counter", "Handshakes answered with an HTTP error, by status.")
-        for status, n in sorted(self._refused.items()):
-            out.sample("wsproxy_refused_total", n, status=str(status))
-        self._render_backends(out, registry, pools, now)
-        out.family("wsproxy_reloads_total", "counter", "Config reloads attempted, failed ones included.")
-        out.sample("wsproxy_reloads_total", self.reloads)
-        out.family("wsproxy_reload_failures_total", "counter", "Config reloads that failed (the old config stayed).")
-        out.sample("wsproxy_reload_failures_total", self.reload_failures)
-        out.family(
-            "wsproxy_last_reload_success_timestamp_seconds", "gauge", "Unix time of the last successful config load."
+        yield _histogram(
+            "wsproxy_handshake_duration_seconds", "From accept to the 101 sent to the client.", metrics.handshake
         )
-        out.sample("wsproxy_last_reload_success_timestamp_seconds", self.last_reload_success_unix)
-        out.family("wsproxy_config_generation", "gauge", "The config generation in effect (1 = the first load).")
-        out.sample("wsproxy_config_generation", generation)
-        out.family("wsproxy_draining_sessions", "gauge", "Sessions that are being drained and will be closed.")
-        out.sample("wsproxy_draining_sessions", draining_sessions)
-        return out.text()
+        counter = CounterMetricFamily(
+            "wsproxy_close_codes",
+            "Close codes, by who sent them and to whom; code=none: a peer went away without a close frame.",
+            labels=["sent_by", "to", "code"],
+        )
+        for code_key, n in sorted(metrics.close_codes.items()):
+            counter.add_metric(list(code_key), n)
+        yield counter
+        counter = CounterMetricFamily(
+            "wsproxy_refused",
+            "Connections refused before a session was established, by route (- before one matched), "
+            "reason and HTTP status (none: closed without an answer).",
+            labels=["route", "reason", "status"],
+        )
+        for refusal_key, n in sorted(metrics.refusals.items()):
+            counter.add_metric(list(refusal_key), n)
+        yield counter
+        yield from self._backends(app, pairs, live, now)
+        yield from _upstream_histograms(metrics, pairs)
+        gauge = GaugeMetricFamily(
+            "wsproxy_event_loop_lag_seconds", "How late the last periodic wake-up of the event loop was."
+        )
+        gauge.add_metric([], metrics.loop_lag_last_s)
+        yield gauge
+        yield _histogram(
+            "wsproxy_event_loop_delay_seconds",
+            f"How late each wake-up of a {LOOP_LAG_INTERVAL_S:g}s sleep was (event loop lag).",
+            metrics.loop_lag,
+        )
+        attempts = app.reloads + app.reload_failures
+        counter = CounterMetricFamily("wsproxy_reloads", "Config reloads attempted, failed ones included.")
+        counter.add_metric([], attempts)
+        yield counter
+        counter = CounterMetricFamily("wsproxy_reload_failures", "Config reloads that failed (the old config stayed).")
+        counter.add_metric([], app.reload_failures)
+        yield counter
+        gauge = GaugeMetricFamily(
+            "wsproxy_last_reload_success_timestamp_seconds", "Unix time of the last successful config load."
+        )
+        gauge.add_metric([], app.last_reload_unix if app.last_reload_unix is not None else metrics.started_unix)
+        yield gauge
+        gauge = GaugeMetricFamily("wsproxy_config_generation", "The config generation in effect (1 = the first load).")
+        gauge.add_metric([], generation.number)
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "wsproxy_certificate_expiry_timestamp_seconds",
+            "When a listener's certificate expires (Unix time), by listener and SNI name (default: no SNI match).",
+            labels=["listener", "sni"],
+        )
+        for listener, sni, expiry in self._expiries(config):
+            gauge.add_metric([listener, sni], expiry)
+        yield gauge
 
     @staticmethod
-    def _render_backends(
-        out: _Writer, registry: Registry, pools: Mapping[str, PoolConfig], now: float | None
-    ) -> None:
-        states: dict[Address, BackendState] = {state.address: state for state in registry}
-        rows: list[tuple[str, str, BackendState]] = []
-        for pool_name, pool_config in pools.items():
-            for backend_config in pool_config.backends:
-                address = backend_config.address
-                rows.append((pool_name, str(address), states.get(address) or BackendState(address)))
-        out.family(
-            "wsproxy_backend_sessions_active", "gauge", "Sessions on a backend (being established included)."
+    def _backends(
+        app: MetricsSource,
+        pairs: Sequence[tuple[str, Sequence[BackendConfig]]],
+        live: Mapping[str, list[int]],
+        now: float,
+    ) -> Iterator[Metric]:
+        labels = ["pool", "backend"]
+        sessions = GaugeMetricFamily(
+            "wsproxy_backend_sessions_active",
+            "Sessions holding a connection to the backend, being established included (what max_connections limits).",
+            labels=labels,
         )
-        for pool, backend, state in rows:
-            out.sample("wsproxy_backend_sessions_active", state.active, pool=pool, backend=backend)
-        out.family("wsproxy_backend_up", "gauge", "1 if the backend's health is up, 0 if down or not known yet.")
-        for pool, backend, state in rows:
-            out.sample("wsproxy_backend_up", int(state.health is Health.UP), pool=pool, backend=backend)
-        out.family("wsproxy_backend_health", "gauge", "1 for the backend's current health state, 0 for the others.")
-        for pool, backend, state in rows:
-            for health in _HEALTH_STATES:
-                value = int(state.health is health)
-                out.sample("wsproxy_backend_health", value, pool=pool, backend=backend, state=health.value)
-        out.family(
-            "wsproxy_backend_check_rtt_seconds", "gauge", "Round trip of the last passed active health check."
+        health = GaugeMetricFamily(
+            "wsproxy_backend_health", "1 for the backend's current health state, 0 for the others.", labels=[*labels, "state"]
         )
-        for pool, backend, state in rows:
-            if state.rtt_s is not None:
-                out.sample("wsproxy_backend_check_rtt_seconds", state.rtt_s, pool=pool, backend=backend)
-        out.family("wsproxy_backend_draining", "gauge", "1 if the backend is draining (takes no new sessions).")
-        for pool, backend, state in rows:
-            out.sample("wsproxy_backend_draining", int(state.draining), pool=pool, backend=backend)
-        out.family("wsproxy_backend_ejected", "gauge", "1 if passive health has ejected the backend for now.")
-        if now is not None:
-            for pool, backend, state in rows:
-                out.sample("wsproxy_backend_ejected", int(state.ejected(now)), pool=pool, backend=backend)
+        rtt = GaugeMetricFamily(
+            "wsproxy_backend_check_rtt_seconds", "Round trip of the last passed active health check.", labels=labels
+        )
+        draining = GaugeMetricFamily(
+            "wsproxy_backend_draining", "1 if the backend is draining (takes no new sessions).", labels=labels
+        )
+        ejected = GaugeMetricFamily(
+            "wsproxy_backend_ejected", "1 if passive health has ejected the backend for now.", labels=labels
+        )
+        bytes_ = CounterMetricFamily(
+            "wsproxy_backend_bytes",
+            "Bytes relayed (frames included) by the backend's sessions, open ones included; up = towards the backend.",
+            labels=[*labels, "direction"],
+        )
+        messages = CounterMetricFamily(
+            "wsproxy_backend_messages",
+            "WebSocket messages relayed by the backend's sessions, open ones included.",
+            labels=[*labels, "direction"],
+        )
+        totals = [0, 0, 0, 0]
+        for state in app.registry:  # every backend ever used, gone ones included: the process totals
+            extra = live.get(str(state.address), (0, 0, 0, 0))
+            for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
+                totals[i] += value + extra[i]
+        seen: set[str] = set()
+        for pool, backends in pairs:
+            for backend in backends:
+                name = str(backend.address)
+                state = app.registry.state(backend.address)
+                seen.add(name)
+                sessions.add_metric([pool, name], state.active)
+                for h in _HEALTH_STATES:
+                    health.add_metric([pool, name, h.value], int(state.health is h))
+                if state.rtt_s is not None:
+                    rtt.add_metric([pool, name], state.rtt_s)
+                draining.add_metric([pool, name], int(state.draining))
+                ejected.add_metric([pool, name], int(state.ejected(now)))
+                extra = live.get(name, (0, 0, 0, 0))
+                bytes_.add_metric([pool, name, "up"], state.bytes_up + extra[0])
+                bytes_.add_metric([pool, name, "down"], state.bytes_down + extra[1])
+                messages.add_metric([pool, name, "up"], state.messages_up + extra[2])
+                messages.add_metric([pool, name, "down"], state.messages_down + extra[3])
+        yield from (sessions, health, rtt, draining, ejected, bytes_, messages)
+        process_bytes = CounterMetricFamily(
+            "wsproxy_bytes", "Bytes relayed (frames included) by every session, open ones included.", labels=["direction"]
+        )
+        process_bytes.add_metric(["up"], totals[0])
+        process_bytes.add_metric(["down"], totals[1])
+        yield process_bytes
+        process_messages = CounterMetricFamily(
+            "wsproxy_messages", "WebSocket messages relayed by every session, open ones included.", labels=["direction"]
+        )
+        process_messages.add_metric(["up"], totals[2])
+        process_messages.add_metric(["down"], totals[3])
+        yield process_messages
+
+    def _expiries(self, config: Config) -> list[tuple[str, str, float]]:
+        """(listener, SNI name, expiry) of every certificate of ``config``, read once per config."""
+        if self._certs is not None and self._certs[0] == id(config):
+            return self._certs[1]
+        found: list[tuple[str, str, float]] = []
+        for listener in config.listeners:
+            tls = listener.tls
+            if tls is None:
+                continue
+            certs = [("default", tls.cert), *((name, sni.cert) for sni in tls.sni for name in sni.names)]
+            for sni, path in certs:
+                expiry = certificate_expiry(path)
+                if expiry is not None:
+                    found.append((str(listener.name), sni, expiry))
+        self._certs = (id(config), found)
+        return found
 
 
-def _live(live: Mapping[str, tuple[int, int]], what: str, direction: str) -> int:
-    up, down = live.get(what, (0, 0))
-    return up if direction == "up" else down
+def certificate_expiry(path: str) -> float | None:
+    """The Unix time at which the first (leaf) certificate of PEM file ``path`` expires; None if unreadable."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as file:
+            leaf = x509.load_pem_x509_certificate(file.read(1 << 20))
+    except (OSError, ValueError) as exc:
+        log.warning("event=certificate_unreadable file=%r reason=%r", path, str(exc))
+        return None
+    expiry: datetime.datetime = leaf.not_valid_after_utc
+    return expiry.timestamp()
 
 
-class _Writer:
-    """Lines of the text format, one family at a time."""
-
-    __slots__ = ("_lines",)
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def family(self, name: str, type_: str, help_: str) -> None:
-        self._lines.append(f"# HELP {name} {escape_help(help_)}")
-        self._lines.append(f"# TYPE {name} {type_}")
-
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        if labels:
-            inner = ",".join(f'{key}="{escape_label_value(val)}"' for key, val in labels.items())
-            self._lines.append(f"{name}{{{inner}}} {_number(value)}")
-        else:
-            self._lines.append(f"{name} {_number(value)}")
-
-    def histogram(self, name: str, histogram: Histogram, help_: str) -> None:
-        self.family(name, "histogram", help_)
-        for le, n in histogram.cumulative():
-            self.sample(f"{name}_bucket", n, le=le)
-        self.sample(f"{name}_sum", histogram.total)
-        self.sample(f"{name}_count", histogram.count)
-
-    def text(self) -> str:
-        return "\n".join(self._lines) + "\n"
+def _histogram(name: str, documentation: str, histogram: Histogram, labels: Sequence[str] = ()) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=list(labels) or None)
+    family.add_metric(list(labels) if labels else [], histogram.buckets(), histogram.total)
+    return family
 
 
-def escape_label_value(value: str) -> str:
-    """A label value as the text format writes it between double quotes."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _upstream_histograms(metrics: Metrics, pairs: Sequence[tuple[str, Sequence[BackendConfig]]]) -> Iterator[Metric]:
+    for name, documentation, table in (
+        (
+            "wsproxy_upstream_connect_seconds",
+            "Successful connects to a backend (TCP, and TLS for wss:// backends).",
+            metrics.upstream_connect,
+        ),
+        (
+            "wsproxy_upstream_handshake_seconds",
+            "Accepted upstream upgrades, from the request sent to the backend's 101 read.",
+            metrics.upstream_handshake,
+        ),
+    ):
+        family = HistogramMetricFamily(name, documentation, labels=["pool", "backend"])
+        for pool, backends in pairs:
+            for backend in backends:
+                histogram = table.get((pool, str(backend.address)))
+                if histogram is not None:
+                    family.add_metric([pool, str(backend.address)], histogram.buckets(), histogram.total)
+        yield family
 
 
-def escape_help(text: str) -> str:
-    """HELP text: backslash and line feed escaped (quotes are not)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+# -- exposition -------------------------------------------------------------------------------------
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+def collector_registry(source: MetricsSource) -> CollectorRegistry:
+    """A registry of its own for one application: its collector, and the process, platform and GC ones.
+
+    ``process_*`` come from ``/proc/self`` (Linux; elsewhere the family is
+    empty), ``python_info`` and ``python_gc_*`` from the interpreter.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(WsproxyCollector(source))
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str | None) -> tuple[str, bytes]:
+    """(content type, body) of ``GET /metrics``: OpenMetrics if ``accept`` asks for it, else the text format."""
+    encoder, content_type = choose_encoder(accept or "")
+    return content_type, encoder(registry)

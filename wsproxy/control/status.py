@@ -2,7 +2,12 @@
 
 Built from the ``App``'s current generation, its registry and its open
 sessions; byte and message totals add what open sessions have relayed so far
-to what ended sessions left in the registry.
+to what ended sessions left in the registry. It carries everything the status
+page shows (the page does not read ``/metrics``): ``sessions_closed`` and
+``refused`` (with ``refused_by_reason``) are the process totals behind
+``wsproxy_sessions_closed_total`` and ``wsproxy_refused_total``; ``reloads``
+counts attempts, failed ones included, like ``wsproxy_reloads_total``, so
+"3 (1 failed)" means two applied and one refused.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def snapshot(app: App) -> dict[str, object]:
         extra = live.get(state.address, [0, 0, 0, 0])
         for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
             totals[i] += value + extra[i]
+    refused_by_reason: dict[str, int] = {}
+    for (_route, reason, _status), n in app.metrics.refusals.items():
+        refused_by_reason[reason] = refused_by_reason.get(reason, 0) + n
     pools: dict[str, object] = {}
     for name, pool in config.pools.items():
         backends = []
@@ -68,8 +76,12 @@ def snapshot(app: App) -> dict[str, object]:
         "connections": app.connection_count,
         "last_reload_unix": app.last_reload_unix,
         "last_reload_error": app.last_reload_error,
-        "reloads": app.reloads,
+        "started_unix": app.metrics.started_unix,
+        "reloads": app.reloads + app.reload_failures,  # attempts, as in wsproxy_reloads_total
         "reload_failures": app.reload_failures,
+        "sessions_closed": app.metrics.closed_count,
+        "refused": sum(app.metrics.refusals.values()),
+        "refused_by_reason": refused_by_reason,
         "bytes_up": totals[0],
         "bytes_down": totals[1],
         "messages_up": totals[2],

@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from .overload import is_local_exhaustion, local_overload
+
 RECEIVE_BYTES = 65536
 YIELD_EVERY = 32
 
@@ -130,7 +132,13 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
 
 
 async def connect(host: str, port: int) -> RawChannel:
-    """Open a TCP connection to an IP literal or a name (resolved by trio, in a thread)."""
+    """Open a TCP connection to an IP literal or a name (resolved by trio, in a thread).
+
+    Raises ``OSError`` when the backend cannot be reached, and
+    ``errors.LocalOverload`` (503) when the proxy itself is out of file
+    descriptors, buffers, memory or local ports (``edge.overload``): that is
+    not the backend's failure, and another backend would fail the same way.
+    """
     literal = _literal_family(host)
     targets: list[tuple[int, tuple[Any, ...]]]
     if literal is not None:
@@ -140,7 +148,12 @@ async def connect(host: str, port: int) -> RawChannel:
         targets = [(info[0], info[4]) for info in infos]
     last: OSError | None = None
     for family, address in targets:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if is_local_exhaustion(exc):
+                raise local_overload(exc, "creating the upstream socket") from None
+            raise
         sock.setblocking(False)
         try:
             try:
@@ -153,6 +166,8 @@ async def connect(host: str, port: int) -> RawChannel:
             return RawChannel(sock)
         except OSError as exc:
             sock.close()
+            if is_local_exhaustion(exc):
+                raise local_overload(exc, f"connecting to {address[0]}:{address[1]}") from None
             last = exc
         except BaseException:
             sock.close()

@@ -6,7 +6,7 @@ upgrades. For each upgrade, wsproxy sends a subrequest to the auth service::
     GET /auth HTTP/1.1
     Host: 127.0.0.1:9100
     X-Forwarded-Method: GET
-    X-Forwarded-Uri: /chat?room=1           (the client's target, query included)
+    X-Forwarded-Uri: /chat?room=1           (the normalised target, query as sent)
     X-Forwarded-For: 203.0.113.9
     X-Forwarded-Proto: https
     X-Forwarded-Host: chat.example.com
@@ -252,7 +252,7 @@ def subrequest_headers(
     headers = [
         (b"Host", service_host),
         (b"X-Forwarded-Method", request.method),
-        (b"X-Forwarded-Uri", request.target),
+        (b"X-Forwarded-Uri", upgrade.target),  # normalised: the target the backend will get
         (b"X-Forwarded-For", client_ip.encode("ascii")),
         (b"X-Forwarded-Proto", b"https" if tls else b"http"),
         (b"X-Forwarded-Host", host_header),

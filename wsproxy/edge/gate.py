@@ -32,7 +32,8 @@ from ..proto.jwt import verify_jwt
 from ..proto.handshake import Rejection, Upgrade
 from ..proto.origin import OriginPolicy, check_origin, compile_origins
 from .channel import RawChannel
-from .forward_auth import Allowed, Denied, ForwardAuth
+from .forward_auth import Allowed, ForwardAuth
+from .refusal import Reason, Refused
 
 #: The longest PROXY header read (v2: 16 bytes + at most this much of addresses and TLVs).
 MAX_PROXY_HEADER_BYTES = 16 + proxy_protocol.MAX_V2_LENGTH
@@ -122,13 +123,13 @@ class Admitted:
 
 async def check_request(
     gate: RouteGate, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool
-) -> Admitted | Rejection | Denied:
+) -> Admitted | Refused:
     """Origin first (403), then credentials (401/403, or the auth service's answer)."""
     route = gate.route
     headers = list(upgrade.request.headers)
     rejection = check_origin(gate.origins, route.allow_missing_origin, headers)  # also: Origin twice → 403
     if rejection is not None:
-        return rejection
+        return Refused.of(Reason.ORIGIN, rejection)
     auth = route.auth
     if auth is None:
         return Admitted()
@@ -140,16 +141,18 @@ async def check_request(
             # The client's own copies of copy_headers never pass, whatever the service answered.
             drop = frozenset(name.lower().encode("latin-1") for name in auth.forward.copy_headers) if auth.forward else frozenset()
             return Admitted(rewrite=rewrite, headers=list(answer.headers), drop=drop)
-        return answer
+        if isinstance(answer, Rejection):  # the auth service failed: 503
+            return Refused.of(Reason.AUTH_UNAVAILABLE, answer)
+        return Refused.relayed(Reason.AUTH, answer.status, answer.headers, answer.body, answer.reason)
     if credential is None:
-        return missing_credentials()
+        return Refused.of(Reason.AUTH, missing_credentials())
     verdict: Principal | Rejection
     if auth.mode == "tokens":
         verdict = verify_tokens(auth, credential)
     else:
         verdict = verify_jwt(auth, credential, time.time())
     if isinstance(verdict, Rejection):
-        return verdict
+        return Refused.of(Reason.AUTH, verdict)
     return Admitted(
         rewrite=rewrite, headers=identity_headers(auth, verdict), identity=verdict.identity, claims=dict(verdict.claims)
     )

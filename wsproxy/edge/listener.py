@@ -2,21 +2,34 @@
 
 ``open_listener`` binds a ``ListenerConfig``'s address (every address a name
 resolves to); ``accept_loop`` accepts in batches and starts one handler task
-per connection in the nursery it is given. When the process runs out of file
-descriptors or memory, accepting pauses briefly and says so once a second
-instead of spinning; connections already established are unaffected.
+per connection in the nursery it is given.
+
+Out of file descriptors (``EMFILE``/``ENFILE``), a plain ``accept`` fails and
+the connection stays in the backlog, unanswered, until the client gives up.
+The accept loop sheds load instead, with the spare-descriptor technique: it
+holds one descriptor in reserve (``/dev/null``); on EMFILE it closes the
+spare, accepts, answers (``overload_answer``, a 503 with ``Retry-After`` on
+plain listeners; nothing on TLS ones, which are just closed) and closes, as
+long as connections are waiting (at most ``SHED_BATCH`` in a row), then opens
+the spare again. Then it backs off for ``OVERLOAD_BACKOFF_S`` without
+spinning, so established sessions can finish and free descriptors. Out of
+memory or buffers, it only backs off. Either way one WARNING a second at most
+says so (``event=accept_overload``, with ``shed`` and ``suppressed`` counts);
+connections already established are unaffected.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..config.schema import ListenerConfig
+from .overload import RateLimitedWarning
 
 log = logging.getLogger("wsproxy.edge.listener")
 
@@ -24,6 +37,12 @@ BACKLOG = 4096
 ACCEPT_BATCH = 64  # connections accepted before the loop lets other tasks run
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
+#: Connections answered and closed in a row while out of descriptors, before backing off.
+SHED_BATCH = 256
+#: Pause of the accept loop after running out of descriptors, memory or buffers.
+OVERLOAD_BACKOFF_S = 0.05
+
+_overloaded = RateLimitedWarning(log)
 
 
 def open_listener(spec: ListenerConfig) -> list[socket.socket]:
@@ -49,34 +68,103 @@ def open_listener(spec: ListenerConfig) -> list[socket.socket]:
     return sockets
 
 
+def _open_spare() -> int | None:
+    """The reserved descriptor (``/dev/null``), or None when even that cannot be had now."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _shed(sock: socket.socket, answer: bytes | None) -> None:
+    """Answer (or not) and close a connection accepted only to be refused, without waiting.
+
+    The request the client already sent is read and dropped before the close,
+    so that the close is a FIN and not a reset that could destroy the answer
+    in flight (RFC 9112 §9.6).
+    """
+    try:
+        sock.setblocking(False)
+        if answer is not None:
+            sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        for _ in range(4):
+            if not sock.recv(65536):
+                break
+    except OSError:  # BlockingIOError (nothing more yet), reset, ...
+        pass
+    finally:
+        sock.close()
+
+
 async def accept_loop(
     lsock: socket.socket,
     handler: Callable[[socket.socket], Awaitable[None]],
     nursery: trio.Nursery,
+    overload_answer: Callable[[], bytes | None] = lambda: None,
+    on_shed: Callable[[int], None] | None = None,
 ) -> None:
-    """Accept forever on ``lsock``, one ``handler(sock)`` task per connection."""
+    """Accept forever on ``lsock``, one ``handler(sock)`` task per connection.
+
+    ``overload_answer`` gives the bytes sent to a connection shed while the
+    process is out of file descriptors (None: close it without a word);
+    ``on_shed(n)`` counts them (``wsproxy_refused_total{reason="overload"}``).
+    """
     batch = 0
-    last_warning = -1.0
-    while True:
+    spare = _open_spare()
+    try:
+        while True:
+            try:
+                sock, _address = lsock.accept()
+            except BlockingIOError:
+                batch = 0
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    shed = 0
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and spare is not None:
+                        os.close(spare)
+                        spare = None
+                        shed = _shed_waiting(lsock, overload_answer())
+                        if shed and on_shed is not None:
+                            on_shed(shed)
+                    if spare is None:
+                        spare = _open_spare()  # None again if the descriptor was taken meanwhile
+                    _overloaded.warning(
+                        "event=accept_overload listener=%s reason=%r shed=%d", _name(lsock), exc.strerror, shed
+                    )
+                    await trio.sleep(OVERLOAD_BACKOFF_S)
+                    continue
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                raise
+            nursery.start_soon(handler, sock)
+            batch += 1
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        if spare is not None:
+            os.close(spare)
+
+
+def _shed_waiting(lsock: socket.socket, answer: bytes | None) -> int:
+    """With the spare's descriptor free: accept, answer and close waiting connections; how many."""
+    shed = 0
+    while shed < SHED_BATCH:
         try:
             sock, _address = lsock.accept()
-        except BlockingIOError:
-            batch = 0
-            await trio.lowlevel.wait_readable(lsock)
-            continue
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRNOS:
-                now = trio.current_time()
-                if now - last_warning >= 1.0:
-                    last_warning = now
-                    log.warning("event=accept_paused reason=%r", exc.strerror)
-                await trio.sleep(0.1)
-                continue
-            if exc.errno in _TRANSIENT_ERRNOS:
-                continue
-            raise
-        nursery.start_soon(handler, sock)
-        batch += 1
-        if batch >= ACCEPT_BATCH:
-            batch = 0
-            await trio.lowlevel.checkpoint()
+        except OSError:  # none waiting (BlockingIOError), or the free descriptor was taken meanwhile
+            break
+        _shed(sock, answer)
+        shed += 1
+    return shed
+
+
+def _name(lsock: socket.socket) -> str:
+    try:
+        host, port = lsock.getsockname()[:2]
+    except OSError:  # pragma: no cover - closed under us
+        return "-"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,19 +1,29 @@
 """Reading the downstream request and answering refusals (trio shell).
 
 ``read_request`` reads the request head within the session's handshake
-deadline and runs the sans-I/O checks of ``proto.handshake`` on it; every
-refusal goes through ``refuse`` (or ``send_final`` for a response relayed as
-it was), which sends the response and closes gently so the client can read it.
+deadline and runs the sans-I/O checks of ``proto.handshake`` on it; what it
+refuses is answered, logged and counted by ``edge.refusal.refuse``, which
+sends the response with ``send_final``: it closes gently so the client can
+read it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import h11
 import trio
 
-from ..proto.handshake import Rejection, Upgrade, check_raw_head, check_upgrade, http_error
+from ..proto.handshake import (
+    Rejection,
+    RequestHead,
+    Upgrade,
+    check_raw_head,
+    check_upgrade,
+    h11_reason,
+    parse_request_head,
+)
 from .channel import ChannelBroken, RawChannel
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -22,10 +32,11 @@ log = logging.getLogger("wsproxy.edge.session")
 CLOSE_TIMEOUT_S = 5.0
 
 
-async def refuse(client: RawChannel, conn_id: str, peer: str, rejection: Rejection) -> None:
-    """Answer ``rejection`` and log why, in one line."""
-    log.info("event=refused conn=%s peer=%s status=%d reason=%r", conn_id, peer, rejection.status, rejection.reason)
-    await send_final(client, http_error(rejection))
+@dataclass(frozen=True, slots=True)
+class Silent:
+    """A refusal without an answer: the client sent nothing before the deadline (no 408; closed)."""
+
+    reason: str
 
 
 async def send_final(client: RawChannel, data: bytes) -> None:
@@ -46,12 +57,12 @@ async def send_final(client: RawChannel, data: bytes) -> None:
 
 async def read_request(
     client: RawChannel, conn_id: str, peer: str, *, deadline: float, handshake_s: float, limit: int
-) -> tuple[Upgrade, bytes] | Rejection | None:
+) -> tuple[Upgrade, bytes] | Rejection | Silent | None:
     """The client's upgrade and the bytes after its head, or a Rejection to answer.
 
-    Returns None when there is nothing to answer: the client went away, or
-    sent nothing before the deadline (a connection that never spoke gets no
-    408; it is closed).
+    Returns ``Silent`` when the client sent nothing before the deadline (a
+    connection that never spoke gets no 408; it is closed), None when it went
+    away.
     """
     buf = bytearray()
     head = b""
@@ -72,21 +83,23 @@ async def read_request(
     if scope.cancelled_caught:
         if buf:
             return Rejection(408, f"request not complete within {handshake_s:g}s")
-        log.info("event=refused conn=%s peer=%s reason='no request within %gs'", conn_id, peer, handshake_s)
-        return None
+        return Silent(f"no request within {handshake_s:g}s")
     if len(head) > limit:
         return Rejection(431, f"request head over {limit} bytes")
     rejection = check_raw_head(head)
     if rejection is not None:
         return rejection
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-    conn.receive_data(head)
-    try:
-        event = conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        return Rejection(exc.error_status_hint, f"malformed request: {exc}")
-    if not isinstance(event, h11.Request):  # pragma: no cover - h11 has the whole head
-        return Rejection(400, "malformed request")
+    event: h11.Request | RequestHead | None = parse_request_head(head)  # the common shape, without h11
+    if event is None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        conn.receive_data(head)
+        try:
+            parsed = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Rejection(exc.error_status_hint, h11_reason(exc))  # h11's own message quotes the line
+        if not isinstance(parsed, h11.Request):  # pragma: no cover - h11 has the whole head
+            return Rejection(400, "malformed request")
+        event = parsed
     verdict = check_upgrade(event)
     if isinstance(verdict, Rejection):
         return verdict

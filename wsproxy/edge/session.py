@@ -31,12 +31,17 @@ from ..config.schema import hostport
 from ..errors import UpstreamUnavailable
 from ..proto.forwarded import forwarding
 from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
-from ..proto.handshake import TEXT_PLAIN, Rejection, Upgrade, downstream_101, http_response, upstream_request
+from ..proto.limits import MessageRate
+from ..proto.relay import Outcome
+from ..errors import LocalOverload
+from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
-from .forward_auth import Denied
+from ..control.metrics import NO_ROUTE, route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
+from .engine import EngineRelay
+from .refusal import Reason, Refused, refuse
 from .relay import Relay
-from .request import CLOSE_TIMEOUT_S, read_request, refuse, send_final
+from .request import CLOSE_TIMEOUT_S, Silent, read_request
 from .tls import TlsChannel, peer_subject
 from .upstream import Refusal, open_upstream
 
@@ -76,7 +81,7 @@ class Session:
         self.generation = generation
         self.route: RouteConfig | None = None
         self.backend: BackendConfig | None = None
-        self.relay: Relay | None = None  # set once both handshakes are done
+        self.relay: Relay | EngineRelay | None = None  # set once both handshakes are done
         self.started = time.monotonic()
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
@@ -108,7 +113,9 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                     source = await read_proxy_header(client, listener.proxy_protocol)
             except (ProxyHeaderError, trio.TooSlowError) as exc:
                 reason = str(exc) or "PROXY header not complete in time"
-                log.info("event=refused conn=%s peer=%s reason=%r", conn_id, hostport(peer_ip, peer_port), reason)
+                refused = Refused(Reason.PROXY_HEADER, None, reason)
+                peer = hostport(peer_ip, peer_port)
+                await refuse(client, refused, conn_id=conn_id, peer=peer, route=NO_ROUTE, counter=app.metrics)
                 return
             if source is not None:
                 client_ip, client_port = source
@@ -132,7 +139,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             if subject:
                 session.identity = subject
         if admission is not None:
-            await refuse(client, conn_id, session.peer, admission)
+            await _refuse(client, session, app, Refused.of(Reason.LIMIT, admission))
             return
         try:
             backend, from_backend, from_client = await _handshakes(client, session, app, listener, deadline, client_port)
@@ -154,6 +161,12 @@ class _Done(Exception):
     """The connection was answered and is over (refused, or the client left)."""
 
 
+async def _refuse(client: RawChannel, session: Session, app: App, refused: Refused) -> None:
+    """``edge.refusal.refuse`` with the session's fields (route ``-`` until one matched)."""
+    route = route_label(session.route) if session.route is not None else NO_ROUTE
+    await refuse(client, refused, conn_id=session.conn_id, peer=session.peer, route=route, counter=app.metrics)
+
+
 async def _handshakes(
     client: RawChannel, session: Session, app: App, listener: ListenerConfig, deadline: float, client_port: int
 ) -> tuple[RawChannel, bytes, bytes]:
@@ -170,25 +183,25 @@ async def _handshakes(
     )
     if result is None:
         raise _Done
+    if isinstance(result, Silent):
+        await _refuse(client, session, app, Refused(Reason.TIMEOUT, None, result.reason))
+        raise _Done
     if isinstance(result, Rejection):
-        await refuse(client, session.conn_id, session.peer, result)
+        await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
-    route = session.generation.router.match(up.host, up.path)
-    if route is None:
-        await refuse(client, session.conn_id, session.peer, Rejection(404, f"no route for host={up.host} path={up.path}"))
+    route = session.generation.router.route(up.host, up.path)  # the normalised host and path
+    if isinstance(route, Rejection):
+        reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
+        await _refuse(client, session, app, Refused.of(reason, route))
         raise _Done
     session.route = route
-    host_header = next((v for n, v in up.request.headers if n == b"host"), b"")
+    host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
         session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
     )
-    if isinstance(verdict, Rejection):
-        await refuse(client, session.conn_id, session.peer, verdict)
-        raise _Done
-    if isinstance(verdict, Denied):
-        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, verdict.status, verdict.reason)
-        await send_final(client, http_response(verdict.status, verdict.headers, verdict.body))
+    if isinstance(verdict, Refused):
+        await _refuse(client, session, app, verdict)
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
@@ -219,15 +232,14 @@ async def _connect_upstream(
         generation.selectors[pool.name],
         trio.current_time(),
         headers=list(up.request.headers),
-        target=up.request.target,
+        target=up.target,
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
-        log.info("event=refused conn=%s peer=%s status=%d reason=%r", session.conn_id, session.peer, plan.status, plan.reason)
-        await send_final(client, http_response(plan.status, [*extra, TEXT_PLAIN], plan.body.encode()))
+        await _refuse(client, session, app, Refused.plain(Reason.NO_BACKEND, plan.status, plan.reason, plan.body, extra))
         raise _Done
     session.sticky = plan.sticky
     added, dropped = forwarding(
@@ -246,6 +258,7 @@ async def _connect_upstream(
         target=rewrite.target if rewrite else None,
         client_headers=rewrite.headers if rewrite else None,
         drop=set(dropped) | admitted.drop,
+        strip=generation.router.strip_headers(route),
     )
     try:
         result = await open_upstream(
@@ -258,16 +271,22 @@ async def _connect_upstream(
             timeouts=config.timeouts,
             max_header_bytes=max(config.limits.max_header_bytes, 16384),
             conn_id=session.conn_id,
+            timings=app.metrics,
         )
     except UpstreamUnavailable as exc:
-        await refuse(client, session.conn_id, session.peer, Rejection(exc.status, exc.reason))
+        reason = (
+            Reason.OVERLOAD if isinstance(exc, LocalOverload)
+            else Reason.UPSTREAM_TIMEOUT if exc.status == 504
+            else Reason.UPSTREAM_FAILED
+        )  # fmt: skip
+        await _refuse(client, session, app, Refused.of(reason, Rejection(exc.status, exc.reason, exc.headers)))
         raise _Done from None
     if isinstance(result, Refusal):
-        log.info(
-            "event=refused conn=%s peer=%s pool=%s status=%d reason='backend refused the upgrade'",
-            session.conn_id, session.peer, pool.name, result.status,
+        refused = Refused.relayed(
+            Reason.BACKEND_REFUSED, result.status, result.headers, result.body, "backend refused the upgrade",
+            fields=(("pool", pool.name),),
         )
-        await send_final(client, http_response(result.status, result.headers, result.body))
+        await _refuse(client, session, app, refused)
         raise _Done
     backend = result.backend
     session.backend = backend
@@ -283,27 +302,45 @@ async def _connect_upstream(
     rsv_allowed = RSV_ALL if unknown else (RSV1 if deflate else 0)
     deflate = deflate and not unknown
     limits = config.limits
-    session.relay = Relay(
-        client,
-        result.channel,
-        up_scanner=FrameScanner(
-            from_client=True,
-            rsv_allowed=rsv_allowed,
-            deflate=deflate,
-            max_message_bytes=limits.max_message_bytes,
-            validate_utf8=route.validate_utf8,
-        ),
-        down_scanner=FrameScanner(
-            from_client=False,
-            rsv_allowed=rsv_allowed,
-            deflate=deflate,
-            max_message_bytes=limits.max_message_bytes,
-            validate_utf8=route.validate_utf8,
-        ),
-        close_timeout_s=pool.drain.close_timeout_s,
-        message_rate=limits.max_message_rate,
-        backend_failure_code=route.backend_failure_close_code,
+    up_scanner = FrameScanner(
+        from_client=True,
+        rsv_allowed=rsv_allowed,
+        deflate=deflate,
+        max_message_bytes=limits.max_message_bytes,
+        validate_utf8=route.validate_utf8,
     )
+    down_scanner = FrameScanner(
+        from_client=False,
+        rsv_allowed=rsv_allowed,
+        deflate=deflate,
+        max_message_bytes=limits.max_message_bytes,
+        validate_utf8=route.validate_utf8,
+    )
+    rate = limits.max_message_rate
+    rates = (MessageRate(rate), MessageRate(rate)) if rate is not None else None
+    backend_channel = result.channel
+    if app.engine is not None and type(client) is RawChannel and type(backend_channel) is RawChannel:
+        # Plain on both sides: the epoll engine relays it (TLS stays with the trio pumps).
+        session.relay = EngineRelay(
+            app.engine,
+            client.sock,
+            backend_channel.sock,
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
+            close_timeout_s=pool.drain.close_timeout_s,
+            backend_failure_code=route.backend_failure_close_code,
+            message_rate=rates,
+        )
+    else:
+        session.relay = Relay(
+            client,
+            backend_channel,
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
+            close_timeout_s=pool.drain.close_timeout_s,
+            backend_failure_code=route.backend_failure_close_code,
+            message_rate=rates,
+        )
     try:
         await client.send(downstream_101(accepted, extra_101))
     except BaseException as exc:
@@ -331,8 +368,7 @@ async def _relay(
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)
-    route_name = f"{route.host}{route.path}"
-    app.metrics.session_opened(route_name, route.pool, backend_name)
+    route_name = route_label(route)
     app.metrics.handshake_done(time.monotonic() - session.started)
     log.info(
         "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%r",
@@ -346,7 +382,7 @@ async def _relay(
         session.identity,
     )
     if app.stopping:  # established while the proxy was shutting down
-        relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down")
+        relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
     try:
         await relay.run(from_client, from_backend)
     finally:
@@ -361,14 +397,12 @@ async def _relay(
             route_name,
             route.pool,
             backend_name,
-            outcome=relay.outcome_kind(),
+            outcome=relay.machine.kind.value,
             duration_s=time.monotonic() - session.started,
-            bytes_up=relay.bytes_up,
-            bytes_down=relay.bytes_down,
-            messages_up=up.messages,
-            messages_down=down.messages,
             client_code=up.close_code,
             backend_code=down.close_code,
+            proxy_to_client=relay.down.own_close_code,
+            proxy_to_backend=relay.up.own_close_code,
         )
         log.info(
             "event=close conn=%s peer=%s pool=%s backend=%s identity=%r by=%s reason=%r client_code=%s "
@@ -378,8 +412,8 @@ async def _relay(
             route.pool,
             backend_cfg.address,
             session.identity,
-            relay.closed_by or "-",
-            relay.outcome or "cancelled",
+            relay.machine.closed_by.value,
+            relay.machine.reason or "cancelled",
             up.close_code if up.close_code is not None else "-",
             down.close_code if down.close_code is not None else "-",
             time.monotonic() - session.started,

@@ -68,9 +68,12 @@ def _check_certificate(path: str, now: datetime.datetime) -> None:
     """Refuse a certificate file that cannot be read or whose leaf has expired."""
     from cryptography import x509
 
+    from ..config.files import FileRefused, read_file
+
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        data = read_file(path)  # a regular file of at most 1 MiB, never a FIFO or a device
+    except FileRefused as exc:
+        raise TlsError(path, str(exc)) from None
     except OSError as exc:
         raise TlsError(path, f"cannot read: {exc.strerror or exc}") from None
     try:

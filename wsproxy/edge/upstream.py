@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import h11
 import trio
 
 from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
 from ..control.registry import Registry
-from ..errors import UpstreamUnavailable
+from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
+from .overload import RateLimitedWarning
 from .tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..proto.handshake import (
     HOP_BY_HOP,
@@ -33,9 +35,18 @@ from ..proto.handshake import (
 )
 
 log = logging.getLogger("wsproxy.edge.upstream")
+_overloaded = RateLimitedWarning(log)  # one WARNING a second at most while the proxy is out of fds
 
 #: Largest error response body relayed from a backend that refused an upgrade.
 MAX_ERROR_BODY_BYTES = 65536
+
+
+class UpstreamTimings(Protocol):
+    """Where the set-up times of a session's upstream are observed (``control.metrics.Metrics``)."""
+
+    def upstream_connected(self, pool: str, backend: str, seconds: float) -> None: ...
+
+    def upstream_upgraded(self, pool: str, backend: str, seconds: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -68,6 +79,7 @@ async def open_upstream(
     timeouts: TimeoutsConfig,
     max_header_bytes: int,
     conn_id: str,
+    timings: UpstreamTimings | None = None,
 ) -> Connected | Refusal:
     """Try the backends of ``order`` in turn until one accepts the upgrade.
 
@@ -80,7 +92,12 @@ async def open_upstream(
     that concurrent handshakes see each other in balancing and max_connections.
 
     Raises ``UpstreamUnavailable``: 504 when a backend accepted the connection
-    but never answered the upgrade, 502 otherwise.
+    but never answered the upgrade, 502 otherwise; ``LocalOverload`` (503 with
+    ``Retry-After``) at once when the proxy cannot create or connect a socket
+    of its own (``edge.overload``), without counting it against the backend.
+
+    ``timings`` gets the duration of every successful connect (TLS included)
+    and of the accepted upgrade: two clock reads and two calls per attempt.
     """
     status = 502
     errors = []
@@ -89,6 +106,7 @@ async def open_upstream(
         state = registry.state(address)
         state.active += 1
         connected = False
+        started = trio.current_time()
         try:
             try:
                 with trio.fail_after(timeouts.connect_s):
@@ -97,6 +115,13 @@ async def open_upstream(
                         channel = await start_client_tls(
                             channel, pool.tls_context, backend_server_name(pool, address)
                         )
+            except LocalOverload as exc:
+                # The proxy's own sockets ran out: not this backend's failure (no passive-health
+                # record), and the next backend would fail the same way (no retry).
+                _overloaded.warning(
+                    "event=local_overload conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, address, exc.reason
+                )
+                raise
             except trio.TooSlowError:
                 reason = f"connect timed out after {timeouts.connect_s:g}s"
             except OSError as exc:
@@ -104,6 +129,9 @@ async def open_upstream(
             except TlsHandshakeFailed as exc:
                 reason = str(exc)
             else:
+                sent = trio.current_time()
+                if timings is not None:
+                    timings.upstream_connected(pool.name, str(address), sent - started)
                 try:
                     answer = await upgrade(
                         channel, target, headers, up, timeout_s=timeouts.upstream_handshake_s, max_header_bytes=max_header_bytes
@@ -123,7 +151,10 @@ async def open_upstream(
                             _failed(registry, pool, backend, f"answered {answer.status} to the upgrade", conn_id)
                         return answer
                     connected = True
-                    registry.record_success(address, trio.current_time())
+                    now = trio.current_time()
+                    if timings is not None:
+                        timings.upstream_upgraded(pool.name, str(address), now - sent)
+                    registry.record_success(address, now)
                     return Connected(channel, backend, *answer)
             errors.append(f"{address}: {reason}")
             _failed(registry, pool, backend, reason, conn_id)

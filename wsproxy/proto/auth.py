@@ -227,7 +227,7 @@ def find_credential(auth: AuthConfig, upgrade: Upgrade) -> tuple[Credential | No
         for index in reversed(offer_at if not remaining else offer_at[1:]):
             del headers[index]
 
-    target = upgrade.request.target
+    target = upgrade.target  # normalised (proto.target); its query is the client's
     if query_names and b"?" in target:
         path, _, query = target.partition(b"?")
         kept_params = []

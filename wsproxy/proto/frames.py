@@ -228,7 +228,7 @@ class FrameScanner:
         self._frame_fin = False  # ...and it ends its message
         self._mask = b""  # ...its masking key (client frames)
         self._phase = 0  # ...and how far into its payload we are, modulo 4
-        self._utf8 = _Utf8Decoder()
+        self._utf8: codecs.IncrementalDecoder | None = None  # made on the first non-ASCII text
         self._utf8_pending = False  # the decoder holds the start of a split code point
 
     @property
@@ -406,6 +406,8 @@ class FrameScanner:
         if not self._utf8_pending and payload.isascii():
             return False  # the common case: nothing split, nothing to decode
         decoder = self._utf8
+        if decoder is None:
+            decoder = self._utf8 = _Utf8Decoder()
         try:
             decoder.decode(payload, final)
         except UnicodeDecodeError:
@@ -487,6 +489,7 @@ class FrameScanner:
             # A new message: its payload is checked if it is text and not compressed.
             self._text = opcode == OP_TEXT and self.validate_utf8 and not (rsv & RSV1 and self.deflate)
             if self._utf8_pending:
+                assert self._utf8 is not None
                 self._utf8.reset()
                 self._utf8_pending = False
             self._mask = b""

@@ -2,8 +2,11 @@
 
 Downstream (client → proxy)::
 
-    check_raw_head(head)        request-smuggling shapes h11 would normalise away
-    check_upgrade(request)      §4.2.1 validation of the h11.Request → Upgrade | Rejection
+    check_raw_head(head)        request-smuggling shapes h11 would normalise away,
+                                control characters h11 lets through
+    h11_reason(exc)             a fixed text for h11's error (its own quotes the line)
+    check_upgrade(request)      §4.2.1 validation of the h11.Request → Upgrade | Rejection,
+                                with the target and Host normalised (``proto.target``)
 
 Upstream (proxy → backend)::
 
@@ -14,7 +17,9 @@ Upstream (proxy → backend)::
 
 and ``http_error(rejection)`` for every refusal. Each verdict already carries
 the reaction (status, reason for the log, extra headers), as h11's
-``error_status_hint`` does.
+``error_status_hint`` does. A request-side reason never quotes a header value
+or the request target (a credential can be in either): it names what was
+wrong, not what was sent.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import binascii
 import hashlib
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -50,6 +55,39 @@ HOP_BY_HOP = frozenset(
 #: (trusted_proxies, which would keep them, comes with the gate), and so are
 #: look-alikes spelled with underscores, which CGI-style backends read as the same.
 FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+#: Client headers removed on every route unless ``strip_headers_default: false``:
+#: claims a backend or its framework may believe about the client or the URL,
+#: which only a proxy should make (lower case, "-" spelling; "_" spellings go too).
+#: X-Forwarded-For/-Proto/-Host and Forwarded are not here: the proxy always
+#: replaces them, or appends to them for ``trusted_proxies`` (``proto.forwarded``).
+DEFAULT_STRIP_HEADERS = frozenset(
+    {
+        # the client's address, as other proxies and CDNs name it
+        b"x-real-ip",  # nginx (realip module), read by many frameworks
+        b"x-client-ip",  # Apache mod_remoteip setups, request-ip libraries
+        b"true-client-ip",  # Akamai, Cloudflare Enterprise
+        b"cf-connecting-ip",  # Cloudflare
+        b"fastly-client-ip",  # Fastly
+        b"x-cluster-client-ip",  # Rackspace and Riverbed balancers
+        b"forwarded-for",  # non-standard spelling of X-Forwarded-For some libraries read
+        b"x-forwarded",  # non-standard spelling of Forwarded some libraries read
+        b"x-original-forwarded-for",  # ingress-nginx keeps the client's X-Forwarded-For there
+        # the scheme and port the client used (frameworks decide "secure" and build redirects from them)
+        b"x-forwarded-port",
+        b"x-forwarded-ssl",  # "on" = https (Rack, Django setups)
+        b"x-forwarded-scheme",
+        b"front-end-https",  # Microsoft's "on" = https
+        b"x-url-scheme",
+        # the host, prefix or URL the request "really" had: overrides the path the gate routed on
+        b"x-forwarded-prefix",  # Spring, ASP.NET PathBase
+        b"x-forwarded-server",  # Apache mod_proxy's host name
+        b"x-original-url",  # IIS URL Rewrite, Symfony, Zend
+        b"x-rewrite-url",  # IIS ISAPI Rewrite, Symfony, Zend
+        b"x-original-uri",  # nginx auth_request convention
+        b"x-original-host",  # ASP.NET forwarded-headers middleware
+    }
+)
 
 #: Headers the handshake needs end to end: a client's Connection header cannot remove them.
 _ESSENTIAL_PREFIXES = (b"host", b"sec-websocket-")
@@ -88,10 +126,12 @@ class Rejection:
 class Upgrade:
     """A valid WebSocket upgrade request, ready to be routed."""
 
-    request: h11.Request
-    host: str  # lower case, without the port
-    path: str  # the path part of the target, without the query
+    request: h11.Request | RequestHead  # what the client sent (h11's, or the fast path's)
+    host: str  # lower case, without the port and a trailing dot (proto.target.normalise_host)
+    path: str  # the normalised path (proto.target), without the query; what routing matches
     key: bytes  # Sec-WebSocket-Key as sent
+    target: bytes  # the normalised target, query as sent: what goes upstream
+    authority: bytes  # the Host header as it goes upstream: the normalised host and the port as sent
     subprotocols: tuple[str, ...] = ()  # offered, in order
     extensions: frozenset[str] = frozenset()  # names of the offered extensions
 
@@ -125,14 +165,26 @@ def _extension_names(values: list[bytes]) -> frozenset[str]:
     return frozenset(names)
 
 
+#: Any byte below 0x20 but HTAB, CR and LF, or DEL (CR and LF are checked as line endings).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_TABLE = bytes(0 if _CONTROL.fullmatch(bytes([b])) else 1 for b in range(256))
+
+
 def check_raw_head(head: bytes) -> Rejection | None:
     """Refuse header blocks whose meaning h11 would quietly normalise.
 
     ``head`` is the request line and headers up to and including the blank
     line. These shapes are how request smuggling starts (RFC 7230 §3.2.4,
     §3.3.3): obsolete line folding, bare LF line endings, Content-Length twice,
-    Content-Length together with Transfer-Encoding.
+    Content-Length together with Transfer-Encoding. And control characters
+    (RFC 9110 §5.5: a field value is VCHAR, obs-text, SP and HTAB): h11 lets
+    through every one but NUL, CR, LF, VT and FF, and a backend may cut a
+    value at one or log it raw.
     """
+    if 0 in head.translate(_CONTROL_TABLE):  # one pass in C; the regex only to say where
+        control = _CONTROL.search(head)
+        where = "the request line" if control is not None and control.start() < head.find(b"\r\n") else "a header"
+        return Rejection(400, f"control character in {where}")
     if b"\r\n " in head or b"\r\n\t" in head:
         return Rejection(400, "obsolete line folding in the request headers")
     if head.count(b"\n") != head.count(b"\r\n"):
@@ -148,7 +200,106 @@ def check_raw_head(head: bytes) -> Rejection | None:
     return None
 
 
-def _headers_by_name(request: h11.Request) -> dict[bytes, list[bytes]]:
+#: h11's messages quote the offending line (and so any credential in it): each
+#: known one, by its start, gets a fixed text; the rest "malformed request".
+_H11_REASONS = (
+    ("illegal request line", "malformed request line"),
+    ("no request line", "malformed request line"),
+    ("illegal header line", "malformed header line"),
+    ("continuation line", "malformed header line"),
+    ("illegal header", "malformed header line"),
+    ("conflicting content-length", "conflicting Content-Length headers"),
+    ("bad content-length", "malformed Content-Length header"),
+    ("multiple transfer-encoding", "more than one Transfer-Encoding header"),
+    ("only transfer-encoding", "unsupported Transfer-Encoding"),
+    ("missing mandatory host", "no Host header"),
+    ("found multiple host", "more than one Host header"),
+)
+
+
+def h11_reason(exc: h11.ProtocolError) -> str:
+    """A fixed reason for h11's error: never its message, which may quote the request."""
+    message = str(exc).lower()
+    for start, reason in _H11_REASONS:
+        if message.startswith(start):
+            return reason
+    return "malformed request"
+
+
+class HeaderList:
+    """Request headers as the fast path read them; iterates like h11's ``Headers``.
+
+    Iteration gives (lower-case name, value) pairs, ``raw_items`` the names
+    as sent; values have no surrounding whitespace (RFC 9110 §5.5, as h11).
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return ((name.lower(), value) for name, value in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def raw_items(self) -> list[tuple[bytes, bytes]]:
+        return list(self._raw)
+
+
+class RequestHead:
+    """A request head that the fast path parsed: what the checks read of an ``h11.Request``."""
+
+    __slots__ = ("method", "target", "http_version", "headers")
+
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.method = b"GET"  # the fast path takes nothing else
+        self.target = target
+        self.http_version = b"1.1"
+        self.headers = HeaderList(headers)
+
+
+#: The only request line the fast path takes: GET, an origin-form target of visible ASCII, HTTP/1.1.
+_REQUEST_LINE = re.compile(rb"GET (/[!-~]*) HTTP/1\.1")
+
+
+def parse_request_head(head: bytes) -> RequestHead | None:
+    """The client's request head, parsed without h11 when it has the one common shape.
+
+    ``head`` has passed ``check_raw_head`` (CRLF only, no folding, no
+    control characters). Returns None for anything else (another method or
+    version, an unusual target, a header line outside RFC 9110's grammar, no
+    or two Host, Content-Length or Transfer-Encoding): h11 then parses it and gives
+    the precise verdict. A differential test holds both paths to the same
+    verdicts.
+    """
+    lines = head.split(b"\r\n")
+    if len(lines) < 4 or lines[-1] or lines[-2]:
+        return None
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    headers = []
+    host = False
+    for line in lines[1:-2]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            return None
+        name = header[1].lower()
+        if name == b"host":
+            if host:
+                return None  # two Host headers: h11 words that refusal
+            host = True
+        elif name in _FRAMING_HEADERS:
+            return None  # a body on an upgrade: h11 and check_upgrade say how it is wrong
+        headers.append((header[1], header[2]))
+    if not host:
+        return None  # h11 words that refusal
+    return RequestHead(match[1], headers)
+
+
+def _headers_by_name(request: h11.Request | RequestHead) -> dict[bytes, list[bytes]]:
     by_name: dict[bytes, list[bytes]] = {}
     for name, value in request.headers:
         by_name.setdefault(name, []).append(value)
@@ -161,20 +312,21 @@ def _upgrade_required(reason: str) -> Rejection:
     )
 
 
-def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
+def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
     """RFC 6455 §4.2.1: is this a WebSocket upgrade we may pass on?
 
     A plain HTTP request (no ``Upgrade: websocket``) gets 426; a broken
     upgrade gets 400; a version other than 13 gets 426 with
-    ``Sec-WebSocket-Version: 13`` (§4.4).
+    ``Sec-WebSocket-Version: 13`` (§4.4). The target and the Host are
+    normalised (``proto.target``); one that cannot be is 400.
     """
     headers = _headers_by_name(request)
     upgrade = headers.get(b"upgrade", [])
     if not any(b"websocket" in _tokens(v) for v in upgrade):
-        seen = b", ".join(upgrade).decode("latin-1") or "none"
-        return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {seen})")
+        return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {'other than websocket' if upgrade else 'none'})")
     if request.method != b"GET":
-        return Rejection(400, f"WebSocket upgrade with method {request.method.decode('latin-1')}")
+        method = request.method.decode("latin-1") if request.method in _METHODS else "other"
+        return Rejection(400, f"WebSocket upgrade with method {method}")
     if request.http_version != b"1.1":
         return Rejection(400, f"WebSocket upgrade over HTTP/{request.http_version.decode('latin-1')}")
     if b"transfer-encoding" in headers:
@@ -185,15 +337,19 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
     hosts = headers.get(b"host", [])
     if len(hosts) != 1 or not hosts[0]:
         return Rejection(400, f"expected one Host header, got {len(hosts)}")
-    host = _host_without_port(hosts[0])
-    if host is None:
-        return Rejection(400, f"invalid Host header: {hosts[0].decode('latin-1')!r}")
+    authority = _authority(hosts[0])
+    if authority is None:
+        return Rejection(400, "invalid Host header")
+    host, authority_bytes = authority
     if not any(b"upgrade" in _tokens(v) for v in headers.get(b"connection", [])):
         return Rejection(400, "Connection header does not contain \"upgrade\"")
     versions = headers.get(b"sec-websocket-version", [])
     if versions != [b"13"]:
-        seen = b", ".join(versions).decode("latin-1") or "none"
-        return _upgrade_required(f"unsupported Sec-WebSocket-Version: {seen}")
+        if len(versions) == 1 and versions[0].isdigit() and len(versions[0]) <= 3:
+            shown = versions[0].decode("ascii")  # a version number is no secret; anything else is not shown
+        else:
+            shown = "none" if not versions else ("not a number" if len(versions) == 1 else f"{len(versions)} headers")
+        return _upgrade_required(f"unsupported Sec-WebSocket-Version: {shown}")
     keys = headers.get(b"sec-websocket-key", [])
     if len(keys) != 1:
         return Rejection(400, f"expected one Sec-WebSocket-Key header, got {len(keys)}")
@@ -203,11 +359,14 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
     except binascii.Error:
         raw = b""
     if len(raw) != 16:
-        return Rejection(400, f"Sec-WebSocket-Key is not 16 bytes in base64: {key.decode('latin-1')!r}")
-    target = request.target
-    if not target.startswith(b"/"):
-        return Rejection(400, f"request target must be a path: {target.decode('latin-1')!r}")
-    path = target.split(b"?", 1)[0].decode("latin-1")
+        return Rejection(400, "Sec-WebSocket-Key is not 16 bytes in base64")
+    if not request.target.startswith(b"/"):
+        form = "an absolute URI" if b"://" in request.target else "another form"
+        return Rejection(400, f"request target must be a path (origin-form), got {form}")
+    target = _target.normalise_target(request.target)
+    if isinstance(target, Rejection):
+        return target
+    path = target.split(b"?", 1)[0].decode("ascii")  # normal form is ASCII
     subprotocols = tuple(
         t.decode("latin-1") for v in headers.get(b"sec-websocket-protocol", []) for t in _raw_tokens(v)
     )
@@ -216,35 +375,57 @@ def check_upgrade(request: h11.Request) -> Upgrade | Rejection:
         host=host,
         path=path,
         key=key,
+        target=target,
+        authority=authority_bytes,
         subprotocols=subprotocols,
         extensions=_extension_names(headers.get(b"sec-websocket-extensions", [])),
     )
+
+
+#: Methods a refusal may name; any other token is "other" (it came from the client).
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI"})
 
 
 def _raw_tokens(value: bytes) -> list[bytes]:
     return [t.strip() for t in value.split(b",") if t.strip()]
 
 
-def _host_without_port(value: bytes) -> str | None:
-    """The host part of a Host header, lower case, or None when malformed."""
-    text = value.decode("latin-1").strip().lower()
+#: A Host header already in normal form: lower-case name (no empty label, no trailing dot), optional port.
+_PLAIN_HOST = re.compile(rb"([a-z0-9\-_~]+(?:\.[a-z0-9\-_~]+)*)(?::[0-9]+)?")
+
+
+def _authority(value: bytes) -> tuple[str, bytes] | None:
+    """The normalised host of a Host header, and the header as it goes upstream; None when malformed.
+
+    The host is lower case without one trailing dot (``proto.target.normalise_host``);
+    the port, when there is one, stays as sent.
+    """
+    plain = _PLAIN_HOST.fullmatch(value)
+    if plain is not None:  # the common case: already lower case, no trailing dot
+        return plain[1].decode("ascii"), value
+    # Only HTTP's own whitespace (RFC 9110 §5.6.3: SP, HTAB) is optional around a value;
+    # str.strip() would also take NBSP (0xA0) and other Latin-1 spaces away (found by fuzzing).
+    text = value.strip(b" \t").decode("latin-1")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
             return None
-        host, rest = text[1:end], text[end + 1 :]
+        host, rest = text[1:end].lower(), text[end + 1 :]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             return None
+        shown = f"[{host}]"
     else:
-        host, sep, port = text.partition(":")
+        name, sep, port = text.partition(":")
         rest = sep + port
+        normal = _target.normalise_host(name)
+        if normal is None:
+            return None
+        host = shown = normal
     if rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()):
         return None
-    if not host or any(c in host for c in " /\\@?#"):
-        return None
-    return host
+    return host, (shown + rest).encode("ascii")
 
 
 def forwarding_headers(
@@ -263,6 +444,10 @@ def forwarding_headers(
     ]
 
 
+#: Client headers named X-Auth-Claim-* never pass (also spelled with "_"): only the gate sets them.
+CLAIM_HEADER_PREFIX = b"x-auth-claim-"
+
+
 def upstream_request(
     upgrade: Upgrade,
     extra_headers: Sequence[tuple[bytes, bytes]],
@@ -270,18 +455,23 @@ def upstream_request(
     target: bytes | None = None,
     client_headers: Sequence[tuple[bytes, bytes]] | None = None,
     drop: frozenset[bytes] | set[bytes] = frozenset(),
+    strip: frozenset[bytes] | set[bytes] = frozenset(),
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The target and headers of the upgrade request for the backend.
 
     The client's headers pass in their order and spelling, minus hop-by-hop
     ones (and those its Connection header names, except Host and
-    Sec-WebSocket-*, which the handshake needs), minus forwarding headers
-    (also spelled with underscores) and minus the lower-case names in
-    ``drop``; ``extra_headers`` (forwarding and identity headers) follow.
-    The client's Sec-WebSocket-Key is kept, so the backend's
-    Sec-WebSocket-Accept is the one the client expects. ``target`` and
-    ``client_headers`` replace the request's own when the gate rewrote them
-    (a credential taken out of the query or the headers).
+    Sec-WebSocket-*, which the handshake needs), minus forwarding headers,
+    ``X-Auth-Claim-*`` and the names in ``strip`` (lower case with "-";
+    each also spelled with "_", which CGI-style backends read as the same
+    header), and minus the lower-case names in ``drop``;
+    ``extra_headers`` (forwarding and identity headers) follow. The Host
+    header carries the normalised host (``upgrade.authority``). The client's
+    Sec-WebSocket-Key is kept, so the backend's Sec-WebSocket-Accept is the
+    one the client expects. The target is the normalised one
+    (``upgrade.target``); ``target`` and ``client_headers`` replace it and
+    the request's headers when the gate rewrote them (a credential taken out
+    of the query or the headers).
     """
     request = upgrade.request
     named: set[bytes] = set()
@@ -291,12 +481,17 @@ def upstream_request(
     headers = []
     for raw_name, value in client_headers if client_headers is not None else request.headers.raw_items():
         name = raw_name.lower()
-        if name in HOP_BY_HOP or name in named or name in drop or name.replace(b"_", b"-") in FORWARDING_HEADERS:
+        if name in HOP_BY_HOP or name in named or name in drop:
             continue
+        canonical = name.replace(b"_", b"-")
+        if canonical in FORWARDING_HEADERS or canonical in strip or canonical.startswith(CLAIM_HEADER_PREFIX):
+            continue
+        if name == b"host":
+            value = upgrade.authority
         headers.append((raw_name, value))
     headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
     headers += extra_headers
-    return (target if target is not None else request.target), headers
+    return (target if target is not None else upgrade.target), headers
 
 
 def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -314,6 +509,10 @@ def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9])(?: [\t -~\x80-\xff]*)?")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*")
+
+
+#: The log reason of a 101 that carries message framing (RFC 9112 §6.1/§6.2, RFC 9110 §8.6).
+FRAMING_IN_101 = "backend answered 101 with Transfer-Encoding/Content-Length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,8 +543,15 @@ def parse_response_head(head: bytes) -> ResponseHead | None:
         header = _HEADER_LINE.fullmatch(line)
         if header is None:
             return None
+        if header[1].lower() in _FRAMING_HEADERS:
+            return None  # message framing is h11's to judge (a 101 with it is refused either way)
         headers.append((header[1], header[2]))
     return ResponseHead(int(match[1]), tuple(headers))
+
+
+#: Headers that frame a message body (RFC 9112 §6): the fast path leaves them to h11, so the two
+#: never disagree on a malformed one (found by fuzz/fuzz_handshake.py, h11 as the oracle).
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
 
 def check_upstream_response(
@@ -355,7 +561,11 @@ def check_upstream_response(
 
     Success needs ``Upgrade: websocket``, ``Connection: upgrade``, the right
     Sec-WebSocket-Accept, a subprotocol the client offered (or none) and only
-    extensions the client offered. Anything else is the backend's fault: 502.
+    extensions the client offered, and no message framing: RFC 9110 §8.6 and
+    RFC 9112 §6.1/§6.2 forbid ``Content-Length`` and ``Transfer-Encoding`` in a
+    1xx response (h11 refuses the conflicting or non-chunked shapes; this check
+    refuses them all, so the fast path and h11 agree and none reaches the
+    client). Anything else is the backend's fault: 502.
     """
     if response.status_code != 101:
         return Rejection(502, f"backend answered {response.status_code} where 101 was expected")
@@ -367,6 +577,8 @@ def check_upstream_response(
         by_name.setdefault(name, []).append(value)
         if name not in HOP_BY_HOP and name != b"sec-websocket-accept":
             passed.append((raw_name, value))
+    if b"transfer-encoding" in by_name or b"content-length" in by_name:
+        return Rejection(502, FRAMING_IN_101)
     if not any(b"websocket" in _tokens(v) for v in by_name.get(b"upgrade", [])):
         return Rejection(502, "backend's 101 lacks \"Upgrade: websocket\"")
     if not any(b"upgrade" in _tokens(v) for v in by_name.get(b"connection", [])):
@@ -425,3 +637,8 @@ def http_error(rejection: Rejection) -> bytes:
     body = REASONS.get(rejection.status, b"Error") + b"\n"
     headers = [*rejection.headers, TEXT_PLAIN]
     return http_response(rejection.status, headers, body)
+
+
+# proto.target builds its verdicts with this module's Rejection, so it is imported
+# last: whichever of the two is imported first, each finds what it needs.
+from . import target as _target  # noqa: E402

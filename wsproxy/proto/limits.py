@@ -33,7 +33,42 @@ from dataclasses import dataclass
 from ..config.schema import LimitsConfig, RateConfig
 from .handshake import Rejection
 
-__all__ = ["CLOSE_OTHER", "CLOSE_SENDER", "ClientTable", "MessageRate", "TokenBucket", "format_rate", "parse_rate"]
+__all__ = [
+    "CLOSE_OTHER",
+    "CLOSE_SENDER",
+    "ClientTable",
+    "FdBudget",
+    "MessageRate",
+    "TokenBucket",
+    "fd_budget",
+    "format_rate",
+    "parse_rate",
+]
+
+#: Descriptors kept out of the session budget whatever the fd limit: stdio, the log,
+#: epoll, trio's wake-up pipe, listeners and their spares, admin, resolver threads.
+FD_RESERVE_BASE = 32
+
+
+@dataclass(frozen=True, slots=True)
+class FdBudget:
+    """How many sessions the process's file descriptor limit allows."""
+
+    nofile: int  # the soft RLIMIT_NOFILE
+    reserve: int  # descriptors not counted for sessions
+    max_connections: int  # (nofile - reserve) // 2: a session holds two (client and backend)
+
+
+def fd_budget(nofile_soft: int, *, backends: int = 0) -> FdBudget:
+    """The default of ``limits.max_connections`` for a soft fd limit of ``nofile_soft``.
+
+    The reserve is ``FD_RESERVE_BASE``, plus one per backend (each may have a
+    health check open at any time), plus 1/32 of the limit (admin requests,
+    forward-auth subrequests, connections being refused); the rest is halved,
+    because each session holds two descriptors. At least 1.
+    """
+    reserve = FD_RESERVE_BASE + backends + nofile_soft // 32
+    return FdBudget(nofile=nofile_soft, reserve=reserve, max_connections=max(1, (nofile_soft - reserve) // 2))
 
 #: RFC 6455 §7.4.1: 1008 "policy violation", sent to the side that sent too fast.
 CLOSE_SENDER = 1008

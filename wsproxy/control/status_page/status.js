@@ -1,7 +1,7 @@
 // The wsproxy status page: polls the admin API and keeps the page in step with it.
 //
-// Every second: GET /status (JSON: listeners, routes, pools, backends, reloads)
-// and GET /metrics (Prometheus text: totals for the process). Rates are the
+// Every second: GET /status (JSON: listeners, routes, pools, backends, reloads,
+// and the process totals; the page does not read /metrics). Rates are the
 // difference of two successive counter values over the time between them;
 // sparklines are the last HISTORY values of a backend's open sessions.
 //
@@ -139,31 +139,6 @@
     return response;
   }
 
-  function parseMetrics(text) {
-    const samples = [];
-    for (const line of text.split("\n")) {
-      if (!line || line.startsWith("#")) continue;
-      const match = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
-      if (!match) continue;
-      const labels = {};
-      for (const label of (match[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
-        labels[label[1]] = label[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
-      }
-      samples.push({ name: match[1], labels, value: Number(match[3]) });
-    }
-    return samples;
-  }
-
-  function metricSum(samples, name, labels = {}) {
-    let total = null;
-    for (const s of samples) {
-      if (s.name !== name) continue;
-      if (!Object.entries(labels).every(([k, v]) => s.labels[k] === v)) continue;
-      total = (total || 0) + s.value;
-    }
-    return total;
-  }
-
   function refresh() {
     if (pending === null) {
       pending = poll().finally(() => {
@@ -176,18 +151,10 @@
   async function poll() {
     if (waitingForToken) return;
     let status;
-    let metrics = null;
     try {
       const response = await api("/status");
       if (!response.ok) throw new Error(`/status answered ${response.status} ${response.statusText}`.trim());
       status = await response.json();
-      try {
-        const reply = await api("/metrics");
-        if (reply.ok) metrics = parseMetrics(await reply.text());
-      } catch (err) {
-        if (err instanceof NeedToken) throw err;
-        metrics = null; // the status alone is still worth showing
-      }
     } catch (err) {
       if (err instanceof NeedToken) askForToken(err.message);
       else disconnected(err);
@@ -195,7 +162,7 @@
     }
     if (connected !== true) reconnected();
     tokenAccepted();
-    render(status, metrics);
+    render(status);
   }
 
   async function loop() {
@@ -294,29 +261,27 @@
     return backend.health || "unknown";
   }
 
-  function render(status, metrics) {
+  function render(status) {
     const now = new Date();
     lastOk = now;
     setText($("updated"), fmtTime(now));
-    renderHeader(status, metrics);
-    const sample = { at: performance.now(), totals: totalsOf(status, metrics), backends: new Map() };
+    renderHeader(status);
+    const sample = { at: performance.now(), totals: totalsOf(status), backends: new Map() };
     const dt = previous ? (sample.at - previous.at) / 1000 : null;
-    renderTotals(status, metrics, sample, dt);
+    renderTotals(status, sample, dt);
     renderPools(status, sample, dt);
     renderListeners(status.listeners || []);
     renderRoutes(status.routes || []);
     previous = sample;
   }
 
-  function renderHeader(status, metrics) {
+  function renderHeader(status) {
     setText($("generation"), fmtInt(status.generation));
     let reload = "never";
     if (typeof status.last_reload_unix === "number") reload = fmtWhen(status.last_reload_unix);
-    else if (metrics) {
-      const loaded = metricSum(metrics, "wsproxy_last_reload_success_timestamp_seconds");
-      if (loaded) reload = `never; started ${fmtWhen(loaded)}`;
-    }
+    else if (typeof status.started_unix === "number") reload = `never; started ${fmtWhen(status.started_unix)}`;
     setText($("last-reload"), reload);
+    // "reloads" counts attempts, failed ones included: "3 (1 failed)" is two applied, one refused.
     const failures = status.reload_failures || 0;
     setText($("reloads"), `${fmtInt(status.reloads || 0)}${failures ? ` (${fmtInt(failures)} failed)` : ""}`);
     const box = $("reload-error");
@@ -329,17 +294,14 @@
     }
   }
 
-  // Live counters from /status when it has them, else /metrics (counted at session close).
-  function totalsOf(status, metrics) {
-    const live = ["bytes_up", "bytes_down", "messages_up", "messages_down"].every((k) => typeof status[k] === "number");
-    const pick = (key, name, direction) =>
-      live ? status[key] : metrics ? metricSum(metrics, name, { direction }) : null;
+  // Live counters: what ended sessions relayed plus what open ones have relayed so far.
+  function totalsOf(status) {
+    const pick = (key) => (typeof status[key] === "number" ? status[key] : null);
     return {
-      live,
-      bytesUp: pick("bytes_up", "wsproxy_bytes_total", "up"),
-      bytesDown: pick("bytes_down", "wsproxy_bytes_total", "down"),
-      msgsUp: pick("messages_up", "wsproxy_messages_total", "up"),
-      msgsDown: pick("messages_down", "wsproxy_messages_total", "down"),
+      bytesUp: pick("bytes_up"),
+      bytesDown: pick("bytes_down"),
+      msgsUp: pick("messages_up"),
+      msgsDown: pick("messages_down"),
     };
   }
 
@@ -348,21 +310,23 @@
     return (now - before) / dt;
   }
 
-  function renderTotals(status, metrics, sample, dt) {
+  function renderTotals(status, sample, dt) {
     const t = sample.totals;
     const p = previous ? previous.totals : {};
     setText($("t-sessions"), fmtInt(status.sessions));
     setText($("t-draining"), fmtInt(status.draining_sessions));
     setText($("t-connections"), fmtInt(status.connections));
-    setText($("t-ended"), metrics ? fmtInt(metricSum(metrics, "wsproxy_sessions_total") || 0) : "–");
-    setText($("t-refused"), metrics ? fmtInt(metricSum(metrics, "wsproxy_refused_total") || 0) : "–");
+    setText($("t-ended"), typeof status.sessions_closed === "number" ? fmtInt(status.sessions_closed) : "–");
+    setText($("t-refused"), typeof status.refused === "number" ? fmtInt(status.refused) : "–");
+    $("t-refused").title = Object.entries(status.refused_by_reason || {})
+      .map(([reason, n]) => `${reason}: ${n}`)
+      .join("\n");
     setText($("t-msg-rate"), `${fmtRate(rate(t.msgsUp, p.msgsUp, dt))} · ${fmtRate(rate(t.msgsDown, p.msgsDown, dt))}`);
     setText(
       $("t-byte-rate"),
       `${fmtBytes(rate(t.bytesUp, p.bytesUp, dt))} · ${fmtBytes(rate(t.bytesDown, p.bytesDown, dt))}`,
     );
     setText($("t-bytes"), `${fmtBytes(t.bytesUp)} · ${fmtBytes(t.bytesDown)}`);
-    $("rates-note").hidden = t.live;
     totalHistory.push(status.sessions || 0);
     if (totalHistory.length > HISTORY) totalHistory.shift();
     drawSparkline($("t-spark"), totalHistory, "Open sessions");

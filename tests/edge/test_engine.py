@@ -1,0 +1,212 @@
+"""The epoll relay engine over real socket pairs: relaying, back-pressure, deadlines, failure isolation.
+
+No proxy, no handshakes: each test hands the engine two ``socket.socketpair()`` ends as a session's client
+and backend sockets and plays both peers on the other ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from tests.wsframes import frame, parse_frames
+from wsproxy.edge.engine import HAVE_EPOLL, Engine, EngineRelay
+from wsproxy.proto.frames import FrameScanner
+from wsproxy.proto.relay import Outcome
+
+pytestmark = pytest.mark.skipif(not HAVE_EPOLL, reason="the engine needs select.epoll (Linux)")
+
+OP_TEXT, OP_BINARY, OP_CLOSE = 0x1, 0x2, 0x8
+
+
+class Peers:
+    """A session's sockets for the engine, and the peers' ends as trio sockets."""
+
+    def __init__(self, bufsize: int | None = None) -> None:
+        self.client, client_peer = socket.socketpair()
+        self.backend, backend_peer = socket.socketpair()
+        for sock in (self.client, self.backend, client_peer, backend_peer):
+            sock.setblocking(False)
+            if bufsize:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+        self.client_peer = trio.socket.from_stdlib_socket(client_peer)
+        self.backend_peer = trio.socket.from_stdlib_socket(backend_peer)
+
+    def relay(self, engine: Engine, up_scanner: FrameScanner | None = None, close_timeout_s: float = 5.0) -> EngineRelay:
+        return EngineRelay(
+            engine,
+            self.client,
+            self.backend,
+            up_scanner=up_scanner or FrameScanner(from_client=True),
+            down_scanner=FrameScanner(from_client=False),
+            close_timeout_s=close_timeout_s,
+            backend_failure_code=1014,
+        )
+
+    def close(self) -> None:
+        for sock in (self.client, self.backend, self.client_peer, self.backend_peer):
+            sock.close()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[Peers]:
+    p = Peers()
+    yield p
+    p.close()
+
+
+async def read_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await sock.recv(65536)
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+async def read_until_eof(sock: trio.socket.SocketType) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = await sock.recv(65536)
+        except ConnectionError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def start(nursery: trio.Nursery) -> Engine:
+    engine = Engine()
+    nursery.start_soon(engine.run)
+    return engine
+
+
+async def test_frames_cross_both_ways_byte_for_byte(nursery: trio.Nursery, peers: Peers) -> None:
+    with trio.fail_after(5):
+        engine = await start(nursery)
+        relay = peers.relay(engine)
+        hello = frame(OP_TEXT, b"from the client", mask=True)
+        nursery.start_soon(relay.run, hello, b"")
+        assert await read_exactly(peers.backend_peer, len(hello)) == hello
+        reply = frame(OP_BINARY, os.urandom(70_000), mask=False)
+        await peers.backend_peer.send(reply)
+        assert await read_exactly(peers.client_peer, len(reply)) == reply
+        assert (relay.bytes_up, relay.bytes_down) == (len(hello), len(reply))
+        assert relay.up.scanner.messages == 1 and relay.down.scanner.messages == 1
+
+
+async def test_a_full_destination_stops_the_reading_of_its_source(nursery: trio.Nursery) -> None:
+    p = Peers(bufsize=4096)
+    try:
+        with trio.fail_after(10):
+            engine = await start(nursery)
+            relay = p.relay(engine)
+            nursery.start_soon(relay.run, b"", b"")
+            message = frame(OP_BINARY, os.urandom(4000), mask=True)
+            sent = 0
+
+            async def client_writes() -> None:
+                nonlocal sent
+                for _ in range(300):  # 1.2 MB, far more than the buffers hold
+                    await p.client_peer.send(message)
+                    sent += 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(client_writes)
+                await trio.sleep(0.3)  # the backend peer reads nothing: buffers fill up
+                assert relay.up.out, "the engine should hold a backlog for the backend"
+                assert relay.masks[0] & 0x001 == 0, "and stop reading the client meanwhile"
+                assert sent < 300  # the client is held back too: nothing is buffered without bound
+                received = await read_exactly(p.backend_peer, 300 * len(message))
+            assert received == message * 300
+    finally:
+        p.close()
+
+
+async def test_finish_closes_both_sides_and_the_deadline_ends_a_silent_session(
+    nursery: trio.Nursery, peers: Peers, autojump_clock: trio.testing.MockClock
+) -> None:
+    engine = await start(nursery)
+    relay = peers.relay(engine, close_timeout_s=3.0)
+    done = trio.Event()
+
+    async def session() -> None:
+        await relay.run(b"", b"")
+        done.set()
+
+    nursery.start_soon(session)
+    await trio.sleep(1)
+    started = trio.current_time()
+    relay.finish(1012, 1001, "backend draining", Outcome.DRAIN)
+    to_client = parse_frames(await read_exactly(peers.client_peer, 4 + len("backend draining")))
+    to_backend = parse_frames(await read_exactly(peers.backend_peer, 8 + len("backend draining")))
+    assert (to_client[0].code, to_client[0].masked) == (1012, False)
+    assert (to_backend[0].code, to_backend[0].masked) == (1001, True)
+    await done.wait()  # neither peer answers: the close deadline ends the session
+    assert trio.current_time() - started == pytest.approx(3.0, abs=0.01)
+    assert relay.machine.kind is Outcome.DRAIN and engine.sessions == 0
+
+
+class ExplodingScanner(FrameScanner):
+    """A scanner with a bug: any input raises."""
+
+    def feed(self, data: bytes) -> bytes:
+        if data:
+            raise RuntimeError("a bug while scanning")
+        return super().feed(data)
+
+
+async def test_an_error_while_serving_one_session_ends_that_session_only(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad, good = Peers(), Peers()
+    try:
+        with trio.fail_after(5):
+            engine = await start(nursery)
+            bad_relay = bad.relay(engine, up_scanner=ExplodingScanner(from_client=True))
+            good_relay = good.relay(engine)
+            ended = trio.Event()
+
+            async def bad_session() -> None:
+                await bad_relay.run(b"", b"")
+                bad.client.close()  # what edge.session's finally does
+                bad.backend.close()
+                ended.set()
+
+            nursery.start_soon(bad_session)
+            nursery.start_soon(good_relay.run, b"", b"")
+            await bad.client_peer.send(frame(OP_TEXT, b"boom", mask=True))
+            await ended.wait()
+            assert engine.failures == 1 and bad_relay.machine.kind is Outcome.ERROR
+            assert await read_until_eof(bad.client_peer) == b""  # closed, nothing forwarded
+            assert "unexpected error while relaying" in caplog.text
+            # The engine goes on serving the other session.
+            hello = frame(OP_TEXT, b"still relayed", mask=True)
+            await good.client_peer.send(hello)
+            assert await read_exactly(good.backend_peer, len(hello)) == hello
+    finally:
+        bad.close()
+        good.close()
+
+
+async def test_a_backend_reset_gives_the_client_1014_without_spinning(nursery: trio.Nursery, peers: Peers) -> None:
+    with trio.fail_after(5):
+        engine = await start(nursery)
+        relay = peers.relay(engine)
+        nursery.start_soon(relay.run, b"", b"")
+        await trio.sleep(0.05)
+        wakeups = engine.wakeups
+        peers.backend_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peers.backend_peer.close()  # RST
+        close = parse_frames(await read_exactly(peers.client_peer, 4 + len("backend went away")))[0]
+        assert close.code == 1014 and close.payload[2:] == b"backend went away"
+        await trio.sleep(0.2)  # the client never answers: the session waits for its deadline...
+        assert engine.wakeups - wakeups < 10  # ...without epoll reporting the dead socket in a loop

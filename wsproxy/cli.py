@@ -1,0 +1,260 @@
+"""The operator commands of ``wsproxy``: talk to a running proxy through its admin API.
+
+    wsproxy reload  -c FILE                 POST /reload: exit 0 when applied, 1 with the errors
+    wsproxy status  -c FILE [--json]        GET /status
+    wsproxy drain   -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/drain
+    wsproxy undrain -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/undrain
+
+Each reads only the ``admin`` section of FILE (``config.load.load_admin``:
+includes and ``${VAR}`` applied, the token read from ``token_file``), so it
+reaches the proxy even when the rest of the file has errors. The listener is
+found as configured: ``unix:/path``, or ``host:port`` (a wildcard bind is
+reached on loopback of its family). Exit status: 0 done, 1 refused or failed
+(the reason on stderr), 2 a usage error (argparse).
+
+Also here: ``--version``'s text, and ``check --dump`` (the effective config as
+YAML, secrets redacted). This module does no proxying; the commands are plain
+blocking HTTP/1.1 (``http.client``), no trio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import ipaddress
+import json
+import socket
+import ssl
+import sys
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from . import __version__
+from .config.schema import Address, AdminConfig, hostport
+
+#: How long a command waits for the proxy (``reload`` adds the config's timeouts.reload).
+REQUEST_TIMEOUT_S = 10.0
+#: Where ``-c`` points when not given.
+DEFAULT_CONFIG = "/etc/wsproxy/wsproxy.yaml"
+
+
+class CommandFailed(Exception):
+    """A command that could not be done: the message is the one line printed to stderr."""
+
+
+# -- --version -----------------------------------------------------------------------------------
+
+
+def version_text() -> str:
+    """``wsproxy --version``: the versions that matter in a bug report."""
+    import trio
+
+    from ._mypyc import describe
+
+    lines = [
+        f"wsproxy {__version__}",
+        f"Python {sys.version.split()[0]} ({sys.implementation.name})",
+        f"trio {trio.__version__}",
+        f"OpenSSL {ssl.OPENSSL_VERSION.removeprefix('OpenSSL ')}",
+        describe(),  # the frame scanner (compiled or pure) and the unmasking routine
+    ]
+    return "\n".join(lines)
+
+
+# -- the admin client ----------------------------------------------------------------------------
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminTarget:
+    """Where the admin API of the proxy that runs FILE listens, and its token."""
+
+    where: str  # for messages: "127.0.0.1:9090" or "unix:/run/wsproxy/admin.sock"
+    unix_path: str | None
+    host: str | None
+    port: int
+    token: bytes | None
+
+    @classmethod
+    def from_config(cls, path: str) -> AdminTarget:
+        from .config.load import load_admin
+        from .errors import ConfigErrors
+
+        try:
+            admin = load_admin(path)
+        except ConfigErrors as exc:
+            raise CommandFailed("\n".join(str(error) for error in exc.errors)) from None
+        if admin is None:
+            raise CommandFailed(f"{path} has no admin section: the admin API is off, so there is nothing to talk to")
+        return cls.from_admin(admin, path)
+
+    @classmethod
+    def from_admin(cls, admin: AdminConfig, path: str) -> AdminTarget:
+        if admin.unix_path is not None:
+            return cls(f"unix:{admin.unix_path}", admin.unix_path, None, 0, admin.token)
+        assert admin.bind is not None
+        if admin.bind.port == 0:
+            raise CommandFailed(f"{path}: admin.bind {admin.bind} has port 0: the port the proxy got is not known here")
+        host = admin.bind.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            if ip.is_unspecified:  # 0.0.0.0 or ::: reach it on loopback of the same family
+                host = "127.0.0.1" if ip.version == 4 else "::1"
+        return cls(hostport(host, admin.bind.port), None, host, admin.bind.port, admin.token)
+
+    def request(self, method: str, target: str, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, Any]:
+        """(status, the JSON body or the text) of one request; CommandFailed if the proxy cannot be reached."""
+        if self.unix_path is not None:
+            conn: http.client.HTTPConnection = _UnixConnection(self.unix_path, timeout_s)
+        else:
+            assert self.host is not None
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+        headers = {"Host": self.where if self.unix_path is None else "localhost", "Connection": "close"}
+        if self.token is not None:
+            headers["Authorization"] = "Bearer " + self.token.decode("utf-8", "replace")
+        try:
+            conn.request(method, target, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            raise CommandFailed(f"cannot reach the admin API at {self.where}: {reason} (is wsproxy running?)") from None
+        finally:
+            conn.close()
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return response.status, json.loads(body)
+        return response.status, body.decode("utf-8", "replace").strip()
+
+
+def _refused(target: AdminTarget, status: int, body: Any) -> CommandFailed:
+    if status == 401:
+        return CommandFailed(f"the admin API at {target.where} refused the token (401): check admin.token_file")
+    detail = body.get("error", body) if isinstance(body, dict) else body
+    return CommandFailed(f"the admin API at {target.where} answered {status}: {detail}")
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+
+def reload(path: str, out: TextIO) -> int:
+    """Ask the running proxy to reload its config file and wait for the outcome."""
+    target = AdminTarget.from_config(path)
+    timeout_s = REQUEST_TIMEOUT_S + _reload_timeout_s(path)
+    status, body = target.request("POST", "/reload", timeout_s)
+    if status == 200 and isinstance(body, dict):
+        print(f"wsproxy: reloaded: config generation {body.get('generation')}", file=out)
+        return 0
+    if status in (409, 503) and isinstance(body, dict):
+        for error in body.get("errors", []):
+            print(error, file=sys.stderr)
+        print(f"wsproxy: reload refused ({len(body.get('errors', []))} error(s)); the old config keeps serving", file=sys.stderr)
+        return 1
+    raise _refused(target, status, body)
+
+
+def _reload_timeout_s(path: str) -> float:
+    """timeouts.reload of FILE if it loads, else the default (the proxy's own may differ: it is a bound only)."""
+    from .config.load import load_config
+    from .config.schema import TimeoutsConfig
+    from .errors import ConfigErrors
+
+    try:
+        return load_config(path).timeouts.reload_s
+    except ConfigErrors:
+        return TimeoutsConfig().reload_s
+
+
+def status(path: str, out: TextIO, as_json: bool) -> int:
+    target = AdminTarget.from_config(path)
+    code, body = target.request("GET", "/status")
+    if code != 200 or not isinstance(body, dict):
+        raise _refused(target, code, body)
+    if as_json:
+        print(json.dumps(body, indent=2), file=out)
+        return 0
+    print(
+        f"generation {body['generation']}, {body['sessions']} session(s), {body['connections']} connection(s),"
+        f" reloads {body['reloads']} ({body['reload_failures']} failed)",
+        file=out,
+    )
+    if body.get("last_reload_error"):
+        print(f"last reload error: {body['last_reload_error']}", file=out)
+    for listener in body.get("listeners", []):
+        print(f"listener {listener['name']}: {', '.join(listener['addresses'])}{' tls' if listener['tls'] else ''}", file=out)
+    for name, pool in body.get("pools", {}).items():
+        print(f"pool {name} ({pool['balance']}):", file=out)
+        for b in pool["backends"]:
+            state = "draining" if b["draining"] else ("ejected" if b["ejected"] else b["health"])
+            print(f"  {b['address']:<24} {state:<9} active={b['active']} total={b['total']}", file=out)
+    return 0
+
+
+def drain(path: str, pool: str, backend: str, undo: bool, out: TextIO) -> int:
+    target = AdminTarget.from_config(path)
+    action = "undrain" if undo else "drain"
+    code, body = target.request("POST", f"/pools/{quote(pool, safe='')}/backends/{quote(backend, safe='')}/{action}")
+    if code == 404 and isinstance(body, dict):
+        raise CommandFailed(f"no backend {backend} in pool {pool} of the running config")
+    if code != 200 or not isinstance(body, dict):
+        raise _refused(target, code, body)
+    now = "draining" if body["draining"] else "not draining"
+    print(f"wsproxy: {pool} {backend}: {now}{'' if body['changed'] else ' (already)'}", file=out)
+    return 0
+
+
+# -- check --dump --------------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+#: Fields that hold secrets, by dataclass field name: printed as REDACTED.
+SECRET_FIELDS = frozenset({"token", "secret", "sha256", "key_material"})
+
+
+def dump(config: object) -> str:
+    """The effective config as YAML: every field with its default, secrets redacted.
+
+    The names are the schema's (``idle_s``: seconds, ``*_bytes``: bytes), so
+    this shows what wsproxy understood, not the file as written.
+    """
+    import yaml
+
+    return yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _plain(value: object, name: str = "") -> object:
+    if name in SECRET_FIELDS and value not in (None, (), b"", ""):
+        return REDACTED
+    if isinstance(value, Address):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name), f.name)
+            for f in dataclasses.fields(value)
+            if f.repr or f.name in SECRET_FIELDS  # objects built at load time (SSL contexts) are not config
+        }
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return REDACTED
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

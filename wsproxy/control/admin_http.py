@@ -1,0 +1,437 @@
+"""The admin API's HTTP: one connection's requests, read with h11 and answered (trio shell).
+
+Routes (everything else is 404):
+
+- ``GET /``: the live status page, and ``GET /static/FILE`` its stylesheet and
+  script: files shipped in the package (``control/status_page/``), read once,
+  served with their media type and ``Content-Security-Policy: default-src
+  'self'`` (no inline script or style; the page only talks to this listener).
+  These answer without the token, as they hold no data: the page asks for the
+  token when ``/status`` answers 401, and keeps it in the tab's memory only.
+  ``GET /favicon.ico``, which browsers ask for by themselves, is 204.
+- ``GET /metrics``: the Prometheus text format, or OpenMetrics when ``Accept`` asks
+  for it (``AdminApp.render_metrics``).
+- ``GET /status``: the JSON document ``AdminApp.status`` builds.
+- ``GET /healthz``: 200 ``ok`` while the process serves (liveness).
+- ``GET /ready``: 200 when ready for new clients, else 503; both with the JSON
+  ``{"ready", "reasons", "pools"}`` (``control.ready``). These two answer
+  without the token unless ``admin.health_needs_token: true``, so that a
+  Kubernetes probe or an L4 balancer can use them.
+- ``POST /reload``: the same reload as SIGHUP, waited for: 200
+  ``{"applied": true, "generation"}``, or 409 ``{"applied": false,
+  "errors": [...]}`` (the old config keeps serving); 503 while shutting down.
+  ``wsproxy reload`` calls it.
+- ``POST /pools/NAME/backends/ADDRESS/drain`` and ``.../undrain``: ADDRESS is
+  percent-decoded (``127.0.0.1%3A9001`` or ``127.0.0.1:9001``, ``[::1]:9001``);
+  the answer is ``{"pool", "backend", "draining", "changed"}``, or 404 when the
+  pool or backend is unknown. Each is logged at INFO.
+
+``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
+``Allow``. When a token is set, every request but the page's needs
+``Authorization: Bearer <token>`` (compared in constant time; the health
+endpoints only when ``health_needs_token``), else 401 with
+``WWW-Authenticate: Bearer`` (RFC 6750 §3), logged at WARNING with the peer and
+the path (never the token).
+
+Before any of that, ``admin_policy.check_request`` decides whether a browser
+could have been made to send the request: a Host that does not name this
+listener gets 421 (DNS rebinding), a state-changing request from another
+origin 403 (cross-site request forgery); a control character in a decoded
+path segment gets 400. Each refusal is logged with its reason; every value
+from the request is written with ``log.field``, so none can forge a line.
+
+Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
+KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
+its first byte being awaited to the last byte of the answer (an idle
+keep-alive connection is closed after that long). A malformed request gets
+the status h11 hints (400, 431...) and its connection is closed; the listener
+goes on serving.
+
+This module is not the App: what the numbers and the status say, and what
+draining does, is the App's (``AdminApp``); here is only the HTTP around it.
+Nor is it the listener (``control.admin``: binding, reloads).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import cache
+from importlib import resources
+from typing import Protocol
+
+import h11
+import trio
+
+from ..config.schema import AdminConfig, hostport
+from ..edge.channel import ChannelBroken, RawChannel
+from ..log import field as logged
+from .admin_policy import AdminSite, Refusal, check_request, path_segments
+from .metrics import Metrics
+from .registry import Registry
+
+# One logger for everything the admin listener does, so an operator follows one name.
+log = logging.getLogger("wsproxy.control.admin")
+
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers
+MAX_BODY_BYTES = 64 * 1024  # a POST body, read and ignored
+REQUEST_TIMEOUT_S = 10.0  # one request, from waiting for it to the end of the answer
+CLOSE_LINGER_S = 2.0  # after the last answer, for the client to read it before the socket goes
+
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_ACTIONS = {"drain": True, "undrain": False}  # action → draining afterwards
+
+#: The status page's files (``GET /`` is ``index.html``, ``GET /static/NAME`` the others), by suffix.
+PAGE_PACKAGE = "wsproxy.control"
+PAGE_FOLDER = "status_page"
+PAGE_MEDIA_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+#: On the page and its files: nothing inline, nothing from elsewhere, never inside a frame.
+PAGE_HEADERS = [
+    (b"Content-Security-Policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"Referrer-Policy", b"no-referrer"),
+]
+
+
+class AdminApp(Protocol):
+    """What the admin server needs from the application (``wsproxy.app.App``)."""
+
+    metrics: Metrics
+    registry: Registry
+
+    def status(self) -> dict[str, object]:
+        """The JSON body of ``GET /status``."""
+        ...
+
+    def drain_backend(self, pool: str, address: str) -> bool | None:
+        """None: no such pool or backend; True: draining now; False: it already was."""
+        ...
+
+    def undrain_backend(self, pool: str, address: str) -> bool | None:
+        """None: no such pool or backend; True: no longer draining; False: it was not."""
+        ...
+
+    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
+        """(content type, body) of the current metrics: OpenMetrics if ``accept`` asks for it."""
+        ...
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """``GET /ready``: (ready, the JSON body)."""
+        ...
+
+
+#: ``POST /reload``: runs one reload that starts after the call and returns its errors
+#: ([] = applied, None = not run: shutting down).
+Reloader = Callable[[], Awaitable["list[str] | None"]]
+
+
+class AdminState(Protocol):
+    """What a connection reads per request (``control.admin.AdminServer``): a reload swaps both."""
+
+    app: AdminApp
+    token: bytes | None
+    config: AdminConfig | None
+    reloader: Reloader | None  # None: POST /reload is not offered (an embedding without a config file)
+    reload_timeout_s: float  # how long POST /reload may wait for its reload
+
+
+# -- one connection ------------------------------------------------------------------------------
+
+
+async def serve_connection(sock: socket.socket, server: AdminState, site: AdminSite) -> None:
+    """Answer requests on one connection until it closes, errs or idles; never raises."""
+    channel = RawChannel(sock)
+    peer = _peer(sock)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        while True:
+            with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
+                again = await _one_request(channel, conn, server, site, peer, scope)
+            if scope.cancelled_caught:
+                return  # slow, or idle between requests: nothing more to say
+            if not again:
+                break
+            conn.start_next_cycle()
+        if conn.their_state is not h11.CLOSED:
+            await _close_gently(channel)
+    except ChannelBroken:
+        pass
+    except Exception:
+        log.exception("event=error listener=admin peer=%s", peer)
+    finally:
+        channel.close()
+
+
+async def _one_request(
+    channel: RawChannel, conn: h11.Connection, server: AdminState, site: AdminSite, peer: str, scope: trio.CancelScope
+) -> bool:
+    """Read one request and answer it; True if the connection may carry another."""
+    try:
+        request = await _read_head(channel, conn)
+        if not isinstance(request, h11.Request):
+            return False  # closed between requests
+        body_bytes = 0
+        while True:
+            event = await _next_event(channel, conn)
+            if isinstance(event, h11.EndOfMessage):
+                break
+            if isinstance(event, h11.Data):
+                body_bytes += len(event.data)
+                if body_bytes > MAX_BODY_BYTES:
+                    await _send(channel, conn, request, _text(413, f"request body over {MAX_BODY_BYTES} bytes"), close=True)
+                    return False
+            elif isinstance(event, h11.ConnectionClosed):
+                return False
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
+        return False
+    answer = _answer(request, server, site, peer)
+    if answer is _RELOAD:
+        # A reload may take up to timeouts.reload: the request's own deadline grows to match.
+        scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
+        answer = await _reload(server, peer)
+    await _send(channel, conn, request, answer)
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def _read_head(channel: RawChannel, conn: h11.Connection) -> h11.Event:
+    """The next request (or ConnectionClosed), its head at most ``MAX_HEAD_BYTES``.
+
+    h11's ``max_incomplete_event_size`` only bounds a head still incomplete
+    after a receive; one that arrives whole in a single receive is measured here.
+    """
+    buffered = len(conn.trailing_data[0])  # pipelined bytes left over from the previous request
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)
+            if isinstance(event, h11.Request) and buffered - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError(f"request head over {MAX_HEAD_BYTES} bytes", error_status_hint=431)
+            return event
+        data = await channel.receive()
+        buffered += len(data)
+        conn.receive_data(data)  # b"" at EOF: h11 makes it ConnectionClosed
+
+
+async def _next_event(channel: RawChannel, conn: h11.Connection) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)  # PAUSED: only after EndOfMessage, and we stop there
+            return event
+        conn.receive_data(await channel.receive())  # b"" at EOF: h11 makes it ConnectionClosed
+
+
+async def _close_gently(channel: RawChannel) -> None:
+    """Half-close, then let the client read the answer before the socket goes (RFC 7230 §6.6)."""
+    channel.send_eof()
+    with trio.move_on_after(CLOSE_LINGER_S):
+        while await channel.receive():
+            pass
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "-"
+    if isinstance(name, tuple):
+        return hostport(name[0], name[1])
+    return "unix"
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+_Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+async def _send(
+    channel: RawChannel, conn: h11.Connection, request: h11.Request | None, answer: _Answer, *, close: bool = False
+) -> None:
+    status, headers, body = answer
+    if status != 204:  # RFC 9110 §8.6: no Content-Length on a 204
+        headers = [*headers, (b"Content-Length", b"%d" % len(body))]
+    headers = [*headers, (b"Cache-Control", b"no-store")]
+    if close:
+        headers.append((b"Connection", b"close"))
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    if request is None or request.method != b"HEAD":
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    await channel.send(data)
+
+
+#: What ``_answer`` returns for ``POST /reload``, which ``_reload`` answers once the reload is done.
+_RELOAD: _Answer = (0, [], b"")
+
+#: Paths answered without the token unless ``admin.health_needs_token``.
+HEALTH_PATHS = (["healthz"], ["ready"])
+
+
+def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str) -> _Answer:
+    """The response to one complete request (sans-I/O but for the App's own calls and the log)."""
+    app, token = server.app, server.token
+    method = request.method.decode("ascii", "replace")
+    refusal = check_request(site, request.method, request.headers)
+    segments = path_segments(request.target) if refusal is None else refusal
+    if isinstance(segments, Refusal):
+        _log_refusal(request, segments, peer)
+        status, headers, body = _text(segments.status, segments.reason)
+        return status, [*headers, (b"Connection", b"close")] if segments.status == 421 else headers, body
+    if segments in ([], ["favicon.ico"]) or (len(segments) == 2 and segments[0] == "static"):
+        if method not in ("GET", "HEAD"):
+            return _not_allowed("GET, HEAD")
+        if segments == ["favicon.ico"]:
+            return 204, [], b""  # browsers ask for it; a 404 would be an error in their console
+        return _page_file("index.html" if not segments else segments[1], static=bool(segments))
+    if token is not None and not (segments in HEALTH_PATHS and not (server.config and server.config.health_needs_token)):
+        given = _bearer(request.headers)
+        if given is None or not hmac.compare_digest(given, token):
+            challenge = b'Bearer realm="wsproxy-admin"'
+            if given is not None:
+                challenge += b', error="invalid_token"'
+            _log_refusal(request, Refusal(401, "invalid bearer token" if given else "no bearer token"), peer)
+            status, headers, body = _text(401, "a bearer token is required")
+            return status, [*headers, (b"WWW-Authenticate", challenge)], body
+    try:
+        if segments in HEALTH_PATHS:
+            if method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            if segments == ["healthz"]:
+                return _text(200, "ok")
+            ready, document = app.readiness()
+            return _json(200 if ready else 503, document)
+        if segments == ["reload"]:
+            if method != "POST":
+                return _not_allowed("POST")
+            if server.reloader is None:
+                return _text(404, "not found")
+            return _RELOAD
+        if segments in (["metrics"], ["status"]):
+            if method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            if segments == ["metrics"]:
+                accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
+                content_type, body = app.render_metrics(accept)
+                return 200, [(b"Content-Type", content_type.encode())], body
+            return _json(200, app.status())
+        if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
+            if method != "POST":
+                return _not_allowed("POST")
+            return _backend_action(app, segments[1], segments[3], segments[4], peer)
+    except Exception:
+        log.exception("event=error listener=admin method=%s path=%s", logged(method), logged(_path(request.target)))
+        return _text(500, "internal error")
+    return _text(404, "not found")
+
+
+async def _reload(server: AdminState, peer: str) -> _Answer:
+    """Run the reload ``POST /reload`` asked for and answer its outcome."""
+    assert server.reloader is not None
+    log.info("event=admin action=reload peer=%s", peer)
+    try:
+        errors = await server.reloader()
+    except Exception:
+        log.exception("event=error listener=admin method=POST path=/reload")
+        return _text(500, "internal error")
+    if errors is None:
+        return _json(503, {"applied": False, "errors": ["shutting down: no reload"]})
+    if errors:
+        return _json(409, {"applied": False, "errors": errors})
+    return _json(200, {"applied": True, "generation": server.app.status()["generation"]})
+
+
+def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
+    """One line per refused request: WARNING for 401/403/421 (someone tried), INFO for a malformed path."""
+    headers = dict(request.headers)  # the last of a repeated header is enough to say what was seen
+    log.log(
+        logging.INFO if refusal.status == 400 else logging.WARNING,
+        "event=admin_refused listener=admin peer=%s status=%d method=%s path=%s host=%s origin=%s reason=%r",
+        peer, refusal.status, logged(request.method), logged(_path(request.target)),
+        logged(headers.get(b"host", b"-")), logged(headers.get(b"origin", b"-")), refusal.reason,
+    )
+
+
+def _path(target: bytes) -> bytes:
+    """The target without its query: the admin API takes no query, and a query is no business of the log."""
+    return target.split(b"?", 1)[0]
+
+
+def _page_file(name: str, *, static: bool) -> _Answer:
+    """``index.html`` for ``GET /``, or a file of the page for ``GET /static/NAME``."""
+    files = _page_files()
+    if static and name == "index.html":
+        name = ""  # the page itself is at "/" only
+    found = files.get(name)
+    if found is None:
+        if not files:
+            return _text(404, f"the status page is not installed (no {PAGE_PACKAGE}/{PAGE_FOLDER} in the package)")
+        return _text(404, "not found")
+    media_type, body = found
+    return 200, [(b"Content-Type", media_type), *PAGE_HEADERS], body
+
+
+@cache
+def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
+    """Every file of the status page with a known suffix: name → (media type, content).
+
+    Read once, on the first request for the page; the table is the whole
+    allow-list, so no request target ever reaches the file system.
+    """
+    files: dict[str, tuple[bytes, bytes]] = {}
+    try:
+        folder = resources.files(PAGE_PACKAGE).joinpath(PAGE_FOLDER)
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1]
+            if entry.is_file() and suffix in PAGE_MEDIA_TYPES and not entry.name.startswith("."):
+                files[entry.name] = (PAGE_MEDIA_TYPES[suffix], entry.read_bytes())
+    except OSError as exc:
+        log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
+    return files
+
+
+def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:
+    draining = _ACTIONS[action]
+    changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
+    result = "unknown" if changed is None else ("changed" if changed else "unchanged")
+    log.info(
+        "event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, logged(pool), logged(backend), result, peer
+    )
+    if changed is None:
+        return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})
+    return _json(200, {"pool": pool, "backend": backend, "draining": draining, "changed": changed})
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.partition(b" ")
+            if scheme.lower() == b"bearer" and credentials.strip():
+                return credentials.strip()
+            return None
+    return None
+
+
+def _text(status: int, message: str) -> _Answer:
+    return status, [(b"Content-Type", _TEXT)], message.encode() + b"\n"
+
+
+def _json(status: int, document: object) -> _Answer:
+    return status, [(b"Content-Type", _JSON)], json.dumps(document, indent=2).encode() + b"\n"
+
+
+def _not_allowed(allow: str) -> _Answer:
+    status, headers, body = _text(405, "method not allowed")
+    return status, [*headers, (b"Allow", allow.encode())], body

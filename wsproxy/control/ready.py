@@ -1,0 +1,54 @@
+"""What ``GET /ready`` answers: is this process ready for new clients? No I/O here.
+
+Ready means all of:
+
+- the App is not shutting down (a draining process must leave the balancer's
+  rotation before its listeners close);
+- every listener of the config is open;
+- each pool that counts has at least one *available* backend (healthy, not
+  draining, not ejected, not full: ``BackendState.available``), so a new
+  client of it would not get 503. The pools that count are
+  ``admin.ready_pools`` when set, else every pool a route names.
+
+``GET /healthz`` needs none of this: it answers 200 as long as the admin
+listener answers at all (the process and its event loop are alive).
+
+This module only decides; ``control.admin_http`` serves the answer (200, or
+503 with the reasons as JSON).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config.schema import PoolName
+
+if TYPE_CHECKING:
+    from ..app import App
+
+
+def readiness(app: App) -> tuple[bool, dict[str, object]]:
+    """(ready, the JSON body): ``{"ready": bool, "reasons": [...], "pools": {name: available count}}``."""
+    config = app.generation.config
+    reasons: list[str] = []
+    if app.stopping:
+        reasons.append("shutting down")
+    for spec in config.listeners:
+        slot = app.listeners.get(spec.name)
+        if slot is None or not slot.sockets:
+            reasons.append(f"listener {spec.name} is not open")
+    wanted = config.admin.ready_pools if config.admin and config.admin.ready_pools is not None else None
+    names = list(wanted) if wanted is not None else list(dict.fromkeys(route.pool for route in config.routes))
+    now = trio.current_time()
+    counts: dict[str, int] = {}
+    for name in names:
+        pool = config.pools.get(PoolName(name))
+        if pool is None:
+            continue
+        available = sum(1 for b in pool.backends if app.registry.state(b.address).available(now, b))
+        counts[name] = available
+        if not available:
+            reasons.append(f"pool {name} has no available backend")
+    return not reasons, {"ready": not reasons, "reasons": reasons, "pools": counts}

@@ -1,0 +1,322 @@
+"""The relay engine: one trio task relays every plain session from its own epoll set (Linux).
+
+Theory of operation
+-------------------
+Two tasks per session, each parking in trio on every read, cost a scheduler
+pass and an ``epoll_ctl`` re-registration per chunk: most of what a relayed
+message cost. Here, once both handshakes are done, a session is data: two
+non-blocking sockets, a ``RelayMachine`` (``proto.relay``) and two output
+backlogs. The engine owns an ``select.epoll`` set with both sockets of every
+session it relays, and one trio task waits for that set's fd to be readable
+(``trio.lowlevel.wait_readable``). On each wake-up it takes up to
+``MAX_EVENTS`` ready sockets and serves each synchronously: one ``recv`` into
+the machine, and one ``send`` of everything the machine queued for the other
+side. So a relayed message costs two system calls and no trio checkpoint, as
+in HAProxy's and nginx's event loops; ``epoll_wait`` is shared by every
+session that was ready at the same time.
+
+Registrations are level-triggered and change only when back-pressure does: a
+socket is watched for input while its direction wants input and the other
+side's backlog is empty; it is watched for output while its own backlog is
+not empty. A partial ``send`` keeps the rest as the backlog, stops reading the
+source and waits for ``EPOLLOUT``; when the backlog drains, reading resumes.
+
+The engine never waits on a socket it owns through trio, and a failure while
+serving one session (a bug included) ends that session, logged, never the
+engine. The session's own task parks on an event until its session ends and
+closes the sockets in its ``finally``; the engine unregisters them first.
+
+Deadlines: the machine arms a close deadline with the first close frame; the
+engine moves it onto the cancel scope the session's own task waits in, so
+trio's timer ends the session (and its task closes the sockets) with no work
+in the engine's loop. Idle timeouts and keepalive pings come from the app's sweeper through
+``finish`` and ``keepalive``, which act on the machine and then let the engine
+send what it queued (``kick``), from the caller's task: the engine is plain
+data between wake-ups.
+
+TLS sessions, and every session on systems without ``select.epoll``, are
+relayed by ``edge.relay``'s trio pumps with the same machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..proto.relay import Direction, Outcome, RelayMachine
+
+if TYPE_CHECKING:
+    from ..proto.frames import FrameScanner
+    from ..proto.limits import MessageRate
+
+log = logging.getLogger("wsproxy.edge.engine")
+
+HAVE_EPOLL = hasattr(select, "epoll")
+
+MAX_EVENTS = 256  # ready sockets served per wake-up before trio runs other tasks
+RECV_BYTES = 65536
+
+_IN = select.EPOLLIN if HAVE_EPOLL else 0
+_OUT = select.EPOLLOUT if HAVE_EPOLL else 0
+_ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 0
+_GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOUT
+
+
+class EngineRelay:
+    """One session relayed by the engine; the same control surface as ``edge.relay.Relay``."""
+
+    __slots__ = (
+        "engine",
+        "machine",
+        "up",
+        "down",
+        "client",
+        "backend",
+        "client_fd",
+        "backend_fd",
+        "masks",
+        "ended",
+        "registered",
+        "scope",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: socket.socket,
+        backend: socket.socket,
+        *,
+        up_scanner: FrameScanner,
+        down_scanner: FrameScanner,
+        close_timeout_s: float,
+        backend_failure_code: int,
+        message_rate: tuple[MessageRate, MessageRate] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.machine = RelayMachine(
+            up_scanner,
+            down_scanner,
+            close_timeout_s=close_timeout_s,
+            backend_failure_code=backend_failure_code,
+            message_rate=message_rate[0] if message_rate else None,
+            message_rate_down=message_rate[1] if message_rate else None,
+        )
+        self.up = self.machine.up
+        self.down = self.machine.down
+        self.client = client
+        self.backend = backend
+        self.client_fd = client.fileno()
+        self.backend_fd = backend.fileno()
+        self.masks = [0, 0]  # what each fd (client, backend) is registered for; -1 = removed
+        self.ended = trio.Event()
+        self.registered = False
+        self.scope: trio.CancelScope | None = None  # the session task's wait, bounded by the close deadline
+
+    async def run(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
+        """Hand the session to the engine and wait until it is over (or its close deadline)."""
+        engine = self.engine
+        try:
+            with trio.CancelScope() as self.scope:
+                engine.add(self, from_client, from_backend)
+                await self.ended.wait()
+        finally:
+            self.scope = None
+            engine.remove(self)
+
+    # -- the control path (from other trio tasks) -------------------------------------
+
+    def finish(self, client_code: int, backend_code: int, reason: str, kind: Outcome) -> None:
+        """End the session from the proxy's side (idle timeout, drain, shutdown)."""
+        self.machine.finish(client_code, backend_code, reason, kind, trio.current_time())
+        self.engine.kick(self)
+
+    def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
+        self.machine.keepalive(now, interval_s, timeout_s)
+        self.engine.kick(self)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.bytes
+
+
+class Engine:
+    """The epoll set and the task that serves it; one per process."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        #: fd -> (session, True for the client's socket)
+        self._fds: dict[int, tuple[EngineRelay, bool]] = {}
+        self.sessions = 0
+        self.wakeups = 0  # for metrics and the benchmark: batches served
+        self.failures = 0  # sessions ended by an unexpected error while serving them
+
+    # -- sessions in and out -------------------------------------------------------------
+
+    def add(self, relay: EngineRelay, from_client: bytes, from_backend: bytes) -> None:
+        self._fds[relay.client_fd] = (relay, True)
+        self._fds[relay.backend_fd] = (relay, False)
+        self._epoll.register(relay.client_fd, 0)
+        self._epoll.register(relay.backend_fd, 0)
+        relay.registered = True
+        self.sessions += 1
+        now = trio.current_time()
+        machine = relay.machine
+        try:
+            if from_client:
+                machine.feed(relay.up, from_client, now)
+            if from_backend:
+                machine.feed(relay.down, from_backend, now)
+            self._settle(relay)
+        except Exception:
+            self._fail(relay)
+
+    def remove(self, relay: EngineRelay) -> None:
+        """Forget the session (idempotent); its task closes the sockets afterwards."""
+        if not relay.registered:
+            return
+        relay.registered = False
+        self.sessions -= 1
+        for index, fd in enumerate((relay.client_fd, relay.backend_fd)):
+            self._fds.pop(fd, None)
+            if relay.masks[index] != -1:
+                relay.masks[index] = -1
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):  # the fd, or the engine at teardown, already closed
+                    pass
+        relay.ended.set()
+
+    def kick(self, relay: EngineRelay) -> None:
+        """The control path changed ``relay``'s machine: send what it queued, update the watch."""
+        if relay.registered:
+            try:
+                self._settle(relay)
+            except Exception:
+                self._fail(relay)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the epoll set until cancelled."""
+        epoll = self._epoll
+        fd = epoll.fileno()
+        poll = epoll.poll
+        serve = self._serve
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                events = poll(0, MAX_EVENTS)
+                if not events:
+                    continue
+                self.wakeups += 1
+                now = trio.current_time()
+                for event_fd, mask in events:
+                    entry = self._fds.get(event_fd)
+                    if entry is not None:
+                        serve(entry[0], entry[1], mask, now)
+                if len(events) == MAX_EVENTS:
+                    await trio.lowlevel.checkpoint()  # let handshakes and control tasks run
+        finally:
+            epoll.close()
+
+    def _serve(self, relay: EngineRelay, is_client: bool, mask: int, now: float) -> None:
+        """One ready socket of ``relay``: flush its backlog and/or read it into the machine."""
+        try:
+            machine = relay.machine
+            reader, writer = (relay.up, relay.down) if is_client else (relay.down, relay.up)
+            if mask & _OUT:
+                self._flush(relay, writer)
+            if mask & _IN and relay.masks[0 if is_client else 1] & _IN and not reader.src_eof:
+                sock = relay.client if is_client else relay.backend
+                try:
+                    data = sock.recv(RECV_BYTES)
+                except BlockingIOError:
+                    data = None
+                except _GONE:
+                    data = b""
+                if data:
+                    machine.feed(reader, data, now)
+                elif data is not None:
+                    machine.eof(reader, now)
+            if mask & _ERR:
+                # Reset, or shut down both ways: nothing more comes from or goes to it,
+                # and epoll would report it again and again: take the socket out of the set.
+                if not reader.src_eof:
+                    machine.eof(reader, now)
+                if not writer.dst_gone:
+                    machine.broken(writer)
+                self._forget_fd(relay, is_client)
+            self._settle(relay)
+        except Exception:
+            self._fail(relay)
+
+    def _forget_fd(self, relay: EngineRelay, is_client: bool) -> None:
+        index = 0 if is_client else 1
+        if relay.masks[index] != -1:
+            relay.masks[index] = -1
+            self._epoll.unregister(relay.client_fd if is_client else relay.backend_fd)
+
+    def _settle(self, relay: EngineRelay) -> None:
+        """Send what the machine queued, then watch what the session now needs."""
+        machine = relay.machine
+        up, down = relay.up, relay.down
+        if up.out:
+            self._flush(relay, up)
+        if down.out:
+            self._flush(relay, down)
+        if machine.done and not up.out and not down.out:
+            self.remove(relay)
+            return
+        scope = relay.scope
+        if machine.deadline is not None and scope is not None and scope.deadline != machine.deadline:
+            scope.deadline = machine.deadline
+        # client fd: input for up unless the backend's backlog is full; output for down's backlog
+        want_client = (_IN if up.wants_input and not up.out else 0) | (_OUT if down.out else 0)
+        want_backend = (_IN if down.wants_input and not down.out else 0) | (_OUT if up.out else 0)
+        masks = relay.masks
+        if masks[0] != want_client and masks[0] != -1:
+            masks[0] = want_client
+            self._epoll.modify(relay.client_fd, want_client)
+        if masks[1] != want_backend and masks[1] != -1:
+            masks[1] = want_backend
+            self._epoll.modify(relay.backend_fd, want_backend)
+
+    def _flush(self, relay: EngineRelay, d: Direction) -> None:
+        """One ``send`` of ``d``'s queued bytes to its destination; what is left stays queued."""
+        out = d.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        sock = relay.backend if d is relay.up else relay.client
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):  # pragma: no cover - BlockingIOError
+                sent = 0
+            else:
+                relay.machine.broken(d)
+                return
+        if sent == len(data):
+            out.clear()
+        elif len(out) == 1:
+            out[0] = data[sent:]
+        else:
+            out[:] = [data[sent:]]
+
+    def _fail(self, relay: EngineRelay) -> None:
+        """An unexpected error while serving ``relay``: end that session, keep the engine."""
+        self.failures += 1
+        log.exception("event=error where=engine reason=%r", "unexpected error while relaying; session closed")
+        relay.machine.abort("internal error while relaying")
+        self.remove(relay)
