@@ -163,8 +163,8 @@ def load_listed(package: str) -> None:
                 module = importlib.import_module(name)
                 if not is_compiled(module):
                     raise ImportError(f"{name} came from {module.__file__}")
-        except ImportError as exc:
-            reason = f"compiled module failed to import ({exc})"
+        except Exception as exc:  # ImportError, or an error while the extension initialises
+            reason = f"compiled module failed to import ({exc!r})"
             for name in names:
                 sys.modules.pop(name, None)
     if reason:

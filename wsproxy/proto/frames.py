@@ -67,6 +67,8 @@ import codecs
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -148,6 +150,7 @@ class Violation:
     reason: str
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it (a scanner with a bug)
 class FrameScanner:
     """Scans one direction of a WebSocket connection.
 
