@@ -36,6 +36,7 @@ from types import ModuleType
 
 MYPYC_MODULES: tuple[str, ...] = (
     "wsproxy.proto.frames",
+    "wsproxy.proto.relay",
 )
 
 #: The suffix of the file written beside an extension built in place (editable install):

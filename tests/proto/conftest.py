@@ -25,8 +25,8 @@ import pytest
 from wsproxy import _mypyc
 from wsproxy.proto import frames
 
-#: Test modules whose tests run against both builds (add the relay machine's when it is compiled).
-BOTH_BUILDS = {"tests.proto.test_frames", "tests.proto.test_utf8"}
+#: Test modules whose tests run against both builds (those of every module listed in wsproxy/_mypyc.py).
+BOTH_BUILDS = {"tests.proto.test_frames", "tests.proto.test_utf8", "tests.proto.test_relay_machine"}
 
 
 @pytest.fixture(scope="session")
