@@ -66,6 +66,7 @@ def run_target(target: str, seconds: int, *, seed: int | None = None, work: Path
         str(HERE / "corpus" / target),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env["WSPROXY_PURE"] = "1"  # the modules' source: atheris traces Python, not their mypyc build
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,

@@ -62,9 +62,14 @@ def test_open_finding_still_reproduces(path: Path) -> None:
 
 
 def test_the_frame_harness_catches_a_missing_mask_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsproxy.proto import frames
+    from wsproxy._mypyc import load_pure_copies
 
+    # The pure copy of the scanner: a compiled class ignores a method patched at run time
+    # (and the fuzzers themselves run the source, WSPROXY_PURE=1, so atheris can trace it).
+    frames = load_pure_copies()["wsproxy.proto.frames"]
     frame_target = _target("frames")
+    monkeypatch.setattr(frame_target, "FrameScanner", frames.FrameScanner)
+    monkeypatch.setattr(frame_target, "Violation", frames.Violation)
     unmasked_from_client = b"\x01\x00" + b"\x81\x02hi"  # flags: from_client; no splits
     frame_target.test_one_input(unmasked_from_client)  # today's scanner refuses it: no finding
     monkeypatch.setattr(frames.FrameScanner, "_fail_mask", lambda self, pos, from_client: None)

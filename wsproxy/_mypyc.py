@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -148,7 +149,11 @@ def load_listed(package: str) -> None:
         return
     extensions = [_extension(name) for name in names]
     reason = ""
-    if any(extension is None for extension in extensions):
+    if os.environ.get("WSPROXY_PURE") == "1":
+        # Chosen: the fuzzers need the source (atheris traces Python, not compiled code),
+        # and a benchmark can compare the two builds in one tree.
+        reason = "WSPROXY_PURE=1"
+    elif any(extension is None for extension in extensions):
         reason = "not compiled"
         if any(extension is not None for extension in extensions):
             reason = "not all compiled: " + ", ".join(
@@ -171,7 +176,7 @@ def load_listed(package: str) -> None:
     if reason:
         for name in names:
             load_pure(name)
-        if reason != "not compiled":
+        if reason not in ("not compiled", "WSPROXY_PURE=1"):
             warnings.warn(f"wsproxy: using the pure-Python {', '.join(names)}: {reason}", RuntimeWarning, stacklevel=2)
     FALLBACK = reason
 
