@@ -95,6 +95,10 @@ def instrumented(*packages: str) -> Iterator[None]:
     if _running_as_fuzzer():
         with atheris.instrument_imports(include=list(packages)):
             yield
+        if os.environ.get("WSPROXY_PURE") == "1":
+            # The mypyc-listed modules were loaded from their source by wsproxy._mypyc, past the
+            # import hook above: instrument what is loaded now, or the fuzzer runs blind.
+            atheris.instrument_all()
     else:
         yield
 
