@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..proto.relay import Direction, Outcome, RelayMachine
+from ..proto.relay import Direction
+from .relay import RelayDriver
 
 if TYPE_CHECKING:
     from ..proto.frames import FrameScanner
@@ -67,14 +68,11 @@ _ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 0
 _GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOUT
 
 
-class EngineRelay:
-    """One session relayed by the engine; the same control surface as ``edge.relay.Relay``."""
+class EngineRelay(RelayDriver):
+    """One session relayed by the engine; the control surface is ``RelayDriver``'s."""
 
     __slots__ = (
         "engine",
-        "machine",
-        "up",
-        "down",
         "client",
         "backend",
         "client_fd",
@@ -97,17 +95,14 @@ class EngineRelay:
         backend_failure_code: int,
         message_rate: tuple[MessageRate, MessageRate] | None = None,
     ) -> None:
-        self.engine = engine
-        self.machine = RelayMachine(
-            up_scanner,
-            down_scanner,
+        super().__init__(
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
             close_timeout_s=close_timeout_s,
             backend_failure_code=backend_failure_code,
-            message_rate=message_rate[0] if message_rate else None,
-            message_rate_down=message_rate[1] if message_rate else None,
+            message_rate=message_rate,
         )
-        self.up = self.machine.up
-        self.down = self.machine.down
+        self.engine = engine
         self.client = client
         self.backend = backend
         self.client_fd = client.fileno()
@@ -128,24 +123,9 @@ class EngineRelay:
             self.scope = None
             engine.remove(self)
 
-    # -- the control path (from other trio tasks) -------------------------------------
-
-    def finish(self, client_code: int, backend_code: int, reason: str, kind: Outcome) -> None:
-        """End the session from the proxy's side (idle timeout, drain, shutdown)."""
-        self.machine.finish(client_code, backend_code, reason, kind, trio.current_time())
+    def _changed(self) -> None:
+        """The control path changed the machine: the engine sends what it queued."""
         self.engine.kick(self)
-
-    def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
-        self.machine.keepalive(now, interval_s, timeout_s)
-        self.engine.kick(self)
-
-    @property
-    def bytes_up(self) -> int:
-        return self.up.bytes
-
-    @property
-    def bytes_down(self) -> int:
-        return self.down.bytes
 
 
 class Engine:

@@ -29,15 +29,18 @@ if TYPE_CHECKING:
     from ..proto.limits import MessageRate
 
 
-class Relay:
-    """One established session relayed by two trio tasks."""
+class RelayDriver:
+    """What both drivers share: the session's machine and its control surface.
 
-    __slots__ = ("machine", "up", "down", "_channels", "_writing", "_nursery")
+    The control path (sweeper, drains, shutdown) calls ``finish`` and
+    ``keepalive``; a driver reacts to what the machine then queued in
+    ``_changed`` (the trio pumps start writers, the engine sends at once).
+    """
+
+    __slots__ = ("machine", "up", "down")
 
     def __init__(
         self,
-        client: RawChannel,
-        backend: RawChannel,
         *,
         up_scanner: FrameScanner,
         down_scanner: FrameScanner,
@@ -55,6 +58,51 @@ class Relay:
         )
         self.up = self.machine.up
         self.down = self.machine.down
+
+    def _changed(self) -> None:
+        raise NotImplementedError
+
+    def finish(self, client_code: int, backend_code: int, reason: str, kind: Outcome) -> None:
+        """End the session from the proxy's side (idle timeout, drain, shutdown)."""
+        self.machine.finish(client_code, backend_code, reason, kind, trio.current_time())
+        self._changed()
+
+    def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
+        self.machine.keepalive(now, interval_s, timeout_s)
+        self._changed()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.bytes
+
+
+class Relay(RelayDriver):
+    """One established session relayed by two trio tasks."""
+
+    __slots__ = ("_channels", "_writing", "_nursery")
+
+    def __init__(
+        self,
+        client: RawChannel,
+        backend: RawChannel,
+        *,
+        up_scanner: FrameScanner,
+        down_scanner: FrameScanner,
+        close_timeout_s: float,
+        backend_failure_code: int,
+        message_rate: tuple[MessageRate, MessageRate] | None = None,
+    ) -> None:
+        super().__init__(
+            up_scanner=up_scanner,
+            down_scanner=down_scanner,
+            close_timeout_s=close_timeout_s,
+            backend_failure_code=backend_failure_code,
+            message_rate=message_rate,
+        )
         # (source, destination) of each direction
         self._channels = {id(self.up): (client, backend), id(self.down): (backend, client)}
         self._writing: set[int] = set()  # directions whose destination a task is writing
@@ -129,21 +177,5 @@ class Relay:
         if machine.done and not self._writing and not self.up.out and not self.down.out:
             nursery.cancel_scope.cancel()
 
-    # -- the control path ------------------------------------------------------------
-
-    def finish(self, client_code: int, backend_code: int, reason: str, kind: Outcome) -> None:
-        """End the session from the proxy's side (idle timeout, drain, shutdown)."""
-        self.machine.finish(client_code, backend_code, reason, kind, trio.current_time())
+    def _changed(self) -> None:
         self._after()
-
-    def keepalive(self, now: float, interval_s: float, timeout_s: float) -> None:
-        self.machine.keepalive(now, interval_s, timeout_s)
-        self._after()
-
-    @property
-    def bytes_up(self) -> int:
-        return self.up.bytes
-
-    @property
-    def bytes_down(self) -> int:
-        return self.down.bytes
