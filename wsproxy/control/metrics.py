@@ -478,14 +478,15 @@ class WsproxyCollector(Collector):
             for backend in backends:
                 name = str(backend.address)
                 state = app.registry.state(backend.address)
+                pool_health = app.registry.health(pool, backend.address)
                 seen.add(name)
                 sessions.add_metric([pool, name], state.active)
                 for h in _HEALTH_STATES:
-                    health.add_metric([pool, name, h.value], int(state.health is h))
-                if state.rtt_s is not None:
-                    rtt.add_metric([pool, name], state.rtt_s)
+                    health.add_metric([pool, name, h.value], int(pool_health.health is h))
+                if pool_health.rtt_s is not None:
+                    rtt.add_metric([pool, name], pool_health.rtt_s)
                 draining.add_metric([pool, name], int(state.draining))
-                ejected.add_metric([pool, name], int(state.ejected(now)))
+                ejected.add_metric([pool, name], int(pool_health.ejected(now)))
                 extra = live.get(name, (0, 0, 0, 0))
                 bytes_.add_metric([pool, name, "up"], state.bytes_up + extra[0])
                 bytes_.add_metric([pool, name, "down"], state.bytes_down + extra[1])
