@@ -52,6 +52,7 @@ from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolCon
 from .control.health import HealthChecker
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
 from .control.registry import BackendState, Health, Registry
+from .edge.tickets import SessionTickets
 from .control.status import snapshot
 from .edge.gate import RouteGate
 from .edge.engine import HAVE_EPOLL, Engine
@@ -157,6 +158,7 @@ class App:
         #: relays every plain session (None: each session relays itself with trio pumps)
         self.engine: Engine | None = Engine() if engine else None
         self.registry = Registry()
+        self.tickets = SessionTickets()  # TLS ticket keys per listener: rotate, survive reloads
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.metrics = Metrics(started_unix=time.time())

@@ -11,6 +11,7 @@ anything changes.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import ipaddress
 
 from wsproxy.config.durations import quote
@@ -29,6 +30,9 @@ from wsproxy.config.schema import (
     TokenConfig,
 )
 
+#: RFC 8446 §4.6.1: a ticket lifetime of at most seven days.
+MAX_TICKET_LIFETIME_S = 7 * 86400.0
+
 
 def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     from wsproxy.edge.tls import TlsError, server_context
@@ -36,8 +40,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     fields = r.fields(
         at,
         required=("cert", "key"),
-        optional=("sni", "client_ca", "client_cert"),
-        what="a tls mapping (cert, key, sni, client_ca, client_cert)",
+        optional=("sni", "client_ca", "client_cert", "session_ticket_lifetime"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert, session_ticket_lifetime)",
     )
     if fields is None:
         return None
@@ -45,6 +49,10 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     key = r.tls_file(fields.get("key"))
     client_ca = r.tls_file(fields.get("client_ca"), MAX_CA_BUNDLE_BYTES)
     client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
+    ticket_lifetime_s = r.duration_or_zero(fields.get("session_ticket_lifetime"))
+    if ticket_lifetime_s is not None and ticket_lifetime_s > MAX_TICKET_LIFETIME_S:  # RFC 8446 §4.6.1: 7 days at most
+        r.error(fields["session_ticket_lifetime"], f"session_ticket_lifetime: at most 7d (RFC 8446 §4.6.1), got {ticket_lifetime_s:g}s")
+        ticket_lifetime_s = None
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
     if client_cert in ("required", "optional") and "client_ca" not in fields:
@@ -62,15 +70,19 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
     if cert is None or key is None or ("client_ca" in fields and client_ca is None):
         return None  # each missing file is reported at its own key already
-    tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
+    tls = TlsConfig(
+        cert=cert,
+        key=key,
+        sni=tuple(sni),
+        client_ca=client_ca,
+        **given(client_cert=client_cert, session_ticket_lifetime_s=ticket_lifetime_s),
+    )
     try:
         context = server_context(tls)
     except TlsError as exc:
         r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
         return None
-    return TlsConfig(
-        cert=cert, key=key, sni=tls.sni, client_ca=client_ca, client_cert=tls.client_cert, context=context
-    )
+    return dataclasses.replace(tls, context=context)
 
 
 def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, object]:

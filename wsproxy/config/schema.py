@@ -66,6 +66,7 @@ class TlsConfig:
     sni: tuple[SniCertConfig, ...] = ()  # more certificates, chosen by server name
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
+    session_ticket_lifetime_s: float = 3600.0  # ticket keys rotate this often; tickets live this long; 0 = no resumption
     context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 

@@ -126,7 +126,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             app.connection_count += 1
             admitted_ip = client_ip
         if listener.tls is not None:
-            client = TlsChannel.wrap_server(client.sock, listener.tls.context)
+            client = TlsChannel.wrap_server(client.sock, app.tickets.context_for(listener.name, listener.tls))
             try:
                 with trio.fail_at(deadline):
                     await client.handshake()
