@@ -52,6 +52,7 @@ from .config.schema import Address, Config, DrainConfig, ListenerConfig, PoolCon
 from .control.health import HealthChecker
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
 from .control.registry import BackendState, Health, Registry
+from .edge.jwks import JwksFetcher, JwksStartupError
 from .edge.tickets import SessionTickets
 from .control.status import snapshot
 from .edge.gate import RouteGate
@@ -137,7 +138,7 @@ def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
 
 
 class ListenError(Exception):
-    """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
+    """A listener of the initial config cannot be opened (the port is taken, or not ours), or a jwks_url fetched."""
 
 
 class ReloadError(Exception):
@@ -159,6 +160,7 @@ class App:
         self.engine: Engine | None = Engine() if engine else None
         self.registry = Registry()
         self.tickets = SessionTickets()  # TLS ticket keys per listener: rotate, survive reloads
+        self.jwks = JwksFetcher(lambda: self.generation.config)  # routes' jwks_url: fetched at start, refreshed
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.metrics = Metrics(started_unix=time.time())
@@ -204,6 +206,10 @@ class App:
     ) -> None:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
         try:
+            try:
+                await self.jwks.prepare()  # before any listener opens: a route without keys cannot serve
+            except JwksStartupError as exc:
+                raise ListenError(str(exc)) from None
             for spec in self.generation.config.listeners:
                 self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))
             for name, sockets in self._inherited.items():  # passed by systemd, but no listener has the name
@@ -235,6 +241,7 @@ class App:
                 self._control = control
                 control.start_soon(self._idle_sweeper)
                 control.start_soon(measure_loop_lag, self.metrics)
+                control.start_soon(self.jwks.run)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
                 for slot in self.listeners.values():

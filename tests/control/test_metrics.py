@@ -73,6 +73,7 @@ FAMILIES = {
     "wsproxy_event_loop_delay_seconds": "histogram",
     "wsproxy_reloads": "counter",
     "wsproxy_reload_failures": "counter",
+    "wsproxy_jwks_fetch_failures": "counter",
     "wsproxy_last_reload_success_timestamp_seconds": "gauge",
     "wsproxy_config_generation": "gauge",
     "wsproxy_certificate_expiry_timestamp_seconds": "gauge",

@@ -202,14 +202,18 @@ def _tokens(r: Reader, at: At | None, file_at: At | None) -> tuple[TokenConfig, 
     return tuple(tokens)
 
 
+_JWKS_KEYS = ("jwks_url", "jwks_refresh", "jwks_min_refresh", "jwks_ca")
+
+
 def _jwt(r: Reader, at: At) -> JwtConfig | None:
-    from wsproxy.proto.jwt import load_jwt_keys
+    from wsproxy.proto.jwt import JwksSource, load_jwt_keys
 
     fields = r.fields(
         at,
         required=("algorithms",),
-        optional=("keys", "jwks_file", "secret_file", "issuer", "audience", "leeway", "identity_claim", "pass_claims"),
-        what="a jwt mapping (algorithms, keys, jwks_file, secret_file, issuer, audience, leeway, identity_claim, pass_claims)",
+        optional=("keys", "jwks_file", "secret_file", *_JWKS_KEYS, "issuer", "audience", "leeway", "identity_claim", "pass_claims"),
+        what="a jwt mapping (algorithms, keys, jwks_file, secret_file, jwks_url, jwks_refresh, jwks_min_refresh, jwks_ca, "
+        "issuer, audience, leeway, identity_claim, pass_claims)",
     )
     if fields is None:
         return None
@@ -228,8 +232,15 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
             pem_keys.append(read[1])
     jwks = r.read(fields.get("jwks_file"))
     secret = r.read(fields.get("secret_file"))
-    if not pem_keys and jwks is None and secret is None and not r.errors:
-        r.error(at, "jwt needs keys, jwks_file or secret_file")
+    jwks_url = _jwks_url(r, fields.get("jwks_url"))
+    for name in _JWKS_KEYS[1:]:
+        if name in fields and "jwks_url" not in fields:
+            r.error(fields[name], f"{name} applies to jwks_url, which is not given")
+    refresh_s = r.duration(fields.get("jwks_refresh"))
+    min_refresh_s = r.duration(fields.get("jwks_min_refresh"))
+    jwks_ca = r.tls_file(fields.get("jwks_ca"), MAX_CA_BUNDLE_BYTES)
+    if not pem_keys and jwks is None and secret is None and "jwks_url" not in fields and not r.errors:
+        r.error(at, "jwt needs keys, jwks_file, secret_file or jwks_url")
         return None
     config = JwtConfig(
         algorithms=algorithms or ("RS256",),
@@ -237,6 +248,10 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
         jwks_file=jwks[0] if jwks else None,
         secret_file=secret[0] if secret else None,
         **given(
+            jwks_url=jwks_url,
+            jwks_refresh_s=refresh_s,
+            jwks_min_refresh_s=min_refresh_s,
+            jwks_ca=jwks_ca,
             issuer=r.text(fields.get("issuer"), "an issuer"),
             audience=r.text(fields.get("audience"), "an audience"),
             leeway_s=_leeway(r, fields.get("leeway")),
@@ -252,15 +267,29 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
             pem_keys=pem_keys,
             jwks=jwks[1] if jwks else None,
             secret=secret[1].strip() if secret else None,
+            allow_none=config.jwks_url is not None,
         )
     except ValueError as exc:
         r.error(at, str(exc))
         return None
+    if config.jwks_url is not None:  # fetched by edge.jwks at start and while running
+        material = JwksSource(  # type: ignore[assignment]
+            url=config.jwks_url,
+            algorithms=config.algorithms,
+            static=material if material.keys else None,
+            refresh_s=config.jwks_refresh_s,
+            min_refresh_s=config.jwks_min_refresh_s,
+            ca=config.jwks_ca,
+        )
     return JwtConfig(
         algorithms=config.algorithms,
         keys=config.keys,
         jwks_file=config.jwks_file,
         secret_file=config.secret_file,
+        jwks_url=config.jwks_url,
+        jwks_refresh_s=config.jwks_refresh_s,
+        jwks_min_refresh_s=config.jwks_min_refresh_s,
+        jwks_ca=config.jwks_ca,
         issuer=config.issuer,
         audience=config.audience,
         leeway_s=config.leeway_s,
@@ -268,6 +297,27 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
         pass_claims=config.pass_claims,
         key_material=material,
     )
+
+
+def _jwks_url(r: Reader, at: At | None) -> str | None:
+    """An https:// URL with a host (TLS is always verified; no credentials in it: it is logged)."""
+    from urllib.parse import urlsplit
+
+    text = r.text(at, "an https:// URL")
+    if at is None or text is None:
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        r.error(at, f"expected an https:// URL with a host, got {quote(text)}")
+        return None
+    if parts.username is not None or parts.password is not None:
+        r.error(at, "a URL with credentials in it; the JWKS of an identity provider is public")
+        return None
+    return text
 
 
 def _leeway(r: Reader, at: At | None) -> float | None:

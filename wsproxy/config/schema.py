@@ -90,6 +90,10 @@ class JwtConfig:
     keys: tuple[str, ...] = ()  # PEM public key files
     jwks_file: str | None = None  # a JWKS file; keys chosen by "kid"; "oct" keys serve HS*
     secret_file: str | None = None  # an HS* shared secret
+    jwks_url: str | None = None  # https:// JWKS of an identity provider; fetched at start, refreshed (edge.jwks)
+    jwks_refresh_s: float = 600.0  # fetched again this often
+    jwks_min_refresh_s: float = 10.0  # a token with an unknown kid fetches again at most this often
+    jwks_ca: str | None = None  # PEM CA bundle that verifies jwks_url; None = the system store
     issuer: str | None = None
     audience: str | None = None
     leeway_s: float = 30.0

@@ -416,6 +416,14 @@ class WsproxyCollector(Collector):
         counter = CounterMetricFamily("wsproxy_reload_failures", "Config reloads that failed (the old config stayed).")
         counter.add_metric([], app.reload_failures)
         yield counter
+        jwks = getattr(app, "jwks", None)  # edge.jwks.JwksFetcher: routes' jwks_url
+        if jwks is not None:
+            counter = CounterMetricFamily(
+                "wsproxy_jwks_fetch_failures", "Failed fetches of a jwks_url (the last good keys stayed).", labels=["url"]
+            )
+            for url, failures in sorted(jwks.failures.items()):
+                counter.add_metric([url], failures)
+            yield counter
         gauge = GaugeMetricFamily(
             "wsproxy_last_reload_success_timestamp_seconds", "Unix time of the last successful config load."
         )

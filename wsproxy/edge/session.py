@@ -198,7 +198,7 @@ async def _handshakes(
     session.route = route
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
-        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
+        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls, jwks=app.jwks
     )
     if isinstance(verdict, Refused):
         await _refuse(client, session, app, verdict)
