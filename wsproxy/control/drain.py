@@ -24,8 +24,8 @@ from __future__ import annotations
 import enum
 import logging
 import random
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
