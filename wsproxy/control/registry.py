@@ -166,11 +166,13 @@ def unavailable_because(state: BackendState, health: HealthState, backend: Backe
 
 
 class Registry:
-    __slots__ = ("_states", "_health")
+    __slots__ = ("_states", "_health", "retired")
 
     def __init__(self) -> None:
         self._states: dict[Address, BackendState] = {}
         self._health: dict[tuple[PoolName, Address], HealthState] = {}
+        #: bytes up, bytes down, messages up, messages down of forgotten backends (process totals keep them)
+        self.retired = [0, 0, 0, 0]
 
     def state(self, address: Address) -> BackendState:
         """The state of ``address``, created on first use."""
@@ -201,12 +203,17 @@ class Registry:
     def __iter__(self) -> Iterator[BackendState]:
         return iter(self._states.values())
 
-    def forget(self, keep: set[tuple[PoolName, Address]]) -> None:
-        """Drop the state of backends no pool has any more and no session uses."""
-        addresses = {address for _pool, address in keep}
-        for address in [a for a, s in self._states.items() if a not in addresses and s.active == 0]:
-            del self._states[address]
-        for key in [k for k in self._health if k not in keep]:
+    def forget(self, keep: set[Address], pools: set[tuple[PoolName, Address]] | None = None) -> None:
+        """Drop the state of backends no pool has any more and no session uses.
+
+        ``pools``: the (pool, address) pairs of the config in effect; the health
+        of every other pair is dropped (None: health is kept for ``keep``'s addresses).
+        """
+        for address in [a for a, s in self._states.items() if a not in keep and s.active == 0]:
+            state = self._states.pop(address)
+            for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
+                self.retired[i] += value
+        for key in [k for k in self._health if (k not in pools if pools is not None else k[1] not in keep)]:
             del self._health[key]
 
     def record_failure(

@@ -275,6 +275,11 @@ class TlsChannel(RawChannel):
         ssl_object = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_name)
         return cls(sock, ssl_object, incoming, outgoing)
 
+    def take_output(self) -> bytes:
+        """What is still to be sent, in order (held tickets first), for a new owner of the socket."""
+        held, self._held = self._held, b""
+        return held + (self.outgoing.read() if self.outgoing.pending else b"")
+
     async def _flush(self) -> None:
         """Send what OpenSSL has written, in order; raises ChannelBroken."""
         while self._flushing:  # another task is sending earlier records: wait for it
