@@ -322,6 +322,9 @@ def test_registry_keys_by_address_and_forgets_only_idle_unknown_ones() -> None:
     assert registry.health(P, A) is not registry.health(Q, A)
     registry.state(B).active = 1
     registry.state(Address("10.0.0.3", 9000))
-    registry.health(Q, A)
-    registry.forget(keep={(P, A)})
+    q_health = registry.health(Q, A)
+    p_health = registry.health(P, A)
+    registry.forget(keep={A}, pools={(P, A)})
     assert {s.address for s in registry} == {A, B}  # B still has a session
+    assert registry.health(P, A) is p_health  # still configured: kept
+    assert registry.health(Q, A) is not q_health  # pool "other" no longer lists A: its health starts over
