@@ -26,8 +26,9 @@ them in front of its first answer. Sent at once, they reach a client while it
 writes its request, and a client that reads in one thread and writes in
 another on one ``SSLSocket`` (``websockets``' sync client does) races inside
 OpenSSL, which does not allow concurrent ``SSL_read`` and ``SSL_write`` on one
-connection: about 3 sessions in 1,000 lost their request. Held back, they
-arrive with the 101 (or the refusal), when such a client only reads.
+connection: 6 of 3,600 upgrades from 4 threads of that client timed out
+(0 of 4,800 with the tickets held back). Held back, they arrive with the 101
+(or the refusal), when such a client only reads.
 """
 
 from __future__ import annotations
