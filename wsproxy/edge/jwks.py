@@ -42,6 +42,7 @@ import httpx
 import trio
 
 from ..config.schema import Config
+from ..errors import WsproxyError
 from ..proto.auth import Credential
 from ..proto.jwt import JwksSource
 
@@ -54,11 +55,11 @@ MAX_JWKS_BYTES = 1024 * 1024
 USER_AGENT = "wsproxy-jwks"
 
 
-class JwksFetchFailed(Exception):
+class JwksFetchFailed(WsproxyError):
     """A JWKS could not be fetched or used; the message says what was seen."""
 
 
-class JwksStartupError(Exception):
+class JwksStartupError(WsproxyError):
     """At start, a ``jwks_url`` could not be fetched and a route has no other keys."""
 
 

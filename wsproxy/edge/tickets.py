@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config.schema import TlsConfig
+from ..errors import WsproxyError
 
 log = logging.getLogger("wsproxy.edge.tickets")
 
@@ -59,7 +60,7 @@ SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 TICKET_KEY_BYTES = 80
 
 
-class TicketKeysUnavailable(Exception):
+class TicketKeysUnavailable(WsproxyError):
     """libssl cannot be reached safely from Python; the message says why."""
 
 
