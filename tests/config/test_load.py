@@ -785,3 +785,41 @@ def test_route_header_and_case_keys() -> None:
     first, second = config.routes
     assert (first.path_ignore_case, first.strip_headers, first.strip_headers_default) == (True, ("X-Debug", "X_Trace"), False)
     assert (second.path_ignore_case, second.strip_headers, second.strip_headers_default) == (False, (), True)
+
+
+def test_route_subprotocol_keys() -> None:
+    config = parse_config(
+        with_route(
+            "  - {pool: echo, path: /graphql, subprotocol: graphql-transport-ws,"
+            " subprotocols: [graphql-transport-ws], subprotocol_required: true}\n"
+            "  - {pool: echo, subprotocols: [chat.v2, chat.v1], client_cert_header: X-Forwarded-Client-Cert}\n"
+        ),
+        "t.yaml",
+    )
+    first, second = config.routes
+    assert (first.subprotocol, first.subprotocols, first.subprotocol_required) == (
+        "graphql-transport-ws", ("graphql-transport-ws",), True
+    )
+    assert (second.subprotocol, second.subprotocols, second.subprotocol_required) == (None, ("chat.v2", "chat.v1"), False)
+    assert (first.client_cert_header, second.client_cert_header) == (None, "X-Forwarded-Client-Cert")
+    assert RouteConfig(pool=ECHO).subprotocols is None  # absent: any offer passes
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ("{pool: echo, subprotocol: 'a b'}", "t.yaml:5:31: routes[0].subprotocol: a subprotocol name is a token"),
+        ("{pool: echo, subprotocols: [ok, 'x,y']}", "t.yaml:5:37: routes[0].subprotocols[1]: a subprotocol name is a token"),
+        ("{pool: echo, subprotocols: chat}", "t.yaml:5:32: routes[0].subprotocols: expected a list of subprotocol names"),
+        ("{pool: echo, subprotocol_required: yes please}", "t.yaml:5:40: routes[0].subprotocol_required: expected true or false"),
+        (
+            "{pool: echo, subprotocols: [chat.v2], subprotocol: chat.v1}",
+            't.yaml:5:56: routes[0].subprotocol: the route matches on subprotocol "chat.v1", which its subprotocols list does not allow',
+        ),
+        ("{pool: echo, client_cert_header: 'X Cert'}", 't.yaml:5:38: routes[0].client_cert_header: expected a header name, got "X Cert"'),
+        ("{pool: echo, client_cert_header: Sec-WebSocket-Key}", "t.yaml:5:38: routes[0].client_cert_header: Sec-WebSocket-Key is a header the proxy or the handshake owns"),
+    ],
+)
+def test_route_subprotocol_errors(route: str, message: str) -> None:
+    text = MINIMAL.replace("  - pool: echo\n", f"  - {route}\n")
+    assert str(error_in(text)).startswith(message)

@@ -18,6 +18,7 @@ from wsproxy.config.files import MAX_CA_BUNDLE_BYTES
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     AUTH_SOURCES,
+    CLIENT_IDENTITIES,
     JWT_ALGORITHMS,
     AuthConfig,
     BackendTlsConfig,
@@ -36,8 +37,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     fields = r.fields(
         at,
         required=("cert", "key"),
-        optional=("sni", "client_ca", "client_cert"),
-        what="a tls mapping (cert, key, sni, client_ca, client_cert)",
+        optional=("sni", "client_ca", "client_cert", "client_identity"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert, client_identity)",
     )
     if fields is None:
         return None
@@ -45,8 +46,11 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     key = r.tls_file(fields.get("key"))
     client_ca = r.tls_file(fields.get("client_ca"), MAX_CA_BUNDLE_BYTES)
     client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
+    client_identity = r.choice(fields.get("client_identity"), CLIENT_IDENTITIES, "client_identity")
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
+    if client_identity is not None and "client_ca" not in fields:
+        r.error(fields["client_identity"], "client_identity needs client_ca (without client certificates there is no identity)")
     if client_cert in ("required", "optional") and "client_ca" not in fields:
         r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
         return None
@@ -62,15 +66,19 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
     if cert is None or key is None or ("client_ca" in fields and client_ca is None):
         return None  # each missing file is reported at its own key already
-    tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
+    tls = TlsConfig(
+        cert=cert, key=key, sni=tuple(sni), client_ca=client_ca,
+        **given(client_cert=client_cert, client_identity=client_identity),
+    )  # fmt: skip
     try:
         context = server_context(tls)
     except TlsError as exc:
         r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
         return None
     return TlsConfig(
-        cert=cert, key=key, sni=tls.sni, client_ca=client_ca, client_cert=tls.client_cert, context=context
-    )
+        cert=cert, key=key, sni=tls.sni, client_ca=client_ca, client_cert=tls.client_cert,
+        client_identity=tls.client_identity, context=context,
+    )  # fmt: skip
 
 
 def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, object]:
@@ -273,8 +281,8 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
     fields = r.fields(
         at,
         required=("url",),
-        optional=("send_headers", "copy_headers", "timeout", "cache"),
-        what="a forward mapping (url, send_headers, copy_headers, timeout, cache)",
+        optional=("send_headers", "copy_headers", "timeout", "cache", "identity_from"),
+        what="a forward mapping (url, send_headers, copy_headers, timeout, cache, identity_from)",
     )
     if fields is None:
         return None
@@ -296,12 +304,13 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
             copy_headers=r.strings(fields.get("copy_headers"), "header names"),
             timeout_s=r.duration(fields.get("timeout")),
             cache_s=cache,
+            identity_from=r.text(fields.get("identity_from"), "a header name"),
         ),
     )
     try:
         check_header_names(forward)
     except ValueError as exc:
-        r.error(at, str(exc))
+        r.error(fields["identity_from"] if str(exc).startswith("identity_from") else at, str(exc))
         return None
     return forward
 

@@ -30,6 +30,10 @@ HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
 #: (Authorization: Bearer), "cookie:NAME", "query:NAME", "subprotocol".
 AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
 
+#: What a listener takes as the identity of a client certificate (``listeners[].tls.client_identity``):
+#: the subject's CN, or the first URI, DNS or e-mail subjectAltName.
+CLIENT_IDENTITIES = ("subject_cn", "san_uri", "san_dns", "san_email")
+
 #: JWT algorithms wsproxy accepts in ``routes[].auth.jwt.algorithms`` ("none" never).
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
@@ -66,6 +70,7 @@ class TlsConfig:
     sni: tuple[SniCertConfig, ...] = ()  # more certificates, chosen by server name
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
+    client_identity: str = "subject_cn"  # which part of a client certificate is the identity (CLIENT_IDENTITIES)
     context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 
@@ -105,6 +110,7 @@ class ForwardAuthConfig:
     copy_headers: tuple[str, ...] = ()  # from its 2xx answer into the upstream request
     timeout_s: float = 2.0
     cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
+    identity_from: str | None = None  # the header of its 2xx answer that names the identity; None = no identity
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,6 +143,10 @@ class RouteConfig:
     path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
     strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
     strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
+    subprotocols: tuple[str, ...] | None = None  # the client's offer is filtered to these (its order kept); None = any
+    subprotocol_required: bool = False  # an empty offer (after credentials are taken out) is refused (400)
+    subprotocol: str | None = None  # a match key: the route only takes requests that offer this subprotocol
+    client_cert_header: str | None = None  # the client certificate upstream in this header, Envoy's XFCC format
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
