@@ -823,3 +823,42 @@ def test_route_subprotocol_keys() -> None:
 def test_route_subprotocol_errors(route: str, message: str) -> None:
     text = MINIMAL.replace("  - pool: echo\n", f"  - {route}\n")
     assert str(error_in(text)).startswith(message)
+
+
+def test_gate_identity_keys_are_checked_at_their_position() -> None:
+    text = dedent("""\
+        listeners:
+          - name: public
+            bind: 127.0.0.1:8443
+            tls: {cert: missing.pem, key: missing.key, client_identity: san_ip}
+          - name: other
+            bind: 127.0.0.1:8444
+            tls: {cert: missing.pem, key: missing.key, client_identity: san_uri}
+        routes:
+          - pool: echo
+            auth: {forward: {url: "http://127.0.0.1:9100/auth", identity_from: "X User"}}
+        pools:
+          echo:
+            backends:
+              - address: 127.0.0.1:9001
+        """)
+    shown = [str(e) for e in errors_in(text)]
+    assert (
+        't.yaml:4:65: listeners[0].tls.client_identity: unknown client_identity "san_ip"'
+        " (expected one of: subject_cn, san_uri, san_dns, san_email)"
+    ) in shown, shown
+    assert (
+        "t.yaml:7:65: listeners[1].tls.client_identity: client_identity needs client_ca"
+        " (without client certificates there is no identity)"
+    ) in shown, shown
+    assert "t.yaml:10:72: routes[0].auth.forward.identity_from: identity_from: 'X User' is not a header name" in shown, shown
+
+
+def test_gate_identity_keys_load() -> None:
+    config = parse_config(
+        with_route('  - {pool: echo, auth: {forward: {url: "http://127.0.0.1:9100/auth", identity_from: X-User}}}\n'),
+        "t.yaml",
+    )
+    (route,) = config.routes
+    assert route.auth is not None and route.auth.forward is not None
+    assert route.auth.forward.identity_from == "X-User"

@@ -21,8 +21,8 @@ ListenerName = NewType("ListenerName", str)
 BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
 
 #: Where a sticky key comes from (``pools.NAME.sticky.key``): "cookie:NAME",
-#: "header:NAME", "query:NAME", "ip", "claim:NAME".
-STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim")
+#: "header:NAME", "query:NAME", "ip", "claim:NAME", "identity" (the session's, whatever the auth kind).
+STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim", "identity")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
 
@@ -178,7 +178,7 @@ class StickyCookieConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StickyConfig:
     source: str  # one of STICKY_SOURCES
-    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip)
+    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip and identity)
     cookie: StickyCookieConfig | None = None  # required when source == "cookie"
     on_unavailable: str = "repick"  # repick | reject (503) when the pinned backend cannot take the session
 

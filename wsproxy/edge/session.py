@@ -251,6 +251,7 @@ async def _connect_upstream(
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
+        identity=admitted.identity if admitted.identity is not None else session.cert_identity,  # as logged
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
