@@ -433,6 +433,8 @@ async def test_sni_chooses_the_certificate(
         "B.Chat.Example.COM": chat_names,  # server names compare without case
         "exact.chat.example.com": exact_names,
         "example.com": default_names,  # nothing matches: the default
+        # RFC 6125 §6.4.3: the wildcard covers exactly one label (issue 17 item 8).
+        "a.b.chat.example.com": default_names,
         None: default_names,  # no SNI at all
     }
     with trio.fail_after(15):

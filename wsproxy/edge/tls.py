@@ -14,8 +14,9 @@ no per-record reads and no bytes hidden in OpenSSL from readiness waits.
 
 Policy: TLS 1.2 at least, Mozilla's "intermediate" cipher list for TLS 1.2
 (TLS 1.3 suites are OpenSSL's), ALPN ``http/1.1``, no compression, no
-renegotiation. SNI picks the certificate: exact names before wildcards, the
-top-level certificate when nothing matches.
+renegotiation. SNI picks the certificate: exact names before wildcards (a
+wildcard covers exactly one label, RFC 6125 §6.4.3), the top-level certificate
+when nothing matches.
 """
 
 from __future__ import annotations
@@ -150,10 +151,14 @@ def _sni_chooser(by_name: dict[str, ssl.SSLContext], wildcards: Sequence[tuple[s
         name = server_name.lower().rstrip(".")
         chosen = by_name.get(name)
         if chosen is None:
-            for suffix, ctx in wildcards:
-                if name.endswith(suffix) and len(name) > len(suffix):
-                    chosen = ctx
-                    break
+            # RFC 6125 §6.4.3: "*" covers exactly one label, so "*.w.test" names
+            # "a.w.test" and not "a.b.w.test" (clients refuse that match anyway).
+            label, dot, rest = name.partition(".")
+            if label and dot:
+                for suffix, ctx in wildcards:
+                    if "." + rest == suffix:
+                        chosen = ctx
+                        break
         if chosen is not None:
             sock.context = chosen
 
