@@ -248,7 +248,7 @@ class TlsChannel(RawChannel):
     the outgoing BIO to the socket, so records never interleave.
     """
 
-    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed")
+    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed", "tls_error")
 
     def __init__(self, sock: socket.socket, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         super().__init__(sock)
@@ -257,6 +257,7 @@ class TlsChannel(RawChannel):
         self.outgoing = outgoing
         self._flushing = False
         self._flushed: trio.Event | None = None
+        self.tls_error: str | None = None  # why the last read ended in a TLS error (an alert), for the log
 
     @classmethod
     def wrap_server(cls, sock: socket.socket, context: ssl.SSLContext) -> TlsChannel:
@@ -327,8 +328,9 @@ class TlsChannel(RawChannel):
                     continue  # OpenSSL now sees EOF: read raises below
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
-            except ssl.SSLError:
-                return b""  # garbage on the wire: the peer is gone
+            except ssl.SSLError as exc:
+                self.tls_error = exc.reason or str(exc)
+                return b""  # an alert or garbage on the wire: the peer is gone
             else:
                 if self.outgoing.pending:  # e.g. a TLS 1.3 key update answer
                     try:
@@ -336,6 +338,27 @@ class TlsChannel(RawChannel):
                     except ChannelBroken:
                         return b""
                 return data
+
+    def pending_error(self) -> str | None:
+        """The TLS error the peer already sent (an alert) but nobody read, without waiting.
+
+        For a send that failed because the peer reset the connection: the
+        alert that explains why may still be in the socket's receive queue.
+        """
+        if self.tls_error is None:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                self.incoming.write(data)
+            try:
+                self.ssl.read(1)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                self.tls_error = exc.reason or str(exc)
+        return self.tls_error
 
     async def send(self, data: bytes | memoryview) -> None:
         try:
