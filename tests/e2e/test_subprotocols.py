@@ -205,3 +205,27 @@ async def test_a_subprotocol_route_without_a_matching_offer_is_404(nursery: trio
         )
         assert status_of(await raw_request(port, request)) == 404
         assert v2.offers == []
+
+
+async def test_credentials_offered_as_subprotocols_are_taken_out_before_the_policy(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """auth.sources: [subprotocol] — the access_token.<token> entry is a credential, not a
+    subprotocol: it never counts against the list, and never reaches the backend."""
+    import hashlib
+
+    token = "t0k3n-for-the-chat-bot"
+    with trio.fail_after(15):
+        chat = await start(nursery, Backend("chat"))
+        auth = {"sources": ["subprotocol"], "tokens": [{"name": "bot", "sha256": hashlib.sha256(token.encode()).hexdigest()}]}
+        port = await run_proxy(
+            nursery,
+            tmp_path,
+            [{"path": "/", "subprotocols": ["chat.v1"], "subprotocol_required": True, "auth": auth, "pool": "chat"}],
+            {"chat": chat},
+        )
+        assert await talk(port, "/", [f"access_token.{token}", "chat.v9", "chat.v1"]) == ("chat.v1", "chat:hi")
+        # Only the credential: the offer is empty once it is out, and the route requires one.
+        assert await refused_status(port, "/", [f"access_token.{token}"]) == 400
+        assert chat.offers == [["chat.v1"]]
+    assert all(token not in r.getMessage() for r in caplog.records)

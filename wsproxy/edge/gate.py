@@ -2,10 +2,11 @@
 and the checks between reading it and choosing a backend.
 
     accept → PROXY protocol header (``read_proxy_header``) → admission (limits)
-           → TLS handshake → request → Origin → credentials → backend
+           → TLS handshake → request → Origin → subprotocol policy → credentials → backend
 
 The decisions live in ``proto.proxy_protocol``, ``proto.limits``,
-``proto.origin``, ``proto.auth`` and ``proto.forwarded``; ``edge.forward_auth``
+``proto.origin``, ``proto.handshake`` (subprotocols), ``proto.auth``,
+``proto.client_cert`` and ``proto.forwarded``; ``edge.forward_auth``
 makes the subrequest of forward auth. This module only reads bytes and keeps
 time for them.
 """
