@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import trio
 
 from ..config.schema import Address, BackendTlsConfig, PoolConfig, SniCertConfig, TlsConfig
+from ..errors import WsproxyError
 from .channel import ChannelBroken, RawChannel
 
 #: Mozilla "intermediate" (v5.7) TLS 1.2 cipher suites.
@@ -47,7 +48,7 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
-class TlsError(Exception):
+class TlsError(WsproxyError):
     """A certificate, key or CA file cannot be used."""
 
     def __init__(self, file: str, reason: str) -> None:
@@ -203,7 +204,7 @@ def peer_subject(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     return ",".join(parts) or None
 
 
-class TlsHandshakeFailed(Exception):
+class TlsHandshakeFailed(WsproxyError):
     """A TLS handshake towards a backend failed; the message says why, for the log."""
 
 
