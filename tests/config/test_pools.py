@@ -99,8 +99,9 @@ BACKENDS = "backends:\n  - address: 127.0.0.1:9001\n"
     ("pool", "expected"),
     [
         ("hash_balance_factor: 80\n", '8:26: pools.chat.hash_balance_factor: must be 0 (no bound) or more than 100 (a percentage of the mean load), got 80'),
-        ("sticky: {key: \"cookie\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got "cookie"'),
-        ("sticky: {key: \"ip:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got "ip:x"'),
+        ("sticky: {key: \"cookie\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "cookie"'),
+        ("sticky: {key: \"identity:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "identity:x"'),
+        ("sticky: {key: \"ip:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "ip:x"'),
         ("sticky: {key: \"cookie:s\"}\n", "8:19: pools.chat.sticky.key: a cookie key needs a cookie mapping with secret_file (the key that signs the cookie)"),
         ("sticky: {key: ip, cookie: {secret_file: cookie.key}}\n", '8:31: pools.chat.sticky.cookie: cookie settings only apply to a "cookie:NAME" key, not "ip"'),
         ("sticky: {key: \"cookie:a b\"}\n", "8:19: pools.chat.sticky.key: a cookie name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got \"a b\""),

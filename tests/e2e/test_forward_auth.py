@@ -102,6 +102,33 @@ async def test_allow_copies_only_the_copy_headers() -> None:
     assert verdict == Allowed([(b"X-User", b"alice"), (b"X-User", b"alice2")])
 
 
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ([(b"X-User", b"alice")], "alice"),
+        ([(b"x-user", "Zoë Ä".encode())], "Zoë Ä"),  # UTF-8, inner spaces kept
+        ([], "exactly one X-User header (got 0)"),
+        ([(b"X-User", b"a"), (b"X-User", b"b")], "exactly one X-User header (got 2)"),
+        ([(b"X-User", b"")], "an empty or padded X-User header"),
+        ([(b"X-User", b"\xff\xfe")], "X-User header that is not UTF-8"),
+    ],
+)
+async def test_identity_from_a_header_of_the_allow(answer: list[tuple[bytes, bytes]], expected: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with auth_service(allow(*answer)) as service:
+            verdict = await check(forward_auth(service.url(), identity_from="X-User", copy_headers=()))
+    if isinstance(verdict, Rejection):
+        assert verdict.status == 503 and verdict.reason.endswith(expected), verdict
+        assert "\xff" not in verdict.reason and "alice" not in verdict.reason
+    else:
+        assert verdict == Allowed([], expected)
+
+
+def test_identity_from_must_be_a_header_name() -> None:
+    with pytest.raises(ValueError, match="identity_from: 'X User' is not a header name"):
+        forward_auth("http://127.0.0.1:1/", identity_from="X User")
+
+
 @pytest.mark.parametrize("status", [200, 204])
 async def test_any_2xx_allows(status: int) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):

@@ -431,7 +431,7 @@ async def test_16_mib_plus_one_is_refused_with_default_limit(nursery: trio.Nurse
         async with open_websocket_url(url(port), max_message_size=32 * MIB) as ws:
             # The proxy answers from the header: the close may arrive while we are still sending.
             assert await send_then_closed(ws, b"x" * (16 * MIB + 1)) == (1009, f"message of more than {16 * MIB} bytes (at least {16 * MIB + 1})")
-        await wait_until(lambda: rec.closes == [(1001, "peer protocol error")], "backend close", show=lambda: rec.closes)
+        await wait_until(lambda: rec.closes == [(1001, "peer sent a message too big")], "backend close", show=lambda: rec.closes)
         assert rec.received == [[]]
 
 
@@ -439,7 +439,8 @@ def small_limit_config(backend: int) -> Any:
     return make_config([backend], limits=LimitsConfig(max_message_bytes=1000))
 
 
-async def test_message_over_limit_from_client(nursery: trio.Nursery) -> None:
+async def test_message_over_limit_from_client(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy")
     with trio.fail_after(5):
         rec = Recorder()
         backend = await start_ws_backend(nursery, rec.handler)
@@ -449,10 +450,16 @@ async def test_message_over_limit_from_client(nursery: trio.Nursery) -> None:
             assert await ws.get_message() == b"a" * 1000
             await ws.send_message(b"b" * 1001)
             assert await closed_with(ws) == (1009, "message of more than 1000 bytes (at least 1001)")
-            await wait_until(lambda: (1001, "peer protocol error") in rec.closes, "backend close", show=lambda: rec.closes)
+            await wait_until(lambda: (1001, "peer sent a message too big") in rec.closes, "backend close", show=lambda: rec.closes)
             await healthy.send_message("ok")
             assert await healthy.get_message() == "ok"
         assert sorted(map(len, rec.received[1])) == [1000]  # the offending message never reached it
+        # Logged as what it is (issue 17 item 8), not as a protocol error.
+        def closes() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "event=close " in r.getMessage() and "by=proxy" in r.getMessage()]
+
+        await wait_until(lambda: bool(closes()), "close logged", show=closes)
+        assert "reason='client sent a message of more than 1000 bytes (at least 1001)'" in closes()[0], closes()
 
 
 async def test_fragmented_message_over_limit_from_client(nursery: trio.Nursery) -> None:
@@ -467,7 +474,7 @@ async def test_fragmented_message_over_limit_from_client(nursery: trio.Nursery) 
         assert frames == []
         assert close is not None and close.close == (1009, "message of more than 1000 bytes (at least 1001)")
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1009)))
-        await wait_until(lambda: rec.closes == [(1001, "peer protocol error")], "backend close", show=lambda: rec.closes)
+        await wait_until(lambda: rec.closes == [(1001, "peer sent a message too big")], "backend close", show=lambda: rec.closes)
         assert await reader.read_eof() == b""
         assert rec.received == [[]]
 
@@ -482,7 +489,7 @@ async def test_message_over_limit_from_backend(nursery: trio.Nursery) -> None:
         app, port = await start_proxy(nursery, config)
         async with open_websocket_url(url(port)) as healthy, open_websocket_url(url(port)) as ws:
             await ws.send_message("big please")
-            assert await closed_with(ws) == (1011, "backend protocol error: message of more than 1000 bytes (at least 1001)")
+            assert await closed_with(ws) == (1011, "backend sent a message of more than 1000 bytes (at least 1001)")
             await wait_until(lambda: (1009, "message of more than 1000 bytes (at least 1001)") in rec.closes, "backend close", show=lambda: rec.closes)
             await healthy.send_message("ok")
             assert await healthy.get_message() == "ok"

@@ -190,7 +190,7 @@ def test_strip_headers_per_route() -> None:
         route("open"),
     )
     router = Router(routes)
-    identity = {b"x-auth-subject", b"x-user-id", b"x-tenant"}
+    identity = {b"x-auth-subject", b"x-user-id", b"x-tenant", b"x-forwarded-client-cert"}
     for r in routes:  # every route strips every identity header of the config
         assert identity <= router.strip_headers(r)
     assert DEFAULT_STRIP_HEADERS <= router.strip_headers(routes[3])

@@ -100,6 +100,7 @@ def plan_session(
     client_ip: str,
     claims: Mapping[str, object] | None = None,
     tls: bool = False,
+    identity: str | None = None,
 ) -> Plan | NoBackend:
     """Decide where a new session of ``pool`` goes (see the module docstring)."""
     everyone = [
@@ -138,7 +139,7 @@ def plan_session(
         order = selector.order(available, None)
         return _plan(pool, order, cookie_for(pool, order[0].backend, tls=tls), label)
 
-    key = sticky_key(sticky, headers=headers, target=target, client_ip=client_ip, claims=claims)
+    key = sticky_key(sticky, headers=headers, target=target, client_ip=client_ip, claims=claims, identity=identity)
     if key is None:
         if not available:
             return _no_backend(pool, registry, everyone, now)

@@ -19,6 +19,7 @@ from wsproxy.config.files import MAX_CA_BUNDLE_BYTES
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     AUTH_SOURCES,
+    CLIENT_IDENTITIES,
     JWT_ALGORITHMS,
     AuthConfig,
     BackendTlsConfig,
@@ -40,8 +41,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     fields = r.fields(
         at,
         required=("cert", "key"),
-        optional=("sni", "client_ca", "client_cert", "session_ticket_lifetime"),
-        what="a tls mapping (cert, key, sni, client_ca, client_cert, session_ticket_lifetime)",
+        optional=("sni", "client_ca", "client_cert", "client_identity", "session_ticket_lifetime"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert, client_identity, session_ticket_lifetime)",
     )
     if fields is None:
         return None
@@ -53,8 +54,11 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     if ticket_lifetime_s is not None and ticket_lifetime_s > MAX_TICKET_LIFETIME_S:  # RFC 8446 §4.6.1: 7 days at most
         r.error(fields["session_ticket_lifetime"], f"session_ticket_lifetime: at most 7d (RFC 8446 §4.6.1), got {ticket_lifetime_s:g}s")
         ticket_lifetime_s = None
+    client_identity = r.choice(fields.get("client_identity"), CLIENT_IDENTITIES, "client_identity")
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
+    if client_identity is not None and "client_ca" not in fields:
+        r.error(fields["client_identity"], "client_identity needs client_ca (without client certificates there is no identity)")
     if client_cert in ("required", "optional") and "client_ca" not in fields:
         r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
         return None
@@ -75,7 +79,7 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
         key=key,
         sni=tuple(sni),
         client_ca=client_ca,
-        **given(client_cert=client_cert, session_ticket_lifetime_s=ticket_lifetime_s),
+        **given(client_cert=client_cert, client_identity=client_identity, session_ticket_lifetime_s=ticket_lifetime_s),
     )
     try:
         context = server_context(tls)
@@ -335,8 +339,8 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
     fields = r.fields(
         at,
         required=("url",),
-        optional=("send_headers", "copy_headers", "timeout", "cache"),
-        what="a forward mapping (url, send_headers, copy_headers, timeout, cache)",
+        optional=("send_headers", "copy_headers", "timeout", "cache", "identity_from"),
+        what="a forward mapping (url, send_headers, copy_headers, timeout, cache, identity_from)",
     )
     if fields is None:
         return None
@@ -358,12 +362,13 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
             copy_headers=r.strings(fields.get("copy_headers"), "header names"),
             timeout_s=r.duration(fields.get("timeout")),
             cache_s=cache,
+            identity_from=r.text(fields.get("identity_from"), "a header name"),
         ),
     )
     try:
         check_header_names(forward)
     except ValueError as exc:
-        r.error(at, str(exc))
+        r.error(fields["identity_from"] if str(exc).startswith("identity_from") else at, str(exc))
         return None
     return forward
 

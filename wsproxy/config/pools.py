@@ -140,15 +140,16 @@ def _sticky(r: Reader, at: At | None) -> StickyConfig | None:
     fields = r.fields(at, required=("key",), optional=("cookie", "on_unavailable"), what="a sticky mapping (key, cookie, on_unavailable)")
     if fields is None:
         return None
-    key = r.text(fields.get("key"), '"cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME"')
+    key = r.text(fields.get("key"), '"cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity"')
     on_unavailable = r.choice(fields.get("on_unavailable"), ("repick", "reject"), "on_unavailable")
     cookie = _cookie(r, fields.get("cookie"))
     if key is None:
         return None
     source, _, name = key.partition(":")
     key_at = fields["key"]
-    if source not in STICKY_SOURCES or (source == "ip") != (name == "") or (source != "ip" and not name.strip()):
-        r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got {quote(key)}')
+    bare = source in ("ip", "identity")  # the sources without a name
+    if source not in STICKY_SOURCES or bare != (name == "") or (not bare and not name.strip()):
+        r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got {quote(key)}')
         return None
     if source in ("cookie", "header") and not _TOKEN.fullmatch(name):
         r.error(key_at, f"a {source} name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got {quote(name)}")

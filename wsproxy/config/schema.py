@@ -21,14 +21,18 @@ ListenerName = NewType("ListenerName", str)
 BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
 
 #: Where a sticky key comes from (``pools.NAME.sticky.key``): "cookie:NAME",
-#: "header:NAME", "query:NAME", "ip", "claim:NAME".
-STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim")
+#: "header:NAME", "query:NAME", "ip", "claim:NAME", "identity" (the session's, whatever the auth kind).
+STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim", "identity")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
 
 #: Where credentials are looked for (``routes[].auth.sources``): "header"
 #: (Authorization: Bearer), "cookie:NAME", "query:NAME", "subprotocol".
 AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
+
+#: What a listener takes as the identity of a client certificate (``listeners[].tls.client_identity``):
+#: the subject's CN, or the first URI, DNS or e-mail subjectAltName.
+CLIENT_IDENTITIES = ("subject_cn", "san_uri", "san_dns", "san_email")
 
 #: JWT algorithms wsproxy accepts in ``routes[].auth.jwt.algorithms`` ("none" never).
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -67,6 +71,7 @@ class TlsConfig:
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
     session_ticket_lifetime_s: float = 3600.0  # ticket keys rotate this often; tickets live this long; 0 = no resumption
+    client_identity: str = "subject_cn"  # which part of a client certificate is the identity (CLIENT_IDENTITIES)
     context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 
@@ -110,6 +115,7 @@ class ForwardAuthConfig:
     copy_headers: tuple[str, ...] = ()  # from its 2xx answer into the upstream request
     timeout_s: float = 2.0
     cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
+    identity_from: str | None = None  # the header of its 2xx answer that names the identity; None = no identity
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +148,10 @@ class RouteConfig:
     path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
     strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
     strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
+    subprotocols: tuple[str, ...] | None = None  # the client's offer is filtered to these (its order kept); None = any
+    subprotocol_required: bool = False  # an empty offer (after credentials are taken out) is refused (400)
+    subprotocol: str | None = None  # a match key: the route only takes requests that offer this subprotocol
+    client_cert_header: str | None = None  # the client certificate upstream in this header, Envoy's XFCC format
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +183,7 @@ class StickyCookieConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StickyConfig:
     source: str  # one of STICKY_SOURCES
-    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip)
+    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip and identity)
     cookie: StickyCookieConfig | None = None  # required when source == "cookie"
     on_unavailable: str = "repick"  # repick | reject (503) when the pinned backend cannot take the session
 

@@ -39,6 +39,7 @@ class Reason(str, enum.Enum):
     UPGRADE = "upgrade"  # not a valid HTTP request or not a valid WebSocket upgrade (400/426/431)
     NO_ROUTE = "no_route"  # no route for the host and path (404)
     ORIGIN = "origin"  # Origin not allowed or missing (403)
+    SUBPROTOCOL = "subprotocol"  # no offered subprotocol is allowed on the route, or none offered where one is required (400)
     AUTH = "auth"  # credentials missing or refused, by the proxy or the auth service (401/403)
     AUTH_UNAVAILABLE = "auth_unavailable"  # the forward-auth service failed or did not answer (503)
     LIMIT = "limit"  # max_connections (503), max_connections_per_ip, handshake_rate_per_ip (429)

@@ -18,6 +18,7 @@ reaches a backend. The session owns its sockets and closes them in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import ssl
@@ -42,7 +43,9 @@ from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
 from .relay import Relay, RelayDriver
 from .request import CLOSE_TIMEOUT_S, Silent, read_request
-from .tls import TlsChannel, peer_subject
+from ..proto.client_cert import certificate_identity
+from ..proto.handshake import offered_subprotocols
+from .tls import TlsChannel
 from .upstream import Refusal, open_upstream
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ class Session:
         "idle_since",
         "sticky",
         "identity",
+        "cert_identity",
         "draining",
     )
 
@@ -87,6 +91,7 @@ class Session:
         self.idle_since = 0.0
         self.sticky = "none"  # how stickiness decided the backend, for the log
         self.identity = "-"  # who the gate let in (never the credential), for the log
+        self.cert_identity: str | None = None  # the verified client certificate's (listener's client_identity)
         self.draining = False  # its close has been ordered by a drain or a shutdown
 
 
@@ -135,9 +140,10 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                 log.info("event=tls_failed conn=%s peer=%s reason=%r", conn_id, session.peer, reason)
                 return
             assert isinstance(client, TlsChannel)
-            subject = peer_subject(client.ssl)
-            if subject:
-                session.identity = subject
+            cert = client.ssl.getpeercert()  # {} without a (verified) client certificate
+            identity = certificate_identity(cert, listener.tls.client_identity) if cert else None
+            if identity is not None:
+                session.identity = session.cert_identity = identity
         if admission is not None:
             await _refuse(client, session, app, Refused.of(Reason.LIMIT, admission))
             return
@@ -192,15 +198,25 @@ async def _handshakes(
         await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
-    route = session.generation.router.route(up.host, up.path)  # the normalised host and path
+    route = session.generation.router.route(up.host, up.path, up.subprotocols)  # the normalised host and path
     if isinstance(route, Rejection):
         reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
         await _refuse(client, session, app, Refused.of(reason, route))
         raise _Done
     session.route = route
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
+    der = None
+    if route.client_cert_header is not None and isinstance(client, TlsChannel):
+        der = client.ssl.getpeercert(binary_form=True)
     verdict = await check_request(
-        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls, jwks=app.jwks
+        session.generation.gates[id(route)],
+        up,
+        client_ip=session.client_ip,
+        host_header=host_header,
+        tls=tls,
+        jwks=app.jwks,
+        client_identity=session.cert_identity,
+        client_cert_der=der,
     )
     if isinstance(verdict, Refused):
         await _refuse(client, session, app, verdict)
@@ -238,6 +254,7 @@ async def _connect_upstream(
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
+        identity=admitted.identity if admitted.identity is not None else session.cert_identity,  # as logged
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
@@ -262,6 +279,9 @@ async def _connect_upstream(
         drop=set(dropped) | admitted.drop,
         strip=generation.router.strip_headers(route),
     )
+    forwarded = offered_subprotocols(headers)
+    if forwarded != up.subprotocols:  # the backend must choose from what it was offered (else 502)
+        up = dataclasses.replace(up, subprotocols=forwarded)
     try:
         result = await open_upstream(
             plan.order,
