@@ -18,7 +18,8 @@ Theory of operation
 -------------------
 1. Every backend of the pool becomes a ``Candidate`` with its effective weight
    (config weight x slow-start factor); those that ``BackendState.available``
-   says may take a session now stay in the running.
+   says may take a session now stay in the running, and of those only the
+   best SRV priority (``discovery.best_priority``; listed backends are 0).
 2. Stickiness, by source:
 
    - ``cookie:NAME``: a cookie that verifies pins its backend. Pinned and
@@ -50,6 +51,7 @@ from typing import Final
 
 from ..config.schema import BackendConfig, PoolConfig
 from ..control.registry import BackendState, Health, Registry
+from .discovery import best_priority
 from .policy import Candidate, Selector, least_conn_order, rendezvous_order
 from .sticky import cookie_value, pinned_backend, request_cookie, set_cookie, sticky_key
 
@@ -105,7 +107,7 @@ def plan_session(
         for b in pool.backends
         for state in (registry.state(b.address),)
     ]
-    available = [c for c in everyone if c.state.available(now, c.backend)]
+    available = best_priority([c for c in everyone if c.state.available(now, c.backend)])  # SRV backups wait
     sticky = pool.sticky
 
     if sticky is None:
@@ -124,7 +126,7 @@ def plan_session(
             label = "new" if value is None else "miss"
         else:
             pin = next(c for c in everyone if c.backend is pinned)
-            if pin.state.available(now, pin.backend):
+            if pin.state.available(now, pin.backend):  # a pin wins over SRV priority
                 # Failover after the pin goes by least load: it leaves the selector's rotation alone.
                 rest = least_conn_order([c for c in available if c is not pin])
                 return _plan(pool, [pin, *rest], None, "hit")
