@@ -91,6 +91,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 passive=passive,
                 tls=tls,
                 tls_context=tls_context,
+                discovery=discovery,
                 **given(
                     drain=drain,
                     balance=balance,
