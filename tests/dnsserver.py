@@ -137,9 +137,18 @@ class DnsServer:
 
     def __init__(self, table: DnsTable | None = None) -> None:
         self.table = table or DnsTable()
-        self._udp = DNSServer(self.table, port=0, address="127.0.0.1", handler=_Handler, logger=_Quiet())
-        self.port = int(self._udp.server.server_address[1])
-        self._tcp = DNSServer(self.table, port=self.port, address="127.0.0.1", tcp=True, handler=_Handler, logger=_Quiet())
+        for attempt in range(20):  # the kernel picks the UDP port; TCP may hold it already
+            self._udp = DNSServer(self.table, port=0, address="127.0.0.1", handler=_Handler, logger=_Quiet())
+            self.port = int(self._udp.server.server_address[1])
+            try:
+                self._tcp = DNSServer(
+                    self.table, port=self.port, address="127.0.0.1", tcp=True, handler=_Handler, logger=_Quiet()
+                )
+                break
+            except OSError:
+                self._udp.server.server_close()
+                if attempt == 19:
+                    raise
         self._udp.start_thread()
         self._tcp.start_thread()
 

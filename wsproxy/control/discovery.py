@@ -66,7 +66,7 @@ from ..balance.discovery import (
     next_lookup_s,
     with_discovered,
 )
-from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig, PoolName
+from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig, PoolName, hostport
 
 log = logging.getLogger("wsproxy.control.discovery")
 
@@ -86,6 +86,13 @@ class LookupFailed(Exception):
         self.reason = reason
 
 
+def _server(server: object) -> str:
+    """dnspython's "Do53:127.0.0.1@5353" as "127.0.0.1:5353" (the form of ``discovery.resolvers``)."""
+    text = str(server).removeprefix("Do53:")
+    host, at, port = text.rpartition("@")
+    return hostport(host, int(port)) if at and port.isdigit() else text
+
+
 def _why(exc: BaseException) -> str:
     """A short reason for a dnspython error (its own messages run to several lines)."""
     if isinstance(exc, dns.resolver.LifetimeTimeout):
@@ -97,7 +104,7 @@ def _why(exc: BaseException) -> str:
         for server, _tcp, _port, error, *rest in exc.kwargs.get("errors", []):
             response = rest[0] if rest else None
             code = dns.rcode.to_text(response.rcode()) if response is not None else type(error).__name__
-            seen.append(f"{server} {code}")
+            seen.append(f"{_server(server)} {code}")
         return "no server answered: " + (", ".join(dict.fromkeys(seen)) or "none configured")
     if isinstance(exc, dns.resolver.NoResolverConfiguration):
         return "no resolver configured (/etc/resolv.conf has no nameserver; set discovery.resolvers)"
