@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSRecord
-from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSRecord  # type: ignore[import-untyped]
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer  # type: ignore[import-untyped]
 
 UDP_MAX_BYTES = 512
 

@@ -144,7 +144,7 @@ async def hold(url: str, held: Held, stop: trio.Event) -> None:
                             held.failures.append("wrong echo")
                         await trio.sleep(0.1)
                 except ConnectionClosed as exc:
-                    held.endings.append((backend, exc.reason.code, trio.current_time()))
+                    held.endings.append((backend, exc.reason.code if exc.reason else None, trio.current_time()))
         except Exception as exc:  # a refused or failed handshake: the test wants none
             if backend is None:
                 held.failures.append(repr(exc))
