@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from functools import partial
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,10 +32,15 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
 from tests.dnsserver import DnsServer, Srv
+from tests.e2e.test_status_page import Browser, needs_browser, with_browser
 from tests.support import make_config, start_proxy
 from wsproxy.app import App
+from wsproxy.control import discovery
+from wsproxy.control.admin import serve_admin
+from wsproxy.control.discovery import DnsLookup, LookupFailed
 from wsproxy.config.schema import (
     Address,
+    AdminConfig,
     Config,
     DiscoveryConfig,
     DrainConfig,
@@ -292,6 +299,17 @@ async def test_a_failed_lookup_keeps_the_set_or_empties_it(
     assert await greeting(url) == backend
 
 
+async def test_without_resolvers_the_systems_are_asked_and_none_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search example.internal\noptions ndots:2\n")  # no nameserver line
+    monkeypatch.setattr(discovery, "RESOLV_CONF", str(conf))
+    with pytest.raises(LookupFailed) as info:
+        await DnsLookup(DiscoveryConfig(dns="chat", type="A", port=9000)).lookup()
+    assert info.value.reason.startswith("no resolver configured")
+
+
 async def test_ttls_are_honoured_within_one_second_and_the_interval(nursery: trio.Nursery, dns: DnsServer) -> None:
     dns.table.set("chat.test", "A", ["127.0.0.2"])
     dns.table.ttl = 0  # asks for a lookup at every use: the floor (1 s) applies
@@ -353,3 +371,47 @@ async def test_a_reload_keeps_the_found_set_and_a_new_question_replaces_it(
     other = dataclasses.replace(pool.discovery, dns="other.test")
     app.reload(dataclasses.replace(config, pools={MAIN: dataclasses.replace(pool, discovery=other)}))
     await wait_for(lambda: list(backends_of(app)) == ["127.0.0.3:9000"], 3, "the new question's answer")
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_the_status_page_shows_found_backends_and_one_that_left(nursery: trio.Nursery, dns: DnsServer) -> None:
+    """In Chromium: "dns" beside found backends; one that left the answer stays, draining, until it is back."""
+    port = await a_backends(nursery, "127.0.0.2", "127.0.0.3")
+    left, stays = f"127.0.0.2:{port}", f"127.0.0.3:{port}"
+    dns.table.set("chat.test", "A", ["127.0.0.2", "127.0.0.3"])
+    config = discovering(
+        dns, DiscoveryConfig(dns="chat.test", type="A", port=port, interval_s=1.0),
+        drain=DrainConfig(timeout_s=60.0, spread_s=1.0),  # long enough to look at
+    )
+    app, proxy_port = await start_proxy(nursery, config)
+    url = f"ws://127.0.0.1:{proxy_port}/"
+    stop = trio.Event()
+    clients = [Held() for _ in range(4)]
+    for held in clients:
+        nursery.start_soon(hold, url, held, stop)
+    await wait_for(lambda: all(c.backends for c in clients), 10, "every client connected")
+    admin = await nursery.start(serve_admin, app, AdminConfig(bind=Address("127.0.0.1", 0)))
+
+    def steps(browser: Browser) -> None:
+        from playwright.sync_api import expect  # installed: needs_browser says so
+
+        page = browser.page
+        for backend in (left, stays):
+            expect(browser.state(backend)).to_have_text("up")
+            expect(browser.row(backend).locator("td.addr")).to_contain_text("dns")
+        trio.from_thread.run_sync(dns.table.set, "chat.test", "A", ["127.0.0.3"])
+        expect(browser.state(left)).to_have_text("draining", timeout=4000)
+        expect(browser.row(left).locator("td.addr")).to_contain_text("left the pool")
+        expect(browser.row(left).locator("button.drain")).to_be_hidden()
+        expect(page.locator("#events")).to_contain_text(f"{left}: up → draining")
+        browser.screenshot("status-page-discovery.png")
+        trio.from_thread.run_sync(dns.table.set, "chat.test", "A", ["127.0.0.2", "127.0.0.3"])
+        expect(browser.state(left)).to_have_text("up", timeout=4000)
+        expect(browser.row(left).locator("td.addr")).not_to_contain_text("left the pool")
+        expect(browser.row(left).locator("button.drain")).to_be_visible()
+        assert browser.errors == [], browser.errors
+
+    await trio.to_thread.run_sync(partial(with_browser, f"http://{admin}/", steps, viewport={"width": 1280, "height": 800}))
+    stop.set()
+    assert [c.endings for c in clients] == [[] for _ in clients]  # the drain was called off: nobody closed

@@ -74,6 +74,8 @@ log = logging.getLogger("wsproxy.control.discovery")
 LOOKUP_TIMEOUT_S = 5.0
 #: ...and one query to one server this long.
 QUERY_TIMEOUT_S = 2.0
+#: Where the system's resolver is configured (nameservers, search list, ndots).
+RESOLV_CONF = "/etc/resolv.conf"
 #: How long ``start`` waits for the first lookups before the listeners open anyway.
 FIRST_LOOKUP_WAIT_S = LOOKUP_TIMEOUT_S + 1.0
 
@@ -128,7 +130,7 @@ class DnsLookup:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(a.host, a.port) for a in settings.resolvers]
         else:
-            resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf; raises NoResolverConfiguration
+            resolver = dns.asyncresolver.Resolver(RESOLV_CONF)  # raises NoResolverConfiguration without nameservers
         resolver.lifetime = min(LOOKUP_TIMEOUT_S, settings.interval_s)
         resolver.timeout = min(QUERY_TIMEOUT_S, resolver.lifetime)
         resolver.cache = None  # TTLs are honoured by when we ask, not by a cache in between
@@ -141,18 +143,25 @@ class DnsLookup:
                 self._resolver = self._make_resolver()
             if self.settings.type == "SRV":
                 return await self._srv(self._resolver)
-            addresses, ttl = await self._addresses(self._resolver, self.settings.dns, self.settings.type)
+            addresses, ttl = await self._addresses(self._resolver, self.settings.dns, self.settings.type, self._search)
             return from_addresses(addresses, self.settings.port), ttl
         except LookupFailed:
             raise
         except (dns.exception.DNSException, OSError) as exc:
             raise LookupFailed(_why(exc)) from None
 
+    @property
+    def _search(self) -> bool:
+        """The system's search list applies to the system's resolver only (explicit resolvers: names are absolute)."""
+        return not self.settings.resolvers
+
     @staticmethod
-    async def _addresses(resolver: dns.asyncresolver.Resolver, name: str, kind: str) -> tuple[list[str], float | None]:
+    async def _addresses(
+        resolver: dns.asyncresolver.Resolver, name: str, kind: str, search: bool = False
+    ) -> tuple[list[str], float | None]:
         """The addresses of ``name`` (A or AAAA); none, with no TTL, for NXDOMAIN or no records of that type."""
         try:
-            answer = await resolver.resolve(name, kind, search=True)
+            answer = await resolver.resolve(name, kind, search=search)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return [], None
         rrset = answer.rrset
@@ -162,7 +171,7 @@ class DnsLookup:
 
     async def _srv(self, resolver: dns.asyncresolver.Resolver) -> tuple[tuple[BackendConfig, ...], float | None]:
         try:
-            answer = await resolver.resolve(self.settings.dns, "SRV", search=True)
+            answer = await resolver.resolve(self.settings.dns, "SRV", search=self._search)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return (), None
         rrset = answer.rrset

@@ -487,6 +487,7 @@
     }
     row.drain.classList.toggle("current", b.draining === true);
     row.undrain.classList.toggle("current", b.draining !== true);
+    row.drain.hidden = row.undrain.hidden = b.removed === true; // not in the pool: nothing to drain or undrain
     return live;
   }
 
