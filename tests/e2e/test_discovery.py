@@ -7,7 +7,7 @@ Backends are trio-websocket servers that *name themselves* (a backend's first
 message to each client is its address), on 127.0.0.2-127.0.0.4 with one port
 (A records carry no port) or on 127.0.0.1 with one port each (SRV).
 
-Covered: A answers flipped under load (no refused handshake, 1012 for the
+Covered: A and SRV answers flipped under load (no refused handshake, 1012 for the
 sessions of the backend that left, within drain timeout + spread; the new
 backend takes sessions after its health check and slow start), SRV priority
 and weight, a truncated UDP answer retried over TCP, a failed lookup keeping
@@ -33,7 +33,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_ur
 
 from tests.dnsserver import DnsServer, Srv
 from tests.e2e.test_status_page import Browser, needs_browser, with_browser
-from tests.support import make_config, start_proxy
+from tests.support import UPGRADE_REQUEST, make_config, raw_request, start_proxy, status_of
 from wsproxy.app import App
 from wsproxy.control import discovery
 from wsproxy.control.admin import serve_admin
@@ -158,15 +158,25 @@ async def hold(url: str, held: Held, stop: trio.Event) -> None:
                 await trio.sleep(0.1)
 
 
-async def test_a_answers_flipped_under_load(nursery: trio.Nursery, dns: DnsServer) -> None:
-    """30 held sessions and a stream of new ones; DNS moves the pool from .2,.3 to .3,.4."""
+@pytest.mark.parametrize("kind", ["A", "SRV"])
+async def test_answers_flipped_under_load(nursery: trio.Nursery, dns: DnsServer, kind: str) -> None:
+    """30 held sessions and a stream of new ones; DNS moves the pool from .2,.3 to .3,.4 (A, or SRV targets)."""
     port = await a_backends(nursery, "127.0.0.2", "127.0.0.3", "127.0.0.4")
     old, kept, new = (f"127.0.0.{i}:{port}" for i in (2, 3, 4))
-    dns.table.set("chat.test", "A", ["127.0.0.2", "127.0.0.3"])
+
+    def answer(*hosts: str) -> None:
+        if kind == "A":
+            dns.table.set("chat.test", "A", list(hosts))
+        else:  # one SRV target per pod, its address in the additional section
+            dns.table.set("chat.test", "SRV", [Srv(0, 10, port, f"pod-{h.rsplit('.', 1)[1]}.chat.test", h) for h in hosts])
+
+    answer("127.0.0.2", "127.0.0.3")
     drain = DrainConfig(timeout_s=1.0, spread_s=1.0, close_timeout_s=2.0)
+    question = DiscoveryConfig(dns="chat.test", type="A", port=port, interval_s=1.0) if kind == "A" else (
+        DiscoveryConfig(dns="chat.test", type="SRV", interval_s=1.0)
+    )
     config = discovering(
-        dns, DiscoveryConfig(dns="chat.test", type="A", port=port, interval_s=1.0),
-        drain=drain, health=HealthConfig(type="tcp", interval_s=0.5, timeout_s=1.0), slow_start_s=1.5,
+        dns, question, drain=drain, health=HealthConfig(type="tcp", interval_s=0.5, timeout_s=1.0), slow_start_s=1.5
     )
     app, proxy_port = await start_proxy(nursery, config)
     url = f"ws://127.0.0.1:{proxy_port}/"
@@ -195,7 +205,7 @@ async def test_a_answers_flipped_under_load(nursery: trio.Nursery, dns: DnsServe
         on_old = sum(1 for c in clients if c.backends[0] == old)
         assert on_old >= 5  # round robin spread them over both
         flipped_at = trio.current_time()
-        dns.table.set("chat.test", "A", ["127.0.0.3", "127.0.0.4"])
+        answer("127.0.0.3", "127.0.0.4")
         await wait_for(lambda: new in backends_of(app) and old not in backends_of(app), 3, "the flip seen")
         seen_at = trio.current_time()
         assert seen_at - flipped_at <= 1.0 + 1.0  # TTL 1 s (and interval 1 s), plus slack
@@ -294,6 +304,8 @@ async def test_a_failed_lookup_keeps_the_set_or_empties_it(
     assert list(backends_of(app)) == [backend]  # carried over by the reload
     await wait_for(lambda: backends_of(app) == {}, 5, "the set emptied")
     assert any("action=emptied" in r.getMessage() for r in caplog.records)
+    refused = await raw_request(proxy_port, UPGRADE_REQUEST)
+    assert status_of(refused) == 503 and refused.endswith(b"no backend available in pool main\n")
     dns.table.mode = "answer"
     await wait_for(lambda: list(backends_of(app)) == [backend], 5, "the set back")
     assert await greeting(url) == backend
