@@ -70,9 +70,9 @@ from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig,
 
 log = logging.getLogger("wsproxy.control.discovery")
 
-#: One lookup (every server and retry, SRV targets included) gets at most this long...
+#: One lookup (every server and retry, SRV targets included) gets at most this long (or ``interval``)...
 LOOKUP_TIMEOUT_S = 5.0
-#: ...and one query to one server this long.
+#: ...and one query to one server at most this long.
 QUERY_TIMEOUT_S = 2.0
 #: Where the system's resolver is configured (nameservers, search list, ndots).
 RESOLV_CONF = "/etc/resolv.conf"
@@ -109,7 +109,7 @@ def _why(exc: BaseException) -> str:
             seen.append(f"{_server(server)} {code}")
         return "no server answered: " + (", ".join(dict.fromkeys(seen)) or "none configured")
     if isinstance(exc, dns.resolver.NoResolverConfiguration):
-        return "no resolver configured (/etc/resolv.conf has no nameserver; set discovery.resolvers)"
+        return f"no resolver configured ({RESOLV_CONF} has no nameserver; set discovery.resolvers)"
     if isinstance(exc, OSError):
         return f"socket error: {exc.strerror or exc}"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -137,18 +137,24 @@ class DnsLookup:
         return resolver
 
     async def lookup(self) -> tuple[tuple[BackendConfig, ...], float | None]:
-        """(backends found, the smallest TTL among the answers used or None); raises ``LookupFailed``."""
+        """(backends found, the smallest TTL among the answers used or None); raises ``LookupFailed``.
+
+        The system's configuration is read again for every lookup (a changed
+        ``/etc/resolv.conf`` applies at the next one); explicit resolvers are
+        set up once.
+        """
+        budget_s = min(LOOKUP_TIMEOUT_S, self.settings.interval_s)
         try:
-            if self._resolver is None:
+            if self._resolver is None or not self.settings.resolvers:
                 self._resolver = self._make_resolver()
-            if self.settings.type == "SRV":
-                return await self._srv(self._resolver)
-            addresses, ttl = await self._addresses(self._resolver, self.settings.dns, self.settings.type, self._search)
-            return from_addresses(addresses, self.settings.port), ttl
-        except LookupFailed:
-            raise
+            with trio.move_on_after(budget_s):
+                if self.settings.type == "SRV":
+                    return await self._srv(self._resolver)
+                addresses, ttl = await self._addresses(self._resolver, self.settings.dns, self.settings.type, self._search)
+                return from_addresses(addresses, self.settings.port), ttl
         except (dns.exception.DNSException, OSError) as exc:
             raise LookupFailed(_why(exc)) from None
+        raise LookupFailed(f"timed out after {budget_s:g}s")
 
     @property
     def _search(self) -> bool:
