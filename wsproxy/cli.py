@@ -204,7 +204,10 @@ def status(path: str, out: TextIO, as_json: bool) -> int:
         print(f"pool {name} ({pool['balance']}):", file=out)
         for b in pool["backends"]:
             state = "draining" if b["draining"] else ("ejected" if b["ejected"] else b["health"])
-            print(f"  {b['address']:<24} {state:<9} active={b['active']} total={b['total']}", file=out)
+            source = " (dns)" if b.get("source") == "dns" else ""
+            print(f"  {b['address']:<24} {state:<9} active={b['active']} total={b['total']}{source}", file=out)
+        for b in pool.get("removed", []):
+            print(f"  {b['address']:<24} {'draining':<9} active={b['active']} total={b['total']} (left the pool)", file=out)
     return 0
 
 

@@ -6,6 +6,7 @@ missing or empty secret is a config error with its position, like any other.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 
 from yaml.nodes import Node, ScalarNode
@@ -15,10 +16,12 @@ from wsproxy.config.durations import quote
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     BALANCE_ALGORITHMS,
+    DISCOVERY_TYPES,
     HEALTH_CHECK_TYPES,
     STICKY_SOURCES,
     Address,
     BackendConfig,
+    DiscoveryConfig,
     DrainConfig,
     HealthConfig,
     PassiveHealthConfig,
@@ -34,6 +37,12 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: The smallest secret accepted for signing sticky cookies.
 MIN_SECRET_BYTES = 16
 
+#: The shortest ``discovery.interval``: a lookup per second per pool at most.
+MIN_DISCOVERY_INTERVAL_S = 1.0
+
+#: A DNS name: labels of letters, digits, "-" and "_" (SRV's "_ws._tcp"), dot-separated, an optional final dot.
+_DNS_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
 
 def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str] | None]:
     """The pools that are valid, and the names of all pools (``None`` if there is no
@@ -48,14 +57,19 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         name = r.name(name_at, "a pool name")
         fields = r.fields(
             pool_at,
-            required=("backends",),
-            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive", "tls", "drain"),
+            optional=(
+                "backends", "discovery", "balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health",
+                "passive", "tls", "drain",
+            ),
             what="a pool (balance, backends, ...)",
         )
         if fields is None:
             continue
+        if "backends" not in fields and "discovery" not in fields:
+            r.error(pool_at, 'a pool needs "backends", "discovery" (backends from DNS) or both')
         balance = r.choice(fields.get("balance"), BALANCE_ALGORITHMS, "balance algorithm")
-        backends = _backends(r, fields.get("backends"))
+        discovery = _discovery(r, fields.get("discovery"))
+        backends = _backends(r, fields.get("backends"), empty_ok="discovery" in fields)
         factor = _balance_factor(r, fields.get("hash_balance_factor"))
         retries = r.integer(fields.get("retries"), 0, 10)
         slow_start = r.duration(fields.get("slow_start"))
@@ -77,6 +91,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 passive=passive,
                 tls=tls,
                 tls_context=tls_context,
+                discovery=discovery,
                 **given(
                     drain=drain,
                     balance=balance,
@@ -89,11 +104,11 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
     return result, set(entries)
 
 
-def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
+def _backends(r: Reader, at: At | None, *, empty_ok: bool = False) -> tuple[BackendConfig, ...]:
     items = r.items(at, "backends")
     if at is None or items is None:
         return ()
-    if not items:
+    if not items and not empty_ok:
         r.error(at, "a pool needs at least one backend")
     addresses: dict[Address, Node] = {}
     backends = []
@@ -125,6 +140,66 @@ def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
                 BackendConfig(address=address, tls=tls, **given(weight=weight, max_connections=max_connections))
             )
     return tuple(backends)
+
+
+def _discovery(r: Reader, at: At | None) -> DiscoveryConfig | None:
+    """``discovery: {dns, type, port, interval, resolvers, on_error}``: backends from DNS."""
+    fields = r.fields(
+        at,
+        required=("dns", "type"),
+        optional=("port", "interval", "resolvers", "on_error"),
+        what="a discovery mapping (dns, type, port, interval, resolvers, on_error)",
+    )
+    if fields is None:
+        return None
+    name = r.text(fields.get("dns"), "a DNS name")
+    if name is not None and not _DNS_NAME.fullmatch(name):
+        r.error(fields["dns"], f'expected a DNS name like "chat.default.svc.cluster.local", got {quote(name)}')
+        name = None
+    kind = r.choice(fields.get("type"), DISCOVERY_TYPES, "record type")
+    port = r.integer(fields.get("port"), 1, 65535)
+    if kind in ("A", "AAAA") and "port" not in fields:
+        r.error(fields["type"], f'type {kind} needs "port" beside it (the backends\' port: {kind} records carry none)')
+    elif kind == "SRV" and "port" in fields:
+        r.error(fields["port"], "port applies to A and AAAA lookups only (SRV records carry the port)")
+        port = None
+    interval = r.duration(fields.get("interval"))
+    if interval is not None and interval < MIN_DISCOVERY_INTERVAL_S:
+        r.error(fields["interval"], f"must be at least {MIN_DISCOVERY_INTERVAL_S:g}s, got {interval:g}s")
+        interval = None
+    resolvers = _resolvers(r, fields.get("resolvers"))
+    on_error = r.choice(fields.get("on_error"), ("keep", "empty"), "on_error")
+    if name is None or kind is None or (kind != "SRV" and port is None):
+        return None
+    return DiscoveryConfig(
+        dns=name,
+        type=kind,
+        **given(port=port, interval_s=interval, resolvers=resolvers, on_error=on_error),
+    )
+
+
+def _resolvers(r: Reader, at: At | None) -> tuple[Address, ...] | None:
+    """DNS servers as ``"ip:port"`` (``"[v6]:port"``): a name would need a resolver to find the resolver."""
+    items = r.items(at, '"ip:port" strings')
+    if at is None or items is None:
+        return None
+    if not items:
+        r.error(at, "expected at least one resolver; leave resolvers out to use the system's")
+        return None
+    seen: dict[Address, Node] = {}
+    result = []
+    for item in items:
+        address = r.address(item, allow_port_zero=False)
+        if address is None:
+            continue
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            r.error(item, f'a resolver is an IP address and a port ("127.0.0.1:53", "[::1]:53"), got {quote(str(address))}')
+            continue
+        r.unique(seen, address, item, "resolver")
+        result.append(address)
+    return tuple(result)
 
 
 def _balance_factor(r: Reader, at: At | None) -> int | None:

@@ -26,6 +26,9 @@ STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim", "identity")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
 
+#: The record types ``pools.NAME.discovery.type`` may look up.
+DISCOVERY_TYPES = ("A", "AAAA", "SRV")
+
 #: Where credentials are looked for (``routes[].auth.sources``): "header"
 #: (Authorization: Bearer), "cookie:NAME", "query:NAME", "subprotocol".
 AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
@@ -170,6 +173,8 @@ class BackendConfig:
     tls: bool = False  # "wss://host:port" in the YAML, or the pool has a tls mapping
     weight: int = 1  # relative share of new sessions, 1..1000
     max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
+    source: str = "config"  # "config" (the backends list) | "dns" (found by the pool's discovery)
+    priority: int = 0  # SRV priority, lower first: only the best priority with an available backend is used
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,10 +222,22 @@ class DrainConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryConfig:
+    """Backends from DNS (``pools.NAME.discovery``), looked up by ``control.discovery``."""
+
+    dns: str  # the name to look up, e.g. "chat.default.svc.cluster.local" or "_ws._tcp.chat.service.consul"
+    type: str  # one of DISCOVERY_TYPES
+    port: int = 0  # A/AAAA: the backends' port (required there); SRV records carry their own
+    interval_s: float = 5.0  # the longest time between two lookups; a shorter TTL looks again sooner (>= 1s)
+    resolvers: tuple[Address, ...] = ()  # DNS servers to ask (IP literals, UDP then TCP); () = the system's
+    on_error: str = "keep"  # keep | empty: the discovered set after a failed lookup
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
-    backends: tuple[BackendConfig, ...]  # at least one, addresses unique within the pool
+    backends: tuple[BackendConfig, ...]  # addresses unique; at least one without discovery; found ones included
     hash_balance_factor: int = 0  # hash only: no backend above ceil(factor/100 x mean) sessions; 0 = off, else > 100
     retries: int = 2  # failed connects or upgrades retried on another backend before the client sees an error
     slow_start_s: float = 0.0  # a backend that becomes healthy ramps its weight up over this time; 0 = off
@@ -230,6 +247,7 @@ class PoolConfig:
     tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
     tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
     drain: DrainConfig = DrainConfig()
+    discovery: DiscoveryConfig | None = None  # backends from DNS, beside (after) the listed ones
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
