@@ -150,7 +150,7 @@ def test_only_the_best_priority_with_an_available_backend_takes_sessions() -> No
     chat = pool(primary, second, backup)
     registry = Registry()
     for b in chat.backends:
-        registry.state(b.address).mark_up(0.0)
+        registry.health(chat.name, b.address).mark_up(0.0)
     selector = make_selector(chat)
 
     def picks(n: int, *, backup_allowed: bool = False) -> list[Address]:
