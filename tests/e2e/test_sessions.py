@@ -77,9 +77,19 @@ class Stack:
     backend: Backend
     admin: str
 
+    @property
+    def url(self) -> str:
+        """The status page."""
+        return f"http://{self.admin}/"
+
 
 async def start_stack(
-    nursery: trio.Nursery, *, auth: bool = True, limits: LimitsConfig | None = None, sticky_ip: bool = False
+    nursery: trio.Nursery,
+    *,
+    auth: bool = True,
+    limits: LimitsConfig | None = None,
+    sticky_ip: bool = False,
+    admin_token: bytes | None = ADMIN_TOKEN,
 ) -> Stack:
     backend = await start_backend(nursery)
     route = RouteConfig(pool=PoolName("main"), path="/chat")
@@ -91,7 +101,7 @@ async def start_stack(
         pool = dataclasses.replace(config.pools[PoolName("main")], sticky=StickyConfig(source="ip"))
         config = dataclasses.replace(config, pools={PoolName("main"): pool})
     app, port = await start_proxy(nursery, config)
-    admin_config = AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t", token=ADMIN_TOKEN)
+    admin_config = AdminConfig(bind=Address("127.0.0.1", 0), token_file="/t" if admin_token else None, token=admin_token)
     address = await nursery.start(partial(serve_admin, app, admin_config))
     return Stack(app, port, backend, address)
 
