@@ -291,7 +291,9 @@ def _bytes(n: int) -> str:
     return f"{value:.1f}{unit}"
 
 
-def kick(path: str, out: TextIO, *, session: str | None, identity: str | None, code: int | None, reason: str | None) -> int:
+def kick(
+    path: str, out: TextIO, *, session: str | None, identity: str | None, code: int | None, reason: str | None
+) -> int:
     """Close one session, or every session of an identity, through the admin API."""
     target = AdminTarget.from_config(path)
     body: dict[str, object] = {}

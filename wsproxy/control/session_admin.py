@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..balance.sticky import sticky_key
 from ..log import field as logged
 from ..proto.frames import CLOSE_GOING_AWAY
-from ..proto.handshake import Rejection
+from ..proto.handshake import Rejection, Upgrade
 from ..proto.identity_caps import CLOSE_OLDEST_CODE, CLOSE_OLDEST_REASON, Evict, IdentityKey, IdentityTable
 from ..proto.relay import By, Outcome
 from .metrics import route_label
@@ -50,12 +50,7 @@ STICKY_DIGEST_HEX = 16
 
 
 def identity_of(
-    session: Session,
-    pool: PoolConfig,
-    *,
-    headers: Sequence[tuple[bytes, bytes]],
-    target: bytes,
-    claims: Mapping[str, object] | None,
+    session: Session, pool: PoolConfig, up: Upgrade, claims: Mapping[str, object] | None
 ) -> tuple[IdentityKey, str] | None:
     """The capped identity of a session that passed the gate, and how the log names it; None: not capped.
 
@@ -68,7 +63,8 @@ def identity_of(
     sticky = pool.sticky
     if sticky is None or sticky.source == "cookie":
         return None
-    key = sticky_key(sticky, headers=headers, target=target, client_ip=session.client_ip, claims=claims)
+    headers = list(up.request.headers)
+    key = sticky_key(sticky, headers=headers, target=up.target, client_ip=session.client_ip, claims=claims)
     if key is None:
         return None
     digest = hashlib.sha256(key).hexdigest()[:STICKY_DIGEST_HEX]
@@ -149,8 +145,8 @@ class SessionControl:
         if isinstance(verdict, Evict):
             for conn_id in verdict.conn_ids:
                 old = self.sessions.get(conn_id)
-                if old is None or old.relay is None:
-                    continue
+                if old is None or old.relay is None or old.relay.machine.closed_by is not By.NONE:
+                    continue  # ending already (a peer, a drain, an operator): it no longer counts either
                 gate_log.info(
                     "event=identity_limit action=close_oldest conn=%s peer=%s who=%r for_conn=%s limit=%d",
                     conn_id, old.peer, label, session.conn_id, limits.max_sessions_per_identity,

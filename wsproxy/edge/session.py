@@ -212,9 +212,7 @@ async def _handshakes(
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
-    identity = identity_of(
-        session, config.pools[route.pool], headers=up.request.headers, target=up.target, claims=verdict.claims
-    )
+    identity = identity_of(session, config.pools[route.pool], up, verdict.claims)
     if identity is not None:  # counted even without a cap, so that a reload that sets one finds the counts
         rejection = app.session_control.admit(session, identity, config.limits)
         if rejection is not None:
