@@ -389,3 +389,20 @@ async def test_identity_cap_by_sticky_ip_key_without_auth(nursery: trio.Nursery)
         assert first.code == 1008
         assert not second.closed.is_set()
         assert [s["identity"] for s in sessions_of(await get(stack, "/sessions"))] == [None]
+
+
+async def test_a_reload_that_sets_a_cap_counts_the_sessions_already_open(nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        stack = await start_stack(nursery)  # no cap yet
+        alices = [await open_client(stack, nursery, "alice") for _ in range(3)]
+        config = stack.app.generation.config
+        limits = dataclasses.replace(config.limits, max_sessions_per_identity=2, on_identity_limit="close_oldest")
+        stack.app.reload(dataclasses.replace(config, limits=limits))
+        newest = await open_client(stack, nursery, "alice")
+        await alices[0].closed.wait()
+        await alices[1].closed.wait()  # three open plus one new, under a cap of two: the two oldest go
+        assert alices[0].code == alices[1].code == 1008
+        assert not alices[2].closed.is_set() and not newest.closed.is_set()
+        limits = dataclasses.replace(limits, on_identity_limit="refuse")
+        stack.app.reload(dataclasses.replace(config, limits=limits))
+        assert (await handshake_status(stack, "alice"))[0] == 429

@@ -389,7 +389,7 @@ def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
 
 
 def _path(target: bytes) -> bytes:
-    """The target without its query: the admin API takes no query, and a query is no business of the log."""
+    """The target without its query (only ``GET /sessions`` reads one, and a query is no business of the log)."""
     return target.split(b"?", 1)[0]
 
 

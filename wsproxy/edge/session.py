@@ -4,6 +4,7 @@
       → read request (h11)                      (edge.request, proto.handshake)
       → route                                   (proto.routing)
       → Origin, credentials                     (edge.gate, proto.origin, proto.auth)
+      → per-identity cap                        (control.session_admin, proto.identity_caps)
       → plan backends                           (balance.plan)
       → dial + upstream upgrade                 (edge.upstream)
       → 101 to the client
