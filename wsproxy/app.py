@@ -52,6 +52,7 @@ from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
 from .control.registry import Registry
+from .control.session_admin import SessionControl
 from .control.reload import (
     CheckerAction,
     ReloadError,
@@ -167,6 +168,7 @@ class App:
         self.tickets = SessionTickets()  # TLS ticket keys per listener: rotate, survive reloads
         self.jwks = JwksFetcher(lambda: self.generation.config)  # routes' jwks_url: fetched at start, refreshed
         self.sessions: dict[str, Session] = {}
+        self.session_control = SessionControl(self.sessions)  # the sessions API and per-identity caps
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.metrics = Metrics(started_unix=time.time())
         self.connection_count = 0  # downstream connections being served

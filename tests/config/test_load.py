@@ -521,6 +521,14 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
             MINIMAL + "limits:\n  max_message_bytes: true\n",
             f"11:22: limits.max_message_bytes: {SIZE}, got true",
         ),
+        (
+            MINIMAL + "limits:\n  max_sessions_per_identity: -1\n",
+            "11:30: limits.max_sessions_per_identity: expected an integer in 0..10000000, got -1",
+        ),
+        (
+            MINIMAL + "limits:\n  on_identity_limit: kick\n",
+            '11:22: limits.on_identity_limit: unknown on_identity_limit "kick" (expected one of: refuse, close_oldest)',
+        ),
     ],
 )
 def test_error(text: str, expected: str) -> None:
@@ -554,7 +562,8 @@ def test_all_errors_are_reported_in_one_run_sorted_by_position() -> None:
         f't.yaml:12:9: timeouts.idle: {DURATION}, got "forever"',
         "t.yaml:14:21: limits.max_header_bytes: must be at least 1024 bytes, got 100",
         't.yaml:15:3: limits: unknown key "max_frame_bytes" '
-        "(expected one of: max_header_bytes, max_message_bytes, max_connections, max_connections_per_ip, handshake_rate_per_ip, max_message_rate)",
+        "(expected one of: max_header_bytes, max_message_bytes, max_connections, max_connections_per_ip, handshake_rate_per_ip, max_message_rate, "
+        "max_sessions_per_identity, on_identity_limit)",
     ]
 
 
@@ -862,3 +871,8 @@ def test_gate_identity_keys_load() -> None:
     (route,) = config.routes
     assert route.auth is not None and route.auth.forward is not None
     assert route.auth.forward.identity_from == "X-User"
+def test_identity_caps_are_read() -> None:
+    config = parse_config(MINIMAL + "limits:\n  max_sessions_per_identity: 5\n  on_identity_limit: close_oldest\n", "t.yaml")
+    assert (config.limits.max_sessions_per_identity, config.limits.on_identity_limit) == (5, "close_oldest")
+    default = parse_config(MINIMAL, "t.yaml").limits
+    assert (default.max_sessions_per_identity, default.on_identity_limit) == (0, "refuse")

@@ -39,6 +39,7 @@ from wsproxy.config.compose import compose
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
+    IDENTITY_POLICIES,
     Address,
     AdminConfig,
     Config,
@@ -506,6 +507,8 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
             "max_connections_per_ip",
             "handshake_rate_per_ip",
             "max_message_rate",
+            "max_sessions_per_identity",
+            "on_identity_limit",
         ),
         null_is_empty=True,
     )
@@ -519,6 +522,8 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
             max_message_bytes=r.size(fields.get("max_message_bytes"), minimum=0),  # 0 = unlimited
             max_connections=r.integer(fields.get("max_connections"), 0, 10_000_000),
             max_connections_per_ip=r.integer(fields.get("max_connections_per_ip"), 0, 10_000_000),
+            max_sessions_per_identity=r.integer(fields.get("max_sessions_per_identity"), 0, 10_000_000),
+            on_identity_limit=r.choice(fields.get("on_identity_limit"), IDENTITY_POLICIES, "on_identity_limit"),
         ),
     )
 

@@ -25,6 +25,7 @@ BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
 STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim", "identity")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
+IDENTITY_POLICIES = ("refuse", "close_oldest")  # limits.on_identity_limit
 
 #: The record types ``pools.NAME.discovery.type`` may look up.
 DISCOVERY_TYPES = ("A", "AAAA", "SRV")
@@ -274,6 +275,8 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # 429 beyond it; 0 = no limit
     handshake_rate_per_ip: RateConfig | None = None  # token bucket per client address; 429 + Retry-After
     max_message_rate: RateConfig | None = None  # per session and direction; close 1008 to the sender
+    max_sessions_per_identity: int = 0  # per identity (auth, else the sticky key); 0 = no limit
+    on_identity_limit: str = "refuse"  # one of IDENTITY_POLICIES: refuse (429 + Retry-After) | close_oldest (1008 to the oldest)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@
       → read request (h11)                      (edge.request, proto.handshake)
       → route                                   (proto.routing)
       → Origin, credentials                     (edge.gate, proto.origin, proto.auth)
+      → per-identity cap                        (control.session_admin, proto.identity_caps)
       → plan backends                           (balance.plan)
       → dial + upstream upgrade                 (edge.upstream)
       → 101 to the client
@@ -38,6 +39,8 @@ from ..errors import LocalOverload
 from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
 from ..control.metrics import NO_ROUTE, route_label
+from ..control.session_admin import identity_of
+from ..proto.identity_caps import IdentityKey
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
@@ -76,6 +79,7 @@ class Session:
         "identity",
         "cert_identity",
         "draining",
+        "cap_key",
     )
 
     def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
@@ -93,6 +97,7 @@ class Session:
         self.identity = "-"  # who the gate let in (never the credential), for the log
         self.cert_identity: str | None = None  # the verified client certificate's (listener's client_identity)
         self.draining = False  # its close has been ordered by a drain or a shutdown
+        self.cap_key: IdentityKey | None = None  # counted under this identity (limits.max_sessions_per_identity)
 
 
 
@@ -106,6 +111,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
     client = RawChannel(sock)
     backend: RawChannel | None = None
     admitted_ip: str | None = None
+    session: Session | None = None
     try:
         try:
             peer_ip, peer_port = client.peername()
@@ -155,6 +161,8 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
     except Exception:
         log.exception("event=error conn=%s", conn_id)
     finally:
+        if session is not None:
+            app.session_control.release(session)
         if admitted_ip is not None:
             app.clients.disconnected(admitted_ip)
             app.connection_count -= 1
@@ -223,6 +231,12 @@ async def _handshakes(
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
+    identity = identity_of(session, config.pools[route.pool], up, verdict.claims)
+    if identity is not None:  # counted even without a cap, so that a reload that sets one finds the counts
+        rejection = app.session_control.admit(session, identity, config.limits)
+        if rejection is not None:
+            await _refuse(client, session, app, Refused.of(Reason.IDENTITY_LIMIT, rejection))
+            raise _Done
     backend, from_backend = await _connect_upstream(client, session, app, up, verdict, host_header, client_port, tls=tls)
     return backend, from_backend, from_client
 
@@ -389,6 +403,7 @@ async def _relay(
     assert relay is not None and session.route is not None and session.backend is not None
     route, backend_cfg = session.route, session.backend
     app.sessions[session.conn_id] = session
+    app.session_control.established(session)
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)

@@ -91,6 +91,8 @@ class Outcome(str, Enum):
     SHUTDOWN = "shutdown"
     DRAIN = "drain"
     KEEPALIVE = "keepalive"
+    ADMIN = "admin"  # an operator closed it (the sessions API)
+    IDENTITY_LIMIT = "identity_limit"  # closed to make room under limits.max_sessions_per_identity
     ERROR = "error"
 
 

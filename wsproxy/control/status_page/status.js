@@ -610,6 +610,11 @@
     loop();
   }
 
+  // What sessions.js (the sessions view) shares: requests with the token, the events list,
+  // and whether the API answers with the token we hold (it polls only then: no 401 noise).
+  const live = () => connected === true && !waitingForToken;
+  window.wsproxyStatus = Object.freeze({ api, NeedToken, askForToken, event, announce, live });
+
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
