@@ -23,7 +23,9 @@ swapping listeners, starting checkers). The decisions are elsewhere:
 ``control.reload`` (what a new config changes, and the SIGHUP flow),
 ``control.drain`` (drains by admin order, health verdict and reload removal,
 and the spread closes that shutdown uses too), ``control.sweeper`` (idle
-timeouts and keepalive ticks).
+timeouts and keepalive ticks), ``control.lifetime`` (token expiry,
+revocation, ``max_session_age``), ``control.rebalance`` (closing the oldest
+sessions of over-loaded backends).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from .balance.policy import Selector, make_selector
 from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
+from .control.lifetime import revoke_open
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
+from .control.rebalance import Rebalancer
 from .control.registry import Registry
 from .control.reload import (
     CheckerAction,
@@ -175,6 +179,7 @@ class App:
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
         self.drainer = Drainer(self.registry, self.sessions, lambda: self.generation.config.pools, self._rng)
+        self.rebalancer = Rebalancer(self.registry, self.sessions, lambda: self.generation.config, self._rng)
         self.reloader = Reloader(lambda: self.generation.config.timeouts.reload_s, lambda: self.stopping)
         self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
 
@@ -225,6 +230,7 @@ class App:
                 self.drainer.nursery = control
                 control.start_soon(idle_sweeper, self.sessions, lambda: self.generation.config)
                 control.start_soon(measure_loop_lag, self.metrics)
+                control.start_soon(self.rebalancer.run)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
                 for slot in self.listeners.values():
@@ -376,6 +382,8 @@ class App:
             logsetup.configure(config.log.level, config.log.format)
         self._update_checkers(config)
         self.drainer.drain_removed(removed_backends(old.config, config))
+        if self._control is not None and not self.stopping:
+            self._control.start_soon(revoke_open, self.sessions, config, self._rng)  # revoked_file was re-read
         self.registry.forget(keep=addresses_in_use(config))  # gone from every pool and unused: no state kept
         self.reloader.record_applied(time.time())
         log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))

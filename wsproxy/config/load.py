@@ -278,9 +278,11 @@ def _routes(
                 "path_ignore_case",
                 "strip_headers",
                 "strip_headers_default",
+                "max_session_age",
             ),
             what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
-            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default)",
+            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default, "
+            "max_session_age)",
         )
         if fields is None:
             continue
@@ -295,6 +297,7 @@ def _routes(
         path_ignore_case = r.boolean(fields.get("path_ignore_case"))
         strip_headers = _strip_headers(r, fields.get("strip_headers"))
         strip_headers_default = r.boolean(fields.get("strip_headers_default"))
+        max_session_age = r.duration(fields.get("max_session_age"))  # proto.lifetime: ±10 %, then 1012
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -315,6 +318,7 @@ def _routes(
                     path_ignore_case=path_ignore_case,
                     strip_headers=strip_headers,
                     strip_headers_default=strip_headers_default,
+                    max_session_age_s=max_session_age,
                 ),
             )
         )

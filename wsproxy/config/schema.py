@@ -105,6 +105,7 @@ class ForwardAuthConfig:
     copy_headers: tuple[str, ...] = ()  # from its 2xx answer into the upstream request
     timeout_s: float = 2.0
     cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
+    lifetime_from: str | None = None  # header of its 2xx answer: seconds the session may live (proto.lifetime)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +116,9 @@ class AuthConfig:
     tokens: tuple[TokenConfig, ...] = ()  # tokens mode: from `tokens` and/or `tokens_file`
     jwt: JwtConfig | None = None
     forward: ForwardAuthConfig | None = None
+    enforce_expiry: bool = False  # jwt: close the session (1008) once its token's exp + leeway has passed
+    revoked_file: str | None = None  # one jti or subject a line: refused at the gate, closed after a reload
+    revoked: frozenset[str] = frozenset()  # read from revoked_file at load time (re-read by every reload)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,6 +141,7 @@ class RouteConfig:
     path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
     strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
     strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
+    max_session_age_s: float | None = None  # close with 1012 after this long (±10 %); None = no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +207,13 @@ class DrainConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RebalanceConfig:
+    max_skew: float = 1.25  # a serving backend above max_skew x its fair share of sessions is over-loaded
+    rate_per_s: float = 0.01 / 60  # closes (1012, oldest first) at most this share of the pool's sessions per second
+    sticky: bool = False  # also on a pool with sticky routing (its clients come back to the same backend)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
@@ -215,6 +227,7 @@ class PoolConfig:
     tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
     tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
     drain: DrainConfig = DrainConfig()
+    rebalance: RebalanceConfig | None = None  # off when absent (balance.rebalance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

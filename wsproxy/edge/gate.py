@@ -119,6 +119,7 @@ class Admitted:
     drop: frozenset[bytes] = frozenset()  # lower-case names of client headers the added ones replace
     identity: str | None = None  # for the log
     claims: dict[str, object] | None = None  # the JWT's claims (sticky "claim:NAME" keys)
+    lifetime: tuple[float, float] | None = None  # forward auth's lifetime_from: (answered at, trio clock; seconds)
 
 
 async def check_request(
@@ -140,7 +141,7 @@ async def check_request(
         if isinstance(answer, Allowed):
             # The client's own copies of copy_headers never pass, whatever the service answered.
             drop = frozenset(name.lower().encode("latin-1") for name in auth.forward.copy_headers) if auth.forward else frozenset()
-            return Admitted(rewrite=rewrite, headers=list(answer.headers), drop=drop)
+            return Admitted(rewrite=rewrite, headers=list(answer.headers), drop=drop, lifetime=answer.lifetime)
         if isinstance(answer, Rejection):  # the auth service failed: 503
             return Refused.of(Reason.AUTH_UNAVAILABLE, answer)
         return Refused.relayed(Reason.AUTH, answer.status, answer.headers, answer.body, answer.reason)

@@ -36,6 +36,7 @@ from ..proto.relay import Outcome
 from ..errors import LocalOverload
 from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
+from ..control import lifetime
 from ..control.metrics import NO_ROUTE, route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
@@ -47,6 +48,7 @@ from .upstream import Refusal, open_upstream
 
 if TYPE_CHECKING:
     from ..app import App, Generation
+    from ..proto.lifetime import Deadline
     from ..config.schema import BackendConfig, ListenerConfig, RouteConfig
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -72,6 +74,8 @@ class Session:
         "sticky",
         "identity",
         "draining",
+        "deadline",
+        "revocation_keys",
     )
 
     def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
@@ -88,6 +92,8 @@ class Session:
         self.sticky = "none"  # how stickiness decided the backend, for the log
         self.identity = "-"  # who the gate let in (never the credential), for the log
         self.draining = False  # its close has been ordered by a drain or a shutdown
+        self.deadline: Deadline | None = None  # when its token, lifetime or age ends it (control.lifetime)
+        self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
 
 
 
@@ -205,6 +211,10 @@ async def _handshakes(
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
+    revoked = lifetime.admit(session, route, verdict, trio.current_time(), time.time(), app.drainer.rng)
+    if revoked is not None:
+        await _refuse(client, session, app, revoked)
+        raise _Done
     backend, from_backend = await _connect_upstream(client, session, app, up, verdict, host_header, client_port, tls=tls)
     return backend, from_backend, from_client
 

@@ -92,6 +92,10 @@ class Outcome(str, Enum):
     DRAIN = "drain"
     KEEPALIVE = "keepalive"
     ERROR = "error"
+    TOKEN_EXPIRED = "token_expired"  # routes[].auth.enforce_expiry, forward.lifetime_from (proto.lifetime)
+    REVOKED = "revoked"  # routes[].auth.revoked_file, after a reload
+    LIFETIME = "lifetime"  # routes[].max_session_age
+    REBALANCE = "rebalance"  # pools.NAME.rebalance
 
 
 class Direction:
