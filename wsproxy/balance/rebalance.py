@@ -29,8 +29,9 @@ are not passed in.
 ``Budget`` is the rate: ``rate`` is a fraction of the pool's sessions per
 second (``1%/min`` in the YAML is 0.01/60). Credit accrues with time and is
 capped at one tick's worth (or one close, whichever is more), so a quiet
-period never turns into a burst; over any window the closes stay within
-``rate × sessions × window + 1``.
+period never turns into a burst; from the start, the closes never exceed
+``rate × sessions × elapsed``, and over any window they stay within ``rate ×
+sessions × window`` plus the cap.
 
 What this is not: the trio task that gathers the sessions and closes the ones
 chosen (``control.rebalance``), nor the choice of where a reconnecting client
@@ -136,12 +137,18 @@ class Budget:
     """Closes allowed so far: ``rate_per_s`` of the pool's sessions per second, without bursts."""
 
     rate_per_s: float
+    max_credit_s: float = 1.0  # credit is capped at this many seconds' worth (the caller's tick), or one close
     credit: float = 0.0
 
     def refill(self, sessions: int, elapsed_s: float) -> int:
-        """Add ``elapsed_s`` worth of credit for a pool of ``sessions``; the whole closes now allowed."""
+        """Add ``elapsed_s`` worth of credit for a pool of ``sessions``; the whole closes now allowed.
+
+        Credit only ever grows by ``rate × sessions × elapsed``, so what is spent
+        never exceeds that over any run of calls.
+        """
         allowance = self.rate_per_s * sessions * max(0.0, elapsed_s)
-        self.credit = min(self.credit + allowance, max(1.0, allowance))
+        cap = max(1.0, self.rate_per_s * sessions * self.max_credit_s)
+        self.credit = min(self.credit + allowance, cap)
         return int(self.credit + 1e-9)
 
     def spend(self, closes: int) -> None:

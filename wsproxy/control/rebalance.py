@@ -79,6 +79,7 @@ class Rebalancer:
         self.rng = rng
         self.budgets: dict[PoolName, Budget] = {}
         self.closed = 0  # sessions whose close a round ordered
+        self.period_s = PERIOD_S
 
     def round(self, now: float, elapsed_s: float) -> list[tuple[PoolName, list[Session]]]:
         """One look at every pool: what to close now (the sessions are marked ``draining`` at once)."""
@@ -96,7 +97,7 @@ class Rebalancer:
                 continue
             budget = self.budgets.get(pool.name)
             if budget is None:
-                budget = self.budgets[pool.name] = Budget(settings.rate_per_s)
+                budget = self.budgets[pool.name] = Budget(settings.rate_per_s, self.period_s)
                 elapsed = 0.0  # a new pool (or a new setting) starts without credit
             else:
                 budget.rate_per_s = settings.rate_per_s
@@ -127,8 +128,9 @@ class Rebalancer:
             orders.append((pool.name, picked))
         return orders
 
-    async def run(self, period_s: float = PERIOD_S) -> None:
+    async def run(self) -> None:
         """Every ``period_s``: a round, whose closes are spread over the next period. Until cancelled."""
+        period_s = self.period_s
         async with trio.open_nursery() as nursery:
             last = trio.current_time()
             while True:
