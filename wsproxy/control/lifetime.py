@@ -2,9 +2,10 @@
 
 - ``admit`` runs once per session, after the gate let it in: a credential on
   the route's revoked list is refused (403, ``reason=revoked``); otherwise the
-  session gets its ``deadline``, the earliest of its token's expiry
-  (``auth.enforce_expiry``), forward auth's lifetime (``forward.lifetime_from``)
-  and ``max_session_age``, with the jitter rules of ``proto.lifetime``.
+  session gets its ``deadline``, the earlier of its token's expiry
+  (``auth.enforce_expiry``) and forward auth's lifetime (``forward.lifetime_from``),
+  with the jitter rules of ``proto.lifetime``; ``established`` adds
+  ``max_session_age``, counted from the 101.
 - ``due`` is asked by the idle sweeper on each pass (``control.sweeper``): a
   session past its deadline is told to close, at a frame boundary, with the
   deadline's code (1008 token expired, 1012 session lifetime reached) to the
@@ -80,10 +81,14 @@ def admit(session: Session, route: RouteConfig, admitted: Admitted, now: float, 
         if admitted.lifetime is not None:
             answered, seconds = admitted.lifetime
             deadline = lifetime_deadline(seconds, answered, rng.random()).earlier(deadline)
-    if route.max_session_age_s is not None:
-        deadline = age_deadline(route.max_session_age_s, now, rng.random()).earlier(deadline)
     session.deadline = deadline
     return None
+
+
+def established(session: Session, route: RouteConfig, now: float, rng: random.Random) -> None:
+    """Both handshakes are done (``now``: trio clock): ``max_session_age`` counts from here."""
+    if route.max_session_age_s is not None:
+        session.deadline = age_deadline(route.max_session_age_s, now, rng.random()).earlier(session.deadline)
 
 
 def end(session: Session, why: End) -> None:

@@ -375,6 +375,7 @@ async def _relay(
     assert relay is not None and session.route is not None and session.backend is not None
     route, backend_cfg = session.route, session.backend
     app.sessions[session.conn_id] = session
+    lifetime.established(session, route, trio.current_time(), app.drainer.rng)
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)
