@@ -143,3 +143,37 @@ async def test_growing_pool_is_rebalanced_gently(nursery: trio.Nursery, tmp_path
                 if process.returncode is None:
                     process.kill()
                 await process.wait()
+
+
+async def _sticky_closes(nursery: trio.Nursery, tmp_path: Path, sticky: bool) -> int:
+    """20 sessions pinned by client address to one of 2 backends, rebalance on: how many get closed in 1 s."""
+    from tests.support import start_ws_backend
+    from websockets.trio.client import connect
+
+    ports = [await start_ws_backend(nursery) for _ in range(2)]
+    path = tmp_path / "sticky.yaml"
+    write_config(path, ports)
+    document = yaml.safe_load(path.read_text())
+    document["pools"]["main"]["sticky"] = {"key": "ip"}
+    document["pools"]["main"]["rebalance"] = {"max_skew": 1.25, "rate": "100%/s", "sticky": sticky}
+    path.write_text(yaml.safe_dump(document))
+    app = App(load_config(str(path)))
+    app.rebalancer.period_s = 0.05
+    proxy_port = (await nursery.start(app.serve))["edge"][0][1]
+    async with trio.open_nursery() as clients:
+        for _ in range(20):
+
+            async def hold() -> None:
+                async with connect(f"ws://127.0.0.1:{proxy_port}/", proxy=None, compression=None) as ws:
+                    with trio.move_on_after(1.5):
+                        await ws.wait_closed()
+
+            clients.start_soon(hold)
+    app.abort()
+    return app.rebalancer.closed
+
+
+async def test_sticky_pools_are_left_alone_unless_asked(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        assert await _sticky_closes(nursery, tmp_path, sticky=False) == 0
+        assert await _sticky_closes(nursery, tmp_path, sticky=True) >= 5  # 20 on one backend: 10 over the limit
