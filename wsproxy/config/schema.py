@@ -118,7 +118,7 @@ class AuthConfig:
     forward: ForwardAuthConfig | None = None
     enforce_expiry: bool = False  # jwt: close the session (1008) once its token's exp + leeway has passed
     revoked_file: str | None = None  # one jti or subject a line: refused at the gate, closed after a reload
-    revoked: frozenset[str] = frozenset()  # read from revoked_file at load time (re-read by every reload)
+    revoked: frozenset[str] = field(default=frozenset(), repr=False)  # read from revoked_file (every reload re-reads it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
