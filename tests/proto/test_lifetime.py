@@ -116,3 +116,34 @@ def test_lifetime_header_refused(value: bytes) -> None:
     with pytest.raises(ValueError) as info:
         parse_lifetime(value)
     assert value.decode("latin-1").strip() not in str(info.value) or not value.strip()
+
+
+# --- forward auth's lifetime header (edge.forward_auth.with_lifetime, its pure half) ----------------
+
+
+def _answer(*headers: tuple[bytes, bytes], status: int = 200) -> object:
+    import h11
+
+    return h11.Response(status_code=status, headers=list(headers))
+
+
+def test_forward_lifetime_header() -> None:
+    from wsproxy.edge.forward_auth import Allowed, Denied, with_lifetime
+    from wsproxy.proto.handshake import Rejection
+
+    allowed = Allowed([(b"X-User", b"alice")])
+    name = b"X-Session-Lifetime"
+    verdict = with_lifetime(allowed, _answer((name, b"90")), name, 5.0, service="svc")  # type: ignore[arg-type]
+    assert verdict == Allowed([(b"X-User", b"alice")], lifetime=(5.0, 90.0))
+    assert with_lifetime(allowed, _answer((b"x-session-lifetime", b"1.5")), name, 5.0, service="svc") == Allowed(  # type: ignore[arg-type]
+        allowed.headers, lifetime=(5.0, 1.5)
+    )
+    assert with_lifetime(allowed, _answer(), name, 5.0, service="svc") is allowed  # type: ignore[arg-type]
+    assert with_lifetime(allowed, _answer((name, b"90")), None, 5.0, service="svc") is allowed  # type: ignore[arg-type]
+    denied = Denied(401, [], b"", "no")
+    assert with_lifetime(denied, _answer((name, b"90"), status=401), name, 5.0, service="svc") is denied  # type: ignore[arg-type]
+    twice = with_lifetime(allowed, _answer((name, b"1"), (name, b"2")), name, 5.0, service="svc")  # type: ignore[arg-type]
+    assert twice == Rejection(503, "auth service svc allowed with 2 X-Session-Lifetime headers")
+    bad = with_lifetime(allowed, _answer((name, b"tomorrow")), name, 5.0, service="svc")  # type: ignore[arg-type]
+    assert isinstance(bad, Rejection) and bad.status == 503 and "tomorrow" not in bad.reason
+    assert bad.reason == "auth service svc allowed with a X-Session-Lifetime header that is not a number of seconds"
