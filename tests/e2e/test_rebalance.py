@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import yaml
 
@@ -81,6 +82,7 @@ def write_config(path: Path, ports: list[int]) -> str:
     return str(path)
 
 
+@pytest.mark.timeout(150)  # about 50 s alone on a busy 2-core machine; more inside the whole suite
 async def test_growing_pool_is_rebalanced_gently(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         backends, backend_lines = await fleet("backends", "3")

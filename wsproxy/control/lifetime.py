@@ -115,6 +115,8 @@ def _route_now(config: Config, route: RouteConfig) -> RouteConfig:
 
 async def revoke_open(sessions: Mapping[str, Session], config: Config, rng: random.Random) -> None:
     """After a reload: close the open sessions whose credential the new lists revoke (spread)."""
+    if not any(route.auth is not None and route.auth.revoked for route in config.routes):
+        return
     by_pool: dict[str, list[Session]] = {}
     for session in list(sessions.values()):
         if session.route is None or session.relay is None or session.draining or not session.revocation_keys:
