@@ -23,7 +23,9 @@ swapping listeners, starting checkers). The decisions are elsewhere:
 ``control.reload`` (what a new config changes, and the SIGHUP flow),
 ``control.drain`` (drains by admin order, health verdict and reload removal,
 and the spread closes that shutdown uses too), ``control.sweeper`` (idle
-timeouts and keepalive ticks).
+timeouts and keepalive ticks), ``control.lifetime`` (token expiry,
+revocation, ``max_session_age``), ``control.rebalance`` (closing the oldest
+sessions of over-loaded backends).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostpor
 from .control.discovery import Discovery, DiscoveryCollector
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
+from .control.lifetime import revoke_open
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
+from .control.rebalance import Rebalancer
 from .control.registry import Registry
 from .control.session_admin import SessionControl
 from .control.reload import (
@@ -184,6 +188,7 @@ class App:
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
         self.drainer = Drainer(self.registry, self.sessions, lambda: self.generation.config.pools, self._rng)
+        self.rebalancer = Rebalancer(self.registry, self.sessions, lambda: self.generation.config, self._rng)
         self.reloader = Reloader(lambda: self.generation.config.timeouts.reload_s, lambda: self.stopping)
         self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
         self.discovery = Discovery(lambda name: self.generation.config.pools.get(name), self.swap_pool, self.drainer.removing)
@@ -248,6 +253,7 @@ class App:
                 control.start_soon(idle_sweeper, self.sessions, lambda: self.generation.config)
                 control.start_soon(measure_loop_lag, self.metrics)
                 control.start_soon(self.jwks.run)
+                control.start_soon(self.rebalancer.run)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
                 await self.discovery.start(control, self.generation.config.pools)  # first lookups, bounded
@@ -401,6 +407,8 @@ class App:
         self._update_checkers(config)
         self.discovery.update(config.pools)
         self.drainer.drain_removed(removed_backends(old.config, config))
+        if self._control is not None and not self.stopping:
+            self._control.start_soon(revoke_open, self.sessions, config, self._rng)  # revoked_file was re-read
         self.registry.forget(  # gone from every pool and unused: no state kept; health per (pool, address) of the new config
             keep=addresses_in_use(config), pools={(name, b.address) for name, p in config.pools.items() for b in p.backends}
         )

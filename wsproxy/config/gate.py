@@ -140,8 +140,8 @@ def origins(r: Reader, at: At | None) -> tuple[str, ...] | None:
 def auth(r: Reader, at: At | None) -> AuthConfig | None:
     fields = r.fields(
         at,
-        optional=("sources", "identity_header", "tokens", "tokens_file", "jwt", "forward"),
-        what="an auth mapping (sources, identity_header, and one of tokens, jwt, forward)",
+        optional=("sources", "identity_header", "tokens", "tokens_file", "jwt", "forward", "enforce_expiry", "revoked_file"),
+        what="an auth mapping (sources, identity_header, enforce_expiry, revoked_file, and one of tokens, jwt, forward)",
     )
     if at is None or fields is None:
         return None
@@ -152,14 +152,37 @@ def auth(r: Reader, at: At | None) -> AuthConfig | None:
     mode = modes[0]
     sources = _sources(r, fields.get("sources"))
     identity_header = r.text(fields.get("identity_header"), "a header name")
+    common = given(sources=sources, identity_header=identity_header, **_lifetime(r, fields, mode))
     if mode == "tokens":
         tokens = _tokens(r, fields.get("tokens"), fields.get("tokens_file"))
-        return AuthConfig(mode=mode, tokens=tokens, **given(sources=sources, identity_header=identity_header))
+        return AuthConfig(mode=mode, tokens=tokens, **common)
     if mode == "jwt":
         jwt = _jwt(r, fields["jwt"])
-        return AuthConfig(mode=mode, jwt=jwt, **given(sources=sources, identity_header=identity_header))
+        return AuthConfig(mode=mode, jwt=jwt, **common)
     forward = _forward(r, fields["forward"])
-    return AuthConfig(mode=mode, forward=forward, **given(sources=sources, identity_header=identity_header))
+    return AuthConfig(mode=mode, forward=forward, **common)
+
+
+def _lifetime(r: Reader, fields: dict[str, At], mode: str) -> dict[str, object]:
+    """``enforce_expiry`` (jwt only: static tokens do not expire, forward auth has ``lifetime_from``)
+    and ``revoked_file`` (read now, so that every reload re-reads it)."""
+    from wsproxy.proto.lifetime import parse_revoked
+
+    values: dict[str, object] = {}
+    enforce = r.boolean(fields.get("enforce_expiry"))
+    if enforce and mode != "jwt":
+        hint = "forward auth bounds sessions with forward.lifetime_from" if mode == "forward" else "static tokens do not expire"
+        r.error(fields["enforce_expiry"], f"enforce_expiry needs jwt auth ({hint})")
+    elif enforce is not None:
+        values["enforce_expiry"] = enforce
+    read = r.read(fields.get("revoked_file"))
+    if read is not None:
+        try:
+            values["revoked"] = parse_revoked(read[1].decode("utf-8"))
+            values["revoked_file"] = read[0]
+        except (ValueError, UnicodeDecodeError) as exc:
+            r.error(fields["revoked_file"], f"{read[0]}: {exc}")
+    return values
 
 
 def _sources(r: Reader, at: At | None) -> tuple[str, ...] | None:
@@ -339,8 +362,8 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
     fields = r.fields(
         at,
         required=("url",),
-        optional=("send_headers", "copy_headers", "timeout", "cache", "identity_from"),
-        what="a forward mapping (url, send_headers, copy_headers, timeout, cache, identity_from)",
+        optional=("send_headers", "copy_headers", "timeout", "cache", "identity_from", "lifetime_from"),
+        what="a forward mapping (url, send_headers, copy_headers, timeout, cache, identity_from, lifetime_from)",
     )
     if fields is None:
         return None
@@ -363,6 +386,7 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
             timeout_s=r.duration(fields.get("timeout")),
             cache_s=cache,
             identity_from=r.text(fields.get("identity_from"), "a header name"),
+            lifetime_from=r.text(fields.get("lifetime_from"), "a header name"),
         ),
     )
     try:

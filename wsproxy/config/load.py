@@ -283,10 +283,11 @@ def _routes(
                 "subprotocol_required",
                 "subprotocol",
                 "client_cert_header",
+                "max_session_age",
             ),
             what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
             "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default, "
-            "subprotocols, subprotocol_required, subprotocol, client_cert_header)",
+            "subprotocols, subprotocol_required, subprotocol, client_cert_header, max_session_age)",
         )
         if fields is None:
             continue
@@ -307,6 +308,7 @@ def _routes(
         if subprotocol is not None and subprotocols is not None and subprotocol not in subprotocols:
             r.error(fields["subprotocol"], f"the route matches on subprotocol {quote(subprotocol)}, which its subprotocols list does not allow")
         client_cert_header = _client_cert_header(r, fields.get("client_cert_header"))
+        max_session_age = r.duration(fields.get("max_session_age"))  # proto.lifetime: ±10 %, then 1012
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -331,6 +333,7 @@ def _routes(
                     path_ignore_case=path_ignore_case,
                     strip_headers=strip_headers,
                     strip_headers_default=strip_headers_default,
+                    max_session_age_s=max_session_age,
                 ),
             )
         )

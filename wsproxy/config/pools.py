@@ -27,6 +27,7 @@ from wsproxy.config.schema import (
     PassiveHealthConfig,
     PoolConfig,
     PoolName,
+    RebalanceConfig,
     StickyConfig,
     StickyCookieConfig,
 )
@@ -59,7 +60,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
             pool_at,
             optional=(
                 "backends", "discovery", "balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health",
-                "passive", "tls", "drain",
+                "passive", "tls", "drain", "rebalance",
             ),
             what="a pool (balance, backends, ...)",
         )
@@ -78,6 +79,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         passive = _passive(r, fields.get("passive"))
         tls, tls_context = gate.backend_tls(r, fields.get("tls"))
         drain = _drain(r, fields.get("drain"))
+        rebalance = _rebalance(r, fields.get("rebalance"))
         if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
             backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
         elif any(b.tls for b in backends):
@@ -92,6 +94,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 tls=tls,
                 tls_context=tls_context,
                 discovery=discovery,
+                rebalance=rebalance,
                 **given(
                     drain=drain,
                     balance=balance,
@@ -322,3 +325,36 @@ def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:
             max_ejected_percent=r.integer(fields.get("max_ejected_percent"), 0, 100),
         )
     )
+
+
+def _rebalance(r: Reader, at: At | None) -> RebalanceConfig | None:
+    """``rebalance: {max_skew: 1.25, rate: 1%/min, sticky: false}`` (balance.rebalance)."""
+    from wsproxy.balance.rebalance import parse_fraction_rate
+
+    fields = r.fields(
+        at, optional=("max_skew", "rate", "sticky"), what='a rebalance mapping (max_skew, rate: "1%/min", sticky)',
+        null_is_empty=True,
+    )
+    if fields is None:
+        return None
+    skew_at = fields.get("max_skew")
+    skew = None
+    if skew_at is not None:
+        text = r.text(skew_at, "a number above 1, like 1.25")
+        try:
+            skew = float(text) if text is not None else None
+        except ValueError:
+            skew = None
+        if text is not None and (skew is None or not 1 < skew <= 100):
+            r.error(skew_at, f"expected a number above 1 (and at most 100), like 1.25, got {quote(text)}")
+            skew = None
+    rate_at = fields.get("rate")
+    rate = None
+    rate_text = r.text(rate_at, 'a share of sessions per time, like "1%/min"')
+    if rate_at is not None and rate_text is not None:
+        try:
+            rate = parse_fraction_rate(rate_text)
+        except ValueError as exc:
+            r.error(rate_at, str(exc))
+    sticky = r.boolean(fields.get("sticky"))
+    return RebalanceConfig(**given(max_skew=skew, rate_per_s=rate, sticky=sticky))

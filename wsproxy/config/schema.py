@@ -120,6 +120,7 @@ class ForwardAuthConfig:
     timeout_s: float = 2.0
     cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
     identity_from: str | None = None  # the header of its 2xx answer that names the identity; None = no identity
+    lifetime_from: str | None = None  # header of its 2xx answer: seconds the session may live (proto.lifetime)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +131,9 @@ class AuthConfig:
     tokens: tuple[TokenConfig, ...] = ()  # tokens mode: from `tokens` and/or `tokens_file`
     jwt: JwtConfig | None = None
     forward: ForwardAuthConfig | None = None
+    enforce_expiry: bool = False  # jwt: close the session (1008) once its token's exp + leeway has passed
+    revoked_file: str | None = None  # one jti or subject a line: refused at the gate, closed after a reload
+    revoked: frozenset[str] = field(default=frozenset(), repr=False)  # read from revoked_file (every reload re-reads it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +160,7 @@ class RouteConfig:
     subprotocol_required: bool = False  # an empty offer (after credentials are taken out) is refused (400)
     subprotocol: str | None = None  # a match key: the route only takes requests that offer this subprotocol
     client_cert_header: str | None = None  # the client certificate upstream in this header, Envoy's XFCC format
+    max_session_age_s: float | None = None  # close with 1012 after this long (±10 %); None = no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,6 +240,13 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RebalanceConfig:
+    max_skew: float = 1.25  # a serving backend above max_skew x its fair share of sessions is over-loaded
+    rate_per_s: float = 0.01 / 60  # closes (1012, oldest first) at most this share of the pool's sessions per second
+    sticky: bool = False  # also on a pool with sticky routing (its clients come back to the same backend)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
@@ -249,6 +261,7 @@ class PoolConfig:
     tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
     drain: DrainConfig = DrainConfig()
     discovery: DiscoveryConfig | None = None  # backends from DNS, beside (after) the listed ones
+    rebalance: RebalanceConfig | None = None  # off when absent (balance.rebalance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

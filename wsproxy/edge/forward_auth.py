@@ -26,7 +26,8 @@ and acts on the answer:
                    an answer that is not HTTP
 
 The whole exchange, connect (and name resolution) included, runs within
-``timeout_s``. One connection per subrequest: no keep-alive, no pipelining.
+``timeout_s``. With ``lifetime_from``, that header of a 2xx answer bounds the
+session (decimal seconds from the answer; see ``with_lifetime``). One connection per subrequest: no keep-alive, no pipelining.
 
 Allow answers are cached for ``cache_s`` (0 = off), keyed by a SHA-256 over the
 forwarded credentials (the values of ``send_headers``; the raw values are
@@ -52,6 +53,7 @@ subrequest), and a failed subrequest is not retried.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
@@ -64,6 +66,7 @@ import trio
 
 from ..config.schema import ForwardAuthConfig
 from ..proto.handshake import FORWARDING_HEADERS, HOP_BY_HOP, Rejection, Upgrade
+from ..proto.lifetime import parse_lifetime
 from .channel import ChannelBroken, RawChannel, connect
 
 __all__ = [
@@ -107,6 +110,7 @@ class Allowed:
 
     headers: list[tuple[bytes, bytes]]  # copy_headers from its answer: names as configured, values as answered
     identity: str | None = None  # the identity_from header of its answer (cached with the verdict)
+    lifetime: tuple[float, float] | None = None  # lifetime_from: (answered at, trio clock; seconds), cached with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +221,8 @@ def check_header_names(config: ForwardAuthConfig) -> None:
                 raise ValueError(f"{field_name}: {name} is set by the proxy and cannot be forwarded")
             if field_name == "copy_headers" and lower.startswith(b"sec-websocket-"):
                 raise ValueError(f"{field_name}: {name} belongs to the WebSocket handshake")
+    if config.lifetime_from is not None and not _TOKEN.fullmatch(config.lifetime_from):
+        raise ValueError(f"lifetime_from: {config.lifetime_from!r} is not a header name")
 
 
 def _values(headers: Iterable[tuple[bytes, bytes]], lower_name: bytes) -> list[bytes]:
@@ -316,6 +322,30 @@ class _Entry:
     expires_at: float
 
 
+def with_lifetime(
+    verdict: Allowed | Denied | Rejection, response: h11.Response, lifetime_from: bytes | None, now: float, *, service: str
+) -> Allowed | Denied | Rejection:
+    """``lifetime_from``: the allow carries the seconds its answer gives the session (``proto.lifetime``).
+
+    No such header: the session is not bounded. More than one, or a value that
+    is not decimal seconds (at most ten years): the service broke its contract,
+    503 like any other broken answer (the reason never quotes the value).
+    """
+    if lifetime_from is None or not isinstance(verdict, Allowed):
+        return verdict
+    found = _values(response.headers, lifetime_from.lower())
+    name = lifetime_from.decode("ascii")
+    if not found:
+        return verdict
+    if len(found) > 1:
+        return Rejection(503, f"auth service {service} allowed with {len(found)} {name} headers")
+    try:
+        seconds = parse_lifetime(found[0])
+    except ValueError as exc:
+        return Rejection(503, f"auth service {service} allowed with a {name} header that is {exc}")
+    return dataclasses.replace(verdict, lifetime=(now, seconds))
+
+
 class AllowCache:
     """Allow verdicts by credentials key: LRU, bounded, each entry expiring.
 
@@ -383,6 +413,7 @@ class ForwardAuth:
         self.copy_headers = tuple(name.encode("ascii") for name in config.copy_headers)
         self.identity_from = config.identity_from.encode("ascii") if config.identity_from is not None else None
         self.cache = AllowCache(max_cache_entries, config.cache_s)
+        self.lifetime_from = config.lifetime_from.encode("ascii") if config.lifetime_from is not None else None
         self.cache_hits = 0  # checks answered from the cache
         self.cache_misses = 0  # checks that asked the auth service
 
@@ -439,7 +470,8 @@ class ForwardAuth:
         finally:
             if channel is not None:
                 channel.close()
-        return decide(response, body, self.copy_headers, service=service, identity_from=self.identity_from)
+        verdict = decide(response, body, self.copy_headers, service=service, identity_from=self.identity_from)
+        return with_lifetime(verdict, response, self.lifetime_from, trio.current_time(), service=service)
 
 
 async def _next_event(channel: RawChannel, conn: h11.Connection, *, eof_is_error: bool) -> h11.Event:

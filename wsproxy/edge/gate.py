@@ -125,6 +125,7 @@ class Admitted:
     drop: frozenset[bytes] = frozenset()  # lower-case names of client headers the added ones replace
     identity: str | None = None  # for the log
     claims: dict[str, object] | None = None  # the JWT's claims (sticky "claim:NAME" keys)
+    lifetime: tuple[float, float] | None = None  # forward auth's lifetime_from: (answered at, trio clock; seconds)
 
 
 def _subprotocol_policy(route: RouteConfig, upgrade: Upgrade, rewrite: Rewrite | None) -> Rewrite | None | Rejection:
@@ -191,10 +192,14 @@ async def check_request(
             # The client's own copies of copy_headers never pass, whatever the service answered.
             drop = frozenset(name.lower().encode("latin-1") for name in auth.forward.copy_headers) if auth.forward else frozenset()
             if answer.identity is None:
-                return Admitted(rewrite=rewrite, headers=[*answer.headers, *cert_headers], drop=drop)
+                return Admitted(rewrite=rewrite, headers=[*answer.headers, *cert_headers], drop=drop, lifetime=answer.lifetime)
             named = identity_headers(auth, Principal(identity=answer.identity, claims={}))
             return Admitted(
-                rewrite=rewrite, headers=[*named, *answer.headers, *cert_headers], drop=drop, identity=answer.identity
+                rewrite=rewrite,
+                headers=[*named, *answer.headers, *cert_headers],
+                drop=drop,
+                identity=answer.identity,
+                lifetime=answer.lifetime,
             )
         if isinstance(answer, Rejection):  # the auth service failed: 503
             return Refused.of(Reason.AUTH_UNAVAILABLE, answer)

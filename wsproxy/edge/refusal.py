@@ -42,6 +42,7 @@ class Reason(str, enum.Enum):
     SUBPROTOCOL = "subprotocol"  # no offered subprotocol is allowed on the route, or none offered where one is required (400)
     AUTH = "auth"  # credentials missing or refused, by the proxy or the auth service (401/403)
     AUTH_UNAVAILABLE = "auth_unavailable"  # the forward-auth service failed or did not answer (503)
+    REVOKED = "revoked"  # the credential's jti or subject is on the route's revoked_file (403)
     LIMIT = "limit"  # max_connections (503), max_connections_per_ip, handshake_rate_per_ip (429)
     IDENTITY_LIMIT = "identity_limit"  # limits.max_sessions_per_identity with on_identity_limit: refuse (429)
     NO_BACKEND = "no_backend"  # every backend of the pool is down, draining or full (503)

@@ -38,6 +38,7 @@ from ..proto.relay import Outcome
 from ..errors import LocalOverload
 from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
+from ..control import lifetime
 from ..control.metrics import NO_ROUTE, route_label
 from ..control.session_admin import identity_of
 from ..proto.identity_caps import IdentityKey
@@ -53,6 +54,7 @@ from .upstream import Refusal, open_upstream
 
 if TYPE_CHECKING:
     from ..app import App, Generation
+    from ..proto.lifetime import Deadline
     from ..config.schema import BackendConfig, ListenerConfig, RouteConfig
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -80,6 +82,8 @@ class Session:
         "cert_identity",
         "draining",
         "cap_key",
+        "deadline",
+        "revocation_keys",
     )
 
     def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
@@ -98,6 +102,8 @@ class Session:
         self.cert_identity: str | None = None  # the verified client certificate's (listener's client_identity)
         self.draining = False  # its close has been ordered by a drain or a shutdown
         self.cap_key: IdentityKey | None = None  # counted under this identity (limits.max_sessions_per_identity)
+        self.deadline: Deadline | None = None  # when its token, lifetime or age ends it (control.lifetime)
+        self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
 
 
 
@@ -231,6 +237,10 @@ async def _handshakes(
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
+    revoked = lifetime.admit(session, route, verdict, trio.current_time(), time.time(), app.drainer.rng)
+    if revoked is not None:
+        await _refuse(client, session, app, revoked)
+        raise _Done
     identity = identity_of(session, config.pools[route.pool], up, verdict.claims)
     if identity is not None:  # counted even without a cap, so that a reload that sets one finds the counts
         rejection = app.session_control.admit(session, identity, config.limits)
@@ -404,6 +414,7 @@ async def _relay(
     route, backend_cfg = session.route, session.backend
     app.sessions[session.conn_id] = session
     app.session_control.established(session)
+    lifetime.established(session, route, trio.current_time(), app.drainer.rng)
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)

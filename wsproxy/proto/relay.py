@@ -94,6 +94,10 @@ class Outcome(str, Enum):
     ADMIN = "admin"  # an operator closed it (the sessions API)
     IDENTITY_LIMIT = "identity_limit"  # closed to make room under limits.max_sessions_per_identity
     ERROR = "error"
+    TOKEN_EXPIRED = "token_expired"  # routes[].auth.enforce_expiry, forward.lifetime_from (proto.lifetime)
+    REVOKED = "revoked"  # routes[].auth.revoked_file, after a reload
+    LIFETIME = "lifetime"  # routes[].max_session_age
+    REBALANCE = "rebalance"  # pools.NAME.rebalance
 
 
 class Direction:
