@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
-from tests.support import closed_port, start_tcp_backend, start_ws_backend
+from tests.kit.servers import closed_port, start_tcp_backend, start_ws_backend
 from wsproxy.config.schema import Address, BackendConfig, HealthConfig, PoolConfig, PoolName
 from wsproxy.control.health import HealthChecker, check_backend
 from wsproxy.control.registry import Health, Registry

@@ -48,7 +48,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import closed_port, make_config, start_proxy, start_ws_backend
+from tests.kit.servers import closed_port, make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig
 from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin

@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.trio.client import connect as ws_connect
 
-from tests.authservice import AuthService, start_auth_service
-from tests.wsframes import frame, read_frame
+from tests.kit.authservice import AuthService, start_auth_service
+from tests.kit.ws import frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config

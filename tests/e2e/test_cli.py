@@ -24,9 +24,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from tests.kit.ws import UPGRADE_REQUEST
 import wsproxy
 from wsproxy._mypyc import describe
-from tests.support import UPGRADE_REQUEST, closed_port, start_ws_backend
+from tests.kit.servers import closed_port, start_ws_backend
 
 WSPROXY = [sys.executable, "-m", "wsproxy"]
 

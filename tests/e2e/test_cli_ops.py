@@ -31,7 +31,7 @@ import trio
 
 import wsproxy
 from tests.e2e.test_admin import call
-from tests.support import closed_port, start_ws_backend
+from tests.kit.servers import closed_port, start_ws_backend
 
 WSPROXY = [sys.executable, "-m", "wsproxy"]
 TOKEN = "cli-admin-token-0123456789"

@@ -28,7 +28,7 @@ import yaml
 from trio_websocket import open_websocket_url
 
 from tests.e2e.test_reload import WSPROXY, make_config, run_proxy, start_backend
-from tests.support import closed_port
+from tests.kit.servers import closed_port
 
 
 #: What each kind of bad file is called in the error.

@@ -18,8 +18,8 @@ import trio
 import websockets.exceptions
 import websockets.sync.client
 
-from tests.support import make_config, start_proxy, start_tcp_backend, websockets_backend
-from tests.wsframes import frame, read_frame
+from tests.kit.servers import make_config, start_proxy, start_tcp_backend, websockets_backend
+from tests.kit.ws import frame, read_frame
 from wsproxy.config.schema import PoolName, RouteConfig
 
 pytestmark = pytest.mark.usefixtures("relay_driver")  # every test with the engine and with trio pumps

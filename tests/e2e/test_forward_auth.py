@@ -19,8 +19,8 @@ import h11
 import pytest
 import trio
 
-from tests.authservice import allow, auth_service
-from tests.support import closed_port
+from tests.kit.authservice import allow, auth_service
+from tests.kit.servers import closed_port
 from wsproxy.config.schema import ForwardAuthConfig
 from wsproxy.edge.forward_auth import (
     MAX_DENIAL_BODY_BYTES,

@@ -15,7 +15,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from tests.e2e.test_relay import Recorder, client_frame, frame, raw_client
-from tests.support import make_config, start_proxy, start_ws_backend
+from tests.kit.servers import make_config, start_proxy, start_ws_backend
 
 CONCURRENT = 50
 ROUNDS = 20

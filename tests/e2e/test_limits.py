@@ -29,7 +29,7 @@ import trio
 import yaml
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
-from tests.wsframes import Frame, frame, read_frame
+from tests.kit.ws import Frame, frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config

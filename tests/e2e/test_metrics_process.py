@@ -40,7 +40,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import UPGRADE_REQUEST, closed_port, raw_request, start_tcp_backend, start_ws_backend, status_of
+from tests.kit.ws import UPGRADE_REQUEST
+from tests.kit.servers import closed_port, raw_request, start_tcp_backend, start_ws_backend, status_of
 from wsproxy import __version__
 
 #: Scheduling slack for waits on a loaded machine (one constant for the module).

@@ -65,7 +65,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, connect_websocket_url, serve_websocket
 
-from tests.support import closed_port, make_config, start_proxy, start_tcp_backend
+from tests.kit.servers import closed_port, make_config, start_proxy, start_tcp_backend
 from wsproxy.config.schema import (
     Address,
     AdminConfig,

@@ -36,7 +36,7 @@ import trio
 import yaml
 
 from tests.e2e.test_reload import WSPROXY, Proxy, accepts, addr, start_backend
-from tests.support import closed_port
+from tests.kit.servers import closed_port
 
 NOFILE = 64
 

@@ -45,7 +45,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from tests.support import closed_port, make_config, start_proxy, start_tcp_backend, with_timeouts
+from tests.kit.servers import closed_port, make_config, start_proxy, start_tcp_backend, with_timeouts
 from wsproxy.app import App
 from wsproxy.balance.policy import Candidate, rendezvous_order
 from wsproxy.balance.sticky import cookie_value

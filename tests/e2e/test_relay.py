@@ -29,7 +29,7 @@ import websockets.exceptions
 import websockets.sync.client
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
-from tests.support import (
+from tests.kit.servers import (
     make_config,
     start_proxy,
     start_tcp_backend,

@@ -55,7 +55,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from tests.support import closed_port, start_ws_backend
+from tests.kit.servers import closed_port, start_ws_backend
 
 WSPROXY = [sys.executable, "-m", "wsproxy"]
 

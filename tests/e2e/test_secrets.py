@@ -22,7 +22,7 @@ import trio
 
 from tests.e2e.test_cli import WSPROXY, ProxyProcess, write_config
 from tests.e2e.test_handshake import answer_101, start_recording_backend
-from tests.support import closed_port, raw_request, status_of
+from tests.kit.servers import closed_port, raw_request, status_of
 
 SECRET = b"SECRET-xyz"
 GOOD_TOKEN = SECRET + b"-accepted"

@@ -35,7 +35,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.support import closed_port, start_ws_backend
+from tests.kit.servers import closed_port, start_ws_backend
 from wsproxy.config.schema import ShutdownConfig
 
 ROOT = Path(__file__).parents[2]

@@ -7,7 +7,7 @@ written independently of the proxy's (wsproto would do, but it refuses close cod
 from __future__ import annotations
 
 import pytest
-from tests.wsframes import frame, parse_frames
+from tests.kit.ws import frame, parse_frames
 from wsproxy.config.schema import RateConfig
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.limits import MessageRate
