@@ -150,3 +150,39 @@ async def start_proxy_from(nursery: trio.Nursery, path: Path) -> dict[str, int]:
     app = App(load_config(str(path)))
     addresses = await nursery.start(app.serve)
     return {name: bound[0][1] for name, bound in addresses.items()}
+
+
+class Recorder:
+    """A trio-websocket echo backend that records what each connection received and how it ended."""
+
+    def __init__(self, *, subprotocol: str | None = None) -> None:
+        self.subprotocol = subprotocol
+        self.offered: list[list[str]] = []
+        self.received: list[list[str | bytes]] = []
+        self.closes: list[tuple[int, str]] = []
+        self.errors: list[BaseException] = []
+
+    async def handler(self, request: WebSocketRequest) -> None:
+        self.offered.append(list(request.proposed_subprotocols))
+        ws = await request.accept(subprotocol=self.subprotocol)
+        got: list[str | bytes] = []
+        self.received.append(got)
+        try:
+            while True:
+                msg = await ws.get_message()
+                got.append(msg)
+                if msg == "close me":
+                    await ws.aclose(4001, "later")
+                elif msg == "ping me":
+                    await ws.ping(b"from-backend")
+                    await ws.send_message("pong ok")
+                elif msg == "big please":
+                    await ws.send_message(b"B" * 1001)
+                else:
+                    await ws.send_message(msg)
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            self.closes.append((exc.reason.code, exc.reason.reason or ""))
+        except BaseException as exc:  # pragma: no cover - shows up in the assertions
+            self.errors.append(exc)
+            raise

@@ -267,3 +267,29 @@ class FrameReader:
 async def read_frame(stream: trio.abc.ReceiveStream, buf: bytearray) -> Frame | None:
     """The next frame from ``buf`` + ``stream`` (``buf`` keeps what follows it); None at EOF."""
     return await FrameReader(stream, buf).read()
+
+
+async def raw_client(port: int, extra_headers: bytes = b"") -> tuple[trio.SocketStream, FrameReader, bytes]:
+    """A real handshake through the proxy by hand; returns the stream, a reader and the 101 head."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16))
+    await stream.send_all(
+        b"GET /raw HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n" + extra_headers + b"\r\n"
+    )
+    head, rest = await read_head_rest(stream)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert header(head, b"sec-websocket-accept") == accept_for(key), head
+    return stream, FrameReader(stream, rest), head
+
+
+async def raw_accept(stream: trio.SocketStream, then: bytes = b"") -> tuple[bytes, FrameReader]:
+    """The server half of the handshake by hand; ``then`` goes out in the same send_all as the 101."""
+    head, rest = await read_head_rest(stream)
+    key = header(head, b"sec-websocket-key")
+    assert key is not None, head
+    await stream.send_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\n" + then
+    )
+    return head, FrameReader(stream, rest)
