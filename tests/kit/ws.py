@@ -108,7 +108,7 @@ def header(head: bytes, name: bytes) -> bytes | None:
 # -- frames -------------------------------------------------------------------------------------
 
 
-def _xor(data: bytes, key: bytes) -> bytes:
+def apply_mask(data: bytes, key: bytes) -> bytes:
     """§5.3 masking (its own inverse), fast enough for megabyte payloads."""
     if not data:
         return data
@@ -143,7 +143,7 @@ def frame(
     (0x40 is RSV1); ``length`` overrides the length field (to lie about it)."""
     key = os.urandom(4) if mask is True else (mask or None)
     head = frame_header(opcode, len(payload) if length is None else length, mask=key, fin=fin, rsv=rsv)
-    return head + (_xor(payload, key) if key else payload)
+    return head + (apply_mask(payload, key) if key else payload)
 
 
 def client_frame(opcode: int, payload: bytes = b"", **kw: object) -> bytes:
@@ -205,7 +205,7 @@ def parse_frame(buf: bytearray) -> Frame | int:
         return pos + n
     payload = bytes(buf[pos : pos + n])
     del buf[: pos + n]
-    return Frame(b0 & 0x0F, _xor(payload, key) if key else payload, bool(key), bool(b0 & 0x80), b0 & 0x70)
+    return Frame(b0 & 0x0F, apply_mask(payload, key) if key else payload, bool(key), bool(b0 & 0x80), b0 & 0x70)
 
 
 def parse_frames(data: bytes) -> list[Frame]:
