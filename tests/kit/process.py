@@ -81,6 +81,7 @@ class WsproxyProcess:
         self.proc = proc
         self.config_path = config_path
         self.log_path = log_path
+        self.port = 0  # the public listener's port, when run_wsproxy was given one
 
     @property
     def pid(self) -> int:
@@ -158,12 +159,15 @@ async def run_wsproxy(
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     stop_timeout_s: float = 5.0,
+    port: int = 0,
     **popen: Any,
 ) -> AsyncIterator[P]:
     """Start ``wsproxy run -c config_path`` (or ``argv``); stop and reap it on the way out.
 
-    The log goes to ``log_path`` (default: ``wsproxy.log`` beside the config);
-    ``popen`` is passed on (``pass_fds``, ``preexec_fn``).
+    With ``port`` (the config's public listener), it is yielded once that port
+    accepts, as ``proxy.port``. The log goes to ``log_path`` (default:
+    ``wsproxy.log`` beside the config); ``popen`` is passed on (``pass_fds``,
+    ``preexec_fn``).
     """
     log_path = log_path or config_path.with_name("wsproxy.log")
     with log_path.open("wb") as log_file:
@@ -173,6 +177,9 @@ async def run_wsproxy(
         )  # fmt: skip
     proxy = kind(proc, config_path, log_path)
     try:
+        if port:
+            proxy.port = port
+            await proxy.wait_listening(port)
         yield proxy
     finally:
         await proxy.stop(stop_timeout_s)

@@ -13,12 +13,13 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 import websockets.sync.server
-from trio_websocket import WebSocketRequest, serve_websocket, ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from wsproxy.app import App
 from wsproxy.config.load import load_config
@@ -186,3 +187,46 @@ class Recorder:
         except BaseException as exc:  # pragma: no cover - shows up in the assertions
             self.errors.append(exc)
             raise
+
+
+@dataclass
+class NamedBackend:
+    """A trio-websocket echo server that answers ``NAME:message`` and records how sessions end.
+
+    Requests for ``/healthz`` (the proxy's health checks) are served but not recorded.
+    """
+
+    name: str
+    port: int = 0
+    sessions: int = 0
+    closes: list[int | None] = field(default_factory=list)  # the close code each session ended with
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    async def handler(self, request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        health = request.path == "/healthz"
+        if not health:
+            self.sessions += 1
+        try:
+            while True:
+                message = await ws.get_message()
+                text = message if isinstance(message, str) else message.decode()
+                await ws.send_message(f"{self.name}:{text}")
+        except ConnectionClosed as exc:
+            if not health:
+                self.closes.append(exc.reason.code if exc.reason else None)
+
+    async def run(self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            await serve_websocket(self.handler, "127.0.0.1", 0, None, task_status=task_status)
+
+    def stop(self) -> None:
+        """Kill it: the port is closed and its sessions are cut."""
+        self.scope.cancel()
+
+
+async def start_backend(nursery: trio.Nursery, name: str) -> NamedBackend:
+    backend = NamedBackend(name)
+    server = await nursery.start(backend.run)
+    backend.port = int(server.port)
+    return backend

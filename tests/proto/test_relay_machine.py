@@ -1,6 +1,6 @@
 """The relay machine's rules, without sockets: the README's endings table as pure tests.
 
-Input is built, and what the machine queues for each side is parsed back, with ``tests.wsframes``, a codec
+Input is built, and what the machine queues for each side is parsed back, with ``tests.kit.ws``, a codec
 written independently of the proxy's (wsproto would do, but it refuses close code 1014).
 """
 
