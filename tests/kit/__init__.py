@@ -8,7 +8,9 @@
 - ``process``: ``wsproxy run`` as a real process (``run_wsproxy``);
 - ``admin``: a client of the admin API;
 - ``authservice``: a forward-auth service;
-- ``backends``: recording raw backends for handshake tests.
+- ``backends``: recording raw backends for handshake tests;
+- ``tls``: a throwaway PKI (trustme) and a real ClientHello;
+- ``h11_requests``: upgrade requests as the listener reads them, for pure tests.
 
 Real peers everywhere (trio-websocket, websockets, sockets, processes); no
 mocks. ``tests/test_kit_imports.py`` keeps test modules from importing each other.

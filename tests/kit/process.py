@@ -137,14 +137,17 @@ class WsproxyProcess:
 
     async def stop(self, timeout_s: float = 5.0) -> int:
         """SIGTERM if it still runs, wait up to ``timeout_s``, then SIGKILL; always reaped. The exit status."""
-        with trio.CancelScope(shield=True):
+        status: int | None = None
+        with trio.CancelScope(shield=True):  # a cancelled test must not leave the process behind
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
                 try:
                     await trio.to_thread.run_sync(self.proc.wait, timeout_s)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
-            return await trio.to_thread.run_sync(self.proc.wait)
+            status = await trio.to_thread.run_sync(self.proc.wait)
+        assert status is not None
+        return status
 
 
 P = TypeVar("P", bound=WsproxyProcess)
