@@ -13,5 +13,6 @@
 - ``h11_requests``: upgrade requests as the listener reads them, for pure tests.
 
 Real peers everywhere (trio-websocket, websockets, sockets, processes); no
-mocks. ``tests/test_kit_imports.py`` keeps test modules from importing each other.
+mocks. ``tests/test_kit.py`` keeps test modules from importing each other (and
+tests the kit's own guarantees).
 """
