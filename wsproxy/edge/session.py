@@ -179,8 +179,6 @@ async def _handshakes(
     tls = listener.tls is not None
     result = await read_request(
         client,
-        session.conn_id,
-        session.peer,
         deadline=deadline,
         handshake_s=config.timeouts.handshake_s,
         limit=config.limits.max_header_bytes,
