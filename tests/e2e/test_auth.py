@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.trio.client import connect as ws_connect
 
-from tests.authservice import AuthService, start_auth_service
-from tests.wsframes import frame, read_frame
+from tests.kit.authservice import AuthService, start_auth_service
+from tests.kit.ws import accept_for, frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config
@@ -54,7 +54,6 @@ from wsproxy.errors import ConfigErrors
 
 #: Bound on every test.
 TEST_TIMEOUT_S = 10.0
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 INVALID_TOKEN = b'Bearer error="invalid_token"'
 ISSUER = "https://issuer.e2e.test"
 AUDIENCE = "wsproxy-e2e"
@@ -92,10 +91,6 @@ def write(tmp_path: Path, name: str, data: bytes | str) -> str:
     path = tmp_path / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return str(path)
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
 def header_values(head: bytes, name: bytes) -> list[bytes]:

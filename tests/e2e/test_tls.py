@@ -13,18 +13,14 @@ The helpers at the top are shared with ``test_proxy_protocol.py``.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import datetime
 import functools
-import hashlib
-import json
 import logging
 import re
 import ssl
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,15 +28,16 @@ import trio
 import trustme
 from trio_websocket import open_websocket_url, serve_websocket, wrap_server_stream
 
-from tests.support import UPGRADE_REQUEST, echo_handler, start_ws_backend, status_of, websockets_backend
+from tests.kit.backends import header_values, start_holding_backend as start_recording_backend
+from tests.kit.process import write_config
+from tests.kit.servers import echo_handler, start_proxy_from, start_ws_backend, status_of, websockets_backend
+from tests.kit.tls import Pki, client_hello, make_pki, q, write_leaf
+from tests.kit.wait import SLACK_S, wait_for_log
+from tests.kit.ws import UPGRADE_REQUEST, read_head, read_until_eof
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.errors import ConfigErrors
 from wsproxy.log import parse_pairs
-
-#: Slack on top of a configured timeout before a test calls the proxy late.
-SLACK_S = 1.0
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 @pytest.fixture(autouse=True)
@@ -50,45 +47,6 @@ def _proxy_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 # --- certificates -----------------------------------------------------------------
-
-
-def q(path: Path | str) -> str:
-    """A path as a YAML scalar (a JSON string is a valid YAML double-quoted one)."""
-    return json.dumps(str(path))
-
-
-def write_leaf(cert: trustme.LeafCert, directory: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``cert`` as ``stem.pem`` (leaf first, then the chain) and ``stem.key``."""
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key_path.write_bytes(cert.private_key_pem.bytes())
-    return cert_path, key_path
-
-
-@dataclass
-class Pki:
-    """A server CA and the proxy's default certificate (localhost, 127.0.0.1, chat.example.com)."""
-
-    ca: trustme.CA
-    ca_pem: Path
-    cert: trustme.LeafCert
-    cert_pem: Path
-    key_pem: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        """A client context that trusts this CA (and verifies host names)."""
-        ctx = ssl.create_default_context()
-        self.ca.configure_trust(ctx)
-        return ctx
-
-
-def make_pki(directory: Path, stem: str = "server") -> Pki:
-    ca = trustme.CA()
-    ca_pem = directory / f"{stem}-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    cert = ca.issue_cert("localhost", "127.0.0.1", "chat.example.com")
-    cert_pem, key_pem = write_leaf(cert, directory, stem)
-    return Pki(ca, ca_pem, cert, cert_pem, key_pem)
 
 
 @pytest.fixture
@@ -103,12 +61,6 @@ def tls_block(pki: Pki, *extra: str) -> str:
 
 
 # --- configs and the proxy -----------------------------------------------------------
-
-
-def write_config(tmp_path: Path, text: str, name: str = "wsproxy.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def simple_config(
@@ -141,68 +93,7 @@ def simple_config(
     )
 
 
-async def start_proxy_from(nursery: trio.Nursery, path: Path) -> dict[str, int]:
-    """Load the YAML config at ``path``, run an ``App`` in ``nursery``; ports by listener name."""
-    app = App(load_config(str(path)))
-    addresses = await nursery.start(app.serve)
-    return {name: bound[0][1] for name, bound in addresses.items()}
-
-
 # --- recording backends ----------------------------------------------------------------
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-
-
-@dataclass
-class Recorder:
-    """The request heads a raw backend received, one per connection."""
-
-    heads: list[bytes] = field(default_factory=list)
-    connections: int = 0
-
-    @property
-    def last(self) -> bytes:
-        assert self.heads, "the backend received no request"
-        return self.heads[-1]
-
-
-def header_values(head: bytes, name: bytes) -> list[bytes]:
-    """Every value of header ``name`` (case-insensitive) in a request head."""
-    pattern = rb"(?im)^" + re.escape(name) + rb":[ \t]*(.*?)[ \t]*\r$"
-    return re.findall(pattern, head)
-
-
-async def start_recording_backend(nursery: trio.Nursery) -> tuple[int, Recorder]:
-    """A raw TCP backend: records each request head, answers a valid 101, then holds
-    the connection until the proxy sends something (or lets go) and hangs up."""
-    recorder = Recorder()
-
-    async def handler(stream: trio.SocketStream) -> None:
-        recorder.connections += 1
-        buf = b""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    if buf:
-                        recorder.heads.append(buf)
-                    return
-                buf += data
-            head = buf[: buf.index(b"\r\n\r\n") + 4]
-            recorder.heads.append(head)
-            key = header_values(head, b"sec-websocket-key")[0]
-            await stream.send_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\n"
-            )
-            # Hold the session until the proxy sends anything (its close frame when the
-            # client leaves), then hang up, as a backend ending the session would.
-            await stream.receive_some(65536)
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1]), recorder
 
 
 async def start_tls_ws_backend(nursery: trio.Nursery, cert: trustme.LeafCert) -> int:
@@ -232,29 +123,6 @@ async def tls_connect(
     return stream
 
 
-async def read_head(stream: trio.abc.ReceiveStream) -> bytes:
-    """Read up to the end of a response head; fail if the peer closes first."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, f"connection closed after {buf!r}"
-        buf += data
-    return buf
-
-
-async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    """Everything until the peer closes; a reset or a TLS error counts as closed."""
-    buf = b""
-    while True:
-        try:
-            data = await stream.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return buf
-        if not data:
-            return buf
-        buf += data
-
-
 async def upgrade_over_tls(
     port: int, ctx: ssl.SSLContext, server_hostname: str = "localhost", request: bytes = UPGRADE_REQUEST
 ) -> tuple[str, bytes]:
@@ -282,21 +150,6 @@ def _why(exc: BaseException) -> bytes:
     return (repr(exc) + (f" from {exc.__cause__!r}" if exc.__cause__ else "")).encode()
 
 
-def log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records]
-
-
-async def wait_for_log(caplog: pytest.LogCaptureFixture, *needles: str, within_s: float = 2.0) -> str:
-    """The first log line that contains every one of ``needles`` (waits for it)."""
-    with trio.move_on_after(within_s):
-        while True:
-            for line in log_lines(caplog):
-                if all(needle in line for needle in needles):
-                    return line
-            await trio.sleep(0.01)
-    raise AssertionError(f"no log line with {needles}; the log:\n" + "\n".join(log_lines(caplog)))
-
-
 def echo_roundtrip_sync(url: str, ctx: ssl.SSLContext, text: str) -> str:
     """The ``websockets`` sync client, for ``trio.to_thread``: send ``text``, return the echo."""
     from websockets.sync.client import connect
@@ -313,18 +166,6 @@ def san_of(stream: trio.SSLStream[trio.SocketStream]) -> set[str]:
     cert = stream.getpeercert()
     assert cert, "no verified peer certificate"
     return {value for _kind, value in cert.get("subjectAltName", ())}
-
-
-def client_hello(server_hostname: str = "localhost") -> bytes:
-    """The bytes of a real ClientHello (made with a memory BIO, never sent anywhere else)."""
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = outgoing.read()
-    assert hello[:1] == b"\x16" and len(hello) > 100, hello[:16]
-    return hello
 
 
 # === 1. termination ================================================================================
@@ -883,6 +724,8 @@ FAILING_BACKEND_TLS = {
 @pytest.mark.parametrize(
     ("scheme", "pool_tls", "why"), list(FAILING_BACKEND_TLS.values()), ids=list(FAILING_BACKEND_TLS)
 )
+
+
 async def test_a_backend_that_fails_verification_is_502_with_the_reason_logged(
     nursery: trio.Nursery,
     tmp_path: Path,

@@ -1,13 +1,13 @@
 """The relay machine's rules, without sockets: the README's endings table as pure tests.
 
-Input is built, and what the machine queues for each side is parsed back, with ``tests.wsframes``, a codec
+Input is built, and what the machine queues for each side is parsed back, with ``tests.kit.ws``, a codec
 written independently of the proxy's (wsproto would do, but it refuses close code 1014).
 """
 
 from __future__ import annotations
 
 import pytest
-from tests.wsframes import frame, parse_frames
+from tests.kit.ws import frame, parse_frames
 from wsproxy.config.schema import RateConfig
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.limits import MessageRate

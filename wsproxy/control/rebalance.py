@@ -52,8 +52,8 @@ def serving_weights(pool: PoolConfig, registry: Registry, now: float) -> dict[Ad
     """The pool's backends that serve now (health up, not draining, not ejected), with their weights."""
     weights = {}
     for backend in pool.backends:
-        state = registry.state(backend.address)
-        if state.health is Health.UP and not state.draining and not now < state.ejected_until:
+        health = registry.health(pool.name, backend.address)  # health and ejection are the pool's own
+        if health.health is Health.UP and not registry.state(backend.address).draining and not now < health.ejected_until:
             weights[backend.address] = backend.weight
     return weights
 
