@@ -73,6 +73,7 @@ from ..log import field as logged
 from .admin_policy import AdminSite, Refusal, check_request, path_segments
 from .metrics import Metrics
 from .registry import Registry
+from ..log import log_event
 
 # One logger for everything the admin listener does, so an operator follows one name.
 log = logging.getLogger("wsproxy.control.admin")
@@ -167,7 +168,7 @@ async def serve_connection(sock: socket.socket, server: AdminState, site: AdminS
     except ChannelBroken:
         pass
     except Exception:
-        log.exception("event=error listener=admin peer=%s", peer)
+        log_event(log, logging.ERROR, "error", exc_info=True, listener='admin', peer=peer)
     finally:
         channel.close()
 
@@ -331,7 +332,15 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
                 return _not_allowed("POST")
             return _backend_action(app, segments[1], segments[3], segments[4], peer)
     except Exception:
-        log.exception("event=error listener=admin method=%s path=%s", logged(method), logged(_path(request.target)))
+        log_event(
+            log,
+            logging.ERROR,
+            "error",
+            exc_info=True,
+            listener='admin',
+            method=logged(method),
+            path=logged(_path(request.target)),
+        )
         return _text(500, "internal error")
     return _text(404, "not found")
 
@@ -339,11 +348,11 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
 async def _reload(server: AdminState, peer: str) -> _Answer:
     """Run the reload ``POST /reload`` asked for and answer its outcome."""
     assert server.reloader is not None
-    log.info("event=admin action=reload peer=%s", peer)
+    log_event(log, logging.INFO, "admin", action='reload', peer=peer)
     try:
         errors = await server.reloader()
     except Exception:
-        log.exception("event=error listener=admin method=POST path=/reload")
+        log_event(log, logging.ERROR, "error", exc_info=True, listener='admin', method='POST', path='/reload')
         return _text(500, "internal error")
     if errors is None:
         return _json(503, {"applied": False, "errors": ["shutting down: no reload"]})
@@ -355,11 +364,18 @@ async def _reload(server: AdminState, peer: str) -> _Answer:
 def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
     """One line per refused request: WARNING for 401/403/421 (someone tried), INFO for a malformed path."""
     headers = dict(request.headers)  # the last of a repeated header is enough to say what was seen
-    log.log(
+    log_event(
+        log,
         logging.INFO if refusal.status == 400 else logging.WARNING,
-        "event=admin_refused listener=admin peer=%s status=%d method=%s path=%s host=%s origin=%s reason=%r",
-        peer, refusal.status, logged(request.method), logged(_path(request.target)),
-        logged(headers.get(b"host", b"-")), logged(headers.get(b"origin", b"-")), refusal.reason,
+        "admin_refused",
+        listener='admin',
+        peer=peer,
+        status=refusal.status,
+        method=logged(request.method),
+        path=logged(_path(request.target)),
+        host=logged(headers.get(b"host", b"-")),
+        origin=logged(headers.get(b"origin", b"-")),
+        reason=refusal.reason,
     )
 
 
@@ -398,7 +414,7 @@ def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
             if entry.is_file() and suffix in PAGE_MEDIA_TYPES and not entry.name.startswith("."):
                 files[entry.name] = (PAGE_MEDIA_TYPES[suffix], entry.read_bytes())
     except OSError as exc:
-        log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
+        log_event(log, logging.ERROR, "error", listener="admin", reading=f"{PAGE_PACKAGE}/{PAGE_FOLDER}", error=str(exc))
     return files
 
 
@@ -406,8 +422,15 @@ def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: s
     draining = _ACTIONS[action]
     changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
     result = "unknown" if changed is None else ("changed" if changed else "unchanged")
-    log.info(
-        "event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, logged(pool), logged(backend), result, peer
+    log_event(
+        log,
+        logging.INFO,
+        "admin",
+        action=action,
+        pool=logged(pool),
+        backend=logged(backend),
+        result=result,
+        peer=peer,
     )
     if changed is None:
         return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})

@@ -52,6 +52,7 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from .registry import Health, Registry
+from ..log import log_event
 
 if TYPE_CHECKING:
     from ..config.schema import BackendConfig, Config, RouteConfig
@@ -531,7 +532,7 @@ def certificate_expiry(path: str) -> float | None:
         with open(path, "rb") as file:
             leaf = x509.load_pem_x509_certificate(file.read(1 << 20))
     except (OSError, ValueError) as exc:
-        log.warning("event=certificate_unreadable file=%r reason=%r", path, str(exc))
+        log_event(log, logging.WARNING, "certificate_unreadable", file=path, reason=str(exc))
         return None
     expiry: datetime.datetime = leaf.not_valid_after_utc
     return expiry.timestamp()
