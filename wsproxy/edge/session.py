@@ -40,7 +40,7 @@ from ..control.metrics import NO_ROUTE, route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
-from .relay import Relay
+from .relay import Relay, RelayDriver
 from .request import CLOSE_TIMEOUT_S, Silent, read_request
 from .tls import TlsChannel, peer_subject
 from .upstream import Refusal, open_upstream
@@ -82,7 +82,7 @@ class Session:
         self.generation = generation
         self.route: RouteConfig | None = None
         self.backend: BackendConfig | None = None
-        self.relay: Relay | EngineRelay | None = None  # set once both handshakes are done
+        self.relay: RelayDriver | None = None  # the engine's or the trio pumps', set once both handshakes are done
         self.started = time.monotonic()
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
