@@ -17,7 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from typing import TYPE_CHECKING
+
 from .cli import DEFAULT_CONFIG, CommandFailed, version_text
+
+if TYPE_CHECKING:
+    from .config.schema import Config
 
 RUN_DESCRIPTION = """\
 Serve WebSocket connections as FILE says, until SIGTERM or SIGINT.
@@ -149,6 +154,7 @@ def _run_or_check(args: argparse.Namespace) -> int:
     from . import app, log, run
 
     log.configure(args.log_level or config.log.level, config.log.format)
+    _log_start(config, args.config)
     failed: list[BaseException] = []
     try:
         trio.run(run.main, config, args.config, args.log_level is not None)
@@ -157,6 +163,26 @@ def _run_or_check(args: argparse.Namespace) -> int:
     for failure in failed:
         print(f"wsproxy: {failure}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _log_start(config: Config, path: str) -> None:
+    """The first line of a run: what runs, from which config, where it will listen."""
+    import logging
+    import os
+    import platform
+
+    from . import __version__
+    from ._mypyc import is_compiled
+    from .log import log_event
+    from .proto import frames
+
+    log_event(
+        logging.getLogger("wsproxy.app"), logging.INFO, "starting",
+        version=__version__, python=platform.python_version(), pid=os.getpid(), config=os.path.abspath(path),
+        listeners=",".join(f"{spec.name}={spec.bind}" for spec in config.listeners),
+        admin=str(config.admin.bind) if config.admin is not None else None,
+        workers=1, scanner="compiled" if is_compiled(frames) else "pure",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ formatters below write as
 - ``log.format: text``: logfmt, the whole line: ``ts=... level=info
   logger=wsproxy.edge.session event=open conn=7a8f1 ... tls=false``. A value
   is written bare when it is a non-empty run of characters other than space,
-  ``"``, ``=``, ``\\`` and control characters; otherwise in double quotes with
+  ``"``, ``'``, ``=``, ``\\`` and control characters (``'`` only so that
+  readers of the older single-quoted lines cannot misread it); otherwise in double quotes with
   backslash escapes (``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\u00XX``
   for other control characters and the Unicode line breaks), as go-logfmt,
   Loki, Vector and Fluent Bit read it. ``None`` is ``null``, booleans
@@ -57,8 +58,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-5s %(name)s %(message)s"
 #: syslog priorities (sd-daemon(3): the ``<N>`` prefix journald reads) of the logging levels.
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
-#: A logfmt value written bare: no space, quote, ``=``, backslash or control character (Unicode breaks included).
-_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f\x85\u2028\u2029]+')
+#: A logfmt value written bare: no space, quote (either), ``=``, backslash or control character (Unicode breaks included).
+_BARE = re.compile(r'[^\s"\'=\\\x00-\x1f\x7f\x85\u2028\u2029]+')
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f\x85\u2028\u2029]')
 #: Characters that end or break a line somewhere (C0, DEL, NEL, U+2028/2029) → an escape, for plain messages.

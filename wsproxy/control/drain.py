@@ -33,6 +33,7 @@ from ..config.schema import Address, DrainConfig, PoolConfig, PoolName
 from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
 from .registry import BackendState, Health, Registry
+from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..edge.session import Session
@@ -137,7 +138,7 @@ class Drainer:
         if not state.draining:
             return False
         self._undrain(state)
-        log.info("event=undrain pool=%s backend=%s", pool, backend)
+        log_event(log, logging.INFO, "undrain", pool=pool, backend=backend)
         return True
 
     def _find(self, pool: str, address: str) -> Address | None:
@@ -207,10 +208,16 @@ class Drainer:
         still: Callable[[], bool],
         done: Callable[[], None] | None,
     ) -> None:
-        log.info(
-            "event=drain pool=%s backend=%s reason=%r sessions=%d close_after_s=%g spread_s=%g",
-            pool, address, cause.value, len(sessions_on(self.sessions.values(), pool, address)),
-            drain.timeout_s, drain.spread_s,
+        log_event(
+            log,
+            logging.INFO,
+            "drain",
+            pool=pool,
+            backend=address,
+            reason=cause.value,
+            sessions=len(sessions_on(self.sessions.values(), pool, address)),
+            close_after_s=drain.timeout_s,
+            spread_s=drain.spread_s,
         )
         if self.nursery is not None:
             self.nursery.start_soon(self._wait_and_close, pool, address, drain, cause, still, done)
@@ -228,7 +235,7 @@ class Drainer:
         if not still():
             return
         sessions = sessions_on(self.sessions.values(), pool, address)
-        log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
+        log_event(log, logging.INFO, "drain_closing", pool=pool, backend=address, sessions=len(sessions))
         await close_spread(
             sessions,
             drain.spread_s,
