@@ -440,8 +440,8 @@ class App:
             logging.INFO,
             "shutdown",
             sessions=len(self.sessions),
-            spread_s=settings.spread_s,
-            timeout_s=settings.timeout_s,
+            spread_s=float(settings.spread_s),
+            timeout_s=float(settings.timeout_s),
         )
         for slot in self.listeners.values():
             slot.close()  # new connection attempts are refused from now on
