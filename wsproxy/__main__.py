@@ -99,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
         _config_option(action)
         action.add_argument("pool", metavar="POOL", help="the pool's name")
         action.add_argument("backend", metavar="BACKEND", help='the backend\'s address, "host:port"')
+    commands.add_parser(
+        "schema", help="print the config's JSON Schema",
+        description="Print the JSON Schema (draft 2020-12) of wsproxy.yaml, generated from the config loader,"
+        " for editors (e.g. the YAML language server's `# yaml-language-server: $schema=...`).",
+    )
     return top
 
 
@@ -114,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         command_line.print_help()
         return 2
+    if args.command == "schema":
+        import json
+
+        from .config.json_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     from . import cli
 
     try:
