@@ -155,6 +155,7 @@ class BackendConfig:
     tls: bool = False  # "wss://host:port" in the YAML, or the pool has a tls mapping
     weight: int = 1  # relative share of new sessions, 1..1000
     max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
+    name: str | None = None  # a label for people (status page, /status, wsproxy_backend_info); unique in its pool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -53,6 +53,7 @@ def snapshot(app: App) -> dict[str, object]:
             backends.append(
                 {
                     "address": str(backend.address),
+                    "name": backend.name,
                     "weight": backend.weight,
                     "health": state.health.value,
                     "last_check": state.last_check,
@@ -68,7 +69,8 @@ def snapshot(app: App) -> dict[str, object]:
                     "messages_down": state.messages_down + extra[3],
                 }
             )
-        pools[name] = {"balance": pool.balance, "backends": backends}
+        # "available": how many could take a new session now; 0 means clients get 503
+        pools[name] = {"balance": pool.balance, "available": sum(1 for b in backends if b["available"]), "backends": backends}
     return {
         "generation": app.generation.number,
         "sessions": len(app.sessions),
