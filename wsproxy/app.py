@@ -48,7 +48,7 @@ from .balance.policy import Selector, make_selector
 from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
-from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
+from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render, render_off_loop
 from .control.registry import Registry
 from .control.reload import (
     CheckerAction,
@@ -476,6 +476,10 @@ class App:
     def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
         """What GET /metrics returns: (content type, body), OpenMetrics if ``accept`` asks for it."""
         return render(self._metrics_registry, accept)
+
+    async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
+        """``render_metrics``, encoded in a worker thread from a snapshot taken on the loop."""
+        return await render_off_loop(self._metrics_registry, accept)
 
     def status_line(self) -> str:
         count = len(self.sessions)

@@ -126,6 +126,10 @@ class AdminApp(Protocol):
         """(content type, body) of the current metrics: OpenMetrics if ``accept`` asks for it."""
         ...
 
+    async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
+        """The same, encoded off the event loop (what ``GET /metrics`` calls)."""
+        ...
+
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """``GET /ready``: (ready, the JSON body)."""
         ...
@@ -198,6 +202,10 @@ async def _one_request(
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
     answer = _answer(request, server, site, peer)
+    if answer is _METRICS:
+        accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
+        content_type, body = await server.app.render_metrics_off_loop(accept)
+        answer = 200, [(b"Content-Type", content_type.encode())], body
     if answer is _RELOAD:
         # A reload may take up to timeouts.reload: the request's own deadline grows to match.
         scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
@@ -275,6 +283,8 @@ async def _send(
 
 #: What ``_answer`` returns for ``POST /reload``, which ``_reload`` answers once the reload is done.
 _RELOAD: _Answer = (0, [], b"")
+#: What ``_answer`` returns for ``GET``/``HEAD /metrics``: encoded off the loop, then answered.
+_METRICS: _Answer = (0, [], b"")
 
 #: Paths answered without the token unless ``admin.health_needs_token``.
 HEALTH_PATHS = (["healthz"], ["ready"])
@@ -323,9 +333,7 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
             if segments == ["metrics"]:
-                accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
-                content_type, body = app.render_metrics(accept)
-                return 200, [(b"Content-Type", content_type.encode())], body
+                return _METRICS
             return _json(200, app.status())
         if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
             if method != "POST":
