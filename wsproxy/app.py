@@ -70,7 +70,7 @@ from .proto.frames import CLOSE_GOING_AWAY
 from .proto.limits import ClientTable, fd_budget
 from .proto.relay import Outcome
 from .proto.routing import Router
-from wsproxy.log import log_event
+from .log import log_event
 
 log = logging.getLogger("wsproxy.app")
 
@@ -186,8 +186,11 @@ class App:
 
     @property
     def addresses(self) -> dict[str, list[tuple[str, int]]]:
-        """Listener name → the addresses it is bound to."""
-        return {name: [sock.getsockname()[:2] for sock in slot.sockets] for name, slot in self.listeners.items()}
+        """Listener name → the addresses it is bound to (none once closed, e.g. by a shutdown during start-up)."""
+        return {
+            name: [sock.getsockname()[:2] for sock in slot.sockets if sock.fileno() != -1]
+            for name, slot in self.listeners.items()
+        }
 
     # -- running ----------------------------------------------------------------
 
@@ -195,6 +198,10 @@ class App:
         self, *, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
+        if self.stopping:  # shut down before it started: nothing to open
+            task_status.started({})
+            log_event(log, logging.INFO, "stopped")
+            return
         try:
             for spec in self.generation.config.listeners:
                 self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))

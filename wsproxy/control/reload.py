@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from ..config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
-from wsproxy.log import log_event
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.reload")
 
