@@ -132,7 +132,7 @@ async def test_a_named_backend_has_an_info_series_and_its_other_series_keep_thei
         "t.yaml",
     )
     _, samples = scrape(App(named))
-    assert value(samples, "wsproxy_backend_info", pool="chat", backend=A, name="chat-1") == 1
+    assert samples[("wsproxy_backend_info", (("backend", A), ("name", "chat-1"), ("pool", "chat")))] == 1
     assert not [labels for n, labels in samples if n == "wsproxy_backend_info" and ("backend", B) in labels]
     assert value(samples, "wsproxy_backend_sessions_active", pool="chat", backend=A) == 0  # no name label there
 
