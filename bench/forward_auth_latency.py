@@ -34,7 +34,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.authservice import allow, auth_service  # noqa: E402
+from tests.kit.authservice import allow, auth_service  # noqa: E402
 from wsproxy.config.schema import ForwardAuthConfig  # noqa: E402
 from wsproxy.edge.forward_auth import ForwardAuth  # noqa: E402
 from wsproxy.proto.handshake import Upgrade  # noqa: E402

@@ -6,7 +6,7 @@ import dataclasses
 
 from wsproxy.config.schema import AuthConfig, ForwardAuthConfig, JwtConfig, PoolName, RouteConfig
 from wsproxy.control.sweeper import LIFETIME_PERIOD_S, MAX_PERIOD_S, MIN_PERIOD_S, sweep_period_s
-from tests.support import make_config
+from tests.kit.servers import make_config
 
 
 def with_route(**changes: object) -> float:

@@ -39,6 +39,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from tests.kit.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.kit.servers import closed_port, raw_request, status_of
 from wsproxy.demo.chat import Site, serve_page
 
@@ -46,13 +47,6 @@ try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
 except ImportError:  # the tests that need a browser skip
     sync_playwright = None  # type: ignore[assignment]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 needs_playwright = pytest.mark.skipif(
     sync_playwright is None, reason="needs the playwright package (pip install playwright; the browser is /usr/bin/chromium)"

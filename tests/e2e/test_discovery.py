@@ -32,8 +32,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
 from tests.dnsserver import DnsServer, Srv
-from tests.e2e.test_status_page import Browser, needs_browser, with_browser
-from tests.support import UPGRADE_REQUEST, make_config, raw_request, start_proxy, status_of
+from tests.kit.browser import Browser, needs_browser, with_browser
+from tests.kit.servers import make_config, raw_request, start_proxy, status_of
+from tests.kit.ws import UPGRADE_REQUEST
 from wsproxy.app import App
 from wsproxy.control import discovery
 from wsproxy.control.admin import serve_admin

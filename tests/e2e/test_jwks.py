@@ -30,7 +30,7 @@ import trustme
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.support import closed_port, start_ws_backend, status_of
+from tests.kit.servers import closed_port, start_ws_backend, status_of
 from wsproxy.app import App, ListenError
 from wsproxy.config.load import load_config
 from wsproxy.edge.jwks import JwksFetchFailed, client_ssl_context, fetch_jwks

@@ -25,8 +25,8 @@ from trio_websocket import WebSocketRequest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.trio.client import connect as ws_connect
 
-from tests.authservice import start_auth_service
-from tests.support import start_ws_backend
+from tests.kit.authservice import start_auth_service
+from tests.kit.servers import start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config

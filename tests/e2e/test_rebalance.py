@@ -149,7 +149,7 @@ async def test_growing_pool_is_rebalanced_gently(nursery: trio.Nursery, tmp_path
 
 async def _sticky_closes(nursery: trio.Nursery, tmp_path: Path, sticky: bool) -> int:
     """20 sessions pinned by client address to one of 2 backends, rebalance on: how many get closed in 1 s."""
-    from tests.support import start_ws_backend
+    from tests.kit.servers import start_ws_backend
     from websockets.trio.client import connect
 
     ports = [await start_ws_backend(nursery) for _ in range(2)]

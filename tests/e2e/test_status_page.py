@@ -3,7 +3,7 @@
 Each test runs a real ``wsproxy.app.App`` (``start_proxy``) over two real
 trio-websocket echo backends, and ``serve_admin`` for it, in the test's
 nursery. The browser is Debian's ``/usr/bin/chromium`` driven by Playwright's
-sync API in a worker thread (``trio.to_thread.run_sync``); whatever the browser
+sync API in a worker thread (``tests.kit.browser``) (``trio.to_thread.run_sync``); whatever the browser
 step needs done on the trio side (open a WebSocket session, read
 ``App.status``, stop the admin listener) it asks for with ``trio.from_thread``.
 
@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,40 +34,24 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.kit.admin import AdminClient, call
+from tests.kit.browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    UNAUTHORIZED_LOG,
+    Browser,
+    expect,
+    needs_browser,
+    no_horizontal_scroll,
+    sync_playwright,
+    with_browser,
+)
 from tests.kit.servers import make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig, DrainConfig, HealthConfig, PoolName
 from wsproxy.control.admin import serve_admin
 
-try:
-    from playwright.sync_api import Page, expect, sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None  # type: ignore[assignment]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 TOKEN = "s3cret-admin-token"
-#: What Chromium itself logs for a fetch answered 401: expected while the page asks for the token.
-UNAUTHORIZED_LOG = "Failed to load resource: the server responded with a status of 401"
-
-needs_browser = pytest.mark.skipif(
-    sync_playwright is None or not os.path.exists(CHROMIUM),
-    reason=(
-        "the Python playwright package is not installed"
-        if sync_playwright is None
-        else f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    ),
-)
 
 
 # -- the stack -----------------------------------------------------------------------------------
@@ -152,51 +133,6 @@ async def hold_session(stack: Stack, nursery: trio.Nursery) -> Held:
 def _active(app: App) -> dict[str, int]:
     pools: Any = app.status()["pools"]
     return {b["address"]: b["active"] for b in pools["main"]["backends"]}
-
-
-# -- the browser, in a worker thread ---------------------------------------------------------------
-
-
-@dataclass
-class Browser:
-    page: Page
-    errors: list[str]  # console errors and uncaught exceptions, in order
-
-    def row(self, backend: str) -> Any:
-        return self.page.locator(f'tr[data-backend="{backend}"]')
-
-    def state(self, backend: str) -> Any:
-        return self.row(backend).locator(".state-badge")
-
-    def screenshot(self, name: str) -> None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
-
-
-def with_browser(url: str, steps: Callable[[Browser], None], **context: Any) -> list[str]:
-    """Run ``steps`` against a fresh page at ``url`` (in this thread); return what went to the console as errors."""
-    assert sync_playwright is not None
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(**context).new_page()
-            page.set_default_timeout(5000)
-            expect.set_options(timeout=5000)
-            errors: list[str] = []
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
-            response = page.goto(url)
-            assert response is not None and response.status == 200
-            assert "default-src 'self'" in response.headers["content-security-policy"]
-            steps(Browser(page, errors))
-            return errors
-        finally:
-            browser.close()
-
-
-def no_horizontal_scroll(page: Page) -> None:
-    width = page.evaluate("[document.scrollingElement.scrollWidth, window.innerWidth]")
-    assert width[0] <= width[1], f"horizontal scroll: content {width[0]} px wide in a {width[1]} px viewport"
 
 
 # -- without a browser: what the listener serves ---------------------------------------------------

@@ -24,7 +24,7 @@ from websockets.trio.client import connect as ws_connect
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 
-from tests.support import raw_request, start_tcp_backend, status_of
+from tests.kit.servers import raw_request, start_tcp_backend, status_of
 from wsproxy.proto.handshake import accept_key
 
 
