@@ -43,10 +43,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.kit.admin import AdminClient, Reply, call
+from tests.kit.admin import AdminClient, call, parse_metrics, total
 from tests.kit.process import make_config as process_config, pool, run_proxy, run_wsproxy
 from tests.kit.servers import closed_port, make_config, start_proxy, start_ws_backend
 from tests.kit.wait import until
@@ -88,25 +87,6 @@ async def start_stack(nursery: trio.Nursery, admin: AdminConfig = LOOPBACK) -> S
     app, proxy_port = await start_proxy(nursery, make_config([backend_port]))
     address = await nursery.start(partial(serve_admin, app, admin))
     return Stack(app, proxy_port, f"127.0.0.1:{backend_port}", address)
-
-
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse_metrics(reply: Reply) -> Series:
-    assert reply.status == 200
-    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(reply.body.decode())
-        for s in family.samples
-    }
-
-
-def total(series: Series, name: str, **labels: str) -> float:
-    """The sum of the ``name`` series that carry (at least) ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
 
 
 def backend_status(status: dict[str, object], pool: str, address: str) -> dict[str, object]:

@@ -1,9 +1,10 @@
 """End to end: the status page's sessions view, in a real browser (Debian's Chromium via Playwright).
 
-A real ``App`` with a static-tokens route and an admin token (``tests.e2e.
-test_sessions.start_stack``), real trio-websocket clients holding sessions
-as alice, bob and nobody, and the page driven as ``tests.e2e.test_status_page``
-drives it (Playwright's sync API in a worker thread). Covered: the admin token
+A real ``App`` with a static-tokens route and an admin token
+(``tests.kit.sessions.start_stack``), real trio-websocket clients holding
+sessions as alice, bob and nobody, and the page driven as
+``tests.e2e.test_status_page`` drives it (``tests.kit.browser``: Playwright's
+sync API in a worker thread). Covered: the admin token
 entered once serves the sessions view too (no extra 401 in the console), every
 session listed with its identity, client, route and backend, the search by
 identity, client address and route, Close pressed from the keyboard (the
@@ -18,17 +19,17 @@ from functools import partial
 import pytest
 import trio
 
-from tests.e2e.test_sessions import ADMIN_TOKEN, Client, Stack, open_client, start_stack
-from tests.e2e.test_status_page import (
+from tests.kit.admin import call
+from tests.kit.browser import (
     ARTIFACTS,
     UNAUTHORIZED_LOG,
     Browser,
-    call,
     expect,
     needs_browser,
     no_horizontal_scroll,
     with_browser,
 )
+from tests.kit.sessions import ADMIN_TOKEN, Client, Stack, open_client, start_stack
 
 
 async def test_the_sessions_view_files_are_served(nursery: trio.Nursery) -> None:

@@ -6,7 +6,8 @@ tests of keep-alive, of the Host header and of listeners that move). Addresses
 are ``host:port`` or ``unix:/path``, as in the config's ``admin.bind``.
 
 What is not here: the admin server (the tests start ``serve_admin`` or a real
-process) and any knowledge of its routes.
+process) and any knowledge of its routes beyond reading ``/metrics`` as a
+scraper would (``parse_metrics``, prometheus_client's parser, and ``total``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import h11
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -93,3 +95,24 @@ async def call(
         return await client.request(method, target, headers=[*auth, *headers])
     finally:
         await client.aclose()
+
+
+#: Metric samples by (name, labels).
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(reply: Reply) -> Series:
+    """The samples of a ``/metrics`` reply (200, Prometheus text format 0.0.4), read as a scraper would."""
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for s in family.samples
+    }
+
+
+def total(series: Series, name: str, **labels: str) -> float:
+    """The sum of the ``name`` series that carry (at least) ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
