@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -30,15 +27,8 @@ import trio
 
 import wsproxy
 from tests.kit.admin import call
-from tests.kit.process import WSPROXY, WsproxyProcess, run_wsproxy
+from tests.kit.process import CLI_TOKEN as TOKEN, out, running, wsproxy_cmd
 from tests.kit.servers import closed_port, start_ws_backend
-
-TOKEN = "cli-admin-token-0123456789"
-
-
-async def wsproxy_cmd(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(timeout_s):
-        return await trio.run_process([*WSPROXY, *args], capture_stdout=True, capture_stderr=True, check=False)
 
 
 def config_text(port: int, backends: list[int], admin: str, extra: str = "") -> str:
@@ -51,34 +41,6 @@ def config_text(port: int, backends: list[int], admin: str, extra: str = "") -> 
         f"admin: {admin}\n"
         f"{extra}"
     )
-
-
-class Running(WsproxyProcess):
-    """The kit's ``wsproxy run`` with the admin address the commands use."""
-
-    admin = ""
-
-    @property
-    def path(self) -> Path:
-        return self.config_path
-
-    async def cmd(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        command, *rest = args
-        return await wsproxy_cmd(command, "-c", str(self.path), *rest)
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, text: str, admin: str) -> AsyncIterator[Running]:
-    path = tmp_path / "wsproxy.yaml"
-    path.write_text(text)
-    async with run_wsproxy(path, kind=Running) as proxy:
-        proxy.admin = admin
-        await proxy.wait_log("event=admin_listening")
-        yield proxy
-
-
-def out(done: subprocess.CompletedProcess[bytes]) -> str:
-    return done.stdout.decode() + done.stderr.decode()
 
 
 # -- the commands over TCP with a token ----------------------------------------------------------

@@ -3,7 +3,7 @@
 The proxy is a ``python -m wsproxy run`` subprocess with an admin token and a
 route with static tokens; clients are trio-websocket connections that send
 those tokens; the commands are subprocesses, as an operator types them
-(``tests.e2e.test_cli_ops`` runs the proxy). Covered: the table and the
+(``tests.kit.process.running`` runs the proxy). Covered: the table and the
 JSON, filters, kicking one session and an identity with a code and a reason
 (what the client gets), and the failures (unknown session, a code the proxy
 may not send, a usage error).
@@ -18,8 +18,8 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from tests.e2e.test_cli_ops import TOKEN, out, running, wsproxy_cmd
-from tests.support import closed_port, start_ws_backend
+from tests.kit.process import CLI_TOKEN as TOKEN, out, running, wsproxy_cmd
+from tests.kit.servers import closed_port, start_ws_backend
 
 USERS = {"alice": "cli-tok-alice-0123456789", "bob": "cli-tok-bob-0123456789"}
 

@@ -14,9 +14,14 @@ The child runs the tree under test: the repository root is put first on its
 with the admin API's helpers on ``AdminProxy`` (``reload`` by SIGHUP and its
 outcome line, ``/status``, ``/metrics``).
 
-What is not here: in-process proxies (``tests.kit.servers.start_proxy``) and
-the one-shot commands (``check``, ``reload``): those are ``trio.run_process``
-calls that need no harness.
+The operator's commands (``wsproxy reload|status|drain|sessions|kick ...``)
+run as subprocesses too: ``wsproxy_cmd(*args)`` returns the finished process
+(``out`` is its stdout and stderr), and ``running(tmp_path, text, admin)``
+yields a ``Running`` proxy whose ``cmd("status")`` runs a command against its
+config file. ``CLI_TOKEN`` is the admin token those tests write to
+``admin.token``.
+
+What is not here: in-process proxies (``tests.kit.servers.start_proxy``).
 """
 
 from __future__ import annotations
@@ -300,3 +305,45 @@ async def run_proxy(
         proxy.admin_port = int(config["admin"]["bind"].rsplit(":", 1)[1])
         await proxy.wait_listening(*ports, proxy.admin_port)
         yield proxy
+
+
+# -- the operator's commands against a running proxy ----------------------------------------------
+
+#: The admin token the command tests write to ``admin.token`` (the commands read it from there).
+CLI_TOKEN = "cli-admin-token-0123456789"
+
+
+async def wsproxy_cmd(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[bytes]:
+    """``wsproxy ARGS...`` as an operator types it; the finished process (any exit status)."""
+    with trio.fail_after(timeout_s):
+        return await trio.run_process([*WSPROXY, *args], capture_stdout=True, capture_stderr=True, check=False)
+
+
+class Running(WsproxyProcess):
+    """The kit's ``wsproxy run`` with the admin address the commands use."""
+
+    admin = ""
+
+    @property
+    def path(self) -> Path:
+        return self.config_path
+
+    async def cmd(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        command, *rest = args
+        return await wsproxy_cmd(command, "-c", str(self.path), *rest)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, text: str, admin: str) -> AsyncIterator[Running]:
+    """``wsproxy run`` on the config ``text``, yielded once it logs that its admin API listens (at ``admin``)."""
+    path = tmp_path / "wsproxy.yaml"
+    path.write_text(text)
+    async with run_wsproxy(path, kind=Running) as proxy:
+        proxy.admin = admin
+        await proxy.wait_log("event=admin_listening")
+        yield proxy
+
+
+def out(done: subprocess.CompletedProcess[bytes]) -> str:
+    """What a command printed: stdout, then stderr."""
+    return done.stdout.decode() + done.stderr.decode()
