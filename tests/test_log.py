@@ -1,6 +1,6 @@
 """Pure tests of the log format (``wsproxy.log``): typed fields, real logfmt, typed JSON, journald priorities.
 
-The text lines are read back with ``parse_logfmt`` below, a parser written
+The text lines are read back with ``parse_logfmt`` (``tests.kit.logfmt``), a parser written
 from the logfmt convention (go-logfmt's: bare values end at a space, quoted
 values take ``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t`` and ``\\uXXXX``), not
 with the module's own reader, so a formatter and a parser sharing one mistake
@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from tests.kit.logfmt import parse_logfmt
 from wsproxy.log import (
     FIELD_MAX_CHARS,
     Event,
@@ -40,55 +41,6 @@ HOSTILE = [
     "=",
     "",
 ]
-
-
-def parse_logfmt(line: str) -> dict[str, str | None]:
-    """key=value pairs of one logfmt line; a bare ``key`` has the value None (go-logfmt's flag)."""
-    pairs: dict[str, str | None] = {}
-    i, n = 0, len(line)
-    while i < n:
-        if line[i] == " ":
-            i += 1
-            continue
-        start = i
-        while i < n and line[i] not in " =":
-            i += 1
-        key = line[start:i]
-        assert key and '"' not in key, f"bad key at {start}: {line!r}"
-        if i >= n or line[i] == " ":
-            pairs[key] = None
-            continue
-        i += 1  # '='
-        if i < n and line[i] == '"':
-            i += 1
-            out = []
-            while True:
-                assert i < n, f"unterminated quote: {line!r}"
-                c = line[i]
-                if c == '"':
-                    i += 1
-                    break
-                if c == "\\":
-                    e = line[i + 1]
-                    if e == "u":
-                        out.append(chr(int(line[i + 2:i + 6], 16)))
-                        i += 6
-                        continue
-                    out.append({"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}[e])
-                    i += 2
-                    continue
-                out.append(c)
-                i += 1
-            pairs[key] = "".join(out)
-            assert i >= n or line[i] == " ", f"junk after a quoted value: {line!r}"
-        else:
-            start = i
-            while i < n and line[i] != " ":
-                i += 1
-            value = line[start:i]
-            assert '"' not in value and "=" not in value, f"a bare value with a quote or '=': {line!r}"
-            pairs[key] = value
-    return pairs
 
 
 def event_record(levelno: int, event: str, /, **fields: object) -> logging.LogRecord:

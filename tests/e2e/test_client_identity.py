@@ -24,18 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.test_tls import (
-    Pki,
-    header_values,
-    make_pki,
-    q,
-    start_proxy_from,
-    start_recording_backend,
-    tls_block,
-    upgrade_over_tls,
-    wait_for_log,
-    write_config,
-)
+from tests.kit.backends import header_values, start_holding_backend as start_recording_backend
+from tests.kit.process import write_config
+from tests.kit.servers import start_proxy_from
+from tests.kit.tls import Pki, make_pki, q, tls_block, upgrade_over_tls
+from tests.kit.wait import wait_for_log
 from wsproxy.log import parse_pairs
 from wsproxy.proto.client_cert import xfcc_element
 

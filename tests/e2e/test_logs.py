@@ -2,7 +2,7 @@
 
 Each format runs the real command with a real backend (``websockets``), a
 session through it, a refused request and a backend that goes down; then every
-line of stderr is parsed (logfmt with the parser of ``tests/test_log.py``,
+line of stderr is parsed (logfmt with ``tests.kit.logfmt``,
 JSON with ``json.loads``) and the types of the fields are checked. Under the
 journal (``$JOURNAL_STREAM`` naming stderr's file), each line carries its
 priority.
@@ -27,7 +27,7 @@ import pytest
 import websockets.sync.client
 import websockets.sync.server
 
-from tests.test_log import parse_logfmt
+from tests.kit.logfmt import parse_logfmt
 
 ROOT = Path(__file__).parents[2]
 

@@ -319,7 +319,7 @@ async def test_metrics_are_encoded_in_a_worker_thread_from_a_snapshot_taken_on_t
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.e2e.test_admin import call
+    from tests.kit.admin import call
     from tests.kit.servers import make_config, start_proxy, start_ws_backend
     from wsproxy.config.schema import Address, AdminConfig
     from wsproxy.control.admin import serve_admin

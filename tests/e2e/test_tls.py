@@ -8,7 +8,9 @@ runs in-process (``App.serve``) on 127.0.0.1. Clients are trio-websocket, the
 needs to see the handshake itself. Backends are real trio-websocket servers
 (plain or TLS) or raw recorders that keep every request head they receive.
 
-The helpers at the top are shared with ``test_proxy_protocol.py``.
+The helpers other modules share (the ``pki`` fixture, ``tls_block``,
+``upgrade_over_tls``, ``simple_config``) are in ``tests.kit.tls`` and
+``tests.kit.servers``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import re
 import ssl
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,18 @@ from trio_websocket import open_websocket_url, serve_websocket, wrap_server_stre
 
 from tests.kit.backends import header_values, start_holding_backend as start_recording_backend
 from tests.kit.process import write_config
-from tests.kit.servers import echo_handler, start_proxy_from, start_ws_backend, status_of, websockets_backend
-from tests.kit.tls import Pki, client_hello, make_pki, q, write_leaf
+from tests.kit.servers import echo_handler, simple_config, start_proxy_from, start_ws_backend, status_of, websockets_backend
+from tests.kit.tls import (  # noqa: F401 (pki is a fixture)
+    Pki,
+    client_hello,
+    make_pki,
+    pki,
+    q,
+    tls_block,
+    tls_connect,
+    upgrade_over_tls,
+    write_leaf,
+)
 from tests.kit.wait import SLACK_S, wait_for_log
 from tests.kit.ws import UPGRADE_REQUEST, read_head, read_until_eof
 from wsproxy.app import App
@@ -46,54 +57,7 @@ def _proxy_log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="wsproxy")
 
 
-# --- certificates -----------------------------------------------------------------
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
-
-
-def tls_block(pki: Pki, *extra: str) -> str:
-    """A listener's ``tls`` mapping with the default certificate; ``extra`` lines go inside it."""
-    lines = ["tls:", f"  cert: {q(pki.cert_pem)}", f"  key: {q(pki.key_pem)}", *extra]
-    return "\n".join("    " + line for line in lines)
-
-
-# --- configs and the proxy -----------------------------------------------------------
-
-
-def simple_config(
-    backend_ports: Sequence[int],
-    *,
-    listener: str = "",
-    pool: str = "",
-    top: str = "",
-    handshake: str = "5s",
-) -> str:
-    """One listener "public" on 127.0.0.1:0 (``listener`` adds keys to it), one route to pool "main"."""
-    backends = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backend_ports)
-    return (
-        "listeners:\n"
-        "  - name: public\n"
-        "    bind: 127.0.0.1:0\n"
-        f"{listener}\n"
-        "routes:\n"
-        "  - pool: main\n"
-        "pools:\n"
-        "  main:\n"
-        f"{pool}\n"
-        "    backends:\n"
-        f"{backends}\n"
-        "timeouts:\n"
-        f"  handshake: {handshake}\n"
-        "  connect: 2s\n"
-        "  upstream_handshake: 2s\n"
-        f"{top}\n"
-    )
-
-
-# --- recording backends ----------------------------------------------------------------
+# --- backends ----------------------------------------------------------------------
 
 
 async def start_tls_ws_backend(nursery: trio.Nursery, cert: trustme.LeafCert) -> int:
@@ -105,49 +69,6 @@ async def start_tls_ws_backend(nursery: trio.Nursery, cert: trustme.LeafCert) ->
 
 
 # --- clients ---------------------------------------------------------------------------------
-
-
-async def tls_connect(
-    port: int, ctx: ssl.SSLContext, server_hostname: str | None = "localhost", *, prefix: bytes = b""
-) -> trio.SSLStream[trio.SocketStream]:
-    """A TCP connection to ``port`` (``prefix`` sent in the clear first), then a TLS handshake."""
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    if prefix:
-        await tcp.send_all(prefix)
-    stream = trio.SSLStream(tcp, ctx, server_hostname=server_hostname)
-    try:
-        await stream.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
-    return stream
-
-
-async def upgrade_over_tls(
-    port: int, ctx: ssl.SSLContext, server_hostname: str = "localhost", request: bytes = UPGRADE_REQUEST
-) -> tuple[str, bytes]:
-    """Handshake, send ``request``, read the answer: ("ok", head) or ("refused", what happened)."""
-    try:
-        stream = await tls_connect(port, ctx, server_hostname)
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-        return "refused", _why(exc)
-    buf = b""
-    async with stream:
-        try:
-            await stream.send_all(request)
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return "refused", b"EOF after " + buf
-                buf += data
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            return "refused", _why(exc) + b" after " + buf
-        return "ok", buf
-
-
-def _why(exc: BaseException) -> bytes:
-    """An exception and its cause (trio wraps the ssl.SSLError in BrokenResourceError)."""
-    return (repr(exc) + (f" from {exc.__cause__!r}" if exc.__cause__ else "")).encode()
 
 
 def echo_roundtrip_sync(url: str, ctx: ssl.SSLContext, text: str) -> str:

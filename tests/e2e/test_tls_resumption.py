@@ -24,17 +24,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.test_tls import (  # noqa: F401 (pki is a fixture)
-    Pki,
-    make_pki,
-    pki,
-    q,
-    simple_config,
-    tls_block,
-    write_config,
-    write_leaf,
-)
-from tests.support import UPGRADE_REQUEST, start_ws_backend
+from tests.kit.process import write_config
+from tests.kit.servers import simple_config, start_ws_backend
+from tests.kit.tls import Pki, make_pki, pki, q, tls_block, write_leaf  # noqa: F401 (pki is a fixture)
+from tests.kit.ws import UPGRADE_REQUEST
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.edge.tickets import SessionTickets, TicketKeysUnavailable
@@ -201,8 +194,8 @@ async def test_an_unreachable_libssl_logs_once_and_keeps_serving(
 
 
 async def test_sessions_resume_across_sighup_of_a_real_process(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
-    from tests.e2e.test_reload import make_config, run_proxy, start_backend
-    from tests.support import closed_port
+    from tests.kit.process import make_config, run_proxy
+    from tests.kit.servers import closed_port, start_backend
 
     backend = await start_backend(nursery, "b1")
     port, admin_port = closed_port(), closed_port()

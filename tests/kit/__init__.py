@@ -4,12 +4,19 @@
   scaled by ``WSPROXY_TEST_SLACK`` on a loaded machine);
 - ``ws``: RFC 6455 by hand (upgrade requests, ``accept_for``, a frame codec)
   for tests that play a raw peer;
-- ``servers``: in-process proxies (``start_proxy``) and backends over loopback;
-- ``process``: ``wsproxy run`` as a real process (``run_wsproxy``);
-- ``admin``: a client of the admin API;
+- ``servers``: in-process proxies (``start_proxy``, ``start_proxy_from`` a
+  YAML ``simple_config``) and backends over loopback;
+- ``process``: ``wsproxy run`` as a real process (``run_wsproxy``), and the
+  operator's commands against it (``wsproxy_cmd``, ``running``);
+- ``admin``: a client of the admin API, and ``/metrics`` read as a scraper would;
+- ``sessions``: an in-process proxy with token identities and its admin API,
+  and clients that hold sessions (``start_stack``, ``open_client``);
 - ``authservice``: a forward-auth service;
 - ``backends``: recording raw backends for handshake tests;
-- ``tls``: a throwaway PKI (trustme) and a real ClientHello;
+- ``tls``: a throwaway PKI (trustme, the ``pki`` fixture), TLS clients and a
+  real ClientHello;
+- ``browser``: Debian's Chromium driven by Playwright (``with_browser``);
+- ``logfmt``: an independent parser for the text log lines;
 - ``h11_requests``: upgrade requests as the listener reads them, for pure tests.
 
 Real peers everywhere (trio-websocket, websockets, sockets, processes); no

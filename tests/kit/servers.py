@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +144,36 @@ def websockets_backend(handler: Callable[[Any], None], **kw: Any) -> Iterator[in
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def simple_config(
+    backend_ports: Sequence[int],
+    *,
+    listener: str = "",
+    pool: str = "",
+    top: str = "",
+    handshake: str = "5s",
+) -> str:
+    """One listener "public" on 127.0.0.1:0 (``listener`` adds keys to it), one route to pool "main"."""
+    backends = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backend_ports)
+    return (
+        "listeners:\n"
+        "  - name: public\n"
+        "    bind: 127.0.0.1:0\n"
+        f"{listener}\n"
+        "routes:\n"
+        "  - pool: main\n"
+        "pools:\n"
+        "  main:\n"
+        f"{pool}\n"
+        "    backends:\n"
+        f"{backends}\n"
+        "timeouts:\n"
+        f"  handshake: {handshake}\n"
+        "  connect: 2s\n"
+        "  upstream_handshake: 2s\n"
+        f"{top}\n"
+    )
 
 
 async def start_proxy_from(nursery: trio.Nursery, path: Path) -> dict[str, int]:
