@@ -19,6 +19,7 @@ catches it does not have to decide again::
     ├── edge.jwks.JwksStartupError                        at start, a route has no JWT keys: exit 1
     ├── app.ListenError                                   a listener of the initial config cannot open
     ├── control.reload.ReloadError                        a valid config that could not be applied
+    ├── control.discovery.LookupFailed                    a DNS lookup gave no answer (logged, counted)
     └── cli.CommandFailed                                 a CLI command's one-line failure
 
 The classes live beside the code that raises them; this module holds the
