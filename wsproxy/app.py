@@ -195,7 +195,7 @@ class App:
         self.reloader = Reloader(lambda: self.generation.config.timeouts.reload_s, lambda: self.stopping)
         self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
         self.discovery = Discovery(lambda name: self.generation.config.pools.get(name), self.swap_pool, self.drainer.removing)
-        self._metrics_registry.register(DiscoveryCollector(self.discovery))
+        self._metrics_registry.register_loop_collector(DiscoveryCollector(self.discovery))
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"

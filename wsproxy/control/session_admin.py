@@ -131,7 +131,7 @@ class SessionControl:
             peer=session.peer,
             identity=logged(session.identity),
             code=order.code,
-            reason=repr(order.reason),
+            reason=order.reason,
             admin_peer=by,
         )  # fmt: skip
         relay.finish(order.code, CLOSE_GOING_AWAY, order.reason, Outcome.ADMIN)
