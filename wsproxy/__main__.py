@@ -5,6 +5,7 @@
     wsproxy reload -c FILE                 make the running proxy reload FILE; exit 0 only when applied
     wsproxy status -c FILE                 what the running proxy serves
     wsproxy drain|undrain -c FILE POOL BACKEND
+    wsproxy upgrade -c FILE                start a new generation of processes (workers > 1)
     wsproxy --version
 
 ``-c`` defaults to /etc/wsproxy/wsproxy.yaml. The operator commands live in
@@ -29,6 +30,9 @@ Signals:
   SIGTERM, SIGINT graceful shutdown: stop accepting, close sessions with 1001
                   spread over shutdown.spread, wait up to shutdown.timeout;
                   a second signal exits at once
+  SIGUSR2         (workers > 1, to the supervisor) upgrade: start a new
+                  supervisor and workers on the same sockets; the old
+                  workers keep their sessions up to upgrade.timeout
 
 Exit status:
   0  stopped after a signal
@@ -94,6 +98,18 @@ def parser() -> argparse.ArgumentParser:
         _config_option(action)
         action.add_argument("pool", metavar="POOL", help="the pool's name")
         action.add_argument("backend", metavar="BACKEND", help='the backend\'s address, "host:port"')
+    upgrade = commands.add_parser(
+        "upgrade", help="start a new generation of processes without dropping sessions (workers > 1)",
+        description="Ask the supervisor running FILE (workers > 1) to start a new supervisor and workers from the"
+        " installed program on the same listening sockets (POST /upgrade on its admin API, like SIGUSR2), and wait:"
+        " exit 0 once the new generation serves; the old workers keep their sessions until they end or"
+        " upgrade.timeout. Exit 1 if it did not start (the old generation keeps serving).",
+    )
+    _config_option(upgrade)
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)  # started by the supervisor, not by people
+    _config_option(worker)
+    worker.add_argument("--ipc-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return top
 
 
@@ -116,11 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             return cli.reload(args.config, sys.stdout)
         if args.command == "status":
             return cli.status(args.config, sys.stdout, args.json)
+        if args.command == "upgrade":
+            return cli.upgrade(args.config, sys.stdout)
         if args.command in ("drain", "undrain"):
             return cli.drain(args.config, args.pool, args.backend, args.command == "undrain", sys.stdout)
     except CommandFailed as exc:
         print(f"wsproxy {args.command}: {exc}", file=sys.stderr)
         return 1
+    if args.command == "worker":
+        from .supervisor.worker import run as run_worker
+
+        return run_worker(args.config, args.ipc_fd, args.log_level)
     return _run_or_check(args)
 
 
@@ -149,6 +171,14 @@ def _run_or_check(args: argparse.Namespace) -> int:
     from . import app, log, run
 
     log.configure(args.log_level or config.log.level, config.log.format)
+    import os
+
+    from .supervisor.main import UPGRADE_FD_VARIABLE
+
+    if config.workers > 1 or os.environ.get(UPGRADE_FD_VARIABLE):
+        from .supervisor.main import run as supervise
+
+        return supervise(config, args.config, args.log_level)
     failed: list[BaseException] = []
     try:
         trio.run(run.main, config, args.config, args.log_level is not None)

@@ -4,6 +4,7 @@
     wsproxy status  -c FILE [--json]        GET /status
     wsproxy drain   -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/drain
     wsproxy undrain -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/undrain
+    wsproxy upgrade -c FILE                 POST /upgrade (workers > 1): exit 0 once the new generation serves
 
 Each reads only the ``admin`` section of FILE (``config.load.load_admin``:
 includes and ``${VAR}`` applied, the token read from ``token_file``), so it
@@ -167,6 +168,23 @@ def reload(path: str, out: TextIO) -> int:
             print(error, file=sys.stderr)
         print(f"wsproxy: reload refused ({len(body.get('errors', []))} error(s)); the old config keeps serving", file=sys.stderr)
         return 1
+    raise _refused(target, status, body)
+
+
+def upgrade(path: str, out: TextIO) -> int:
+    """Ask the supervisor to start a new generation of processes and wait until it serves."""
+    target = AdminTarget.from_config(path)
+    status, body = target.request("POST", "/upgrade", REQUEST_TIMEOUT_S + 60)
+    if status == 200 and isinstance(body, dict):
+        print(f"wsproxy: upgraded: the new supervisor is pid {body.get('pid')}; the old workers keep their sessions", file=out)
+        return 0
+    if status == 409 and isinstance(body, dict):
+        for error in body.get("errors", []):
+            print(error, file=sys.stderr)
+        print("wsproxy: upgrade failed; the running generation keeps serving", file=sys.stderr)
+        return 1
+    if status == 404:
+        raise CommandFailed(f"the proxy at {target.where} has no supervisor to upgrade (workers: 1); restart it instead")
     raise _refused(target, status, body)
 
 

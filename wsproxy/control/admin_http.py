@@ -135,6 +135,10 @@ class AdminApp(Protocol):
 Reloader = Callable[[], Awaitable["list[str] | None"]]
 
 
+#: ``POST /upgrade`` (``workers`` > 1): (True, the new supervisor's pid) once it serves, or (False, why not).
+Upgrader = Callable[[], Awaitable["tuple[bool, str]"]]
+
+
 class AdminState(Protocol):
     """What a connection reads per request (``control.admin.AdminServer``): a reload swaps both."""
 
@@ -201,6 +205,9 @@ async def _one_request(
         # A reload may take up to timeouts.reload: the request's own deadline grows to match.
         scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
         answer = await _reload(server, peer)
+    elif answer is _UPGRADE:  # workers > 1: waits until the new generation serves (up to a minute)
+        scope.deadline = max(scope.deadline, trio.current_time() + 60 + REQUEST_TIMEOUT_S)
+        answer = await _upgrade(server, peer)
     await _send(channel, conn, request, answer)
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -274,6 +281,7 @@ async def _send(
 
 #: What ``_answer`` returns for ``POST /reload``, which ``_reload`` answers once the reload is done.
 _RELOAD: _Answer = (0, [], b"")
+_UPGRADE: _Answer = (0, [], b"")
 
 #: Paths answered without the token unless ``admin.health_needs_token``.
 HEALTH_PATHS = (["healthz"], ["ready"])
@@ -318,6 +326,12 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
             if server.reloader is None:
                 return _text(404, "not found")
             return _RELOAD
+        if segments == ["upgrade"]:
+            if method != "POST":
+                return _not_allowed("POST")
+            if getattr(server, "upgrader", None) is None:
+                return _text(404, "not found")
+            return _UPGRADE
         if segments in (["metrics"], ["status"]):
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
@@ -350,6 +364,21 @@ async def _reload(server: AdminState, peer: str) -> _Answer:
     if errors:
         return _json(409, {"applied": False, "errors": errors})
     return _json(200, {"applied": True, "generation": server.app.status()["generation"]})
+
+
+async def _upgrade(server: AdminState, peer: str) -> _Answer:
+    """``POST /upgrade`` (a supervisor only): 200 ``{"upgraded": true, "pid"}`` once the new generation serves, else 409."""
+    upgrader: Upgrader | None = getattr(server, "upgrader", None)
+    assert upgrader is not None
+    log.info("event=admin action=upgrade peer=%s", peer)
+    try:
+        ok, detail = await upgrader()
+    except Exception:
+        log.exception("event=error listener=admin method=POST path=/upgrade")
+        return _text(500, "internal error")
+    if ok:
+        return _json(200, {"upgraded": True, "pid": int(detail)})
+    return _json(409, {"upgraded": False, "errors": [detail]})
 
 
 def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
