@@ -683,6 +683,7 @@ class Supervisor:
                 )
             pools[name] = {"balance": pool.balance, "backends": backends}
         base: dict[str, Any] = {
+            "pid": os.getpid(),  # the supervisor's (an upgrade changes it)
             "generation": self.generation,
             "last_reload_unix": self.last_reload_unix,
             "last_reload_error": self.last_reload_error,
