@@ -231,9 +231,7 @@ class Worker:
             for name in list(opened):  # not taken: the listener kept its address after all
                 for sock in app._inherited.pop(name, []):
                     sock.close()
-            if self.retiring:  # a listener a retired worker gained must not accept either
-                for slot in app.listeners.values():
-                    slot.close()
+
         await self.channel.send(
             {"t": "committed", "round": number, "errors": errors, "generation": self.app.generation.number}
         )
@@ -259,9 +257,11 @@ class Worker:
             return
         self.retiring = True
         app = self.app
-        for slot in [*app.listeners.values(), *(s for group_ in self.adopted.values() for s in group_)]:
-            slot.close()  # this process's copies: connections waiting in the queue go to the new workers
+        slots = [*app.listeners.values(), *(s for group_ in self.adopted.values() for s in group_)]
+        app.listeners = {}  # what /status lists and a shutdown closes: nothing any more
         self.adopted.clear()
+        for slot in slots:
+            slot.close()  # this process's copies: connections waiting in the queue go to the new workers
         log.info("event=worker_retiring slot=%d pid=%d sessions=%d timeout_s=%g", self.slot, os.getpid(), len(app.sessions), timeout_s)
         self.nursery.start_soon(self._retire_later, timeout_s)
 
@@ -278,6 +278,8 @@ class Worker:
                 await self.channel.send(self.report())
             except ChannelClosed:
                 return
+            except Exception:  # a report that cannot be built must not take the sessions down
+                log.exception("event=worker_error slot=%d action=report", self.slot)
             await trio.sleep(REPORT_INTERVAL_S)
 
     def report(self) -> Message:
