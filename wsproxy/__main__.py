@@ -46,6 +46,10 @@ a refused reload or an admin API that cannot be reached; 2 usage error.
 """
 
 
+#: Commands wsproxy runs itself, not people (not in the help or the man page).
+INTERNAL_COMMANDS = frozenset({"worker"})
+
+
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config", default=DEFAULT_CONFIG, metavar="FILE", help=f"the YAML config file (default: {DEFAULT_CONFIG})"
@@ -106,7 +110,8 @@ def parser() -> argparse.ArgumentParser:
         " upgrade.timeout. Exit 1 if it did not start (the old generation keeps serving).",
     )
     _config_option(upgrade)
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)  # started by the supervisor, not by people
+    worker = commands.add_parser("worker")  # started by the supervisor, not by people: not listed
+    commands._choices_actions = [a for a in commands._choices_actions if a.dest not in INTERNAL_COMMANDS]
     _config_option(worker)
     worker.add_argument("--ipc-fd", type=int, required=True, help=argparse.SUPPRESS)
     worker.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])

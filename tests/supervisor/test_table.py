@@ -95,6 +95,11 @@ def test_limits_are_split_across_workers_rounded_up() -> None:
     assert (limits.max_connections, limits.max_connections_per_ip) == (251, 3)
     assert limits.handshake_rate_per_ip == RateConfig(rate_per_s=5.0, burst=2)
     assert split_limits(config, 1) is config
+    capped = dataclasses.replace(
+        config, pools={name: dataclasses.replace(pool, backends=tuple(dataclasses.replace(b, max_connections=9) for b in pool.backends))
+                       for name, pool in config.pools.items()},
+    )
+    assert {b.max_connections for p in split_limits(capped, 4).pools.values() for b in p.backends} == {3}
     unlimited = dataclasses.replace(config, limits=LimitsConfig(max_connections=0))
     assert split_limits(unlimited, 4).limits.max_connections == 0  # 0 is "no limit", not a limit to split
 

@@ -76,15 +76,17 @@ def take_upgrade_fds(environ: dict[str, str] | Any = os.environ) -> tuple[Channe
     channel = Channel(socket.socket(fileno=int(fd_text)))
     os.set_inheritable(int(fd_text), False)
     passed: dict[str, SlotSockets] = {}
+    by_fd: dict[int, socket.socket] = {}  # one object per descriptor: systemd's sockets are shared by every slot
     for name, slots in json.loads(listeners_text).items():
         passed[name] = []
         for fds in slots:
             group = []
             for fd in fds:
-                os.set_inheritable(fd, False)
-                sock = socket.socket(fileno=fd)
-                sock.setblocking(False)
-                group.append(sock)
+                if fd not in by_fd:
+                    os.set_inheritable(fd, False)
+                    by_fd[fd] = socket.socket(fileno=fd)
+                    by_fd[fd].setblocking(False)
+                group.append(by_fd[fd])
             passed[name].append(group)
     return channel, passed
 
@@ -594,6 +596,7 @@ class Supervisor:
         env = dict(os.environ)
         env[UPGRADE_FD_VARIABLE] = str(child.fileno())
         env[UPGRADE_LISTENERS_VARIABLE] = json.dumps(passed)
+        env.pop("WATCHDOG_PID", None)  # names this process; the new supervisor pings once it is the main pid
         command = [sys.executable, "-m", "wsproxy", "run", "-c", self.path]
         if self.log_level:
             command += ["--log-level", self.log_level]

@@ -182,8 +182,8 @@ def split_limits(config: Config, workers: int) -> Config:
     """``config`` as one of ``workers`` workers enforces it: the whole-proxy limits divided, rounded up.
 
     ``limits.max_connections`` (when set: the default comes from each process's own
-    descriptor limit), ``max_connections_per_ip`` and ``handshake_rate_per_ip`` are
-    per process; a worker gets ceil(limit / N) of each, so the proxy as a whole
+    descriptor limit), ``max_connections_per_ip``, ``handshake_rate_per_ip`` and each
+    backend's ``max_connections`` are per process; a worker gets ceil(limit / N) of each, so the proxy as a whole
     holds at most limit + N - 1. Connections reach workers by the kernel's
     SO_REUSEPORT hash of the 4-tuple, so a worker may reach its share while
     another has room: a client can be refused a little before the whole proxy
@@ -202,7 +202,16 @@ def split_limits(config: Config, workers: int) -> Config:
             else RateConfig(rate_per_s=rate.rate_per_s / workers, burst=math.ceil(rate.burst / workers))
         ),
     )
-    return dataclasses.replace(config, limits=split)
+    pools = {
+        name: dataclasses.replace(
+            pool,
+            backends=tuple(
+                dataclasses.replace(b, max_connections=math.ceil(b.max_connections / workers)) for b in pool.backends
+            ),
+        )
+        for name, pool in config.pools.items()
+    }
+    return dataclasses.replace(config, limits=split, pools=pools)
 
 
 def fingerprint(config: Config) -> str:
