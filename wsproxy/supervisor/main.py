@@ -15,7 +15,7 @@ them open for its whole life: a worker that exits leaves its queue to its
 successor, and meanwhile another worker accepts on it (``adopt``).
 
 Upgrade (``SIGUSR2``, ``POST /upgrade``, ``wsproxy upgrade``): the supervisor
-starts ``python -m wsproxy run -c FILE`` (the installed program) with every
+starts ``wsproxy run -c FILE`` (the installed program, ``program()``) with every
 listening socket and one end of a socketpair passed as descriptors
 (``WSPROXY_UPGRADE_FD``, ``WSPROXY_UPGRADE_LISTENERS``). The new supervisor
 starts its workers on those sockets and, once all serve, says ``upgrade_ready``;
@@ -65,6 +65,19 @@ UPGRADE_LISTENERS_VARIABLE = "WSPROXY_UPGRADE_LISTENERS"
 
 #: Sockets of a listener: one list per worker slot, each with one socket per address the bind resolves to.
 SlotSockets = list[list[socket.socket]]
+
+
+def program() -> list[str]:
+    """How to start this program again: ``python -m wsproxy``, or the launcher it was started by.
+
+    A console script or a launcher (``/usr/bin/wsproxy``, which may set up
+    ``sys.path`` itself, as under ``python -I``) is run again by path; ``python -m
+    wsproxy`` again as a module (``PYTHONPATH`` is inherited).
+    """
+    launcher = sys.argv[0] if sys.argv else ""
+    if not launcher or launcher.endswith("__main__.py") or not os.path.isfile(launcher):
+        return [sys.executable, "-m", "wsproxy"]
+    return [sys.executable, os.path.abspath(launcher)]
 
 
 def take_upgrade_fds(environ: dict[str, str] | Any = os.environ) -> tuple[Channel | None, dict[str, SlotSockets]]:
@@ -273,7 +286,7 @@ class Supervisor:
     async def _run_slot(self, slot: WorkerSlot) -> None:
         while not self.stopping and not self.retired:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            command = [sys.executable, "-m", "wsproxy", "worker", "-c", self.path, "--ipc-fd", str(child.fileno())]
+            command = [*program(), "worker", "-c", self.path, "--ipc-fd", str(child.fileno())]
             if self.log_level:
                 command += ["--log-level", self.log_level]
             try:
@@ -597,7 +610,7 @@ class Supervisor:
         env[UPGRADE_FD_VARIABLE] = str(child.fileno())
         env[UPGRADE_LISTENERS_VARIABLE] = json.dumps(passed)
         env.pop("WATCHDOG_PID", None)  # names this process; the new supervisor pings once it is the main pid
-        command = [sys.executable, "-m", "wsproxy", "run", "-c", self.path]
+        command = [*program(), "run", "-c", self.path]
         if self.log_level:
             command += ["--log-level", self.log_level]
         try:
