@@ -14,7 +14,9 @@ import trio
 
 from typing import TYPE_CHECKING
 
-from .app import App, ListenError, ReloadError
+from .app import App, ListenError
+from .control import gc_tuning
+from .control.reload import ReloadError
 from .config.schema import Config
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     app.on_ready = lambda: notifier.ready(app.status_line())
     admin = AdminServer(app)
     admin.reload_timeout_s = config.timeouts.reload_s
+    gc_tuning.tune()  # after start-up: what exists now is frozen
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
 
         async def watch_signals() -> None:

@@ -284,8 +284,7 @@ async def test_reloads_count_attempts_in_metrics_and_status_alike() -> None:
     _, s = scrape(app)
     assert value(s, "wsproxy_last_reload_success_timestamp_seconds") == started
     app.reload_failed(["t.yaml:1:1: nope"])
-    app.reloads += 1  # what a successful reload counts (App.reload also swaps the config)
-    app.last_reload_unix = started + 10
+    app.reloader.record_applied(started + 10)  # what a successful reload counts (App.reload also swaps the config)
     _, s = scrape(app)
     assert value(s, "wsproxy_reloads_total") == 2
     assert value(s, "wsproxy_reload_failures_total") == 1

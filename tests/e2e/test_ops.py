@@ -170,18 +170,22 @@ class RawPeer:
         self, opcode: int, payload: bytes, *, chunk: int = 32768, pause_s: float = 0.01, started: trio.Event | None = None
     ) -> float:
         """One frame written in pieces with pauses, holding the send lock: nothing of ours goes
-        inside it (a pong waits for its end). Returns the time its last byte went out."""
+        inside it (a pong waits for its end). Returns the time its last piece started to go out:
+        the proxy may relay that piece and what follows it before this task runs again, so the
+        time after the write would be too late a bound."""
         mask = os.urandom(4) if self.is_client else None
         data = _xor(payload, mask) if mask else payload
+        last_at = trio.current_time()
         async with self._sending:
             await self.stream.send_all(frame_header(opcode, len(payload), mask=mask))
             for offset in range(0, len(data), chunk):
                 if offset:
                     await trio.sleep(pause_s)
+                last_at = trio.current_time()
                 await self.stream.send_all(data[offset : offset + chunk])
                 if started is not None:
                     started.set()
-        return trio.current_time()
+        return last_at
 
     async def _need(self, count: int) -> bool:
         while len(self.buf) < count:

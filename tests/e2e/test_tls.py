@@ -929,3 +929,138 @@ async def test_sticky_cookie_is_secure_on_tls_listeners_only(
     plain_attributes = [a.strip().lower() for a in plain_cookie.split(b";")]
     assert tls_cookie.startswith(b"wsp_main=") and b"secure" in tls_attributes, tls_cookie
     assert plain_cookie.startswith(b"wsp_main=") and b"secure" not in plain_attributes, plain_cookie
+
+
+# === 5. TLS relayed by the epoll engine ==============================================================
+# The engine moves ciphertext itself (edge/engine.py); the same tests run with the trio pumps
+# (WSPROXY_RELAY=trio), which must behave the same.
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One final client frame (masked), any length."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("driver", ["engine", "trio"])
+async def test_tls_on_both_sides_with_back_pressure_keeps_every_byte(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, backend_pki: Pki, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """A burst of messages up to 1 MB each way, 3 MB in flight (many records, partial sends, back-pressure),
+    wss:// client → TLS listener → TLS backend; everything comes back intact and in order."""
+    from wsproxy.edge.engine import EngineRelay
+
+    monkeypatch.setenv("WSPROXY_RELAY", driver)
+    sizes = [0, 1, 125, 126, 16383, 16384, 16385, 65535, 65536, 1_000_000, 1_000_000, 999_999, 7]  # the echo backend takes up to 1 MiB
+    with trio.fail_after(30):
+        backend_port = await start_tls_ws_backend(nursery, backend_pki.cert)
+        config = tls_backend_config(backend_port, f"    tls:\n      ca: {q(backend_pki.ca_pem)}", listener=tls_block(pki))
+        app = App(load_config(str(write_config(tmp_path, config))))
+        port = (await nursery.start(app.serve))["public"][0][1]
+        async with open_websocket_url(
+            f"wss://localhost:{port}/", ssl_context=pki.client_context(), max_message_size=4_000_000
+        ) as ws:
+            messages = [bytes([n % 251]) * n for n in sizes]
+            for message in messages:
+                await ws.send_message(message)
+            for message in messages:
+                assert await ws.get_message() == message
+            [session] = app.sessions.values()
+            assert isinstance(session.relay, EngineRelay) is (driver == "engine")
+
+
+class MemoryTlsClient:
+    """A TLS client on a memory BIO over a trio socket, so a test decides which records
+    travel in which TCP segment."""
+
+    def __init__(self, sock: trio.socket.SocketType, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    @classmethod
+    async def connect(cls, port: int, ctx: ssl.SSLContext) -> MemoryTlsClient:
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        client = cls(sock, ctx)
+        while True:
+            try:
+                client.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await client.flush()
+                data = await sock.recv(65536)
+                assert data, "closed during the handshake"
+                client.incoming.write(data)
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        data = self.outgoing.read()
+        while data:
+            sent = await self.sock.send(data)
+            data = data[sent:]
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                return self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                data = await self.sock.recv(65536)
+                assert data, "closed by the proxy"
+                self.incoming.write(data)
+
+
+async def test_a_frame_in_the_same_tcp_segment_as_the_upgrade_request_is_relayed(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """The request and the client's first frame are two TLS records sent in one TCP write:
+    the proxy reads both, decrypts the first for the request, and the engine must take the
+    second over from OpenSSL's buffer (epoll will never say it is readable)."""
+    with trio.fail_after(10):
+        backend_port = await start_ws_backend(nursery)
+        ports = await start_proxy_from(nursery, write_config(tmp_path, simple_config([backend_port], listener=tls_block(pki))))
+        client = await MemoryTlsClient.connect(ports["public"], pki.client_context())
+        with client.sock:
+            client.obj.write(UPGRADE_REQUEST)
+            client.obj.write(masked_frame(0x1, b"early bird"))  # a record of its own
+            await client.flush()  # both records in one send
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += await client.receive()
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 101")
+            expected = b"\x81\x0aearly bird"
+            while len(rest) < len(expected):
+                rest += await client.receive()
+            assert rest[: len(expected)] == expected
+
+
+async def test_garbage_instead_of_tls_records_ends_that_session_only(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the handshakes a client writes bytes that are not TLS records: its session ends
+    (the backend is told, 1001), another TLS session carries on."""
+    with trio.fail_after(10):
+        backend_port = await start_ws_backend(nursery)
+        ports = await start_proxy_from(nursery, write_config(tmp_path, simple_config([backend_port], listener=tls_block(pki))))
+        url = f"wss://localhost:{ports['public']}/"
+        async with open_websocket_url(url, ssl_context=pki.client_context()) as bystander:
+            stream = await tls_connect(ports["public"], pki.client_context())
+            await stream.send_all(UPGRADE_REQUEST)
+            assert (await read_head(stream)).startswith(b"HTTP/1.1 101")
+            raw = stream.transport_stream
+            await raw.send_all(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # an application-data record that does not decrypt
+            line = await wait_for_log(caplog, "event=close", within_s=5)
+            assert "by=client" in line, line  # an unreadable TLS stream is the client gone
+            await trio.aclose_forcefully(stream)
+            await bystander.send_message("still here")
+            assert await bystander.get_message() == "still here"

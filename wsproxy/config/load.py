@@ -14,7 +14,8 @@ Unknown keys are errors, not warnings: a misspelled ``timeouts.idel`` would
 otherwise leave the default in force without anyone noticing.
 
 This module reads one file and returns one ``Config``. Applying it (and
-comparing it with the running one on SIGHUP) is ``control/reload.py``'s job.
+comparing it with the running one on SIGHUP) is ``control/reload.py``'s (the plans)
+and ``app.App.reload``'s (the switch).
 """
 
 from __future__ import annotations

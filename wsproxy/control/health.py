@@ -321,6 +321,11 @@ class HealthChecker:
             self._loops.clear()
             self._finished = True
 
+    @property
+    def can_update(self) -> bool:
+        """False once ``run`` has returned (the pool had no checks): checks added later need a new checker."""
+        return not self._finished
+
     def update(self, pool: PoolConfig) -> None:
         """Apply a reloaded ``pool``: new backends get a loop, removed ones lose theirs, the rest keep running.
 

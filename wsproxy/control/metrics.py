@@ -303,9 +303,15 @@ class MetricsSource(Protocol):
 
     metrics: Metrics
     registry: Registry
-    reloads: int  # successful reloads
-    reload_failures: int
-    last_reload_unix: float | None
+
+    @property
+    def reloads(self) -> int: ...  # successful reloads
+
+    @property
+    def reload_failures(self) -> int: ...
+
+    @property
+    def last_reload_unix(self) -> float | None: ...
 
     @property
     def generation(self) -> _Generation: ...
@@ -468,7 +474,7 @@ class WsproxyCollector(Collector):
             "WebSocket messages relayed by the backend's sessions, open ones included.",
             labels=[*labels, "direction"],
         )
-        totals = [0, 0, 0, 0]
+        totals = list(app.registry.retired)  # backends forgotten since, then every one still known
         for state in app.registry:  # every backend ever used, gone ones included: the process totals
             extra = live.get(str(state.address), (0, 0, 0, 0))
             for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):

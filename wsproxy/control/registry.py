@@ -132,10 +132,12 @@ class BackendState:
 
 
 class Registry:
-    __slots__ = ("_states",)
+    __slots__ = ("_states", "retired")
 
     def __init__(self) -> None:
         self._states: dict[Address, BackendState] = {}
+        #: bytes up, bytes down, messages up, messages down of forgotten backends (process totals keep them)
+        self.retired = [0, 0, 0, 0]
 
     def state(self, address: Address) -> BackendState:
         """The state of ``address``, created on first use."""
@@ -150,7 +152,9 @@ class Registry:
     def forget(self, keep: set[Address]) -> None:
         """Drop the state of backends no pool has any more and no session uses."""
         for address in [a for a, s in self._states.items() if a not in keep and s.active == 0]:
-            del self._states[address]
+            state = self._states.pop(address)
+            for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):
+                self.retired[i] += value
 
     def record_failure(
         self, address: Address, pool: Sequence[BackendConfig], now: float, config: PassiveHealthConfig

@@ -36,7 +36,7 @@ def snapshot(app: App) -> dict[str, object]:
             counts[1] += relay.bytes_down
             counts[2] += relay.up.scanner.messages
             counts[3] += relay.down.scanner.messages
-    totals = [0, 0, 0, 0]
+    totals = list(app.registry.retired)  # backends forgotten since, then every one still known
     for state in app.registry:
         extra = live.get(state.address, [0, 0, 0, 0])
         for i, value in enumerate((state.bytes_up, state.bytes_down, state.messages_up, state.messages_down)):

@@ -34,8 +34,20 @@ in the engine's loop. Idle timeouts and keepalive pings come from the app's swee
 send what it queued (``kick``), from the caller's task: the engine is plain
 data between wake-ups.
 
-TLS sessions, and every session on systems without ``select.epoll``, are
-relayed by ``edge.relay``'s trio pumps with the same machine.
+TLS: a side that speaks TLS (a ``wss://`` client, a pool with ``tls:``)
+brings its ``TlsChannel``: the ``ssl.SSLObject`` between two memory BIOs that
+did its handshake. The engine then moves ciphertext: a ``recv`` goes into the
+incoming BIO and every whole record is decrypted at once (nothing stays inside
+OpenSSL where epoll cannot see it); what the machine queues for that side is
+encrypted at once into the side's ``wire`` backlog, which is what ``send``
+writes and what back-pressure watches. Records OpenSSL writes on its own (a
+TLS 1.3 key update answer, an alert) join the same backlog, so records never
+interleave. Bytes already read or decrypted during the handshakes are taken
+over when the session is added.
+
+Every session on systems without ``select.epoll`` is relayed by
+``edge.relay``'s trio pumps with the same machine (``WSPROXY_RELAY=trio``
+forces them everywhere).
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import errno
 import logging
 import select
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import trio
@@ -54,6 +67,7 @@ from .relay import RelayDriver
 if TYPE_CHECKING:
     from ..proto.frames import FrameScanner
     from ..proto.limits import MessageRate
+    from .tls import TlsChannel
 
 log = logging.getLogger("wsproxy.edge.engine")
 
@@ -78,6 +92,8 @@ class EngineRelay(RelayDriver):
         "client_fd",
         "backend_fd",
         "masks",
+        "tls",
+        "wire",
         "ended",
         "registered",
         "scope",
@@ -94,6 +110,8 @@ class EngineRelay(RelayDriver):
         close_timeout_s: float,
         backend_failure_code: int,
         message_rate: tuple[MessageRate, MessageRate] | None = None,
+        client_tls: TlsChannel | None = None,
+        backend_tls: TlsChannel | None = None,
     ) -> None:
         super().__init__(
             up_scanner=up_scanner,
@@ -108,6 +126,10 @@ class EngineRelay(RelayDriver):
         self.client_fd = client.fileno()
         self.backend_fd = backend.fileno()
         self.masks = [0, 0]  # what each fd (client, backend) is registered for; -1 = removed
+        #: the TLS channel of each side (client, backend), None for plain TCP
+        self.tls: tuple[TlsChannel | None, TlsChannel | None] = (client_tls, backend_tls)
+        #: ciphertext waiting for each TLS side's socket (client, backend); always empty on a plain side
+        self.wire = [b"", b""]
         self.ended = trio.Event()
         self.registered = False
         self.scope: trio.CancelScope | None = None  # the session task's wait, bounded by the close deadline
@@ -151,6 +173,15 @@ class Engine:
         now = trio.current_time()
         machine = relay.machine
         try:
+            for index, tls in enumerate(relay.tls):
+                if tls is not None:  # records read with the handshake's last bytes, not yet decrypted
+                    data, _ = _decrypt(tls)
+                    if index == 0:
+                        from_client += data
+                    else:
+                        from_backend += data
+                    if tls.outgoing.pending:
+                        relay.wire[index] += tls.outgoing.read()
             if from_client:
                 machine.feed(relay.up, from_client, now)
             if from_backend:
@@ -215,7 +246,8 @@ class Engine:
             reader, writer = (relay.up, relay.down) if is_client else (relay.down, relay.up)
             if mask & _OUT:
                 self._flush(relay, writer)
-            if mask & _IN and relay.masks[0 if is_client else 1] & _IN and not reader.src_eof:
+            index = 0 if is_client else 1
+            if mask & _IN and relay.masks[index] & _IN and not reader.src_eof:
                 sock = relay.client if is_client else relay.backend
                 try:
                     data = sock.recv(RECV_BYTES)
@@ -223,7 +255,20 @@ class Engine:
                     data = None
                 except _GONE:
                     data = b""
-                if data:
+                tls = relay.tls[index]
+                if tls is not None and data is not None:
+                    if data:
+                        tls.incoming.write(data)
+                    else:
+                        tls.incoming.write_eof()
+                    data, ended = _decrypt(tls)
+                    if tls.outgoing.pending:  # OpenSSL answered something (key update, alert)
+                        relay.wire[index] += tls.outgoing.read()
+                    if data:
+                        machine.feed(reader, data, now)
+                    if ended:
+                        machine.eof(reader, now)
+                elif data:
                     machine.feed(reader, data, now)
                 elif data is not None:
                     machine.eof(reader, now)
@@ -249,19 +294,23 @@ class Engine:
         """Send what the machine queued, then watch what the session now needs."""
         machine = relay.machine
         up, down = relay.up, relay.down
-        if up.out:
+        wire = relay.wire
+        if up.out or wire[1]:
             self._flush(relay, up)
-        if down.out:
+        if down.out or wire[0]:
             self._flush(relay, down)
-        if machine.done and not up.out and not down.out:
+        # what waits for each socket: plain bytes of the machine, or ciphertext
+        to_client = down.out or wire[0]
+        to_backend = up.out or wire[1]
+        if machine.done and not to_client and not to_backend:
             self.remove(relay)
             return
         scope = relay.scope
         if machine.deadline is not None and scope is not None and scope.deadline != machine.deadline:
             scope.deadline = machine.deadline
         # client fd: input for up unless the backend's backlog is full; output for down's backlog
-        want_client = (_IN if up.wants_input and not up.out else 0) | (_OUT if down.out else 0)
-        want_backend = (_IN if down.wants_input and not down.out else 0) | (_OUT if up.out else 0)
+        want_client = (_IN if up.wants_input and not to_backend else 0) | (_OUT if to_client else 0)
+        want_backend = (_IN if down.wants_input and not to_client else 0) | (_OUT if to_backend else 0)
         masks = relay.masks
         if masks[0] != want_client and masks[0] != -1:
             masks[0] = want_client
@@ -271,8 +320,18 @@ class Engine:
             self._epoll.modify(relay.backend_fd, want_backend)
 
     def _flush(self, relay: EngineRelay, d: Direction) -> None:
-        """One ``send`` of ``d``'s queued bytes to its destination; what is left stays queued."""
+        """One ``send`` of ``d``'s queued bytes to its destination; what is left stays queued.
+
+        Towards a TLS side the machine's bytes are encrypted first (all of
+        them: the memory BIO takes any amount) and the ciphertext is what
+        waits in ``wire``.
+        """
         out = d.out
+        index = 1 if d is relay.up else 0
+        tls = relay.tls[index]
+        if tls is not None:
+            self._flush_tls(relay, d, tls, index)
+            return
         if not out:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
@@ -294,9 +353,61 @@ class Engine:
         else:
             out[:] = [data[sent:]]
 
+    def _flush_tls(self, relay: EngineRelay, d: Direction, tls: TlsChannel, index: int) -> None:
+        out = d.out
+        if out:
+            try:
+                for chunk in out:
+                    tls.ssl.write(chunk)
+            except ssl.SSLError:  # the TLS connection is closed or broken on our side
+                out.clear()
+                relay.machine.broken(d)
+                return
+            out.clear()
+        if tls.outgoing.pending:
+            relay.wire[index] += tls.outgoing.read()
+        data = relay.wire[index]
+        if not data:
+            return
+        sock = relay.backend if index else relay.client
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            relay.wire[index] = b""
+            relay.machine.broken(d)
+            return
+        relay.wire[index] = data[sent:] if sent < len(data) else b""
+
     def _fail(self, relay: EngineRelay) -> None:
         """An unexpected error while serving ``relay``: end that session, keep the engine."""
         self.failures += 1
         log.exception("event=error where=engine reason=%r", "unexpected error while relaying; session closed")
         relay.machine.abort("internal error while relaying")
         self.remove(relay)
+
+
+def _decrypt(tls: TlsChannel) -> tuple[bytes, bool]:
+    """Every whole record the incoming BIO holds, decrypted; and whether the TLS stream has ended.
+
+    Ended: close_notify, EOF under the records, or records that do not decrypt
+    (garbage on the wire): the peer is gone either way, as for a TCP EOF.
+    """
+    read = tls.ssl.read
+    chunks = []
+    ended = False
+    try:
+        while True:
+            chunk = read(RECV_BYTES)
+            if not chunk:  # pragma: no cover - read raises at the end, it does not return b""
+                ended = True
+                break
+            chunks.append(chunk)
+    except ssl.SSLWantReadError:
+        pass
+    except ssl.SSLError:  # SSLZeroReturnError (close_notify), SSLEOFError, a bad record
+        ended = True
+    if len(chunks) == 1:
+        return chunks[0], ended
+    return b"".join(chunks), ended

@@ -150,6 +150,8 @@ async def accept_loop(
                 await trio.lowlevel.wait_readable(lsock)
                 continue
             except OSError as exc:
+                if lsock.fileno() == -1:  # closed by its owner (a shutdown or reload) before this task ran
+                    return
                 if exc.errno in _RESOURCE_ERRNOS:
                     shed = 0
                     if exc.errno in (errno.EMFILE, errno.ENFILE) and spare is not None:

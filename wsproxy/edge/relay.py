@@ -62,6 +62,10 @@ class RelayDriver:
     def _changed(self) -> None:
         raise NotImplementedError
 
+    async def run(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
+        """Relay until the session has ended (``from_*``: bytes read past the handshakes)."""
+        raise NotImplementedError
+
     def finish(self, client_code: int, backend_code: int, reason: str, kind: Outcome) -> None:
         """End the session from the proxy's side (idle timeout, drain, shutdown)."""
         self.machine.finish(client_code, backend_code, reason, kind, trio.current_time())

@@ -56,7 +56,7 @@ async def send_final(client: RawChannel, data: bytes) -> None:
 
 
 async def read_request(
-    client: RawChannel, conn_id: str, peer: str, *, deadline: float, handshake_s: float, limit: int
+    client: RawChannel, *, deadline: float, handshake_s: float, limit: int
 ) -> tuple[Upgrade, bytes] | Rejection | Silent | None:
     """The client's upgrade and the bytes after its head, or a Rejection to answer.
 

@@ -40,7 +40,7 @@ from ..control.metrics import NO_ROUTE, route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
-from .relay import Relay
+from .relay import Relay, RelayDriver
 from .request import CLOSE_TIMEOUT_S, Silent, read_request
 from .tls import TlsChannel, peer_subject
 from .upstream import Refusal, open_upstream
@@ -81,7 +81,7 @@ class Session:
         self.generation = generation
         self.route: RouteConfig | None = None
         self.backend: BackendConfig | None = None
-        self.relay: Relay | EngineRelay | None = None  # set once both handshakes are done
+        self.relay: RelayDriver | None = None  # the engine's or the trio pumps', set once both handshakes are done
         self.started = time.monotonic()
         self.idle_mark = -1  # bytes relayed when the idle sweeper last looked
         self.idle_since = 0.0
@@ -157,6 +157,10 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
         client.close()
 
 
+#: channel types whose sessions the engine can relay (it drives their sockets and TLS objects itself)
+_ENGINE_CHANNELS = (RawChannel, TlsChannel)
+
+
 class _Done(Exception):
     """The connection was answered and is over (refused, or the client left)."""
 
@@ -175,8 +179,6 @@ async def _handshakes(
     tls = listener.tls is not None
     result = await read_request(
         client,
-        session.conn_id,
-        session.peer,
         deadline=deadline,
         handshake_s=config.timeouts.handshake_s,
         limit=config.limits.max_header_bytes,
@@ -319,8 +321,8 @@ async def _connect_upstream(
     rate = limits.max_message_rate
     rates = (MessageRate(rate), MessageRate(rate)) if rate is not None else None
     backend_channel = result.channel
-    if app.engine is not None and type(client) is RawChannel and type(backend_channel) is RawChannel:
-        # Plain on both sides: the epoll engine relays it (TLS stays with the trio pumps).
+    if app.engine is not None and type(client) in _ENGINE_CHANNELS and type(backend_channel) in _ENGINE_CHANNELS:
+        # The epoll engine relays it, plain or TLS on either side (it takes over the TLS objects).
         session.relay = EngineRelay(
             app.engine,
             client.sock,
@@ -330,6 +332,8 @@ async def _connect_upstream(
             close_timeout_s=pool.drain.close_timeout_s,
             backend_failure_code=route.backend_failure_close_code,
             message_rate=rates,
+            client_tls=client if isinstance(client, TlsChannel) else None,
+            backend_tls=backend_channel if isinstance(backend_channel, TlsChannel) else None,
         )
     else:
         session.relay = Relay(

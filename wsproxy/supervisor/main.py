@@ -47,6 +47,7 @@ from ..config.schema import Address, Config, ListenerConfig, PoolConfig, PoolNam
 from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..control.registry import Health, Registry
+from ..control.reload import CheckerAction, plan_checkers
 from ..edge.listener import migrate_req, open_listener
 from . import health
 from .ipc import Channel, ChannelClosed
@@ -466,17 +467,14 @@ class Supervisor:
 
     def _update_checkers(self, new: Config) -> None:
         assert self._nursery is not None
-        for name in [n for n in self.checkers if n not in new.pools]:
-            self.checkers.pop(name).stop()
-        for name, pool in new.pools.items():
-            checker = self.checkers.get(name)
-            if checker is not None:
-                try:
-                    checker.update(pool)
-                    continue
-                except RuntimeError:
-                    pass
-            self._nursery.start_soon(self._start_checker, pool)
+        running = {name: checker.can_update for name, checker in self.checkers.items()}
+        for name, action in plan_checkers(running, new.pools).items():
+            if action is CheckerAction.STOP:
+                self.checkers.pop(name).stop()
+            elif action is CheckerAction.UPDATE:
+                self.checkers[name].update(new.pools[name])
+            else:
+                self._nursery.start_soon(self._start_checker, new.pools[name])
 
     # -- reload ------------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import trio
 
-from ..app import App, ListenerSlot, ReloadError
+from ..app import App, ListenerSlot
+from ..control.reload import ReloadError
 from ..config.schema import Config, PoolName
 from ..control.registry import Health
 from . import health
@@ -110,8 +111,11 @@ class Worker:
         self._health = start.get("health", [])
 
     async def serve(self) -> None:
+        from ..control import gc_tuning
+
         app = self.app
         health.apply(app.registry, self._health, trio.current_time())
+        gc_tuning.tune()  # as wsproxy run does: after start-up, what exists now is frozen
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             app.on_ready = lambda: nursery.start_soon(self.channel.send, {"t": "ready", "pid": os.getpid()})
@@ -155,7 +159,7 @@ class Worker:
             for pool_name, address, verdict in health.changes(message.get("changes", [])):
                 pool = app.generation.config.pools.get(PoolName(pool_name))
                 if pool is not None:
-                    app._health_changed(pool, address, verdict)
+                    app.drainer.health_changed(pool, address, verdict)
         elif kind == "prepare":
             await self._prepare(message, sockets)
         elif kind == "commit":

@@ -1,0 +1,61 @@
+"""The idle sweeper: idle timeouts and keepalive pings for every session, without per-chunk timers.
+
+One pass over the open sessions every ``sweep_period_s`` (an eighth of
+``timeouts.idle``, or a quarter of the shortest keepalive interval or timeout,
+between 20 ms and 5 s). A session is idle when its byte counters have not
+moved since the sweeper last saw them move; past ``timeouts.idle`` (of the
+config the session started with) its relay is told to close with 1001 both
+ways. Keepalive pings and dead-peer verdicts are the relay machine's
+(``RelayDriver.keepalive``); the sweeper only gives it the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config.schema import Config
+from ..proto.frames import CLOSE_GOING_AWAY
+from ..proto.relay import Outcome
+
+if TYPE_CHECKING:
+    from ..edge.session import Session
+
+MIN_PERIOD_S = 0.02
+MAX_PERIOD_S = 5.0
+
+
+def sweep_period_s(config: Config) -> float:
+    """How often the sweeper looks, for the running ``config``."""
+    period = config.timeouts.idle_s / 8
+    for route in config.routes:
+        if route.keepalive is not None:
+            period = min(period, route.keepalive.timeout_s / 4, route.keepalive.interval_s / 4)
+    return min(max(period, MIN_PERIOD_S), MAX_PERIOD_S)
+
+
+def sweep(sessions: Mapping[str, Session], now: float) -> None:
+    """One pass: close the idle sessions, give the others their keepalive tick."""
+    for session in list(sessions.values()):
+        relay = session.relay
+        if relay is None:
+            continue
+        mark = relay.bytes_up + relay.bytes_down
+        if mark != session.idle_mark:
+            session.idle_mark = mark
+            session.idle_since = now
+        elif now - session.idle_since >= session.generation.config.timeouts.idle_s:
+            relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", Outcome.IDLE)
+            continue
+        keepalive = session.route.keepalive if session.route is not None else None
+        if keepalive is not None:
+            relay.keepalive(now, keepalive.interval_s, keepalive.timeout_s)
+
+
+async def idle_sweeper(sessions: Mapping[str, Session], config: Callable[[], Config]) -> None:
+    """Sweep forever (until cancelled) at the period of the running config."""
+    while True:
+        await trio.sleep(sweep_period_s(config()))
+        sweep(sessions, trio.current_time())
