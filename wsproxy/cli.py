@@ -215,6 +215,12 @@ def status(path: str, out: TextIO, as_json: bool) -> int:
     )
     if body.get("last_reload_error"):
         print(f"last reload error: {body['last_reload_error']}", file=out)
+    for worker in body.get("workers", []):  # workers > 1
+        print(
+            f"worker {worker['slot']}: pid {worker['pid']} {worker['state']}, {worker['sessions']} session(s),"
+            f" restarts {worker['restarts']}",
+            file=out,
+        )
     for listener in body.get("listeners", []):
         print(f"listener {listener['name']}: {', '.join(listener['addresses'])}{' tls' if listener['tls'] else ''}", file=out)
     for name, pool in body.get("pools", {}).items():

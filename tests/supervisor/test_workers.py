@@ -249,6 +249,9 @@ def test_workers_serve_report_and_label(tmp_path: Path) -> None:
         status = proxy.status()
         pids = {w["pid"] for w in status["workers"]}
         assert len(pids) == 2 and status["pid"] not in pids
+        shown = subprocess.run([*WSPROXY, "status", "-c", str(proxy.path)], capture_output=True, text=True, timeout=30)
+        for worker in status["workers"]:
+            assert f"worker {worker['slot']}: pid {worker['pid']} ready" in shown.stdout, shown
 
         async def hold() -> None:
             sessions = [await connect(proxy.url) for _ in range(20)]
