@@ -327,6 +327,11 @@ class Supervisor:
             )
             if was_ready:
                 await self._adopt(slot)
+            for other in self.slots:  # what this worker adopted needs another adopter
+                if other.adopted_by == slot.index:
+                    other.adopted_by = None
+                    if other.state is not WorkerState.READY:
+                        await self._adopt(other)
             await trio.sleep(delay)
 
     async def _talk(self, slot: WorkerSlot, channel: Channel) -> None:
@@ -535,7 +540,8 @@ class Supervisor:
             _close_all(opened)
             return [f"admin.bind: cannot listen: {exc.strerror or exc}"]
         self._rounds += 1
-        ready = {s.index: s.pid for s in self.slots if s.state is WorkerState.READY and s.index in self.channels}
+        # every started worker (a starting one reads the messages once it serves)
+        ready = {s.index: s.pid for s in self.slots if s.index in self.channels and s.state is not WorkerState.DOWN}
         round_ = self._round = ReloadRound.begin(self._rounds, fingerprint(new), ready)
         for index in ready:
             counts, sockets = self._slot_sockets(index, opened)
@@ -563,6 +569,9 @@ class Supervisor:
                 await self._wait_change()
         for index in round_.restart | set(round_.waiting):
             log.error("event=worker_restart slot=%d reason=%r", index, "failed to apply the reload")
+            await self._broadcast({"t": "shutdown", "now": True}, only={index})
+        for index in set(self.channels) - set(ready):  # started during the round, on the old config
+            log.warning("event=worker_restart slot=%d reason=%r", index, "started during the reload, on the old config")
             await self._broadcast({"t": "shutdown", "now": True}, only={index})
         # Applied: the supervisor's view follows.
         self.config, self.fingerprint, self.generation = new, round_.fingerprint, self.generation + 1

@@ -118,7 +118,14 @@ class Worker:
         gc_tuning.tune()  # as wsproxy run does: after start-up, what exists now is frozen
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            app.on_ready = lambda: nursery.start_soon(self.channel.send, {"t": "ready", "pid": os.getpid()})
+            serving = trio.Event()
+
+            def ready() -> None:
+                serving.set()
+                nursery.start_soon(self.channel.send, {"t": "ready", "pid": os.getpid()})
+
+            app.on_ready = ready
+            self.serving = serving
             nursery.start_soon(self._commands)
             nursery.start_soon(self._report)
             nursery.start_soon(self._signals)
@@ -136,6 +143,7 @@ class Worker:
                     self.app.shutdown()
 
     async def _commands(self) -> None:
+        await self.serving.wait()  # a reload before the listeners are open would open them twice
         while True:
             try:
                 message, sockets = await self.channel.receive()
