@@ -189,8 +189,9 @@ check "echo after the upgrade" tool probe "$URL"
 
 step "stop"
 check "systemctl stop" ctl stop wsproxy.service
+ctl show -p Result -p ExecMainStatus -p ExecMainCode -p MainPID wsproxy.service
 check "Result=success" test "$(prop Result wsproxy.service)" = success
-"$L" journal -n "$NAME" -u wsproxy.service -o cat | grep -E 'event=(upgrade|upgraded|ready|worker_exited|stopped)' | tail -n 12
+"$L" journal -n "$NAME" -u wsproxy.service -o cat | grep -vE 'event=(open|close)' | tail -n 25
 
 echo
 [ "$FAILED" = 0 ] && echo "ALL PASSED" || echo "$FAILED FAILED"

@@ -44,7 +44,11 @@ class Channel:
         self._closed = False
 
     def close(self) -> None:
+        """Close our end; a task waiting on it gets ChannelClosed."""
+        if self._closed:
+            return
         self._closed = True
+        trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
         while self._fds:
             socket.close(self._fds.popleft())
@@ -65,7 +69,10 @@ class Channel:
                     else:
                         sent = self.sock.send(data)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    try:
+                        await trio.lowlevel.wait_writable(self.sock)
+                    except trio.ClosedResourceError:
+                        raise ChannelClosed("closed here") from None
                     continue
                 except OSError as exc:
                     raise ChannelClosed(str(exc)) from None
@@ -80,7 +87,10 @@ class Channel:
                         READ_BYTES, socket.CMSG_SPACE(MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC
                     )
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.sock)
+                    try:
+                        await trio.lowlevel.wait_readable(self.sock)
+                    except trio.ClosedResourceError:
+                        raise ChannelClosed("closed here") from None
                     continue
                 except OSError as exc:
                     raise ChannelClosed(str(exc)) from None

@@ -15,7 +15,8 @@ them open for its whole life: a worker that exits leaves its queue to its
 successor, and meanwhile another worker accepts on it (``adopt``).
 
 Upgrade (``SIGUSR2``, ``POST /upgrade``, ``wsproxy upgrade``): the supervisor
-starts ``wsproxy run -c FILE`` (the installed program, ``program()``) with every
+starts ``wsproxy run -c FILE`` (the installed program, ``program()``, through a
+shell that exits at once, so the new supervisor is the service manager's child) with every
 listening socket and one end of a socketpair passed as descriptors
 (``WSPROXY_UPGRADE_FD``, ``WSPROXY_UPGRADE_LISTENERS``). The new supervisor
 starts its workers on those sockets and, once all serve, says ``upgrade_ready``;
@@ -142,6 +143,7 @@ class Supervisor:
         self._health_changes: list[list[Any]] = []
         self._health_dirty = trio.Event()
         self._all_ready = trio.Event()
+        self._admin_released = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._admin: Any = None
 
@@ -219,6 +221,9 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._signals, signals)
+                    if self.handover is not None:
+                        await self.handover.send({"t": "upgrade_started", "pid": os.getpid()})
+                        nursery.start_soon(self._watch_handover, self.handover)
                     if self.handover is None:
                         try:
                             address = await nursery.start(admin.serve, config.admin)
@@ -261,15 +266,32 @@ class Supervisor:
             await trio.sleep(5)
             self.notifier.status(self.status_line())
 
+    async def _watch_handover(self, channel: Channel) -> None:
+        """An upgrade's new supervisor: hear from the old one; if it goes away before the handover, give up."""
+        while True:
+            try:
+                message, _ = await channel.receive()
+            except ChannelClosed:
+                if self.handover is not None:
+                    log.error("event=upgrade_abandoned reason=%r", "the old supervisor closed the handover channel")
+                    self.handover = None
+                    self.shutdown()
+                return
+            if message.get("t") == "admin_released":  # the old supervisor's last word: it closes now
+                self._admin_released.set()
+                return
+
     async def _take_over(self, admin: Any) -> None:
         assert self.handover is not None and self._nursery is not None
         channel = self.handover
         try:
             await channel.send({"t": "upgrade_ready", "pid": os.getpid()})
-            with trio.move_on_after(10):
-                await channel.receive()  # admin_released
         except ChannelClosed:
-            pass
+            return  # _watch_handover gives up
+        with trio.move_on_after(10):
+            await self._admin_released.wait()
+        if self.handover is None or self.stopping:
+            return
         try:
             address = await self._nursery.start(admin.serve, self.config.admin)
         except OSError as exc:
@@ -277,10 +299,12 @@ class Supervisor:
             address = None
         if address is not None:
             log.info("event=admin_listening address=%s", address)
+        # Our parent was a shell that exited at once: systemd (or init) is our parent now, so the
+        # manager can wait for us as its own main process (a non-child MAINPID would not be waited for).
         self.notifier.send(f"MAINPID={os.getpid()}")
         log.info("event=upgraded pid=%d", os.getpid())
-        channel.close()
         self.handover = None
+        channel.close()
 
     # -- one worker slot ----------------------------------------------------------------
 
@@ -620,28 +644,41 @@ class Supervisor:
         command = [*program(), "run", "-c", self.path]
         if self.log_level:
             command += ["--log-level", self.log_level]
+        # Through a shell that exits at once (a double fork): the new supervisor is then the service
+        # manager's child, which systemd needs to wait for it as the main process after MAINPID=.
+        command = ["/bin/sh", "-c", '"$@" &', "wsproxy-upgrade", *command]
         try:
             process = await trio.lowlevel.open_process(command, pass_fds=fds, env=env)
         except OSError as exc:
             parent.close()
             child.close()
-            return False, f"cannot start {sys.executable}: {exc.strerror or exc}"
+            return False, f"cannot start {command[0]}: {exc.strerror or exc}"
         child.close()
+        await process.wait()
         channel = Channel(parent)
-        log.info("event=upgrade_started new_pid=%d", process.pid)
         answer: Message | None = None
+        new_pid: int | None = None
         with trio.move_on_after(UPGRADE_START_TIMEOUT_S) as scope:
-            try:
-                answer, _ = await channel.receive()
-            except ChannelClosed:
-                answer = None
+            while True:
+                try:
+                    answer, _ = await channel.receive()
+                except ChannelClosed:
+                    answer = None
+                    break
+                if answer.get("t") != "upgrade_started":
+                    break
+                new_pid = int(answer["pid"])
+                log.info("event=upgrade_started new_pid=%d", new_pid)
         if answer is None or answer.get("t") != "upgrade_ready":
-            channel.close()
+            channel.close()  # a new supervisor still starting gives up when it sees this
             why = "did not have its workers serving in time" if scope.cancelled_caught else "exited before serving"
-            if process.returncode is None and scope.cancelled_caught:
-                process.kill()
-            return False, f"the new generation (pid {process.pid}) {why}; see its log"
-        new_pid = int(answer.get("pid", process.pid))
+            if new_pid is not None and scope.cancelled_caught:
+                try:
+                    os.kill(new_pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            return False, f"the new generation (pid {new_pid or '-'}) {why}; see its log"
+        new_pid = int(answer.get("pid", new_pid or 0))
         # Hand over: the admin listener first (the new supervisor binds it), then our workers retire.
         self.retired = True
         listening = self._admin._listening
