@@ -66,6 +66,7 @@ from .edge.engine import HAVE_EPOLL, Engine
 from .edge.listener import accept_loop, open_listener
 from .edge.overload import OVERLOAD_RESPONSE
 from .edge.session import Session, handle_connection
+from .errors import WsproxyError
 from .proto.frames import CLOSE_GOING_AWAY
 from .proto.limits import ClientTable, fd_budget
 from .proto.relay import Outcome
@@ -141,7 +142,7 @@ def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
     return config
 
 
-class ListenError(Exception):
+class ListenError(WsproxyError):
     """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
 
 

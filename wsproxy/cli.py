@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 from . import __version__
 from .config.schema import Address, AdminConfig, hostport
+from .errors import WsproxyError
 
 #: How long a command waits for the proxy (``reload`` adds the config's timeouts.reload).
 REQUEST_TIMEOUT_S = 10.0
@@ -39,7 +40,7 @@ REQUEST_TIMEOUT_S = 10.0
 DEFAULT_CONFIG = "/etc/wsproxy/wsproxy.yaml"
 
 
-class CommandFailed(Exception):
+class CommandFailed(WsproxyError):
     """A command that could not be done: the message is the one line printed to stderr."""
 
 

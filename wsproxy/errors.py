@@ -5,15 +5,29 @@ catches it does not have to decide again::
 
     WsproxyError
     ├── ConfigError(file, line, column, path, message)   one problem in a config file
-    │   └── ConfigErrors(errors)                          all problems found in one load
-    ├── HandshakeRejected(status, reason, headers)        HTTP error to the downstream client
-    └── UpstreamUnavailable(status, reason, headers)      502/503/504 before the upgrade
-        └── LocalOverload(reason, headers)                503 + Retry-After: the proxy's own
-                                                          sockets ran out, not the backend's fault
+    ├── ConfigErrors(errors)                              all problems found in one load
+    ├── config.files.FileRefused                          a config-referenced file that may not be read
+    ├── UpstreamUnavailable(status, reason, headers)      502/503/504 before the upgrade
+    │   └── LocalOverload(reason, headers)                503 + Retry-After: the proxy's own
+    │                                                     sockets ran out, not the backend's fault
+    ├── edge.channel.ChannelBroken                        the peer cannot receive any more
+    ├── edge.gate.ProxyHeaderError                        a bad PROXY protocol header: close
+    ├── edge.tls.TlsError(file, reason)                   a certificate, key or CA file is unusable
+    ├── edge.tls.TlsHandshakeFailed                       TLS towards a backend failed (logged reason)
+    ├── app.ListenError                                   a listener of the initial config cannot open
+    ├── control.reload.ReloadError                        a valid config that could not be applied
+    └── cli.CommandFailed                                 a CLI command's one-line failure
 
-Protocol violations inside an established session are not exceptions: the
-frame scanner returns them as values (``proto.frames.Violation``), because the
-relay reacts to them in-line, at a frame boundary.
+The classes live beside the code that raises them; this module holds the
+base and the ones several layers share. Two private exceptions are control
+flow inside one function's callees and never escape it
+(``edge.session._Done``, ``edge.forward_auth._NoAnswer``).
+
+Refused handshakes are not exceptions: a refusal is one value
+(``edge.refusal.Refused``) answered, logged and counted by one function.
+Protocol violations inside an established session are not exceptions
+either: the frame scanner returns them as values (``proto.frames.Violation``),
+because the relay reacts to them in-line, at a frame boundary.
 """
 
 from __future__ import annotations
@@ -60,21 +74,6 @@ class ConfigErrors(WsproxyError):
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
-
-
-class HandshakeRejected(WsproxyError):
-    """The downstream request is refused with an HTTP status; nothing reaches a backend."""
-
-    def __init__(
-        self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
-    ) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-        self.headers = tuple(headers)
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
 
 
 class UpstreamUnavailable(WsproxyError):

@@ -26,6 +26,8 @@ import os
 import stat
 from typing import Final
 
+from ..errors import WsproxyError
+
 __all__ = [
     "MAX_CA_BUNDLE_BYTES",
     "MAX_CONFIG_BYTES",
@@ -45,7 +47,7 @@ MAX_CONFIG_BYTES: Final = 16 * 1024 * 1024
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
-class FileRefused(Exception):
+class FileRefused(WsproxyError):
     """The file exists but is not something the config may read (type or size)."""
 
 

@@ -25,6 +25,7 @@ import enum
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -92,6 +93,18 @@ async def close_spread(
         if relay is not None and session.conn_id in live:
             session.draining = True
             relay.finish(client_code, backend_code, reason, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """One drain: which sessions, with which settings, while ``still()`` holds; ``done`` runs at the end."""
+
+    pool: PoolName
+    address: Address
+    drain: DrainConfig
+    cause: DrainCause
+    still: Callable[[], bool]
+    done: Callable[[], None] | None = None
 
 
 class Drainer:
@@ -178,7 +191,7 @@ class Drainer:
                 if still():
                     del self._removals[key]  # so many reloads leave nothing behind
 
-            self._close_later(pool, address, drain, DrainCause.REMOVED, still, done)
+            self._close_later(_Order(pool, address, drain, DrainCause.REMOVED, still, done))
 
     # -- the drain itself ---------------------------------------------------------------
 
@@ -191,54 +204,39 @@ class Drainer:
         state.drain_reason = cause.value
         state.drain_epoch += 1
         epoch = state.drain_epoch
-        self._close_later(pool, address, drain, cause, lambda: state.drain_epoch == epoch, None)
+        self._close_later(_Order(pool, address, drain, cause, lambda: state.drain_epoch == epoch))
 
     def _undrain(self, state: BackendState) -> None:
         state.draining = False
         state.drain_reason = ""
         state.drain_epoch += 1  # a drain still waiting for its grace period gives up
 
-    def _close_later(
-        self,
-        pool: PoolName,
-        address: Address,
-        drain: DrainConfig,
-        cause: DrainCause,
-        still: Callable[[], bool],
-        done: Callable[[], None] | None,
-    ) -> None:
+    def _close_later(self, order: _Order) -> None:
         log.info(
             "event=drain pool=%s backend=%s reason=%r sessions=%d close_after_s=%g spread_s=%g",
-            pool, address, cause.value, len(sessions_on(self.sessions.values(), pool, address)),
-            drain.timeout_s, drain.spread_s,
+            order.pool, order.address, order.cause.value,
+            len(sessions_on(self.sessions.values(), order.pool, order.address)),
+            order.drain.timeout_s, order.drain.spread_s,
         )
         if self.nursery is not None:
-            self.nursery.start_soon(self._wait_and_close, pool, address, drain, cause, still, done)
+            self.nursery.start_soon(self._wait_and_close, order)
 
-    async def _wait_and_close(
-        self,
-        pool: PoolName,
-        address: Address,
-        drain: DrainConfig,
-        cause: DrainCause,
-        still: Callable[[], bool],
-        done: Callable[[], None] | None,
-    ) -> None:
-        await trio.sleep(drain.timeout_s)
-        if not still():
+    async def _wait_and_close(self, order: _Order) -> None:
+        await trio.sleep(order.drain.timeout_s)
+        if not order.still():
             return
-        sessions = sessions_on(self.sessions.values(), pool, address)
-        log.info("event=drain_closing pool=%s backend=%s sessions=%d", pool, address, len(sessions))
+        sessions = sessions_on(self.sessions.values(), order.pool, order.address)
+        log.info("event=drain_closing pool=%s backend=%s sessions=%d", order.pool, order.address, len(sessions))
         await close_spread(
             sessions,
-            drain.spread_s,
+            order.drain.spread_s,
             CLOSE_SERVICE_RESTART,
             CLOSE_GOING_AWAY,
-            f"backend draining ({cause.value})",
+            f"backend draining ({order.cause.value})",
             Outcome.DRAIN,
             live=self.sessions,
             rng=self.rng,
-            still=still,
+            still=order.still,
         )
-        if done is not None:
-            done()
+        if order.done is not None:
+            order.done()

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import trio
 
 from ..config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
+from ..errors import WsproxyError
 
 log = logging.getLogger("wsproxy.reload")
 
 
-class ReloadError(Exception):
+class ReloadError(WsproxyError):
     """A valid config that could not be applied (a new listener could not bind), or one that could not be loaded in time."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from ..errors import WsproxyError
 from .overload import is_local_exhaustion, local_overload
 
 RECEIVE_BYTES = 65536
@@ -35,7 +36,7 @@ _GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOU
 _CLOSED = trio.ClosedResourceError  # another task closed the socket while we waited
 
 
-class ChannelBroken(Exception):
+class ChannelBroken(WsproxyError):
     """The peer cannot receive any more (reset, broken pipe, closed)."""
 
 

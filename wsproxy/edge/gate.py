@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..config.schema import RouteConfig
+from ..errors import WsproxyError
 from ..proto import proxy_protocol
 from ..proto.auth import (
     Principal,
@@ -39,7 +40,7 @@ from .refusal import Reason, Refused
 MAX_PROXY_HEADER_BYTES = 16 + proxy_protocol.MAX_V2_LENGTH
 
 
-class ProxyHeaderError(Exception):
+class ProxyHeaderError(WsproxyError):
     """The PROXY protocol header is missing, malformed or truncated: close the connection."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import trio
 
 from ..config.schema import Address, BackendTlsConfig, PoolConfig, SniCertConfig, TlsConfig
+from ..errors import WsproxyError
 from .channel import ChannelBroken, RawChannel
 
 #: Mozilla "intermediate" (v5.7) TLS 1.2 cipher suites.
@@ -46,7 +47,7 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
-class TlsError(Exception):
+class TlsError(WsproxyError):
     """A certificate, key or CA file cannot be used."""
 
     def __init__(self, file: str, reason: str) -> None:
@@ -198,7 +199,7 @@ def peer_subject(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     return ",".join(parts) or None
 
 
-class TlsHandshakeFailed(Exception):
+class TlsHandshakeFailed(WsproxyError):
     """A TLS handshake towards a backend failed; the message says why, for the log."""
 
 
