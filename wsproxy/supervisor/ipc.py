@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import trio
 
+from ..errors import WsproxyError
 from .messages import LineDecoder, Message, ProtocolError, encode
 
 #: Descriptors accepted by one recvmsg (a listener resolving to several addresses, times a few listeners).
@@ -28,7 +29,7 @@ MAX_FDS_PER_READ = 253
 READ_BYTES = 256 * 1024
 
 
-class ChannelClosed(Exception):
+class ChannelClosed(WsproxyError):
     """The other process closed its end (it exited)."""
 
 

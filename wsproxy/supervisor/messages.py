@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import WsproxyError
+
 #: A message as it travels: a JSON object whose "t" is its type.
 Message = dict[str, Any]
 
@@ -36,7 +38,7 @@ Message = dict[str, Any]
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
-class ProtocolError(Exception):
+class ProtocolError(WsproxyError):
     """The peer sent something that is not a message (a bug, or not a wsproxy process)."""
 
 
