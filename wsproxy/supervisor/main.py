@@ -222,7 +222,10 @@ class Supervisor:
                     self._nursery = nursery
                     nursery.start_soon(self._signals, signals)
                     if self.handover is not None:
-                        await self.handover.send({"t": "upgrade_started", "pid": os.getpid()})
+                        try:
+                            await self.handover.send({"t": "upgrade_started", "pid": os.getpid()})
+                        except ChannelClosed:
+                            pass  # _watch_handover sees it too, and gives up
                         nursery.start_soon(self._watch_handover, self.handover)
                     if self.handover is None:
                         try:
