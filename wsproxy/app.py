@@ -61,11 +61,13 @@ from .control.reload import (
 )
 from .control.status import snapshot
 from .control.sweeper import idle_sweeper
+from .edge.jwks import JwksFetcher, JwksStartupError
 from .edge.gate import RouteGate
 from .edge.engine import HAVE_EPOLL, Engine
 from .edge.listener import accept_loop, open_listener
 from .edge.overload import OVERLOAD_RESPONSE
 from .edge.session import Session, handle_connection
+from .edge.tickets import SessionTickets
 from .errors import WsproxyError
 from .proto.frames import CLOSE_GOING_AWAY
 from .proto.limits import ClientTable, fd_budget
@@ -143,7 +145,7 @@ def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
 
 
 class ListenError(WsproxyError):
-    """A listener of the initial config cannot be opened (the port is taken, or not ours)."""
+    """A listener of the initial config cannot be opened (the port is taken, or not ours), or a jwks_url fetched."""
 
 
 class App:
@@ -160,6 +162,8 @@ class App:
         #: relays every plain session (None: each session relays itself with trio pumps)
         self.engine: Engine | None = Engine() if engine else None
         self.registry = Registry()
+        self.tickets = SessionTickets()  # TLS ticket keys per listener: rotate, survive reloads
+        self.jwks = JwksFetcher(lambda: self.generation.config)  # routes' jwks_url: fetched at start, refreshed
         self.sessions: dict[str, Session] = {}
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.metrics = Metrics(started_unix=time.time())
@@ -203,6 +207,10 @@ class App:
             log.info("event=stopped")
             return
         try:
+            try:
+                await self.jwks.prepare()  # before any listener opens: a route without keys cannot serve
+            except JwksStartupError as exc:
+                raise ListenError(str(exc)) from None
             for spec in self.generation.config.listeners:
                 self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))
             for name, sockets in self._inherited.items():  # passed by systemd, but no listener has the name
@@ -235,6 +243,7 @@ class App:
                 self.drainer.nursery = control
                 control.start_soon(idle_sweeper, self.sessions, lambda: self.generation.config)
                 control.start_soon(measure_loop_lag, self.metrics)
+                control.start_soon(self.jwks.run)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
                 for slot in self.listeners.values():
@@ -389,7 +398,9 @@ class App:
             logsetup.configure(config.log.level, config.log.format)
         self._update_checkers(config)
         self.drainer.drain_removed(removed_backends(old.config, config))
-        self.registry.forget(keep=addresses_in_use(config))  # gone from every pool and unused: no state kept
+        self.registry.forget(  # gone from every pool and unused: no state kept; health per (pool, address) of the new config
+            keep=addresses_in_use(config), pools={(name, b.address) for name, p in config.pools.items() for b in p.backends}
+        )
         self.reloader.record_applied(time.time())
         log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
 

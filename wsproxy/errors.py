@@ -14,6 +14,9 @@ catches it does not have to decide again::
     ├── edge.gate.ProxyHeaderError                        a bad PROXY protocol header: close
     ├── edge.tls.TlsError(file, reason)                   a certificate, key or CA file is unusable
     ├── edge.tls.TlsHandshakeFailed                       TLS towards a backend failed (logged reason)
+    ├── edge.tickets.TicketKeysUnavailable                libssl unreachable: OpenSSL's own ticket keys
+    ├── edge.jwks.JwksFetchFailed                         a jwks_url fetch failed: the last good keys stay
+    ├── edge.jwks.JwksStartupError                        at start, a route has no JWT keys: exit 1
     ├── app.ListenError                                   a listener of the initial config cannot open
     ├── control.reload.ReloadError                        a valid config that could not be applied
     ├── supervisor.ipc.ChannelClosed                      the other process of a worker channel went away

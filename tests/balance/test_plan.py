@@ -66,7 +66,7 @@ def up(pool: PoolConfig, registry: Registry | None = None) -> Registry:
     """A registry in which every backend of ``pool`` has been UP since long ago."""
     registry = Registry() if registry is None else registry
     for backend in pool.backends:
-        registry.state(backend.address).mark_up(NOW - 3600)
+        registry.health("chat", backend.address).mark_up(NOW - 3600)
     return registry
 
 
@@ -127,10 +127,10 @@ def test_order_is_cut_to_one_plus_retries(retries: int, expected: str) -> None:
 def test_unavailable_backends_are_skipped() -> None:
     pool = make_pool(1, 1, 1, 1, 1, retries=4, max_connections=2)
     registry = up(pool)
-    registry.state(pool.backends[0].address).health = Health.DOWN
+    registry.health("chat", pool.backends[0].address).health = Health.DOWN
     registry.state(pool.backends[1].address).draining = True
     registry.state(pool.backends[2].address).active = 2  # full
-    registry.state(pool.backends[3].address).ejected_until = NOW + 5
+    registry.health("chat", pool.backends[3].address).ejected_until = NOW + 5
     selector = make_selector(pool)
     assert {names(plan(pool, registry, selector)) for _ in range(5)} == {"e"}
 
@@ -144,7 +144,7 @@ def test_every_backend_down() -> None:
     pool = make_pool(1, 1, 1)
     registry = up(pool)
     for backend in pool.backends:
-        registry.state(backend.address).health = Health.DOWN
+        registry.health("chat", backend.address).health = Health.DOWN
     result = refused(plan(pool, registry, make_selector(pool)))
     assert result == NoBackend(
         status=503,
@@ -173,9 +173,9 @@ def test_every_backend_full_asks_to_retry_later(balance: str) -> None:
 def test_mixed_reasons_are_counted() -> None:
     pool = make_pool(1, 1, 1, max_connections=1)
     registry = up(pool)
-    registry.state(pool.backends[0].address).health = Health.DOWN
+    registry.health("chat", pool.backends[0].address).health = Health.DOWN
     registry.state(pool.backends[1].address).active = 1
-    registry.state(pool.backends[2].address).health = Health.DOWN
+    registry.health("chat", pool.backends[2].address).health = Health.DOWN
     result = refused(plan(pool, registry, make_selector(pool)))
     assert result.reason == "pool chat: no backend available: 2 down, 1 full"
     assert result.retry_after_s == RETRY_AFTER_FULL_S
@@ -198,7 +198,7 @@ def test_slow_start_lowers_the_share_of_a_fresh_backend() -> None:
     """Up for 3 s of a 30 s ramp: a tenth of its weight, so 0.1 / 3.1 of the sessions under round robin."""
     pool = make_pool(1, 1, 1, 1, slow_start_s=30.0)
     registry = up(pool)
-    registry.state(pool.backends[3].address).up_since = NOW - 3
+    registry.health("chat", pool.backends[3].address).up_since = NOW - 3
     selector = make_selector(pool)
     counts = Counter(names(plan(pool, registry, selector))[0] for _ in range(3100))
     assert counts == Counter({"a": 1000, "b": 1000, "c": 1000, "d": 100})
@@ -210,7 +210,7 @@ def test_slow_start_with_least_conn() -> None:
     """Least connections fills the fresh backend to about a tenth of the others' load, not to the same load."""
     pool = make_pool(1, 1, 1, 1, balance="least_conn", slow_start_s=30.0)
     registry = up(pool)
-    registry.state(pool.backends[3].address).up_since = NOW - 3
+    registry.health("chat", pool.backends[3].address).up_since = NOW - 3
     selector = make_selector(pool)
     for _ in range(310):
         registry.state(ok(plan(pool, registry, selector)).order[0].address).active += 1
@@ -283,13 +283,13 @@ def test_cookies_it_did_not_sign_are_ignored(value: bytes) -> None:
 def unavailable(how: str, registry: Registry, backend: BackendConfig) -> None:
     state = registry.state(backend.address)
     if how == "down":
-        state.health = Health.DOWN
+        registry.health("chat", backend.address).health = Health.DOWN
     elif how == "draining":
         state.draining = True
     elif how == "full":
         state.active = backend.max_connections
     elif how == "ejected":
-        state.ejected_until = NOW + 30
+        registry.health("chat", backend.address).ejected_until = NOW + 30
 
 
 @pytest.mark.parametrize("how", ["down", "draining", "full", "ejected"])
@@ -328,7 +328,7 @@ def test_pinned_backend_comes_back() -> None:
     registry, selector = up(pool), make_selector(pool)
     pinned = pool.backends[1]
     headers = [(b"cookie", b"srv=" + cookie_value(SECRET, "chat", pinned.address).encode())]
-    state = registry.state(pinned.address)
+    state = registry.health(pool.name, pinned.address)
     state.record_check(False, "connection refused", NOW, rise=2, fall=1)
     assert isinstance(plan(pool, registry, selector, headers=headers), NoBackend)
     state.record_check(True, "", NOW + 5, rise=2, fall=1)
@@ -341,7 +341,7 @@ def test_cookie_pin_with_every_backend_down_is_a_pool_503() -> None:
     pool = make_pool(1, 1, sticky=cookie_sticky("repick"))
     registry = up(pool)
     for backend in pool.backends:
-        registry.state(backend.address).health = Health.DOWN
+        registry.health("chat", backend.address).health = Health.DOWN
     headers = [(b"cookie", b"srv=" + cookie_value(SECRET, "chat", pool.backends[0].address).encode())]
     result = refused(plan(pool, registry, make_selector(pool), headers=headers))
     assert result.reason == "pool chat: every backend is down"
@@ -416,11 +416,11 @@ def test_key_home_down_repick_and_come_back(sticky: StickyConfig, request_with: 
     for n in range(50):
         kwargs = request_with(client(n))
         home = ok(plan(pool, registry, selector, **kwargs))
-        registry.state(home.order[0].address).health = Health.DOWN
+        registry.health("chat", home.order[0].address).health = Health.DOWN
         away = ok(plan(pool, registry, selector, **kwargs))
         assert away.sticky == "repick"
         assert away.order[:2] == home.order[1:]  # the next candidates of the same key
-        registry.state(home.order[0].address).mark_up(NOW)
+        registry.health("chat", home.order[0].address).mark_up(NOW)
         back = ok(plan(pool, registry, selector, **kwargs))
         assert (back.order, back.sticky) == (home.order, "hit")
 

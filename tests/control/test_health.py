@@ -292,7 +292,7 @@ async def test_the_proxy_out_of_descriptors_is_unknown_not_a_failure(nursery: tr
             await checks.start(checker.run)
             await trio.sleep(0.3)  # about six checks, all without a descriptor
             checks.cancel_scope.cancel()
-    state = registry.state(local(port))
+    state = registry.health("p", local(port))
     assert state.health is Health.UNKNOWN, state.health
 
 
@@ -405,7 +405,7 @@ async def test_unknown_until_the_first_pass_then_up(nursery: trio.Nursery, caplo
     checker = HealthChecker(pool(port, check=health(rise=3)), registry)
     with trio.fail_after(5):
         await nursery.start(checker.run)
-        state = registry.state(local(port))
+        state = registry.health("chat", local(port))
         assert state.health is Health.UNKNOWN  # started() comes before the first result
         await wait_until(lambda: state.health is not Health.UNKNOWN)
     assert state.health is Health.UP and state.passes == 1  # the first pass, not `rise` of them
@@ -422,7 +422,7 @@ async def test_killed_backend_leaves_rotation_after_fall_and_returns_after_rise(
     backend = WsBackend()
     port = await backend.start(nursery)
     registry = Registry()
-    state = registry.state(local(port))
+    state = registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health(rise=rise, fall=fall)), registry).run)
     with trio.fail_after(5):
         await wait_until(lambda: state.health is Health.UP)
@@ -452,14 +452,14 @@ async def test_killed_backend_leaves_rotation_after_fall_and_returns_after_rise(
 async def test_websocket_checks_catch_a_backend_that_never_upgrades(nursery: trio.Nursery) -> None:
     port = await start_tcp_backend(nursery, silent)
     registry = Registry()
-    state = registry.state(local(port))
+    state = registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health(timeout_s=0.2, fall=2)), registry).run)
     with trio.fail_after(5):
         await wait_until(lambda: state.health is not Health.UNKNOWN)
     assert state.health is Health.DOWN and state.last_check == "timed out after 0.2s"
 
     tcp_registry = Registry()  # the same backend passes a tcp check
-    tcp_state = tcp_registry.state(local(port))
+    tcp_state = tcp_registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health("tcp")), tcp_registry).run)
     with trio.fail_after(5):
         await wait_until(lambda: tcp_state.health is not Health.UNKNOWN)
@@ -474,11 +474,11 @@ async def test_start_healthy(nursery: trio.Nursery, caplog: pytest.LogCaptureFix
     with trio.fail_after(5):
         await nursery.start(checker.run)
         started_at = trio.current_time()
-        assert registry.state(local(good)).health is Health.UP
-        assert registry.state(local(dead)).health is Health.UP  # before any check
-        down_after = await wait_until(lambda: registry.state(local(dead)).health is Health.DOWN) - started_at
+        assert registry.health("chat", local(good)).health is Health.UP
+        assert registry.health("chat", local(dead)).health is Health.UP  # before any check
+        down_after = await wait_until(lambda: registry.health("chat", local(dead)).health is Health.DOWN) - started_at
     assert down_after <= 2 * INTERVAL_S * 1.1 + SLACK_S  # fall=2: at once, then one interval
-    assert registry.state(local(good)).health is Health.UP and registry.state(local(good)).last_check == "ok"
+    assert registry.health("chat", local(good)).health is Health.UP and registry.health("chat", local(good)).last_check == "ok"
     lines = health_lines(caplog)
     assert f"event=health pool=chat backend=127.0.0.1:{dead} state=up reason='start_healthy' was=unknown" in lines
     assert (
@@ -490,10 +490,10 @@ async def test_start_healthy(nursery: trio.Nursery, caplog: pytest.LogCaptureFix
 async def test_start_healthy_does_not_revive_a_known_down_backend(nursery: trio.Nursery) -> None:
     dead = closed_port()
     registry = Registry()
-    registry.state(local(dead)).record_check(False, "connect refused", 0.0, rise=1, fall=1)
+    registry.health("chat", local(dead)).record_check(False, "connect refused", 0.0, rise=1, fall=1)
     with trio.fail_after(5):
         await nursery.start(HealthChecker(pool(dead, check=health(start_healthy=True)), registry).run)
-    assert registry.state(local(dead)).health is Health.DOWN
+    assert registry.health("chat", local(dead)).health is Health.DOWN
 
 
 async def test_slow_backend_does_not_delay_the_others(nursery: trio.Nursery) -> None:
@@ -501,7 +501,7 @@ async def test_slow_backend_does_not_delay_the_others(nursery: trio.Nursery) -> 
     fast_port = await fast.start(nursery)
     slow_port = await start_tcp_backend(nursery, silent)
     registry = Registry()
-    slow = registry.state(local(slow_port))
+    slow = registry.health("chat", local(slow_port))
     slow_checks: list[float] = []
     await nursery.start(HealthChecker(pool(slow_port, fast_port, check=health(timeout_s=0.5)), registry).run)
     with trio.fail_after(5):
@@ -515,14 +515,14 @@ async def test_slow_backend_does_not_delay_the_others(nursery: trio.Nursery) -> 
     assert slow_checks[1] - slow_checks[0] >= 0.5 + INTERVAL_S * 0.9  # timeout + interval
     assert len(times) >= 8  # ~1.1 s of checks at 0.1 s
     assert max(gaps) <= INTERVAL_S * 1.1 + SLACK_S, gaps
-    assert registry.state(local(fast_port)).health is Health.UP
+    assert registry.health("chat", local(fast_port)).health is Health.UP
 
 
 async def test_update_adds_and_removes_backends(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     a, b = WsBackend(), WsBackend()
     port_a, port_b = await a.start(nursery), await b.start(nursery)
     registry = Registry()
-    state_a, state_b = registry.state(local(port_a)), registry.state(local(port_b))
+    state_a, state_b = registry.health("chat", local(port_a)), registry.health("chat", local(port_b))
     checker = HealthChecker(pool(port_a, check=health()), registry)
     await nursery.start(checker.run)
     with trio.fail_after(5):
@@ -564,13 +564,13 @@ async def test_pool_without_checks(nursery: trio.Nursery, caplog: pytest.LogCapt
     checker = HealthChecker(pool(*ports, check=None), registry)
     with trio.fail_after(1):
         await checker.run()  # returns at once
-    assert all(registry.state(local(p)).health is Health.UP for p in ports)
+    assert all(registry.health("chat", local(p)).health is Health.UP for p in ports)
     assert health_lines(caplog) == [
         f"event=health pool=chat backend=127.0.0.1:{p} state=up reason='no active checks' was=unknown" for p in ports
     ]
     third = closed_port()
     checker.update(pool(*ports, third, check=None))
-    assert registry.state(local(third)).health is Health.UP
+    assert registry.health("chat", local(third)).health is Health.UP
     with pytest.raises(RuntimeError, match="after HealthChecker.run returned"):
         checker.update(pool(*ports, check=health()))
 

@@ -73,6 +73,7 @@ FAMILIES = {
     "wsproxy_event_loop_delay_seconds": "histogram",
     "wsproxy_reloads": "counter",
     "wsproxy_reload_failures": "counter",
+    "wsproxy_jwks_fetch_failures": "counter",
     "wsproxy_last_reload_success_timestamp_seconds": "gauge",
     "wsproxy_config_generation": "gauge",
     "wsproxy_certificate_expiry_timestamp_seconds": "gauge",
@@ -254,7 +255,9 @@ async def test_histograms_are_cumulative_and_closed_by_inf() -> None:
 async def test_backend_series_come_from_the_registry_and_leave_with_the_backend() -> None:
     app = App(config())
     a = app.registry.state(Address("10.0.0.1", 9000))
-    a.active, a.health, a.rtt_s, a.draining = 3, Health.UP, 0.0042, True
+    a.active, a.draining = 3, True
+    a_health = app.registry.health("chat", Address("10.0.0.1", 9000))
+    a_health.health, a_health.rtt_s = Health.UP, 0.0042
     a.bytes_up, a.bytes_down, a.messages_up, a.messages_down = 100, 2000, 3, 40
     app.metrics.upstream_connected("chat", A, 0.001)
     app.metrics.upstream_connected("chat", B, 0.001)

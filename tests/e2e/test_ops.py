@@ -659,7 +659,8 @@ async def test_a_backend_that_turns_unhealthy_drains_its_sessions(
         a, b = [await Backend(name).start(nursery) for name in "AB"]
         app, port = await start_proxy(nursery, one_pool_config(a, b, health=health, drain=drain))
         state = app.registry.state(b.config().address)
-        await until(lambda: all(app.registry.state(x.config().address).health is Health.UP for x in (a, b)))
+        b_health = app.registry.health("main", b.config().address)
+        await until(lambda: all(app.registry.health("main", x.config().address).health is Health.UP for x in (a, b)))
         clients = [await connect(nursery, port) for _ in range(6)]
         on_b = [c for c in clients if c.backend == "B"]
         assert len(on_b) == 3
@@ -671,7 +672,7 @@ async def test_a_backend_that_turns_unhealthy_drains_its_sessions(
         failing = trio.current_time()
         bound = health.fall * health.interval_s * 1.1 + health.interval_s + drain.timeout_s + drain.spread_s + SLACK_S
         if not on_unhealthy:
-            await until(lambda: state.health is Health.DOWN)
+            await until(lambda: b_health.health is Health.DOWN)
             await trio.sleep(bound - (trio.current_time() - failing))
             assert not any(c.done.is_set() for c in clients) and not state.draining
             assert [(await connect(nursery, port)).backend for _ in range(2)] == ["A", "A"]
@@ -696,7 +697,7 @@ async def test_a_backend_that_turns_unhealthy_drains_its_sessions(
         assert state.draining
 
         b.fail_health = False  # healthy again: undrained, and it takes new sessions
-        await until(lambda: state.health is Health.UP)
+        await until(lambda: b_health.health is Health.UP)
         assert not state.draining
         assert "B" in [(await connect(nursery, port)).backend for _ in range(2)]
     assert lines("event=drain ") and "reason='unhealthy'" in lines("event=drain ")[0]

@@ -322,10 +322,10 @@ def home(backends: Sequence[Backend], key: bytes) -> str:
 
 async def wait_health(app: App, backend: Backend, health: Health, timeout_s: float = 3.0) -> None:
     with trio.move_on_after(timeout_s):
-        while app.registry.state(backend.address).health is not health:
+        while app.registry.health("main", backend.address).health is not health:
             await trio.sleep(0.005)
         return
-    raise AssertionError(f"{backend.name} not {health.value} within {timeout_s}s: {app.registry.state(backend.address)}")
+    raise AssertionError(f"{backend.name} not {health.value} within {timeout_s}s: {app.registry.health('main', backend.address)}")
 
 
 def report(name: str, value_s: float) -> None:
@@ -451,7 +451,7 @@ async def test_cookie_repick_when_pinned_backend_dies_and_back_when_it_returns(
         killed_at = trio.current_time()
         # Before the checks notice: a is still UP, the connect is refused, the session fails
         # over to b, and the pin follows it.
-        assert app.registry.state(a.address).health is Health.UP  # fall 2 x interval 0.1 s: not yet
+        assert app.registry.health("main", a.address).health is Health.UP  # fall 2 x interval 0.1 s: not yet
         failover = await visit(port, headers=[cookie_header(cookie_a)])
         assert (failover.status, failover.backend, failover.cookie) == (101, "b", cookie_b)
         _, line = proxy_log.matching("event=upstream_failed", f"backend={a.address}")[0]
@@ -642,7 +642,7 @@ async def test_hung_backend_is_taken_out_by_websocket_checks(nursery: trio.Nurse
         assert all(t < down_at for t in a.arrivals)
         assert [(await visit(port)).backend for _ in range(10)] == ["b"] * 10
         assert len(a.arrivals) == sessions_before  # nothing was sent to a after it was DOWN
-        assert app.registry.state(a.address).health is Health.DOWN
+        assert app.registry.health("main", a.address).health is Health.DOWN
 
 
 async def test_every_backend_down_answers_503_naming_the_pool(nursery: trio.Nursery, proxy_log: ProxyLog) -> None:
@@ -899,6 +899,49 @@ async def test_slow_start_gives_a_new_backend_a_small_share_at_first(
             await trio.sleep_until(b_up_at + slow_start_s + 0.05)
             after = Counter([(await hold(stack, port))[0] for _ in range(10)])
             assert after["b"] == 10, after
+
+
+async def test_slow_start_after_a_passive_ejection_ends(nursery: trio.Nursery, proxy_log: ProxyLog) -> None:
+    """Issue 17 item 6: a backend back from passive ejection ramps with slow_start, not at full share at once."""
+    slow_start_s, ejection_s = 6.0, 0.5
+    with trio.fail_after(25):
+        a, b = await start_backends(nursery, "a", "b")
+        passive = PassiveHealthConfig(failures=2, window_s=10.0, ejection_s=ejection_s, max_ejected_percent=50)
+        started = trio.current_time()
+        app, port = await start_proxy(
+            nursery, config(pool(a, b, balance="least_conn", slow_start_s=slow_start_s, passive=passive))
+        )
+        # both were marked UP at start (no active checks): let both ramp past half their weight
+        await trio.sleep_until(started + slow_start_s / 2)
+        await b.kill()
+        while not proxy_log.matching("event=ejected", f"backend={b.address}"):
+            assert (await visit(port)).backend == "a"  # b refuses; the session fails over to a
+        ejected_at, line = proxy_log.matching("event=ejected", f"backend={b.address}")[0]
+        assert "ejected for 0.5s" in line, line
+        await b.start(nursery)  # the same port: b is fine again, but still ejected
+        await trio.sleep_until(ejected_at + ejection_s + 0.01)
+        async with AsyncExitStack() as stack:
+            after = Counter([(await hold(stack, port))[0] for _ in range(20)])
+        print(f"slow start after ejection: 20 sessions right after it ended: {dict(after)}")
+        assert after["b"] <= 3, after  # least_conn without the ramp gives b half: 10 of 20
+
+
+async def test_a_pool_without_checks_ignores_another_pools_failing_check_of_the_same_address(
+    nursery: trio.Nursery, proxy_log: ProxyLog
+) -> None:
+    """Issue 17 item 7: health is per (pool, address); conf/wsproxy.yaml: no checks = healthy."""
+    with trio.fail_after(15):
+        (b,) = await start_backends(nursery, "b")
+        b.fail_health = True  # its /healthz answers 503: the "checked" pool takes it DOWN
+        checked = pool(b, name="checked", health=health(fall=1))
+        unchecked = pool(b, name="unchecked")
+        routes = (RouteConfig(path="/checked", pool=checked.name), RouteConfig(path="/", pool=unchecked.name))
+        app, port = await start_proxy(nursery, config(checked, unchecked, routes=routes))
+        await proxy_log.wait_for("event=health", "pool=checked", f"backend={b.address}", "state=down")
+        assert (await visit(port, "/checked")).status == 503
+        outcome = await visit(port, "/")
+        assert (outcome.status, outcome.backend) == (101, "b"), outcome
+        assert app.registry.health("unchecked", b.address).health is Health.UP
 
 
 # -- 8. two proxies ------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ than the first, so that the client's pin follows the backend it really got.
 Theory of operation
 -------------------
 1. Every backend of the pool becomes a ``Candidate`` with its effective weight
-   (config weight x slow-start factor); those that ``BackendState.available``
-   says may take a session now stay in the running.
+   (config weight x the pool's slow-start factor); those that
+   ``Registry.available`` says may take a session of this pool now stay in
+   the running (health and ejection are the pool's own, draining and
+   capacity the address's).
 2. Stickiness, by source:
 
    - ``cookie:NAME``: a cookie that verifies pins its backend. Pinned and
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..config.schema import BackendConfig, PoolConfig
-from ..control.registry import BackendState, Health, Registry
+from ..control.registry import Registry, unavailable_because
 from .policy import Candidate, Selector, least_conn_order, rendezvous_order
 from .sticky import cookie_value, pinned_backend, request_cookie, set_cookie, sticky_key
 
@@ -101,22 +103,22 @@ def plan_session(
 ) -> Plan | NoBackend:
     """Decide where a new session of ``pool`` goes (see the module docstring)."""
     everyone = [
-        Candidate(b, state, b.weight * state.weight_factor(now, pool.slow_start_s))
+        Candidate(b, registry.state(b.address), b.weight * ramp.weight_factor(now, pool.slow_start_s))
         for b in pool.backends
-        for state in (registry.state(b.address),)
+        for ramp in (registry.health(pool.name, b.address),)
     ]
-    available = [c for c in everyone if c.state.available(now, c.backend)]
+    available = [c for c in everyone if registry.available(pool.name, c.backend, now)]
     sticky = pool.sticky
 
     if sticky is None:
         if not available:
-            return _no_backend(pool, everyone, now)
+            return _no_backend(pool, registry, everyone, now)
         return _plan(pool, selector.order(available, None), None, "none")
 
     if sticky.source == "cookie":
         if sticky.cookie is None:  # the loader refuses this; plain balancing if it ever happens
             if not available:
-                return _no_backend(pool, everyone, now)
+                return _no_backend(pool, registry, everyone, now)
             return _plan(pool, selector.order(available, None), None, "none")
         value = request_cookie(headers, sticky.name)
         pinned = None if value is None else pinned_backend(value, sticky.cookie.secret, pool.name, pool.backends)
@@ -124,28 +126,28 @@ def plan_session(
             label = "new" if value is None else "miss"
         else:
             pin = next(c for c in everyone if c.backend is pinned)
-            if pin.state.available(now, pin.backend):
+            if registry.available(pool.name, pin.backend, now):
                 # Failover after the pin goes by least load: it leaves the selector's rotation alone.
                 rest = least_conn_order([c for c in available if c is not pin])
                 return _plan(pool, [pin, *rest], None, "hit")
             if sticky.on_unavailable == "reject":
-                return _pinned_unavailable(pool, pin, now)
+                return _pinned_unavailable(pool, registry, pin, now)
             label = "repick"
         if not available:
-            return _no_backend(pool, everyone, now)
+            return _no_backend(pool, registry, everyone, now)
         order = selector.order(available, None)
         return _plan(pool, order, cookie_for(pool, order[0].backend, tls=tls), label)
 
     key = sticky_key(sticky, headers=headers, target=target, client_ip=client_ip, claims=claims)
     if key is None:
         if not available:
-            return _no_backend(pool, everyone, now)
+            return _no_backend(pool, registry, everyone, now)
         return _plan(pool, selector.order(available, None), None, "miss")
     home = rendezvous_order(everyone, key)[0]
-    if not home.state.available(now, home.backend) and sticky.on_unavailable == "reject":
-        return _pinned_unavailable(pool, home, now)
+    if not registry.available(pool.name, home.backend, now) and sticky.on_unavailable == "reject":
+        return _pinned_unavailable(pool, registry, home, now)
     if not available:
-        return _no_backend(pool, everyone, now)
+        return _no_backend(pool, registry, everyone, now)
     order = selector.order(available, key)
     return _plan(pool, order, None, "hit" if order[0] is home else "repick")
 
@@ -155,28 +157,18 @@ def _plan(pool: PoolConfig, order: Sequence[Candidate], cookie: bytes | None, st
     return Plan(order=tuple(c.backend for c in order[: 1 + max(0, pool.retries)]), set_cookie=cookie, sticky=sticky)
 
 
-def _unavailable_because(state: BackendState, backend: BackendConfig, now: float) -> str:
-    """Why ``BackendState.available`` said no, the first reason that applies."""
-    if state.draining:
-        return "draining"
-    if state.health is Health.DOWN:
-        return "down"
-    if state.health is not Health.UP:
-        return "not yet healthy"
-    if state.ejected(now):
-        return "ejected"
-    if state.full(backend):
-        return "full"
-    return "available"
+def _unavailable_because(pool: PoolConfig, registry: Registry, candidate: Candidate, now: float) -> str:
+    address = candidate.backend.address
+    return unavailable_because(candidate.state, registry.health(pool.name, address), candidate.backend, now)
 
 
 def _body(pool: PoolConfig) -> str:
     return f"no backend available in pool {pool.name}\n"
 
 
-def _no_backend(pool: PoolConfig, everyone: Sequence[Candidate], now: float) -> NoBackend:
+def _no_backend(pool: PoolConfig, registry: Registry, everyone: Sequence[Candidate], now: float) -> NoBackend:
     """The 503 for a pool none of whose backends may take a session."""
-    reasons = [_unavailable_because(c.state, c.backend, now) for c in everyone]
+    reasons = [_unavailable_because(pool, registry, c, now) for c in everyone]
     if not reasons:
         reason = f"pool {pool.name}: no backends"
     elif len(set(reasons)) == 1:
@@ -188,9 +180,9 @@ def _no_backend(pool: PoolConfig, everyone: Sequence[Candidate], now: float) -> 
     return NoBackend(status=503, reason=reason, body=_body(pool), retry_after_s=retry_after_s)
 
 
-def _pinned_unavailable(pool: PoolConfig, pin: Candidate, now: float) -> NoBackend:
+def _pinned_unavailable(pool: PoolConfig, registry: Registry, pin: Candidate, now: float) -> NoBackend:
     """The 503 of ``on_unavailable: reject``."""
-    why = _unavailable_because(pin.state, pin.backend, now)
+    why = _unavailable_because(pool, registry, pin, now)
     return NoBackend(
         status=503,
         reason=f"pool {pool.name}: pinned backend {pin.backend.address} unavailable ({why}, reject)",

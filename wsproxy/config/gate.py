@@ -11,6 +11,7 @@ anything changes.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import ipaddress
 
 from wsproxy.config.durations import quote
@@ -29,6 +30,9 @@ from wsproxy.config.schema import (
     TokenConfig,
 )
 
+#: RFC 8446 §4.6.1: a ticket lifetime of at most seven days.
+MAX_TICKET_LIFETIME_S = 7 * 86400.0
+
 
 def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     from wsproxy.edge.tls import TlsError, server_context
@@ -36,8 +40,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     fields = r.fields(
         at,
         required=("cert", "key"),
-        optional=("sni", "client_ca", "client_cert"),
-        what="a tls mapping (cert, key, sni, client_ca, client_cert)",
+        optional=("sni", "client_ca", "client_cert", "session_ticket_lifetime"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert, session_ticket_lifetime)",
     )
     if fields is None:
         return None
@@ -45,6 +49,10 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     key = r.tls_file(fields.get("key"))
     client_ca = r.tls_file(fields.get("client_ca"), MAX_CA_BUNDLE_BYTES)
     client_cert = r.choice(fields.get("client_cert"), ("required", "optional", "off"), "client_cert")
+    ticket_lifetime_s = r.duration_or_zero(fields.get("session_ticket_lifetime"))
+    if ticket_lifetime_s is not None and ticket_lifetime_s > MAX_TICKET_LIFETIME_S:  # RFC 8446 §4.6.1: 7 days at most
+        r.error(fields["session_ticket_lifetime"], f"session_ticket_lifetime: at most 7d (RFC 8446 §4.6.1), got {ticket_lifetime_s:g}s")
+        ticket_lifetime_s = None
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
     if client_cert in ("required", "optional") and "client_ca" not in fields:
@@ -62,15 +70,19 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
     if cert is None or key is None or ("client_ca" in fields and client_ca is None):
         return None  # each missing file is reported at its own key already
-    tls = TlsConfig(cert=cert, key=key, sni=tuple(sni), client_ca=client_ca, **given(client_cert=client_cert))
+    tls = TlsConfig(
+        cert=cert,
+        key=key,
+        sni=tuple(sni),
+        client_ca=client_ca,
+        **given(client_cert=client_cert, session_ticket_lifetime_s=ticket_lifetime_s),
+    )
     try:
         context = server_context(tls)
     except TlsError as exc:
         r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
         return None
-    return TlsConfig(
-        cert=cert, key=key, sni=tls.sni, client_ca=client_ca, client_cert=tls.client_cert, context=context
-    )
+    return dataclasses.replace(tls, context=context)
 
 
 def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, object]:
@@ -190,14 +202,18 @@ def _tokens(r: Reader, at: At | None, file_at: At | None) -> tuple[TokenConfig, 
     return tuple(tokens)
 
 
+_JWKS_KEYS = ("jwks_url", "jwks_refresh", "jwks_min_refresh", "jwks_ca")
+
+
 def _jwt(r: Reader, at: At) -> JwtConfig | None:
-    from wsproxy.proto.jwt import load_jwt_keys
+    from wsproxy.proto.jwt import JwksSource, load_jwt_keys
 
     fields = r.fields(
         at,
         required=("algorithms",),
-        optional=("keys", "jwks_file", "secret_file", "issuer", "audience", "leeway", "identity_claim", "pass_claims"),
-        what="a jwt mapping (algorithms, keys, jwks_file, secret_file, issuer, audience, leeway, identity_claim, pass_claims)",
+        optional=("keys", "jwks_file", "secret_file", *_JWKS_KEYS, "issuer", "audience", "leeway", "identity_claim", "pass_claims"),
+        what="a jwt mapping (algorithms, keys, jwks_file, secret_file, jwks_url, jwks_refresh, jwks_min_refresh, jwks_ca, "
+        "issuer, audience, leeway, identity_claim, pass_claims)",
     )
     if fields is None:
         return None
@@ -216,8 +232,15 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
             pem_keys.append(read[1])
     jwks = r.read(fields.get("jwks_file"))
     secret = r.read(fields.get("secret_file"))
-    if not pem_keys and jwks is None and secret is None and not r.errors:
-        r.error(at, "jwt needs keys, jwks_file or secret_file")
+    jwks_url = _jwks_url(r, fields.get("jwks_url"))
+    for name in _JWKS_KEYS[1:]:
+        if name in fields and "jwks_url" not in fields:
+            r.error(fields[name], f"{name} applies to jwks_url, which is not given")
+    refresh_s = r.duration(fields.get("jwks_refresh"))
+    min_refresh_s = r.duration(fields.get("jwks_min_refresh"))
+    jwks_ca = r.tls_file(fields.get("jwks_ca"), MAX_CA_BUNDLE_BYTES)
+    if not pem_keys and jwks is None and secret is None and "jwks_url" not in fields and not r.errors:
+        r.error(at, "jwt needs keys, jwks_file, secret_file or jwks_url")
         return None
     config = JwtConfig(
         algorithms=algorithms or ("RS256",),
@@ -225,6 +248,10 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
         jwks_file=jwks[0] if jwks else None,
         secret_file=secret[0] if secret else None,
         **given(
+            jwks_url=jwks_url,
+            jwks_refresh_s=refresh_s,
+            jwks_min_refresh_s=min_refresh_s,
+            jwks_ca=jwks_ca,
             issuer=r.text(fields.get("issuer"), "an issuer"),
             audience=r.text(fields.get("audience"), "an audience"),
             leeway_s=_leeway(r, fields.get("leeway")),
@@ -240,15 +267,29 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
             pem_keys=pem_keys,
             jwks=jwks[1] if jwks else None,
             secret=secret[1].strip() if secret else None,
+            allow_none=config.jwks_url is not None,
         )
     except ValueError as exc:
         r.error(at, str(exc))
         return None
+    if config.jwks_url is not None:  # fetched by edge.jwks at start and while running
+        material = JwksSource(  # type: ignore[assignment]
+            url=config.jwks_url,
+            algorithms=config.algorithms,
+            static=material if material.keys else None,
+            refresh_s=config.jwks_refresh_s,
+            min_refresh_s=config.jwks_min_refresh_s,
+            ca=config.jwks_ca,
+        )
     return JwtConfig(
         algorithms=config.algorithms,
         keys=config.keys,
         jwks_file=config.jwks_file,
         secret_file=config.secret_file,
+        jwks_url=config.jwks_url,
+        jwks_refresh_s=config.jwks_refresh_s,
+        jwks_min_refresh_s=config.jwks_min_refresh_s,
+        jwks_ca=config.jwks_ca,
         issuer=config.issuer,
         audience=config.audience,
         leeway_s=config.leeway_s,
@@ -256,6 +297,27 @@ def _jwt(r: Reader, at: At) -> JwtConfig | None:
         pass_claims=config.pass_claims,
         key_material=material,
     )
+
+
+def _jwks_url(r: Reader, at: At | None) -> str | None:
+    """An https:// URL with a host (TLS is always verified; no credentials in it: it is logged)."""
+    from urllib.parse import urlsplit
+
+    text = r.text(at, "an https:// URL")
+    if at is None or text is None:
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        r.error(at, f"expected an https:// URL with a host, got {quote(text)}")
+        return None
+    if parts.username is not None or parts.password is not None:
+        r.error(at, "a URL with credentials in it; the JWKS of an identity provider is public")
+        return None
+    return text
 
 
 def _leeway(r: Reader, at: At | None) -> float | None:

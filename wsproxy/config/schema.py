@@ -66,6 +66,7 @@ class TlsConfig:
     sni: tuple[SniCertConfig, ...] = ()  # more certificates, chosen by server name
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
+    session_ticket_lifetime_s: float = 3600.0  # ticket keys rotate this often; tickets live this long; 0 = no resumption
     context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 
@@ -89,6 +90,10 @@ class JwtConfig:
     keys: tuple[str, ...] = ()  # PEM public key files
     jwks_file: str | None = None  # a JWKS file; keys chosen by "kid"; "oct" keys serve HS*
     secret_file: str | None = None  # an HS* shared secret
+    jwks_url: str | None = None  # https:// JWKS of an identity provider; fetched at start, refreshed (edge.jwks)
+    jwks_refresh_s: float = 600.0  # fetched again this often
+    jwks_min_refresh_s: float = 10.0  # a token with an unknown kid fetches again at most this often
+    jwks_ca: str | None = None  # PEM CA bundle that verifies jwks_url; None = the system store
     issuer: str | None = None
     audience: str | None = None
     leeway_s: float = 30.0

@@ -1,7 +1,7 @@
 """Active health checks: one task per backend of a pool (trio shell).
 
 This module only probes backends and feeds the results to the ``Registry``
-(``BackendState.record_check``); what a result means for traffic (UNKNOWN,
+(``HealthState.record_check``, per pool and address); what a result means for traffic (UNKNOWN,
 UP after ``rise`` passes, DOWN after ``fall`` failures, availability) is
 decided there. It is not passive health (the session code counts failed
 connects, ``Registry.record_failure``) and it never touches a session.
@@ -273,8 +273,9 @@ class HealthChecker:
 
     ``run`` owns a nursery with one ``_watch`` loop per backend; ``update``
     starts and stops loops when a reload changes the pool. Health lives in the
-    ``Registry`` (keyed by address), so a backend that a reload keeps keeps its
-    state and its loop.
+    ``Registry`` (keyed by pool name and address), so a backend that a reload
+    keeps keeps its state and its loop, and another pool listing the same
+    address is not affected by this pool's verdicts.
     """
 
     def __init__(
@@ -365,7 +366,7 @@ class HealthChecker:
         """Register the loop of ``address`` (so update() can stop it before it runs)."""
         health = self.pool.health
         assert health is not None
-        state = self.registry.state(address)
+        state = self.registry.health(self.pool.name, address)
         if health.start_healthy and state.health is Health.UNKNOWN:
             self._mark_up(address, "start_healthy")
         scope = self._loops[address] = trio.CancelScope()
@@ -401,7 +402,7 @@ class HealthChecker:
             del self._loops[address]
 
     def _record(self, address: Address, health: HealthConfig, ok: bool, reason: str, rtt_s: float | None) -> None:
-        state = self.registry.state(address)
+        state = self.registry.health(self.pool.name, address)
         before = state.health
         change = state.record_check(ok, reason, trio.current_time(), rise=health.rise, fall=health.fall)
         if ok:
@@ -426,7 +427,7 @@ class HealthChecker:
             self._mark_up(backend.address, reason)
 
     def _mark_up(self, address: Address, reason: str) -> None:
-        state = self.registry.state(address)
+        state = self.registry.health(self.pool.name, address)
         before = state.health
         state.mark_up(trio.current_time())
         if before is not Health.UP:

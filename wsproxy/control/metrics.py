@@ -422,6 +422,14 @@ class WsproxyCollector(Collector):
         counter = CounterMetricFamily("wsproxy_reload_failures", "Config reloads that failed (the old config stayed).")
         counter.add_metric([], app.reload_failures)
         yield counter
+        jwks = getattr(app, "jwks", None)  # edge.jwks.JwksFetcher: routes' jwks_url
+        if jwks is not None:
+            counter = CounterMetricFamily(
+                "wsproxy_jwks_fetch_failures", "Failed fetches of a jwks_url (the last good keys stayed).", labels=["url"]
+            )
+            for url, failures in sorted(jwks.failures.items()):
+                counter.add_metric([url], failures)
+            yield counter
         gauge = GaugeMetricFamily(
             "wsproxy_last_reload_success_timestamp_seconds", "Unix time of the last successful config load."
         )
@@ -484,14 +492,15 @@ class WsproxyCollector(Collector):
             for backend in backends:
                 name = str(backend.address)
                 state = app.registry.state(backend.address)
+                pool_health = app.registry.health(pool, backend.address)
                 seen.add(name)
                 sessions.add_metric([pool, name], state.active)
                 for h in _HEALTH_STATES:
-                    health.add_metric([pool, name, h.value], int(state.health is h))
-                if state.rtt_s is not None:
-                    rtt.add_metric([pool, name], state.rtt_s)
+                    health.add_metric([pool, name, h.value], int(pool_health.health is h))
+                if pool_health.rtt_s is not None:
+                    rtt.add_metric([pool, name], pool_health.rtt_s)
                 draining.add_metric([pool, name], int(state.draining))
-                ejected.add_metric([pool, name], int(state.ejected(now)))
+                ejected.add_metric([pool, name], int(pool_health.ejected(now)))
                 extra = live.get(name, (0, 0, 0, 0))
                 bytes_.add_metric([pool, name, "up"], state.bytes_up + extra[0])
                 bytes_.add_metric([pool, name, "down"], state.bytes_down + extra[1])

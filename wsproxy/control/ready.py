@@ -47,7 +47,7 @@ def readiness(app: App) -> tuple[bool, dict[str, object]]:
         pool = config.pools.get(PoolName(name))
         if pool is None:
             continue
-        available = sum(1 for b in pool.backends if app.registry.state(b.address).available(now, b))
+        available = sum(1 for b in pool.backends if app.registry.available(name, b, now))
         counts[name] = available
         if not available:
             reasons.append(f"pool {name} has no available backend")

@@ -49,19 +49,20 @@ def snapshot(app: App) -> dict[str, object]:
         backends = []
         for backend in pool.backends:
             state = app.registry.state(backend.address)
+            health = app.registry.health(name, backend.address)
             extra = live.get(backend.address, [0, 0, 0, 0])
             backends.append(
                 {
                     "address": str(backend.address),
                     "weight": backend.weight,
-                    "health": state.health.value,
-                    "last_check": state.last_check,
-                    "rtt_s": state.rtt_s,
+                    "health": health.health.value,
+                    "last_check": health.last_check,
+                    "rtt_s": health.rtt_s,
                     "active": state.active,
                     "total": state.total,
                     "draining": state.draining,
-                    "ejected": state.ejected(now),
-                    "available": state.available(now, backend),
+                    "ejected": health.ejected(now),
+                    "available": app.registry.available(name, backend, now),
                     "bytes_up": state.bytes_up + extra[0],
                     "bytes_down": state.bytes_down + extra[1],
                     "messages_up": state.messages_up + extra[2],

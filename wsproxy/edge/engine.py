@@ -180,8 +180,7 @@ class Engine:
                         from_client += data
                     else:
                         from_backend += data
-                    if tls.outgoing.pending:
-                        relay.wire[index] += tls.outgoing.read()
+                    relay.wire[index] += tls.take_output()  # held TLS 1.3 tickets first (edge.tls)
             if from_client:
                 machine.feed(relay.up, from_client, now)
             if from_backend:

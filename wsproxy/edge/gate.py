@@ -30,6 +30,7 @@ from ..proto.auth import (
     verify_tokens,
 )
 from ..proto.jwt import verify_jwt
+from .jwks import JwksFetcher
 from ..proto.handshake import Rejection, Upgrade
 from ..proto.origin import OriginPolicy, check_origin, compile_origins
 from .channel import RawChannel
@@ -123,7 +124,7 @@ class Admitted:
 
 
 async def check_request(
-    gate: RouteGate, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool
+    gate: RouteGate, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool, jwks: JwksFetcher | None = None
 ) -> Admitted | Refused:
     """Origin first (403), then credentials (401/403, or the auth service's answer)."""
     route = gate.route
@@ -151,6 +152,8 @@ async def check_request(
     if auth.mode == "tokens":
         verdict = verify_tokens(auth, credential)
     else:
+        if jwks is not None and auth.jwt is not None:  # a kid the keys lack: the provider may have rotated (edge.jwks)
+            await jwks.before_verify(auth.jwt.key_material, credential)
         verdict = verify_jwt(auth, credential, time.time())
     if isinstance(verdict, Rejection):
         return Refused.of(Reason.AUTH, verdict)

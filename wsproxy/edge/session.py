@@ -126,7 +126,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             app.connection_count += 1
             admitted_ip = client_ip
         if listener.tls is not None:
-            client = TlsChannel.wrap_server(client.sock, listener.tls.context)
+            client = TlsChannel.wrap_server(client.sock, app.tickets.context_for(listener.name, listener.tls))
             try:
                 with trio.fail_at(deadline):
                     await client.handshake()
@@ -200,7 +200,7 @@ async def _handshakes(
     session.route = route
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     verdict = await check_request(
-        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls
+        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls, jwks=app.jwks
     )
     if isinstance(verdict, Refused):
         await _refuse(client, session, app, verdict)

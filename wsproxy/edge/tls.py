@@ -15,7 +15,20 @@ no per-record reads and no bytes hidden in OpenSSL from readiness waits.
 Policy: TLS 1.2 at least, Mozilla's "intermediate" cipher list for TLS 1.2
 (TLS 1.3 suites are OpenSSL's), ALPN ``http/1.1``, no compression, no
 renegotiation. SNI picks the certificate: exact names before wildcards, the
-top-level certificate when nothing matches.
+top-level certificate when nothing matches. Session resumption: TLS 1.3 tickets
+and TLS 1.2 tickets and session ids are on unless ``session_ticket_lifetime``
+is 0; the ticket keys are set by ``edge.tickets`` (rotation, reloads).
+
+TLS 1.3 tickets are held back (RFC 8446 §4.6.1 lets the server send them at
+any time after the handshake): a server TLS 1.3 channel keeps the
+NewSessionTicket records OpenSSL writes when the handshake completes and sends
+them in front of its first answer. Sent at once, they reach a client while it
+writes its request, and a client that reads in one thread and writes in
+another on one ``SSLSocket`` (``websockets``' sync client does) races inside
+OpenSSL, which does not allow concurrent ``SSL_read`` and ``SSL_write`` on one
+connection: 6 of 3,600 upgrades from 4 threads of that client timed out
+(0 of 4,800 with the tickets held back). Held back, they arrive with the 101
+(or the refusal), when such a client only reads.
 """
 
 from __future__ import annotations
@@ -130,13 +143,11 @@ def server_context(tls: TlsConfig, *, now: datetime.datetime | None = None) -> s
 
 def _server_leaf_context(tls: TlsConfig, cert: str, key: str, now: datetime.datetime) -> ssl.SSLContext:
     ctx = _base_context(ssl.Purpose.CLIENT_AUTH)
-    # TLS 1.3 session tickets are off: with them, about 3 in 1,000 back-to-back TLS 1.3
-    # sessions from Python's ssl client (websockets' sync client, 4 threads) never got
-    # their request to the proxy, with an SSLSocket channel and with this BIO channel
-    # alike; 0 in 2,700 without tickets, 0 with TLS 1.2, and 0 stalls in 12,600
-    # handshakes from a C OpenSSL client with tickets on. Until the cause is known,
-    # clients do full handshakes on reconnect.
-    ctx.num_tickets = 0
+    if not tls.session_ticket_lifetime_s:  # resumption off: no tickets, no session cache
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
+        # (Python's server contexts keep OpenSSL's session-id cache; a session id without
+        # tickets is only honoured by the same context, i.e. until the next reload.)
     _load_chain(ctx, cert, key, now)
     if tls.client_ca and tls.client_cert != "off":
         _load_ca(ctx, tls.client_ca)
@@ -244,7 +255,7 @@ class TlsChannel(RawChannel):
     the outgoing BIO to the socket, so records never interleave.
     """
 
-    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed")
+    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed", "_held")
 
     def __init__(self, sock: socket.socket, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         super().__init__(sock)
@@ -253,6 +264,7 @@ class TlsChannel(RawChannel):
         self.outgoing = outgoing
         self._flushing = False
         self._flushed: trio.Event | None = None
+        self._held = b""  # TLS 1.3 tickets, sent in front of the first answer (module docstring)
 
     @classmethod
     def wrap_server(cls, sock: socket.socket, context: ssl.SSLContext) -> TlsChannel:
@@ -265,16 +277,24 @@ class TlsChannel(RawChannel):
         ssl_object = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_name)
         return cls(sock, ssl_object, incoming, outgoing)
 
+    def take_output(self) -> bytes:
+        """What is still to be sent, in order (held tickets first), for a new owner of the socket."""
+        held, self._held = self._held, b""
+        return held + (self.outgoing.read() if self.outgoing.pending else b"")
+
     async def _flush(self) -> None:
         """Send what OpenSSL has written, in order; raises ChannelBroken."""
         while self._flushing:  # another task is sending earlier records: wait for it
             assert self._flushed is not None
             await self._flushed.wait()
-        if not self.outgoing.pending:
+        if not self.outgoing.pending and not self._held:
             return
         self._flushing = True
         self._flushed = trio.Event()
         try:
+            if self._held:  # written before anything that is pending: records go out in order
+                held, self._held = self._held, b""
+                await RawChannel.send(self, held)
             while self.outgoing.pending:
                 await RawChannel.send(self, self.outgoing.read())
         finally:
@@ -307,6 +327,11 @@ class TlsChannel(RawChannel):
                     except ChannelBroken:
                         pass
                 raise
+        if self.ssl.server_side and self.ssl.version() == "TLSv1.3":
+            # The client has sent its Finished: all OpenSSL wrote since is post-handshake
+            # (NewSessionTicket). Hold it until the first answer (module docstring).
+            self._held = self.outgoing.read()
+            return
         await self._flush()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -346,9 +371,10 @@ class TlsChannel(RawChannel):
             self.ssl.unwrap()
         except (ssl.SSLError, ValueError):
             pass
-        if self.outgoing.pending and not self._flushing:
+        if (self.outgoing.pending or self._held) and not self._flushing:
+            held, self._held = self._held, b""
             try:
-                self.sock.send(self.outgoing.read())
+                self.sock.send(held + self.outgoing.read())
             except OSError:
                 pass
         super().send_eof()

@@ -154,7 +154,7 @@ async def open_upstream(
                     now = trio.current_time()
                     if timings is not None:
                         timings.upstream_upgraded(pool.name, str(address), now - sent)
-                    registry.record_success(address, now)
+                    registry.record_success(pool.name, address, now)
                     return Connected(channel, backend, *answer)
             errors.append(f"{address}: {reason}")
             _failed(registry, pool, backend, reason, conn_id)
@@ -167,7 +167,7 @@ async def open_upstream(
 def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, conn_id: str) -> None:
     log.warning("event=upstream_failed conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, backend.address, reason)
     if pool.passive is not None:
-        ejected = registry.record_failure(backend.address, pool.backends, trio.current_time(), pool.passive)
+        ejected = registry.record_failure(pool.name, backend.address, pool.backends, trio.current_time(), pool.passive)
         if ejected:
             log.warning("event=ejected pool=%s backend=%s reason=%r", pool.name, backend.address, ejected)
 

@@ -2,7 +2,9 @@
 
 ``load_jwt_keys`` turns the bytes the config loader read (PEM public keys, a
 JWKS, an HS secret) into ``JwtKeys``, refusing material that cannot serve the
-listed algorithms; ``verify_jwt`` checks a bearer token against them: only the
+listed algorithms; ``JwksSource`` holds the keys of a route with ``jwks_url``
+(its static keys plus the last good document the fetcher, ``edge.jwks``,
+handed it: parsing and choosing here, fetching there); ``verify_jwt`` checks a bearer token against them: only the
 listed algorithms, never ``none``, each key only with its own family (so an
 RSA public key can never verify an HS256 token), ``exp`` required, ``nbf``,
 ``iss`` and ``aud`` when configured, with ``leeway``. Part of ``proto.auth``'s
@@ -112,17 +114,17 @@ _JWK_LOADERS: dict[str, Callable[[dict[str, Any]], object]] = {
 }
 
 
-def _jwks_keys(data: bytes, listed: Sequence[str]) -> list[VerificationKey]:
+def _jwks_keys(data: bytes, listed: Sequence[str], name: str = "jwks_file") -> list[VerificationKey]:
     """RFC 7517 §5 JWK Set → keys. Entries meant for encryption (``use: enc``) are skipped."""
     try:
         document = json.loads(data)
     except (ValueError, RecursionError):
-        raise ValueError("jwks_file: not JSON") from None
+        raise ValueError(f"{name}: not JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ValueError('jwks_file: expected a JSON object with a "keys" list')
+        raise ValueError(f'{name}: expected a JSON object with a "keys" list')
     keys: list[VerificationKey] = []
     for i, entry in enumerate(document["keys"]):
-        origin = f"jwks_file: keys[{i}]"
+        origin = f"{name}: keys[{i}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{origin}: not a JSON object")
         kid = entry.get("kid")
@@ -154,14 +156,17 @@ def _jwks_keys(data: bytes, listed: Sequence[str]) -> list[VerificationKey]:
     return keys
 
 
-def load_jwt_keys(jwt: JwtConfig, *, pem_keys: Sequence[bytes], jwks: bytes | None, secret: bytes | None) -> JwtKeys:
+def load_jwt_keys(
+    jwt: JwtConfig, *, pem_keys: Sequence[bytes], jwks: bytes | None, secret: bytes | None, allow_none: bool = False
+) -> JwtKeys:
     """Build ``JwtConfig.key_material`` from the bytes of ``keys``, ``jwks_file`` and ``secret_file``.
 
     Raises ValueError with the precise reason: unknown or "none" algorithm, a
     PEM block that is not a public key, an unsupported key type, a JWKS that is
     not JSON or has a bad entry, a duplicate kid, a key whose family matches
-    none of ``jwt.algorithms``, an empty or short secret, no key at all, or a
-    ``pass_claims`` name that cannot become a header name.
+    none of ``jwt.algorithms``, an empty or short secret, no key at all (unless
+    ``allow_none``: a ``jwks_url`` brings them), or a ``pass_claims`` name that
+    cannot become a header name.
     """
     listed = list(jwt.algorithms)
     for alg in listed:
@@ -190,7 +195,7 @@ def load_jwt_keys(jwt: JwtConfig, *, pem_keys: Sequence[bytes], jwks: bytes | No
         if not secret:
             raise ValueError("secret_file: empty")
         keys.append(VerificationKey("secret_file", None, _algorithms_for(secret, listed, "secret_file"), secret))
-    if not keys:
+    if not keys and not allow_none:
         raise ValueError("no keys: give keys, jwks_file or secret_file")
 
     by_kid: dict[str, VerificationKey] = {}
@@ -200,6 +205,69 @@ def load_jwt_keys(jwt: JwtConfig, *, pem_keys: Sequence[bytes], jwks: bytes | No
                 raise ValueError(f"jwks_file: kid {key.kid!r} appears twice")
             by_kid[key.kid] = key
     return JwtKeys(keys=tuple(keys), by_kid=MappingProxyType(by_kid), jwks=jwks is not None)
+
+
+# --- JWKS by URL --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class JwksSource:
+    """``JwtConfig.key_material`` of a route with ``jwks_url``: its static keys plus a fetched JWKS.
+
+    Theory of operation: the loader builds it with the route's static keys
+    (``keys``, ``jwks_file``, ``secret_file``; possibly none). The fetcher
+    (``edge.jwks``) fetches the URL and calls ``install`` with the document;
+    a document that does not parse changes nothing (the last good set stays),
+    so ``keys`` only ever moves from one usable set to the next. A key of the
+    document replaces a static key with the same ``kid`` (a ``jwks_file`` kept
+    as a fallback copy of the same provider). ``keys`` is None only while no
+    document was installed and there are no static keys. ``unknown_kid`` tells
+    the gate that a token names a key the current set does not have, so the
+    fetcher may fetch again (the provider rotated) before the token is judged.
+    Mutated from the trio thread only; ``verify_jwt`` reads ``keys`` once.
+    """
+
+    url: str
+    algorithms: tuple[str, ...]
+    static: JwtKeys | None  # from keys, jwks_file and secret_file; None when there are none
+    refresh_s: float
+    min_refresh_s: float
+    ca: str | None = None
+    keys: JwtKeys | None = None
+    document: bytes | None = None  # the installed document (the fetcher hands the same one to a reload's sources)
+    installed_at: float | None = None  # fetch time of the installed document
+
+    def __post_init__(self) -> None:
+        if self.keys is None and self.static is not None and self.static.keys:
+            self.keys = self.static
+
+    def install(self, document: bytes, fetched_at: float) -> int:
+        """Use ``document`` from now on; the number of its keys. ValueError (nothing changes) when unusable."""
+        remote = _jwks_keys(document, self.algorithms, name="jwks_url")
+        by_kid: dict[str, VerificationKey] = {}
+        for key in remote:
+            if key.kid is not None:
+                if key.kid in by_kid:
+                    raise ValueError(f"jwks_url: kid {key.kid!r} appears twice")
+                by_kid[key.kid] = key
+        static = [k for k in (self.static.keys if self.static else ()) if k.kid is None or k.kid not in by_kid]
+        for key in static:
+            if key.kid is not None:
+                by_kid[key.kid] = key
+        self.keys = JwtKeys(keys=(*static, *remote), by_kid=MappingProxyType(by_kid), jwks=True)
+        self.document = document
+        self.installed_at = fetched_at
+        return len(remote)
+
+    def unknown_kid(self, token: str) -> str | None:
+        """The ``kid`` of ``token``'s header when the current keys lack it (a fetch may find it), else None."""
+        header = _b64url_json(token.split(".", 1)[0]) if token.count(".") == 2 else None
+        kid = header.get("kid") if isinstance(header, dict) else None
+        if not isinstance(kid, str):
+            return None
+        if self.keys is not None and kid in self.keys.by_kid:
+            return None
+        return kid
 
 
 # --- JWT verification -------------------------------------------------------------------------
@@ -242,6 +310,10 @@ def verify_jwt(auth: AuthConfig, credential: Credential, now: float) -> Principa
     """
     config = auth.jwt
     material = config.key_material if config is not None else None
+    if isinstance(material, JwksSource):
+        if material.keys is None:  # a reload added the URL and no fetch has succeeded yet
+            return Rejection(503, f"jwt keys of {material.url} not fetched yet")
+        material = material.keys
     if config is None or not isinstance(material, JwtKeys):
         return Rejection(500, "jwt auth without loaded keys (load_jwt_keys was not called)")
     token = credential.value
