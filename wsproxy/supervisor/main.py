@@ -377,7 +377,7 @@ class Supervisor:
             await channel.send(
                 {
                     "t": "start", "slot": slot.index, "workers": self.count, "listeners": counts,
-                    "generation": self.generation, "health": health.table(self.registry, trio.current_time()),
+                    "generation": self.generation, "health": health.table(self.registry, self.config, trio.current_time()),
                 },
                 sockets,
             )
@@ -494,7 +494,7 @@ class Supervisor:
             self._health_dirty = trio.Event()
             changes, self._health_changes = self._health_changes, []
             await self._broadcast(
-                {"t": "health", "backends": health.table(self.registry, trio.current_time()), "changes": changes}
+                {"t": "health", "backends": health.table(self.registry, self.config, trio.current_time()), "changes": changes}
             )
 
     def _update_checkers(self, new: Config) -> None:
@@ -735,13 +735,13 @@ class Supervisor:
         for name, pool in config.pools.items():
             backends = []
             for backend in pool.backends:
-                state = self.registry.state(backend.address)
+                verdict = self.registry.health(name, backend.address)
                 backends.append(
                     {
-                        "address": str(backend.address), "weight": backend.weight, "health": state.health.value,
-                        "last_check": state.last_check, "rtt_s": state.rtt_s,
+                        "address": str(backend.address), "weight": backend.weight, "health": verdict.health.value,
+                        "last_check": verdict.last_check, "rtt_s": verdict.rtt_s,
                         "draining": (name, str(backend.address)) in self.draining,
-                        "ejected": False, "available": state.available(now, backend),
+                        "ejected": False, "available": self.registry.available(name, backend, now),
                     }
                 )
             pools[name] = {"balance": pool.balance, "backends": backends}
@@ -798,7 +798,7 @@ class Supervisor:
             pool = config.pools.get(PoolName(name))
             if pool is None:
                 continue
-            counts[name] = sum(1 for b in pool.backends if self.registry.state(b.address).available(now, b))
+            counts[name] = sum(1 for b in pool.backends if self.registry.available(name, b, now))
             if not counts[name]:
                 reasons.append(f"pool {name} has no available backend")
         return not reasons, {"ready": not reasons, "reasons": reasons, "pools": counts}
