@@ -5,6 +5,8 @@
     wsproxy reload -c FILE                 make the running proxy reload FILE; exit 0 only when applied
     wsproxy status -c FILE                 what the running proxy serves
     wsproxy drain|undrain -c FILE POOL BACKEND
+    wsproxy sessions -c FILE [--route R] [--pool P] [--backend B] [--identity I] [--peer A] [--json]
+    wsproxy kick -c FILE (--session ID | --identity NAME) [--code N] [--reason TEXT]
     wsproxy upgrade -c FILE                start a new generation of processes (workers > 1)
     wsproxy --version
 
@@ -102,6 +104,38 @@ def parser() -> argparse.ArgumentParser:
         _config_option(action)
         action.add_argument("pool", metavar="POOL", help="the pool's name")
         action.add_argument("backend", metavar="BACKEND", help='the backend\'s address, "host:port"')
+    listing = commands.add_parser(
+        "sessions", help="list the running proxy's sessions",
+        description="Print the running proxy's established sessions (GET /sessions on its admin API, every page),"
+        " oldest first, as a table: id, client address, identity, route, pool, backend, age, and bytes/messages"
+        " each way. Filters match exactly; --peer takes an address with or without its port.",
+    )
+    _config_option(listing)
+    for name, what in (
+        ("route", 'route, as the logs name it ("*/chat")'),
+        ("pool", "pool"),
+        ("backend", 'backend ("host:port")'),
+        ("identity", "identity (who authenticated)"),
+        ("peer", 'client ("ip" or "ip:port")'),
+    ):
+        listing.add_argument(f"--{name}", metavar=name.upper(), help=f"only sessions of this {what}")
+    listing.add_argument("--json", action="store_true", help='print {"sessions": [...]} as the admin API gives them')
+    kick = commands.add_parser(
+        "kick", help="close sessions of the running proxy",
+        description="Close one session (POST /sessions/ID/close) or every session of an identity (POST"
+        " /identities/NAME/close) at a frame boundary: the client gets CODE and TEXT, the backend 1001.",
+    )
+    _config_option(kick)
+    which = kick.add_mutually_exclusive_group(required=True)
+    which.add_argument("--session", metavar="ID", help="the session's id (as `wsproxy sessions` and the logs give it)")
+    which.add_argument("--identity", metavar="NAME", help="every session of this identity")
+    kick.add_argument(
+        "--code", type=int, metavar="N",
+        help="close code for the client: 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999 (default 1008)",
+    )
+    kick.add_argument(
+        "--reason", metavar="TEXT", help='close reason, at most 123 bytes of UTF-8 (default "closed by the operator")'
+    )
     upgrade = commands.add_parser(
         "upgrade", help="start a new generation of processes without dropping sessions (workers > 1)",
         description="Ask the supervisor running FILE (workers > 1) to start a new supervisor and workers from the"
@@ -141,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             return cli.upgrade(args.config, sys.stdout)
         if args.command in ("drain", "undrain"):
             return cli.drain(args.config, args.pool, args.backend, args.command == "undrain", sys.stdout)
+        if args.command == "sessions":
+            filters = {name: getattr(args, name) for name in cli.SESSION_FILTERS if getattr(args, name) is not None}
+            return cli.sessions(args.config, sys.stdout, filters, args.json)
+        if args.command == "kick":
+            return cli.kick(
+                args.config, sys.stdout, session=args.session, identity=args.identity, code=args.code, reason=args.reason
+            )
     except CommandFailed as exc:
         print(f"wsproxy {args.command}: {exc}", file=sys.stderr)
         return 1

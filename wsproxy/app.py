@@ -23,7 +23,9 @@ swapping listeners, starting checkers). The decisions are elsewhere:
 ``control.reload`` (what a new config changes, and the SIGHUP flow),
 ``control.drain`` (drains by admin order, health verdict and reload removal,
 and the spread closes that shutdown uses too), ``control.sweeper`` (idle
-timeouts and keepalive ticks).
+timeouts and keepalive ticks), ``control.lifetime`` (token expiry,
+revocation, ``max_session_age``), ``control.rebalance`` (closing the oldest
+sessions of over-loaded backends).
 """
 
 from __future__ import annotations
@@ -44,12 +46,17 @@ from typing import Any
 
 import trio
 
+from .balance.discovery import carry_discovered
 from .balance.policy import Selector, make_selector
 from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostport
+from .control.discovery import Discovery, DiscoveryCollector
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
+from .control.lifetime import revoke_open
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
+from .control.rebalance import Rebalancer
 from .control.registry import Registry
+from .control.session_admin import SessionControl
 from .control.reload import (
     CheckerAction,
     ReloadError,
@@ -165,6 +172,7 @@ class App:
         self.tickets = SessionTickets()  # TLS ticket keys per listener: rotate, survive reloads
         self.jwks = JwksFetcher(lambda: self.generation.config)  # routes' jwks_url: fetched at start, refreshed
         self.sessions: dict[str, Session] = {}
+        self.session_control = SessionControl(self.sessions)  # the sessions API and per-identity caps
         self.clients = ClientTable()  # per client address: live connections, handshake rate
         self.metrics = Metrics(started_unix=time.time())
         self.connection_count = 0  # downstream connections being served
@@ -182,8 +190,11 @@ class App:
         self._connections: trio.Nursery | None = None
         self._rng = random.Random()
         self.drainer = Drainer(self.registry, self.sessions, lambda: self.generation.config.pools, self._rng)
+        self.rebalancer = Rebalancer(self.registry, self.sessions, lambda: self.generation.config, self._rng)
         self.reloader = Reloader(lambda: self.generation.config.timeouts.reload_s, lambda: self.stopping)
         self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
+        self.discovery = Discovery(lambda name: self.generation.config.pools.get(name), self.swap_pool, self.drainer.removing)
+        self._metrics_registry.register(DiscoveryCollector(self.discovery))
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -244,8 +255,10 @@ class App:
                 control.start_soon(idle_sweeper, self.sessions, lambda: self.generation.config)
                 control.start_soon(measure_loop_lag, self.metrics)
                 control.start_soon(self.jwks.run)
+                control.start_soon(self.rebalancer.run)
                 for pool in self.generation.config.pools.values():
                     await self._start_checker(pool)
+                await self.discovery.start(control, self.generation.config.pools)  # first lookups, bounded
                 for slot in self.listeners.values():
                     self._start_accepting(slot)
                 task_status.started(self.addresses)
@@ -336,7 +349,7 @@ class App:
     def reload(self, config: Config) -> None:
         """Apply a validated config at once; raises ReloadError (and changes nothing) when it cannot."""
         old = self.generation
-        config = with_fd_budget(config, old.config)
+        config = carry_discovered(old.config, with_fd_budget(config, old.config))  # same DNS question: same set
         plan = plan_listeners({name: slot.spec.bind for name, slot in self.listeners.items()}, config.listeners)
         opened: dict[str, list[socket.socket]] = {}
         freed: list[ListenerSlot] = []  # old listeners closed early to free a port
@@ -397,7 +410,10 @@ class App:
 
             logsetup.configure(config.log.level, config.log.format)
         self._update_checkers(config)
+        self.discovery.update(config.pools)
         self.drainer.drain_removed(removed_backends(old.config, config))
+        if self._control is not None and not self.stopping:
+            self._control.start_soon(revoke_open, self.sessions, config, self._rng)  # revoked_file was re-read
         self.registry.forget(  # gone from every pool and unused: no state kept; health per (pool, address) of the new config
             keep=addresses_in_use(config), pools={(name, b.address) for name, p in config.pools.items() for b in p.backends}
         )
@@ -417,6 +433,24 @@ class App:
                 self.health_checkers[name].update(new.pools[name])
             elif self._control is not None:
                 self._control.start_soon(self._start_checker, new.pools[name])
+
+    def swap_pool(self, pool: PoolConfig) -> None:
+        """DNS discovery: ``pool`` (derived from the running one) replaces it, as a reload of that pool would.
+
+        The running generation takes it (sessions being set up pick from it at
+        once), its selector is rebuilt, its health checker updated, and the
+        backends that left it drain like reload removals.
+        """
+        generation = self.generation
+        old = generation.config
+        config = dataclasses.replace(old, pools={**old.pools, pool.name: pool})
+        generation.config = config
+        generation.selectors[pool.name] = make_selector(pool)
+        checker = self.health_checkers.get(pool.name)
+        if checker is not None:
+            checker.update(pool)
+        self.drainer.drain_removed(removed_backends(old, config))
+        self.registry.forget(keep=addresses_in_use(config))
 
     # -- draining (control.drain) -----------------------------------------------------
 

@@ -4,6 +4,9 @@
     wsproxy status  -c FILE [--json]        GET /status
     wsproxy drain   -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/drain
     wsproxy undrain -c FILE POOL BACKEND    POST /pools/POOL/backends/BACKEND/undrain
+    wsproxy sessions -c FILE [FILTERS] [--json]   GET /sessions (every page)
+    wsproxy kick -c FILE (--session ID | --identity NAME) [--code N] [--reason TEXT]
+                                            POST /sessions/ID/close or /identities/NAME/close
     wsproxy upgrade -c FILE                 POST /upgrade (workers > 1): exit 0 once the new generation serves
 
 Each reads only the ``admin`` section of FILE (``config.load.load_admin``:
@@ -28,7 +31,7 @@ import socket
 import ssl
 import sys
 from typing import Any, TextIO
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from . import __version__
 from .config.schema import Address, AdminConfig, hostport
@@ -122,7 +125,9 @@ class AdminTarget:
                 host = "127.0.0.1" if ip.version == 4 else "::1"
         return cls(hostport(host, admin.bind.port), None, host, admin.bind.port, admin.token)
 
-    def request(self, method: str, target: str, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, Any]:
+    def request(
+        self, method: str, target: str, timeout_s: float = REQUEST_TIMEOUT_S, body: object = None
+    ) -> tuple[int, Any]:
         """(status, the JSON body or the text) of one request; CommandFailed if the proxy cannot be reached."""
         if self.unix_path is not None:
             conn: http.client.HTTPConnection = _UnixConnection(self.unix_path, timeout_s)
@@ -132,8 +137,12 @@ class AdminTarget:
         headers = {"Host": self.where if self.unix_path is None else "localhost", "Connection": "close"}
         if self.token is not None:
             headers["Authorization"] = "Bearer " + self.token.decode("utf-8", "replace")
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, target, headers=headers)
+            conn.request(method, target, body=data, headers=headers)
             response = conn.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -228,7 +237,10 @@ def status(path: str, out: TextIO, as_json: bool) -> int:
         print(f"pool {name} ({pool['balance']}):", file=out)
         for b in pool["backends"]:
             state = "draining" if b["draining"] else ("ejected" if b["ejected"] else b["health"])
-            print(f"  {b['address']:<24} {state:<9} active={b['active']} total={b['total']}", file=out)
+            source = " (dns)" if b.get("source") == "dns" else ""
+            print(f"  {b['address']:<24} {state:<9} active={b['active']} total={b['total']}{source}", file=out)
+        for b in pool.get("removed", []):
+            print(f"  {b['address']:<24} {'draining':<9} active={b['active']} total={b['total']} (left the pool)", file=out)
     return 0
 
 
@@ -242,6 +254,98 @@ def drain(path: str, pool: str, backend: str, undo: bool, out: TextIO) -> int:
         raise _refused(target, code, body)
     now = "draining" if body["draining"] else "not draining"
     print(f"wsproxy: {pool} {backend}: {now}{'' if body['changed'] else ' (already)'}", file=out)
+    return 0
+
+
+#: ``wsproxy sessions`` filters, as ``GET /sessions`` names them.
+SESSION_FILTERS = ("route", "pool", "backend", "identity", "peer")
+#: Sessions asked for per request while following ``next``: the API's maximum.
+SESSIONS_PAGE = 1000
+
+
+def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> int:
+    """List the running proxy's sessions (every page), as a table or as JSON."""
+    target = AdminTarget.from_config(path)
+    records: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        query = {**filters, "limit": str(SESSIONS_PAGE), **({"cursor": cursor} if cursor else {})}
+        code, body = target.request("GET", "/sessions?" + urlencode(query))
+        if code != 200 or not isinstance(body, dict):
+            raise _refused(target, code, body)
+        records += body["sessions"]
+        cursor = body["next"]
+        if not cursor:
+            break
+    if as_json:
+        print(json.dumps({"sessions": records}, indent=2), file=out)
+        return 0
+    if not records:
+        print("no sessions" + (" match" if filters else ""), file=out)
+        return 0
+    head = ("ID", "PEER", "IDENTITY", "ROUTE", "POOL", "BACKEND", "AGE", "UP", "DOWN")
+    rows = [
+        (
+            r["id"], r["peer"], r["identity"] if r["identity"] is not None else "-", r["route"], r["pool"],
+            r["backend"], _age(r["age_s"]), f"{_bytes(r['up_bytes'])}/{r['up_msgs']}",
+            f"{_bytes(r['down_bytes'])}/{r['down_msgs']}",
+        )  # fmt: skip
+        for r in records
+    ]
+    widths = [max(len(str(row[i])) for row in (head, *rows)) for i in range(len(head))]
+    for row in (head, *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+    print(f"{len(records)} session(s); UP and DOWN are bytes/messages", file=out)
+    return 0
+
+
+def _age(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.0f}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f}{unit}"
+
+
+def kick(
+    path: str, out: TextIO, *, session: str | None, identity: str | None, code: int | None, reason: str | None
+) -> int:
+    """Close one session, or every session of an identity, through the admin API."""
+    target = AdminTarget.from_config(path)
+    body: dict[str, object] = {}
+    if code is not None:
+        body["code"] = code
+    if reason is not None:
+        body["reason"] = reason
+    if session is not None:
+        where = f"/sessions/{quote(session, safe='')}/close"
+    else:
+        assert identity is not None
+        where = f"/identities/{quote(identity, safe='')}/close"
+    status_code, answer = target.request("POST", where, body=body)
+    if status_code == 404 and session is not None:
+        raise CommandFailed(f"no session {session} in the running proxy (it may have ended)")
+    if status_code == 400 and isinstance(answer, dict):
+        raise CommandFailed(f"refused: {answer.get('error')}")
+    if status_code != 200 or not isinstance(answer, dict):
+        raise _refused(target, status_code, answer)
+    closed = answer["closed"]
+    if session is not None:
+        print(f"wsproxy: session {session}: " + ("closing" if closed else "already closing"), file=out)
+    else:
+        print(f"wsproxy: identity {identity}: closing {closed} session(s)", file=out)
     return 0
 
 

@@ -134,9 +134,18 @@ def key(
     target: bytes = b"/",
     client_ip: str = "203.0.113.9",
     claims: dict[str, object] | None = None,
+    identity: str | None = None,
 ) -> bytes | None:
     sticky = StickyConfig(source=source, name=name, cookie=COOKIE if source == "cookie" else None)
-    return sticky_key(sticky, headers=headers or [], target=target, client_ip=client_ip, claims=claims)
+    return sticky_key(sticky, headers=headers or [], target=target, client_ip=client_ip, claims=claims, identity=identity)
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"), [("alice", b"alice"), ("Zoë", "Zoë".encode()), ("", None), (None, None)]
+)
+def test_identity_key(identity: str | None, expected: bytes | None) -> None:
+    """The session's identity, whichever auth kind (or client certificate) gave it."""
+    assert key("identity", identity=identity, headers=[(b"x-user", b"mallory")], claims={"sub": "mallory"}) == expected
 
 
 @pytest.mark.parametrize(

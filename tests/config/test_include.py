@@ -203,6 +203,12 @@ def test_the_admin_bind_cannot_overlap_a_listener(tmp_path: Path) -> None:
         ("{path: /chat, pool: echo}", "{path: /chatroom, pool: echo}", False),
         ("{host: a.example.com, pool: echo}", "{host: '*.example.com', pool: echo}", False),
         ("{host: '*.example.com', pool: echo}", "{host: example.com, pool: echo}", False),
+        # subprotocol is a match key: an earlier route without it covers every offer...
+        ("{path: /graphql, pool: echo}", "{path: /graphql, subprotocol: graphql-ws, pool: echo}", True),
+        # ...one with the same subprotocol covers the later one, another subprotocol does not
+        ("{subprotocol: graphql-ws, pool: echo}", "{path: /graphql, subprotocol: graphql-ws, pool: echo}", True),
+        ("{subprotocol: graphql-transport-ws, pool: echo}", "{subprotocol: graphql-ws, pool: echo}", False),
+        ("{subprotocol: graphql-ws, pool: echo}", "{pool: echo}", False),
     ],
 )
 def test_a_route_shadowed_by_an_earlier_one(tmp_path: Path, earlier: str, later: str, shadowed: bool) -> None:

@@ -521,6 +521,14 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
             MINIMAL + "limits:\n  max_message_bytes: true\n",
             f"11:22: limits.max_message_bytes: {SIZE}, got true",
         ),
+        (
+            MINIMAL + "limits:\n  max_sessions_per_identity: -1\n",
+            "11:30: limits.max_sessions_per_identity: expected an integer in 0..10000000, got -1",
+        ),
+        (
+            MINIMAL + "limits:\n  on_identity_limit: kick\n",
+            '11:22: limits.on_identity_limit: unknown on_identity_limit "kick" (expected one of: refuse, close_oldest)',
+        ),
     ],
 )
 def test_error(text: str, expected: str) -> None:
@@ -554,7 +562,8 @@ def test_all_errors_are_reported_in_one_run_sorted_by_position() -> None:
         f't.yaml:12:9: timeouts.idle: {DURATION}, got "forever"',
         "t.yaml:14:21: limits.max_header_bytes: must be at least 1024 bytes, got 100",
         't.yaml:15:3: limits: unknown key "max_frame_bytes" '
-        "(expected one of: max_header_bytes, max_message_bytes, max_connections, max_connections_per_ip, handshake_rate_per_ip, max_message_rate)",
+        "(expected one of: max_header_bytes, max_message_bytes, max_connections, max_connections_per_ip, handshake_rate_per_ip, max_message_rate, "
+        "max_sessions_per_identity, on_identity_limit)",
     ]
 
 
@@ -785,3 +794,85 @@ def test_route_header_and_case_keys() -> None:
     first, second = config.routes
     assert (first.path_ignore_case, first.strip_headers, first.strip_headers_default) == (True, ("X-Debug", "X_Trace"), False)
     assert (second.path_ignore_case, second.strip_headers, second.strip_headers_default) == (False, (), True)
+
+
+def test_route_subprotocol_keys() -> None:
+    config = parse_config(
+        with_route(
+            "  - {pool: echo, path: /graphql, subprotocol: graphql-transport-ws,"
+            " subprotocols: [graphql-transport-ws], subprotocol_required: true}\n"
+            "  - {pool: echo, subprotocols: [chat.v2, chat.v1], client_cert_header: X-Forwarded-Client-Cert}\n"
+        ),
+        "t.yaml",
+    )
+    first, second = config.routes
+    assert (first.subprotocol, first.subprotocols, first.subprotocol_required) == (
+        "graphql-transport-ws", ("graphql-transport-ws",), True
+    )
+    assert (second.subprotocol, second.subprotocols, second.subprotocol_required) == (None, ("chat.v2", "chat.v1"), False)
+    assert (first.client_cert_header, second.client_cert_header) == (None, "X-Forwarded-Client-Cert")
+    assert RouteConfig(pool=ECHO).subprotocols is None  # absent: any offer passes
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ("{pool: echo, subprotocol: 'a b'}", "t.yaml:5:31: routes[0].subprotocol: a subprotocol name is a token"),
+        ("{pool: echo, subprotocols: [ok, 'x,y']}", "t.yaml:5:37: routes[0].subprotocols[1]: a subprotocol name is a token"),
+        ("{pool: echo, subprotocols: chat}", "t.yaml:5:32: routes[0].subprotocols: expected a list of subprotocol names"),
+        ("{pool: echo, subprotocol_required: yes please}", "t.yaml:5:40: routes[0].subprotocol_required: expected true or false"),
+        (
+            "{pool: echo, subprotocols: [chat.v2], subprotocol: chat.v1}",
+            't.yaml:5:56: routes[0].subprotocol: the route matches on subprotocol "chat.v1", which its subprotocols list does not allow',
+        ),
+        ("{pool: echo, client_cert_header: 'X Cert'}", 't.yaml:5:38: routes[0].client_cert_header: expected a header name, got "X Cert"'),
+        ("{pool: echo, client_cert_header: Sec-WebSocket-Key}", "t.yaml:5:38: routes[0].client_cert_header: Sec-WebSocket-Key is a header the proxy or the handshake owns"),
+    ],
+)
+def test_route_subprotocol_errors(route: str, message: str) -> None:
+    text = MINIMAL.replace("  - pool: echo\n", f"  - {route}\n")
+    assert str(error_in(text)).startswith(message)
+
+
+def test_gate_identity_keys_are_checked_at_their_position() -> None:
+    text = dedent("""\
+        listeners:
+          - name: public
+            bind: 127.0.0.1:8443
+            tls: {cert: missing.pem, key: missing.key, client_identity: san_ip}
+          - name: other
+            bind: 127.0.0.1:8444
+            tls: {cert: missing.pem, key: missing.key, client_identity: san_uri}
+        routes:
+          - pool: echo
+            auth: {forward: {url: "http://127.0.0.1:9100/auth", identity_from: "X User"}}
+        pools:
+          echo:
+            backends:
+              - address: 127.0.0.1:9001
+        """)
+    shown = [str(e) for e in errors_in(text)]
+    assert (
+        't.yaml:4:65: listeners[0].tls.client_identity: unknown client_identity "san_ip"'
+        " (expected one of: subject_cn, san_uri, san_dns, san_email)"
+    ) in shown, shown
+    assert (
+        "t.yaml:7:65: listeners[1].tls.client_identity: client_identity needs client_ca"
+        " (without client certificates there is no identity)"
+    ) in shown, shown
+    assert "t.yaml:10:72: routes[0].auth.forward.identity_from: identity_from: 'X User' is not a header name" in shown, shown
+
+
+def test_gate_identity_keys_load() -> None:
+    config = parse_config(
+        with_route('  - {pool: echo, auth: {forward: {url: "http://127.0.0.1:9100/auth", identity_from: X-User}}}\n'),
+        "t.yaml",
+    )
+    (route,) = config.routes
+    assert route.auth is not None and route.auth.forward is not None
+    assert route.auth.forward.identity_from == "X-User"
+def test_identity_caps_are_read() -> None:
+    config = parse_config(MINIMAL + "limits:\n  max_sessions_per_identity: 5\n  on_identity_limit: close_oldest\n", "t.yaml")
+    assert (config.limits.max_sessions_per_identity, config.limits.on_identity_limit) == (5, "close_oldest")
+    default = parse_config(MINIMAL, "t.yaml").limits
+    assert (default.max_sessions_per_identity, default.on_identity_limit) == (0, "refuse")

@@ -99,8 +99,9 @@ BACKENDS = "backends:\n  - address: 127.0.0.1:9001\n"
     ("pool", "expected"),
     [
         ("hash_balance_factor: 80\n", '8:26: pools.chat.hash_balance_factor: must be 0 (no bound) or more than 100 (a percentage of the mean load), got 80'),
-        ("sticky: {key: \"cookie\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got "cookie"'),
-        ("sticky: {key: \"ip:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got "ip:x"'),
+        ("sticky: {key: \"cookie\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "cookie"'),
+        ("sticky: {key: \"identity:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "identity:x"'),
+        ("sticky: {key: \"ip:x\"}\n", '8:19: pools.chat.sticky.key: expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got "ip:x"'),
         ("sticky: {key: \"cookie:s\"}\n", "8:19: pools.chat.sticky.key: a cookie key needs a cookie mapping with secret_file (the key that signs the cookie)"),
         ("sticky: {key: ip, cookie: {secret_file: cookie.key}}\n", '8:31: pools.chat.sticky.cookie: cookie settings only apply to a "cookie:NAME" key, not "ip"'),
         ("sticky: {key: \"cookie:a b\"}\n", "8:19: pools.chat.sticky.key: a cookie name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got \"a b\""),
@@ -133,3 +134,32 @@ def test_max_connections_must_be_an_integer() -> None:
     assert [str(e) for e in info.value.errors] == [
         "t.yaml:9:52: pools.chat.backends[0].max_connections: expected an integer in 0..10000000, got -1"
     ]
+
+
+def test_rebalance(tmp_path: Path) -> None:
+    from wsproxy.config.schema import RebalanceConfig
+
+    path = write(tmp_path, "rebalance: {max_skew: 1.5, rate: 2%/min, sticky: true}\n" + BACKENDS)
+    assert load_config(str(path)).pools["chat"].rebalance == RebalanceConfig(max_skew=1.5, rate_per_s=0.02 / 60, sticky=True)  # type: ignore[index]
+    path = write(tmp_path, "rebalance: {}\n" + BACKENDS)
+    assert load_config(str(path)).pools["chat"].rebalance == RebalanceConfig()  # type: ignore[index]
+    path = write(tmp_path, BACKENDS)
+    assert load_config(str(path)).pools["chat"].rebalance is None  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "pool, expected",
+    [
+        ("rebalance: {max_skew: 1}\n", '8:27: pools.chat.rebalance.max_skew: expected a number above 1 (and at most 100), like 1.25, got "1"'),
+        ("rebalance: {max_skew: lots}\n", '8:27: pools.chat.rebalance.max_skew: expected a number above 1 (and at most 100), like 1.25, got "lots"'),
+        ("rebalance: {rate: 1/min}\n", "8:23: pools.chat.rebalance.rate: expected a share of sessions per time like \"1%/min\", \"0.5%/s\" or \"10%/h\", got '1/min'"),
+        ("rebalance: {rate: 0%/s}\n", "8:23: pools.chat.rebalance.rate: the share must be more than 0 % and at most 100 %, got '0%/s'"),
+        ("rebalance: {skew: 2}\n", None),
+    ],
+)
+def test_rebalance_errors(tmp_path: Path, pool: str, expected: str | None) -> None:
+    found = errors(tmp_path, pool + BACKENDS)
+    if expected is None:
+        assert len(found) == 1 and "pools.chat.rebalance" in found[0] and "skew" in found[0]
+    else:
+        assert found == [expected]

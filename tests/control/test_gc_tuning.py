@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from tests.kit.process import run_wsproxy
 
 PROBE = (
     "import gc, logging, sys;"
@@ -27,33 +32,17 @@ def test_gc_is_tuned_unless_told_not_to(env: dict[str, str], expected: str) -> N
     assert "event=gc thresholds=" in out
 
 
-def test_wsproxy_run_tunes_it_after_start_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_wsproxy_run_tunes_it_after_start_up(tmp_path: Path) -> None:
     """A real ``wsproxy run`` logs the settings before it serves, then stops on SIGTERM."""
-    import os
-    import signal
-
     config = tmp_path / "wsproxy.yaml"
     config.write_text(
         "listeners: [{name: web, bind: '127.0.0.1:0'}]\n"
         "routes: [{pool: main}]\n"
         "pools: {main: {backends: [{address: '127.0.0.1:9'}]}}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsproxy", "run", "-c", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "WSPROXY_GC": ""},
-    )
-    try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "event=listening" in line:
-                break
+    async with run_wsproxy(config, env={**os.environ, "WSPROXY_GC": ""}, stop_timeout_s=20) as proxy:
+        log = await proxy.wait_log("event=listening")
+        lines = log.partition("event=listening")[0].splitlines()  # what came before it served
         assert any("event=gc thresholds=20000,20,20 frozen=" in line for line in lines), lines
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=20)
-        assert proc.returncode == 0, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.wait_exit(20) == 0, proxy.log()

@@ -25,14 +25,16 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
-from tests.support import closed_port, start_tcp_backend, start_ws_backend
+from tests.kit.servers import closed_port, start_tcp_backend, start_ws_backend
+from tests.kit.wait import SLACK_S, until
 from wsproxy.config.schema import Address, BackendConfig, HealthConfig, PoolConfig, PoolName
 from wsproxy.control.health import HealthChecker, check_backend
 from wsproxy.control.registry import Health, Registry
 
 INTERVAL_S = 0.1
-#: Scheduler and loopback slack on top of a computed time.
-SLACK_S = 0.05
+#: Scheduler and loopback slack on top of a count of intervals: the kit's one slack, but never more
+#: than half an interval, or a check that came one interval late would pass.
+TICK_SLACK_S = min(SLACK_S, INTERVAL_S / 2)
 
 
 def local(port: int) -> Address:
@@ -51,13 +53,6 @@ def pool(*ports: int, check: HealthConfig | None) -> PoolConfig:
         backends=tuple(BackendConfig(address=local(port)) for port in ports),
         health=check,
     )
-
-
-async def wait_until(predicate: Callable[[], bool], *, poll_s: float = 0.002) -> float:
-    """Poll until ``predicate()``; return the time it first held."""
-    while not predicate():
-        await trio.sleep(poll_s)
-    return trio.current_time()
 
 
 @pytest.fixture(autouse=True)
@@ -407,7 +402,7 @@ async def test_unknown_until_the_first_pass_then_up(nursery: trio.Nursery, caplo
         await nursery.start(checker.run)
         state = registry.health("chat", local(port))
         assert state.health is Health.UNKNOWN  # started() comes before the first result
-        await wait_until(lambda: state.health is not Health.UNKNOWN)
+        await until(lambda: state.health is not Health.UNKNOWN, poll_s=0.002, what="state.health is not Health.UNKNOWN")
     assert state.health is Health.UP and state.passes == 1  # the first pass, not `rise` of them
     assert state.rtt_s is not None and state.last_check == "ok"
     assert health_lines(caplog) == [
@@ -425,21 +420,21 @@ async def test_killed_backend_leaves_rotation_after_fall_and_returns_after_rise(
     state = registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health(rise=rise, fall=fall)), registry).run)
     with trio.fail_after(5):
-        await wait_until(lambda: state.health is Health.UP)
+        await until(lambda: state.health is Health.UP, poll_s=0.002, what="state.health is Health.UP")
         await trio.sleep(INTERVAL_S / 2)  # kill somewhere between two checks
 
         killed_at = trio.current_time()
         backend.kill()
-        down_after = await wait_until(lambda: state.health is Health.DOWN) - killed_at
+        down_after = await until(lambda: state.health is Health.DOWN, poll_s=0.002, what="state.health is Health.DOWN") - killed_at
 
         await trio.sleep(INTERVAL_S / 2)
         restarted_at = trio.current_time()
         assert await backend.start(nursery) == port
-        up_after = await wait_until(lambda: state.health is Health.UP) - restarted_at
+        up_after = await until(lambda: state.health is Health.UP, poll_s=0.002, what="state.health is Health.UP") - restarted_at
 
     print(f"\nleft rotation {down_after:.3f}s after the kill; back {up_after:.3f}s after the restart")
-    assert (fall - 1) * INTERVAL_S * 0.9 <= down_after <= (fall + 1) * INTERVAL_S * 1.1 + SLACK_S
-    assert (rise - 1) * INTERVAL_S * 0.9 <= up_after <= (rise + 1) * INTERVAL_S * 1.1 + SLACK_S
+    assert (fall - 1) * INTERVAL_S * 0.9 <= down_after <= (fall + 1) * INTERVAL_S * 1.1 + TICK_SLACK_S
+    assert (rise - 1) * INTERVAL_S * 0.9 <= up_after <= (rise + 1) * INTERVAL_S * 1.1 + TICK_SLACK_S
     backend_name = f"127.0.0.1:{port}"
     assert health_lines(caplog) == [
         f"event=health pool=chat backend={backend_name} state=up reason='1 consecutive passes' was=unknown",
@@ -455,14 +450,14 @@ async def test_websocket_checks_catch_a_backend_that_never_upgrades(nursery: tri
     state = registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health(timeout_s=0.2, fall=2)), registry).run)
     with trio.fail_after(5):
-        await wait_until(lambda: state.health is not Health.UNKNOWN)
+        await until(lambda: state.health is not Health.UNKNOWN, poll_s=0.002, what="state.health is not Health.UNKNOWN")
     assert state.health is Health.DOWN and state.last_check == "timed out after 0.2s"
 
     tcp_registry = Registry()  # the same backend passes a tcp check
     tcp_state = tcp_registry.health("chat", local(port))
     await nursery.start(HealthChecker(pool(port, check=health("tcp")), tcp_registry).run)
     with trio.fail_after(5):
-        await wait_until(lambda: tcp_state.health is not Health.UNKNOWN)
+        await until(lambda: tcp_state.health is not Health.UNKNOWN, poll_s=0.002, what="tcp_state.health is not Health.UNKNOWN")
     assert tcp_state.health is Health.UP
 
 
@@ -476,8 +471,8 @@ async def test_start_healthy(nursery: trio.Nursery, caplog: pytest.LogCaptureFix
         started_at = trio.current_time()
         assert registry.health("chat", local(good)).health is Health.UP
         assert registry.health("chat", local(dead)).health is Health.UP  # before any check
-        down_after = await wait_until(lambda: registry.health("chat", local(dead)).health is Health.DOWN) - started_at
-    assert down_after <= 2 * INTERVAL_S * 1.1 + SLACK_S  # fall=2: at once, then one interval
+        down_after = await until(lambda: registry.health("chat", local(dead)).health is Health.DOWN, poll_s=0.002, what="the dead backend DOWN") - started_at
+    assert down_after <= 2 * INTERVAL_S * 1.1 + TICK_SLACK_S  # fall=2: at once, then one interval
     assert registry.health("chat", local(good)).health is Health.UP and registry.health("chat", local(good)).last_check == "ok"
     lines = health_lines(caplog)
     assert f"event=health pool=chat backend=127.0.0.1:{dead} state=up reason='start_healthy' was=unknown" in lines
@@ -506,7 +501,7 @@ async def test_slow_backend_does_not_delay_the_others(nursery: trio.Nursery) -> 
     await nursery.start(HealthChecker(pool(slow_port, fast_port, check=health(timeout_s=0.5)), registry).run)
     with trio.fail_after(5):
         while len(slow_checks) < 2:
-            await wait_until(lambda: slow.last_check_at is not None and slow.last_check_at not in slow_checks)
+            await until(lambda: slow.last_check_at is not None and slow.last_check_at not in slow_checks, poll_s=0.002, what="slow.last_check_at is not None and slow.last_check_at not in slow_checks")
             assert slow.last_check_at is not None
             slow_checks.append(slow.last_check_at)
     times = fast.accepted
@@ -514,7 +509,7 @@ async def test_slow_backend_does_not_delay_the_others(nursery: trio.Nursery) -> 
     assert slow.last_check == "timed out after 0.5s"
     assert slow_checks[1] - slow_checks[0] >= 0.5 + INTERVAL_S * 0.9  # timeout + interval
     assert len(times) >= 8  # ~1.1 s of checks at 0.1 s
-    assert max(gaps) <= INTERVAL_S * 1.1 + SLACK_S, gaps
+    assert max(gaps) <= INTERVAL_S * 1.1 + TICK_SLACK_S, gaps
     assert registry.health("chat", local(fast_port)).health is Health.UP
 
 
@@ -526,10 +521,10 @@ async def test_update_adds_and_removes_backends(nursery: trio.Nursery, caplog: p
     checker = HealthChecker(pool(port_a, check=health()), registry)
     await nursery.start(checker.run)
     with trio.fail_after(5):
-        await wait_until(lambda: state_a.health is Health.UP)
+        await until(lambda: state_a.health is Health.UP, poll_s=0.002, what="state_a.health is Health.UP")
         checker.update(pool(port_b, check=health()))  # a removed, b added
         removed_at, checks_of_a = trio.current_time(), len(a.accepted)
-        await wait_until(lambda: state_b.health is Health.UP)
+        await until(lambda: state_b.health is Health.UP, poll_s=0.002, what="state_b.health is Health.UP")
         await trio.sleep(3 * INTERVAL_S)
         assert len(a.accepted) <= checks_of_a + 1  # at most the check that was in flight
         assert state_a.last_check_at is not None and state_a.last_check_at <= removed_at
@@ -537,7 +532,7 @@ async def test_update_adds_and_removes_backends(nursery: trio.Nursery, caplog: p
         checks_of_b = len(b.accepted)
         checker.update(pool(port_a, port_b, check=health(interval_s=0.05)))  # a back; b keeps its loop
         last_a = state_a.last_check_at
-        await wait_until(lambda: state_a.last_check_at != last_a)
+        await until(lambda: state_a.last_check_at != last_a, poll_s=0.002, what="state_a.last_check_at != last_a")
         await trio.sleep(4 * INTERVAL_S)
         assert len(b.accepted) >= checks_of_b + 5  # b's loop picked up the shorter interval
 
@@ -552,7 +547,7 @@ async def test_update_adds_and_removes_backends(nursery: trio.Nursery, caplog: p
 
         checker.update(pool(port_b, check=health()))  # checks on again
         last_b = state_b.last_check_at
-        await wait_until(lambda: state_b.last_check_at != last_b)
+        await until(lambda: state_b.last_check_at != last_b, poll_s=0.002, what="state_b.last_check_at != last_b")
     assert f"event=health pool=chat backend=127.0.0.1:{port_b} state=up reason='no active checks' was=down" in (
         health_lines(caplog)
     )
@@ -583,7 +578,7 @@ async def test_cancelling_run_stops_every_check(nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as inner:
             await inner.start(HealthChecker(pool(port, check=health()), registry).run)
             with trio.fail_after(5):
-                await wait_until(lambda: len(backend.accepted) >= 2)
+                await until(lambda: len(backend.accepted) >= 2, poll_s=0.002, what="len(backend.accepted) >= 2")
             scope.cancel()
     checks = len(backend.accepted)
     await trio.sleep(3 * INTERVAL_S)

@@ -77,6 +77,8 @@ FAMILIES = {
     "wsproxy_last_reload_success_timestamp_seconds": "gauge",
     "wsproxy_config_generation": "gauge",
     "wsproxy_certificate_expiry_timestamp_seconds": "gauge",
+    "wsproxy_discovery_failures": "counter",
+    "wsproxy_discovered_backends": "gauge",
 }
 #: label names of every sample of a family (histograms add "le" to their buckets)
 LABELS = {
@@ -90,6 +92,8 @@ LABELS = {
     "wsproxy_backend_bytes_total": {"pool", "backend", "direction"},
     "wsproxy_upstream_connect_seconds_count": {"pool", "backend"},
     "wsproxy_certificate_expiry_timestamp_seconds": {"listener", "sni"},
+    "wsproxy_discovery_failures_total": {"pool"},
+    "wsproxy_discovered_backends": {"pool"},
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

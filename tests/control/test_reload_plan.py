@@ -27,7 +27,7 @@ from wsproxy.control.reload import (
 )
 from wsproxy.control.sweeper import MAX_PERIOD_S, MIN_PERIOD_S, sweep_period_s
 
-from ..support import make_config
+from tests.kit.servers import make_config
 
 A, B, C = (Address("127.0.0.1", p) for p in (9001, 9002, 9003))
 

@@ -32,23 +32,24 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import h11
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import closed_port, make_config, start_proxy, start_ws_backend
+from tests.kit.admin import AdminClient, Reply, call
+from tests.kit.process import make_config as process_config, pool, run_proxy, run_wsproxy
+from tests.kit.servers import closed_port, make_config, start_proxy, start_ws_backend
+from tests.kit.wait import until
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig
 from wsproxy.control.admin import MAX_HEAD_BYTES, serve_admin
@@ -56,85 +57,6 @@ from wsproxy.log import TEXT_FORMAT, JsonFormatter, TextFormatter
 
 LOOPBACK = AdminConfig(bind=Address("127.0.0.1", 0))
 TOKEN = b"s3cret-admin-token"
-
-
-# -- a small h11 client ------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-
-    def json(self) -> dict[str, object]:
-        assert self.headers["content-type"] == "application/json", self.headers
-        document = json.loads(self.body)
-        assert isinstance(document, dict)
-        return document
-
-
-class AdminClient:
-    """HTTP/1.1 requests on one connection, kept alive between requests."""
-
-    def __init__(self, stream: trio.SocketStream, host: str) -> None:
-        self.stream = stream
-        self.host = host  # the Host header sent unless a request gives its own
-        self.conn = h11.Connection(h11.CLIENT)
-
-    @classmethod
-    async def connect(cls, address: str) -> AdminClient:
-        if address.startswith("unix:"):
-            return cls(await trio.open_unix_socket(address[5:]), "localhost")
-        host, _, port = address.rpartition(":")
-        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)), address)
-
-    async def request(
-        self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
-    ) -> Reply:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-        given = any(name.lower() == "host" for name, _ in headers)
-        head = [*([] if given else [("Host", self.host)]), *headers]
-        if body or method == "POST":
-            head.append(("Content-Length", str(len(body))))
-        data = self.conn.send(h11.Request(method=method, target=target, headers=head))
-        if body:
-            data += self.conn.send(h11.Data(data=body))
-        data += self.conn.send(h11.EndOfMessage())
-        await self.stream.send_all(data)
-        response: h11.Response | None = None
-        chunks: list[bytes] = []
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                raise AssertionError(f"unexpected {event!r}")
-        assert response is not None
-        names = {name.decode().lower(): value.decode() for name, value in response.headers}
-        return Reply(response.status_code, names, b"".join(chunks))
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-async def call(
-    address: str, method: str, target: str, *, token: bytes | None = None, headers: Sequence[tuple[str, str]] = ()
-) -> Reply:
-    """One request on a new connection."""
-    client = await AdminClient.connect(address)
-    try:
-        auth = [("Authorization", f"Bearer {token.decode()}")] if token else []
-        return await client.request(method, target, headers=[*auth, *headers])
-    finally:
-        await client.aclose()
 
 
 async def raw(address: str, data: bytes, *, read_timeout_s: float = 5.0) -> bytes:
@@ -196,13 +118,6 @@ def backend_status(status: dict[str, object], pool: str, address: str) -> dict[s
     entry = found[0]
     assert isinstance(entry, dict)
     return entry
-
-
-async def until(predicate: object, *, timeout_s: float = 5.0) -> None:
-    assert callable(predicate)
-    with trio.fail_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 # -- /metrics and /status ----------------------------------------------------------------------
@@ -722,9 +637,6 @@ def _write(path: Path, text: str) -> None:
 async def test_sighup_rotates_the_token_and_moves_the_listener_of_a_real_process(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    from tests.e2e.test_reload import make_config as process_config
-    from tests.e2e.test_reload import pool, run_proxy
-
     token_path = tmp_path / "admin.token"
     old, new = b"old-admin-token-0123456", b"new-admin-token-6543210"
     token_path.write_bytes(old + b"\n")
@@ -823,20 +735,12 @@ async def test_an_insecure_admin_starts_with_a_warning(tmp_path: Path) -> None:
         pytest.skip("no host name of this machine resolves to loopback only")
     port, admin_port = closed_port(), closed_port()
     path = _admin_yaml(tmp_path, f"{{bind: '{name}:{admin_port}', insecure_no_token: true}}", port=port)
-    log_path = tmp_path / "wsproxy.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "wsproxy", "run", "-c", str(path)], stdout=log_file, stderr=log_file)
-    try:
+    async with run_wsproxy(path, stop_timeout_s=10) as proxy:
         with trio.fail_after(15):
-            while "event=admin_listening" not in log_path.read_text():
-                assert proc.poll() is None, log_path.read_text()
-                await trio.sleep(0.02)
-            log = log_path.read_text()
+            await proxy.wait_log("event=admin_listening")
+            log = proxy.log()
             assert re.search(r"WARNING wsproxy\.control\.admin event=admin_insecure address=\S+ reason='insecure_no_token", log), log
             address = f"127.0.0.1:{admin_port}"
             assert (await call(address, "GET", "/status")).status == 200
             reply = await call(address, "GET", "/status", headers=[("Host", f"{name}:{admin_port}")])
             assert reply.status == 200  # the name bind gave is this listener's
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await trio.to_thread.run_sync(proc.wait, 10)

@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.trio.client import connect as ws_connect
 
-from tests.authservice import AuthService, start_auth_service
-from tests.wsframes import frame, read_frame
+from tests.kit.authservice import AuthService, start_auth_service
+from tests.kit.ws import accept_for, frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config
@@ -54,7 +54,6 @@ from wsproxy.errors import ConfigErrors
 
 #: Bound on every test.
 TEST_TIMEOUT_S = 10.0
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 INVALID_TOKEN = b'Bearer error="invalid_token"'
 ISSUER = "https://issuer.e2e.test"
 AUDIENCE = "wsproxy-e2e"
@@ -92,10 +91,6 @@ def write(tmp_path: Path, name: str, data: bytes | str) -> str:
     path = tmp_path / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return str(path)
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
 def header_values(head: bytes, name: bytes) -> list[bytes]:
@@ -813,6 +808,104 @@ async def test_forward_bad_origin_is_refused_before_the_auth_service_is_asked(
         assert reply.status == 403
         await assert_nothing_reached(upstream)
         assert service.requests == []
+
+
+def identity_verdict(request: h11.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """alice-* and bob-* cookies are alice and bob; "nameless" is allowed without X-User."""
+    cookies = b"; ".join(v for n, v in request.headers if n == b"cookie")
+    match = re.search(rb"(?:^|;\s*)sid=([^;]*)", cookies)
+    sid = match.group(1) if match else b""
+    if sid == b"nameless":
+        return 200, [(b"X-Scope", b"chat")], b""
+    if sid == b"twice":
+        return 200, [(b"X-User", b"alice"), (b"X-User", b"bob")], b""
+    user = sid.partition(b"-")[0]
+    if user in (b"alice", b"bob"):
+        return 200, [(b"X-User", user)], b""
+    return 401, [(b"WWW-Authenticate", b"Bearer")], b""
+
+
+async def identity_proxy(
+    nursery: trio.Nursery, tmp_path: Path, backends: int = 1
+) -> tuple[int, list[Upstream], AuthService]:
+    service = await start_auth_service(nursery, identity_verdict)
+    started = [await start_recording_backend(nursery) for _ in range(backends)]
+    forward = {
+        "url": f"http://127.0.0.1:{service.port}/check",
+        "send_headers": ["Cookie"],
+        "identity_from": "X-User",
+        "timeout": "2s",
+    }
+    document: dict[str, Any] = {
+        "listeners": [{"name": "edge", "bind": "127.0.0.1:0"}],
+        "routes": [
+            {"path": "/cached", "pool": "main", "auth": {"sources": ["cookie:sid"], "identity_header": "X-Identity", "forward": {**forward, "cache": "30s"}}},
+            {"path": "/", "pool": "main", "auth": {"sources": ["cookie:sid"], "forward": {**forward, "cache": "0s"}}},
+        ],
+        "pools": {
+            "main": {
+                "sticky": {"key": "identity"},
+                "backends": [{"address": f"127.0.0.1:{port}"} for port, _ in started],
+            }
+        },
+    }
+    path = tmp_path / "wsproxy.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    _, port = await run_proxy(nursery, load_config(str(path)))
+    return port, [upstream for _, upstream in started], service
+
+
+async def test_forward_identity_goes_upstream_and_into_the_log(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port, (upstream,), service = await identity_proxy(nursery, tmp_path)
+        reply = await ask(port, upgrade("/cached", "Cookie: sid=alice-1", "X-Identity: mallory", "X-Auth-Subject: mallory"))
+        assert reply.status == 101, messages(caplog)
+        # A cached allow keeps its identity: no second subrequest, the same identity.
+        reply = await ask(port, upgrade("/cached", "Cookie: sid=alice-1"))
+        assert reply.status == 101
+        assert len(service.asked_for("/cached")) == 1
+        reply = await ask(port, upgrade("/", "Cookie: sid=bob-1", "X-Auth-Subject: mallory"))
+        assert reply.status == 101
+    assert [upstream.request(i).values("X-Identity") for i in range(2)] == [[b"alice"], [b"alice"]]
+    assert upstream.request(2).values("X-Auth-Subject") == [b"bob"]  # the default identity_header
+    assert b"mallory" not in upstream.received
+    identities = [m.rsplit("identity=", 1)[1] for m in opened(caplog)]
+    assert identities == ["'alice'", "'alice'", "'bob'"]
+
+
+@pytest.mark.parametrize(
+    ("cookie", "reason"),
+    [
+        ("sid=nameless", "allowed without exactly one X-User header (got 0)"),
+        ("sid=twice", "allowed without exactly one X-User header (got 2)"),
+    ],
+)
+async def test_forward_allow_without_one_identity_is_503(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, cookie: str, reason: str
+) -> None:
+    """identity_from is a contract: a backend must never get an anonymous session where
+    it expects a named one. Not cached either (only allows with an identity are)."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port, (upstream,), service = await identity_proxy(nursery, tmp_path)
+        for _ in range(2):
+            reply = await ask(port, upgrade("/cached", f"Cookie: {cookie}"))
+            assert_refused_quietly(reply, 503, caplog, reason)
+        await assert_nothing_reached(upstream)
+        assert len(service.asked_for("/cached")) == 2
+    assert any("kind=auth_unavailable" in line for line in refused(caplog, 503))
+
+
+async def test_sticky_by_forward_identity(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """sticky.key: identity pins a user, not a credential: alice on three devices (three
+    cookies) lands on one backend, where round robin alone would spread them."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port, upstreams, _ = await identity_proxy(nursery, tmp_path, backends=3)
+        for device in ("phone", "laptop", "tablet", "watch"):
+            assert (await ask(port, upgrade("/", f"Cookie: sid=alice-{device}"))).status == 101
+        counts = sorted(len(u.heads) for u in upstreams)
+        assert counts == [0, 0, 4], counts
 
 
 # --- 4. Origin ---------------------------------------------------------------------------------

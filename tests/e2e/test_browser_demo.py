@@ -39,7 +39,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.support import closed_port, raw_request, status_of
+from tests.kit.servers import closed_port, raw_request, status_of
 from wsproxy.demo.chat import Site, serve_page
 
 try:

@@ -14,33 +14,25 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from textwrap import dedent
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from tests.kit.process import WSPROXY, WsproxyProcess, run_wsproxy, write_config
+from tests.kit.servers import closed_port, start_ws_backend
+from tests.kit.ws import UPGRADE_REQUEST
 import wsproxy
 from wsproxy._mypyc import describe
-from tests.support import UPGRADE_REQUEST, closed_port, start_ws_backend
-
-WSPROXY = [sys.executable, "-m", "wsproxy"]
 
 #: How long the proxy may take to stop after a signal when nothing holds it up.
 EXIT_S = 4.0
 
 #: Shutdown deadline (shutdown.timeout in run_config); sessions' closes are not spread.
 SHUTDOWN_DEADLINE_S = 6.0
-
-
-def write_config(tmp_path: Path, text: str, name: str = "wsproxy.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(dedent(text))
-    return path
 
 
 def run_config(listen_port: int, backend_port: int) -> str:
@@ -146,60 +138,12 @@ async def test_run_refuses_a_broken_config_without_listening(tmp_path: Path) -> 
 # --- run and signals -------------------------------------------------------------
 
 
-class ProxyProcess:
-    """A ``wsproxy run`` subprocess and its log (stdout and stderr, in one file)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, port: int) -> None:
-        self.proc = proc
-        self.log_path = log_path
-        self.port = port
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_listening(self, timeout_s: float = 15.0) -> None:
-        with trio.fail_after(timeout_s):
-            while True:
-                assert self.proc.poll() is None, f"wsproxy exited with {self.proc.returncode}:\n{self.log()}"
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                except OSError:
-                    await trio.sleep(0.05)
-                    continue
-                await stream.aclose()
-                return
-
-    async def wait_exit(self, timeout_s: float) -> int:
-        """The exit status, once the process has ended within ``timeout_s``."""
-        try:
-            with trio.fail_after(timeout_s):
-                while self.proc.poll() is None:
-                    await trio.sleep(0.02)
-        except trio.TooSlowError:
-            raise AssertionError(f"wsproxy still running after {timeout_s}s:\n{self.log()}") from None
-        return self.proc.returncode
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-
 @asynccontextmanager
-async def wsproxy_run(tmp_path: Path, backend_port: int) -> AsyncIterator[ProxyProcess]:
+async def wsproxy_run(tmp_path: Path, backend_port: int) -> AsyncIterator[WsproxyProcess]:
+    """``wsproxy run`` on ``run_config`` with a free port, by the kit's harness; yielded once it listens."""
     port = closed_port()
-    config = write_config(tmp_path, run_config(port, backend_port))
-    log_path = tmp_path / "wsproxy.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [*WSPROXY, "run", "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
-        )
-    proxy = ProxyProcess(proc, log_path, port)
-    try:
-        await proxy.wait_listening()
+    async with run_wsproxy(write_config(tmp_path, run_config(port, backend_port)), port=port) as proxy:
         yield proxy
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

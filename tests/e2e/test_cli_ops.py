@@ -18,7 +18,6 @@ as one line, bare ``wsproxy``, ``--version``, ``run --help``.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +29,10 @@ import pytest
 import trio
 
 import wsproxy
-from tests.e2e.test_admin import call
-from tests.support import closed_port, start_ws_backend
+from tests.kit.admin import call
+from tests.kit.process import WSPROXY, WsproxyProcess, run_wsproxy
+from tests.kit.servers import closed_port, start_ws_backend
 
-WSPROXY = [sys.executable, "-m", "wsproxy"]
 TOKEN = "cli-admin-token-0123456789"
 
 
@@ -54,12 +53,14 @@ def config_text(port: int, backends: list[int], admin: str, extra: str = "") -> 
     )
 
 
-class Running:
-    def __init__(self, proc: subprocess.Popen[bytes], path: Path, log_path: Path, admin: str) -> None:
-        self.proc, self.path, self.log_path, self.admin = proc, path, log_path, admin
+class Running(WsproxyProcess):
+    """The kit's ``wsproxy run`` with the admin address the commands use."""
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    admin = ""
+
+    @property
+    def path(self) -> Path:
+        return self.config_path
 
     async def cmd(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         command, *rest = args
@@ -70,24 +71,10 @@ class Running:
 async def running(tmp_path: Path, text: str, admin: str) -> AsyncIterator[Running]:
     path = tmp_path / "wsproxy.yaml"
     path.write_text(text)
-    log_path = tmp_path / "wsproxy.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([*WSPROXY, "run", "-c", str(path)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-    proxy = Running(proc, path, log_path, admin)
-    try:
-        with trio.fail_after(15):
-            while "event=admin_listening" not in proxy.log():
-                assert proc.poll() is None, proxy.log()
-                await trio.sleep(0.02)
+    async with run_wsproxy(path, kind=Running) as proxy:
+        proxy.admin = admin
+        await proxy.wait_log("event=admin_listening")
         yield proxy
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await trio.to_thread.run_sync(proc.wait, 5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await trio.to_thread.run_sync(proc.wait)
 
 
 def out(done: subprocess.CompletedProcess[bytes]) -> str:

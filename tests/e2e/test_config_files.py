@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ import trio
 import yaml
 from trio_websocket import open_websocket_url
 
-from tests.e2e.test_reload import WSPROXY, make_config, run_proxy, start_backend
-from tests.support import closed_port
+from tests.kit.process import WSPROXY, make_config, run_proxy
+from tests.kit.servers import closed_port, start_backend
 
 
 #: What each kind of bad file is called in the error.
@@ -143,13 +142,6 @@ async def echo_through(port: int) -> str:
             return str(await ws.get_message())
 
 
-async def wait_exit(proc: subprocess.Popen[bytes], within_s: float) -> int:
-    with trio.fail_after(within_s):
-        while proc.poll() is None:
-            await trio.sleep(0.01)
-    return proc.returncode
-
-
 async def test_reload_with_a_bad_token_file_keeps_serving_and_sigterm_still_works(nursery: trio.Nursery, tmp_path: Path) -> None:
     """/dev/zero, a FIFO nobody writes, a directory: each reload fails at once; the old config serves."""
     backend = await start_backend(nursery, "b1")
@@ -173,7 +165,7 @@ async def test_reload_with_a_bad_token_file_keeps_serving_and_sigterm_still_work
             assert await echo_through(port) == "b1:ping"
         proxy.assert_clean()
         proxy.proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proxy.proc, 10) == 0
+        assert await proxy.wait_exit(10) == 0
 
 
 def slow_config(config: dict[str, Any], items: int) -> str:
@@ -200,7 +192,7 @@ async def test_a_reload_past_its_deadline_is_abandoned_and_the_old_config_serves
         output = await proxy.reload()
         assert "still stuck" in output or "event=reloaded" in output, output
         proxy.proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proxy.proc, 5) == 0
+        assert await proxy.wait_exit(5) == 0
 
 
 async def test_sigterm_during_a_slow_reload_shuts_down_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -220,7 +212,7 @@ async def test_sigterm_during_a_slow_reload_shuts_down_at_once(nursery: trio.Nur
         assert await echo_through(port) == "b1:ping"  # and the proxy serves meanwhile
         start = trio.current_time()
         proxy.proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proxy.proc, 3) == 0
+        assert await proxy.wait_exit(3) == 0
         elapsed = trio.current_time() - start
         assert "event=reloaded" not in proxy.log() and "kept_old_config" not in proxy.log(), proxy.log()
         assert elapsed < 3

@@ -1,16 +1,13 @@
 """Strict WebSocket conformance through the proxy, end to end (issue: UTF-8, close frames, backend faults).
 
 Both sides are the ``websockets`` library (its sync client in a worker thread, its sync server in a
-thread) wherever it can produce the input; a raw peer (tests/wsframes.py) plays the shapes it refuses to
+thread) wherever it can produce the input; a raw peer (``tests.kit.ws``) plays the shapes it refuses to
 send (invalid close codes, a long frame whose bad byte arrives late). Each test also checks that a second,
 healthy session through the same proxy is untouched.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
 from typing import Any
 
 import pytest
@@ -18,13 +15,13 @@ import trio
 import websockets.exceptions
 import websockets.sync.client
 
-from tests.support import make_config, start_proxy, start_tcp_backend, websockets_backend
-from tests.wsframes import frame, read_frame
+from tests.kit.servers import make_config, start_proxy, start_tcp_backend, websockets_backend
+from tests.kit.wait import until
+from tests.kit.ws import OP_CLOSE, OP_TEXT, frame, random_key, raw_accept, read_frame, read_head_rest, upgrade_request
 from wsproxy.config.schema import PoolName, RouteConfig
 
 pytestmark = pytest.mark.usefixtures("relay_driver")  # every test with the engine and with trio pumps
 
-OP_TEXT, OP_CLOSE = 0x1, 0x8
 BAD_TEXT = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"  # Autobahn 6.3.1
 
 
@@ -79,19 +76,13 @@ async def in_thread(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
 
 
-async def wait_for(predicate: Any, what: str) -> None:
-    with trio.fail_after(5):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 async def test_client_sending_invalid_utf8_gets_1007_and_the_backend_1001(nursery: trio.Nursery) -> None:
     rec = Backend()
     with trio.fail_after(15), websockets_backend(rec.handler) as backend:
         app, port = await start_proxy(nursery, make_config([backend]))
         code, reason = await in_thread(client_session, port, lambda ws: ws.send(BAD_TEXT, text=True))
         assert (code, reason) == (1007, "invalid UTF-8 in a text message")
-        await wait_for(lambda: rec.closes == [1001], "backend close")
+        await until(lambda: rec.closes == [1001], what="backend close")
         assert rec.received == []  # the offending message never reached the backend
         assert await in_thread(healthy_round_trip, port) == "still fine \u00e9"
 
@@ -106,7 +97,7 @@ async def test_backend_sending_invalid_utf8_gets_1007_and_the_client_the_failure
         app, port = await start_proxy(nursery, make_config([backend], routes=route))
         code, reason = await in_thread(client_session, port, lambda ws: ws.send("send bad text"))
         assert (code, reason) == (failure_code or 1014, "backend protocol error: invalid UTF-8 in a text message")
-        await wait_for(lambda: rec.closes == [1007], "backend close")
+        await until(lambda: rec.closes == [1007], what="backend close")
         assert await in_thread(healthy_round_trip, port) == "still fine \u00e9"
 
 
@@ -133,22 +124,13 @@ async def test_validation_off_forwards_invalid_text(nursery: trio.Nursery) -> No
         app, port = await start_proxy(nursery, make_config([backend], routes=routes(validate_utf8=False)))
         code, _ = await in_thread(client_session, port, lambda ws: ws.send(BAD_TEXT, text=True))
         assert code == 1007  # relayed from the backend, which closed with 1007 itself
-        await wait_for(lambda: bool(rec.closes), "backend end")
+        await until(lambda: bool(rec.closes), what="backend end")
 
 
 async def raw_session(port: int) -> tuple[trio.SocketStream, bytearray]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16))
-    await stream.send_all(
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    buf = bytearray()
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(4096)
-        assert chunk, bytes(buf)
-        buf += chunk
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    await stream.send_all(upgrade_request(b"/", key=random_key()))
+    head, rest = await read_head_rest(stream)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return stream, bytearray(rest)
 
@@ -165,7 +147,7 @@ async def test_client_close_with_a_code_not_allowed_on_the_wire_gets_1002(nurser
         assert close is not None and close.opcode == OP_CLOSE
         assert close.code == 1002
         assert close.payload[2:] == f"close code {code} is not allowed on the wire".encode()
-        await wait_for(lambda: rec.closes == [1001], "backend close")
+        await until(lambda: rec.closes == [1001], what="backend close")
         await stream.aclose()
         assert await in_thread(healthy_round_trip, port) == "still fine \u00e9"
 
@@ -175,25 +157,8 @@ async def test_invalid_byte_late_in_a_long_frame_fails_both_connections(nursery:
     backend_saw: list[bytes] = []
 
     async def backend_handler(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some(4096)
-        key = [line.split(b":", 1)[1].strip() for line in data.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:")][0]
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        await stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
-        rest = data.partition(b"\r\n\r\n")[2]
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            rest += chunk
-        backend_saw.append(rest)
+        _, reader = await raw_accept(stream)  # then everything the proxy sends, raw, until TCP's end
+        backend_saw.append(await reader.read_eof())
 
     with trio.fail_after(15):
         backend = await start_tcp_backend(nursery, backend_handler)
@@ -205,7 +170,7 @@ async def test_invalid_byte_late_in_a_long_frame_fails_both_connections(nursery:
         await stream.send_all(whole[20_000:])
         close = await read_frame(stream, buf)
         assert close is not None and close.opcode == OP_CLOSE and close.code == 1007
-        await wait_for(lambda: bool(backend_saw), "backend EOF")
+        await until(lambda: bool(backend_saw), what="backend EOF")
         # The backend got the frame's valid start and then the end of TCP: no close frame, no bad byte.
         assert 0 < len(backend_saw[0]) < len(whole) and b"\x88" not in backend_saw[0][:2]
         await stream.aclose()

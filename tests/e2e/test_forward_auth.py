@@ -19,8 +19,9 @@ import h11
 import pytest
 import trio
 
-from tests.authservice import allow, auth_service
-from tests.support import closed_port
+from tests.kit.authservice import allow, auth_service
+from tests.kit.servers import closed_port
+from tests.kit.wait import SLACK_S
 from wsproxy.config.schema import ForwardAuthConfig
 from wsproxy.edge.forward_auth import (
     MAX_DENIAL_BODY_BYTES,
@@ -35,9 +36,6 @@ from wsproxy.proto.handshake import Rejection, Upgrade, check_upgrade, http_resp
 
 #: Bound on every test.
 TEST_TIMEOUT_S = 10.0
-#: Slack on top of a configured timeout before a test calls the check late.
-SLACK_S = 1.0
-
 # --- building upgrades the real way -------------------------------------------------
 
 
@@ -100,6 +98,33 @@ async def test_allow_copies_only_the_copy_headers() -> None:
         async with auth_service(reply) as service:
             verdict = await check(forward_auth(service.url()))
     assert verdict == Allowed([(b"X-User", b"alice"), (b"X-User", b"alice2")])
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ([(b"X-User", b"alice")], "alice"),
+        ([(b"x-user", "Zoë Ä".encode())], "Zoë Ä"),  # UTF-8, inner spaces kept
+        ([], "exactly one X-User header (got 0)"),
+        ([(b"X-User", b"a"), (b"X-User", b"b")], "exactly one X-User header (got 2)"),
+        ([(b"X-User", b"")], "an empty or padded X-User header"),
+        ([(b"X-User", b"\xff\xfe")], "X-User header that is not UTF-8"),
+    ],
+)
+async def test_identity_from_a_header_of_the_allow(answer: list[tuple[bytes, bytes]], expected: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with auth_service(allow(*answer)) as service:
+            verdict = await check(forward_auth(service.url(), identity_from="X-User", copy_headers=()))
+    if isinstance(verdict, Rejection):
+        assert verdict.status == 503 and verdict.reason.endswith(expected), verdict
+        assert "\xff" not in verdict.reason and "alice" not in verdict.reason
+    else:
+        assert verdict == Allowed([], expected)
+
+
+def test_identity_from_must_be_a_header_name() -> None:
+    with pytest.raises(ValueError, match="identity_from: 'X User' is not a header name"):
+        forward_auth("http://127.0.0.1:1/", identity_from="X User")
 
 
 @pytest.mark.parametrize("status", [200, 204])
@@ -192,6 +217,8 @@ async def test_refused_port_gives_503() -> None:
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "invalid HTTP"),
     ],
 )
+
+
 async def test_broken_answers_give_503(raw: bytes, reason: str) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with auth_service(lambda request: raw) as service:
@@ -362,6 +389,8 @@ def test_allow_cache_expiry_and_lru() -> None:
         ("http://auth_svc.local./a/b", ("auth_svc.local", 80, b"/a/b")),
     ],
 )
+
+
 def test_parse_url(url: str, parsed: tuple[str, int, bytes]) -> None:
     assert parse_url(url) == parsed
 
@@ -390,6 +419,8 @@ def test_parse_url(url: str, parsed: tuple[str, int, bytes]) -> None:
         ("http://auth.internal/auth#frag", "fragment"),
     ],
 )
+
+
 def test_parse_url_errors(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_url(url)
@@ -407,6 +438,8 @@ def test_parse_url_errors(url: str, message: str) -> None:
         ({"copy_headers": ("Sec-WebSocket-Key",)}, "copy_headers: Sec-WebSocket-Key belongs to the WebSocket handshake"),
     ],
 )
+
+
 def test_reserved_header_names_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         forward_auth("http://127.0.0.1:9100/auth", **changes)

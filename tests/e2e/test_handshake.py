@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
-import hashlib
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 import pytest
@@ -26,131 +23,25 @@ import trio
 from trio_websocket import open_websocket_url
 from websockets.trio.client import connect as ws_connect
 
-from tests.support import (
-    UPGRADE_REQUEST,
+from tests.kit.backends import Answer, Recorder, answer_101, fixed, start_recording_backend
+from tests.kit.servers import (
     closed_port,
     make_config,
     raw_request,
     start_proxy,
-    start_tcp_backend,
     start_ws_backend,
     status_of,
     with_timeouts,
 )
+from tests.kit.wait import SLACK_S
+from tests.kit.ws import UPGRADE_REQUEST, accept_for, read_head, read_until_eof
 from wsproxy.config.schema import LimitsConfig, PoolName, RouteConfig
-
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-#: Slack on top of a configured timeout before a test calls the proxy late.
-SLACK_S = 1.0
 
 
 @pytest.fixture(autouse=True)
 def _proxy_log(caplog: pytest.LogCaptureFixture) -> None:
     """Keep the proxy's INFO lines: some tests assert on them, every failure shows them."""
     caplog.set_level(logging.INFO, logger="wsproxy")
-
-
-# --- recording backends ------------------------------------------------------
-
-
-@dataclass
-class Recorder:
-    """Everything a raw backend received, over all its connections."""
-
-    connections: int = 0
-    closed_by_peer: int = 0  # connections that ended with EOF from the proxy
-    chunks: list[bytes] = field(default_factory=list)
-
-    @property
-    def received(self) -> bytes:
-        return b"".join(self.chunks)
-
-
-Answer = Callable[[bytes], bytes]
-
-
-async def start_recording_backend(
-    nursery: trio.Nursery, answer: Answer | None = None, *, hang_up: bool = False
-) -> tuple[int, Recorder]:
-    """A raw backend that records every byte; once a request head is complete it
-    sends ``answer(head)`` (or stays silent when ``answer`` is None, or closes
-    when ``hang_up``), and then keeps reading and recording until EOF."""
-    recorder = Recorder()
-
-    async def handler(stream: trio.SocketStream) -> None:
-        recorder.connections += 1
-        buf = b""
-        answered = False
-        try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    recorder.closed_by_peer += 1
-                    return
-                recorder.chunks.append(data)
-                buf += data
-                end = buf.find(b"\r\n\r\n")
-                if not answered and end >= 0:
-                    answered = True
-                    if hang_up:
-                        return
-                    if answer is not None:
-                        await stream.send_all(answer(buf[: end + 4]))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            recorder.closed_by_peer += 1
-
-    port = await _start_tcp_backend(nursery, handler)
-    return port, recorder
-
-
-async def _start_tcp_backend(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]) -> int:
-    """``tests.support.start_tcp_backend``, which passes ``host=`` through ``nursery.start``.
-
-    ``Nursery.start`` takes no keyword arguments for the task, so the helper raises
-    TypeError; fall back to binding the handler with ``functools.partial``.
-    """
-    try:
-        return await start_tcp_backend(nursery, handler)
-    except TypeError:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        return int(listeners[0].socket.getsockname()[1])
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-
-
-def key_of(head: bytes) -> bytes | None:
-    match = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)[ \t]*\r$", head)
-    return match.group(1) if match else None
-
-
-NO_KEY_400 = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 7\r\n\r\nno key\n"
-
-
-def answer_101(*extra_headers: bytes) -> Answer:
-    """A backend's 101, with the right Sec-WebSocket-Accept for the request it got
-    (a 400 when the request has no Sec-WebSocket-Key, as a real backend would)."""
-
-    def answer(head: bytes) -> bytes:
-        key = key_of(head)
-        if key is None:
-            return NO_KEY_400
-        return (
-            b"HTTP/1.1 101 Switching Protocols\r\n"
-            b"Upgrade: websocket\r\n"
-            b"Connection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n"
-            + b"".join(h + b"\r\n" for h in extra_headers)
-            + b"\r\n"
-        )
-
-    return answer
-
-
-def fixed(response: bytes) -> Answer:
-    return lambda head: response
 
 
 # --- clients -----------------------------------------------------------------
@@ -197,28 +88,6 @@ def parse_response(raw: bytes) -> Response:
 
 def connection_tokens(response: Response) -> list[bytes]:
     return [t.strip().lower() for v in response.headers.get(b"connection", []) for t in v.split(b",")]
-
-
-async def read_head(stream: trio.SocketStream) -> bytes:
-    """Read up to the end of a response head; fail if the peer closes first."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, f"connection closed after {buf!r}"
-        buf += data
-    return buf
-
-
-async def read_until_eof(stream: trio.SocketStream) -> bytes:
-    buf = b""
-    while True:
-        try:
-            data = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            return buf
-        if not data:
-            return buf
-        buf += data
 
 
 async def read_response(stream: trio.SocketStream) -> bytes:

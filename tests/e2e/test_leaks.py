@@ -14,8 +14,9 @@ import os
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.e2e.test_relay import Recorder, client_frame, frame, raw_client
-from tests.support import make_config, start_proxy, start_ws_backend
+from tests.kit.servers import Recorder, make_config, start_proxy, start_ws_backend
+from tests.kit.wait import until
+from tests.kit.ws import client_frame, frame, raw_client
 
 CONCURRENT = 50
 ROUNDS = 20
@@ -36,14 +37,6 @@ def task_count() -> int:
     return walk(root)
 
 
-async def settle(predicate, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.01)
-        return True
-    return False
-
-
 async def test_thousand_sessions_leave_nothing_behind(nursery: trio.Nursery) -> None:
     with trio.fail_after(40):
         backends = [await start_ws_backend(nursery), await start_ws_backend(nursery)]
@@ -54,7 +47,7 @@ async def test_thousand_sessions_leave_nothing_behind(nursery: trio.Nursery) -> 
         async with open_websocket_url(url) as ws:
             await ws.send_message("warm")
             assert await ws.get_message() == "warm"
-        assert await settle(lambda: not app.sessions)
+        await until(lambda: not app.sessions, what="not app.sessions")
         await trio.sleep(0.05)
         fds_before = open_fds()
         tasks_before = task_count()
@@ -78,15 +71,13 @@ async def test_thousand_sessions_leave_nothing_behind(nursery: trio.Nursery) -> 
         assert echoed == CONCURRENT * ROUNDS
         assert peak_sessions > CONCURRENT // 2  # they really overlapped
 
-        assert await settle(lambda: not app.sessions), f"sessions left: {list(app.sessions)}"
+        await until(lambda: not app.sessions, what="not app.sessions", show=lambda: f"sessions left: {list(app.sessions)}")
         states = list(app.registry)
         assert {s.address.port for s in states} == set(backends)
         assert [s.active for s in states] == [0, 0]
-        assert await settle(lambda: task_count() <= tasks_before), (
-            f"tasks: {task_count()} now, {tasks_before} before"
-        )
+        await until(lambda: task_count() <= tasks_before, what="task_count() <= tasks_before", show=lambda: f"tasks: {task_count()} now, {tasks_before} before")
         assert task_count() == tasks_before
-        assert await settle(lambda: open_fds() <= fds_before + 5), f"fds: {open_fds()} now, {fds_before} before"
+        await until(lambda: open_fds() <= fds_before + 5, what="open_fds() <= fds_before + 5", show=lambda: f"fds: {open_fds()} now, {fds_before} before")
 
 
 async def test_registry_counts_established_sessions(nursery: trio.Nursery) -> None:
@@ -98,7 +89,7 @@ async def test_registry_counts_established_sessions(nursery: trio.Nursery) -> No
             async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
                 await ws.send_message(str(i))
                 assert await ws.get_message() == str(i)
-        assert await settle(lambda: not app.sessions)
+        await until(lambda: not app.sessions, what="not app.sessions")
         [state] = list(app.registry)
         assert (state.active, state.total) == (0, 3)
 
@@ -113,7 +104,7 @@ async def test_abnormal_endings_leave_nothing_behind(nursery: trio.Nursery) -> N
         async with open_websocket_url(url) as ws:
             await ws.send_message("warm")
             assert await ws.get_message() == "warm"
-        assert await settle(lambda: not app.sessions)
+        await until(lambda: not app.sessions, what="not app.sessions")
         await trio.sleep(0.05)
         fds_before = open_fds()
         tasks_before = task_count()
@@ -145,10 +136,10 @@ async def test_abnormal_endings_leave_nothing_behind(nursery: trio.Nursery) -> N
                     clients.start_soon(client_vanishes)
                     clients.start_soon(client_breaks_protocol)
 
-        assert await settle(lambda: not app.sessions), f"sessions left: {list(app.sessions)}"
+        await until(lambda: not app.sessions, what="not app.sessions", show=lambda: f"sessions left: {list(app.sessions)}")
         assert [s.active for s in app.registry] == [0]
-        assert await settle(lambda: len(rec.closes) == 301), len(rec.closes)
+        await until(lambda: len(rec.closes) == 301, what="len(rec.closes) == 301", show=lambda: len(rec.closes))
         assert sorted(set(code for code, _ in rec.closes)) == [1000, 1001, 4001]
-        assert await settle(lambda: task_count() <= tasks_before), f"tasks: {task_count()} now, {tasks_before} before"
+        await until(lambda: task_count() <= tasks_before, what="task_count() <= tasks_before", show=lambda: f"tasks: {task_count()} now, {tasks_before} before")
         assert task_count() == tasks_before
-        assert await settle(lambda: open_fds() <= fds_before + 5), f"fds: {open_fds()} now, {fds_before} before"
+        await until(lambda: open_fds() <= fds_before + 5, what="open_fds() <= fds_before + 5", show=lambda: f"fds: {open_fds()} now, {fds_before} before")

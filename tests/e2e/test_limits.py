@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,8 @@ import trio
 import yaml
 from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
 
-from tests.wsframes import Frame, frame, read_frame
+from tests.kit.wait import until
+from tests.kit.ws import Frame, OP_CLOSE, OP_TEXT, accept_for, frame, read_frame
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import Config
@@ -37,8 +37,6 @@ from wsproxy.proto.limits import ClientTable
 
 #: Bound on every test.
 TEST_TIMEOUT_S = 10.0
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_TEXT, OP_CLOSE = 0x1, 0x8
 
 
 def keep_proxy_log(caplog: pytest.LogCaptureFixture) -> None:
@@ -78,10 +76,6 @@ async def read_until_close(stream: trio.abc.ReceiveStream, buf: bytearray) -> tu
             return seen, got
         seen.append(got)
     return seen, None
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
 def header_values(head: bytes, name: bytes) -> list[bytes]:
@@ -187,14 +181,6 @@ async def admitted(port: int, **kw: Any) -> Client:
     return client
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 3.0) -> None:
-    with trio.move_on_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.005)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def refused(caplog: pytest.LogCaptureFixture, status: int) -> list[str]:
     return [m for m in (r.getMessage() for r in caplog.records) if "event=refused" in m and f"status={status} " in m]
 
@@ -237,7 +223,7 @@ async def test_max_connections_refuses_the_third_with_503_and_keeps_the_first_tw
             await first.echo(f"first {i}")
             await second.echo(f"second {i}")
         await first.aclose()
-        await wait_until(lambda: app.connection_count == 1, "the first session to end")
+        await until(lambda: app.connection_count == 1, what="the first session to end")
         again = await admitted(port)
         await again.echo("room again")
         await second.echo("second still")
@@ -262,7 +248,7 @@ async def test_max_connections_per_ip_is_per_source_address(
         await other.echo("from 127.0.0.2")
         await held.echo("from 127.0.0.1")
         await held.aclose()
-        await wait_until(lambda: app.clients.connections("127.0.0.1") == 0, "127.0.0.1's session to end")
+        await until(lambda: app.clients.connections("127.0.0.1") == 0, what="127.0.0.1's session to end")
         back = await admitted(port, source="127.0.0.1")
         await back.echo("127.0.0.1 again")
         await back.aclose()
@@ -349,7 +335,7 @@ async def test_client_over_the_message_rate_gets_1008_and_the_backend_1001(
             assert not close.masked
             await burst.stream.send_all(frame(OP_CLOSE, close.payload[:2], mask=True))
             await burst.aclose()
-        await wait_until(lambda: "/chat/burst" in sessions.closes, "the backend to see the burst session close")
+        await until(lambda: "/chat/burst" in sessions.closes, what="the backend to see the burst session close")
     assert sessions.closes["/chat/burst"] == 1001
     assert 5 <= len(sessions.received["/chat/burst"]) <= 50
     assert sessions.received["/chat/slow"] == [f"echo {i}" for i in range(8)]
@@ -409,7 +395,7 @@ async def test_backend_over_the_message_rate_gets_1008_and_the_client_1014(
             assert [f.payload for f in before] == [b"flood %d" % i for i in range(len(before))]
             await flooded.stream.send_all(frame(OP_CLOSE, close.payload[:2], mask=True))
             await flooded.aclose()
-        await wait_until(lambda: any(f.opcode == OP_CLOSE for f in from_proxy), "the backend to get a close")
+        await until(lambda: any(f.opcode == OP_CLOSE for f in from_proxy), what="the backend to get a close")
     backend_close = next(f for f in from_proxy if f.opcode == OP_CLOSE)
     assert backend_close.code == 1008
     assert backend_close.masked  # RFC 6455 §5.1: towards a server the proxy is a client
@@ -470,7 +456,7 @@ async def test_per_ip_table_stays_bounded_under_a_flood_of_addresses(nursery: tr
         for _ in range(2):
             await (await admitted(lb, prefix=proxy_line(lone))).aclose()
             # max_connections_per_ip is 1: let the proxy see the session end first.
-            await wait_until(lambda: app.clients.connections(lone) == 0, "the session to end")
+            await until(lambda: app.clients.connections(lone) == 0, what="the session to end")
         limited = await handshake(lb, prefix=proxy_line(lone))
         assert limited.status == 429
         assert int(limited.header("Retry-After")[0]) >= 1

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,27 +38,23 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from tests.support import UPGRADE_REQUEST, closed_port, raw_request, start_tcp_backend, start_ws_backend, status_of
+from tests.kit.process import WsproxyProcess, run_wsproxy
+from tests.kit.servers import closed_port, raw_request, start_tcp_backend, start_ws_backend, status_of
+from tests.kit.wait import SLACK_S
+from tests.kit.ws import UPGRADE_REQUEST
 from wsproxy import __version__
 
-#: Scheduling slack for waits on a loaded machine (one constant for the module).
-SLACK_S = 2.0
+#: timeouts.handshake in config_text: a partial request gets 408 and a silent client is closed after it.
+HANDSHAKE_S = 1.0
 TOKEN = "right-token"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-class Proxy:
-    """A ``wsproxy run`` subprocess, its ports and its log."""
+class Proxy(WsproxyProcess):
+    """The kit's ``wsproxy run`` with its ports by listener name (and "admin")."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, config_path: Path, ports: dict[str, int]) -> None:
-        self.proc = proc
-        self.log_path = log_path
-        self.config_path = config_path
-        self.ports = ports
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    ports: dict[str, int] = {}
 
     async def get(self, path: str, accept: str | None = None) -> tuple[dict[str, str], bytes]:
         admin = self.ports["admin"]
@@ -87,9 +81,7 @@ class Proxy:
         return types, samples
 
     async def wait_for(self, text: str, count: int = 1) -> None:
-        with trio.fail_after(SLACK_S * 5):
-            while self.log().count(text) < count:
-                await trio.sleep(0.05)
+        await self.wait_log(text, count=count, timeout_s=10)
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
@@ -158,28 +150,10 @@ async def wsproxy_run(tmp_path: Path, backends: dict[str, int]) -> AsyncIterator
     ports = {name: closed_port() for name in ("public", "pp", "admin")}
     config_path = tmp_path / "wsproxy.yaml"
     config_path.write_text(config_text(ports, backends, dead_port=closed_port()))
-    log_path = tmp_path / "wsproxy.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wsproxy", "run", "-c", str(config_path)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-        )  # fmt: skip
-    proxy = Proxy(proc, log_path, config_path, ports)
-    try:
-        with trio.fail_after(SLACK_S * 10):
-            while "event=listening listener=behind_lb" not in proxy.log():
-                assert proc.poll() is None, proxy.log()
-                await trio.sleep(0.05)
+    async with run_wsproxy(config_path, kind=Proxy, stop_timeout_s=6) as proxy:
+        proxy.ports = ports
+        await proxy.wait_log("event=listening listener=behind_lb", timeout_s=20)
         yield proxy
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(SLACK_S * 3):
-                await trio.to_thread.run_sync(proc.wait)
-            if proc.poll() is None:
-                proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
 
 
 async def refusing_backend(stream: trio.SocketStream) -> None:
@@ -241,10 +215,10 @@ async def test_every_refusal_is_logged_once_and_counted_once(nursery: trio.Nurse
                 assert await ws.get_message() == "hi"
                 await expect(upgrade("/full"), 503, "*/full", "no_backend")
             # A partial request gets 408 when timeouts.handshake ends; a silent client is closed without a word.
-            assert status_of(await raw_request(port, b"GET /chat HTTP/1.1\r\n", read_timeout_s=SLACK_S * 3)) == 408
+            assert status_of(await raw_request(port, b"GET /chat HTTP/1.1\r\n", read_timeout_s=HANDSHAKE_S + SLACK_S)) == 408
             expected.append(("-", "timeout", "408"))
             silent = await trio.open_tcp_stream("127.0.0.1", port)
-            with trio.fail_after(SLACK_S * 3):
+            with trio.fail_after(HANDSHAKE_S + SLACK_S):
                 assert await silent.receive_some(1) == b""  # closed by the proxy
             await silent.aclose()
             expected.append(("-", "timeout", "none"))
@@ -253,7 +227,7 @@ async def test_every_refusal_is_logged_once_and_counted_once(nursery: trio.Nurse
             expected.append(("-", "proxy_header", "none"))
             # max_connections_per_ip: 3 held connections (the WebSocket one has ended), the 4th is 429.
             held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-            await trio.sleep(SLACK_S / 4)  # let the proxy accept them
+            await trio.sleep(0.5)  # let the proxy accept them
             await expect(upgrade("/chat"), 429, "-", "limit")
             for stream in held:
                 await stream.aclose()  # they leave before the deadline: not refusals, the client went away
@@ -310,12 +284,12 @@ async def test_a_scrape_of_a_real_process(nursery: trio.Nursery, tmp_path: Path)
             backend = {"pool": "echo", "backend": echo}
             assert total(samples, "wsproxy_upstream_connect_seconds_count", **backend) == 1
             assert total(samples, "wsproxy_upstream_handshake_seconds_count", **backend) == 1
-            assert 0 < total(samples, "wsproxy_upstream_handshake_seconds_sum", **backend) < SLACK_S
+            assert 0 < total(samples, "wsproxy_upstream_handshake_seconds_sum", **backend) < 2.0  # seconds: far above any healthy loopback handshake
             assert total(samples, "wsproxy_sessions_closed_total", route="*/chat", outcome="normal", **backend) == 1
             assert total(samples, "wsproxy_close_codes_total", sent_by="client", to="backend", code="1000") == 1
             assert total(samples, "wsproxy_close_codes_total", sent_by="proxy") == 0
             assert total(samples, "wsproxy_event_loop_delay_seconds_count") >= 2
-            assert 0 <= total(samples, "wsproxy_event_loop_lag_seconds") < SLACK_S
+            assert 0 <= total(samples, "wsproxy_event_loop_lag_seconds") < 2.0  # seconds: far above any healthy lag
             assert total(samples, "wsproxy_backend_bytes_total", direction="up", **backend) > 0
             # OpenMetrics, when asked for
             types, om = await proxy.scrape("application/openmetrics-text; version=1.0.0,text/plain;q=0.5")

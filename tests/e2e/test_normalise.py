@@ -27,8 +27,8 @@ import pytest
 import trio
 import yaml
 
-from tests.e2e.test_handshake import answer_101, start_recording_backend
-from tests.support import raw_request, status_of
+from tests.kit.backends import answer_101, start_recording_backend
+from tests.kit.servers import raw_request, status_of
 from wsproxy.app import App
 from wsproxy.config.load import load_config
 

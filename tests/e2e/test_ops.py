@@ -39,17 +39,13 @@ kept in ``TIMINGS`` and printed (``pytest -s`` shows it).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
 import signal
 import socket
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -57,7 +53,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from textwrap import dedent
+from typing import Any
 
 import h11
 import pytest
@@ -65,7 +61,28 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, connect_websocket_url, serve_websocket
 
-from tests.support import closed_port, make_config, start_proxy, start_tcp_backend
+from tests.kit.process import WsproxyProcess, run_wsproxy, write_config
+from tests.kit.servers import closed_port, make_config, start_proxy, start_tcp_backend
+from tests.kit.wait import SLACK_S, until
+from tests.kit.ws import (
+    Frame,
+    FrameReader,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    accept_for,
+    apply_mask,
+    close_payload,
+    frame as encode_frame,
+    frame_header,
+    header,
+    random_key,
+    read_head_rest,
+    upgrade_request,
+)
 from wsproxy.config.schema import (
     Address,
     AdminConfig,
@@ -81,15 +98,9 @@ from wsproxy.config.schema import (
 from wsproxy.control.admin import serve_admin
 from wsproxy.control.registry import Health
 
-WSPROXY = [sys.executable, "-m", "wsproxy"]
 HEALTH_PATH = "/healthz"
-#: Scheduling slack added to every computed time bound.
-SLACK_S = 0.3
 #: What the timing tests measured (seconds), printed at the end of each.
 TIMINGS: dict[str, float] = {}
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def report(name: str, value: float) -> None:
@@ -100,69 +111,21 @@ def report(name: str, value: float) -> None:
 # -- raw WebSocket peers ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Frame:
-    opcode: int
-    payload: bytes  # unmasked
-    fin: bool
-    masked: bool
-    at: float  # trio time it was read
-
-    @property
-    def close_code(self) -> int:
-        assert self.opcode == OP_CLOSE and len(self.payload) >= 2, self
-        return int(struct.unpack("!H", self.payload[:2])[0])
-
-    @property
-    def close_reason(self) -> str:
-        return self.payload[2:].decode()
-
-
-def _xor(data: bytes, key: bytes) -> bytes:
-    if not data:
-        return data
-    keys = (key * (len(data) // 4 + 1))[: len(data)]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(keys, "big")).to_bytes(len(data), "big")
-
-
-def frame_header(opcode: int, length: int, *, mask: bytes | None, fin: bool = True) -> bytes:
-    bit = 0x80 if mask else 0
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if length < 126:
-        head += bytes([bit | length])
-    elif length < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", length)
-    return head + (mask or b"")
-
-
-def encode_frame(opcode: int, payload: bytes = b"", *, masked: bool) -> bytes:
-    """One whole frame; RFC 6455 §5.1: a client masks, a server does not."""
-    mask = os.urandom(4) if masked else None
-    return frame_header(opcode, len(payload), mask=mask) + (_xor(payload, mask) if mask else payload)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()
-
-
 class RawPeer:
     """One end of a WebSocket connection, spoken by hand; every frame it reads is kept in ``frames``."""
 
     def __init__(self, stream: trio.SocketStream, *, is_client: bool, buffered: bytes = b"") -> None:
         self.stream = stream
         self.is_client = is_client
-        self.buf = buffered
+        self.reader = FrameReader(stream, buffered)
         self.frames: list[Frame] = []
-        self.eof = False
         self.close_sent = False
         self.closed = trio.Event()  # a close frame was read, or EOF
         self._sending = trio.Lock()  # serve() answers pings while the test sends
 
     async def send(self, opcode: int, payload: bytes = b"") -> None:
         async with self._sending:
-            await self.stream.send_all(encode_frame(opcode, payload, masked=self.is_client))
+            await self.stream.send_all(encode_frame(opcode, payload, mask=self.is_client))
         if opcode == OP_CLOSE:
             self.close_sent = True
 
@@ -174,7 +137,7 @@ class RawPeer:
         the proxy may relay that piece and what follows it before this task runs again, so the
         time after the write would be too late a bound."""
         mask = os.urandom(4) if self.is_client else None
-        data = _xor(payload, mask) if mask else payload
+        data = apply_mask(payload, mask) if mask else payload
         last_at = trio.current_time()
         async with self._sending:
             await self.stream.send_all(frame_header(opcode, len(payload), mask=mask))
@@ -187,45 +150,15 @@ class RawPeer:
                     started.set()
         return last_at
 
-    async def _need(self, count: int) -> bool:
-        while len(self.buf) < count:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                self.eof = True
-                return False
-            self.buf += data
-        return True
+    @property
+    def eof(self) -> bool:
+        return self.reader.eof
 
     async def receive(self) -> Frame | None:
         """The next frame, or None at EOF (or a reset)."""
-        try:
-            if not await self._need(2):
-                return None
-            length = self.buf[1] & 0x7F
-            pos = 2
-            if length == 126:
-                if not await self._need(4):
-                    return None
-                length, pos = struct.unpack("!H", self.buf[2:4])[0], 4
-            elif length == 127:
-                if not await self._need(10):
-                    return None
-                length, pos = struct.unpack("!Q", self.buf[2:10])[0], 10
-            masked = bool(self.buf[1] & 0x80)
-            mask = b""
-            if masked:
-                if not await self._need(pos + 4):
-                    return None
-                mask, pos = self.buf[pos : pos + 4], pos + 4
-            if not await self._need(pos + length):
-                return None
-        except trio.BrokenResourceError:
-            self.eof = True
-            return None
-        payload = self.buf[pos : pos + length]
-        frame = Frame(self.buf[0] & 0x0F, _xor(payload, mask) if masked else payload, bool(self.buf[0] & 0x80), masked, trio.current_time())
-        self.buf = self.buf[pos + length :]
-        self.frames.append(frame)
+        frame = await self.reader.read()
+        if frame is not None:
+            self.frames.append(frame)
         return frame
 
     async def serve(self, *, echo: bool = True) -> None:
@@ -253,36 +186,21 @@ class RawPeer:
 
 async def accept_upgrade(stream: trio.SocketStream) -> tuple[bytes, bytes]:
     """The backend's half of the RFC 6455 §4.2 handshake: (request head, bytes after it)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, f"closed during the upgrade: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", head)
+    head, rest = await read_head_rest(stream)
+    key = header(head, b"sec-websocket-key")
     assert key, head
-    accept = base64.b64encode(hashlib.sha1(key[1] + WS_GUID).digest())
     await stream.send_all(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\n"
     )
-    return head, rest
+    return head[:-4], rest
 
 
 async def raw_client(port: int, path: str = "/chat") -> RawPeer:
     """A client that has completed the upgrade and does nothing on its own."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16))
-    await stream.send_all(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".encode()
-        + b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, f"closed during the handshake: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
+    await stream.send_all(upgrade_request(path.encode(), key=random_key()))
+    head, rest = await read_head_rest(stream)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return RawPeer(stream, is_client=True, buffered=rest)
 
@@ -372,7 +290,7 @@ class Client:
         if not self.watching:
             assert await self.ws.get_message() == text
             return
-        await until(lambda: text in self.inbox or self.done.is_set(), 5)
+        await until(lambda: text in self.inbox or self.done.is_set(), timeout_s=5)
         assert self.inbox.pop() == text
 
 
@@ -435,12 +353,6 @@ async def metric(address: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and wanted <= set(s.labels.items())
     )
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    with trio.fail_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 def one_pool_config(*backends: Backend, **pool: object) -> Config:
@@ -706,54 +618,11 @@ async def test_a_backend_that_turns_unhealthy_drains_its_sessions(
 # -- subprocesses ----------------------------------------------------------------------------------------
 
 
-class ProxyProcess:
-    """A ``wsproxy run`` subprocess and its log (stdout and stderr, in one file)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.proc = proc
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-    async def wait_exit(self, timeout_s: float) -> int:
-        try:
-            with trio.fail_after(timeout_s):
-                while self.proc.poll() is None:
-                    await trio.sleep(0.01)
-        except trio.TooSlowError:
-            raise AssertionError(f"wsproxy still running after {timeout_s}s:\n{self.log()}") from None
-        return self.proc.returncode
-
-    async def wait_listening(self, port: int, timeout_s: float = 15.0) -> None:
-        with trio.fail_after(timeout_s):
-            while True:
-                assert self.proc.poll() is None, f"wsproxy exited with {self.proc.returncode}:\n{self.log()}"
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                    return
-                except OSError:
-                    await trio.sleep(0.02)
-
-
 @asynccontextmanager
-async def wsproxy_run(tmp_path: Path, config: str, argv: list[str] | None = None, **popen: object) -> AsyncIterator[ProxyProcess]:
-    path = tmp_path / "wsproxy.yaml"
-    path.write_text(dedent(config))
-    log_path = tmp_path / "wsproxy.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(  # type: ignore[call-overload]
-            argv or [*WSPROXY, "run", "-c", str(path)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, **popen
-        )
-    try:
-        yield ProxyProcess(proc, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
+async def wsproxy_run(tmp_path: Path, config: str, argv: list[str] | None = None, **popen: Any) -> AsyncIterator[WsproxyProcess]:
+    """``wsproxy run`` on the config text ``config`` (or ``argv``), by the kit's harness."""
+    async with run_wsproxy(write_config(tmp_path, config), argv=argv, **popen) as proxy:
+        yield proxy
 
 
 def run_config(port: int, backend_port: int, *, spread: str = "0s", timeout: str = "6s") -> str:
@@ -953,18 +822,18 @@ async def test_keepalive_takes_out_pongs_split_or_coalesced_with_data(nursery: t
                 if frame.opcode != OP_PING:
                     continue
                 n = len(answered)
-                pong = encode_frame(OP_PONG, frame.payload, masked=True)
+                pong = encode_frame(OP_PONG, frame.payload, mask=True)
                 if n % 2 == 0:
                     for i in range(len(pong)):
                         await client.stream.send_all(pong[i : i + 1])
                         await trio.sleep(0.002)
                 else:
-                    text = partial(encode_frame, OP_TEXT, masked=True)
+                    text = partial(encode_frame, OP_TEXT, mask=True)
                     await client.stream.send_all(text(b"before %d" % n) + pong + text(b"after %d" % n))
                 answered.append(n)
 
         nursery.start_soon(answer_oddly)
-        await until(lambda: len(answered) >= 6, 5)
+        await until(lambda: len(answered) >= 6, timeout_s=5)
         count = len(answered)
         await trio.sleep(0.05)
         backend = backends[0]
@@ -1101,7 +970,7 @@ class NotifySocket:
 
     async def wait(self, key: str, count: int = 1, timeout_s: float = 15.0) -> Message:
         """The ``count``-th message that sets ``key``."""
-        await until(lambda: len(self.having(key)) >= count, timeout_s)
+        await until(lambda: len(self.having(key)) >= count, timeout_s=timeout_s)
         return self.having(key)[count - 1]
 
 
@@ -1206,7 +1075,7 @@ async def test_socket_activation_serves_on_the_passed_socket(nursery: trio.Nurse
                 tmp_path, run_config(configured, backend.port), argv, env=env, pass_fds=(3,), preexec_fn=to_fd_3
             ) as proxy:
                 passed.close()  # the child has its own copy now
-                await until(lambda: "event=listening" in proxy.log() or proxy.proc.poll() is not None, 15)
+                await until(lambda: "event=listening" in proxy.log() or proxy.proc.poll() is not None, timeout_s=15)
                 client = await connect(nursery, port)
                 await client.echo("through the inherited socket")
                 assert await refused(configured), "it bound the configured port too"

@@ -24,8 +24,6 @@ import base64
 import os
 import re
 import resource
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,10 +31,9 @@ from typing import Any
 
 import pytest
 import trio
-import yaml
 
-from tests.e2e.test_reload import WSPROXY, Proxy, accepts, addr, start_backend
-from tests.support import closed_port
+from tests.kit.process import AdminProxy, addr, run_proxy
+from tests.kit.servers import closed_port, start_backend
 
 NOFILE = 64
 
@@ -46,34 +43,11 @@ def low_fd_limit() -> None:  # runs in the child, before exec
 
 
 @asynccontextmanager
-async def run_limited_proxy(tmp_path: Path, config: dict[str, Any], port: int) -> AsyncIterator[Proxy]:
-    config_path = tmp_path / "wsproxy.yaml"
-    log_path = tmp_path / "wsproxy.log"
-    admin_port = int(config["admin"]["bind"].rsplit(":", 1)[1])
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [*WSPROXY, "run", "-c", str(config_path)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, preexec_fn=low_fd_limit,
-        )
-    proxy = Proxy(proc, config_path, log_path, admin_port)
-    try:
-        with trio.fail_after(15):
-            for p in (port, admin_port):
-                while not await accepts(p):
-                    proxy.assert_running()
-                    await trio.sleep(0.02)
-            while len(re.findall(r"event=health .*state=up", proxy.log())) < 2:
-                await trio.sleep(0.02)  # first checks done: both backends up
+async def run_limited_proxy(tmp_path: Path, config: dict[str, Any], port: int) -> AsyncIterator[AdminProxy]:
+    """``run_proxy`` with RLIMIT_NOFILE at ``NOFILE``; yielded once both backends' first checks are up."""
+    async with run_proxy(tmp_path, config, ports=[port], stop_timeout_s=10, preexec_fn=low_fd_limit) as proxy:
+        await proxy.wait_log(re.compile(r"event=health .*state=up"), count=2)  # first checks done: both backends up
         yield proxy
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await trio.to_thread.run_sync(proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await trio.to_thread.run_sync(proc.wait)
 
 
 def config_for(port: int, admin_port: int, backends: list[int], **limits: Any) -> dict[str, Any]:
@@ -131,7 +105,7 @@ async def client(port: int, results: list[tuple[int, dict[str, str], float]], re
             await release.wait()
 
 
-async def backends_healthy(proxy: Proxy, ports: list[int]) -> None:
+async def backends_healthy(proxy: AdminProxy, ports: list[int]) -> None:
     status = await proxy.status()
     for backend in status["pools"]["echo"]["backends"]:
         assert backend["health"] == "up", status

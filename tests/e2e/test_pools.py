@@ -45,7 +45,8 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from tests.support import closed_port, make_config, start_proxy, start_tcp_backend, with_timeouts
+from tests.kit.servers import closed_port, make_config, start_proxy, start_tcp_backend, with_timeouts
+from tests.kit.wait import SLACK_S, until
 from wsproxy.app import App
 from wsproxy.balance.policy import Candidate, rendezvous_order
 from wsproxy.balance.sticky import cookie_value
@@ -67,9 +68,6 @@ HEALTH_PATH = "/healthz"
 SECRET = b"pools-e2e-secret-0123456789abcdef"
 COOKIE = "wsp"
 COOKIE_MAX_AGE_S = 3600.0
-#: Scheduling slack added to every computed time bound.
-SLACK_S = 0.3  # scheduling noise on a loaded 2-core machine (CI runs beside other work)
-
 #: What the timing tests measured, printed at the end of each (``pytest -s`` shows them).
 TIMINGS: dict[str, float] = {}
 
@@ -213,11 +211,11 @@ class ProxyLog(logging.Handler):
 
     async def wait_for(self, *tokens: str, since: float = -math.inf, timeout_s: float = 3.0) -> tuple[float, str]:
         """The first matching line (waiting for it); its time and text."""
-        with trio.move_on_after(timeout_s):
-            while not (found := self.matching(*tokens, since=since)):
-                await trio.sleep(0.005)
-            return found[0]
-        raise AssertionError(f"no log line with {tokens} within {timeout_s}s; log:\n" + self.dump())
+        await until(
+            lambda: bool(self.matching(*tokens, since=since)),
+            timeout_s=timeout_s, what=f"a log line with {tokens}", show=lambda: "log:\n" + self.dump(),
+        )  # fmt: skip
+        return self.matching(*tokens, since=since)[0]
 
     def dump(self) -> str:
         return "\n".join(f"{t:10.3f} {line}" for t, line in self.lines)

@@ -23,22 +23,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.test_tls import (
-    SLACK_S,
-    Pki,
-    Recorder,
-    client_hello,
+from tests.kit.backends import (
+    HeadRecorder as Recorder,
     header_values,
-    make_pki,
-    q,
-    read_head,
-    read_until_eof,
-    start_proxy_from,
-    start_recording_backend,
-    wait_for_log,
-    write_config,
+    start_holding_backend as start_recording_backend,
 )
-from tests.support import UPGRADE_REQUEST, status_of
+from tests.kit.process import write_config
+from tests.kit.servers import start_proxy_from, status_of
+from tests.kit.tls import Pki, client_hello, make_pki, q
+from tests.kit.wait import SLACK_S, wait_for_log
+from tests.kit.ws import UPGRADE_REQUEST, read_head, read_until_eof
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ TCP client that writes frames built here by hand) and a real backend
 that does the RFC 6455 server handshake by hand). Results are asserted
 exactly: payloads, close codes and reasons, who saw what.
 
-The raw peers use the small frame codec below (``frame`` / ``FrameReader``),
+The raw peers use the test kit's frame codec (``tests.kit.ws``: ``frame`` / ``FrameReader``),
 not the proxy's, so a bug in ``proto.frames`` cannot hide itself.
 """
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -27,9 +26,10 @@ import pytest
 import trio
 import websockets.exceptions
 import websockets.sync.client
-from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 
-from tests.support import (
+from tests.kit.servers import (
+    Recorder,
     make_config,
     start_proxy,
     start_tcp_backend,
@@ -37,231 +37,34 @@ from tests.support import (
     websockets_backend,
     with_timeouts,
 )
+from tests.kit.wait import until
+from tests.kit.ws import (
+    Frame,
+    FrameReader,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    accept_for,
+    client_frame,
+    close_payload,
+    frame,
+    header,
+    raw_accept,
+    raw_client,
+    read_head_rest,
+)
 from wsproxy.config.schema import Config, DrainConfig, LimitsConfig, PoolName, RouteConfig, ShutdownConfig
 
 pytestmark = pytest.mark.usefixtures("relay_driver")  # every test with the engine and with trio pumps
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 MIB = 1024 * 1024
 
 
-# -- a tiny independent frame codec for the raw peers -------------------------------------------
-
-
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = None,
-    length: int | None = None,
-) -> bytes:
-    """One frame; ``mask`` masks it (client → server), ``length`` overrides the length field."""
-    n = len(payload) if length is None else length
-    head = bytearray([(0x80 if fin else 0) | rsv | opcode])
-    mask_bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head.append(mask_bit | n)
-    elif n < 1 << 16:
-        head.append(mask_bit | 126)
-        head += n.to_bytes(2, "big")
-    else:
-        head.append(mask_bit | 127)
-        head += n.to_bytes(8, "big")
-    if mask is not None:
-        head += mask
-        payload = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-    return bytes(head) + payload
-
-
-def client_frame(opcode: int, payload: bytes = b"", **kw: Any) -> bytes:
-    """A frame as a client must send it: masked."""
-    return frame(opcode, payload, mask=os.urandom(4), **kw)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return code.to_bytes(2, "big") + reason.encode()
-
-
-@dataclasses.dataclass
-class Frame:
-    fin: bool
-    rsv: int
-    opcode: int
-    masked: bool
-    payload: bytes  # unmasked
-
-    @property
-    def close(self) -> tuple[int, str]:
-        assert self.opcode == OP_CLOSE, self
-        return int.from_bytes(self.payload[:2], "big"), self.payload[2:].decode()
-
-
-class FrameReader:
-    """Reads frames from a raw stream; ``None`` at EOF."""
-
-    def __init__(self, stream: trio.abc.Stream, buffered: bytes = b"") -> None:
-        self.stream = stream
-        self.buf = bytearray(buffered)
-        self.eof = False
-
-    async def fill(self, n: int) -> bool:
-        while len(self.buf) < n:
-            try:
-                data = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                self.eof = True
-                return False
-            self.buf += data
-        return True
-
-    async def read(self) -> Frame | None:
-        if not await self.fill(2):
-            return None
-        b0, b1 = self.buf[0], self.buf[1]
-        n = b1 & 0x7F
-        pos = 2
-        if n == 126:
-            if not await self.fill(4):
-                return None
-            n, pos = int.from_bytes(self.buf[2:4], "big"), 4
-        elif n == 127:
-            if not await self.fill(10):
-                return None
-            n, pos = int.from_bytes(self.buf[2:10], "big"), 10
-        masked = bool(b1 & 0x80)
-        key = b""
-        if masked:
-            if not await self.fill(pos + 4):
-                return None
-            key, pos = bytes(self.buf[pos : pos + 4]), pos + 4
-        if not await self.fill(pos + n):
-            return None
-        payload = bytes(self.buf[pos : pos + n])
-        del self.buf[: pos + n]
-        if masked:
-            payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-        return Frame(bool(b0 & 0x80), b0 & 0x70, b0 & 0x0F, masked, payload)
-
-    async def read_until_close(self) -> tuple[list[Frame], Frame | None]:
-        """Frames up to and including the first close frame (``None`` if EOF came first)."""
-        seen: list[Frame] = []
-        while True:
-            f = await self.read()
-            if f is None:
-                return seen, None
-            if f.opcode == OP_CLOSE:
-                return seen, f
-            seen.append(f)
-
-    async def read_eof(self) -> bytes:
-        """Everything until the peer closes TCP."""
-        while not self.eof:
-            await self.fill(len(self.buf) + 1)
-        return bytes(self.buf)
-
-
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, f"EOF before the end of the HTTP head: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head + b"\r\n\r\n", rest
-
-
-def _header(head: bytes, name: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == name.lower():
-            return v.strip()
-    return None
-
-
-def accept_for(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-
-
-async def raw_client(port: int, extra_headers: bytes = b"") -> tuple[trio.SocketStream, FrameReader, bytes]:
-    """A real handshake through the proxy by hand; returns the stream, a reader and the 101 head."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16))
-    await stream.send_all(
-        b"GET /raw HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n" + extra_headers + b"\r\n"
-    )
-    head, rest = await _read_head(stream)
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert _header(head, b"sec-websocket-accept") == accept_for(key), head
-    return stream, FrameReader(stream, rest), head
-
-
-async def raw_accept(stream: trio.SocketStream, then: bytes = b"") -> tuple[bytes, FrameReader]:
-    """The server half of the handshake by hand; ``then`` goes out in the same send_all as the 101."""
-    head, rest = await _read_head(stream)
-    key = _header(head, b"sec-websocket-key")
-    assert key is not None, head
-    await stream.send_all(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\n" + then
-    )
-    return head, FrameReader(stream, rest)
-
-
 # -- recording backends and small helpers ------------------------------------------------------
-
-
-class Recorder:
-    """A trio-websocket echo backend that records what each connection received and how it ended."""
-
-    def __init__(self, *, subprotocol: str | None = None) -> None:
-        self.subprotocol = subprotocol
-        self.offered: list[list[str]] = []
-        self.received: list[list[str | bytes]] = []
-        self.closes: list[tuple[int, str]] = []
-        self.errors: list[BaseException] = []
-
-    async def handler(self, request: WebSocketRequest) -> None:
-        self.offered.append(list(request.proposed_subprotocols))
-        ws = await request.accept(subprotocol=self.subprotocol)
-        got: list[str | bytes] = []
-        self.received.append(got)
-        try:
-            while True:
-                msg = await ws.get_message()
-                got.append(msg)
-                if msg == "close me":
-                    await ws.aclose(4001, "later")
-                elif msg == "ping me":
-                    await ws.ping(b"from-backend")
-                    await ws.send_message("pong ok")
-                elif msg == "big please":
-                    await ws.send_message(b"B" * 1001)
-                else:
-                    await ws.send_message(msg)
-        except ConnectionClosed as exc:
-            assert exc.reason is not None
-            self.closes.append((exc.reason.code, exc.reason.reason or ""))
-        except BaseException as exc:  # pragma: no cover - shows up in the assertions
-            self.errors.append(exc)
-            raise
-
-
-async def wait_until(
-    predicate: Callable[[], bool], what: str, timeout_s: float = 3.0, show: Callable[[], object] = lambda: ""
-) -> None:
-    with trio.move_on_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.005)
-        return
-    raise AssertionError(f"timed out waiting for {what}: {show()}")
 
 
 def url(port: int, path: str = "/") -> str:
@@ -399,7 +202,7 @@ async def test_fragmented_message_with_interleaved_pings(nursery: trio.Nursery) 
         _, close = await reader.read_until_close()
         assert close is not None and close.close == (1000, "")
         await stream.aclose()
-        await wait_until(lambda: rec.closes == [(1000, "")], "backend close", show=lambda: rec.closes)
+        await until(lambda: rec.closes == [(1000, "")], what="backend close", show=lambda: rec.closes)
 
 
 # -- 3. message size limit ---------------------------------------------------------------------
@@ -431,7 +234,7 @@ async def test_16_mib_plus_one_is_refused_with_default_limit(nursery: trio.Nurse
         async with open_websocket_url(url(port), max_message_size=32 * MIB) as ws:
             # The proxy answers from the header: the close may arrive while we are still sending.
             assert await send_then_closed(ws, b"x" * (16 * MIB + 1)) == (1009, f"message of more than {16 * MIB} bytes (at least {16 * MIB + 1})")
-        await wait_until(lambda: rec.closes == [(1001, "peer protocol error")], "backend close", show=lambda: rec.closes)
+        await until(lambda: rec.closes == [(1001, "peer sent a message too big")], what="backend close", show=lambda: rec.closes)
         assert rec.received == [[]]
 
 
@@ -439,7 +242,8 @@ def small_limit_config(backend: int) -> Any:
     return make_config([backend], limits=LimitsConfig(max_message_bytes=1000))
 
 
-async def test_message_over_limit_from_client(nursery: trio.Nursery) -> None:
+async def test_message_over_limit_from_client(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wsproxy")
     with trio.fail_after(5):
         rec = Recorder()
         backend = await start_ws_backend(nursery, rec.handler)
@@ -449,10 +253,16 @@ async def test_message_over_limit_from_client(nursery: trio.Nursery) -> None:
             assert await ws.get_message() == b"a" * 1000
             await ws.send_message(b"b" * 1001)
             assert await closed_with(ws) == (1009, "message of more than 1000 bytes (at least 1001)")
-            await wait_until(lambda: (1001, "peer protocol error") in rec.closes, "backend close", show=lambda: rec.closes)
+            await until(lambda: (1001, "peer sent a message too big") in rec.closes, what="backend close", show=lambda: rec.closes)
             await healthy.send_message("ok")
             assert await healthy.get_message() == "ok"
         assert sorted(map(len, rec.received[1])) == [1000]  # the offending message never reached it
+        # Logged as what it is (issue 17 item 8), not as a protocol error.
+        def closes() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "event=close " in r.getMessage() and "by=proxy" in r.getMessage()]
+
+        await until(lambda: bool(closes()), what="close logged", show=closes)
+        assert "reason='client sent a message of more than 1000 bytes (at least 1001)'" in closes()[0], closes()
 
 
 async def test_fragmented_message_over_limit_from_client(nursery: trio.Nursery) -> None:
@@ -467,7 +277,7 @@ async def test_fragmented_message_over_limit_from_client(nursery: trio.Nursery) 
         assert frames == []
         assert close is not None and close.close == (1009, "message of more than 1000 bytes (at least 1001)")
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1009)))
-        await wait_until(lambda: rec.closes == [(1001, "peer protocol error")], "backend close", show=lambda: rec.closes)
+        await until(lambda: rec.closes == [(1001, "peer sent a message too big")], what="backend close", show=lambda: rec.closes)
         assert await reader.read_eof() == b""
         assert rec.received == [[]]
 
@@ -482,8 +292,8 @@ async def test_message_over_limit_from_backend(nursery: trio.Nursery) -> None:
         app, port = await start_proxy(nursery, config)
         async with open_websocket_url(url(port)) as healthy, open_websocket_url(url(port)) as ws:
             await ws.send_message("big please")
-            assert await closed_with(ws) == (1011, "backend protocol error: message of more than 1000 bytes (at least 1001)")
-            await wait_until(lambda: (1009, "message of more than 1000 bytes (at least 1001)") in rec.closes, "backend close", show=lambda: rec.closes)
+            assert await closed_with(ws) == (1011, "backend sent a message of more than 1000 bytes (at least 1001)")
+            await until(lambda: (1009, "message of more than 1000 bytes (at least 1001)") in rec.closes, what="backend close", show=lambda: rec.closes)
             await healthy.send_message("ok")
             assert await healthy.get_message() == "ok"
 
@@ -549,8 +359,8 @@ async def test_client_close_code_and_reason_reach_backend(nursery: trio.Nursery,
             assert await ws.get_message() == "hi"
             await ws.aclose(4000, "bye")
             assert ws.closed is not None and ws.closed.code == 4000  # the backend echoed it
-        await wait_until(lambda: rec.closes == [(4000, "bye")], "backend close", show=lambda: rec.closes)
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: rec.closes == [(4000, "bye")], what="backend close", show=lambda: rec.closes)
+        await until(lambda: not app.sessions, what="session end")
     closes = [r.getMessage() for r in caplog.records if "event=close " in r.getMessage()]
     assert len(closes) == 1, closes
     assert "by=client" in closes[0] and "reason='close'" in closes[0]
@@ -567,7 +377,7 @@ async def test_backend_close_code_and_reason_reach_client(nursery: trio.Nursery,
         async with open_websocket_url(url(port)) as ws:
             await ws.send_message("close me")
             assert await closed_with(ws) == (4001, "later")
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
     closes = [r.getMessage() for r in caplog.records if "event=close " in r.getMessage()]
     assert len(closes) == 1, closes
     assert "by=backend" in closes[0] and "backend_code=4001" in closes[0] and "client_code=4001" in closes[0]
@@ -595,7 +405,7 @@ async def test_close_codes_both_ways_websockets_client(nursery: trio.Nursery) ->
                 return info.value.rcvd.code, info.value.rcvd.reason
 
         assert await in_thread(client_closes) == (4000, "bye")
-        await wait_until(lambda: (4000, "bye") in rec.closes, "backend close", show=lambda: rec.closes)
+        await until(lambda: (4000, "bye") in rec.closes, what="backend close", show=lambda: rec.closes)
         assert await in_thread(backend_closes) == (4001, "later")
 
 
@@ -652,7 +462,7 @@ async def test_permessage_deflate_end_to_end(nursery: trio.Nursery) -> None:
         assert 0 < up1 < len(text) // 20 and 0 < down1 < len(text) // 20, counters[0]
         assert up2 - up1 < len(data) // 20 and down2 - down1 < len(data) // 20, counters[1]
         assert up3 - up2 < 10_002 // 5 and down3 - down2 < 10_002 // 5, counters[2]
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 # -- 7. subprotocols ---------------------------------------------------------------------------
@@ -752,14 +562,14 @@ async def test_hostile_frame_from_client(nursery: trio.Nursery, kind: str, segme
             assert close is not None and not close.masked
             assert close.close[0] == 1002, close
             await stream.send_all(client_frame(OP_CLOSE, close_payload(1002)))
-            await wait_until(lambda: (1001, "peer protocol error") in rec.closes, "backend close", show=lambda: rec.closes)
+            await until(lambda: (1001, "peer protocol error") in rec.closes, what="backend close", show=lambda: rec.closes)
             assert await reader.read_eof() == b""
             await stream.aclose()
             assert rec.received[1] == ["before"]
             await healthy.send_message("after")
             assert await healthy.get_message() == "after"
         await echo_once(port)
-        await wait_until(lambda: not app.sessions, "sessions end")
+        await until(lambda: not app.sessions, what="sessions end")
 
 
 HOSTILE_BACKEND_FRAMES = {
@@ -804,7 +614,7 @@ async def test_hostile_frame_from_backend(nursery: trio.Nursery, kind: str) -> N
             await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
             assert await reader.read_eof() == b""
             await stream.aclose()
-            await wait_until(lambda: bool(backend_saw), "backend read")
+            await until(lambda: bool(backend_saw), what="backend read")
             seen, backend_close = backend_saw[0]
             assert seen == []
             assert backend_close is not None and backend_close.masked
@@ -852,7 +662,7 @@ async def test_backend_closes_tcp_without_close_frame(nursery: trio.Nursery) -> 
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
         assert await reader.read_eof() == b""
         await stream.aclose()
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
         # The same with the websockets client, which knows 1014 (trio-websocket's wsproto
         # rejects it as an unknown reserved code and answers 1002).
@@ -883,7 +693,7 @@ async def test_backend_dies_inside_a_frame(nursery: trio.Nursery) -> None:
         with trio.fail_after(1):
             assert await reader.read_eof() == bytes([0x82, 100]) + b"0123456789"
         await stream.aclose()
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 async def test_trio_websocket_backend_cancelled(nursery: trio.Nursery) -> None:
@@ -910,7 +720,7 @@ async def test_trio_websocket_backend_cancelled(nursery: trio.Nursery) -> None:
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
         assert await reader.read_eof() == b""
         await stream.aclose()
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 async def test_client_vanishes(nursery: trio.Nursery) -> None:
@@ -924,8 +734,8 @@ async def test_client_vanishes(nursery: trio.Nursery) -> None:
         assert f is not None and f.payload == b"hi"
         await stream.aclose()
         with trio.fail_after(1):
-            await wait_until(lambda: rec.closes == [(1001, "client went away")], "backend close", show=lambda: rec.closes)
-        await wait_until(lambda: not app.sessions, "session end")
+            await until(lambda: rec.closes == [(1001, "client went away")], what="backend close", show=lambda: rec.closes)
+        await until(lambda: not app.sessions, what="session end")
         await echo_once(port)
 
 
@@ -940,9 +750,9 @@ async def test_client_vanishes_mid_frame(nursery: trio.Nursery) -> None:
         await trio.sleep(0.05)
         await stream.aclose()
         with trio.fail_after(1):
-            await wait_until(lambda: len(rec.closes) == 1, "backend close", show=lambda: rec.closes)
+            await until(lambda: len(rec.closes) == 1, what="backend close", show=lambda: rec.closes)
         assert rec.closes[0][0] == 1006
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 # -- 11. idle timeout --------------------------------------------------------------------------
@@ -964,8 +774,8 @@ async def test_idle_timeout(nursery: trio.Nursery) -> None:
             assert await closed_with(ws) == (1001, "idle timeout")
             elapsed = trio.current_time() - start
             assert 0.28 <= elapsed <= 0.7, elapsed
-        await wait_until(lambda: rec.closes == [(1001, "idle timeout")], "backend close", show=lambda: rec.closes)
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: rec.closes == [(1001, "idle timeout")], what="backend close", show=lambda: rec.closes)
+        await until(lambda: not app.sessions, what="session end")
 
 
 # -- 12. graceful shutdown ---------------------------------------------------------------------
@@ -1041,7 +851,7 @@ async def test_client_violation_waits_for_the_frame_in_flight_to_the_client(nurs
         assert [(f.opcode, f.payload) for f in frames] == [(OP_BINARY, payload)]
         assert close is not None and close.close[0] == 1002
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1002)))
-        await wait_until(lambda: bool(backend_saw), "backend read")
+        await until(lambda: bool(backend_saw), what="backend read")
         seen, backend_close = backend_saw[0]
         assert seen == [] and backend_close is not None and backend_close.close == (1001, "peer protocol error")
         assert await reader.read_eof() == b""
@@ -1060,8 +870,8 @@ async def test_client_data_in_same_segment_as_the_upgrade(nursery: trio.Nursery)
             b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
             + client_frame(OP_TEXT, b"eager") + client_frame(OP_BINARY, b"\x01\x02")
         )
-        head, rest = await _read_head(stream)
-        assert head.startswith(b"HTTP/1.1 101 ") and _header(head, b"sec-websocket-accept") == accept_for(key)
+        head, rest = await read_head_rest(stream)
+        assert head.startswith(b"HTTP/1.1 101 ") and header(head, b"sec-websocket-accept") == accept_for(key)
         reader = FrameReader(stream, rest)
         got = [await reader.read(), await reader.read()]
         assert [(f.opcode, f.payload) for f in got if f] == [(OP_TEXT, b"eager"), (OP_BINARY, b"\x01\x02")]
@@ -1094,7 +904,7 @@ async def test_close_handshake_deadline_client_never_answers(
         elapsed = trio.current_time() - start
         assert 0.2 <= elapsed <= 1.0, elapsed
         await stream.aclose()
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 async def test_close_handshake_deadline_backend_never_answers(
@@ -1121,11 +931,11 @@ async def test_close_handshake_deadline_backend_never_answers(
         elapsed = trio.current_time() - start
         assert 0.2 <= elapsed <= 1.0, elapsed
         await stream.aclose()
-        await wait_until(lambda: bool(backend_saw), "backend EOF")
+        await until(lambda: bool(backend_saw), what="backend EOF")
         close, rest, backend_elapsed = backend_saw[0]
         assert close is not None and close.masked and close.close == (4000, "bye")
         assert rest == b"" and backend_elapsed <= 1.0
-        await wait_until(lambda: not app.sessions, "session end")
+        await until(lambda: not app.sessions, what="session end")
 
 
 async def test_idle_timeout_not_while_only_the_backend_talks(nursery: trio.Nursery) -> None:
@@ -1157,7 +967,7 @@ async def test_idle_timeout_not_while_only_the_backend_talks(nursery: trio.Nurse
         silence = trio.current_time() - last_tick
         assert 0.28 <= silence <= 0.7, silence
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1001)))
-        await wait_until(lambda: bool(backend_saw), "backend close")
+        await until(lambda: bool(backend_saw), what="backend close")
         assert backend_saw[0] is not None and backend_saw[0].close == (1001, "idle timeout")
         assert await reader.read_eof() == b""
         await stream.aclose()
@@ -1201,7 +1011,7 @@ async def test_rsv_rules_with_permessage_deflate(nursery: trio.Nursery, kind: st
     with trio.fail_after(5), websockets_backend(handler, compression="deflate") as backend:
         app, port = await start_proxy(nursery, make_config([backend]))
         stream, reader, head = await raw_client(port, b"Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        extensions = _header(head, b"sec-websocket-extensions")
+        extensions = header(head, b"sec-websocket-extensions")
         assert extensions is not None and extensions.startswith(b"permessage-deflate")
         # A compressed message (RSV1 on its first frame) is fine, and so is the compressed echo.
         text = "squeeze " * 100
@@ -1214,7 +1024,7 @@ async def test_rsv_rules_with_permessage_deflate(nursery: trio.Nursery, kind: st
         assert frames == []
         assert close is not None and close.close[0] == 1002, close
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1002)))
-        await wait_until(lambda: bool(backend_closes), "backend close")
+        await until(lambda: bool(backend_closes), what="backend close")
         assert backend_closes == [(1001, "peer protocol error")]
         assert await reader.read_eof() == b""
         await stream.aclose()
@@ -1248,7 +1058,7 @@ async def test_backend_violation_waits_for_the_frame_in_flight_to_the_backend(nu
         assert backend_saw == []  # still inside our frame: no close frame for the backend yet
         await stream.send_all(whole[30_000:])
         await stream.send_all(client_frame(OP_CLOSE, close_payload(1014)))
-        await wait_until(lambda: bool(backend_saw), "backend read")
+        await until(lambda: bool(backend_saw), what="backend read")
         seen, backend_close = backend_saw[0]
         assert [(f.opcode, f.payload) for f in seen] == [(OP_BINARY, payload)]
         assert backend_close is not None and backend_close.masked and backend_close.close[0] == 1002

@@ -27,16 +27,10 @@ in-process, and systemd's ``RELOADING=1`` (``test_systemd_units.py``).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import signal
 import ssl
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,138 +43,14 @@ from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
     open_websocket_url,
-    serve_websocket,
 )
 
-from tests.support import closed_port, start_ws_backend
-
-WSPROXY = [sys.executable, "-m", "wsproxy"]
-
-#: How long one reload may take, SIGHUP to its outcome line (config load in a thread included).
-RELOAD_S = 5.0
-#: Slack on top of a configured time before the test calls the proxy late.
-SLACK_S = 0.5
-
-OUTCOME = re.compile(r"event=reloaded |action=kept_old_config")
-
-
-# --- configs ------------------------------------------------------------------------------------
-
-
-def addr(port: int) -> str:
-    return f"127.0.0.1:{port}"
-
-
-def pool(*ports: int, **settings: Any) -> dict[str, Any]:
-    return {**settings, "backends": [{"address": addr(p)} for p in ports]}
-
-
-def make_config(
-    *,
-    listeners: Mapping[str, int | dict[str, Any]],
-    pools: dict[str, dict[str, Any]],
-    routes: list[tuple[str, str]],
-    admin_port: int,
-    **sections: Any,
-) -> dict[str, Any]:
-    """A config as a dict: ``listeners`` maps names to a port (or a full mapping), routes are (path, pool)."""
-    return {
-        "listeners": [
-            {"name": name, "bind": addr(spec)} if isinstance(spec, int) else {"name": name, **spec}
-            for name, spec in listeners.items()
-        ],
-        "routes": [{"path": path, "pool": name} for path, name in routes],
-        "pools": pools,
-        "admin": {"bind": addr(admin_port)},
-        "shutdown": {"timeout": "3s", "spread": "0s"},
-        **sections,
-    }
-
+from tests.kit.process import accepts, addr, make_config, pool, run_proxy
+from tests.kit.servers import closed_port, start_backend, start_ws_backend
+from tests.kit.wait import SLACK_S
 
 # --- the proxy process --------------------------------------------------------------------------
-
-
-class Proxy:
-    """A ``wsproxy run`` subprocess, its config file, its log and its admin API."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], config_path: Path, log_path: Path, admin_port: int) -> None:
-        self.proc = proc
-        self.config_path = config_path
-        self.log_path = log_path
-        self.admin_port = admin_port
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def lines(self, needle: str) -> list[str]:
-        return [line for line in self.log().splitlines() if needle in line]
-
-    def write(self, config: dict[str, Any] | str) -> None:
-        """Replace the config file atomically (a reload never reads half a file)."""
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-        tmp = self.config_path.with_name(self.config_path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.config_path)
-
-    async def reload(self, config: dict[str, Any] | str | None = None) -> str:
-        """Write ``config`` (if given), SIGHUP, and return the log written by that reload."""
-        if config is not None:
-            self.write(config)
-        before = self.log()
-        outcomes = len(OUTCOME.findall(before))
-        os.kill(self.proc.pid, signal.SIGHUP)
-        with trio.fail_after(RELOAD_S):
-            while True:
-                self.assert_running()
-                text = self.log()
-                if len(OUTCOME.findall(text)) > outcomes:
-                    return text[len(before) :]
-                await trio.sleep(0.005)
-
-    def assert_running(self) -> None:
-        assert self.proc.poll() is None, f"wsproxy exited with {self.proc.returncode}:\n{self.log()}"
-
-    def assert_clean(self) -> None:
-        log = self.log()
-        assert "Traceback" not in log and "event=error" not in log, log
-
-    async def get(self, target: str) -> tuple[int, bytes]:
-        """GET ``target`` from the admin API: (status, body)."""
-        stream = await trio.open_tcp_stream("127.0.0.1", self.admin_port)
-        async with stream:
-            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.admin_port}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            with trio.fail_after(5):
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        return int(head.split(b" ", 2)[1]), body
-
-    async def status(self) -> dict[str, Any]:
-        code, body = await self.get("/status")
-        assert code == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    async def metric(self, name: str) -> float:
-        code, body = await self.get("/metrics")
-        assert code == 200, body
-        for line in body.decode().splitlines():
-            if line.split(" ")[0] == name:
-                return float(line.split(" ")[1])
-        raise AssertionError(f"no {name} in /metrics:\n{body.decode()}")
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
 
 def backend_status(status: dict[str, Any], pool_name: str, port: int) -> dict[str, Any]:
@@ -190,92 +60,11 @@ def backend_status(status: dict[str, Any], pool_name: str, port: int) -> dict[st
     raise AssertionError(f"no backend {addr(port)} in pool {pool_name}: {status['pools']}")
 
 
-async def accepts(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
-
-
-@asynccontextmanager
-async def run_proxy(tmp_path: Path, config: dict[str, Any], *, ports: list[int]) -> AsyncIterator[Proxy]:
-    """Start ``wsproxy run`` on ``config``; yield once ``ports`` and the admin port accept."""
-    config_path = tmp_path / "wsproxy.yaml"
-    log_path = tmp_path / "wsproxy.log"
-    admin_port = int(config["admin"]["bind"].rsplit(":", 1)[1])
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [*WSPROXY, "run", "-c", str(config_path)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
-        )
-    proxy = Proxy(proc, config_path, log_path, admin_port)
-    try:
-        with trio.fail_after(15):
-            for port in [*ports, admin_port]:
-                while not await accepts(port):
-                    proxy.assert_running()
-                    await trio.sleep(0.02)
-        yield proxy
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await trio.to_thread.run_sync(proc.wait, 5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await trio.to_thread.run_sync(proc.wait)
-
-
 # --- backends and clients -----------------------------------------------------------------------
 
 
-@dataclass
-class Backend:
-    """A trio-websocket echo server that answers ``NAME:message`` and records how sessions end.
-
-    Requests for ``/healthz`` (the proxy's health checks) are served but not recorded.
-    """
-
-    name: str
-    port: int = 0
-    sessions: int = 0
-    closes: list[int | None] = field(default_factory=list)  # the close code each session ended with
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    async def handler(self, request: WebSocketRequest) -> None:
-        ws = await request.accept()
-        health = request.path == "/healthz"
-        if not health:
-            self.sessions += 1
-        try:
-            while True:
-                message = await ws.get_message()
-                text = message if isinstance(message, str) else message.decode()
-                await ws.send_message(f"{self.name}:{text}")
-        except ConnectionClosed as exc:
-            if not health:
-                self.closes.append(exc.reason.code if exc.reason else None)
-
-    async def run(self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED) -> None:
-        with self.scope:
-            await serve_websocket(self.handler, "127.0.0.1", 0, None, task_status=task_status)
-
-    def stop(self) -> None:
-        """Kill it: the port is closed and its sessions are cut."""
-        self.scope.cancel()
-
-
-async def start_backend(nursery: trio.Nursery, name: str) -> Backend:
-    backend = Backend(name)
-    server = await nursery.start(backend.run)
-    backend.port = int(server.port)
-    return backend
-
-
 async def echo(ws: WebSocketConnection, message: str) -> str:
-    """Send ``message`` and return the answer (``NAME:message`` from a ``Backend``)."""
+    """Send ``message`` and return the answer (``NAME:message`` from a ``NamedBackend``)."""
     await ws.send_message(message)
     answer = await ws.get_message()
     assert isinstance(answer, str)
@@ -887,6 +676,8 @@ async def test_sessions_of_a_pool_that_lost_a_backend_drain_even_if_another_pool
 @pytest.mark.parametrize(
     ("name", "host"), [("web", "127.0.0.1"), ("public", "0.0.0.0")], ids=["renamed", "host-widened"]
 )
+
+
 async def test_a_listener_whose_port_stays_is_reloaded(nursery: trio.Nursery, tmp_path: Path, name: str, host: str) -> None:
     """Renamed with the same bind, or the same port on a wider host: the reload applies and the port accepts.
 

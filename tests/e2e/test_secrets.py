@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.e2e.test_cli import WSPROXY, ProxyProcess, write_config
-from tests.e2e.test_handshake import answer_101, start_recording_backend
-from tests.support import closed_port, raw_request, status_of
+from tests.kit.backends import answer_101, start_recording_backend
+from tests.kit.process import run_wsproxy, write_config
+from tests.kit.servers import closed_port, raw_request, status_of
 
 SECRET = b"SECRET-xyz"
 GOOD_TOKEN = SECRET + b"-accepted"
@@ -106,13 +105,7 @@ async def test_no_log_line_holds_a_credential(tmp_path: Path, fmt: str) -> None:
             port = closed_port()
             config = write_config(tmp_path, config_text(port, backend_port, fmt))
             log_path = tmp_path / "wsproxy.log"
-            with log_path.open("wb") as log_file:
-                proc = subprocess.Popen(
-                    [*WSPROXY, "run", "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
-                )
-            proxy = ProxyProcess(proc, log_path, port)
-            try:
-                await proxy.wait_listening()
+            async with run_wsproxy(config, log_path=log_path, port=port) as proxy:
                 for name, (request, status) in REFUSED.items():
                     response = await raw_request(port, request, read_timeout_s=3.0)
                     assert response and status_of(response) == status, (name, response[:80])
@@ -127,10 +120,6 @@ async def test_no_log_line_holds_a_credential(tmp_path: Path, fmt: str) -> None:
                     assert status_of(response) == 101, response[:80]
                 proxy.signal(signal.SIGTERM)
                 assert await proxy.wait_exit(10) == 0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                await trio.to_thread.run_sync(proc.wait)
             nursery.cancel_scope.cancel()
     lines = log_path.read_bytes().splitlines()
     refused = [line for line in lines if b"refused" in line and b"status" in line]

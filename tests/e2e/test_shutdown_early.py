@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.support import make_config
+from tests.kit.servers import make_config
 from wsproxy.app import App
 
 

@@ -36,8 +36,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.e2e.test_admin import AdminClient, call
-from tests.support import make_config, start_proxy, start_ws_backend
+from tests.kit.admin import AdminClient, call
+from tests.kit.servers import make_config, start_proxy, start_ws_backend
 from wsproxy.app import App
 from wsproxy.config.schema import Address, AdminConfig, DrainConfig, HealthConfig, PoolName
 from wsproxy.control.admin import serve_admin

@@ -35,7 +35,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.support import closed_port, start_ws_backend
+from tests.kit.process import run_wsproxy
+from tests.kit.servers import closed_port, start_ws_backend
 from wsproxy.config.schema import ShutdownConfig
 
 ROOT = Path(__file__).parents[2]
@@ -50,7 +51,6 @@ ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
     ANALYZE is None, reason="systemd-analyze is not installed (Debian: apt-get install -y systemd)"
 )
-
 
 
 def directives(path: Path) -> list[tuple[str, str, str]]:
@@ -220,13 +220,6 @@ def write_config(tmp_path: Path, port: int, backend_port: int) -> Path:
     return path
 
 
-async def wait_exit(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
-    with trio.fail_after(timeout_s):
-        while proc.poll() is None:
-            await trio.sleep(0.02)
-    return proc.returncode
-
-
 async def echo_once(port: int) -> None:
     with trio.fail_after(15):
         async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
@@ -243,8 +236,7 @@ async def test_run_notifies_ready_reloading_stopping(tmp_path: Path, nursery: tr
     config = write_config(tmp_path, port, backend_port)
     async with manager_socket(tmp_path) as manager:
         env = {**os.environ, "NOTIFY_SOCKET": manager.path, "WATCHDOG_USEC": "1000000"}
-        proc = subprocess.Popen([sys.executable, "-m", "wsproxy", "run", "-c", str(config)], env=env)
-        try:
+        async with run_wsproxy(config, env=env) as proxy:
             ready = await manager.until("READY")
             assert ready["READY"] == "1"
             started = GENERATION.match(ready["STATUS"])
@@ -253,7 +245,7 @@ async def test_run_notifies_ready_reloading_stopping(tmp_path: Path, nursery: tr
 
             await manager.until("WATCHDOG")  # WATCHDOG_USEC=1s: a ping every 0.5 s
 
-            proc.send_signal(signal.SIGHUP)
+            proxy.signal(signal.SIGHUP)
             reloading = await manager.until("RELOADING")
             assert reloading["RELOADING"] == "1"
             assert int(reloading["MONOTONIC_USEC"]) > 0
@@ -262,13 +254,9 @@ async def test_run_notifies_ready_reloading_stopping(tmp_path: Path, nursery: tr
             assert generation, reloaded
             assert int(generation[2]) == int(started[2]) + 1
 
-            proc.send_signal(signal.SIGTERM)
+            proxy.signal(signal.SIGTERM)
             assert (await manager.until("STOPPING"))["STOPPING"] == "1"
-            assert await wait_exit(proc) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            assert await proxy.wait_exit(15) == 0
 
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -286,24 +274,13 @@ async def test_socket_activation_uses_the_passed_socket(tmp_path: Path, nursery:
     port = closed_port()
     config = write_config(tmp_path, port, backend_port)
     async with manager_socket(tmp_path) as manager:
-        proc = subprocess.Popen([
+        argv = [
             SOCKET_ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=public", "-E", f"NOTIFY_SOCKET={manager.path}",
             "--", sys.executable, "-m", "wsproxy", "run", "-c", str(config),
-        ])
-        try:
-            with trio.fail_after(15):
-                while True:  # until systemd-socket-activate listens
-                    try:
-                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                        break
-                    except OSError:
-                        assert proc.poll() is None
-                        await trio.sleep(0.05)
+        ]
+        async with run_wsproxy(config, argv=argv) as proxy:
+            await proxy.wait_listening(port)  # until systemd-socket-activate listens
             await echo_once(port)
             assert (await manager.until("READY"))["READY"] == "1"
-            proc.send_signal(signal.SIGTERM)
-            assert await wait_exit(proc) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            proxy.signal(signal.SIGTERM)
+            assert await proxy.wait_exit(15) == 0

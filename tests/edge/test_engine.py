@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.wsframes import frame, parse_frames
+from tests.kit.ws import frame, parse_frames
 from wsproxy.edge.engine import HAVE_EPOLL, Engine, EngineRelay
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.relay import Outcome

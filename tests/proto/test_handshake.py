@@ -10,7 +10,6 @@ No sockets and no event loop here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -20,6 +19,7 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
 
+from tests.kit.h11_requests import BASE, Headers, KEY, edit, parse_request, request, wire_request
 from wsproxy.proto.handshake import (
     Accepted,
     Rejection,
@@ -35,48 +35,7 @@ from wsproxy.proto.handshake import (
     upstream_request,
 )
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-
-Headers = list[tuple[bytes, bytes]]
-
-BASE: Headers = [
-    (b"Host", b"example.com"),
-    (b"Upgrade", b"websocket"),
-    (b"Connection", b"Upgrade"),
-    (b"Sec-WebSocket-Key", KEY),
-    (b"Sec-WebSocket-Version", b"13"),
-]
-
-
-def edit(headers: Headers, *, drop: tuple[bytes, ...] = (), add: Sequence[tuple[bytes, bytes]] = (), **replace: bytes) -> Headers:
-    """``headers`` without ``drop``, with values replaced (``Sec_WebSocket_Key=...``), plus ``add``."""
-    replacements = {name.replace("_", "-").lower().encode(): value for name, value in replace.items()}
-    dropped = {d.lower() for d in drop}
-    out = [(n, replacements.get(n.lower(), v)) for n, v in headers if n.lower() not in dropped]
-    return out + list(add)
-
-
-def wire_request(method: bytes, target: bytes, headers: Headers, body: bytes | None = None) -> bytes:
-    """The bytes a real h11 client writes for this request."""
-    client = h11.Connection(h11.CLIENT)
-    data = client.send(h11.Request(method=method, target=target, headers=headers))
-    if body:
-        data += client.send(h11.Data(data=body))
-    return data
-
-
-def parse_request(data: bytes) -> h11.Request:
-    """What the proxy's listener gets: an h11 server reading ``data``."""
-    server = h11.Connection(h11.SERVER)
-    server.receive_data(data)
-    event = server.next_event()
-    assert isinstance(event, h11.Request), event
-    return event
-
-
-def request(headers: Headers = BASE, *, method: bytes = b"GET", target: bytes = b"/", body: bytes | None = None) -> h11.Request:
-    return parse_request(wire_request(method, target, headers, body))
 
 
 def upgrade(headers: Headers = BASE, target: bytes = b"/") -> Upgrade:
@@ -250,6 +209,8 @@ def test_raw_head_smuggling_shapes(head: bytes) -> None:
     ],
     ids=["h11 upgrade request", "one Content-Length", "a header ending in content-length"],
 )
+
+
 def test_raw_head_normal(head: bytes) -> None:
     assert check_raw_head(head) is None
 
@@ -313,6 +274,8 @@ def test_h11_errors_get_fixed_reasons(case: tuple[str, str]) -> None:
         (BASE, f"/a/../..?access_token={SECRET}".encode(), 400),
     ],
 )
+
+
 def test_refusal_reasons_never_quote_a_value_or_the_target(headers: Headers, target: bytes, status: int) -> None:
     verdict = check_upgrade(request(headers, target=target))
     assert isinstance(verdict, Rejection) and verdict.status == status
@@ -607,6 +570,8 @@ def read_response(data: bytes) -> tuple[h11.Response, bytes]:
     ],
     ids=lambda x: str(x.status) if isinstance(x, Rejection) else None,
 )
+
+
 def test_http_error_parses_with_h11(rejection: Rejection, phrase: bytes) -> None:
     response, body = read_response(http_error(rejection))
     assert response.status_code == rejection.status

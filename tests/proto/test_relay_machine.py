@@ -1,13 +1,13 @@
 """The relay machine's rules, without sockets: the README's endings table as pure tests.
 
-Input is built, and what the machine queues for each side is parsed back, with ``tests.wsframes``, a codec
+Input is built, and what the machine queues for each side is parsed back, with ``tests.kit.ws``, a codec
 written independently of the proxy's (wsproto would do, but it refuses close code 1014).
 """
 
 from __future__ import annotations
 
 import pytest
-from tests.wsframes import frame, parse_frames
+from tests.kit.ws import frame, parse_frames
 from wsproxy.config.schema import RateConfig
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.limits import MessageRate
@@ -99,6 +99,34 @@ def test_client_violation_1002_to_it_and_1001_to_the_backend() -> None:
     assert parsed(take(m.up.out), to_backend=True) == [(Opcode.TEXT, "fine"), (Opcode.CLOSE, (1001, "peer protocol error"))]
     assert parsed(take(m.down.out), to_backend=False) == [(Opcode.CLOSE, (1002, "unmasked frame from the client"))]
     assert m.closed_by is By.PROXY and m.kind is Outcome.PROTOCOL_ERROR
+
+
+def test_client_message_too_big_has_its_own_reason() -> None:
+    """Issue 17 item 8: a message over the limit is not a protocol error, in the log
+    (``reason``) or in the close the backend gets; the codes stay 1009 and 1001."""
+    m = RelayMachine(
+        FrameScanner(from_client=True, max_message_bytes=10), FrameScanner(from_client=False), close_timeout_s=5.0
+    )
+    m.feed(m.up, frame(OP_BINARY, b"x" * 11, mask=True), T0)
+    assert parsed(take(m.up.out), to_backend=True) == [(Opcode.CLOSE, (1001, "peer sent a message too big"))]
+    assert parsed(take(m.down.out), to_backend=False) == [(Opcode.CLOSE, (1009, "message of more than 10 bytes (at least 11)"))]
+    assert m.kind is Outcome.TOO_BIG
+    assert m.reason == "client sent a message of more than 10 bytes (at least 11)"
+    assert "protocol error" not in m.reason
+
+
+def test_backend_message_too_big_has_its_own_reason() -> None:
+    m = RelayMachine(
+        FrameScanner(from_client=True), FrameScanner(from_client=False, max_message_bytes=10), close_timeout_s=5.0,
+        backend_failure_code=1011,
+    )
+    m.feed(m.down, frame(OP_TEXT, b"y" * 11, mask=False), T0)
+    assert parsed(take(m.down.out), to_backend=False) == [
+        (Opcode.CLOSE, (1011, "backend sent a message of more than 10 bytes (at least 11)"))
+    ]
+    assert parsed(take(m.up.out), to_backend=True) == [(Opcode.CLOSE, (1009, "message of more than 10 bytes (at least 11)"))]
+    assert m.kind is Outcome.TOO_BIG
+    assert m.reason == "backend sent a message of more than 10 bytes (at least 11)"
 
 
 def test_backend_invalid_utf8_1007_to_it_and_the_failure_code_to_the_client() -> None:

@@ -8,7 +8,7 @@ from wsproxy.config.schema import PoolName, RouteConfig
 from wsproxy.proto.handshake import Rejection, Upgrade, check_upgrade
 from wsproxy.proto.routing import Router, host_matches, path_matches
 
-from .test_handshake import BASE, edit, request
+from tests.kit.h11_requests import BASE, edit, request
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,8 @@ from .test_handshake import BASE, edit, request
         ("*.b.example.com", "a.c.example.com", False),
     ],
 )
+
+
 def test_host_matches(pattern: str, host: str, expected: bool) -> None:
     assert host_matches(pattern, host) is expected
 
@@ -60,6 +62,8 @@ def test_host_matches(pattern: str, host: str, expected: bool) -> None:
         ("/a/b", "/a/bc", False),
     ],
 )
+
+
 def test_path_matches(prefix: str, path: str, expected: bool) -> None:
     assert path_matches(prefix, path) is expected
 
@@ -93,6 +97,8 @@ ROUTES = (
         ("example.org", "/", "default"),
     ],
 )
+
+
 def test_router_first_match_wins(host: str, path: str, pool: str) -> None:
     matched = Router(ROUTES).match(host, path)
     assert matched is not None
@@ -139,6 +145,8 @@ GUARDED = (
         ("h", b"/public/a;b", "public"),
     ],
 )
+
+
 def test_a_normalised_upgrade_is_routed_as_its_backend_reads_it(host: str, target: bytes, pool: str) -> None:
     up = check_upgrade(request(edit(BASE, Host=host.encode()), target=target))
     assert isinstance(up, Upgrade)
@@ -155,6 +163,8 @@ def test_a_normalised_upgrade_is_routed_as_its_backend_reads_it(host: str, targe
         "/..;/admin",
     ],
 )
+
+
 def test_path_parameters_that_change_the_route_are_refused(path: str) -> None:
     verdict = Router(GUARDED).route("h", path)
     assert isinstance(verdict, Rejection) and verdict.status == 400
@@ -190,7 +200,7 @@ def test_strip_headers_per_route() -> None:
         route("open"),
     )
     router = Router(routes)
-    identity = {b"x-auth-subject", b"x-user-id", b"x-tenant"}
+    identity = {b"x-auth-subject", b"x-user-id", b"x-tenant", b"x-forwarded-client-cert"}
     for r in routes:  # every route strips every identity header of the config
         assert identity <= router.strip_headers(r)
     assert DEFAULT_STRIP_HEADERS <= router.strip_headers(routes[3])

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.wsframes import frame
+from tests.kit.ws import frame
 from wsproxy.proto.frames import (
     CLOSE_INVALID_DATA,
     CLOSE_PROTOCOL_ERROR,

@@ -20,7 +20,8 @@ Theory of operation
    (config weight x the pool's slow-start factor); those that
    ``Registry.available`` says may take a session of this pool now stay in
    the running (health and ejection are the pool's own, draining and
-   capacity the address's).
+   capacity the address's), and of those only the best SRV priority
+   (``discovery.best_priority``; listed backends are 0).
 2. Stickiness, by source:
 
    - ``cookie:NAME``: a cookie that verifies pins its backend. Pinned and
@@ -52,6 +53,7 @@ from typing import Final
 
 from ..config.schema import BackendConfig, PoolConfig
 from ..control.registry import Registry, unavailable_because
+from .discovery import best_priority
 from .policy import Candidate, Selector, least_conn_order, rendezvous_order
 from .sticky import cookie_value, pinned_backend, request_cookie, set_cookie, sticky_key
 
@@ -100,6 +102,7 @@ def plan_session(
     client_ip: str,
     claims: Mapping[str, object] | None = None,
     tls: bool = False,
+    identity: str | None = None,
 ) -> Plan | NoBackend:
     """Decide where a new session of ``pool`` goes (see the module docstring)."""
     everyone = [
@@ -107,7 +110,7 @@ def plan_session(
         for b in pool.backends
         for ramp in (registry.health(pool.name, b.address),)
     ]
-    available = [c for c in everyone if registry.available(pool.name, c.backend, now)]
+    available = best_priority([c for c in everyone if registry.available(pool.name, c.backend, now)])  # SRV backups wait
     sticky = pool.sticky
 
     if sticky is None:
@@ -126,7 +129,7 @@ def plan_session(
             label = "new" if value is None else "miss"
         else:
             pin = next(c for c in everyone if c.backend is pinned)
-            if registry.available(pool.name, pin.backend, now):
+            if registry.available(pool.name, pin.backend, now):  # a pin wins over SRV priority
                 # Failover after the pin goes by least load: it leaves the selector's rotation alone.
                 rest = least_conn_order([c for c in available if c is not pin])
                 return _plan(pool, [pin, *rest], None, "hit")
@@ -138,7 +141,7 @@ def plan_session(
         order = selector.order(available, None)
         return _plan(pool, order, cookie_for(pool, order[0].backend, tls=tls), label)
 
-    key = sticky_key(sticky, headers=headers, target=target, client_ip=client_ip, claims=claims)
+    key = sticky_key(sticky, headers=headers, target=target, client_ip=client_ip, claims=claims, identity=identity)
     if key is None:
         if not available:
             return _no_backend(pool, registry, everyone, now)

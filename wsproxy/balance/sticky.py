@@ -2,7 +2,7 @@
 
 Two kinds of stickiness, both without state shared between instances:
 
-- A *key* (``header:NAME``, ``query:NAME``, ``ip``, ``claim:NAME``) is read from
+- A *key* (``header:NAME``, ``query:NAME``, ``ip``, ``claim:NAME``, ``identity``) is read from
   the request by ``sticky_key`` and hashed onto the pool by
   ``policy.rendezvous_order``: the same key lands on the same backend on every
   instance with the same config, and comes back to its backend when that
@@ -101,6 +101,7 @@ def sticky_key(
     target: bytes,
     client_ip: str,
     claims: Mapping[str, object] | None,
+    identity: str | None = None,
 ) -> bytes | None:
     """The key that ``sticky`` reads from this request, or None when the request has none.
 
@@ -117,6 +118,8 @@ def sticky_key(
         return _client_ip(client_ip)
     if source == "claim":
         return _claim(claims, sticky.name)
+    if source == "identity":  # the gate's: a token name, a JWT's identity claim, forward auth's, a certificate's
+        return identity.encode("utf-8") if identity else None
     return None
 
 

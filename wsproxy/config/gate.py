@@ -19,6 +19,7 @@ from wsproxy.config.files import MAX_CA_BUNDLE_BYTES
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     AUTH_SOURCES,
+    CLIENT_IDENTITIES,
     JWT_ALGORITHMS,
     AuthConfig,
     BackendTlsConfig,
@@ -40,8 +41,8 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     fields = r.fields(
         at,
         required=("cert", "key"),
-        optional=("sni", "client_ca", "client_cert", "session_ticket_lifetime"),
-        what="a tls mapping (cert, key, sni, client_ca, client_cert, session_ticket_lifetime)",
+        optional=("sni", "client_ca", "client_cert", "client_identity", "session_ticket_lifetime"),
+        what="a tls mapping (cert, key, sni, client_ca, client_cert, client_identity, session_ticket_lifetime)",
     )
     if fields is None:
         return None
@@ -53,8 +54,11 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
     if ticket_lifetime_s is not None and ticket_lifetime_s > MAX_TICKET_LIFETIME_S:  # RFC 8446 §4.6.1: 7 days at most
         r.error(fields["session_ticket_lifetime"], f"session_ticket_lifetime: at most 7d (RFC 8446 §4.6.1), got {ticket_lifetime_s:g}s")
         ticket_lifetime_s = None
+    client_identity = r.choice(fields.get("client_identity"), CLIENT_IDENTITIES, "client_identity")
     if client_ca is not None and client_cert is None and "client_cert" not in fields:
         client_cert = "required"  # naming a client CA means mTLS unless said otherwise
+    if client_identity is not None and "client_ca" not in fields:
+        r.error(fields["client_identity"], "client_identity needs client_ca (without client certificates there is no identity)")
     if client_cert in ("required", "optional") and "client_ca" not in fields:
         r.error(fields.get("client_cert") or at, f"client_cert: {client_cert} needs client_ca (the CA that signs client certificates)")  # type: ignore[arg-type]
         return None
@@ -75,7 +79,7 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
         key=key,
         sni=tuple(sni),
         client_ca=client_ca,
-        **given(client_cert=client_cert, session_ticket_lifetime_s=ticket_lifetime_s),
+        **given(client_cert=client_cert, client_identity=client_identity, session_ticket_lifetime_s=ticket_lifetime_s),
     )
     try:
         context = server_context(tls)
@@ -136,8 +140,8 @@ def origins(r: Reader, at: At | None) -> tuple[str, ...] | None:
 def auth(r: Reader, at: At | None) -> AuthConfig | None:
     fields = r.fields(
         at,
-        optional=("sources", "identity_header", "tokens", "tokens_file", "jwt", "forward"),
-        what="an auth mapping (sources, identity_header, and one of tokens, jwt, forward)",
+        optional=("sources", "identity_header", "tokens", "tokens_file", "jwt", "forward", "enforce_expiry", "revoked_file"),
+        what="an auth mapping (sources, identity_header, enforce_expiry, revoked_file, and one of tokens, jwt, forward)",
     )
     if at is None or fields is None:
         return None
@@ -148,14 +152,37 @@ def auth(r: Reader, at: At | None) -> AuthConfig | None:
     mode = modes[0]
     sources = _sources(r, fields.get("sources"))
     identity_header = r.text(fields.get("identity_header"), "a header name")
+    common = given(sources=sources, identity_header=identity_header, **_lifetime(r, fields, mode))
     if mode == "tokens":
         tokens = _tokens(r, fields.get("tokens"), fields.get("tokens_file"))
-        return AuthConfig(mode=mode, tokens=tokens, **given(sources=sources, identity_header=identity_header))
+        return AuthConfig(mode=mode, tokens=tokens, **common)
     if mode == "jwt":
         jwt = _jwt(r, fields["jwt"])
-        return AuthConfig(mode=mode, jwt=jwt, **given(sources=sources, identity_header=identity_header))
+        return AuthConfig(mode=mode, jwt=jwt, **common)
     forward = _forward(r, fields["forward"])
-    return AuthConfig(mode=mode, forward=forward, **given(sources=sources, identity_header=identity_header))
+    return AuthConfig(mode=mode, forward=forward, **common)
+
+
+def _lifetime(r: Reader, fields: dict[str, At], mode: str) -> dict[str, object]:
+    """``enforce_expiry`` (jwt only: static tokens do not expire, forward auth has ``lifetime_from``)
+    and ``revoked_file`` (read now, so that every reload re-reads it)."""
+    from wsproxy.proto.lifetime import parse_revoked
+
+    values: dict[str, object] = {}
+    enforce = r.boolean(fields.get("enforce_expiry"))
+    if enforce and mode != "jwt":
+        hint = "forward auth bounds sessions with forward.lifetime_from" if mode == "forward" else "static tokens do not expire"
+        r.error(fields["enforce_expiry"], f"enforce_expiry needs jwt auth ({hint})")
+    elif enforce is not None:
+        values["enforce_expiry"] = enforce
+    read = r.read(fields.get("revoked_file"))
+    if read is not None:
+        try:
+            values["revoked"] = parse_revoked(read[1].decode("utf-8"))
+            values["revoked_file"] = read[0]
+        except (ValueError, UnicodeDecodeError) as exc:
+            r.error(fields["revoked_file"], f"{read[0]}: {exc}")
+    return values
 
 
 def _sources(r: Reader, at: At | None) -> tuple[str, ...] | None:
@@ -335,8 +362,8 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
     fields = r.fields(
         at,
         required=("url",),
-        optional=("send_headers", "copy_headers", "timeout", "cache"),
-        what="a forward mapping (url, send_headers, copy_headers, timeout, cache)",
+        optional=("send_headers", "copy_headers", "timeout", "cache", "identity_from", "lifetime_from"),
+        what="a forward mapping (url, send_headers, copy_headers, timeout, cache, identity_from, lifetime_from)",
     )
     if fields is None:
         return None
@@ -358,12 +385,14 @@ def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
             copy_headers=r.strings(fields.get("copy_headers"), "header names"),
             timeout_s=r.duration(fields.get("timeout")),
             cache_s=cache,
+            identity_from=r.text(fields.get("identity_from"), "a header name"),
+            lifetime_from=r.text(fields.get("lifetime_from"), "a header name"),
         ),
     )
     try:
         check_header_names(forward)
     except ValueError as exc:
-        r.error(at, str(exc))
+        r.error(fields["identity_from"] if str(exc).startswith("identity_from") else at, str(exc))
         return None
     return forward
 

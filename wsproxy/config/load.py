@@ -39,6 +39,7 @@ from wsproxy.config.compose import compose
 from wsproxy.config.pools import pools
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
+    IDENTITY_POLICIES,
     Address,
     AdminConfig,
     Config,
@@ -280,9 +281,15 @@ def _routes(
                 "path_ignore_case",
                 "strip_headers",
                 "strip_headers_default",
+                "subprotocols",
+                "subprotocol_required",
+                "subprotocol",
+                "client_cert_header",
+                "max_session_age",
             ),
             what="a route (host, path, pool, origins, allow_missing_origin, auth, keepalive, "
-            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default)",
+            "validate_utf8, backend_failure_close_code, path_ignore_case, strip_headers, strip_headers_default, "
+            "subprotocols, subprotocol_required, subprotocol, client_cert_header, max_session_age)",
         )
         if fields is None:
             continue
@@ -297,6 +304,13 @@ def _routes(
         path_ignore_case = r.boolean(fields.get("path_ignore_case"))
         strip_headers = _strip_headers(r, fields.get("strip_headers"))
         strip_headers_default = r.boolean(fields.get("strip_headers_default"))
+        subprotocols = _subprotocols(r, fields.get("subprotocols"))
+        subprotocol_required = r.boolean(fields.get("subprotocol_required"))
+        subprotocol = _subprotocol(r, fields.get("subprotocol"))
+        if subprotocol is not None and subprotocols is not None and subprotocol not in subprotocols:
+            r.error(fields["subprotocol"], f"the route matches on subprotocol {quote(subprotocol)}, which its subprotocols list does not allow")
+        client_cert_header = _client_cert_header(r, fields.get("client_cert_header"))
+        max_session_age = r.duration(fields.get("max_session_age"))  # proto.lifetime: ±10 %, then 1012
         pool = r.text(fields.get("pool"), "a pool name")
         if pool is None:
             continue
@@ -308,8 +322,12 @@ def _routes(
                 origins=origins,
                 auth=auth,
                 keepalive=keepalive,
+                subprotocols=subprotocols,
+                subprotocol=subprotocol,
+                client_cert_header=client_cert_header,
                 **given(
                     host=host,
+                    subprotocol_required=subprotocol_required,
                     path=path,
                     allow_missing_origin=allow_missing,
                     validate_utf8=validate_utf8,
@@ -317,6 +335,7 @@ def _routes(
                     path_ignore_case=path_ignore_case,
                     strip_headers=strip_headers,
                     strip_headers_default=strip_headers_default,
+                    max_session_age_s=max_session_age,
                 ),
             )
         )
@@ -329,15 +348,21 @@ def _routes(
 def _check_shadowed(r: Reader, route: RouteConfig, at: At, earlier: list[tuple[RouteConfig, At]]) -> None:
     """A route that an earlier one covers entirely never matches (first match wins): an error.
 
-    Covers: the earlier host pattern matches every host this one does, and the
-    earlier path prefix every path (``proto.routing``'s rules).
+    Covers: the earlier host pattern matches every host this one does, the
+    earlier path prefix every path, and the earlier route matches on no
+    subprotocol or on the one this route matches on (``proto.routing``'s rules).
     """
     for before, before_at in earlier:
-        if host_pattern_covers(before.host, route.host) and path_matches(before.path, route.path):
+        if (
+            host_pattern_covers(before.host, route.host)
+            and path_matches(before.path, route.path)
+            and (before.subprotocol is None or before.subprotocol == route.subprotocol)
+        ):
+            matching = f", subprotocol {quote(before.subprotocol)}" if before.subprotocol is not None else ""
             r.error(
                 at,
                 f"this route never matches: {before_at.path} ({r.where(before_at.node, at.node)}, host"
-                f" {quote(before.host)}, path {quote(before.path)}) comes first and takes every request it would;"
+                f" {quote(before.host)}, path {quote(before.path)}{matching}) comes first and takes every request it would;"
                 " put the narrower route first",
             )
             return
@@ -425,6 +450,41 @@ def _strip_headers(r: Reader, at: At | None) -> tuple[str, ...] | None:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+def _subprotocol(r: Reader, at: At | None) -> str | None:
+    """A subprotocol name: an RFC 7230 token (RFC 6455 §4.1, Sec-WebSocket-Protocol)."""
+    name = r.text(at, "a subprotocol name")
+    if at is None or name is None:
+        return None
+    if not _HEADER_NAME.fullmatch(name):
+        r.error(at, f"a subprotocol name is a token (letters, digits and !#$%&'*+-.^_`|~), got {quote(name)}")
+        return None
+    return name
+
+
+def _subprotocols(r: Reader, at: At | None) -> tuple[str, ...] | None:
+    names = r.strings(at, "subprotocol names")
+    if at is None or names is None:
+        return None
+    for index, name in enumerate(names):
+        _subprotocol(r, At(at.node.value[index], f"{at.path}[{index}]"))
+    return names  # [] is a policy too: only requests that offer no subprotocol
+
+
+def _client_cert_header(r: Reader, at: At | None) -> str | None:
+    """The header that carries the client certificate upstream (Envoy's XFCC format)."""
+    name = r.text(at, "a header name")
+    if at is None or name is None:
+        return None
+    canonical = name.lower().replace("_", "-")
+    if not _HEADER_NAME.fullmatch(name):
+        r.error(at, f"expected a header name, got {quote(name)}")
+    elif canonical.startswith(_UNSTRIPPABLE) or canonical.encode("latin-1") in FORWARDING_HEADERS:
+        r.error(at, f"{name} is a header the proxy or the handshake owns")
+    else:
+        return name
+    return None
+
+
 def _timeouts(r: Reader, at: At | None) -> TimeoutsConfig:
     fields = r.fields(
         at, optional=("handshake", "connect", "upstream_handshake", "idle", "reload"), null_is_empty=True
@@ -452,6 +512,8 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
             "max_connections_per_ip",
             "handshake_rate_per_ip",
             "max_message_rate",
+            "max_sessions_per_identity",
+            "on_identity_limit",
         ),
         null_is_empty=True,
     )
@@ -465,6 +527,8 @@ def _limits(r: Reader, at: At | None) -> LimitsConfig:
             max_message_bytes=r.size(fields.get("max_message_bytes"), minimum=0),  # 0 = unlimited
             max_connections=r.integer(fields.get("max_connections"), 0, 10_000_000),
             max_connections_per_ip=r.integer(fields.get("max_connections_per_ip"), 0, 10_000_000),
+            max_sessions_per_identity=r.integer(fields.get("max_sessions_per_identity"), 0, 10_000_000),
+            on_identity_limit=r.choice(fields.get("on_identity_limit"), IDENTITY_POLICIES, "on_identity_limit"),
         ),
     )
 

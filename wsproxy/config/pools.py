@@ -6,6 +6,7 @@ missing or empty secret is a config error with its position, like any other.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 
 from yaml.nodes import Node, ScalarNode
@@ -15,15 +16,18 @@ from wsproxy.config.durations import quote
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     BALANCE_ALGORITHMS,
+    DISCOVERY_TYPES,
     HEALTH_CHECK_TYPES,
     STICKY_SOURCES,
     Address,
     BackendConfig,
+    DiscoveryConfig,
     DrainConfig,
     HealthConfig,
     PassiveHealthConfig,
     PoolConfig,
     PoolName,
+    RebalanceConfig,
     StickyConfig,
     StickyCookieConfig,
 )
@@ -33,6 +37,12 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 #: The smallest secret accepted for signing sticky cookies.
 MIN_SECRET_BYTES = 16
+
+#: The shortest ``discovery.interval``: a lookup per second per pool at most.
+MIN_DISCOVERY_INTERVAL_S = 1.0
+
+#: A DNS name: labels of letters, digits, "-" and "_" (SRV's "_ws._tcp"), dot-separated, an optional final dot.
+_DNS_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
 
 def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str] | None]:
@@ -48,14 +58,19 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         name = r.name(name_at, "a pool name")
         fields = r.fields(
             pool_at,
-            required=("backends",),
-            optional=("balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health", "passive", "tls", "drain"),
+            optional=(
+                "backends", "discovery", "balance", "hash_balance_factor", "retries", "slow_start", "sticky", "health",
+                "passive", "tls", "drain", "rebalance",
+            ),
             what="a pool (balance, backends, ...)",
         )
         if fields is None:
             continue
+        if "backends" not in fields and "discovery" not in fields:
+            r.error(pool_at, 'a pool needs "backends", "discovery" (backends from DNS) or both')
         balance = r.choice(fields.get("balance"), BALANCE_ALGORITHMS, "balance algorithm")
-        backends = _backends(r, fields.get("backends"))
+        discovery = _discovery(r, fields.get("discovery"))
+        backends = _backends(r, fields.get("backends"), empty_ok="discovery" in fields)
         factor = _balance_factor(r, fields.get("hash_balance_factor"))
         retries = r.integer(fields.get("retries"), 0, 10)
         slow_start = r.duration(fields.get("slow_start"))
@@ -64,6 +79,7 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         passive = _passive(r, fields.get("passive"))
         tls, tls_context = gate.backend_tls(r, fields.get("tls"))
         drain = _drain(r, fields.get("drain"))
+        rebalance = _rebalance(r, fields.get("rebalance"))
         if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
             backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
         elif any(b.tls for b in backends):
@@ -77,6 +93,8 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 passive=passive,
                 tls=tls,
                 tls_context=tls_context,
+                discovery=discovery,
+                rebalance=rebalance,
                 **given(
                     drain=drain,
                     balance=balance,
@@ -89,11 +107,11 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
     return result, set(entries)
 
 
-def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
+def _backends(r: Reader, at: At | None, *, empty_ok: bool = False) -> tuple[BackendConfig, ...]:
     items = r.items(at, "backends")
     if at is None or items is None:
         return ()
-    if not items:
+    if not items and not empty_ok:
         r.error(at, "a pool needs at least one backend")
     addresses: dict[Address, Node] = {}
     backends = []
@@ -127,6 +145,66 @@ def _backends(r: Reader, at: At | None) -> tuple[BackendConfig, ...]:
     return tuple(backends)
 
 
+def _discovery(r: Reader, at: At | None) -> DiscoveryConfig | None:
+    """``discovery: {dns, type, port, interval, resolvers, on_error}``: backends from DNS."""
+    fields = r.fields(
+        at,
+        required=("dns", "type"),
+        optional=("port", "interval", "resolvers", "on_error"),
+        what="a discovery mapping (dns, type, port, interval, resolvers, on_error)",
+    )
+    if fields is None:
+        return None
+    name = r.text(fields.get("dns"), "a DNS name")
+    if name is not None and not _DNS_NAME.fullmatch(name):
+        r.error(fields["dns"], f'expected a DNS name like "chat.default.svc.cluster.local", got {quote(name)}')
+        name = None
+    kind = r.choice(fields.get("type"), DISCOVERY_TYPES, "record type")
+    port = r.integer(fields.get("port"), 1, 65535)
+    if kind in ("A", "AAAA") and "port" not in fields:
+        r.error(fields["type"], f'type {kind} needs "port" beside it (the backends\' port: {kind} records carry none)')
+    elif kind == "SRV" and "port" in fields:
+        r.error(fields["port"], "port applies to A and AAAA lookups only (SRV records carry the port)")
+        port = None
+    interval = r.duration(fields.get("interval"))
+    if interval is not None and interval < MIN_DISCOVERY_INTERVAL_S:
+        r.error(fields["interval"], f"must be at least {MIN_DISCOVERY_INTERVAL_S:g}s, got {interval:g}s")
+        interval = None
+    resolvers = _resolvers(r, fields.get("resolvers"))
+    on_error = r.choice(fields.get("on_error"), ("keep", "empty"), "on_error")
+    if name is None or kind is None or (kind != "SRV" and port is None):
+        return None
+    return DiscoveryConfig(
+        dns=name,
+        type=kind,
+        **given(port=port, interval_s=interval, resolvers=resolvers, on_error=on_error),
+    )
+
+
+def _resolvers(r: Reader, at: At | None) -> tuple[Address, ...] | None:
+    """DNS servers as ``"ip:port"`` (``"[v6]:port"``): a name would need a resolver to find the resolver."""
+    items = r.items(at, '"ip:port" strings')
+    if at is None or items is None:
+        return None
+    if not items:
+        r.error(at, "expected at least one resolver; leave resolvers out to use the system's")
+        return None
+    seen: dict[Address, Node] = {}
+    result = []
+    for item in items:
+        address = r.address(item, allow_port_zero=False)
+        if address is None:
+            continue
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            r.error(item, f'a resolver is an IP address and a port ("127.0.0.1:53", "[::1]:53"), got {quote(str(address))}')
+            continue
+        r.unique(seen, address, item, "resolver")
+        result.append(address)
+    return tuple(result)
+
+
 def _balance_factor(r: Reader, at: At | None) -> int | None:
     """A percentage above 100 (125 = no backend above 1.25 x the mean), or 0 for no bound."""
     factor = r.integer(at, 0, 10_000)
@@ -140,15 +218,16 @@ def _sticky(r: Reader, at: At | None) -> StickyConfig | None:
     fields = r.fields(at, required=("key",), optional=("cookie", "on_unavailable"), what="a sticky mapping (key, cookie, on_unavailable)")
     if fields is None:
         return None
-    key = r.text(fields.get("key"), '"cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME"')
+    key = r.text(fields.get("key"), '"cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity"')
     on_unavailable = r.choice(fields.get("on_unavailable"), ("repick", "reject"), "on_unavailable")
     cookie = _cookie(r, fields.get("cookie"))
     if key is None:
         return None
     source, _, name = key.partition(":")
     key_at = fields["key"]
-    if source not in STICKY_SOURCES or (source == "ip") != (name == "") or (source != "ip" and not name.strip()):
-        r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip" or "claim:NAME", got {quote(key)}')
+    bare = source in ("ip", "identity")  # the sources without a name
+    if source not in STICKY_SOURCES or bare != (name == "") or (not bare and not name.strip()):
+        r.error(key_at, f'expected "cookie:NAME", "header:NAME", "query:NAME", "ip", "claim:NAME" or "identity", got {quote(key)}')
         return None
     if source in ("cookie", "header") and not _TOKEN.fullmatch(name):
         r.error(key_at, f"a {source} name is an HTTP token (letters, digits and !#$%&'*+-.^_`|~), got {quote(name)}")
@@ -246,3 +325,36 @@ def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:
             max_ejected_percent=r.integer(fields.get("max_ejected_percent"), 0, 100),
         )
     )
+
+
+def _rebalance(r: Reader, at: At | None) -> RebalanceConfig | None:
+    """``rebalance: {max_skew: 1.25, rate: 1%/min, sticky: false}`` (balance.rebalance)."""
+    from wsproxy.balance.rebalance import parse_fraction_rate
+
+    fields = r.fields(
+        at, optional=("max_skew", "rate", "sticky"), what='a rebalance mapping (max_skew, rate: "1%/min", sticky)',
+        null_is_empty=True,
+    )
+    if fields is None:
+        return None
+    skew_at = fields.get("max_skew")
+    skew = None
+    if skew_at is not None:
+        text = r.text(skew_at, "a number above 1, like 1.25")
+        try:
+            skew = float(text) if text is not None else None
+        except ValueError:
+            skew = None
+        if text is not None and (skew is None or not 1 < skew <= 100):
+            r.error(skew_at, f"expected a number above 1 (and at most 100), like 1.25, got {quote(text)}")
+            skew = None
+    rate_at = fields.get("rate")
+    rate = None
+    rate_text = r.text(rate_at, 'a share of sessions per time, like "1%/min"')
+    if rate_at is not None and rate_text is not None:
+        try:
+            rate = parse_fraction_rate(rate_text)
+        except ValueError as exc:
+            r.error(rate_at, str(exc))
+    sticky = r.boolean(fields.get("sticky"))
+    return RebalanceConfig(**given(max_skew=skew, rate_per_s=rate, sticky=sticky))

@@ -21,14 +21,22 @@ ListenerName = NewType("ListenerName", str)
 BALANCE_ALGORITHMS = ("round_robin", "least_conn", "random_two", "hash")
 
 #: Where a sticky key comes from (``pools.NAME.sticky.key``): "cookie:NAME",
-#: "header:NAME", "query:NAME", "ip", "claim:NAME".
-STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim")
+#: "header:NAME", "query:NAME", "ip", "claim:NAME", "identity" (the session's, whatever the auth kind).
+STICKY_SOURCES = ("cookie", "header", "query", "ip", "claim", "identity")
 
 HEALTH_CHECK_TYPES = ("tcp", "http", "websocket")
+IDENTITY_POLICIES = ("refuse", "close_oldest")  # limits.on_identity_limit
+
+#: The record types ``pools.NAME.discovery.type`` may look up.
+DISCOVERY_TYPES = ("A", "AAAA", "SRV")
 
 #: Where credentials are looked for (``routes[].auth.sources``): "header"
 #: (Authorization: Bearer), "cookie:NAME", "query:NAME", "subprotocol".
 AUTH_SOURCES = ("header", "cookie", "query", "subprotocol")
+
+#: What a listener takes as the identity of a client certificate (``listeners[].tls.client_identity``):
+#: the subject's CN, or the first URI, DNS or e-mail subjectAltName.
+CLIENT_IDENTITIES = ("subject_cn", "san_uri", "san_dns", "san_email")
 
 #: JWT algorithms wsproxy accepts in ``routes[].auth.jwt.algorithms`` ("none" never).
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -67,6 +75,7 @@ class TlsConfig:
     client_ca: str | None = None  # PEM CA bundle for client certificates (mTLS)
     client_cert: str = "off"  # required | optional | off
     session_ticket_lifetime_s: float = 3600.0  # ticket keys rotate this often; tickets live this long; 0 = no resumption
+    client_identity: str = "subject_cn"  # which part of a client certificate is the identity (CLIENT_IDENTITIES)
     context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
 
 
@@ -110,6 +119,8 @@ class ForwardAuthConfig:
     copy_headers: tuple[str, ...] = ()  # from its 2xx answer into the upstream request
     timeout_s: float = 2.0
     cache_s: float = 0.0  # allow answers cached by the forwarded credentials; 0 = off
+    identity_from: str | None = None  # the header of its 2xx answer that names the identity; None = no identity
+    lifetime_from: str | None = None  # header of its 2xx answer: seconds the session may live (proto.lifetime)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +131,9 @@ class AuthConfig:
     tokens: tuple[TokenConfig, ...] = ()  # tokens mode: from `tokens` and/or `tokens_file`
     jwt: JwtConfig | None = None
     forward: ForwardAuthConfig | None = None
+    enforce_expiry: bool = False  # jwt: close the session (1008) once its token's exp + leeway has passed
+    revoked_file: str | None = None  # one jti or subject a line: refused at the gate, closed after a reload
+    revoked: frozenset[str] = field(default=frozenset(), repr=False)  # read from revoked_file (every reload re-reads it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +156,11 @@ class RouteConfig:
     path_ignore_case: bool = False  # the path prefix matches ASCII letters case-insensitively ("/Admin" is "/admin")
     strip_headers: tuple[str, ...] = ()  # client headers never passed upstream, on top of the default list
     strip_headers_default: bool = True  # also strip handshake.DEFAULT_STRIP_HEADERS (client-IP, scheme, URL overrides)
+    subprotocols: tuple[str, ...] | None = None  # the client's offer is filtered to these (its order kept); None = any
+    subprotocol_required: bool = False  # an empty offer (after credentials are taken out) is refused (400)
+    subprotocol: str | None = None  # a match key: the route only takes requests that offer this subprotocol
+    client_cert_header: str | None = None  # the client certificate upstream in this header, Envoy's XFCC format
+    max_session_age_s: float | None = None  # close with 1012 after this long (±10 %); None = no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +179,8 @@ class BackendConfig:
     tls: bool = False  # "wss://host:port" in the YAML, or the pool has a tls mapping
     weight: int = 1  # relative share of new sessions, 1..1000
     max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
+    source: str = "config"  # "config" (the backends list) | "dns" (found by the pool's discovery)
+    priority: int = 0  # SRV priority, lower first: only the best priority with an available backend is used
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +194,7 @@ class StickyCookieConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StickyConfig:
     source: str  # one of STICKY_SOURCES
-    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip)
+    name: str = ""  # the cookie, header, query parameter or claim name ("" for ip and identity)
     cookie: StickyCookieConfig | None = None  # required when source == "cookie"
     on_unavailable: str = "repick"  # repick | reject (503) when the pinned backend cannot take the session
 
@@ -207,10 +228,29 @@ class DrainConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryConfig:
+    """Backends from DNS (``pools.NAME.discovery``), looked up by ``control.discovery``."""
+
+    dns: str  # the name to look up, e.g. "chat.default.svc.cluster.local" or "_ws._tcp.chat.service.consul"
+    type: str  # one of DISCOVERY_TYPES
+    port: int = 0  # A/AAAA: the backends' port (required there); SRV records carry their own
+    interval_s: float = 5.0  # the longest time between two lookups; a shorter TTL looks again sooner (>= 1s)
+    resolvers: tuple[Address, ...] = ()  # DNS servers to ask (IP literals, UDP then TCP); () = the system's
+    on_error: str = "keep"  # keep | empty: the discovered set after a failed lookup
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebalanceConfig:
+    max_skew: float = 1.25  # a serving backend above max_skew x its fair share of sessions is over-loaded
+    rate_per_s: float = 0.01 / 60  # closes (1012, oldest first) at most this share of the pool's sessions per second
+    sticky: bool = False  # also on a pool with sticky routing (its clients come back to the same backend)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     name: PoolName
     balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
-    backends: tuple[BackendConfig, ...]  # at least one, addresses unique within the pool
+    backends: tuple[BackendConfig, ...]  # addresses unique; at least one without discovery; found ones included
     hash_balance_factor: int = 0  # hash only: no backend above ceil(factor/100 x mean) sessions; 0 = off, else > 100
     retries: int = 2  # failed connects or upgrades retried on another backend before the client sees an error
     slow_start_s: float = 0.0  # a backend that becomes healthy ramps its weight up over this time; 0 = off
@@ -220,6 +260,8 @@ class PoolConfig:
     tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
     tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
     drain: DrainConfig = DrainConfig()
+    discovery: DiscoveryConfig | None = None  # backends from DNS, beside (after) the listed ones
+    rebalance: RebalanceConfig | None = None  # off when absent (balance.rebalance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +288,8 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # 429 beyond it; 0 = no limit
     handshake_rate_per_ip: RateConfig | None = None  # token bucket per client address; 429 + Retry-After
     max_message_rate: RateConfig | None = None  # per session and direction; close 1008 to the sender
+    max_sessions_per_identity: int = 0  # per identity (auth, else the sticky key); 0 = no limit
+    on_identity_limit: str = "refuse"  # one of IDENTITY_POLICIES: refuse (429 + Retry-After) | close_oldest (1008 to the oldest)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,15 @@ Routes (everything else is 404):
   percent-decoded (``127.0.0.1%3A9001`` or ``127.0.0.1:9001``, ``[::1]:9001``);
   the answer is ``{"pool", "backend", "draining", "changed"}``, or 404 when the
   pool or backend is unknown. Each is logged at INFO.
+- ``GET /sessions``: the established sessions, filtered and paged
+  (``control.sessions``: ``route``, ``pool``, ``backend``, ``identity``,
+  ``peer``, ``limit``, ``cursor``; 400 for anything else), as
+  ``{"sessions": [...], "next": CURSOR | null}``.
+- ``POST /sessions/ID/close`` and ``POST /identities/IDENTITY/close``: close
+  one session (404 when there is no such session) or every session of an
+  identity, with the optional JSON body ``{"code", "reason"}`` (400 when
+  invalid; default 1008); the answer is ``{"closed": N}``
+  (``control.session_admin``, which logs each close).
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When a token is set, every request but the page's needs
@@ -41,7 +50,7 @@ path segment gets 400. Each refusal is logged with its reason; every value
 from the request is written with ``log.field``, so none can forge a line.
 
 Limits: a request head of at most 16 KiB (431 beyond), a body of at most 64
-KiB (413 beyond; bodies are read and ignored), 10 s for a whole request from
+KiB (413 beyond; read by the close routes, ignored elsewhere), 10 s for a whole request from
 its first byte being awaited to the last byte of the answer (an idle
 keep-alive connection is closed after that long). A malformed request gets
 the status h11 hints (400, 431...) and its connection is closed; the listener
@@ -73,12 +82,14 @@ from ..log import field as logged
 from .admin_policy import AdminSite, Refusal, check_request, path_segments
 from .metrics import Metrics
 from .registry import Registry
+from .session_admin import SessionControl
+from .sessions import CloseOrder, parse_close_body, parse_query, select
 
 # One logger for everything the admin listener does, so an operator follows one name.
 log = logging.getLogger("wsproxy.control.admin")
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers
-MAX_BODY_BYTES = 64 * 1024  # a POST body, read and ignored
+MAX_BODY_BYTES = 64 * 1024  # a POST body (read by the close routes, ignored elsewhere)
 REQUEST_TIMEOUT_S = 10.0  # one request, from waiting for it to the end of the answer
 CLOSE_LINGER_S = 2.0  # after the last answer, for the client to read it before the socket goes
 
@@ -108,6 +119,7 @@ class AdminApp(Protocol):
 
     metrics: Metrics
     registry: Registry
+    session_control: SessionControl  # GET /sessions and the close routes
 
     def status(self) -> dict[str, object]:
         """The JSON body of ``GET /status``."""
@@ -184,6 +196,7 @@ async def _one_request(
         request = await _read_head(channel, conn)
         if not isinstance(request, h11.Request):
             return False  # closed between requests
+        body: list[bytes] = []
         body_bytes = 0
         while True:
             event = await _next_event(channel, conn)
@@ -191,6 +204,7 @@ async def _one_request(
                 break
             if isinstance(event, h11.Data):
                 body_bytes += len(event.data)
+                body.append(bytes(event.data))
                 if body_bytes > MAX_BODY_BYTES:
                     await _send(channel, conn, request, _text(413, f"request body over {MAX_BODY_BYTES} bytes"), close=True)
                     return False
@@ -200,7 +214,7 @@ async def _one_request(
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
-    answer = _answer(request, server, site, peer)
+    answer = _answer(request, server, site, peer, b"".join(body))
     if answer is _RELOAD:
         # A reload may take up to timeouts.reload: the request's own deadline grows to match.
         scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
@@ -287,7 +301,7 @@ _UPGRADE: _Answer = (0, [], b"")
 HEALTH_PATHS = (["healthz"], ["ready"])
 
 
-def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str) -> _Answer:
+def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str, body: bytes = b"") -> _Answer:
     """The response to one complete request (sans-I/O but for the App's own calls and the log)."""
     app, token = server.app, server.token
     method = request.method.decode("ascii", "replace")
@@ -340,6 +354,17 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
                 content_type, body = app.render_metrics(accept)
                 return 200, [(b"Content-Type", content_type.encode())], body
             return _json(200, app.status())
+        if segments == ["sessions"]:
+            if method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            return _sessions(app, request.target)
+        if len(segments) == 3 and segments[0] in ("sessions", "identities") and segments[2] == "close":
+            if method != "POST":
+                return _not_allowed("POST")
+            order = parse_close_body(body)
+            if isinstance(order, str):
+                return _json(400, {"error": order})
+            return _close(app, segments[0], segments[1], order, peer)
         if len(segments) == 5 and segments[0] == "pools" and segments[2] == "backends" and segments[4] in _ACTIONS:
             if method != "POST":
                 return _not_allowed("POST")
@@ -393,7 +418,7 @@ def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
 
 
 def _path(target: bytes) -> bytes:
-    """The target without its query: the admin API takes no query, and a query is no business of the log."""
+    """The target without its query (only ``GET /sessions`` reads one, and a query is no business of the log)."""
     return target.split(b"?", 1)[0]
 
 
@@ -429,6 +454,42 @@ def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
     except OSError as exc:
         log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
     return files
+
+
+#: The answer of the sessions routes where there are no sessions to list (a supervisor).
+NO_SESSIONS_API = "workers > 1: the sessions API is per worker and not aggregated by the supervisor yet"
+
+
+def _sessions(app: AdminApp, target: bytes) -> _Answer:
+    """``GET /sessions``: one page of the established sessions."""
+    _, _, query_bytes = target.partition(b"?")
+    try:
+        query_text = query_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        return _json(400, {"error": "the query string is not ASCII (percent-encode it)"})
+    query = parse_query(query_text)
+    if isinstance(query, str):
+        return _json(400, {"error": query})
+    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
+        return _json(501, {"error": NO_SESSIONS_API})
+    page, cursor = select(app.session_control.records(), query)
+    return _json(200, {"sessions": [r.as_json() for r in page], "next": cursor})
+
+
+def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) -> _Answer:
+    """``POST /sessions/ID/close`` or ``POST /identities/IDENTITY/close``."""
+    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
+        return _json(501, {"error": NO_SESSIONS_API})
+    control = app.session_control
+    if kind == "sessions":
+        closed = control.close_session(name, order, by=peer)
+        if closed is None:
+            log.info("event=admin action=close_session conn=%s result=unknown peer=%s", logged(name), peer)
+            return _json(404, {"error": "no such session", "id": name})
+    else:
+        closed = control.close_identity(name, order, by=peer)
+        log.info("event=admin action=close_identity identity=%s closed=%d peer=%s", logged(name), closed, peer)
+    return _json(200, {"closed": closed})
 
 
 def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:

@@ -193,6 +193,12 @@ class Drainer:
 
             self._close_later(_Order(pool, address, drain, DrainCause.REMOVED, still, done))
 
+    def removing(self, pool: PoolName) -> list[Address]:
+        """Backends that left ``pool`` and whose removal drain is pending (not back in the pool)."""
+        config = self.pools().get(pool)
+        present = {b.address for b in config.backends} if config is not None else set()
+        return [a for (p, a) in self._removals if p == pool and a not in present]
+
     # -- the drain itself ---------------------------------------------------------------
 
     def drain(self, pool: PoolName, address: Address, drain: DrainConfig, cause: DrainCause) -> None:

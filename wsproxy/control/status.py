@@ -45,6 +45,7 @@ def snapshot(app: App) -> dict[str, object]:
     for (_route, reason, _status), n in app.metrics.refusals.items():
         refused_by_reason[reason] = refused_by_reason.get(reason, 0) + n
     pools: dict[str, object] = {}
+    known = {state.address: state for state in app.registry}
     for name, pool in config.pools.items():
         backends = []
         for backend in pool.backends:
@@ -55,6 +56,8 @@ def snapshot(app: App) -> dict[str, object]:
                 {
                     "address": str(backend.address),
                     "weight": backend.weight,
+                    "source": backend.source,  # "config" or "dns" (pools.NAME.discovery)
+                    "priority": backend.priority,
                     "health": health.health.value,
                     "last_check": health.last_check,
                     "rtt_s": health.rtt_s,
@@ -69,7 +72,19 @@ def snapshot(app: App) -> dict[str, object]:
                     "messages_down": state.messages_down + extra[3],
                 }
             )
-        pools[name] = {"balance": pool.balance, "backends": backends}
+        removed = []
+        for address in app.drainer.removing(name):  # left the pool (reload or DNS); its sessions drain
+            gone = known.get(address)
+            removed.append({
+                "address": str(address), "removed": True, "draining": True, "ejected": False, "available": False,
+                "health": app.registry.health(name, address).health.value if gone is not None else "unknown",
+                "active": gone.active if gone is not None else 0, "total": gone.total if gone is not None else 0,
+            })
+        entry: dict[str, object] = {"balance": pool.balance, "backends": backends, "removed": removed}
+        found = app.discovery.status(name)
+        if found is not None:
+            entry["discovery"] = found
+        pools[name] = entry
     return {
         "generation": app.generation.number,
         "sessions": len(app.sessions),

@@ -5,7 +5,8 @@ One pass over the open sessions every ``sweep_period_s`` (an eighth of
 between 20 ms and 5 s). A session is idle when its byte counters have not
 moved since the sweeper last saw them move; past ``timeouts.idle`` (of the
 config the session started with) its relay is told to close with 1001 both
-ways. Keepalive pings and dead-peer verdicts are the relay machine's
+ways. A session past its deadline (token expiry, forward auth's lifetime,
+``max_session_age``: ``control.lifetime``) is told to close first. Keepalive pings and dead-peer verdicts are the relay machine's
 (``RelayDriver.keepalive``); the sweeper only gives it the time.
 """
 
@@ -19,12 +20,15 @@ import trio
 from ..config.schema import Config
 from ..proto.frames import CLOSE_GOING_AWAY
 from ..proto.relay import Outcome
+from . import lifetime
 
 if TYPE_CHECKING:
     from ..edge.session import Session
 
 MIN_PERIOD_S = 0.02
 MAX_PERIOD_S = 5.0
+#: The longest period when tokens bound sessions: an expired token lives at most this much past its close time.
+LIFETIME_PERIOD_S = 1.0
 
 
 def sweep_period_s(config: Config) -> float:
@@ -33,6 +37,11 @@ def sweep_period_s(config: Config) -> float:
     for route in config.routes:
         if route.keepalive is not None:
             period = min(period, route.keepalive.timeout_s / 4, route.keepalive.interval_s / 4)
+        if route.max_session_age_s is not None:
+            period = min(period, route.max_session_age_s / 50)  # within 2 % of the age
+        auth = route.auth
+        if auth is not None and (auth.enforce_expiry or (auth.forward is not None and auth.forward.lifetime_from)):
+            period = min(period, LIFETIME_PERIOD_S)
     return min(max(period, MIN_PERIOD_S), MAX_PERIOD_S)
 
 
@@ -40,7 +49,7 @@ def sweep(sessions: Mapping[str, Session], now: float) -> None:
     """One pass: close the idle sessions, give the others their keepalive tick."""
     for session in list(sessions.values()):
         relay = session.relay
-        if relay is None:
+        if relay is None or lifetime.due(session, now):
             continue
         mark = relay.bytes_up + relay.bytes_down
         if mark != session.idle_mark:

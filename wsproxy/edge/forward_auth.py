@@ -15,14 +15,19 @@ upgrades. For each upgrade, wsproxy sends a subrequest to the auth service::
 
 and acts on the answer:
 
-    2xx            allow; the ``copy_headers`` of the answer go into the upstream request
+    2xx            allow; the ``copy_headers`` of the answer go into the upstream request;
+                   with ``identity_from``, that header of the answer is the identity (one
+                   value, a clean header value in UTF-8; a 2xx without it is a 503: the
+                   service broke its contract, and a backend must never get an anonymous
+                   session where it expects a named one)
     401, 403       deny; status, WWW-Authenticate, Content-Type and the body (at most
                    ``MAX_DENIAL_BODY_BYTES``) of the answer are passed to the client
     anything else  Rejection(503), and so are a timeout, a refused connection and
                    an answer that is not HTTP
 
 The whole exchange, connect (and name resolution) included, runs within
-``timeout_s``. One connection per subrequest: no keep-alive, no pipelining.
+``timeout_s``. With ``lifetime_from``, that header of a 2xx answer bounds the
+session (decimal seconds from the answer; see ``with_lifetime``). One connection per subrequest: no keep-alive, no pipelining.
 
 Allow answers are cached for ``cache_s`` (0 = off), keyed by a SHA-256 over the
 forwarded credentials (the values of ``send_headers``; the raw values are
@@ -48,6 +53,7 @@ subrequest), and a failed subrequest is not retried.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
@@ -60,6 +66,7 @@ import trio
 
 from ..config.schema import ForwardAuthConfig
 from ..proto.handshake import FORWARDING_HEADERS, HOP_BY_HOP, Rejection, Upgrade
+from ..proto.lifetime import parse_lifetime
 from .channel import ChannelBroken, RawChannel, connect
 
 __all__ = [
@@ -102,6 +109,8 @@ class Allowed:
     """The auth service allowed the request."""
 
     headers: list[tuple[bytes, bytes]]  # copy_headers from its answer: names as configured, values as answered
+    identity: str | None = None  # the identity_from header of its answer (cached with the verdict)
+    lifetime: tuple[float, float] | None = None  # lifetime_from: (answered at, trio clock; seconds), cached with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +207,8 @@ def check_header_names(config: ForwardAuthConfig) -> None:
     Copying ``Sec-WebSocket-*`` from the auth service would break the
     upstream handshake, so those are refused too. Raises ``ValueError``.
     """
+    if config.identity_from is not None and not _TOKEN.fullmatch(config.identity_from):
+        raise ValueError(f"identity_from: {config.identity_from!r} is not a header name")
     for field_name, names, reserved in (
         ("send_headers", config.send_headers, _OWN_SUBREQUEST_HEADERS),
         ("copy_headers", config.copy_headers, _OWN_UPSTREAM_HEADERS),
@@ -210,6 +221,8 @@ def check_header_names(config: ForwardAuthConfig) -> None:
                 raise ValueError(f"{field_name}: {name} is set by the proxy and cannot be forwarded")
             if field_name == "copy_headers" and lower.startswith(b"sec-websocket-"):
                 raise ValueError(f"{field_name}: {name} belongs to the WebSocket handshake")
+    if config.lifetime_from is not None and not _TOKEN.fullmatch(config.lifetime_from):
+        raise ValueError(f"lifetime_from: {config.lifetime_from!r} is not a header name")
 
 
 def _values(headers: Iterable[tuple[bytes, bytes]], lower_name: bytes) -> list[bytes]:
@@ -264,18 +277,38 @@ def subrequest_headers(
 
 
 def decide(
-    response: h11.Response, body: bytes, copy_headers: Sequence[bytes], *, service: str
+    response: h11.Response,
+    body: bytes,
+    copy_headers: Sequence[bytes],
+    *,
+    service: str,
+    identity_from: bytes | None = None,
 ) -> Allowed | Denied | Rejection:
     """The verdict for the auth service's answer (``service`` names it in reasons).
 
     2xx allows and carries ``copy_headers`` (configured spelling, every value the
-    answer has, in order); 401 and 403 deny with the answer's WWW-Authenticate,
-    Content-Type and ``body``; anything else is the auth service failing: 503.
+    answer has, in order) and, with ``identity_from``, the identity that header
+    names; 401 and 403 deny with the answer's WWW-Authenticate, Content-Type
+    and ``body``; anything else is the auth service failing: 503, and so is a
+    2xx whose identity header is missing, repeated, empty, not UTF-8 or padded
+    with whitespace (the reason never quotes the value).
     """
     status = response.status_code
     if 200 <= status < 300:
         copied = [(name, value) for name in copy_headers for value in _values(response.headers, name.lower())]
-        return Allowed(copied)
+        if identity_from is None:
+            return Allowed(copied)
+        found = _values(response.headers, identity_from.lower())
+        name = identity_from.decode("ascii")
+        if len(found) != 1:
+            return Rejection(503, f"auth service {service} allowed without exactly one {name} header (got {len(found)})")
+        try:
+            identity = found[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejection(503, f"auth service {service} allowed with a {name} header that is not UTF-8")
+        if not identity or identity != identity.strip(" \t"):
+            return Rejection(503, f"auth service {service} allowed with an empty or padded {name} header")
+        return Allowed(copied, identity)
     if status in (401, 403):
         passed = [(b"WWW-Authenticate", v) for v in _values(response.headers, b"www-authenticate")]
         passed += [(b"Content-Type", v) for v in _values(response.headers, b"content-type")]
@@ -287,6 +320,30 @@ def decide(
 class _Entry:
     verdict: Allowed
     expires_at: float
+
+
+def with_lifetime(
+    verdict: Allowed | Denied | Rejection, response: h11.Response, lifetime_from: bytes | None, now: float, *, service: str
+) -> Allowed | Denied | Rejection:
+    """``lifetime_from``: the allow carries the seconds its answer gives the session (``proto.lifetime``).
+
+    No such header: the session is not bounded. More than one, or a value that
+    is not decimal seconds (at most ten years): the service broke its contract,
+    503 like any other broken answer (the reason never quotes the value).
+    """
+    if lifetime_from is None or not isinstance(verdict, Allowed):
+        return verdict
+    found = _values(response.headers, lifetime_from.lower())
+    name = lifetime_from.decode("ascii")
+    if not found:
+        return verdict
+    if len(found) > 1:
+        return Rejection(503, f"auth service {service} allowed with {len(found)} {name} headers")
+    try:
+        seconds = parse_lifetime(found[0])
+    except ValueError as exc:
+        return Rejection(503, f"auth service {service} allowed with a {name} header that is {exc}")
+    return dataclasses.replace(verdict, lifetime=(now, seconds))
 
 
 class AllowCache:
@@ -354,7 +411,9 @@ class ForwardAuth:
         self.service_host = host_header(self.host, self.port)
         self.send_headers = tuple(name.encode("ascii") for name in config.send_headers)
         self.copy_headers = tuple(name.encode("ascii") for name in config.copy_headers)
+        self.identity_from = config.identity_from.encode("ascii") if config.identity_from is not None else None
         self.cache = AllowCache(max_cache_entries, config.cache_s)
+        self.lifetime_from = config.lifetime_from.encode("ascii") if config.lifetime_from is not None else None
         self.cache_hits = 0  # checks answered from the cache
         self.cache_misses = 0  # checks that asked the auth service
 
@@ -411,7 +470,8 @@ class ForwardAuth:
         finally:
             if channel is not None:
                 channel.close()
-        return decide(response, body, self.copy_headers, service=service)
+        verdict = decide(response, body, self.copy_headers, service=service, identity_from=self.identity_from)
+        return with_lifetime(verdict, response, self.lifetime_from, trio.current_time(), service=service)
 
 
 async def _next_event(channel: RawChannel, conn: h11.Connection, *, eof_is_error: bool) -> h11.Event:

@@ -2,10 +2,11 @@
 and the checks between reading it and choosing a backend.
 
     accept → PROXY protocol header (``read_proxy_header``) → admission (limits)
-           → TLS handshake → request → Origin → credentials → backend
+           → TLS handshake → request → Origin → subprotocol policy → credentials → backend
 
 The decisions live in ``proto.proxy_protocol``, ``proto.limits``,
-``proto.origin``, ``proto.auth`` and ``proto.forwarded``; ``edge.forward_auth``
+``proto.origin``, ``proto.handshake`` (subprotocols), ``proto.auth``,
+``proto.client_cert`` and ``proto.forwarded``; ``edge.forward_auth``
 makes the subrequest of forward auth. This module only reads bytes and keeps
 time for them.
 """
@@ -23,18 +24,21 @@ from ..errors import WsproxyError
 from ..proto import proxy_protocol
 from ..proto.auth import (
     Principal,
+    Credential,
     Rewrite,
     find_credential,
     identity_headers,
     missing_credentials,
     verify_tokens,
 )
+from ..proto.client_cert import xfcc_element
+from ..proto.handshake import Rejection, Upgrade, choose_subprotocols, offered_subprotocols, with_subprotocols
 from ..proto.jwt import verify_jwt
-from .jwks import JwksFetcher
-from ..proto.handshake import Rejection, Upgrade
 from ..proto.origin import OriginPolicy, check_origin, compile_origins
+from ..proto.routing import DEFAULT_IDENTITY_HEADER
 from .channel import RawChannel
 from .forward_auth import Allowed, ForwardAuth
+from .jwks import JwksFetcher
 from .refusal import Reason, Refused
 
 #: The longest PROXY header read (v2: 16 bytes + at most this much of addresses and TLVs).
@@ -121,28 +125,82 @@ class Admitted:
     drop: frozenset[bytes] = frozenset()  # lower-case names of client headers the added ones replace
     identity: str | None = None  # for the log
     claims: dict[str, object] | None = None  # the JWT's claims (sticky "claim:NAME" keys)
+    lifetime: tuple[float, float] | None = None  # forward auth's lifetime_from: (answered at, trio clock; seconds)
+
+
+def _subprotocol_policy(route: RouteConfig, upgrade: Upgrade, rewrite: Rewrite | None) -> Rewrite | None | Rejection:
+    """``routes[].subprotocols`` and ``subprotocol_required`` over the offer that would go
+    upstream (credential entries already out): the rewritten request, or 400."""
+    if route.subprotocols is None and not route.subprotocol_required:
+        return rewrite
+    headers = rewrite.headers if rewrite is not None else upgrade.request.headers.raw_items()
+    chosen = choose_subprotocols(offered_subprotocols(headers), route.subprotocols, required=route.subprotocol_required)
+    if isinstance(chosen, Rejection):
+        return chosen
+    return Rewrite(
+        target=rewrite.target if rewrite is not None else upgrade.target,
+        headers=with_subprotocols(headers, chosen),
+        subprotocol_reply=rewrite.subprotocol_reply if rewrite is not None else None,
+    )
 
 
 async def check_request(
-    gate: RouteGate, upgrade: Upgrade, *, client_ip: str, host_header: bytes, tls: bool, jwks: JwksFetcher | None = None
+    gate: RouteGate,
+    upgrade: Upgrade,
+    *,
+    client_ip: str,
+    host_header: bytes,
+    tls: bool,
+    jwks: JwksFetcher | None = None,
+    client_identity: str | None = None,
+    client_cert_der: bytes | None = None,
 ) -> Admitted | Refused:
-    """Origin first (403), then credentials (401/403, or the auth service's answer)."""
+    """Origin first (403), then the subprotocol policy (400), then credentials (401/403,
+    or the auth service's answer).
+
+    ``client_identity`` is the verified client certificate's identity (the
+    listener's ``client_identity``): the session's identity on a route without
+    auth, sent upstream in ``X-Auth-Subject``. ``client_cert_der`` is that
+    certificate, for the route's ``client_cert_header``.
+    """
     route = gate.route
     headers = list(upgrade.request.headers)
     rejection = check_origin(gate.origins, route.allow_missing_origin, headers)  # also: Origin twice → 403
     if rejection is not None:
         return Refused.of(Reason.ORIGIN, rejection)
     auth = route.auth
+    credential: Credential | None = None
+    rewrite: Rewrite | None = None
+    if auth is not None:
+        credential, rewrite = find_credential(auth, upgrade)
+    policy = _subprotocol_policy(route, upgrade, rewrite)
+    if isinstance(policy, Rejection):
+        return Refused.of(Reason.SUBPROTOCOL, policy)
+    rewrite = policy
+    cert_headers = []
+    if route.client_cert_header is not None and client_cert_der is not None:
+        cert_headers.append((route.client_cert_header.encode("ascii"), xfcc_element(client_cert_der)))
     if auth is None:
-        return Admitted()
-    credential, rewrite = find_credential(auth, upgrade)
+        if client_identity is None:
+            return Admitted(rewrite=rewrite, headers=cert_headers)
+        identity_header = (DEFAULT_IDENTITY_HEADER.encode("ascii"), client_identity.encode("utf-8"))
+        return Admitted(rewrite=rewrite, headers=[identity_header, *cert_headers], identity=client_identity)
     if auth.mode == "forward":
         assert gate.forward is not None
         answer = await gate.forward.check(upgrade, client_ip=client_ip, host_header=host_header, tls=tls)
         if isinstance(answer, Allowed):
             # The client's own copies of copy_headers never pass, whatever the service answered.
             drop = frozenset(name.lower().encode("latin-1") for name in auth.forward.copy_headers) if auth.forward else frozenset()
-            return Admitted(rewrite=rewrite, headers=list(answer.headers), drop=drop)
+            if answer.identity is None:
+                return Admitted(rewrite=rewrite, headers=[*answer.headers, *cert_headers], drop=drop, lifetime=answer.lifetime)
+            named = identity_headers(auth, Principal(identity=answer.identity, claims={}))
+            return Admitted(
+                rewrite=rewrite,
+                headers=[*named, *answer.headers, *cert_headers],
+                drop=drop,
+                identity=answer.identity,
+                lifetime=answer.lifetime,
+            )
         if isinstance(answer, Rejection):  # the auth service failed: 503
             return Refused.of(Reason.AUTH_UNAVAILABLE, answer)
         return Refused.relayed(Reason.AUTH, answer.status, answer.headers, answer.body, answer.reason)
@@ -158,5 +216,8 @@ async def check_request(
     if isinstance(verdict, Rejection):
         return Refused.of(Reason.AUTH, verdict)
     return Admitted(
-        rewrite=rewrite, headers=identity_headers(auth, verdict), identity=verdict.identity, claims=dict(verdict.claims)
+        rewrite=rewrite,
+        headers=[*identity_headers(auth, verdict), *cert_headers],
+        identity=verdict.identity,
+        claims=dict(verdict.claims),
     )

@@ -4,6 +4,7 @@
       → read request (h11)                      (edge.request, proto.handshake)
       → route                                   (proto.routing)
       → Origin, credentials                     (edge.gate, proto.origin, proto.auth)
+      → per-identity cap                        (control.session_admin, proto.identity_caps)
       → plan backends                           (balance.plan)
       → dial + upstream upgrade                 (edge.upstream)
       → 101 to the client
@@ -18,6 +19,7 @@ reaches a backend. The session owns its sockets and closes them in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import ssl
@@ -36,17 +38,23 @@ from ..proto.relay import Outcome
 from ..errors import LocalOverload
 from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
+from ..control import lifetime
 from ..control.metrics import NO_ROUTE, route_label
+from ..control.session_admin import identity_of
+from ..proto.identity_caps import IdentityKey
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
 from .relay import Relay, RelayDriver
 from .request import CLOSE_TIMEOUT_S, Silent, read_request
-from .tls import TlsChannel, peer_subject
+from ..proto.client_cert import certificate_identity
+from ..proto.handshake import offered_subprotocols
+from .tls import TlsChannel
 from .upstream import Refusal, open_upstream
 
 if TYPE_CHECKING:
     from ..app import App, Generation
+    from ..proto.lifetime import Deadline
     from ..config.schema import BackendConfig, ListenerConfig, RouteConfig
 
 log = logging.getLogger("wsproxy.edge.session")
@@ -71,7 +79,11 @@ class Session:
         "idle_since",
         "sticky",
         "identity",
+        "cert_identity",
         "draining",
+        "cap_key",
+        "deadline",
+        "revocation_keys",
     )
 
     def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
@@ -87,7 +99,11 @@ class Session:
         self.idle_since = 0.0
         self.sticky = "none"  # how stickiness decided the backend, for the log
         self.identity = "-"  # who the gate let in (never the credential), for the log
+        self.cert_identity: str | None = None  # the verified client certificate's (listener's client_identity)
         self.draining = False  # its close has been ordered by a drain or a shutdown
+        self.cap_key: IdentityKey | None = None  # counted under this identity (limits.max_sessions_per_identity)
+        self.deadline: Deadline | None = None  # when its token, lifetime or age ends it (control.lifetime)
+        self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
 
 
 
@@ -101,6 +117,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
     client = RawChannel(sock)
     backend: RawChannel | None = None
     admitted_ip: str | None = None
+    session: Session | None = None
     try:
         try:
             peer_ip, peer_port = client.peername()
@@ -135,9 +152,10 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                 log.info("event=tls_failed conn=%s peer=%s reason=%r", conn_id, session.peer, reason)
                 return
             assert isinstance(client, TlsChannel)
-            subject = peer_subject(client.ssl)
-            if subject:
-                session.identity = subject
+            cert = client.ssl.getpeercert()  # {} without a (verified) client certificate
+            identity = certificate_identity(cert, listener.tls.client_identity) if cert else None
+            if identity is not None:
+                session.identity = session.cert_identity = identity
         if admission is not None:
             await _refuse(client, session, app, Refused.of(Reason.LIMIT, admission))
             return
@@ -149,6 +167,8 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
     except Exception:
         log.exception("event=error conn=%s", conn_id)
     finally:
+        if session is not None:
+            app.session_control.release(session)
         if admitted_ip is not None:
             app.clients.disconnected(admitted_ip)
             app.connection_count -= 1
@@ -192,21 +212,41 @@ async def _handshakes(
         await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
-    route = session.generation.router.route(up.host, up.path)  # the normalised host and path
+    route = session.generation.router.route(up.host, up.path, up.subprotocols)  # the normalised host and path
     if isinstance(route, Rejection):
         reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
         await _refuse(client, session, app, Refused.of(reason, route))
         raise _Done
     session.route = route
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
+    der = None
+    if route.client_cert_header is not None and isinstance(client, TlsChannel):
+        der = client.ssl.getpeercert(binary_form=True)
     verdict = await check_request(
-        session.generation.gates[id(route)], up, client_ip=session.client_ip, host_header=host_header, tls=tls, jwks=app.jwks
+        session.generation.gates[id(route)],
+        up,
+        client_ip=session.client_ip,
+        host_header=host_header,
+        tls=tls,
+        jwks=app.jwks,
+        client_identity=session.cert_identity,
+        client_cert_der=der,
     )
     if isinstance(verdict, Refused):
         await _refuse(client, session, app, verdict)
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
+    revoked = lifetime.admit(session, route, verdict, trio.current_time(), time.time(), app.drainer.rng)
+    if revoked is not None:
+        await _refuse(client, session, app, revoked)
+        raise _Done
+    identity = identity_of(session, config.pools[route.pool], up, verdict.claims)
+    if identity is not None:  # counted even without a cap, so that a reload that sets one finds the counts
+        rejection = app.session_control.admit(session, identity, config.limits)
+        if rejection is not None:
+            await _refuse(client, session, app, Refused.of(Reason.IDENTITY_LIMIT, rejection))
+            raise _Done
     backend, from_backend = await _connect_upstream(client, session, app, up, verdict, host_header, client_port, tls=tls)
     return backend, from_backend, from_client
 
@@ -238,6 +278,7 @@ async def _connect_upstream(
         client_ip=session.client_ip,
         claims=admitted.claims,
         tls=tls,
+        identity=admitted.identity if admitted.identity is not None else session.cert_identity,  # as logged
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
@@ -262,6 +303,9 @@ async def _connect_upstream(
         drop=set(dropped) | admitted.drop,
         strip=generation.router.strip_headers(route),
     )
+    forwarded = offered_subprotocols(headers)
+    if forwarded != up.subprotocols:  # the backend must choose from what it was offered (else 502)
+        up = dataclasses.replace(up, subprotocols=forwarded)
     try:
         result = await open_upstream(
             plan.order,
@@ -369,6 +413,8 @@ async def _relay(
     assert relay is not None and session.route is not None and session.backend is not None
     route, backend_cfg = session.route, session.backend
     app.sessions[session.conn_id] = session
+    app.session_control.established(session)
+    lifetime.established(session, route, trio.current_time(), app.drainer.rng)
     state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
     state.total += 1
     backend_name = str(backend_cfg.address)

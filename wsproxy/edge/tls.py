@@ -14,7 +14,8 @@ no per-record reads and no bytes hidden in OpenSSL from readiness waits.
 
 Policy: TLS 1.2 at least, Mozilla's "intermediate" cipher list for TLS 1.2
 (TLS 1.3 suites are OpenSSL's), ALPN ``http/1.1``, no compression, no
-renegotiation. SNI picks the certificate: exact names before wildcards, the
+renegotiation. SNI picks the certificate: exact names before wildcards (a
+wildcard covers exactly one label, RFC 6125 §6.4.3), the
 top-level certificate when nothing matches. Session resumption: TLS 1.3 tickets
 and TLS 1.2 tickets and session ids are on unless ``session_ticket_lifetime``
 is 0; the ticket keys are set by ``edge.tickets`` (rotation, reloads).
@@ -162,10 +163,14 @@ def _sni_chooser(by_name: dict[str, ssl.SSLContext], wildcards: Sequence[tuple[s
         name = server_name.lower().rstrip(".")
         chosen = by_name.get(name)
         if chosen is None:
-            for suffix, ctx in wildcards:
-                if name.endswith(suffix) and len(name) > len(suffix):
-                    chosen = ctx
-                    break
+            # RFC 6125 §6.4.3: "*" covers exactly one label, so "*.w.test" names
+            # "a.w.test" and not "a.b.w.test" (clients refuse that match anyway).
+            label, dot, rest = name.partition(".")
+            if label and dot:
+                for suffix, ctx in wildcards:
+                    if "." + rest == suffix:
+                        chosen = ctx
+                        break
         if chosen is not None:
             sock.context = chosen
 
@@ -255,7 +260,7 @@ class TlsChannel(RawChannel):
     the outgoing BIO to the socket, so records never interleave.
     """
 
-    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed", "_held")
+    __slots__ = ("ssl", "incoming", "outgoing", "_flushing", "_flushed", "_held", "tls_error")
 
     def __init__(self, sock: socket.socket, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         super().__init__(sock)
@@ -265,6 +270,7 @@ class TlsChannel(RawChannel):
         self._flushing = False
         self._flushed: trio.Event | None = None
         self._held = b""  # TLS 1.3 tickets, sent in front of the first answer (module docstring)
+        self.tls_error: str | None = None  # why the last read ended in a TLS error (an alert), for the log
 
     @classmethod
     def wrap_server(cls, sock: socket.socket, context: ssl.SSLContext) -> TlsChannel:
@@ -348,8 +354,9 @@ class TlsChannel(RawChannel):
                     continue  # OpenSSL now sees EOF: read raises below
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
-            except ssl.SSLError:
-                return b""  # garbage on the wire: the peer is gone
+            except ssl.SSLError as exc:
+                self.tls_error = exc.reason or str(exc)
+                return b""  # an alert or garbage on the wire: the peer is gone
             else:
                 if self.outgoing.pending:  # e.g. a TLS 1.3 key update answer
                     try:
@@ -357,6 +364,27 @@ class TlsChannel(RawChannel):
                     except ChannelBroken:
                         return b""
                 return data
+
+    def pending_error(self) -> str | None:
+        """The TLS error the peer already sent (an alert) but nobody read, without waiting.
+
+        For a send that failed because the peer reset the connection: the
+        alert that explains why may still be in the socket's receive queue.
+        """
+        if self.tls_error is None:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                self.incoming.write(data)
+            try:
+                self.ssl.read(1)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                self.tls_error = exc.reason or str(exc)
+        return self.tls_error
 
     async def send(self, data: bytes | memoryview) -> None:
         try:

@@ -23,7 +23,7 @@ from ..control.registry import Registry
 from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
 from .overload import RateLimitedWarning
-from .tls import TlsHandshakeFailed, backend_server_name, start_client_tls
+from .tls import TlsChannel, TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..proto.handshake import (
     HOP_BY_HOP,
     Accepted,
@@ -196,9 +196,7 @@ async def upgrade(
             while True:
                 data = await stream.receive()
                 if not data:
-                    raise UpstreamUnavailable(
-                        502, "backend closed the connection without answering the upgrade"
-                    )
+                    raise UpstreamUnavailable(502, _closed_reason(stream))
                 buf += data
                 end = buf.find(b"\r\n\r\n")
                 if end >= 0 or b"\n\n" in buf:  # a bare-LF head goes to h11 below
@@ -223,7 +221,26 @@ async def upgrade(
     except h11.ProtocolError as exc:
         raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
     except ChannelBroken as exc:
+        if isinstance(stream, TlsChannel) and stream.pending_error() is not None:
+            raise UpstreamUnavailable(502, _closed_reason(stream)) from None
         raise UpstreamUnavailable(502, f"backend connection failed during the upgrade: {exc}") from None
+
+
+def _closed_reason(stream: RawChannel) -> str:
+    """Why the backend's answer never came: a TLS alert when there was one.
+
+    With TLS 1.3 a client's handshake completes before the server has checked
+    the client's certificate, so a backend that requires one the pool lacks
+    answers with an alert on the first read (certificate_required, RFC 8446
+    §6.2), not during the handshake.
+    """
+    tls_error = stream.tls_error if isinstance(stream, TlsChannel) else None
+    if not tls_error:
+        return "backend closed the connection without answering the upgrade"
+    reason = f"TLS error from the backend before its answer to the upgrade: {tls_error}"
+    if "CERTIFICATE_REQUIRED" in tls_error:
+        reason += " (the backend requires a client certificate: set the pool's tls cert and key)"
+    return reason
 
 
 def _accepted(verdict: Accepted | Rejection, trailing: bytes) -> tuple[Accepted, bytes]:
@@ -240,7 +257,7 @@ async def _next_response(
         if event is h11.NEED_DATA:
             data = await stream.receive()
             if not data:
-                raise UpstreamUnavailable(502, "backend closed the connection without answering the upgrade")
+                raise UpstreamUnavailable(502, _closed_reason(stream))
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):

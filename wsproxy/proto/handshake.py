@@ -10,6 +10,8 @@ Downstream (client → proxy)::
 
 Upstream (proxy → backend)::
 
+    choose_subprotocols(offer, ...)      the route's subprotocol policy: the offer that goes
+                                         upstream, or 400 (``with_subprotocols`` writes it)
     upstream_request(upgrade, ...)       the request the backend sees (hop-by-hop headers out,
                                          X-Forwarded-* and Forwarded in)
     check_upstream_response(resp, up)    §4.1 validation of the backend's 101 → Accepted | Rejection
@@ -29,7 +31,7 @@ import binascii
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -492,6 +494,60 @@ def upstream_request(
     headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
     headers += extra_headers
     return (target if target is not None else upgrade.target), headers
+
+
+def offered_subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, ...]:
+    """The entries of every ``Sec-WebSocket-Protocol`` header of ``headers``, in order.
+
+    RFC 6455 §4.1: the header is a comma-separated list of tokens and may
+    appear more than once; names compare case-sensitively (§11.3.4).
+    """
+    return tuple(
+        t.decode("latin-1") for name, value in headers if name.lower() == b"sec-websocket-protocol" for t in _raw_tokens(value)
+    )
+
+
+def choose_subprotocols(
+    offer: Sequence[str], allowed: Sequence[str] | None, *, required: bool
+) -> tuple[str, ...] | Rejection:
+    """The route's subprotocol policy over the client's ``offer``: what goes upstream, or 400.
+
+    ``allowed`` (``routes[].subprotocols``; None = any) filters the offer,
+    the client's order of preference kept (RFC 6455 §4.1: "ordered by
+    preference"). An offer of at least one subprotocol of which none is
+    allowed is refused, as is an empty offer when ``required``: the backend
+    could only answer without a subprotocol, which the client would fail
+    (§4.1, "if the response includes a |Sec-WebSocket-Protocol| header field
+    and this header field indicates the use of a subprotocol that was not
+    present in the client's handshake") or not understand. The reasons name
+    the allowed list (config) and never an offered value, which may be a
+    credential that was not configured as one.
+    """
+    kept = tuple(offer) if allowed is None else tuple(entry for entry in offer if entry in allowed)
+    listed = f" (allowed: {', '.join(allowed) or 'none'})" if allowed is not None else ""
+    if offer and not kept:
+        return Rejection(400, f"none of the {len(offer)} offered subprotocol(s) is allowed on this route{listed}")
+    if required and not kept:
+        return Rejection(400, f"no subprotocol offered; the route requires one{listed}")
+    return kept
+
+
+def with_subprotocols(headers: Sequence[tuple[bytes, bytes]], offer: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with their Sec-WebSocket-Protocol headers replaced by one that lists ``offer``.
+
+    The one header takes the place (and the spelling) of the first; an empty
+    ``offer`` removes them all.
+    """
+    result: list[tuple[bytes, bytes]] = []
+    placed = False
+    for name, value in headers:
+        if name.lower() != b"sec-websocket-protocol":
+            result.append((name, value))
+        elif not placed:
+            placed = True
+            if offer:
+                result.append((name, ", ".join(offer).encode("latin-1")))
+    return result
 
 
 def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

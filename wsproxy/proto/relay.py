@@ -91,7 +91,13 @@ class Outcome(str, Enum):
     SHUTDOWN = "shutdown"
     DRAIN = "drain"
     KEEPALIVE = "keepalive"
+    ADMIN = "admin"  # an operator closed it (the sessions API)
+    IDENTITY_LIMIT = "identity_limit"  # closed to make room under limits.max_sessions_per_identity
     ERROR = "error"
+    TOKEN_EXPIRED = "token_expired"  # routes[].auth.enforce_expiry, forward.lifetime_from (proto.lifetime)
+    REVOKED = "revoked"  # routes[].auth.revoked_file, after a reload
+    LIFETIME = "lifetime"  # routes[].max_session_age
+    REBALANCE = "rebalance"  # pools.NAME.rebalance
 
 
 class Direction:
@@ -375,7 +381,11 @@ class RelayMachine:
             else Outcome.INVALID_DATA if code == CLOSE_INVALID_DATA
             else Outcome.PROTOCOL_ERROR
         )  # fmt: skip
-        self._start_ending(By.PROXY, kind, f"{d.side.value} protocol error: {violation.reason}")
+        # A message over the size limit breaks a limit, not the protocol: said so in the
+        # log and to the other side (the codes are the same: 1009 to it, 1001 or the failure code).
+        too_big = kind is Outcome.TOO_BIG
+        fault = f"sent a {violation.reason}" if too_big else f"protocol error: {violation.reason}"
+        self._start_ending(By.PROXY, kind, f"{d.side.value} {fault}")
         self._arm_deadline()
         other = self._other(d)
         if d.scanner.remaining:
@@ -386,10 +396,10 @@ class RelayMachine:
             d.out.clear()
         elif d is self.up:
             # The scanner stopped before the offending frame: d's output is at a boundary.
-            self._request(d, self._close_to(d, CLOSE_GOING_AWAY, "peer protocol error"), close=True)
+            peer = "peer sent a message too big" if too_big else "peer protocol error"
+            self._request(d, self._close_to(d, CLOSE_GOING_AWAY, peer), close=True)
         else:
-            reason = f"backend protocol error: {violation.reason}"
-            self._request(d, self._close_to(d, self.backend_failure_code, reason), close=True)
+            self._request(d, self._close_to(d, self.backend_failure_code, f"backend {fault}"), close=True)
         # The offender gets its code from the direction that writes to it.
         self._request(other, self._close_to(other, code, violation.reason), close=True)
         self._check_done()

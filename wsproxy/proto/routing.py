@@ -1,7 +1,10 @@
 """Route a request to a pool by Host and path prefix, and what each route strips. No I/O here.
 
 Routes are tried in config order and the first match wins (like Caddy's
-``handle`` blocks and Envoy's route table). Host patterns: ``*`` matches every
+``handle`` blocks and Envoy's route table). A route with ``subprotocol``
+matches only requests whose Sec-WebSocket-Protocol offer names it (exactly:
+RFC 6455 §11.3.4 subprotocol names are case-sensitive), so two versions of an
+application protocol on one path can go to different pools. Host patterns: ``*`` matches every
 host, ``*.example.com`` matches one or more leading labels (``a.example.com``,
 ``a.b.example.com``, but not ``example.com``), anything else matches exactly,
 case-insensitively. Path prefixes match whole segments: ``/chat`` matches
@@ -19,7 +22,8 @@ refuses with 400 a path that would pick another route without its parameters.
 
 ``Router.strip_headers(route)`` is the set of client headers that never reach
 that route's backend: every identity header any route of the config sets
-(``identity_header``, forward auth's ``copy_headers``, ``X-Auth-Subject``),
+(``identity_header``, forward auth's ``copy_headers``, ``X-Auth-Subject``,
+``client_cert_header`` and ``X-Forwarded-Client-Cert``),
 so an open route cannot be used to impersonate a user towards a backend that
 also serves an authenticated one; ``handshake.DEFAULT_STRIP_HEADERS`` unless
 ``strip_headers_default: false``; and the route's ``strip_headers``.
@@ -35,6 +39,9 @@ from .target import without_path_parameters
 
 #: The identity header of auth's default, stripped even when no route uses it.
 DEFAULT_IDENTITY_HEADER = "X-Auth-Subject"
+
+#: Envoy's client certificate header (``routes[].client_cert_header``), stripped on every route.
+XFCC_HEADER = "X-Forwarded-Client-Cert"
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -68,8 +75,10 @@ class Router:
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         self.routes = tuple(routes)
-        identity = {DEFAULT_IDENTITY_HEADER}
+        identity = {DEFAULT_IDENTITY_HEADER, XFCC_HEADER}
         for route in self.routes:
+            if route.client_cert_header is not None:
+                identity.add(route.client_cert_header)
             if route.auth is not None:
                 identity.add(route.auth.identity_header)
                 if route.auth.forward is not None:
@@ -82,20 +91,26 @@ class Router:
             for route in self.routes
         }
 
-    def match(self, host: str, path: str) -> RouteConfig | None:
-        """The first route matching ``host`` and ``path``, or None (the proxy answers 404)."""
+    def match(self, host: str, path: str, subprotocols: Sequence[str] = ()) -> RouteConfig | None:
+        """The first route matching ``host``, ``path`` and the offered ``subprotocols``,
+        or None (the proxy answers 404)."""
         for route in self.routes:
-            if host_matches(route.host, host) and path_matches(route.path, path, ignore_case=route.path_ignore_case):
+            if (
+                host_matches(route.host, host)
+                and path_matches(route.path, path, ignore_case=route.path_ignore_case)
+                and (route.subprotocol is None or route.subprotocol in subprotocols)
+            ):
                 return route
         return None
 
-    def route(self, host: str, path: str) -> RouteConfig | Rejection:
-        """The route for a normalised host and path, 404 when none matches, or 400 when
-        the path's ``;`` parameters decide the route (see the module docstring)."""
-        route = self.match(host, path)
+    def route(self, host: str, path: str, subprotocols: Sequence[str] = ()) -> RouteConfig | Rejection:
+        """The route for a normalised host and path and the client's subprotocol offer,
+        404 when none matches, or 400 when the path's ``;`` parameters decide the
+        route (see the module docstring)."""
+        route = self.match(host, path, subprotocols)
         if ";" in path:
             bare = without_path_parameters(path)
-            if bare is None or self.match(host, bare) is not route:
+            if bare is None or self.match(host, bare, subprotocols) is not route:
                 return Rejection(400, "path parameters (;) would change the route")
         if route is None:
             return Rejection(404, f"no route for host={host} path={path}")

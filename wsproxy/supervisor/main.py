@@ -126,6 +126,7 @@ class Supervisor:
         self.sockets: dict[str, SlotSockets] = {}
         self.registry = Registry()
         self.metrics = Metrics(started_unix=time.time())
+        self.session_control = None  # GET /sessions and kick: 501 (not aggregated across workers yet)
         self.checkers: dict[PoolName, HealthChecker] = {}
         self.generation = 1
         self.reloads = 0
@@ -212,7 +213,7 @@ class Supervisor:
         if migrate_req() is False and self.count > 1:
             log.info("event=tcp_migrate_req value=0 hint=%r", "sysctl net.ipv4.tcp_migrate_req=1 keeps connections "
                      "queued on a listener that closes (fewer workers after an upgrade)")
-        admin = self._admin = AdminServer(self)
+        admin = self._admin = AdminServer(self)  # type: ignore[arg-type]  # session_control is None: 501
         admin.reload_timeout_s = config.timeouts.reload_s
         admin.reloader = self.reload_on_request
         admin.upgrader = self.upgrade_on_request

@@ -415,7 +415,7 @@
       seen.add(name);
       if (container.children[index] !== view.section) container.insertBefore(view.section, container.children[index] || null);
       const addresses = new Set();
-      (pool.backends || []).forEach((backend, i) => {
+      (pool.backends || []).concat(pool.removed || []).forEach((backend, i) => {
         addresses.add(backend.address);
         let row = view.rows.get(backend.address);
         if (!row) {
@@ -431,7 +431,7 @@
           view.rows.delete(address);
           history.delete(`${name}\u0000${address}`);
           displayed.delete(`${name}\u0000${address}`);
-          event(`${name} ${address}: left the pool (reload).`);
+          event(`${name} ${address}: left the pool.`);
         }
       }
     });
@@ -457,7 +457,11 @@
     row.badge.className = `badge state-badge state-${state}`;
     setText(row.badge, state);
     setText(row.health, state === b.health ? "" : `health ${b.health}`);
-    setText(row.weight, typeof b.weight === "number" && b.weight !== 1 ? `weight ${b.weight}` : "");
+    const notes = [];
+    if (typeof b.weight === "number" && b.weight !== 1) notes.push(`weight ${b.weight}`);
+    if (b.source === "dns") notes.push(b.priority ? `dns, priority ${b.priority}` : "dns");
+    if (b.removed) notes.push("left the pool");
+    setText(row.weight, notes.join(" · "));
 
     const check = b.last_check ? b.last_check : "none yet";
     setText(row.cells.check, check);
@@ -483,6 +487,7 @@
     }
     row.drain.classList.toggle("current", b.draining === true);
     row.undrain.classList.toggle("current", b.draining !== true);
+    row.drain.hidden = row.undrain.hidden = b.removed === true; // not in the pool: nothing to drain or undrain
     return live;
   }
 
@@ -604,6 +609,11 @@
     $("token-form").addEventListener("submit", submitToken);
     loop();
   }
+
+  // What sessions.js (the sessions view) shares: requests with the token, the events list,
+  // and whether the API answers with the token we hold (it polls only then: no 401 noise).
+  const live = () => connected === true && !waitingForToken;
+  window.wsproxyStatus = Object.freeze({ api, NeedToken, askForToken, event, announce, live });
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();

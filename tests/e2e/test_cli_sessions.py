@@ -1,0 +1,110 @@
+"""End to end: ``wsproxy sessions`` and ``wsproxy kick`` against a real ``wsproxy run``.
+
+The proxy is a ``python -m wsproxy run`` subprocess with an admin token and a
+route with static tokens; clients are trio-websocket connections that send
+those tokens; the commands are subprocesses, as an operator types them
+(``tests.e2e.test_cli_ops`` runs the proxy). Covered: the table and the
+JSON, filters, kicking one session and an identity with a code and a reason
+(what the client gets), and the failures (unknown session, a code the proxy
+may not send, a usage error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from tests.e2e.test_cli_ops import TOKEN, out, running, wsproxy_cmd
+from tests.support import closed_port, start_ws_backend
+
+USERS = {"alice": "cli-tok-alice-0123456789", "bob": "cli-tok-bob-0123456789"}
+
+
+def config(port: int, backend: int, admin_port: int) -> str:
+    tokens = ", ".join(f"{{name: {n}, sha256: '{hashlib.sha256(t.encode()).hexdigest()}'}}" for n, t in USERS.items())
+    return (
+        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
+        f"routes: [{{path: /chat, pool: echo, auth: {{tokens: [{tokens}]}}}}]\n"
+        f"pools: {{echo: {{backends: [{{address: '127.0.0.1:{backend}'}}]}}}}\n"
+        "shutdown: {timeout: 2s, spread: 0s}\n"
+        f"admin: {{bind: '127.0.0.1:{admin_port}', token_file: admin.token}}\n"
+    )
+
+
+async def hold(port: int, user: str, nursery: trio.Nursery) -> tuple[WebSocketConnection, trio.Event, list[object]]:
+    """A session of ``user`` held open; the list gets (code, reason) when the proxy closes it."""
+    ended = trio.Event()
+    outcome: list[object] = []
+
+    async def run(*, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
+        headers = [("Authorization", f"Bearer {USERS[user]}")]
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/chat", extra_headers=headers) as ws:
+            await ws.send_message("hi")
+            await ws.get_message()
+            task_status.started(ws)
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                outcome.extend([exc.reason.code, exc.reason.reason])
+            ended.set()
+
+    ws = await nursery.start(run)
+    return ws, ended, outcome
+
+
+async def test_sessions_and_kick(nursery: trio.Nursery, tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    async with running(tmp_path, config(port, backend, admin_port), f"127.0.0.1:{admin_port}") as proxy:
+        done = await proxy.cmd("sessions")
+        assert (done.returncode, done.stdout.decode()) == (0, "no sessions\n"), out(done)
+        with trio.fail_after(30):
+            _, alice1_ended, alice1 = await hold(port, "alice", nursery)
+            _, alice2_ended, alice2 = await hold(port, "alice", nursery)
+            _, bob_ended, bob = await hold(port, "bob", nursery)
+
+            done = await proxy.cmd("sessions")
+            assert done.returncode == 0, out(done)
+            lines = done.stdout.decode().splitlines()
+            assert lines[0].split() == ["ID", "PEER", "IDENTITY", "ROUTE", "POOL", "BACKEND", "AGE", "UP", "DOWN"]
+            assert [line.split()[2] for line in lines[1:4]] == ["alice", "alice", "bob"]
+            assert all(f"*/chat  echo  127.0.0.1:{backend}" in line for line in lines[1:4])
+            assert lines[4] == "3 session(s); UP and DOWN are bytes/messages"
+            done = await proxy.cmd("sessions", "--identity", "bob", "--json")
+            listed = json.loads(done.stdout)["sessions"]
+            assert [s["identity"] for s in listed] == ["bob"]
+            bob_id = listed[0]["id"]
+            done = await proxy.cmd("sessions", "--route", "*/other")
+            assert done.stdout.decode() == "no sessions match\n"
+
+            done = await proxy.cmd("kick", "--session", bob_id, "--code", "4000", "--reason", "bye bob")
+            assert (done.returncode, done.stdout.decode()) == (0, f"wsproxy: session {bob_id}: closing\n"), out(done)
+            await bob_ended.wait()
+            assert bob == [4000, "bye bob"]
+            done = await proxy.cmd("kick", "--identity", "alice")
+            assert done.stdout.decode() == "wsproxy: identity alice: closing 2 session(s)\n", out(done)
+            await alice1_ended.wait()
+            await alice2_ended.wait()
+            assert alice1 == alice2 == [1008, "closed by the operator"]
+            log = proxy.log()
+            assert log.count("event=session_closed_by_admin") == 3
+            assert f"event=session_closed_by_admin conn={bob_id} " in log and "reason='bye bob'" in log
+            assert not any(token in log for token in (*USERS.values(), TOKEN))
+
+            done = await proxy.cmd("kick", "--session", bob_id)
+            assert done.returncode == 1
+            assert done.stderr.decode() == f"wsproxy kick: no session {bob_id} in the running proxy (it may have ended)\n"
+            done = await proxy.cmd("kick", "--identity", "alice", "--code", "1002")
+            assert done.returncode == 1
+            assert done.stderr.decode().startswith("wsproxy kick: refused: code 1002 is not one a proxy may send")
+            done = await proxy.cmd("kick")
+            assert done.returncode == 2 and "one of the arguments --session --identity is required" in done.stderr.decode()
+            done = await proxy.cmd("kick", "--session", "x", "--identity", "y")
+            assert done.returncode == 2
+    done = await wsproxy_cmd("sessions", "-c", str(tmp_path / "wsproxy.yaml"))
+    assert done.returncode == 1 and "cannot reach the admin API" in done.stderr.decode()
