@@ -5,18 +5,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+# pip's output goes to a log shown only when the install fails (make demo stays quiet)
+PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench typecheck fuzz conformance clean
+.PHONY: demo test bench typecheck fuzz conformance clean wheel
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "could not create $(VENV): on Debian, install python3-venv (apt-get install python3-venv)"; exit 1; }
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[test]'
+	@touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m wsproxy.demo
+# The demo needs the runtime and trio-websocket only (the `demo` extra), not the test tools.
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	  echo "could not create $(VENV): on Debian, install python3-venv (apt-get install python3-venv)"; exit 1; }
+	@echo "installing wsproxy and the demo's backends into $(VENV) (log: $(VENV)/install.log)"
+	@$(BIN)/python -m pip install $(PIP_QUIET) -e '.[demo]' >$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	@$(BIN)/python -m wsproxy.demo
+
+# The wheel an operator installs (README: Install): dist/wsproxy-VERSION-*.whl
+wheel: $(STAMP)
+	$(BIN)/python -m build --wheel --outdir dist .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -61,5 +76,5 @@ conformance: $(STAMP) $(AB_STAMP)
 	  --cases '$(CASES)' $(if $(REUSE_DIRECT),--reuse-direct)
 
 clean:
-	rm -rf $(VENV) $(AB_VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(AB_VENV) build dist *.egg-info .pytest_cache .mypy_cache .hypothesis
 	rm -f wsproxy/*/*.so wsproxy/*/*.mypyc-source-sha256   # extensions setup.py built in place

@@ -283,7 +283,7 @@ def config_seeds() -> list[bytes]:
     minimal = minimal.split('"""', 1)[0]
     seeds = [
         (ROOT / "conf" / "wsproxy.yaml").read_bytes(),
-        (ROOT / "conf" / "demo.yaml").read_bytes(),
+        (ROOT / "wsproxy" / "demo" / "conf" / "demo.yaml").read_bytes(),
         minimal.encode(),
         minimal.encode() + b"timeouts: {handshake: 5s, idle: 1m30s}\nlimits:\n  max_message_bytes: 16MiB\n",
         minimal.encode() + b"admin:\n  bind: 127.0.0.1:9090\nlog: {format: json}\n",

@@ -7,7 +7,7 @@
 #
 # The lab gets the two unit files unchanged, the project tree and this venv's
 # site-packages read-only under /opt/wsproxy, Debian's /usr/bin/python3, a
-# /usr/bin/wsproxy launcher, a `wsproxy` system user (the sysusers line of
+# /opt/wsproxy/bin/wsproxy launcher (where the unit expects the venv's script), a `wsproxy` system user (the sysusers line of
 # systemd/README.md), an admin socket in /run/wsproxy and an echo backend on
 # 127.0.0.1:9001 (websockets, a transient unit). Listener "public"
 # (ws://127.0.0.1:443) is the one wsproxy.socket passes; "secure"
@@ -71,7 +71,7 @@ wait_state() {  # wait_state UNIT STATE [TRIES of 0.1 s]
 mkdir -p "$TMP/lab" "$TMP/tls"
 cat >"$TMP/wsproxy" <<'EOF'
 #!/usr/bin/python3 -I
-# the lab's /usr/bin/wsproxy: the checkout on Debian's python3, deps from the venv
+# the lab's /opt/wsproxy/bin/wsproxy: the checkout on Debian's python3, deps from the venv
 import sys
 sys.path[:0] = ["/opt/wsproxy/src", "/opt/wsproxy/site-packages"]
 from wsproxy.__main__ import main
@@ -211,7 +211,7 @@ install_config() {  # install_config FILE: as packaging would, root:wsproxy 0640
 step "up: systemd 252 in a private network namespace"
 "$L" up -n "$NAME" --private-network \
   --unit systemd/wsproxy.service --unit systemd/wsproxy.socket \
-  --file "$TMP/wsproxy:/usr/bin/wsproxy" \
+  --file "$TMP/wsproxy:/opt/wsproxy/bin/wsproxy" \
   --file "$TMP/lab:/opt/lab" \
   --bind-ro "$REPO:/opt/wsproxy/src" \
   --bind-ro "$SITE:/opt/wsproxy/site-packages" || exit 1
@@ -223,7 +223,7 @@ lab ls -l /etc/wsproxy /etc/wsproxy/tls
 lab systemd-run --quiet --unit=lab-echo /usr/bin/python3 -I /opt/lab/tool.py echo 9001
 check "echo backend running" wait_state lab-echo.service active
 
-step "systemd-analyze verify (unchanged units, real /usr/bin/wsproxy) and security, inside the lab"
+step "systemd-analyze verify (unchanged units, real /opt/wsproxy/bin/wsproxy) and security, inside the lab"
 VERIFY="$(lab systemd-analyze verify --man=no /etc/systemd/system/wsproxy.service /etc/systemd/system/wsproxy.socket 2>&1)"
 VERIFY_RC=$?
 echo "$VERIFY"

@@ -1,65 +1,216 @@
-"""Pure tests of the log format (``wsproxy.log``): values from outside cannot forge a line or a field."""
+"""Pure tests of the log format (``wsproxy.log``): typed fields, real logfmt, typed JSON, journald priorities.
+
+The text lines are read back with ``parse_logfmt`` below, a parser written
+from the logfmt convention (go-logfmt's: bare values end at a space, quoted
+values take ``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t`` and ``\\uXXXX``), not
+with the module's own reader, so a formatter and a parser sharing one mistake
+cannot agree with each other.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 
 import pytest
 
-from wsproxy.log import FIELD_MAX_CHARS, TEXT_FORMAT, JsonFormatter, TextFormatter, field, parse_pairs
+from wsproxy.log import (
+    FIELD_MAX_CHARS,
+    Event,
+    JsonFormatter,
+    TextFormatter,
+    field,
+    log_event,
+    logfmt,
+    parse_pairs,
+    stderr_is_journal,
+)
 
 HOSTILE = [
-    "main\nINFO  wsproxy.app event=reloaded generation=99",  # a forged line
+    "main\nlevel=info logger=wsproxy.app event=reloaded generation=99",  # a forged line
     "main\r\nx",
     " event=forged",  # a forged field (overrides event= in JSON)
     "x level=debug logger=evil ts=0",
-    "it's \"quoted\"",
+    "it's \"quoted\" \\ back",
     "\x1b[31mred\x1b[0m",
     "a\u2028b\x85c",
     "'",
+    "=",
     "",
 ]
 
 
-def record(message: str, *args: object) -> logging.LogRecord:
-    return logging.LogRecord("wsproxy.control.admin", logging.INFO, __file__, 1, message, args, None)
+def parse_logfmt(line: str) -> dict[str, str | None]:
+    """key=value pairs of one logfmt line; a bare ``key`` has the value None (go-logfmt's flag)."""
+    pairs: dict[str, str | None] = {}
+    i, n = 0, len(line)
+    while i < n:
+        if line[i] == " ":
+            i += 1
+            continue
+        start = i
+        while i < n and line[i] not in " =":
+            i += 1
+        key = line[start:i]
+        assert key and '"' not in key, f"bad key at {start}: {line!r}"
+        if i >= n or line[i] == " ":
+            pairs[key] = None
+            continue
+        i += 1  # '='
+        if i < n and line[i] == '"':
+            i += 1
+            out = []
+            while True:
+                assert i < n, f"unterminated quote: {line!r}"
+                c = line[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\":
+                    e = line[i + 1]
+                    if e == "u":
+                        out.append(chr(int(line[i + 2:i + 6], 16)))
+                        i += 6
+                        continue
+                    out.append({"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}[e])
+                    i += 2
+                    continue
+                out.append(c)
+                i += 1
+            pairs[key] = "".join(out)
+            assert i >= n or line[i] == " ", f"junk after a quoted value: {line!r}"
+        else:
+            start = i
+            while i < n and line[i] != " ":
+                i += 1
+            value = line[start:i]
+            assert '"' not in value and "=" not in value, f"a bare value with a quote or '=': {line!r}"
+            pairs[key] = value
+    return pairs
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:9001", "[::1]:9001", "main", "chat-1", "a/b", "%0A"])
-def test_plain_values_are_written_as_they_are(value: str) -> None:
-    assert field(value) == value
+def event_record(levelno: int, event: str, /, **fields: object) -> logging.LogRecord:
+    return logging.LogRecord("wsproxy.control.admin", levelno, __file__, 1, Event(event, fields), (), None)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_a_hostile_value_stays_one_value_on_one_line_in_both_formats(value: str) -> None:
-    rec = record("event=admin action=drain pool=%s backend=%s", field(value), field(value.encode()))
-    text = TextFormatter(TEXT_FORMAT).format(rec)
-    assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\u2028" not in text
-    pairs = parse_pairs(text)
+    rec = event_record(logging.INFO, "admin", action="drain", pool=field(value), backend=field(value.encode()))
+    text = TextFormatter().format(rec)
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\u2028" not in text and "\x85" not in text
+    pairs = parse_logfmt(text)
     assert pairs["event"] == "admin" and pairs["pool"] == value and pairs["backend"] == value
-    assert "level" not in pairs and "ts" not in pairs
+    assert pairs["level"] == "info" and pairs["logger"] == "wsproxy.control.admin"
+    assert set(pairs) == {"ts", "level", "logger", "event", "action", "pool", "backend"}
+    assert parse_pairs(text)["pool"] == value  # the module's own reader agrees
     entry = json.loads(JsonFormatter().format(rec))
     assert (entry["event"], entry["level"], entry["logger"]) == ("admin", "info", "wsproxy.control.admin")
     assert entry["pool"] == value and set(entry) == {"ts", "level", "logger", "event", "action", "pool", "backend"}
 
 
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("127.0.0.1:9001", "127.0.0.1:9001"),
+        ("[::1]:9001", "[::1]:9001"),
+        ("*/chat", "*/chat"),
+        ("it's", '"it\'s"'),  # quoted, so that readers of the older 'single-quoted' lines cannot misread it
+        ("missing credentials", '"missing credentials"'),
+        ('say "hi"', r'"say \"hi\""'),
+        ("a=b", '"a=b"'),
+        ("back\\slash", r'"back\\slash"'),
+        ("tab\there", r'"tab\there"'),
+        ("nul\x00", r'"nul\u0000"'),
+        ("", '""'),
+        (None, "null"),
+        (True, "true"),
+        (False, "false"),
+        (503, "503"),
+        (12.503, "12.503"),
+        (float("nan"), '"nan"'),
+    ],
+)
+def test_values_are_written_as_logfmt(value: object, text: str) -> None:
+    assert logfmt({"k": value}) == f"k={text}"
+
+
+def test_json_keeps_the_types() -> None:
+    rec = event_record(logging.INFO, "close", status=503, dur_s=1.25, tls=False, code=None, reason="x y", up_b=0)
+    entry = json.loads(JsonFormatter().format(rec))
+    assert entry["status"] == 503 and type(entry["status"]) is int
+    assert entry["dur_s"] == 1.25 and entry["tls"] is False and entry["code"] is None and entry["up_b"] == 0
+    assert entry["reason"] == "x y"
+
+
+def test_fields_cannot_override_the_head_in_json() -> None:
+    entry = json.loads(JsonFormatter().format(event_record(logging.WARNING, "x", level="debug", logger="evil")))
+    assert (entry["level"], entry["logger"]) == ("warning", "wsproxy.control.admin")
+
+
 def test_long_values_are_cut() -> None:
     assert field("a" * 1000) == "a" * FIELD_MAX_CHARS + "..."
-    assert len(field("a b" * 1000)) == FIELD_MAX_CHARS + len("...") + 2
 
 
-def test_the_text_format_escapes_a_control_character_a_caller_let_through() -> None:
-    text = TextFormatter(TEXT_FORMAT).format(record("event=x reason=%s", "one\ntwo\x00"))
-    assert text.endswith(r"event=x reason=one\ntwo\x00")
+def test_a_plain_message_stays_one_line() -> None:
+    rec = logging.LogRecord("wsproxy.x", logging.INFO, __file__, 1, "event=x reason=%s", ("one\ntwo\x00",), None)
+    text = TextFormatter().format(rec)
+    assert text.endswith(r"event=x reason=one\ntwo\x00") and "\n" not in text
+    other = logging.LogRecord("wsproxy.x", logging.INFO, __file__, 1, "a library's message", (), None)
+    assert parse_logfmt(TextFormatter().format(other))["msg"] == "a library's message"
+    assert json.loads(JsonFormatter().format(other))["msg"] == "a library's message"
 
 
 def test_a_traceback_still_spans_lines() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        import sys
-
-        rec = logging.LogRecord("wsproxy.x", logging.ERROR, __file__, 1, "event=error", (), sys.exc_info())
-    text = TextFormatter(TEXT_FORMAT).format(rec)
+        rec = logging.LogRecord("wsproxy.x", logging.ERROR, __file__, 1, Event("error", {}), (), sys.exc_info())
+    text = TextFormatter().format(rec)
     assert text.splitlines()[0].endswith("event=error") and "ValueError: boom" in text
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exception"]
+
+
+@pytest.mark.parametrize(
+    ("level", "priority"),
+    [(logging.DEBUG, "<7>"), (logging.INFO, "<6>"), (logging.WARNING, "<4>"), (logging.ERROR, "<3>"),
+     (logging.CRITICAL, "<2>")],
+)
+def test_the_journal_gets_the_priority_and_no_timestamp(level: int, priority: str) -> None:
+    rec = event_record(level, "x", a=1)
+    text = TextFormatter(journal=True).format(rec)
+    assert text.startswith(priority) and "ts" not in parse_logfmt(text[len(priority):])
+    line = JsonFormatter(journal=True).format(rec)
+    assert line.startswith(priority) and json.loads(line[len(priority):])["a"] == 1
+    assert not TextFormatter().format(rec).startswith("<")
+
+
+def test_journal_stream_is_recognised_by_device_and_inode(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open(os.devnull, "w") as stream:
+        stat = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+        assert stderr_is_journal(stream)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino + 1}")
+        assert not stderr_is_journal(stream)  # stderr redirected elsewhere: the variable was inherited
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not stderr_is_journal(stream)
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not stderr_is_journal(stream)
+
+
+def test_log_event_formats_nothing_when_the_level_is_off(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("wsproxy.test_log")
+    logger.setLevel(logging.INFO)
+
+    class Explodes:
+        def __str__(self) -> str:
+            raise AssertionError("formatted")
+
+    log_event(logger, logging.DEBUG, "quiet", value=Explodes())
+    with caplog.at_level(logging.INFO, logger="wsproxy.test_log"):
+        log_event(logger, logging.INFO, "loud", n=3)
+    [record] = [r for r in caplog.records if r.name == "wsproxy.test_log"]
+    assert isinstance(record.msg, Event) and record.msg.fields == {"n": 3}
+    assert record.getMessage() == "event=loud n=3"
+    assert record.funcName == "test_log_event_formats_nothing_when_the_level_is_off"  # the caller, not log.py

@@ -20,7 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from typing import TYPE_CHECKING
+
 from .cli import DEFAULT_CONFIG, CommandFailed, version_text
+
+if TYPE_CHECKING:
+    from .config.schema import Config
 
 RUN_DESCRIPTION = """\
 Serve WebSocket connections as FILE says, until SIGTERM or SIGINT.
@@ -136,6 +141,11 @@ def parser() -> argparse.ArgumentParser:
     kick.add_argument(
         "--reason", metavar="TEXT", help='close reason, at most 123 bytes of UTF-8 (default "closed by the operator")'
     )
+    commands.add_parser(
+        "schema", help="print the config's JSON Schema",
+        description="Print the JSON Schema (draft 2020-12) of wsproxy.yaml, generated from the config loader,"
+        " for editors (e.g. the YAML language server's `# yaml-language-server: $schema=...`).",
+    )
     upgrade = commands.add_parser(
         "upgrade", help="start a new generation of processes without dropping sessions (workers > 1)",
         description="Ask the supervisor running FILE (workers > 1) to start a new supervisor and workers from the"
@@ -164,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         command_line.print_help()
         return 2
+    if args.command == "schema":
+        import json
+
+        from .config.json_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     from . import cli
 
     try:
@@ -217,6 +234,7 @@ def _run_or_check(args: argparse.Namespace) -> int:
     from . import app, log, run
 
     log.configure(args.log_level or config.log.level, config.log.format)
+    _log_start(config, args.config)
     import os
 
     from .supervisor.main import UPGRADE_FD_VARIABLE
@@ -233,6 +251,26 @@ def _run_or_check(args: argparse.Namespace) -> int:
     for failure in failed:
         print(f"wsproxy: {failure}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _log_start(config: Config, path: str) -> None:
+    """The first line of a run: what runs, from which config, where it will listen."""
+    import logging
+    import os
+    import platform
+
+    from . import __version__
+    from ._mypyc import is_compiled
+    from .log import log_event
+    from .proto import frames
+
+    log_event(
+        logging.getLogger("wsproxy.app"), logging.INFO, "starting",
+        version=__version__, python=platform.python_version(), pid=os.getpid(), config=os.path.abspath(path),
+        listeners=",".join(f"{spec.name}={spec.bind}" for spec in config.listeners),
+        admin=str(config.admin.bind) if config.admin is not None else None,
+        workers=config.workers, scanner="compiled" if is_compiled(frames) else "pure",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

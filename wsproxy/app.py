@@ -53,7 +53,7 @@ from .control.discovery import Discovery, DiscoveryCollector
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
 from .control.lifetime import revoke_open
-from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render
+from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render, render_off_loop
 from .control.rebalance import Rebalancer
 from .control.registry import Registry
 from .control.session_admin import SessionControl
@@ -80,6 +80,7 @@ from .proto.frames import CLOSE_GOING_AWAY
 from .proto.limits import ClientTable, fd_budget
 from .proto.relay import Outcome
 from .proto.routing import Router
+from .log import log_event
 
 log = logging.getLogger("wsproxy.app")
 
@@ -134,18 +135,20 @@ def with_fd_budget(config: Config, previous: Config | None = None) -> Config:
     before = previous.limits.max_connections if previous is not None else None
     if limits.max_connections is None:
         if budget.max_connections != before:
-            log.info(
-                "event=limits max_connections=%d (from RLIMIT_NOFILE=%d) reserve=%d",
-                budget.max_connections, soft, budget.reserve,
-            )
+            log_event(
+                log, logging.INFO, "limits",
+                max_connections=budget.max_connections, rlimit_nofile=soft, reserve=budget.reserve,
+            )  # fmt: skip
         return dataclasses.replace(config, limits=dataclasses.replace(limits, max_connections=budget.max_connections))
     if (limits.max_connections == 0 or limits.max_connections > budget.max_connections) and (
         previous is None or limits.max_connections != before
     ):
-        log.warning(
-            "event=limits max_connections=%s reason=%r",
-            limits.max_connections or "unlimited",
-            f"more than RLIMIT_NOFILE={soft} allows ({budget.max_connections}); "
+        log_event(
+            log,
+            logging.WARNING,
+            "limits",
+            max_connections=limits.max_connections or "unlimited",
+            reason=f"more than RLIMIT_NOFILE={soft} allows ({budget.max_connections}); "
             "beyond that, clients get 503 when the proxy runs out of descriptors",
         )
     return config
@@ -215,7 +218,7 @@ class App:
         """Listen, serve until ``shutdown``, then wait for the sessions to end."""
         if self.stopping:  # shut down before it started: nothing to open
             task_status.started({})
-            log.info("event=stopped")
+            log_event(log, logging.INFO, "stopped")
             return
         try:
             try:
@@ -225,16 +228,23 @@ class App:
             for spec in self.generation.config.listeners:
                 self.listeners[spec.name] = ListenerSlot(spec, self._open(spec))
             for name, sockets in self._inherited.items():  # passed by systemd, but no listener has the name
-                log.warning(
-                    "event=listener_unused name=%s sockets=%d reason='no listener has this name; closed'",
-                    name, len(sockets),
-                )
+                log_event(
+                    log, logging.WARNING, "listener_unused",
+                    name=name, sockets=len(sockets), reason="no listener has this name; closed",
+                )  # fmt: skip
                 for sock in sockets:
                     sock.close()
             self._inherited.clear()
             for name, slot in self.listeners.items():
                 for host, port in self.addresses[name]:
-                    log.info("event=listening listener=%s address=%s tls=%s", name, hostport(host, port), slot.spec.tls is not None)
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "listening",
+                        listener=name,
+                        address=hostport(host, port),
+                        tls=slot.spec.tls is not None,
+                    )
             async with trio.open_nursery() as engine_nursery:
                 if self.engine is not None:
                     engine_nursery.start_soon(self.engine.run)
@@ -243,7 +253,7 @@ class App:
         finally:
             for slot in self.listeners.values():
                 slot.close()
-        log.info("event=stopped")
+        log_event(log, logging.INFO, "stopped")
 
     async def _serve_connections(self, task_status: trio.TaskStatus[dict[str, list[tuple[str, int]]]]) -> None:
         """The control tasks, the accept loops and one task per connection, until all have ended."""
@@ -268,15 +278,15 @@ class App:
     def _open(self, spec: ListenerConfig) -> list[socket.socket]:
         inherited = self._inherited.pop(spec.name, None)
         if inherited:
-            log.info("event=listener_inherited listener=%s sockets=%d", spec.name, len(inherited))
+            log_event(log, logging.INFO, "listener_inherited", listener=spec.name, sockets=len(inherited))
             for sock in inherited:
                 host, port = sock.getsockname()[:2]
                 if port != spec.bind.port or (host != spec.bind.host and spec.bind.host not in ("0.0.0.0", "::")):
-                    log.warning(
-                        "event=listener_address listener=%s passed=%s bind=%s reason='the socket passed by systemd is used; "
-                        "its address differs from the listener bind'",
-                        spec.name, hostport(host, port), spec.bind,
-                    )
+                    log_event(
+                        log, logging.WARNING, "listener_address",
+                        listener=spec.name, passed=hostport(host, port), bind=spec.bind,
+                        reason="the socket passed by systemd is used; its address differs from the listener bind",
+                    )  # fmt: skip
             return inherited
         try:
             return open_listener(spec)
@@ -400,10 +410,16 @@ class App:
                 if self._control is not None and not self.stopping:
                     self._start_accepting(slot)
                 for host, port in self.addresses[spec.name]:
-                    log.info("event=listening listener=%s address=%s", spec.name, hostport(host, port))
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "listening",
+                        listener=spec.name,
+                        address=hostport(host, port),
+                    )
         for name, slot in previous.items():
             slot.close()
-            log.info("event=listener_closed listener=%s", name)
+            log_event(log, logging.INFO, "listener_closed", listener=name)
         self.generation = new
         if config.log != old.config.log and self.log_overridden is False:
             from . import log as logsetup
@@ -418,7 +434,14 @@ class App:
             keep=addresses_in_use(config), pools={(name, b.address) for name, p in config.pools.items() for b in p.backends}
         )
         self.reloader.record_applied(time.time())
-        log.info("event=reloaded generation=%d pools=%d routes=%d", new.number, len(config.pools), len(config.routes))
+        log_event(
+            log,
+            logging.INFO,
+            "reloaded",
+            generation=new.number,
+            pools=len(config.pools),
+            routes=len(config.routes),
+        )
 
     def reload_failed(self, errors: Sequence[str]) -> None:
         """Count and log a refused reload; the old config keeps serving."""
@@ -470,8 +493,13 @@ class App:
             return
         self.stopping = True
         settings = self.generation.config.shutdown
-        log.info(
-            "event=shutdown sessions=%d spread_s=%g timeout_s=%g", len(self.sessions), settings.spread_s, settings.timeout_s
+        log_event(
+            log,
+            logging.INFO,
+            "shutdown",
+            sessions=len(self.sessions),
+            spread_s=float(settings.spread_s),
+            timeout_s=float(settings.timeout_s),
         )
         for slot in self.listeners.values():
             slot.close()  # new connection attempts are refused from now on
@@ -506,6 +534,10 @@ class App:
     def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
         """What GET /metrics returns: (content type, body), OpenMetrics if ``accept`` asks for it."""
         return render(self._metrics_registry, accept)
+
+    async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
+        """``render_metrics``, encoded in a worker thread from a snapshot taken on the loop."""
+        return await render_off_loop(self._metrics_registry, accept)
 
     def status_line(self) -> str:
         count = len(self.sessions)

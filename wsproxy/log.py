@@ -1,18 +1,38 @@
-"""Logging set-up: one line per event, ``key=value`` pairs or JSON, to stderr.
+"""Logging on typed fields: one line per event, logfmt or JSON, to stderr (or the journal).
 
-Loggers are named after their module (``wsproxy.edge.session``). Messages are
-written as ``event=NAME key=value ...`` by the code that logs them (values
-that may hold spaces are written with ``%r``), so a line can be read by a
-person and split by a machine. This module adds the time, the level and the
-logger name, and with ``log.format: json`` turns each line into one JSON
-object whose keys are those pairs.
+The code that logs says what happened as data::
 
-A value that came from a request (a path segment, a Host header) is written
-with ``field()``: as it is when it is a plain token, else quoted and escaped
-like ``%r``, so it can neither start a line of its own nor add or override a
-``key=value`` pair (in JSON, a pair would override ``event`` or ``level``).
-As a second guard, the text format escapes any control character left in a
-message (``\n`` → ``\\n``), so one call is always one line.
+    log_event(log, logging.INFO, "open", conn=conn_id, peer=peer, pool=pool, dur_s=1.25, tls=False)
+
+The record's message is an ``Event`` (a name and a dict of fields), which the
+formatters below write as
+
+- ``log.format: text``: logfmt, the whole line: ``ts=... level=info
+  logger=wsproxy.edge.session event=open conn=7a8f1 ... tls=false``. A value
+  is written bare when it is a non-empty run of characters other than space,
+  ``"``, ``'``, ``=``, ``\\`` and control characters (``'`` only so that
+  readers of the older single-quoted lines cannot misread it); otherwise in double quotes with
+  backslash escapes (``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\u00XX``
+  for other control characters and the Unicode line breaks), as go-logfmt,
+  Loki, Vector and Fluent Bit read it. ``None`` is ``null``, booleans
+  ``true``/``false``.
+- ``log.format: json``: one object per line, ``ts``, ``level``, ``logger``,
+  then the fields with their JSON types (numbers, booleans, ``null``; any other
+  object as its ``str``).
+
+When stderr is the journal (``$JOURNAL_STREAM`` names stderr's device and
+inode, as systemd sets it), each line starts with the syslog priority, ``<3>``
+for ERROR to ``<7>`` for DEBUG, so journald stores the level
+(``journalctl -p warning`` works), and ``ts=`` is left out: the journal keeps
+its own timestamp.
+
+A value that came from outside (a path segment, a Host header) goes through
+``field()``, which only decodes bytes and cuts long values: the encoder's
+quoting is what keeps it from starting a line or adding a pair, in both
+formats. A record whose message is a plain string (a library's, or a call not
+converted to ``log_event``) is still one line: in text its control characters
+are escaped, and a message of ``key=value`` pairs is written as it is (JSON
+reads those pairs back as strings).
 
 This module is not where values are chosen: what is logged, and that no
 credential ever is, is the logging code's business.
@@ -24,84 +44,206 @@ import ast
 import datetime
 import json
 import logging
+import math
+import os
 import re
 import sys
+from collections.abc import Mapping
+from typing import IO
 
-TEXT_FORMAT = "%(asctime)s %(levelname)-5s %(name)s %(message)s"
-
-#: A value written as it is by ``field``: no space, quote, ``=`` or control character.
-_PLAIN = re.compile(r"[\w.:/@%+~,\[\]-]+", re.ASCII)
 #: What ``field`` keeps of a longer value.
 FIELD_MAX_CHARS = 200
-#: Characters that end or break a line somewhere (C0, DEL, NEL, U+2028/2029) → their escape.
+#: Kept for callers that format a plain message themselves (tests, the demo); ``TextFormatter`` ignores it.
+TEXT_FORMAT = "%(asctime)s %(levelname)-5s %(name)s %(message)s"
+#: syslog priorities (sd-daemon(3): the ``<N>`` prefix journald reads) of the logging levels.
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+#: A logfmt value written bare: no space, quote (either), ``=``, backslash or control character (Unicode breaks included).
+_BARE = re.compile(r'[^\s"\'=\\\x00-\x1f\x7f\x85\u2028\u2029]+')
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f\x85\u2028\u2029]')
+#: Characters that end or break a line somewhere (C0, DEL, NEL, U+2028/2029) → an escape, for plain messages.
 _CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
 
 
-def field(value: object) -> str:
-    """``value`` (text or bytes from outside) fit for ``key=%s``: plain, or quoted with escapes.
+class Event:
+    """A log record's message: the event's name and its fields, kept as data.
 
-    ``field("127.0.0.1:9001")`` is ``127.0.0.1:9001``; ``field("a\nevent=x")`` is
-    ``'a\\nevent=x'``, which ``parse_pairs`` reads back as one value. Longer
-    values are cut to ``FIELD_MAX_CHARS`` characters and end with ``...``.
+    ``str()`` gives the logfmt pairs (``event=NAME k=v ...``), so a handler
+    that knows nothing of this module still writes something readable.
+    """
+
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str, fields: Mapping[str, object]) -> None:
+        self.name = name
+        self.fields = fields
+
+    def pairs(self) -> dict[str, object]:
+        return {"event": self.name, **self.fields}
+
+    def __str__(self) -> str:
+        return logfmt(self.pairs())
+
+
+def log_event(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    level: int,
+    event: str,
+    /,
+    *,
+    exc_info: object = False,  # object, not bool: so that **fields of any type type-check
+    **fields: object,
+) -> None:
+    """Log ``event`` at ``level`` with ``fields`` as data (nothing is formatted when the level is off).
+
+    ``exc_info=True`` adds the traceback of the exception being handled.
+    """
+    if logger.isEnabledFor(level):
+        logger.log(level, Event(event, fields), exc_info=bool(exc_info), stacklevel=2)
+
+
+def field(value: object) -> str:
+    """``value`` from outside (text or bytes) fit for a field: decoded, and cut to ``FIELD_MAX_CHARS``.
+
+    Quoting is the encoder's: ``logfmt({"pool": field("a\\nevent=x")})`` is
+    ``pool="a\\nevent=x"``. Longer values end with ``...``.
     """
     text = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes | bytearray) else str(value)
     if len(text) > FIELD_MAX_CHARS:
         text = text[:FIELD_MAX_CHARS] + "..."
-    if _PLAIN.fullmatch(text):
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    return _ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
+def logfmt_value(value: object) -> str:
+    """One value as logfmt writes it: bare, or double-quoted with backslash escapes."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, int) or math.isfinite(value) else f'"{value}"'
+    text = field(value) if isinstance(value, bytes | bytearray) else str(value)
+    if _BARE.fullmatch(text):
         return text
-    return repr(text)
+    return '"' + _NEEDS_ESCAPE.sub(_escape, text) + '"'
 
 
-_PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""")
+def logfmt(pairs: Mapping[str, object]) -> str:
+    """``key=value`` pairs separated by one space (keys are the code's identifiers, never quoted)."""
+    return " ".join(f"{key}={logfmt_value(value)}" for key, value in pairs.items())
 
 
-def parse_pairs(message: str) -> dict[str, object]:
-    """The ``key=value`` pairs of a message; quoted values are unquoted, numbers stay text."""
-    fields: dict[str, object] = {}
-    for key, value in _PAIR.findall(message):
-        if value[:1] in ("'", '"'):
+def json_value(value: object) -> object:
+    """What JSON carries for a field: its own type for null, booleans, numbers and text; else ``str``."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes | bytearray):
+        return field(value)
+    return str(value)
+
+
+_PAIR = re.compile(r"""(\w+)=("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\S*)""")
+
+
+def parse_pairs(line: str) -> dict[str, str]:
+    """The ``key=value`` pairs of a logfmt line, unquoted and unescaped (every value is text).
+
+    Also reads the single-quoted values of older lines (``reason='...'``).
+    """
+    found: dict[str, str] = {}
+    for key, value in _PAIR.findall(line):
+        if value[:1] == '"':
+            value = json.loads(value) if "\\" in value else value[1:-1]
+        elif value[:1] == "'":
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 pass
-        fields[key] = value
-    return fields
+        found[key] = value
+    return found
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, then the message's pairs."""
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        entry: dict[str, object] = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        pairs = parse_pairs(message)
-        if pairs:
-            entry.update(pairs)
-        else:
-            entry["msg"] = message
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+
+def _priority(record: logging.LogRecord) -> str:
+    level = max((lvl for lvl in PRIORITIES if lvl <= record.levelno), default=logging.DEBUG)
+    return f"<{PRIORITIES[level]}>"
 
 
 class TextFormatter(logging.Formatter):
-    """``TEXT_FORMAT``, with control characters in the message escaped: one event, one line."""
+    """A logfmt line: ``ts``, ``level``, ``logger``, then the event's fields (a traceback follows on its own lines)."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        message = record.message
-        if not message.isprintable():
-            record.message = message.translate(_CONTROLS)
-        return super().formatMessage(record)
+    def __init__(self, *_ignored: object, journal: bool = False) -> None:  # TextFormatter(TEXT_FORMAT) still works
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        head: dict[str, object] = {} if self.journal else {"ts": _timestamp(record)}
+        head["level"] = record.levelname.lower()
+        head["logger"] = record.name
+        if isinstance(record.msg, Event):
+            line = logfmt(head) + " " + str(record.msg)
+        else:
+            message = record.getMessage()
+            if not message.isprintable():
+                message = message.translate(_CONTROLS)
+            line = logfmt(head) + " " + (message if message.startswith("event=") else logfmt({"msg": message}))
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return _priority(record) + line if self.journal else line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, then the fields, typed."""
+
+    def __init__(self, *, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
+        if isinstance(record.msg, Event):
+            for key, value in record.msg.pairs().items():
+                entry.setdefault(key, json_value(value))
+        else:
+            message = record.getMessage()
+            pairs = parse_pairs(message) if message.startswith("event=") else {}
+            for key, text in pairs.items() or {"msg": message}.items():
+                entry.setdefault(key, text)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        line = json.dumps(entry, ensure_ascii=False)
+        return _priority(record) + line if self.journal else line
+
+
+def stderr_is_journal(stream: IO[str] | None = None) -> bool:
+    """True when ``$JOURNAL_STREAM`` (``DEVICE:INODE``, set by systemd) is the stream's file."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        stat = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send wsproxy's log to stderr (the journal keeps it under systemd); callable again on reload."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    journal = stderr_is_journal(sys.stderr)
+    handler.setFormatter(JsonFormatter(journal=journal) if fmt == "json" else TextFormatter(journal=journal))
     root = logging.getLogger("wsproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -18,6 +18,7 @@ from .app import App, ListenError
 from .control import gc_tuning
 from .control.reload import ReloadError
 from .config.schema import Config
+from .log import log_event
 
 if TYPE_CHECKING:
     from .control.admin import AdminServer
@@ -51,14 +52,14 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 if signum == signal.SIGHUP:
                     if app.stopping:
                         continue
-                    log.info("event=signal signal=SIGHUP action=reload path=%s", path)
+                    log_event(log, logging.INFO, "signal", signal='SIGHUP', action='reload', path=path)
                     nursery.start_soon(reload_config)  # beside this loop: signals are handled while it loads
                     continue
                 if app.stopping:
-                    log.warning("event=signal signal=%s action=exit_now", name)
+                    log_event(log, logging.WARNING, "signal", signal=name, action='exit_now')
                     app.abort()
                     return
-                log.info("event=signal signal=%s action=shutdown", name)
+                log_event(log, logging.INFO, "signal", signal=name, action='shutdown')
                 notifier.stopping()
                 app.shutdown()
 
@@ -74,7 +75,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
                 notifier.status(app.status_line())
 
         async def reload_on_request() -> list[str] | None:  # POST /reload (wsproxy reload)
-            log.info("event=reload_requested by=admin path=%s", path)
+            log_event(log, logging.INFO, "reload_requested", by='admin', path=path)
             return await app.reload_and_wait(lambda: nursery.start_soon(reload_config))
 
         admin.reloader = reload_on_request
@@ -88,7 +89,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
             except OSError as exc:  # one line and exit 1, as for a listener (wsproxy.__main__)
                 raise ListenError(f"admin.bind: cannot listen on {_admin_where(config)}: {exc.strerror or exc}") from None
             if address is not None:
-                log.info("event=admin_listening address=%s", address)
+                log_event(log, logging.INFO, "admin_listening", address=address)
             await app.serve()  # returns once accepting has stopped and every session has ended
             nursery.cancel_scope.cancel()
 

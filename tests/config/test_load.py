@@ -179,7 +179,7 @@ def test_unknown_key() -> None:
         """
     assert str(error_in(text)) == (
         't.yaml:9:9: pools.echo.backends[0]: '
-        'unknown key "backend" (expected one of: address, weight, max_connections)'
+        'unknown key "backend" (expected one of: address, weight, max_connections, name)'
     )
 
 

@@ -163,3 +163,22 @@ def test_rebalance_errors(tmp_path: Path, pool: str, expected: str | None) -> No
         assert len(found) == 1 and "pools.chat.rebalance" in found[0] and "skew" in found[0]
     else:
         assert found == [expected]
+
+
+def test_backend_names_are_optional_valid_and_unique_in_their_pool() -> None:
+    from wsproxy.config.load import parse_config
+    from wsproxy.errors import ConfigErrors
+
+    head = 'listeners:\n  - name: main\n    bind: "127.0.0.1:0"\nroutes:\n  - pool: p\npools:\n  p:\n    backends:\n'
+    config = parse_config(head + '      - {address: "127.0.0.1:9001", name: chat-1}\n      - {address: "127.0.0.1:9002"}\n', "t.yaml")
+    assert [b.name for b in config.pools["p"].backends] == ["chat-1", None]  # type: ignore[index]
+    bad = head + '      - {address: "127.0.0.1:9001", name: chat-1}\n      - {address: "127.0.0.1:9002", name: chat-1}\n'
+    bad += '      - {address: "127.0.0.1:9003", name: "chat 3"}\n'
+    try:
+        parse_config(bad, "t.yaml")
+    except ConfigErrors as exc:
+        messages = [str(e) for e in exc.errors]
+    else:
+        raise AssertionError("accepted")
+    assert any(m.startswith("t.yaml:10:43: pools.p.backends[1].name: duplicate backend name \"chat-1\" (first at line 9)") for m in messages), messages
+    assert any("pools.p.backends[2].name: expected a backend name" in m for m in messages), messages

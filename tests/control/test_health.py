@@ -406,7 +406,7 @@ async def test_unknown_until_the_first_pass_then_up(nursery: trio.Nursery, caplo
     assert state.health is Health.UP and state.passes == 1  # the first pass, not `rise` of them
     assert state.rtt_s is not None and state.last_check == "ok"
     assert health_lines(caplog) == [
-        f"event=health pool=chat backend=127.0.0.1:{port} state=up reason='1 consecutive passes' was=unknown"
+        f"event=health pool=chat backend=127.0.0.1:{port} state=up reason=\"1 consecutive passes\" was=unknown"
     ]
 
 
@@ -437,10 +437,10 @@ async def test_killed_backend_leaves_rotation_after_fall_and_returns_after_rise(
     assert (rise - 1) * INTERVAL_S * 0.9 <= up_after <= (rise + 1) * INTERVAL_S * 1.1 + TICK_SLACK_S
     backend_name = f"127.0.0.1:{port}"
     assert health_lines(caplog) == [
-        f"event=health pool=chat backend={backend_name} state=up reason='1 consecutive passes' was=unknown",
+        f"event=health pool=chat backend={backend_name} state=up reason=\"1 consecutive passes\" was=unknown",
         f"event=health pool=chat backend={backend_name} state=down"
-        " reason='3 consecutive failures: connect refused' was=up",
-        f"event=health pool=chat backend={backend_name} state=up reason='2 consecutive passes' was=down",
+        " reason=\"3 consecutive failures: connect refused\" was=up",
+        f"event=health pool=chat backend={backend_name} state=up reason=\"2 consecutive passes\" was=down",
     ]
 
 
@@ -475,9 +475,9 @@ async def test_start_healthy(nursery: trio.Nursery, caplog: pytest.LogCaptureFix
     assert down_after <= 2 * INTERVAL_S * 1.1 + TICK_SLACK_S  # fall=2: at once, then one interval
     assert registry.health("chat", local(good)).health is Health.UP and registry.health("chat", local(good)).last_check == "ok"
     lines = health_lines(caplog)
-    assert f"event=health pool=chat backend=127.0.0.1:{dead} state=up reason='start_healthy' was=unknown" in lines
+    assert f"event=health pool=chat backend=127.0.0.1:{dead} state=up reason=start_healthy was=unknown" in lines
     assert (
-        f"event=health pool=chat backend=127.0.0.1:{dead} state=down reason='2 consecutive failures: connect refused'"
+        f"event=health pool=chat backend=127.0.0.1:{dead} state=down reason=\"2 consecutive failures: connect refused\""
         " was=up" in lines
     )
 
@@ -548,7 +548,7 @@ async def test_update_adds_and_removes_backends(nursery: trio.Nursery, caplog: p
         checker.update(pool(port_b, check=health()))  # checks on again
         last_b = state_b.last_check_at
         await until(lambda: state_b.last_check_at != last_b, poll_s=0.002, what="state_b.last_check_at != last_b")
-    assert f"event=health pool=chat backend=127.0.0.1:{port_b} state=up reason='no active checks' was=down" in (
+    assert f"event=health pool=chat backend=127.0.0.1:{port_b} state=up reason=\"no active checks\" was=down" in (
         health_lines(caplog)
     )
 
@@ -561,7 +561,7 @@ async def test_pool_without_checks(nursery: trio.Nursery, caplog: pytest.LogCapt
         await checker.run()  # returns at once
     assert all(registry.health("chat", local(p)).health is Health.UP for p in ports)
     assert health_lines(caplog) == [
-        f"event=health pool=chat backend=127.0.0.1:{p} state=up reason='no active checks' was=unknown" for p in ports
+        f"event=health pool=chat backend=127.0.0.1:{p} state=up reason=\"no active checks\" was=unknown" for p in ports
     ]
     third = closed_port()
     checker.update(pool(*ports, third, check=None))

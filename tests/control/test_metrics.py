@@ -51,6 +51,7 @@ def config(backends: tuple[str, ...] = (A, B), *, tls: str = "") -> Config:
 #: family name as the text parser reports it (counters lose "_total") → type, for the wsproxy families
 FAMILIES = {
     "wsproxy_build_info": "gauge",  # an info family reads back as a gauge from the text format
+    "wsproxy_backend_info": "gauge",
     "wsproxy_sessions_active": "gauge",
     "wsproxy_sessions_closed": "counter",
     "wsproxy_draining_sessions": "gauge",
@@ -83,6 +84,7 @@ FAMILIES = {
 #: label names of every sample of a family (histograms add "le" to their buckets)
 LABELS = {
     "wsproxy_build_info": {"version", "python_version"},
+    "wsproxy_backend_info": {"pool", "backend", "name"},
     "wsproxy_sessions_active": {"route"},
     "wsproxy_sessions_closed_total": {"route", "pool", "backend", "outcome"},
     "wsproxy_close_codes_total": {"sent_by", "to", "code"},
@@ -126,6 +128,18 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
+
+
+async def test_a_named_backend_has_an_info_series_and_its_other_series_keep_their_labels() -> None:
+    named = parse_config(
+        'listeners:\n  - name: main\n    bind: "127.0.0.1:0"\nroutes:\n  - pool: chat\n'
+        f'pools:\n  chat:\n    backends: [{{address: "{A}", name: chat-1}}, {{address: "{B}"}}]\n',
+        "t.yaml",
+    )
+    _, samples = scrape(App(named))
+    assert samples[("wsproxy_backend_info", (("backend", A), ("name", "chat-1"), ("pool", "chat")))] == 1
+    assert not [labels for n, labels in samples if n == "wsproxy_backend_info" and ("backend", B) in labels]
+    assert value(samples, "wsproxy_backend_sessions_active", pool="chat", backend=A) == 0  # no name label there
 
 
 async def test_every_family_has_its_type_and_label_set_before_any_traffic() -> None:

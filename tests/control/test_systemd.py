@@ -158,7 +158,7 @@ def test_unsupported_address_disables_notifications(caplog: pytest.LogCaptureFix
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled
     notifier.ready("x")
-    assert warnings(caplog) == ["event=notify_unsupported socket='vsock:2:1234'"]
+    assert warnings(caplog) == ["event=notify_unsupported socket=vsock:2:1234"]
 
 
 def test_default_environ_is_os_environ(path_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,7 +179,7 @@ def test_socket_gone_never_raises_and_warns_once(short_dir: Path, caplog: pytest
     notifier.ready("c")
     [warning] = warnings(caplog)
     assert warning.startswith(f"event=notify_failed socket={path} error=")
-    assert warning.endswith("message='STATUS=a'")
+    assert warning.endswith("message=\"STATUS=a\"")
     debug = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG]
     assert len(debug) == 2
 

@@ -240,7 +240,7 @@ async def test_every_refusal_is_logged_once_and_counted_once(nursery: trio.Nurse
                 for (name, labels), v in samples.items() if name == "wsproxy_refused_total"
             }  # fmt: skip
             logged = collections.Counter(
-                (m.group(1), m.group(2), "none" if m.group(3) == "-" else m.group(3))
+                (m.group(1), m.group(2), "none" if m.group(3) == "null" else m.group(3))
                 for m in map(REFUSED.search, proxy.log().splitlines()) if m
             )  # fmt: skip
             lines = [line for line in proxy.log().splitlines() if "event=refused" in line]
@@ -307,3 +307,50 @@ async def test_a_scrape_of_a_real_process(nursery: trio.Nursery, tmp_path: Path)
             assert not [key for key in samples if ("backend", old.group(1)) in key[1]]
             assert total(samples, "wsproxy_backend_health", pool="dead", backend=new) == 1  # one state of three
             assert total(samples, "wsproxy_reloads_total") == 1
+
+
+# -- the scrape is encoded off the event loop (issue 14: scrape cost) -------------------------------
+
+
+async def test_metrics_are_encoded_in_a_worker_thread_from_a_snapshot_taken_on_the_loop(nursery: trio.Nursery) -> None:
+    """GET /metrics reads the proxy's state on the loop and encodes it in another thread; same series as render."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.e2e.test_admin import call
+    from tests.support import make_config, start_proxy, start_ws_backend
+    from wsproxy.config.schema import Address, AdminConfig
+    from wsproxy.control.admin import serve_admin
+
+    class WhereCollected:
+        """A real collector among the process ones, noting the thread that collects it."""
+
+        def __init__(self) -> None:
+            self.threads: list[int] = []
+
+        def collect(self) -> list[GaugeMetricFamily]:
+            self.threads.append(threading.get_ident())
+            family = GaugeMetricFamily("test_where", "the collecting thread")
+            family.add_metric([], 1)
+            return [family]
+
+    with trio.fail_after(20):
+        port = await start_ws_backend(nursery)
+        app, _ = await start_proxy(nursery, make_config([port]))
+        where = WhereCollected()
+        app._metrics_registry.process_collectors.append(where)  # type: ignore[attr-defined]
+        app._metrics_registry.register(where)  # type: ignore[attr-defined]  # for render(), the synchronous path
+        admin = await nursery.start(serve_admin, app, AdminConfig(bind=Address("127.0.0.1", 0)))
+        reply = await call(admin, "GET", "/metrics")
+        assert reply.status == 200
+        assert where.threads and threading.get_ident() not in where.threads
+        scraped = {f.name for f in text_string_to_metric_families(reply.body.decode())}
+        where.threads.clear()
+        direct = {f.name for f in text_string_to_metric_families(app.render_metrics()[1].decode())}
+        assert where.threads == [threading.get_ident()]  # render() itself stays synchronous
+        assert scraped == direct and {"test_where", "wsproxy_backend_health", "process_open_fds"} <= scraped
+        reply = await call(admin, "GET", "/metrics", headers=[("Accept", "application/openmetrics-text; version=1.0.0")])
+        assert reply.headers["content-type"].startswith("application/openmetrics-text")
+        assert reply.body.endswith(b"# EOF\n")

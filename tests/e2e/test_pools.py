@@ -453,7 +453,7 @@ async def test_cookie_repick_when_pinned_backend_dies_and_back_when_it_returns(
         failover = await visit(port, headers=[cookie_header(cookie_a)])
         assert (failover.status, failover.backend, failover.cookie) == (101, "b", cookie_b)
         _, line = proxy_log.matching("event=upstream_failed", f"backend={a.address}")[0]
-        assert "reason='connect failed: Connection refused'" in line
+        assert "reason=\"connect failed: Connection refused\"" in line
 
         down_at, _ = await proxy_log.wait_for(*health_line(a, "down"))
         report("cookie: kill -> down", down_at - killed_at)
@@ -501,7 +501,7 @@ async def test_cookie_reject_answers_503_while_pinned_backend_is_unavailable(
         assert o.status == 503 and o.body == b"no backend available in pool main\n", o
         assert b"retry-after" not in o.headers
         assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith(
-            f"reason='pool main: pinned backend {a.address} unavailable (draining, reject)'"
+            f"reason=\"pool main: pinned backend {a.address} unavailable (draining, reject)\""
         )
         # others are not affected: no cookie goes to b, b's cookie goes to b
         assert (await visit(port)).backend == "b"
@@ -514,7 +514,7 @@ async def test_cookie_reject_answers_503_while_pinned_backend_is_unavailable(
         await proxy_log.wait_for(*health_line(a, "down"))
         o = await visit(port, headers=[cookie_header(cookie_a)])
         assert o.status == 503 and b"pool main" in o.body
-        assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith("(down, reject)'")
+        assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith('(down, reject)"')
         # back: the cookie pins to it again
         await a.start(nursery)
         await proxy_log.wait_for(*health_line(a, "up"), since=trio.current_time())
@@ -593,7 +593,7 @@ async def test_killed_backend_leaves_rotation_within_fall_intervals_and_returns_
         assert leave_s >= (fall - 1) * interval_s * 0.9 - 0.01
         assert all(t <= down_at + 0.01 for t in failures), (down_at, failures)
         _, line = proxy_log.matching(*health_line(a, "down"))[0]
-        assert "reason='2 consecutive failures: connect refused'" in line and "was=up" in line
+        assert "reason=\"2 consecutive failures: connect refused\"" in line and "was=up" in line
 
         arrivals_before = len(a.arrivals)
         assert [(await visit(port)).backend for _ in range(6)] == ["b"] * 6
@@ -609,7 +609,7 @@ async def test_killed_backend_leaves_rotation_within_fall_intervals_and_returns_
         rejoin_s = up_at - restarted_at
         report("health: restart -> up (rise 3)", rejoin_s)
         report("health: restart -> first session on a", first_on_a - restarted_at)
-        assert f"reason='{rise} consecutive passes'" in line and "was=down" in line
+        assert f"reason=\"{rise} consecutive passes\"" in line and "was=down" in line
         assert (rise - 1) * interval_s * 0.9 - 0.01 <= rejoin_s <= rise * interval_s * 1.1 + SLACK_S
         assert first_on_a >= up_at
         # every session a got after the restart came after it was UP
@@ -656,7 +656,7 @@ async def test_every_backend_down_answers_503_naming_the_pool(nursery: trio.Nurs
         assert o.headers.get(b"content-type", b"").startswith(b"text/plain")
         assert b"retry-after" not in o.headers
         _, line = proxy_log.matching("event=refused", "status=503")[-1]
-        assert line.endswith("reason='pool chat: every backend is down'"), line
+        assert line.endswith("reason=\"pool chat: every backend is down\""), line
 
 
 async def test_new_pool_takes_no_traffic_before_its_first_pass(nursery: trio.Nursery, proxy_log: ProxyLog) -> None:
@@ -674,7 +674,7 @@ async def test_new_pool_takes_no_traffic_before_its_first_pass(nursery: trio.Nur
             await trio.sleep(0.02)
         served_at = trio.current_time()
         assert refused > 0
-        assert any(line.endswith("reason='pool main: every backend is not yet healthy'") for _, line in proxy_log.lines)
+        assert any(line.endswith("reason=\"pool main: every backend is not yet healthy\"") for _, line in proxy_log.lines)
         up_at, line = proxy_log.matching(*health_line(slow, "up"))[0]
         assert "was=unknown" in line
         # one check (0.4 s) after start, not one interval (1 s) later
@@ -714,7 +714,7 @@ async def test_max_connections_full_pool_answers_503_with_retry_after(
             assert third.headers.get(b"retry-after") == b"5"
             assert third.body == b"no backend available in pool main\n"
             assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith(
-                "reason='pool main: every backend is full'"
+                "reason=\"pool main: every backend is full\""
             )
             await ws_second.aclose()
             freed = {"a": a, "b": b}[second]
@@ -773,7 +773,7 @@ async def test_cookie_pinned_backend_full(nursery: trio.Nursery, proxy_log: Prox
             o = await visit(port, "/reject", [to_a["reject"]])
             assert o.status == 503 and o.headers.get(b"retry-after") == b"5", o
             assert o.body == b"no backend available in pool reject\n"
-            assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith("(full, reject)'")
+            assert proxy_log.matching("event=refused", "status=503")[-1][1].endswith('(full, reject)"')
 
 
 # -- 6. retries and passive ejection -------------------------------------------------------------
@@ -800,7 +800,7 @@ async def test_refused_backend_is_retried_on_the_next(nursery: trio.Nursery, pro
         assert [(o.status, o.backend) for o in outcomes] == [(101, "good")] * 10
         failed = proxy_log.matching("event=upstream_failed", f"backend={refused.address}")
         assert len(failed) == 5  # round robin put the refused one first every other time
-        assert all("reason='connect failed: Connection refused'" in line for _, line in failed), failed
+        assert all("reason=\"connect failed: Connection refused\"" in line for _, line in failed), failed
         assert not proxy_log.matching("event=ejected")  # no passive health configured
 
 
@@ -829,7 +829,7 @@ async def test_passive_ejection_skips_the_failing_backend_then_tries_it_again(
             assert (await visit(port)).backend == "good"
             assert len(attempts) <= 2
         ejected_at, line = proxy_log.matching("event=ejected")[0]
-        assert f"backend={slammer.address}" in line and "reason='ejected for 1s: 2 failures within 10s'" in line
+        assert f"backend={slammer.address}" in line and "reason=\"ejected for 1s: 2 failures within 10s\"" in line
         assert len(attempts) == 2
         assert len(proxy_log.matching("event=upstream_failed", f"backend={slammer.address}")) == 2
 
@@ -852,7 +852,7 @@ async def test_passive_ejection_skips_the_failing_backend_then_tries_it_again(
             assert (await visit(port)).backend == "good"
             assert len(attempts) <= 4
         _, line = proxy_log.matching("event=ejected", since=ejected_at + ejection_s)[0]
-        assert "reason='ejected for 2s: 2 failures within 10s'" in line
+        assert "reason=\"ejected for 2s: 2 failures within 10s\"" in line
 
 
 async def test_passive_ejection_respects_max_ejected_percent(nursery: trio.Nursery, proxy_log: ProxyLog) -> None:

@@ -89,11 +89,15 @@ class Stack:
         return f"http://{self.admin}/"
 
 
-async def start_stack(nursery: trio.Nursery, *, token: str | None = None) -> Stack:
+async def start_stack(nursery: trio.Nursery, *, token: str | None = None, names: tuple[str, ...] = ()) -> Stack:
     ports = [await start_ws_backend(nursery) for _ in range(2)]
     config = make_config(ports)
+    backends = config.pools[PoolName("main")].backends
+    if names:
+        backends = tuple(dataclasses.replace(b, name=n) for b, n in zip(backends, names, strict=True))
     pool = dataclasses.replace(
         config.pools[PoolName("main")],
+        backends=backends,
         drain=DrainConfig(timeout_s=0.0, spread_s=0.0),  # a drain closes the sessions at once
         health=HealthConfig(type="tcp", interval_s=0.5, timeout_s=1.0, rise=1),  # a check result and RTT to show
     )
@@ -283,7 +287,13 @@ async def test_status_page_is_live_and_drains_from_the_keyboard(nursery: trio.Nu
         expect(browser.row(first.backend).locator("td.active")).to_have_text("0", timeout=2000)
         expect(page.locator("#announcer")).to_contain_text("draining")
         expect(page.locator("#events")).to_contain_text(f"{first.backend}: up → draining")
-        assert page.evaluate("document.activeElement.className") == "drain current"  # focus kept across updates
+        # Only what changes something is enabled; the keyboard user lands on it.
+        expect(drain).to_be_disabled()
+        undrain = browser.row(first.backend).locator("button.undrain")
+        expect(undrain).to_be_enabled()
+        expect(browser.row(other).locator("button.drain")).to_be_enabled()
+        expect(browser.row(other).locator("button.undrain")).to_be_disabled()
+        expect(undrain).to_be_focused()
 
         # New sessions go to the other backend.
         second = open_session()
@@ -292,13 +302,15 @@ async def test_status_page_is_live_and_drains_from_the_keyboard(nursery: trio.Nu
         page.wait_for_timeout(1500)
         browser.screenshot("status-page-desktop.png")
 
-        # Undrain is the next stop of the tab order.
-        page.keyboard.press("Tab")
+        # Undrain has the focus: Enter puts the backend back, and the focus goes back to Drain.
         focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
         assert focused == f"Undrain {first.backend} in pool main"
         page.keyboard.press("Enter")
         expect(browser.state(first.backend)).to_have_text("up")
         expect(page.locator("#events")).to_contain_text(f"{first.backend}: draining → up")
+        expect(undrain).to_be_disabled()
+        expect(drain).to_be_enabled()
+        expect(drain).to_be_focused()
 
         # A phone: 375 px wide, nothing to scroll sideways.
         page.set_viewport_size({"width": 375, "height": 667})
@@ -319,6 +331,50 @@ async def test_status_page_is_live_and_drains_from_the_keyboard(nursery: trio.Nu
     errors = await trio.to_thread.run_sync(partial(with_browser, stack.url, steps, viewport={"width": 1280, "height": 800}))
     # Once the listener is gone, Chromium logs each refused fetch; nothing else may appear.
     assert all("ERR_CONNECTION_REFUSED" in e for e in errors), errors
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_names_addresses_and_a_pool_without_any_available_backend(nursery: trio.Nursery) -> None:
+    stack = await start_stack(nursery, names=("chat-1", "chat-2"))
+    a, b = stack.backends
+    pools: Any = stack.app.status()["pools"]
+    assert [x["name"] for x in pools["main"]["backends"]] == ["chat-1", "chat-2"] and pools["main"]["available"] == 2
+
+    def drain(backend: str, action: str = "drain") -> None:
+        reply = trio.from_thread.run(partial(call, stack.admin, "POST", f"/pools/main/backends/{backend}/{action}"))
+        assert reply.status == 200
+
+    def steps(browser: Browser) -> None:
+        page = browser.page
+        warning = page.locator('section[data-pool="main"] .pool-warning')
+        expect(browser.state(a)).to_have_text("up")
+        expect(browser.row(a).locator(".backend-name")).to_have_text("chat-1")
+        expect(browser.row(b).locator(".backend-name")).to_have_text("chat-2")
+        assert browser.row(a).locator("button.drain").get_attribute("aria-label") == f"Drain chat-1 ({a}) in pool main"
+        expect(warning).to_be_hidden()
+
+        # 1200 px: an address is one piece, never broken at its colon or inside its port.
+        page.set_viewport_size({"width": 1200, "height": 800})
+        page.wait_for_timeout(300)
+        for address in page.locator("code.address").all():
+            assert address.evaluate("e => getComputedStyle(e).whiteSpace") == "nowrap"
+            assert address.evaluate("e => e.getClientRects().length") == 1, address.text_content()
+        no_horizontal_scroll(page)
+
+        # Every backend draining: the pool's clients get 503, and the page says so.
+        drain(a)
+        drain(b)
+        expect(warning).to_be_visible(timeout=3000)
+        expect(warning).to_contain_text("No backend of pool main is available")
+        expect(page.locator("#events")).to_contain_text("Pool main: no backend available")
+        browser.screenshot("status-page-no-backend.png")
+        drain(b, "undrain")
+        expect(warning).to_be_hidden(timeout=3000)
+        assert browser.errors == [], browser.errors
+
+    errors = await trio.to_thread.run_sync(partial(with_browser, stack.url, steps, viewport={"width": 1280, "height": 800}))
+    assert errors == [], errors
 
 
 @needs_browser

@@ -3,7 +3,7 @@
 - ``systemd-analyze verify`` on both units. It exits 0 even for an unknown key
   or a value it cannot parse (it only warns), so a clean run is exit 0 *and*
   nothing on stderr. It also checks that every ``Exec*=`` binary exists, so
-  the units are verified as copies in ``tmp_path`` with ``/usr/bin/wsproxy``
+  the units are verified as copies in ``tmp_path`` with ``/opt/wsproxy/bin/wsproxy``
   replaced by this venv's ``wsproxy`` (``--root`` would need a whole system
   tree with ``sysinit.target`` and friends).
 - ``systemd-analyze security --offline=true``: overall exposure at most 1.5.
@@ -44,7 +44,7 @@ SERVICE = ROOT / "systemd" / "wsproxy.service"
 SOCKET = ROOT / "systemd" / "wsproxy.socket"
 REFERENCE_CONFIG = ROOT / "conf" / "wsproxy.yaml"
 #: Where the units expect wsproxy; replaced by the venv's for ``verify``.
-UNIT_BINARY = "/usr/bin/wsproxy"
+UNIT_BINARY = "/opt/wsproxy/bin/wsproxy"  # the documented venv install (README: Install)
 MAX_EXPOSURE = 1.5
 
 ANALYZE = shutil.which("systemd-analyze")

@@ -114,13 +114,14 @@ def _backends(r: Reader, at: At | None, *, empty_ok: bool = False) -> tuple[Back
     if not items and not empty_ok:
         r.error(at, "a pool needs at least one backend")
     addresses: dict[Address, Node] = {}
+    names: dict[str, Node] = {}
     backends = []
     for item in items:
         fields = r.fields(
             item,
             required=("address",),
-            optional=("weight", "max_connections"),
-            what="a backend (address, weight, max_connections)",
+            optional=("weight", "max_connections", "name"),
+            what="a backend (address, weight, max_connections, name)",
         )
         if fields is None:
             continue
@@ -137,10 +138,15 @@ def _backends(r: Reader, at: At | None, *, empty_ok: bool = False) -> tuple[Back
         address = r.address(address_at, allow_port_zero=False)
         weight = r.integer(fields.get("weight"), 1, 1000)
         max_connections = r.integer(fields.get("max_connections"), 0, 10_000_000)
+        name = r.name(fields.get("name"), "a backend name")
+        if name is not None:
+            r.unique(names, name, fields["name"], "backend name")
         if address is not None:
             r.unique(addresses, address, fields["address"], "backend address")
             backends.append(
-                BackendConfig(address=address, tls=tls, **given(weight=weight, max_connections=max_connections))
+                BackendConfig(
+                    address=address, tls=tls, **given(weight=weight, max_connections=max_connections, name=name)
+                )
             )
     return tuple(backends)
 

@@ -181,6 +181,7 @@ class BackendConfig:
     max_connections: int = 0  # live sessions at most; a full backend is skipped; 0 = no limit
     source: str = "config"  # "config" (the backends list) | "dns" (found by the pool's discovery)
     priority: int = 0  # SRV priority, lower first: only the best priority with an available backend is used
+    name: str | None = None  # a label for people (status page, /status, wsproxy_backend_info); unique in its pool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,6 +44,7 @@ from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.listener import BACKLOG, accept_loop, open_listener
 from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, Upgrader, serve_connection
 from .admin_policy import AdminSite
+from ..log import log_event
 
 __all__ = ["MAX_HEAD_BYTES", "AdminApp", "AdminChange", "AdminServer", "serve_admin"]
 
@@ -169,10 +170,14 @@ class AdminServer:
                     self._start(change.listening)
         if not changed:
             return
-        log.info(
-            "event=admin_reloaded changed=%s address=%s was=%s auth=%s",
-            ",".join(changed), self.address or "off", old.addresses[0] if old and change.move else "-",
-            "token" if self.token else "none",
+        log_event(
+            log,
+            logging.INFO,
+            "admin_reloaded",
+            changed=",".join(changed),
+            address=self.address or "off",
+            was=old.addresses[0] if old and change.move else "-",
+            auth="token" if self.token else "none",
         )
         if "token" in changed and self._listening is not None:
             _warn_if_insecure(self.config, self._listening.addresses, self.token)
@@ -182,7 +187,14 @@ class AdminServer:
         self._listening = listening
         self._nursery.start_soon(self._run_listening, listening)
         for address in listening.addresses:
-            log.info("event=listening listener=admin address=%s auth=%s", address, "token" if self.token else "none")
+            log_event(
+                log,
+                logging.INFO,
+                "listening",
+                listener='admin',
+                address=address,
+                auth="token" if self.token else "none",
+            )
         _warn_if_insecure(self.config, listening.addresses, self.token)
 
     async def _run_listening(self, listening: _Listening) -> None:
@@ -219,9 +231,12 @@ def _open(config: AdminConfig) -> _Listening:
 def _warn_if_insecure(config: AdminConfig | None, addresses: list[str], token: bytes | None) -> None:
     if config is None or config.bind is None or token is not None or is_loopback_host(config.bind.host):
         return
-    log.warning(
-        "event=admin_insecure address=%s reason=%r",
-        addresses[0], "insecure_no_token: true: anyone who can reach this address can drain backends",
+    log_event(
+        log,
+        logging.WARNING,
+        "admin_insecure",
+        address=addresses[0],
+        reason="insecure_no_token: true: anyone who can reach this address can drain backends",
     )
 
 

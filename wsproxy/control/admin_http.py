@@ -84,6 +84,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .session_admin import SessionControl
 from .sessions import CloseOrder, parse_close_body, parse_query, select
+from ..log import log_event
 
 # One logger for everything the admin listener does, so an operator follows one name.
 log = logging.getLogger("wsproxy.control.admin")
@@ -137,6 +138,10 @@ class AdminApp(Protocol):
         """(content type, body) of the current metrics: OpenMetrics if ``accept`` asks for it."""
         ...
 
+    async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
+        """The same, encoded off the event loop (what ``GET /metrics`` calls)."""
+        ...
+
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """``GET /ready``: (ready, the JSON body)."""
         ...
@@ -183,7 +188,7 @@ async def serve_connection(sock: socket.socket, server: AdminState, site: AdminS
     except ChannelBroken:
         pass
     except Exception:
-        log.exception("event=error listener=admin peer=%s", peer)
+        log_event(log, logging.ERROR, "error", exc_info=True, listener='admin', peer=peer)
     finally:
         channel.close()
 
@@ -215,6 +220,10 @@ async def _one_request(
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
     answer = _answer(request, server, site, peer, b"".join(body))
+    if answer is _METRICS:
+        accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
+        content_type, exposition = await server.app.render_metrics_off_loop(accept)
+        answer = 200, [(b"Content-Type", content_type.encode())], exposition
     if answer is _RELOAD:
         # A reload may take up to timeouts.reload: the request's own deadline grows to match.
         scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
@@ -295,6 +304,8 @@ async def _send(
 
 #: What ``_answer`` returns for ``POST /reload``, which ``_reload`` answers once the reload is done.
 _RELOAD: _Answer = (0, [], b"")
+#: What ``_answer`` returns for ``GET``/``HEAD /metrics``: encoded off the loop, then answered.
+_METRICS: _Answer = (0, [], b"")
 _UPGRADE: _Answer = (0, [], b"")
 
 #: Paths answered without the token unless ``admin.health_needs_token``.
@@ -350,9 +361,7 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
             if segments == ["metrics"]:
-                accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
-                content_type, body = app.render_metrics(accept)
-                return 200, [(b"Content-Type", content_type.encode())], body
+                return _METRICS
             return _json(200, app.status())
         if segments == ["sessions"]:
             if method not in ("GET", "HEAD"):
@@ -370,7 +379,15 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
                 return _not_allowed("POST")
             return _backend_action(app, segments[1], segments[3], segments[4], peer)
     except Exception:
-        log.exception("event=error listener=admin method=%s path=%s", logged(method), logged(_path(request.target)))
+        log_event(
+            log,
+            logging.ERROR,
+            "error",
+            exc_info=True,
+            listener='admin',
+            method=logged(method),
+            path=logged(_path(request.target)),
+        )
         return _text(500, "internal error")
     return _text(404, "not found")
 
@@ -378,11 +395,11 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
 async def _reload(server: AdminState, peer: str) -> _Answer:
     """Run the reload ``POST /reload`` asked for and answer its outcome."""
     assert server.reloader is not None
-    log.info("event=admin action=reload peer=%s", peer)
+    log_event(log, logging.INFO, "admin", action='reload', peer=peer)
     try:
         errors = await server.reloader()
     except Exception:
-        log.exception("event=error listener=admin method=POST path=/reload")
+        log_event(log, logging.ERROR, "error", exc_info=True, listener='admin', method='POST', path='/reload')
         return _text(500, "internal error")
     if errors is None:
         return _json(503, {"applied": False, "errors": ["shutting down: no reload"]})
@@ -409,11 +426,18 @@ async def _upgrade(server: AdminState, peer: str) -> _Answer:
 def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
     """One line per refused request: WARNING for 401/403/421 (someone tried), INFO for a malformed path."""
     headers = dict(request.headers)  # the last of a repeated header is enough to say what was seen
-    log.log(
+    log_event(
+        log,
         logging.INFO if refusal.status == 400 else logging.WARNING,
-        "event=admin_refused listener=admin peer=%s status=%d method=%s path=%s host=%s origin=%s reason=%r",
-        peer, refusal.status, logged(request.method), logged(_path(request.target)),
-        logged(headers.get(b"host", b"-")), logged(headers.get(b"origin", b"-")), refusal.reason,
+        "admin_refused",
+        listener='admin',
+        peer=peer,
+        status=refusal.status,
+        method=logged(request.method),
+        path=logged(_path(request.target)),
+        host=logged(headers.get(b"host", b"-")),
+        origin=logged(headers.get(b"origin", b"-")),
+        reason=refusal.reason,
     )
 
 
@@ -452,7 +476,7 @@ def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
             if entry.is_file() and suffix in PAGE_MEDIA_TYPES and not entry.name.startswith("."):
                 files[entry.name] = (PAGE_MEDIA_TYPES[suffix], entry.read_bytes())
     except OSError as exc:
-        log.error("event=error listener=admin reading=%s/%s error=%r", PAGE_PACKAGE, PAGE_FOLDER, exc)
+        log_event(log, logging.ERROR, "error", listener="admin", reading=f"{PAGE_PACKAGE}/{PAGE_FOLDER}", error=str(exc))
     return files
 
 
@@ -484,11 +508,27 @@ def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) ->
     if kind == "sessions":
         closed = control.close_session(name, order, by=peer)
         if closed is None:
-            log.info("event=admin action=close_session conn=%s result=unknown peer=%s", logged(name), peer)
+            log_event(
+                log,
+                logging.INFO,
+                "admin",
+                action='close_session',
+                conn=logged(name),
+                result='unknown',
+                peer=peer,
+            )
             return _json(404, {"error": "no such session", "id": name})
     else:
         closed = control.close_identity(name, order, by=peer)
-        log.info("event=admin action=close_identity identity=%s closed=%d peer=%s", logged(name), closed, peer)
+        log_event(
+            log,
+            logging.INFO,
+            "admin",
+            action='close_identity',
+            identity=logged(name),
+            closed=closed,
+            peer=peer,
+        )
     return _json(200, {"closed": closed})
 
 
@@ -496,8 +536,15 @@ def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: s
     draining = _ACTIONS[action]
     changed = app.drain_backend(pool, backend) if draining else app.undrain_backend(pool, backend)
     result = "unknown" if changed is None else ("changed" if changed else "unchanged")
-    log.info(
-        "event=admin action=%s pool=%s backend=%s result=%s peer=%s", action, logged(pool), logged(backend), result, peer
+    log_event(
+        log,
+        logging.INFO,
+        "admin",
+        action=action,
+        pool=logged(pool),
+        backend=logged(backend),
+        result=result,
+        peer=peer,
     )
     if changed is None:
         return _json(404, {"error": "unknown pool or backend", "pool": pool, "backend": backend})

@@ -67,6 +67,7 @@ from ..balance.discovery import (
     with_discovered,
 )
 from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig, PoolName, hostport
+from wsproxy.log import log_event
 
 log = logging.getLogger("wsproxy.control.discovery")
 
@@ -301,10 +302,16 @@ class Discovery:
         self.failures_total[name] = self.failures_total.get(name, 0) + 1
         pool = self.current(name)
         kept = len(discovered(pool)) if pool is not None else 0
-        log.warning(
-            "event=discovery_failed pool=%s dns=%s type=%s reason=%r action=%s backends=%d",
-            name, settings.dns, settings.type, reason,
-            "kept_last_set" if settings.on_error == "keep" else "emptied", kept if settings.on_error == "keep" else 0,
+        log_event(
+            log,
+            logging.WARNING,
+            "discovery_failed",
+            pool=name,
+            dns=settings.dns,
+            type=settings.type,
+            reason=reason,
+            action="kept_last_set" if settings.on_error == "keep" else "emptied",
+            backends=kept if settings.on_error == "keep" else 0,
         )
         if settings.on_error == "empty":
             self._apply(name, (), None)
@@ -318,12 +325,18 @@ class Discovery:
         if not change:
             return
         self.swap(new)
-        log.info(
-            "event=discovered pool=%s dns=%s backends=%d appeared=%s disappeared=%s reappeared=%s changed=%s ttl_s=%s",
-            name, pool.discovery.dns, len(discovered(new)),
-            ",".join(map(str, change.appeared)) or "-", ",".join(map(str, change.disappeared)) or "-",
-            ",".join(map(str, change.reappeared)) or "-", ",".join(map(str, change.changed)) or "-",
-            "-" if ttl_s is None else f"{ttl_s:g}",
+        log_event(
+            log,
+            logging.INFO,
+            "discovered",
+            pool=name,
+            dns=pool.discovery.dns,
+            backends=len(discovered(new)),
+            appeared=",".join(map(str, change.appeared)) or "-",
+            disappeared=",".join(map(str, change.disappeared)) or "-",
+            reappeared=",".join(map(str, change.reappeared)) or "-",
+            changed=",".join(map(str, change.changed)) or "-",
+            ttl_s="-" if ttl_s is None else f"{ttl_s:g}",
         )
 
     def status(self, name: PoolName) -> dict[str, object] | None:

@@ -34,6 +34,7 @@ from ..config.schema import Address, DrainConfig, PoolConfig, PoolName
 from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
 from .registry import BackendState, Health, Registry
+from ..log import log_event
 
 if TYPE_CHECKING:
     from ..edge.session import Session
@@ -150,7 +151,7 @@ class Drainer:
         if not state.draining:
             return False
         self._undrain(state)
-        log.info("event=undrain pool=%s backend=%s", pool, backend)
+        log_event(log, logging.INFO, "undrain", pool=pool, backend=backend)
         return True
 
     def _find(self, pool: str, address: str) -> Address | None:
@@ -218,11 +219,16 @@ class Drainer:
         state.drain_epoch += 1  # a drain still waiting for its grace period gives up
 
     def _close_later(self, order: _Order) -> None:
-        log.info(
-            "event=drain pool=%s backend=%s reason=%r sessions=%d close_after_s=%g spread_s=%g",
-            order.pool, order.address, order.cause.value,
-            len(sessions_on(self.sessions.values(), order.pool, order.address)),
-            order.drain.timeout_s, order.drain.spread_s,
+        log_event(
+            log,
+            logging.INFO,
+            "drain",
+            pool=order.pool,
+            backend=order.address,
+            reason=order.cause.value,
+            sessions=len(sessions_on(self.sessions.values(), order.pool, order.address)),
+            close_after_s=order.drain.timeout_s,
+            spread_s=order.drain.spread_s,
         )
         if self.nursery is not None:
             self.nursery.start_soon(self._wait_and_close, order)
@@ -232,7 +238,14 @@ class Drainer:
         if not order.still():
             return
         sessions = sessions_on(self.sessions.values(), order.pool, order.address)
-        log.info("event=drain_closing pool=%s backend=%s sessions=%d", order.pool, order.address, len(sessions))
+        log_event(
+            log,
+            logging.INFO,
+            "drain_closing",
+            pool=order.pool,
+            backend=order.address,
+            sessions=len(sessions),
+        )
         await close_spread(
             sessions,
             order.drain.spread_s,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.gc")
 
@@ -38,9 +39,22 @@ THRESHOLDS = (20_000, 20, 20)
 
 def tune() -> None:
     if os.environ.get("WSPROXY_GC", "") == "default":
-        log.info("event=gc thresholds=%s frozen=0 reason=%r", ",".join(map(str, gc.get_threshold())), "WSPROXY_GC=default")
+        log_event(
+            log,
+            logging.INFO,
+            "gc",
+            thresholds=",".join(map(str, gc.get_threshold())),
+            frozen=0,
+            reason="WSPROXY_GC=default",
+        )
         return
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
-    log.info("event=gc thresholds=%s frozen=%d", ",".join(map(str, THRESHOLDS)), gc.get_freeze_count())
+    log_event(
+        log,
+        logging.INFO,
+        "gc",
+        thresholds=",".join(map(str, THRESHOLDS)),
+        frozen=gc.get_freeze_count(),
+    )

@@ -76,6 +76,7 @@ from ..edge.overload import RateLimitedWarning
 from ..errors import LocalOverload
 from ..edge.tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from .registry import Health, Registry
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.control.health")
 _overloaded = RateLimitedWarning(log)  # checks skipped because the proxy is out of fds
@@ -392,9 +393,7 @@ class HealthChecker:
             while (health := self.pool.health) is not None:
                 ok, reason, rtt_s = await check_backend(address, health, tls=self._tls_target(address))
                 if ok is None:  # the proxy's own overload: says nothing about the backend
-                    _overloaded.warning(
-                        "event=check_skipped pool=%s backend=%s reason=%r", self.pool.name, address, reason
-                    )
+                    _overloaded.warning("check_skipped", pool=self.pool.name, backend=address, reason=reason)
                 else:
                     self._record(address, health, ok, reason, rtt_s)
                 await trio.sleep(health.interval_s * self.rng.uniform(1 - JITTER, 1 + JITTER))
@@ -408,14 +407,16 @@ class HealthChecker:
         if ok:
             state.rtt_s = rtt_s
         if self.debug:
-            log.debug(
-                "event=check pool=%s backend=%s type=%s ok=%s reason=%r rtt_ms=%s",
-                self.pool.name,
-                address,
-                health.type,
-                ok,
-                reason,
-                f"{rtt_s * 1000:.1f}" if rtt_s is not None else "-",
+            log_event(
+                log,
+                logging.DEBUG,
+                "check",
+                pool=self.pool.name,
+                backend=address,
+                type=health.type,
+                ok=ok,
+                reason=reason,
+                rtt_ms=round(rtt_s * 1000, 1) if rtt_s is not None else None,
             )
         if change is not None:
             # record_check says "<before> -> <after>: <why>"; the line carries the states as keys
@@ -436,11 +437,13 @@ class HealthChecker:
     def _log_change(self, address: Address, after: Health, before: Health, reason: str) -> None:
         if self.on_change is not None:
             self.on_change(self.pool, address, after)
-        log.info(
-            "event=health pool=%s backend=%s state=%s reason=%r was=%s",
-            self.pool.name,
-            address,
-            after.value,
-            reason,
-            before.value,
+        log_event(
+            log,
+            logging.WARNING if after is Health.DOWN else logging.INFO,  # a backend going down is news
+            "health",
+            pool=self.pool.name,
+            backend=address,
+            state=after.value,
+            reason=reason,
+            was=before.value,
         )

@@ -48,6 +48,7 @@ from ..proto.lifetime import (
 )
 from ..proto.relay import Outcome
 from .drain import close_spread
+from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..edge.gate import Admitted
@@ -129,7 +130,14 @@ async def revoke_open(sessions: Mapping[str, Session], config: Config, rng: rand
         for pool_name, listed in by_pool.items():
             pool = config.pools.get(PoolName(pool_name))
             spread_s = min(pool.drain.spread_s if pool is not None else 0.0, REVOKE_SLOT_S * len(listed))
-            log.info("event=revoked_closing pool=%s sessions=%d spread_s=%g", pool_name, len(listed), spread_s)
+            log_event(
+                log,
+                logging.INFO,
+                "revoked_closing",
+                pool=pool_name,
+                sessions=len(listed),
+                spread_s=spread_s,
+            )
             nursery.start_soon(partial(
                 close_spread, listed, spread_s, End.REVOKED.client_code, CLOSE_GOING_AWAY, End.REVOKED.reason,
                 Outcome.REVOKED, live=sessions, rng=rng,

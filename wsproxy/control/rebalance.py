@@ -38,6 +38,7 @@ from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
 from .drain import close_spread
 from .registry import Health, Registry
+from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..edge.session import Session
@@ -121,9 +122,14 @@ class Rebalancer:
             per_backend: dict[Address, int] = {}
             for c in chosen:
                 per_backend[c.backend] = per_backend.get(c.backend, 0) + 1
-            log.info(
-                "event=rebalance pool=%s sessions=%d closing=%d from=%s",
-                pool.name, len(sessions), len(picked), ",".join(f"{a}:{n}" for a, n in per_backend.items()),
+            log_event(
+                log,
+                logging.INFO,
+                "rebalance",
+                pool=pool.name,
+                sessions=len(sessions),
+                closing=len(picked),
+                **{'from': ",".join(f"{a}:{n}" for a, n in per_backend.items())},
             )  # fmt: skip
             orders.append((pool.name, picked))
         return orders

@@ -33,6 +33,7 @@ import trio
 
 from ..config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
 from ..errors import WsproxyError
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.reload")
 
@@ -154,8 +155,15 @@ class Reloader:
         self.last_errors = list(errors)
         self.last_error = "; ".join(errors)
         for error in errors:
-            log.error("event=reload_failed error=%r", error)
-        log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", generation, len(errors))
+            log_event(log, logging.ERROR, "reload_failed", error=error)
+        log_event(
+            log,
+            logging.ERROR,
+            "reload_failed",
+            generation=generation,
+            errors=len(errors),
+            action='kept_old_config',
+        )
 
     async def reload_from(
         self,
@@ -222,7 +230,7 @@ class Reloader:
             failed([str(e) for e in exc.errors])
             return
         except Exception as exc:  # a loader bug must not take the running proxy down
-            log.exception("event=reload_error path=%s", path)
+            log_event(log, logging.ERROR, "reload_error", exc_info=True, path=path)
             failed([f"{path}: loading failed: {type(exc).__name__}"])
             return
         if new is None:

@@ -37,6 +37,7 @@ from ..proto.identity_caps import CLOSE_OLDEST_CODE, CLOSE_OLDEST_REASON, Evict,
 from ..proto.relay import By, Outcome
 from .metrics import route_label
 from .sessions import CloseOrder, SessionRecord
+from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..config.schema import LimitsConfig, PoolConfig
@@ -122,9 +123,16 @@ class SessionControl:
         relay = session.relay
         if relay is None or relay.machine.closed_by is not By.NONE:
             return 0  # already ending: the first reason stands
-        log.info(
-            "event=session_closed_by_admin conn=%s peer=%s identity=%s code=%d reason=%s admin_peer=%s",
-            session.conn_id, session.peer, logged(session.identity), order.code, repr(order.reason), by,
+        log_event(
+            log,
+            logging.INFO,
+            "session_closed_by_admin",
+            conn=session.conn_id,
+            peer=session.peer,
+            identity=logged(session.identity),
+            code=order.code,
+            reason=repr(order.reason),
+            admin_peer=by,
         )  # fmt: skip
         relay.finish(order.code, CLOSE_GOING_AWAY, order.reason, Outcome.ADMIN)
         return 1
@@ -147,9 +155,16 @@ class SessionControl:
                 old = self.sessions.get(conn_id)
                 if old is None or old.relay is None or old.relay.machine.closed_by is not By.NONE:
                     continue  # ending already (a peer, a drain, an operator): it no longer counts either
-                gate_log.info(
-                    "event=identity_limit action=close_oldest conn=%s peer=%s who=%r for_conn=%s limit=%d",
-                    conn_id, old.peer, label, session.conn_id, limits.max_sessions_per_identity,
+                log_event(
+                    gate_log,
+                    logging.INFO,
+                    "identity_limit",
+                    action='close_oldest',
+                    conn=conn_id,
+                    peer=old.peer,
+                    who=label,
+                    for_conn=session.conn_id,
+                    limit=limits.max_sessions_per_identity,
                 )  # fmt: skip
                 old.relay.finish(CLOSE_OLDEST_CODE, CLOSE_GOING_AWAY, CLOSE_OLDEST_REASON, Outcome.IDENTITY_LIMIT)
         return None

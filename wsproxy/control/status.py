@@ -55,6 +55,7 @@ def snapshot(app: App) -> dict[str, object]:
             backends.append(
                 {
                     "address": str(backend.address),
+                    "name": backend.name,
                     "weight": backend.weight,
                     "source": backend.source,  # "config" or "dns" (pools.NAME.discovery)
                     "priority": backend.priority,
@@ -80,7 +81,13 @@ def snapshot(app: App) -> dict[str, object]:
                 "health": app.registry.health(name, address).health.value if gone is not None else "unknown",
                 "active": gone.active if gone is not None else 0, "total": gone.total if gone is not None else 0,
             })
-        entry: dict[str, object] = {"balance": pool.balance, "backends": backends, "removed": removed}
+        # "available": how many could take a new session now; 0 means clients get 503
+        entry: dict[str, object] = {
+            "balance": pool.balance,
+            "available": sum(1 for b in backends if b["available"]),
+            "backends": backends,
+            "removed": removed,
+        }
         found = app.discovery.status(name)
         if found is not None:
             entry["discovery"] = found

@@ -52,6 +52,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 
 import trio
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.control.systemd")
 
@@ -108,15 +109,21 @@ class Notifier:
                 sock.send(message)
         except OSError as exc:  # includes socket.timeout
             if self._failing:
-                log.debug("event=notify_failed socket=%s error=%r", _show(self.address), str(exc))
+                log_event(log, logging.DEBUG, "notify_failed", socket=_show(self.address), error=str(exc))
             else:
                 self._failing = True
-                log.warning("event=notify_failed socket=%s error=%r message=%r",
-                            _show(self.address), str(exc), message.decode())
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "notify_failed",
+                    socket=_show(self.address),
+                    error=str(exc),
+                    message=message.decode(),
+                )
             return
         if self._failing:
             self._failing = False
-            log.info("event=notify_recovered socket=%s", _show(self.address))
+            log_event(log, logging.INFO, "notify_recovered", socket=_show(self.address))
 
     def ready(self, status: str) -> None:
         """Startup or a reload is complete: ``READY=1`` with the status line."""
@@ -144,7 +151,7 @@ class Notifier:
         interval_s = self.watchdog_interval_s
         if interval_s is None:
             return
-        log.info("event=watchdog interval_s=%g", interval_s)
+        log_event(log, logging.INFO, "watchdog", interval_s=interval_s)
         while True:
             self.send("WATCHDOG=1")
             await trio.sleep(interval_s)
@@ -159,7 +166,7 @@ def _notify_address(value: str) -> str | bytes | None:
     if value.startswith("/"):
         return value
     # systemd 254+ also knows "vsock:CID:PORT" (VMs); a service on a host never gets one
-    log.warning("event=notify_unsupported socket=%r", value)
+    log_event(log, logging.WARNING, "notify_unsupported", socket=value)
     return None
 
 
@@ -174,14 +181,14 @@ def _watchdog_interval_s(environ: Mapping[str, str]) -> float | None:
             if int(pid_text) != os.getpid():
                 return None  # meant for another process (our parent or child)
         except ValueError:
-            log.warning("event=watchdog_ignored reason=%r", f"invalid WATCHDOG_PID: {pid_text}")
+            log_event(log, logging.WARNING, "watchdog_ignored", reason=f"invalid WATCHDOG_PID: {pid_text}")
             return None
     try:
         usec = int(usec_text)
     except ValueError:
         usec = 0
     if usec <= 0:
-        log.warning("event=watchdog_ignored reason=%r", f"invalid WATCHDOG_USEC: {usec_text}")
+        log_event(log, logging.WARNING, "watchdog_ignored", reason=f"invalid WATCHDOG_USEC: {usec_text}")
         return None
     return usec / 2 / 1_000_000
 
@@ -216,8 +223,12 @@ def _take_fds(environ: Mapping[str, str]) -> dict[str, list[socket.socket]]:
     try:
         pid, count = int(pid_text), int(count_text)
     except ValueError:
-        log.warning("event=listen_fds_ignored reason=%r",
-                    f"invalid LISTEN_PID={pid_text!r} or LISTEN_FDS={count_text!r}")
+        log_event(
+            log,
+            logging.WARNING,
+            "listen_fds_ignored",
+            reason=f"invalid LISTEN_PID={pid_text!r} or LISTEN_FDS={count_text!r}",
+        )
         return {}
     if pid != os.getpid():
         return {}  # meant for another process
@@ -226,8 +237,12 @@ def _take_fds(environ: Mapping[str, str]) -> dict[str, list[socket.socket]]:
     names = environ.get("LISTEN_FDNAMES", "")
     name_list = names.split(":") if names else []
     if names and len(name_list) != count:
-        log.warning("event=listen_fds_names reason=%r",
-                    f"LISTEN_FDNAMES has {len(name_list)} names for {count} fds: {names}")
+        log_event(
+            log,
+            logging.WARNING,
+            "listen_fds_names",
+            reason=f"LISTEN_FDNAMES has {len(name_list)} names for {count} fds: {names}",
+        )
     name_list += [UNKNOWN_FD_NAME] * (count - len(name_list))
     passed: dict[str, list[socket.socket]] = {}
     for offset in range(count):
@@ -237,11 +252,11 @@ def _take_fds(environ: Mapping[str, str]) -> dict[str, list[socket.socket]]:
             os.set_inheritable(fd, False)
             sock = socket.socket(fileno=fd)  # family, type and protocol are read from the fd
         except OSError as exc:
-            log.warning("event=listen_fd_skipped fd=%d name=%s reason=%r", fd, name, str(exc))
+            log_event(log, logging.WARNING, "listen_fd_skipped", fd=fd, name=name, reason=str(exc))
             continue
         sock.setblocking(False)
         passed.setdefault(name, []).append(sock)
-        log.info("event=listen_fd fd=%d name=%s address=%s", fd, name, _sockname(sock))
+        log_event(log, logging.INFO, "listen_fd", fd=fd, name=name, address=_sockname(sock))
     return passed
 
 

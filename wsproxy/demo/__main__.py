@@ -9,11 +9,12 @@
     └── wsproxy run -c ...      the proxy: a child process in its own session
 
 The backends and the page run in this process; the proxy runs as the real
-``wsproxy run`` command with ``conf/demo.yaml``, exactly as an operator would
+``wsproxy run`` command with ``demo.yaml`` (package data in ``wsproxy/demo/conf/``,
+read through importlib.resources, so an installed wheel runs it), exactly as an operator would
 run it, so its log lines are the ones you would see in production. The page
 is served here, not by the proxy: wsproxy only proxies WebSockets.
 
-Ports: the defaults are the ones written in ``conf/demo.yaml``. With
+Ports: the defaults are the ones written in ``demo.yaml``. With
 ``--proxy-port``, ``--page-port``, ``--admin-port`` or ``--backend-base-port``
 (the backends listen on base+1, base+2 for echo and base+11..13 for chat) the
 demo runs a copy of the config with every such address rewritten, from a
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +45,20 @@ from .backends import serve_echo
 from .chat import Room, Site, serve_chat, serve_page
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The demo's config and its cookie key, shipped in the wheel as package data.
+CONFIG_RESOURCE = "conf/demo.yaml"
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 15.0  # for the proxy and its admin listener to accept connections
 STOP_TIMEOUT_S = 10.0  # for the proxy to exit after SIGTERM before it is killed
 
-#: (name, offset from the backend base port); conf/demo.yaml has them at base 9000.
+#: (name, offset from the backend base port); demo.yaml has them at base 9000.
 ECHO_BACKENDS = (("echo-1", 1), ("echo-2", 2))
 CHAT_BACKENDS = (("chat-1", 11), ("chat-2", 12), ("chat-3", 13))
 
 
 @dataclass(frozen=True, slots=True)
 class Ports:
-    """Where the demo listens; the defaults are the addresses in conf/demo.yaml. 0: any free port."""
+    """Where the demo listens; the defaults are the addresses in demo.yaml. 0: any free port."""
 
     proxy: int = 8080
     page: int = 8000
@@ -155,6 +159,8 @@ def instructions(bound: Bound, config: Path) -> str:
     echo = ", ".join(f"{name} = {HOST}:{bound.backends[name]}" for name, _ in ECHO_BACKENDS)
     shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
     return (
+        f"demo at http://{HOST}:{bound.page}/ (status page http://{HOST}:{bound.admin}/, "
+        f"proxy ws://{HOST}:{bound.proxy}/; Ctrl-C stops)\n"
         "\n"
         f"  wsproxy is running with {shown}; its log lines follow.\n"
         "\n"
@@ -224,7 +230,7 @@ def main() -> int:
         prog="python -m wsproxy.demo",
         description="The wsproxy demo: a chat page and echo, through the proxy. Port 0 = any free port.",
     )
-    parser.add_argument("-c", "--config", type=Path, default=ROOT / "conf" / "demo.yaml")
+    parser.add_argument("-c", "--config", type=Path, default=None, help="default: the demo.yaml shipped in the package")
     parser.add_argument("--proxy-port", type=int, default=default.proxy, help="the proxy's listener (%(default)s)")
     parser.add_argument("--page-port", type=int, default=default.page, help="the chat page (%(default)s)")
     parser.add_argument("--admin-port", type=int, default=default.admin, help="the admin listener (%(default)s)")
@@ -234,7 +240,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     ports = Ports(proxy=args.proxy_port, page=args.page_port, admin=args.admin_port, backend_base=args.backend_base_port)
-    return trio.run(run, args.config.resolve(), ports)
+    if args.config is not None:
+        return trio.run(run, args.config.resolve(), ports)
+    # Installed as files (a wheel, an editable install), this is the file itself, beside its cookie key.
+    with resources.as_file(resources.files(__package__ or "wsproxy.demo") / CONFIG_RESOURCE) as config:
+        return trio.run(run, config.resolve(), ports)
 
 
 if __name__ == "__main__":

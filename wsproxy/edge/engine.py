@@ -63,6 +63,7 @@ import trio
 
 from ..proto.relay import Direction
 from .relay import RelayDriver
+from ..log import log_event
 
 if TYPE_CHECKING:
     from ..proto.frames import FrameScanner
@@ -382,7 +383,14 @@ class Engine:
     def _fail(self, relay: EngineRelay) -> None:
         """An unexpected error while serving ``relay``: end that session, keep the engine."""
         self.failures += 1
-        log.exception("event=error where=engine reason=%r", "unexpected error while relaying; session closed")
+        log_event(
+            log,
+            logging.ERROR,
+            "error",
+            exc_info=True,
+            where='engine',
+            reason="unexpected error while relaying; session closed",
+        )
         relay.machine.abort("internal error while relaying")
         self.remove(relay)
 

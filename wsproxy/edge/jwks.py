@@ -45,6 +45,7 @@ from ..config.schema import Config
 from ..errors import WsproxyError
 from ..proto.auth import Credential
 from ..proto.jwt import JwksSource
+from wsproxy.log import log_event
 
 log = logging.getLogger("wsproxy.edge.jwks")
 
@@ -257,9 +258,15 @@ class JwksFetcher:
                 state.failures += 1
                 state.last_error = str(exc)
                 kept = max((len(s.keys.keys) for s in sources if s.keys is not None), default=0)
-                log.warning(
-                    "event=jwks_fetch_failed url=%s why=%s reason=%r kept_keys=%d failures=%d",
-                    shown(url), why, str(exc), kept, state.failures,
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "jwks_fetch_failed",
+                    url=shown(url),
+                    why=why,
+                    reason=str(exc),
+                    kept_keys=kept,
+                    failures=state.failures,
                 )
                 return
             state.ok = True
@@ -267,7 +274,15 @@ class JwksFetcher:
             state.fetched_at = trio.current_time()
             state.last_error = ""
             self._hand_out(url, sources)
-            log.info("event=jwks_fetched url=%s why=%s keys=%d bytes=%d", shown(url), why, max(counts, default=0), len(document))
+            log_event(
+                log,
+                logging.INFO,
+                "jwks_fetched",
+                url=shown(url),
+                why=why,
+                keys=max(counts, default=0),
+                bytes=len(document),
+            )
         finally:
             state.inflight = None
             done.set()

@@ -39,6 +39,7 @@ import trio
 
 from ..config.schema import ListenerConfig
 from .overload import RateLimitedWarning
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.edge.listener")
 
@@ -162,9 +163,7 @@ async def accept_loop(
                             on_shed(shed)
                     if spare is None:
                         spare = _open_spare()  # None again if the descriptor was taken meanwhile
-                    _overloaded.warning(
-                        "event=accept_overload listener=%s reason=%r shed=%d", _name(lsock), exc.strerror, shed
-                    )
+                    _overloaded.warning("accept_overload", listener=_name(lsock), reason=exc.strerror, shed=shed)
                     await trio.sleep(OVERLOAD_BACKOFF_S)
                     continue
                 if exc.errno in _TRANSIENT_ERRNOS:

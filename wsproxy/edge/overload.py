@@ -26,6 +26,7 @@ import logging
 import time
 
 from ..errors import LocalOverload
+from ..log import log_event
 from ..proto.handshake import TEXT_PLAIN, http_response
 
 __all__ = [
@@ -90,13 +91,13 @@ class RateLimitedWarning:
         self._last = float("-inf")
         self._suppressed = 0
 
-    def warning(self, message: str, *args: object) -> bool:
-        """Log ``message % args`` plus ``suppressed=N``, or count it; True when it was logged."""
+    def warning(self, event: str, /, **fields: object) -> bool:
+        """Log ``event`` with ``fields`` plus ``suppressed=N``, or count it; True when it was logged."""
         now = time.monotonic()
         if now - self._last < self.interval_s:
             self._suppressed += 1
             return False
         self._last = now
         suppressed, self._suppressed = self._suppressed, 0
-        self.logger.warning(message + " suppressed=%d", *args, suppressed)
+        log_event(self.logger, logging.WARNING, event, **fields, suppressed=suppressed)
         return True

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ..proto.handshake import TEXT_PLAIN, Rejection, http_error, http_response
 from .channel import RawChannel
+from ..log import log_event
 from .request import send_final
 
 # The session's logger: an operator follows one connection under one name.
@@ -101,11 +102,9 @@ async def refuse(
 
     ``route`` is the matched route's label, or ``-`` before one matched.
     """
-    extra = "".join(f" {key}={value}" for key, value in refused.fields)
-    log.info(
-        "event=refused conn=%s peer=%s route=%s kind=%s%s status=%s reason=%r",
-        conn_id, peer, route, refused.reason.value, extra,
-        refused.status if refused.status is not None else "-", refused.detail,
+    log_event(
+        log, logging.INFO, "refused", conn=conn_id, peer=peer, route=route, kind=refused.reason.value,
+        **dict(refused.fields), status=refused.status, reason=refused.detail,
     )  # fmt: skip
     counter.refused(route, refused.reason.value, refused.status)
     if refused.status is not None:

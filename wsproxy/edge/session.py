@@ -51,6 +51,7 @@ from ..proto.client_cert import certificate_identity
 from ..proto.handshake import offered_subprotocols
 from .tls import TlsChannel
 from .upstream import Refusal, open_upstream
+from ..log import log_event
 
 if TYPE_CHECKING:
     from ..app import App, Generation
@@ -149,7 +150,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
                     await client.handshake()
             except (ssl.SSLError, ChannelBroken, trio.TooSlowError) as exc:
                 reason = getattr(exc, "reason", None) or str(exc) or "TLS handshake not complete in time"
-                log.info("event=tls_failed conn=%s peer=%s reason=%r", conn_id, session.peer, reason)
+                log_event(log, logging.INFO, "tls_failed", conn=conn_id, peer=session.peer, reason=reason)
                 return
             assert isinstance(client, TlsChannel)
             cert = client.ssl.getpeercert()  # {} without a (verified) client certificate
@@ -165,7 +166,7 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             return
         await _relay(client, backend, session, from_client, from_backend, app)
     except Exception:
-        log.exception("event=error conn=%s", conn_id)
+        log_event(log, logging.ERROR, "error", exc_info=True, conn=conn_id)
     finally:
         if session is not None:
             app.session_control.release(session)
@@ -420,16 +421,17 @@ async def _relay(
     backend_name = str(backend_cfg.address)
     route_name = route_label(route)
     app.metrics.handshake_done(time.monotonic() - session.started)
-    log.info(
-        "event=open conn=%s peer=%s route=%s%s pool=%s backend=%s sticky=%s identity=%r",
-        session.conn_id,
-        session.peer,
-        route.host,
-        route.path,
-        route.pool,
-        backend_cfg.address,
-        session.sticky,
-        session.identity,
+    log_event(
+        log,
+        logging.INFO,
+        "open",
+        conn=session.conn_id,
+        peer=session.peer,
+        route=route_name,
+        pool=route.pool,
+        backend=backend_cfg.address,
+        sticky=session.sticky,
+        identity=session.identity,
     )
     if app.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
@@ -454,21 +456,23 @@ async def _relay(
             proxy_to_client=relay.down.own_close_code,
             proxy_to_backend=relay.up.own_close_code,
         )
-        log.info(
-            "event=close conn=%s peer=%s pool=%s backend=%s identity=%r by=%s reason=%r client_code=%s "
-            "backend_code=%s dur_s=%.3f up_b=%d down_b=%d up_msgs=%d down_msgs=%d",
-            session.conn_id,
-            session.peer,
-            route.pool,
-            backend_cfg.address,
-            session.identity,
-            relay.machine.closed_by.value,
-            relay.machine.reason or "cancelled",
-            up.close_code if up.close_code is not None else "-",
-            down.close_code if down.close_code is not None else "-",
-            time.monotonic() - session.started,
-            relay.bytes_up,
-            relay.bytes_down,
-            up.messages,
-            down.messages,
+        log_event(
+            log,
+            logging.INFO,
+            "close",
+            conn=session.conn_id,
+            peer=session.peer,
+            route=route_name,
+            pool=route.pool,
+            backend=backend_cfg.address,
+            identity=session.identity,
+            by=relay.machine.closed_by.value,
+            reason=relay.machine.reason or "cancelled",
+            client_code=up.close_code,  # null: no close frame
+            backend_code=down.close_code,
+            dur_s=round(time.monotonic() - session.started, 3),
+            up_b=relay.bytes_up,
+            down_b=relay.bytes_down,
+            up_msgs=up.messages,
+            down_msgs=down.messages,
         )

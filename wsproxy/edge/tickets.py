@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from ..config.schema import TlsConfig
 from ..errors import WsproxyError
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.edge.tickets")
 
@@ -177,10 +178,12 @@ class SessionTickets:
         except TicketKeysUnavailable as exc:
             self._failed = str(exc)
             self._keys.clear()
-            log.warning(
-                "event=tls_tickets_fallback reason=%r effect='ticket keys are OpenSSL's own: a reload starts new ones, "
-                "no rotation between reloads'",
-                self._failed,
+            log_event(
+                log,
+                logging.WARNING,
+                "tls_tickets_fallback",
+                reason=self._failed,
+                effect="ticket keys are OpenSSL's own: a reload starts new ones, no rotation between reloads",
             )
             return context
         entry.context = context

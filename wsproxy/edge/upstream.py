@@ -33,6 +33,7 @@ from ..proto.handshake import (
     encode_request,
     parse_response_head,
 )
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.edge.upstream")
 _overloaded = RateLimitedWarning(log)  # one WARNING a second at most while the proxy is out of fds
@@ -118,9 +119,7 @@ async def open_upstream(
             except LocalOverload as exc:
                 # The proxy's own sockets ran out: not this backend's failure (no passive-health
                 # record), and the next backend would fail the same way (no retry).
-                _overloaded.warning(
-                    "event=local_overload conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, address, exc.reason
-                )
+                _overloaded.warning("local_overload", conn=conn_id, pool=pool.name, backend=address, reason=exc.reason)
                 raise
             except trio.TooSlowError:
                 reason = f"connect timed out after {timeouts.connect_s:g}s"
@@ -165,11 +164,26 @@ async def open_upstream(
 
 
 def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, conn_id: str) -> None:
-    log.warning("event=upstream_failed conn=%s pool=%s backend=%s reason=%r", conn_id, pool.name, backend.address, reason)
+    log_event(
+        log,
+        logging.WARNING,
+        "upstream_failed",
+        conn=conn_id,
+        pool=pool.name,
+        backend=backend.address,
+        reason=reason,
+    )
     if pool.passive is not None:
         ejected = registry.record_failure(pool.name, backend.address, pool.backends, trio.current_time(), pool.passive)
         if ejected:
-            log.warning("event=ejected pool=%s backend=%s reason=%r", pool.name, backend.address, ejected)
+            log_event(
+                log,
+                logging.WARNING,
+                "ejected",
+                pool=pool.name,
+                backend=backend.address,
+                reason=ejected,
+            )
 
 
 async def upgrade(

@@ -771,8 +771,8 @@ class Supervisor:
         reports = [s.report for s in self.slots if s.report is not None]
         return merge_status(base, reports, self.workers_view())
 
-    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
-        own = [
+    def _own_series(self) -> list[tuple[str, str, str, float]]:
+        return [
             ("wsproxy_reloads", "counter", "Reloads attempted (failed ones included).", float(self.reloads + self.reload_failures)),
             ("wsproxy_reload_failures", "counter", "Reloads refused.", float(self.reload_failures)),
             ("wsproxy_workers", "gauge", "Worker processes serving.",
@@ -780,7 +780,16 @@ class Supervisor:
             ("wsproxy_worker_restarts", "counter", "Worker processes restarted after they exited.",
              float(sum(s.restarts for s in self.slots))),
         ]
-        text = merge_metrics(((s.index, s.metrics) for s in self.slots if s.metrics), own)
+
+    def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
+        """The workers' last metrics merged (always the text format)."""
+        text = merge_metrics(((s.index, s.metrics) for s in self.slots if s.metrics), self._own_series())
+        return TEXT_CONTENT_TYPE, text.encode()
+
+    async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
+        """``GET /metrics``: the reports are taken on the loop, parsed and merged in a thread."""
+        reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
+        text = await trio.to_thread.run_sync(merge_metrics, reports, self._own_series())
         return TEXT_CONTENT_TYPE, text.encode()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:

@@ -364,13 +364,15 @@
       el("thead", { role: "rowgroup" }, [headRow]),
       tbody,
     ]);
-    const section = el("section", { class: "pool", "data-pool": name, "aria-labelledby": headId }, [title, table]);
-    view = { section, table, tbody, balance: balanceEl, rows: new Map() };
+    // Shown while no backend of the pool can take a session: its clients get 503.
+    const warning = el("p", { class: "pool-warning", role: "status", hidden: "" });
+    const section = el("section", { class: "pool", "data-pool": name, "aria-labelledby": headId }, [title, warning, table]);
+    view = { section, table, tbody, warning, balance: balanceEl, rows: new Map() };
     pools.set(name, view);
     return view;
   }
 
-  function backendRow(pool, address) {
+  function backendRow(pool, address, name) {
     const cells = {};
     const tds = COLUMNS.map(([cls, label]) => {
       const td = el("td", { class: cls, role: "cell", "data-label": label });
@@ -379,27 +381,29 @@
     });
     const addr = el("code", { class: "address", text: address });
     const weight = el("span", { class: "sub" });
+    if (name) cells.addr.append(el("span", { class: "backend-name", text: name }), " ");
     cells.addr.append(addr, " ", weight);
+    const label = name ? `${name} (${address})` : address;
     const badge = el("span", { class: "badge state-badge" });
     const health = el("span", { class: "sub" });
     cells.state.append(badge, " ", health);
     const drain = el("button", {
       type: "button",
       class: "drain",
-      "aria-label": `Drain ${address} in pool ${pool}`,
+      "aria-label": `Drain ${label} in pool ${pool}`,
       text: "Drain",
     });
     const undrain = el("button", {
       type: "button",
       class: "undrain",
-      "aria-label": `Undrain ${address} in pool ${pool}`,
+      "aria-label": `Undrain ${label} in pool ${pool}`,
       text: "Undrain",
     });
-    drain.addEventListener("click", () => act(pool, address, "drain", drain));
-    undrain.addEventListener("click", () => act(pool, address, "undrain", undrain));
+    drain.addEventListener("click", () => act(pool, address, "drain", drain, undrain));
+    undrain.addEventListener("click", () => act(pool, address, "undrain", undrain, drain));
     cells.actions.append(el("div", { class: "buttons" }, [drain, undrain]));
     const tr = el("tr", { role: "row", "data-backend": address, "data-state": "unknown" }, tds);
-    return { tr, cells, badge, health, weight, drain, undrain };
+    return { tr, cells, badge, health, weight, drain, undrain, name: name || "" };
   }
 
   function renderPools(status, sample, dt) {
@@ -418,13 +422,24 @@
       (pool.backends || []).concat(pool.removed || []).forEach((backend, i) => {
         addresses.add(backend.address);
         let row = view.rows.get(backend.address);
+        if (row && row.name !== (backend.name || "")) {  // renamed by a reload: build the row anew
+          row.tr.remove();
+          row = undefined;
+        }
         if (!row) {
-          row = backendRow(name, backend.address);
+          row = backendRow(name, backend.address, backend.name);
           view.rows.set(backend.address, row);
         }
         if (view.tbody.children[i] !== row.tr) view.tbody.insertBefore(row.tr, view.tbody.children[i] || null);
         if (updateRow(name, backend, row, sample, dt)) anyRates = true;
       });
+      const none = (pool.backends || []).length > 0 && pool.available === 0;
+      view.section.classList.toggle("unavailable", none);
+      if (none !== !view.warning.hidden) {
+        view.warning.hidden = !none;
+        setText(view.warning, none ? `No backend of pool ${name} is available: its clients get 503 until one is up and not draining.` : "");
+        if (none) event(`Pool ${name}: no backend available (clients get 503).`, "error");
+      }
       for (const [address, row] of view.rows) {
         if (!addresses.has(address)) {
           row.tr.remove();
@@ -485,8 +500,16 @@
       setText(row.cells.msgs, `${fmtRate(r("mu"))} · ${fmtRate(r("md"))}`);
       setText(row.cells.bytes, `${fmtBytes(r("bu"))} · ${fmtBytes(r("bd"))}`);
     }
-    row.drain.classList.toggle("current", b.draining === true);
-    row.undrain.classList.toggle("current", b.draining !== true);
+    // Only the action that changes something is enabled. Focus on a button about to be
+    // disabled moves to its counterpart, so a keyboard user stays in the row.
+    const draining = b.draining === true;
+    const [off, on] = draining ? [row.drain, row.undrain] : [row.undrain, row.drain];
+    on.disabled = false;
+    if (!off.disabled) {
+      const hadFocus = document.activeElement === off;
+      off.disabled = true;
+      if (hadFocus) on.focus();
+    }
     row.drain.hidden = row.undrain.hidden = b.removed === true; // not in the pool: nothing to drain or undrain
     return live;
   }
@@ -566,7 +589,7 @@
 
   // -- actions ---------------------------------------------------------------------------
 
-  async function act(pool, address, action, button) {
+  async function act(pool, address, action, button, counterpart) {
     const verb = action === "drain" ? "Drain" : "Undrain";
     const path = `/pools/${encodeURIComponent(pool)}/backends/${encodeURIComponent(address)}/${action}`;
     button.setAttribute("aria-busy", "true");
@@ -592,6 +615,7 @@
       );
       if (pending !== null) await pending; // it may have asked before the change
       await refresh();
+      if (document.activeElement === document.body && counterpart && !counterpart.disabled) counterpart.focus();
     } catch (err) {
       if (err instanceof NeedToken) {
         askForToken(err.message === "refused" ? "refused" : "action");
