@@ -74,6 +74,8 @@ FULL: dict[str, Any] = {
     "admin": {"bind": "127.0.0.1:9090", "token_file": "t", "insecure_no_token": False, "health_needs_token": False,
               "ready_pools": ["p"]},
     "log": {"format": "json", "level": "info"},
+    "workers": 2,
+    "upgrade": {"timeout": "1h"},
 }
 
 
