@@ -412,11 +412,19 @@ async def _upgrade(server: AdminState, peer: str) -> _Answer:
     """``POST /upgrade`` (a supervisor only): 200 ``{"upgraded": true, "pid"}`` once the new generation serves, else 409."""
     upgrader: Upgrader | None = getattr(server, "upgrader", None)
     assert upgrader is not None
-    log.info("event=admin action=upgrade peer=%s", peer)
+    log_event(log, logging.INFO, "admin", action='upgrade', peer=peer)
     try:
         ok, detail = await upgrader()
     except Exception:
-        log.exception("event=error listener=admin method=POST path=/upgrade")
+        log_event(
+            log,
+            logging.ERROR,
+            "error",
+            exc_info=True,
+            listener='admin',
+            method='POST',
+            path='/upgrade',
+        )
         return _text(500, "internal error")
     if ok:
         return _json(200, {"upgraded": True, "pid": int(detail)})

@@ -68,7 +68,7 @@ from ..balance.discovery import (
 )
 from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig, PoolName, hostport
 from ..errors import WsproxyError
-from wsproxy.log import log_event
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.control.discovery")
 

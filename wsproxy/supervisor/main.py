@@ -51,6 +51,7 @@ from ..control.registry import Health, Registry
 from ..control.reload import CheckerAction, plan_checkers
 from ..edge.listener import migrate_req, open_listener
 from . import health
+from ..log import log_event
 from .ipc import Channel, ChannelClosed
 from .merge import TEXT_CONTENT_TYPE, merge_metrics, merge_status
 from .messages import Message
@@ -166,7 +167,14 @@ class Supervisor:
     def _open_listener(self, spec: ListenerConfig) -> SlotSockets:
         shared = self.activated.pop(spec.name, None)
         if shared:  # systemd passed one socket: every worker accepts on it
-            log.info("event=listener_inherited listener=%s sockets=%d shared_by_workers=%d", spec.name, len(shared), self.count)
+            log_event(
+                log,
+                logging.INFO,
+                "listener_inherited",
+                listener=spec.name,
+                sockets=len(shared),
+                shared_by_workers=self.count,
+            )
             return [shared for _ in range(self.count)]
         passed = self.passed.pop(spec.name, None)
         slots: SlotSockets = []
@@ -209,10 +217,23 @@ class Supervisor:
         for name, slots in self.sockets.items():
             for sock in slots[0]:
                 host, port = sock.getsockname()[:2]
-                log.info("event=listening listener=%s address=%s workers=%d", name, hostport(host, port), self.count)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "listening",
+                    listener=name,
+                    address=hostport(host, port),
+                    workers=self.count,
+                )
         if migrate_req() is False and self.count > 1:
-            log.info("event=tcp_migrate_req value=0 hint=%r", "sysctl net.ipv4.tcp_migrate_req=1 keeps connections "
-                     "queued on a listener that closes (fewer workers after an upgrade)")
+            log_event(
+                log,
+                logging.INFO,
+                "tcp_migrate_req",
+                value=0,
+                hint="sysctl net.ipv4.tcp_migrate_req=1 keeps connections "
+                     "queued on a listener that closes (fewer workers after an upgrade)",
+            )
         admin = self._admin = AdminServer(self)  # type: ignore[arg-type]  # session_control is None: 501
         admin.reload_timeout_s = config.timeouts.reload_s
         admin.reloader = self.reload_on_request
@@ -234,7 +255,7 @@ class Supervisor:
                         except OSError as exc:
                             raise ListenError(f"admin.bind: cannot listen: {exc.strerror or exc}") from None
                         if address is not None:
-                            log.info("event=admin_listening address=%s", address)
+                            log_event(log, logging.INFO, "admin_listening", address=address)
                     for pool in config.pools.values():
                         await self._start_checker(pool)
                     nursery.start_soon(self._push_health)
@@ -246,7 +267,7 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
         finally:
             _close_all(self.sockets)
-        log.info("event=stopped role=supervisor")
+        log_event(log, logging.INFO, "stopped", role='supervisor')
 
     async def _until_workers_gone(self) -> None:
         while not ((self.stopping or self.retired) and not self.processes):
@@ -265,7 +286,13 @@ class Supervisor:
             await self._take_over(admin)
         self.ready_sent = True
         self.notifier.ready(self.status_line())
-        log.info("event=ready workers=%d pids=%s", self.count, ",".join(str(s.pid) for s in self.slots))
+        log_event(
+            log,
+            logging.INFO,
+            "ready",
+            workers=self.count,
+            pids=",".join(str(s.pid) for s in self.slots),
+        )
         while not self.stopping and not self.retired:
             await trio.sleep(5)
             self.notifier.status(self.status_line())
@@ -277,7 +304,12 @@ class Supervisor:
                 message, _ = await channel.receive()
             except ChannelClosed:
                 if self.handover is not None:
-                    log.error("event=upgrade_abandoned reason=%r", "the old supervisor closed the handover channel")
+                    log_event(
+                        log,
+                        logging.ERROR,
+                        "upgrade_abandoned",
+                        reason="the old supervisor closed the handover channel",
+                    )
                     self.handover = None
                     self.shutdown()
                 return
@@ -299,14 +331,14 @@ class Supervisor:
         try:
             address = await self._nursery.start(admin.serve, self.config.admin)
         except OSError as exc:
-            log.error("event=admin_failed reason=%r", f"cannot listen: {exc.strerror or exc}")
+            log_event(log, logging.ERROR, "admin_failed", reason=f"cannot listen: {exc.strerror or exc}")
             address = None
         if address is not None:
-            log.info("event=admin_listening address=%s", address)
+            log_event(log, logging.INFO, "admin_listening", address=address)
         # Our parent was a shell that exited at once: systemd (or init) is our parent now, so the
         # manager can wait for us as its own main process (a non-child MAINPID would not be waited for).
         self.notifier.send(f"MAINPID={os.getpid()}")
-        log.info("event=upgraded pid=%d", os.getpid())
+        log_event(log, logging.INFO, "upgraded", pid=os.getpid())
         self.handover = None
         channel.close()
 
@@ -321,7 +353,7 @@ class Supervisor:
             try:
                 process = await trio.lowlevel.open_process(command, pass_fds=(child.fileno(),))
             except OSError as exc:
-                log.error("event=worker_spawn_failed slot=%d reason=%r", slot.index, str(exc))
+                log_event(log, logging.ERROR, "worker_spawn_failed", slot=slot.index, reason=str(exc))
                 parent.close()
                 child.close()
                 await trio.sleep(slot.backoff.exited(0.0))
@@ -331,7 +363,7 @@ class Supervisor:
             slot.pid, slot.state = process.pid, WorkerState.STARTING
             slot.started_at, slot.started_unix = trio.current_time(), time.time()
             self.processes[slot.index] = process
-            log.info("event=worker_started slot=%d pid=%d", slot.index, process.pid)
+            log_event(log, logging.INFO, "worker_started", slot=slot.index, pid=process.pid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._talk, slot, channel)
                 code = await process.wait()
@@ -345,13 +377,26 @@ class Supervisor:
                 self._round.gone(slot.index)
             self._changed()
             if self.stopping or self.retired:
-                log.info("event=worker_exited slot=%d pid=%d status=%s", slot.index, process.pid, _exit(code))
+                log_event(
+                    log,
+                    logging.INFO,
+                    "worker_exited",
+                    slot=slot.index,
+                    pid=process.pid,
+                    status=_exit(code),
+                )
                 return
             delay = slot.backoff.exited(trio.current_time() - slot.started_at)
             slot.restarts += 1
-            log.warning(
-                "event=worker_exited slot=%d pid=%d status=%s restart_in_s=%g restarts=%d",
-                slot.index, process.pid, _exit(code), delay, slot.restarts,
+            log_event(
+                log,
+                logging.WARNING,
+                "worker_exited",
+                slot=slot.index,
+                pid=process.pid,
+                status=_exit(code),
+                restart_in_s=delay,
+                restarts=slot.restarts,
             )
             if was_ready:
                 await self._adopt(slot)
@@ -369,7 +414,14 @@ class Supervisor:
                 reason = "; ".join(hello.get("errors") or []) or (
                     "the config file changed since the config in effect was loaded; reload to apply it"
                 )
-                log.error("event=worker_start_failed slot=%d pid=%s reason=%r", slot.index, hello.get("pid"), reason)
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "worker_start_failed",
+                    slot=slot.index,
+                    pid=hello.get("pid"),
+                    reason=reason,
+                )
                 await channel.send({"t": "stop"})
                 if slot.adopted_by is None:
                     await self._adopt(slot)
@@ -455,17 +507,24 @@ class Supervisor:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 if not self.stopping and not self.retired:
-                    log.info("event=signal signal=SIGHUP action=reload path=%s", self.path)
+                    log_event(log, logging.INFO, "signal", signal='SIGHUP', action='reload', path=self.path)
                     self._nursery.start_soon(self.reload)
             elif signum == signal.SIGUSR2:
                 if not self.stopping and not self.retired:
-                    log.info("event=signal signal=SIGUSR2 action=upgrade path=%s", self.path)
+                    log_event(log, logging.INFO, "signal", signal='SIGUSR2', action='upgrade', path=self.path)
                     self._nursery.start_soon(self.upgrade)
             elif self.stopping:
-                log.warning("event=signal signal=%s action=exit_now", name)
+                log_event(log, logging.WARNING, "signal", signal=name, action='exit_now')
                 await self._broadcast({"t": "shutdown", "now": True})
             else:
-                log.info("event=signal signal=%s action=shutdown workers=%d", name, len(self.processes))
+                log_event(
+                    log,
+                    logging.INFO,
+                    "signal",
+                    signal=name,
+                    action='shutdown',
+                    workers=len(self.processes),
+                )
                 self.shutdown()
 
     def shutdown(self) -> None:
@@ -514,7 +573,7 @@ class Supervisor:
     async def reload_on_request(self) -> list[str] | None:
         if self.stopping or self.retired:
             return None
-        log.info("event=reload_requested by=admin path=%s", self.path)
+        log_event(log, logging.INFO, "reload_requested", by='admin', path=self.path)
         return await self.reload()
 
     async def reload(self) -> list[str]:
@@ -526,8 +585,15 @@ class Supervisor:
                 self.reload_failures += 1
                 self.last_reload_error = "; ".join(errors)
                 for error in errors:
-                    log.error("event=reload_failed error=%r", error)
-                log.error("event=reload_failed generation=%d errors=%d action=kept_old_config", self.generation, len(errors))
+                    log_event(log, logging.ERROR, "reload_failed", error=error)
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "reload_failed",
+                    generation=self.generation,
+                    errors=len(errors),
+                    action='kept_old_config',
+                )
             else:
                 self.reloads += 1
                 self.last_reload_unix = time.time()
@@ -548,13 +614,19 @@ class Supervisor:
         except ConfigErrors as exc:
             return [str(e) for e in exc.errors]
         except Exception as exc:
-            log.exception("event=reload_error path=%s", self.path)
+            log_event(log, logging.ERROR, "reload_error", exc_info=True, path=self.path)
             return [f"{self.path}: loading failed: {type(exc).__name__}"]
         if new is None:
             return [f"{self.path}: loading did not finish within {old.timeouts.reload_s:g}s (timeouts.reload); abandoned"]
         if new.workers != self.count:
-            log.warning("event=workers_unchanged running=%d configured=%d reason=%r", self.count, new.workers,
-                        "the number of workers changes at the next start or upgrade")
+            log_event(
+                log,
+                logging.WARNING,
+                "workers_unchanged",
+                running=self.count,
+                configured=new.workers,
+                reason="the number of workers changes at the next start or upgrade",
+            )
         old_binds = {spec.bind: str(spec.name) for spec in old.listeners}
         fresh = {str(spec.name) for spec in new.listeners if spec.bind not in old_binds}
         try:
@@ -596,10 +668,16 @@ class Supervisor:
             while round_.state is RoundState.COMMITTING:
                 await self._wait_change()
         for index in round_.restart | set(round_.waiting):
-            log.error("event=worker_restart slot=%d reason=%r", index, "failed to apply the reload")
+            log_event(log, logging.ERROR, "worker_restart", slot=index, reason="failed to apply the reload")
             await self._broadcast({"t": "shutdown", "now": True}, only={index})
         for index in set(self.channels) - set(ready):  # started during the round, on the old config
-            log.warning("event=worker_restart slot=%d reason=%r", index, "started during the reload, on the old config")
+            log_event(
+                log,
+                logging.WARNING,
+                "worker_restart",
+                slot=index,
+                reason="started during the reload, on the old config",
+            )
             await self._broadcast({"t": "shutdown", "now": True}, only={index})
         # Applied: the supervisor's view follows.
         self.config, self.fingerprint, self.generation = new, round_.fingerprint, self.generation + 1
@@ -616,7 +694,7 @@ class Supervisor:
         admin.commit(change)
         admin.reload_timeout_s = new.timeouts.reload_s
         self._update_checkers(new)
-        log.info("event=reloaded generation=%d workers=%d", self.generation, len(targets))
+        log_event(log, logging.INFO, "reloaded", generation=self.generation, workers=len(targets))
         return []
 
     # -- upgrade -----------------------------------------------------------------------------
@@ -624,7 +702,7 @@ class Supervisor:
     async def upgrade_on_request(self) -> tuple[bool, str]:
         if self.stopping or self.retired:
             return False, "shutting down or already upgraded"
-        log.info("event=upgrade_requested by=admin path=%s", self.path)
+        log_event(log, logging.INFO, "upgrade_requested", by='admin', path=self.path)
         return await self.upgrade()
 
     async def upgrade(self) -> tuple[bool, str]:
@@ -634,7 +712,7 @@ class Supervisor:
                 return False, "shutting down or already upgraded"
             ok, detail = await self._upgrade()
             if not ok:
-                log.error("event=upgrade_failed reason=%r action=kept_serving", detail)
+                log_event(log, logging.ERROR, "upgrade_failed", reason=detail, action='kept_serving')
             return ok, detail
 
     async def _upgrade(self) -> tuple[bool, str]:
@@ -672,7 +750,7 @@ class Supervisor:
                 if answer.get("t") != "upgrade_started":
                     break
                 new_pid = int(answer["pid"])
-                log.info("event=upgrade_started new_pid=%d", new_pid)
+                log_event(log, logging.INFO, "upgrade_started", new_pid=new_pid)
         if answer is None or answer.get("t") != "upgrade_ready":
             channel.close()  # a new supervisor still starting gives up when it sees this
             why = "did not have its workers serving in time" if scope.cancelled_caught else "exited before serving"
@@ -698,8 +776,15 @@ class Supervisor:
             checker.stop()
         timeout_s = self.config.upgrade.timeout_s
         sessions = sum(int((s.report or {}).get("sessions", 0) or 0) for s in self.slots)
-        log.info("event=upgrade_handover new_pid=%d old_workers=%d sessions=%d timeout_s=%g",
-                 new_pid, len(self.processes), sessions, timeout_s)
+        log_event(
+            log,
+            logging.INFO,
+            "upgrade_handover",
+            new_pid=new_pid,
+            old_workers=len(self.processes),
+            sessions=sessions,
+            timeout_s=timeout_s,
+        )
         await self._broadcast({"t": "retire", "timeout_s": timeout_s})
         for slot in self.slots:
             slot.state = WorkerState.RETIRING if slot.index in self.processes else slot.state

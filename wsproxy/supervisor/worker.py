@@ -35,6 +35,7 @@ from ..control.reload import ReloadError
 from ..config.schema import Config, PoolName
 from ..control.registry import Health
 from . import health
+from ..log import log_event
 from .ipc import Channel, ChannelClosed
 from .messages import Message
 from .table import fingerprint, split_limits
@@ -84,10 +85,10 @@ async def _main(path: str, channel: Channel, config: Config | None, errors: list
     try:
         start, sockets = await channel.receive()
     except ChannelClosed:
-        log.warning("event=worker_orphaned pid=%d reason='the supervisor closed the channel before start'", os.getpid())
+        log_event(log, logging.WARNING, "worker_orphaned", pid=os.getpid(), reason="the supervisor closed the channel before start")
         return
     if start["t"] != "start":
-        log.info("event=worker_not_started pid=%d message=%s", os.getpid(), start["t"])
+        log_event(log, logging.INFO, "worker_not_started", pid=os.getpid(), message=start["t"])
         return  # the supervisor refused this worker (it said why in its log)
     worker = Worker(path, channel, config, start, sockets, log_overridden)
     await worker.serve()
@@ -131,7 +132,7 @@ class Worker:
             nursery.start_soon(self._signals)
             await app.serve()
             nursery.cancel_scope.cancel()
-        log.info("event=worker_stopped slot=%d pid=%d", self.slot, os.getpid())
+        log_event(log, logging.INFO, "worker_stopped", slot=self.slot, pid=os.getpid())
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -139,7 +140,14 @@ class Worker:
                 if self.app.stopping:
                     self.app.abort()
                 else:
-                    log.info("event=signal signal=SIGTERM action=shutdown slot=%d", self.slot)
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "signal",
+                        signal='SIGTERM',
+                        action='shutdown',
+                        slot=self.slot,
+                    )
                     self.app.shutdown()
 
     async def _commands(self) -> None:
@@ -149,7 +157,7 @@ class Worker:
                 message, sockets = await self.channel.receive()
             except ChannelClosed:
                 if not self.app.stopping:
-                    log.warning("event=supervisor_gone slot=%d action=shutdown", self.slot)
+                    log_event(log, logging.WARNING, "supervisor_gone", slot=self.slot, action='shutdown')
                     self.app.shutdown()
                 return
             try:
@@ -157,7 +165,14 @@ class Worker:
             except ChannelClosed:
                 continue  # seen by the next receive
             except Exception:
-                log.exception("event=worker_error slot=%d message=%s", self.slot, message.get("t"))
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "worker_error",
+                    exc_info=True,
+                    slot=self.slot,
+                    message=message.get("t"),
+                )
 
     async def _handle(self, message: Message, sockets: list[socket.socket]) -> None:
         kind = message["t"]
@@ -195,7 +210,7 @@ class Worker:
             else:
                 app.shutdown()
         else:
-            log.warning("event=worker_unknown_message slot=%d type=%s", self.slot, kind)
+            log_event(log, logging.WARNING, "worker_unknown_message", slot=self.slot, type=kind)
             for sock in sockets:
                 sock.close()
 
@@ -215,7 +230,7 @@ class Worker:
         except ConfigErrors as exc:
             errors = [str(e) for e in exc.errors]
         except Exception as exc:  # a loader bug must not take the worker down
-            log.exception("event=reload_error path=%s", self.path)
+            log_event(log, logging.ERROR, "reload_error", exc_info=True, path=self.path)
             errors = [f"{self.path}: loading failed: {type(exc).__name__}"]
         if config is not None and not errors:
             self.prepared[number] = (config, opened)
@@ -261,7 +276,7 @@ class Worker:
             slots.append(slot)
             self.app._start_accepting(slot)
         self.adopted.setdefault(orphan, []).extend(slots)
-        log.info("event=worker_adopted slot=%d orphan=%d listeners=%d", self.slot, orphan, len(slots))
+        log_event(log, logging.INFO, "worker_adopted", slot=self.slot, orphan=orphan, listeners=len(slots))
 
     def _retire(self, timeout_s: float) -> None:
         """An upgrade: stop accepting now; shut down once the sessions ended, or after ``timeout_s``."""
@@ -274,7 +289,15 @@ class Worker:
         self.adopted.clear()
         for slot in slots:
             slot.close()  # this process's copies: connections waiting in the queue go to the new workers
-        log.info("event=worker_retiring slot=%d pid=%d sessions=%d timeout_s=%g", self.slot, os.getpid(), len(app.sessions), timeout_s)
+        log_event(
+            log,
+            logging.INFO,
+            "worker_retiring",
+            slot=self.slot,
+            pid=os.getpid(),
+            sessions=len(app.sessions),
+            timeout_s=timeout_s,
+        )
         self.nursery.start_soon(self._retire_later, timeout_s)
 
     async def _retire_later(self, timeout_s: float) -> None:
@@ -291,7 +314,7 @@ class Worker:
             except ChannelClosed:
                 return
             except Exception:  # a report that cannot be built must not take the sessions down
-                log.exception("event=worker_error slot=%d action=report", self.slot)
+                log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
             await trio.sleep(REPORT_INTERVAL_S)
 
     def report(self) -> Message:
