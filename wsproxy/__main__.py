@@ -7,6 +7,7 @@
     wsproxy drain|undrain -c FILE POOL BACKEND
     wsproxy sessions -c FILE [--route R] [--pool P] [--backend B] [--identity I] [--peer A] [--json]
     wsproxy kick -c FILE (--session ID | --identity NAME) [--code N] [--reason TEXT]
+    wsproxy upgrade -c FILE                start a new generation of processes (workers > 1)
     wsproxy --version
 
 ``-c`` defaults to /etc/wsproxy/wsproxy.yaml. The operator commands live in
@@ -36,6 +37,9 @@ Signals:
   SIGTERM, SIGINT graceful shutdown: stop accepting, close sessions with 1001
                   spread over shutdown.spread, wait up to shutdown.timeout;
                   a second signal exits at once
+  SIGUSR2         (workers > 1, to the supervisor) upgrade: start a new
+                  supervisor and workers on the same sockets; the old
+                  workers keep their sessions up to upgrade.timeout
 
 Exit status:
   0  stopped after a signal
@@ -47,6 +51,10 @@ EPILOG = f"""\
 FILE defaults to {DEFAULT_CONFIG}. Exit status: 0 success; 1 config errors,
 a refused reload or an admin API that cannot be reached; 2 usage error.
 """
+
+
+#: Commands wsproxy runs itself, not people (not in the help or the man page).
+INTERNAL_COMMANDS = frozenset({"worker"})
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +146,19 @@ def parser() -> argparse.ArgumentParser:
         description="Print the JSON Schema (draft 2020-12) of wsproxy.yaml, generated from the config loader,"
         " for editors (e.g. the YAML language server's `# yaml-language-server: $schema=...`).",
     )
+    upgrade = commands.add_parser(
+        "upgrade", help="start a new generation of processes without dropping sessions (workers > 1)",
+        description="Ask the supervisor running FILE (workers > 1) to start a new supervisor and workers from the"
+        " installed program on the same listening sockets (POST /upgrade on its admin API, like SIGUSR2), and wait:"
+        " exit 0 once the new generation serves; the old workers keep their sessions until they end or"
+        " upgrade.timeout. Exit 1 if it did not start (the old generation keeps serving).",
+    )
+    _config_option(upgrade)
+    worker = commands.add_parser("worker")  # started by the supervisor, not by people: not listed
+    commands._choices_actions = [a for a in commands._choices_actions if a.dest not in INTERNAL_COMMANDS]
+    _config_option(worker)
+    worker.add_argument("--ipc-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return top
 
 
@@ -167,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli.reload(args.config, sys.stdout)
         if args.command == "status":
             return cli.status(args.config, sys.stdout, args.json)
+        if args.command == "upgrade":
+            return cli.upgrade(args.config, sys.stdout)
         if args.command in ("drain", "undrain"):
             return cli.drain(args.config, args.pool, args.backend, args.command == "undrain", sys.stdout)
         if args.command == "sessions":
@@ -179,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"wsproxy {args.command}: {exc}", file=sys.stderr)
         return 1
+    if args.command == "worker":
+        from .supervisor.worker import run as run_worker
+
+        return run_worker(args.config, args.ipc_fd, args.log_level)
     return _run_or_check(args)
 
 
@@ -208,6 +235,14 @@ def _run_or_check(args: argparse.Namespace) -> int:
 
     log.configure(args.log_level or config.log.level, config.log.format)
     _log_start(config, args.config)
+    import os
+
+    from .supervisor.main import UPGRADE_FD_VARIABLE
+
+    if config.workers > 1 or os.environ.get(UPGRADE_FD_VARIABLE):
+        from .supervisor.main import run as supervise
+
+        return supervise(config, args.config, args.log_level)
     failed: list[BaseException] = []
     try:
         trio.run(run.main, config, args.config, args.log_level is not None)
@@ -234,7 +269,7 @@ def _log_start(config: Config, path: str) -> None:
         version=__version__, python=platform.python_version(), pid=os.getpid(), config=os.path.abspath(path),
         listeners=",".join(f"{spec.name}={spec.bind}" for spec in config.listeners),
         admin=str(config.admin.bind) if config.admin is not None else None,
-        workers=1, scanner="compiled" if is_compiled(frames) else "pure",
+        workers=config.workers, scanner="compiled" if is_compiled(frames) else "pure",
     )  # fmt: skip
 
 

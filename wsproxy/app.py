@@ -185,6 +185,8 @@ class App:
         self.on_ready: Callable[[], None] | None = None  # systemd READY=1 and the like
         self.log_overridden: bool | None = None  # None: logging is the embedder's (tests); False: log.* applies
         self._inherited = inherited or {}  # systemd socket activation: listener name → sockets
+        #: False in a worker process (workers > 1): the supervisor runs the checks and pushes verdicts
+        self.health_checks = True
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(2).hex()
         self._control: trio.Nursery | None = None
@@ -195,7 +197,7 @@ class App:
         self.reloader = Reloader(lambda: self.generation.config.timeouts.reload_s, lambda: self.stopping)
         self._metrics_registry = collector_registry(self)  # read at scrape time, nothing per frame
         self.discovery = Discovery(lambda name: self.generation.config.pools.get(name), self.swap_pool, self.drainer.removing)
-        self._metrics_registry.register(DiscoveryCollector(self.discovery))
+        self._metrics_registry.register_loop_collector(DiscoveryCollector(self.discovery))
 
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
@@ -314,6 +316,8 @@ class App:
 
     async def _start_checker(self, pool: PoolConfig) -> None:
         assert self._control is not None
+        if not self.health_checks:
+            return
         checker = HealthChecker(pool, self.registry, on_change=self.drainer.health_changed)
         self.health_checkers[pool.name] = checker
         await self._control.start(checker.run)
@@ -362,7 +366,8 @@ class App:
         try:
             for spec in plan.open:
                 try:
-                    opened[spec.name] = open_listener(spec)
+                    # a worker is given its sockets by the supervisor (``supervisor.worker``)
+                    opened[spec.name] = self._inherited.pop(spec.name, []) or open_listener(spec)
                 except OSError as exc:
                     # The port may be held by a listener this reload removes or moves (e.g.
                     # 127.0.0.1:443 → 0.0.0.0:443): free it and try once more. Connection

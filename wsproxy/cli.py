@@ -7,6 +7,7 @@
     wsproxy sessions -c FILE [FILTERS] [--json]   GET /sessions (every page)
     wsproxy kick -c FILE (--session ID | --identity NAME) [--code N] [--reason TEXT]
                                             POST /sessions/ID/close or /identities/NAME/close
+    wsproxy upgrade -c FILE                 POST /upgrade (workers > 1): exit 0 once the new generation serves
 
 Each reads only the ``admin`` section of FILE (``config.load.load_admin``:
 includes and ``${VAR}`` applied, the token read from ``token_file``), so it
@@ -180,6 +181,23 @@ def reload(path: str, out: TextIO) -> int:
     raise _refused(target, status, body)
 
 
+def upgrade(path: str, out: TextIO) -> int:
+    """Ask the supervisor to start a new generation of processes and wait until it serves."""
+    target = AdminTarget.from_config(path)
+    status, body = target.request("POST", "/upgrade", REQUEST_TIMEOUT_S + 60)
+    if status == 200 and isinstance(body, dict):
+        print(f"wsproxy: upgraded: the new supervisor is pid {body.get('pid')}; the old workers keep their sessions", file=out)
+        return 0
+    if status == 409 and isinstance(body, dict):
+        for error in body.get("errors", []):
+            print(error, file=sys.stderr)
+        print("wsproxy: upgrade failed; the running generation keeps serving", file=sys.stderr)
+        return 1
+    if status == 404:
+        raise CommandFailed(f"the proxy at {target.where} has no supervisor to upgrade (workers: 1); restart it instead")
+    raise _refused(target, status, body)
+
+
 def _reload_timeout_s(path: str) -> float:
     """timeouts.reload of FILE if it loads, else the default (the proxy's own may differ: it is a bound only)."""
     from .config.load import load_config
@@ -207,6 +225,12 @@ def status(path: str, out: TextIO, as_json: bool) -> int:
     )
     if body.get("last_reload_error"):
         print(f"last reload error: {body['last_reload_error']}", file=out)
+    for worker in body.get("workers", []):  # workers > 1
+        print(
+            f"worker {worker['slot']}: pid {worker['pid']} {worker['state']}, {worker['sessions']} session(s),"
+            f" restarts {worker['restarts']}",
+            file=out,
+        )
     for listener in body.get("listeners", []):
         print(f"listener {listener['name']}: {', '.join(listener['addresses'])}{' tls' if listener['tls'] else ''}", file=out)
     for name, pool in body.get("pools", {}).items():

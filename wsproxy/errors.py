@@ -19,6 +19,9 @@ catches it does not have to decide again::
     ├── edge.jwks.JwksStartupError                        at start, a route has no JWT keys: exit 1
     ├── app.ListenError                                   a listener of the initial config cannot open
     ├── control.reload.ReloadError                        a valid config that could not be applied
+    ├── control.discovery.LookupFailed                    a DNS lookup gave no answer (logged, counted)
+    ├── supervisor.ipc.ChannelClosed                      the other process of a worker channel went away
+    ├── supervisor.messages.ProtocolError                 a worker channel carried something not a message
     └── cli.CommandFailed                                 a CLI command's one-line failure
 
 The classes live beside the code that raises them; this module holds the

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .__main__ import parser
+from .__main__ import INTERNAL_COMMANDS, parser
 
 PAGE = Path(__file__).resolve().parents[1] / "man" / "wsproxy.1"
 
@@ -49,10 +49,14 @@ def render() -> str:
         ".SH SYNOPSIS",
     ]
     for name, sub in subs.choices.items():
+        if name in INTERNAL_COMMANDS:
+            continue
         usage = sub.format_usage().removeprefix("usage: ").strip()
         lines += [".br", _roff(" ".join(usage.split()))]
     lines += [".br", "wsproxy \\-\\-version", ".SH COMMANDS"]
     for name, sub in subs.choices.items():
+        if name in INTERNAL_COMMANDS:
+            continue
         lines += [".SS " + name, _roff(sub.description or "").replace("\n\n", "\n.PP\n")]
         if name == "run":
             lines[-1] = ".nf\n" + lines[-1] + "\n.fi"

@@ -61,6 +61,9 @@ FULL: dict[str, Any] = {
               "tls": {"ca": "ca.pem", "server_name": "b.example", "cert": "c.pem", "key": "k.pem"},
               "drain": {"timeout": "0s", "spread": "2s", "close_timeout": "5s", "on_unhealthy": True},
               "backends": [{"address": "127.0.0.1:9001", "weight": 2, "max_connections": 10}]},
+        "d": {"discovery": {"dns": "_ws._tcp.chat.example", "type": "SRV", "interval": "5s",
+                            "resolvers": ["127.0.0.1:5353"], "on_error": "keep"},
+              "rebalance": {"max_skew": 1.25, "rate": "1%/min", "sticky": False}},
     },
     "timeouts": {"handshake": "10s", "connect": "2s", "upstream_handshake": "5s", "idle": "10m", "reload": "30s"},
     "limits": {"max_header_bytes": "16KiB", "max_message_bytes": "1MiB", "max_connections": 10,
@@ -71,6 +74,8 @@ FULL: dict[str, Any] = {
     "admin": {"bind": "127.0.0.1:9090", "token_file": "t", "insecure_no_token": False, "health_needs_token": False,
               "ready_pools": ["p"]},
     "log": {"format": "json", "level": "info"},
+    "workers": 2,
+    "upgrade": {"timeout": "1h"},
 }
 
 

@@ -294,7 +294,7 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
         (
             MINIMAL + "listener: []\n",
             '10:1: unknown key "listener" '
-            "(expected one of: listeners, routes, pools, timeouts, limits, trusted_proxies, shutdown, admin, log)",
+            "(expected one of: listeners, routes, pools, timeouts, limits, trusted_proxies, shutdown, admin, log, workers, upgrade)",
         ),
         (MINIMAL + "pools: {}\n", '10:1: duplicate key "pools" (first at line 6)'),
         ("a: b: c\n", "1:5: invalid YAML: mapping values are not allowed here"),

@@ -150,7 +150,7 @@ def test_rebalance(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "pool, expected",
     [
-        ("rebalance: {max_skew: 1}\n", '8:27: pools.chat.rebalance.max_skew: expected a number above 1 (and at most 100), like 1.25, got "1"'),
+        ("rebalance: {max_skew: 1}\n", '8:27: pools.chat.rebalance.max_skew: expected a number above 1 (and at most 100), like 1.25, got 1'),
         ("rebalance: {max_skew: lots}\n", '8:27: pools.chat.rebalance.max_skew: expected a number above 1 (and at most 100), like 1.25, got "lots"'),
         ("rebalance: {rate: 1/min}\n", "8:23: pools.chat.rebalance.rate: expected a share of sessions per time like \"1%/min\", \"0.5%/s\" or \"10%/h\", got '1/min'"),
         ("rebalance: {rate: 0%/s}\n", "8:23: pools.chat.rebalance.rate: the share must be more than 0 % and at most 100 %, got '0%/s'"),

@@ -873,7 +873,7 @@ async def test_forward_identity_goes_upstream_and_into_the_log(
     assert upstream.request(2).values("X-Auth-Subject") == [b"bob"]  # the default identity_header
     assert b"mallory" not in upstream.received
     identities = [m.rsplit("identity=", 1)[1] for m in opened(caplog)]
-    assert identities == ["'alice'", "'alice'", "'bob'"]
+    assert identities == ["alice", "alice", "bob"]
 
 
 @pytest.mark.parametrize(

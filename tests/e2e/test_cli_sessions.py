@@ -93,7 +93,7 @@ async def test_sessions_and_kick(nursery: trio.Nursery, tmp_path: Path) -> None:
             assert alice1 == alice2 == [1008, "closed by the operator"]
             log = proxy.log()
             assert log.count("event=session_closed_by_admin") == 3
-            assert f"event=session_closed_by_admin conn={bob_id} " in log and "reason='bye bob'" in log
+            assert f"event=session_closed_by_admin conn={bob_id} " in log and 'reason="bye bob"' in log
             assert not any(token in log for token in (*USERS.values(), TOKEN))
 
             done = await proxy.cmd("kick", "--session", bob_id)

@@ -215,7 +215,7 @@ async def test_a_failed_refresh_keeps_the_last_good_keys(
             while len(lines(caplog, "event=jwks_fetch_failed")) < 2:
                 await trio.sleep(0.05)
         failed = lines(caplog, "event=jwks_fetch_failed")
-        assert "reason='status 500'" in failed[0] and "kept_keys=1" in failed[0], failed
+        assert 'reason="status 500"' in failed[0] and "kept_keys=1" in failed[0], failed
         assert "jwks_url: not JSON" in failed[1], failed
         assert await status(port, token(key, "k1")) == 101  # the last good set still verifies
         assert app.jwks.failures[f"https://127.0.0.1:{server.port}/jwks"] >= 2

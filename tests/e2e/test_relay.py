@@ -262,7 +262,7 @@ async def test_message_over_limit_from_client(nursery: trio.Nursery, caplog: pyt
             return [r.getMessage() for r in caplog.records if "event=close " in r.getMessage() and "by=proxy" in r.getMessage()]
 
         await until(lambda: bool(closes()), what="close logged", show=closes)
-        assert "reason='client sent a message of more than 1000 bytes (at least 1001)'" in closes()[0], closes()
+        assert 'reason="client sent a message of more than 1000 bytes (at least 1001)"' in closes()[0], closes()
 
 
 async def test_fragmented_message_over_limit_from_client(nursery: trio.Nursery) -> None:

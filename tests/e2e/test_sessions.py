@@ -153,7 +153,7 @@ async def test_close_one_session_gives_the_client_1008_and_the_backend_1001(
         assert await bob.echo("still here") == "still here"
         [line] = log_lines(caplog, "session_closed_by_admin")
         assert f"conn={conn} " in line and "identity=alice " in line and "code=1008 " in line
-        assert "reason='closed by the operator'" in line and USERS["alice"] not in line
+        assert 'reason="closed by the operator"' in line and USERS["alice"] not in line
         closes = [m for m in log_lines(caplog, "close") if f"conn={conn} " in m]
         assert len(closes) == 1 and "by=proxy" in closes[0]
         series = parse_metrics(await get(stack, "/metrics"))

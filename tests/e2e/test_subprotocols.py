@@ -141,7 +141,7 @@ async def test_an_offer_with_nothing_allowed_is_400_and_reaches_no_backend(
         assert chat.offers == []
         (line,) = refusals(caplog)
         assert "kind=subprotocol status=400" in line
-        assert "reason='none of the 2 offered subprotocol(s) is allowed on this route (allowed: chat.v2, chat.v1)'" in line
+        assert 'reason="none of the 2 offered subprotocol(s) is allowed on this route (allowed: chat.v2, chat.v1)"' in line
 
 
 async def test_subprotocol_required_refuses_an_empty_offer(
@@ -159,7 +159,7 @@ async def test_subprotocol_required_refuses_an_empty_offer(
         assert await talk(port, "/mqtt", ["mqttv3.1"]) == ("mqttv3.1", "mqtt:hi")
         assert mqtt.offers == [["mqttv3.1"]]
         (line,) = refusals(caplog)
-        assert "reason='no subprotocol offered; the route requires one (allowed: mqtt, mqttv3.1)'" in line
+        assert 'reason="no subprotocol offered; the route requires one (allowed: mqtt, mqttv3.1)"' in line
 
 
 async def test_the_backend_must_choose_from_what_was_forwarded(

@@ -338,7 +338,7 @@ async def test_mtls_optional_accepts_a_client_without_a_certificate(
         client_pki.alice.configure_cert(ctx)
         outcome, head = await upgrade_over_tls(ports["public"], ctx)
         assert outcome == "ok" and head.startswith(b"HTTP/1.1 101 "), head
-        await wait_for_log(caplog, "event=open", "identity='alice'")
+        await wait_for_log(caplog, "event=open", "identity=alice")
         assert len(recorder.heads) == 2
 
 

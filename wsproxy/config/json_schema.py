@@ -100,7 +100,13 @@ class _Generator:
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Tuple):
-            return tuple(self._constant(module, e) for e in node.elts)
+            values: list[Any] = []
+            for e in node.elts:
+                if isinstance(e, ast.Starred):  # ("keys", *_JWKS_KEYS): a tuple constant spliced in
+                    values.extend(self._constant(module, e.value))
+                else:
+                    values.append(self._constant(module, e))
+            return tuple(values)
         if isinstance(node, ast.Name):
             return getattr(self.modules[module], node.id)
         raise ValueError(ast.unparse(node))
@@ -139,6 +145,9 @@ class _Generator:
             low, high = (self._constant(module, a) for a in call.args[1:3])
             number = {"type": "integer", "minimum": low, "maximum": high}
             return number if method == "integer" else {"type": "array", "items": number}
+        if method == "number":
+            low, high = (self._constant(module, a) for a in call.args[1:3])
+            return {"type": "number", "exclusiveMinimum": low, "maximum": high}
         if method == "choice":
             return {"enum": list(self._constant(module, call.args[1]))}
         return dict(SCALARS.get(method, {}))

@@ -144,7 +144,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     top = r.fields(
         At(root, ""),
         required=("listeners", "routes", "pools"),
-        optional=("timeouts", "limits", "trusted_proxies", "shutdown", "admin", "log"),
+        optional=("timeouts", "limits", "trusted_proxies", "shutdown", "admin", "log", "workers", "upgrade"),
         what="a mapping with listeners, routes and pools",
     )
     if top is None:
@@ -161,6 +161,8 @@ def _config(r: Reader, root: Node | None) -> Config | None:
         bind_node = next(v for k, v in top["admin"].node.value if isinstance(k, ScalarNode) and k.value == "bind")
         check_overlaps(r, [*r.bound, (admin.bind, At(bind_node, "admin.bind"))], start=len(r.bound), identical=True)
     log = ops.log(r, top.get("log"))
+    workers = ops.workers(r, top.get("workers"))
+    upgrade = ops.upgrade(r, top.get("upgrade"))
     if r.errors:
         return None
     return Config(
@@ -171,7 +173,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
         timeouts=timeouts,
         limits=limits,
         admin=admin,
-        **given(trusted_proxies=trusted, shutdown=shutdown, log=log),
+        **given(trusted_proxies=trusted, shutdown=shutdown, log=log, workers=workers, upgrade=upgrade),
     )
 
 

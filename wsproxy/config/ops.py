@@ -1,4 +1,4 @@
-"""The operations keys: route keepalive, shutdown, the admin listener, logging.
+"""The operations keys: route keepalive, shutdown, the admin listener, logging, workers and upgrades.
 
 The admin token is read from its file here, at load time, like every other
 file a config names. A TCP admin listener off loopback needs the token, or an
@@ -9,13 +9,16 @@ the port could drain the backends.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Collection
 from dataclasses import replace
 
 from wsproxy.config.durations import quote
 from wsproxy.config.reader import At, Reader, given
-from wsproxy.config.schema import AdminConfig, KeepaliveConfig, LogConfig, ShutdownConfig
+from wsproxy.config.schema import AdminConfig, KeepaliveConfig, LogConfig, ShutdownConfig, UpgradeConfig
 
+#: The most worker processes ``workers`` accepts.
+MAX_WORKERS = 256
 #: The smallest admin token accepted.
 MIN_TOKEN_BYTES = 16
 
@@ -110,3 +113,19 @@ def log(r: Reader, at: At | None) -> LogConfig | None:
             level=r.choice(fields.get("level"), ("debug", "info", "warning", "error"), "log level"),
         )
     )
+
+
+def workers(r: Reader, at: At | None) -> int | None:
+    """``workers: N`` (1..MAX_WORKERS) or ``auto``: the CPUs this process may use (``sched_getaffinity``)."""
+    if at is None:
+        return None
+    if r.text(at, f'an integer in 1..{MAX_WORKERS} or "auto"') == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return r.integer(at, 1, MAX_WORKERS)
+
+
+def upgrade(r: Reader, at: At | None) -> UpgradeConfig | None:
+    fields = r.fields(at, optional=("timeout",), what="an upgrade mapping (timeout)", null_is_empty=True)
+    if fields is None:
+        return None
+    return UpgradeConfig(**given(timeout_s=r.duration(fields.get("timeout"))))

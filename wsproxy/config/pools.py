@@ -343,17 +343,7 @@ def _rebalance(r: Reader, at: At | None) -> RebalanceConfig | None:
     )
     if fields is None:
         return None
-    skew_at = fields.get("max_skew")
-    skew = None
-    if skew_at is not None:
-        text = r.text(skew_at, "a number above 1, like 1.25")
-        try:
-            skew = float(text) if text is not None else None
-        except ValueError:
-            skew = None
-        if text is not None and (skew is None or not 1 < skew <= 100):
-            r.error(skew_at, f"expected a number above 1 (and at most 100), like 1.25, got {quote(text)}")
-            skew = None
+    skew = r.number(fields.get("max_skew"), 1, 100, "a number above 1 (and at most 100), like 1.25")
     rate_at = fields.get("rate")
     rate = None
     rate_text = r.text(rate_at, 'a share of sessions per time, like "1%/min"')

@@ -34,6 +34,7 @@ _K = TypeVar("_K")
 
 _NULL = "tag:yaml.org,2002:null"
 _INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 _STR = "tag:yaml.org,2002:str"
 _BOOL = "tag:yaml.org,2002:bool"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -243,6 +244,20 @@ class Reader:
             if low <= number <= high:
                 return number
         self.error(at, f"expected an integer in {low}..{high}, got {describe(at.node)}")
+        return None
+
+    def number(self, at: At | None, low: float, high: float, expected: str) -> float | None:
+        """A YAML number (integer or decimal) with ``low < number <= high``; ``"1.5"`` and ``true`` are not numbers."""
+        if at is None:
+            return None
+        if isinstance(at.node, ScalarNode) and at.node.tag in (_INT, _FLOAT):
+            try:
+                number = float(at.node.value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and low < number <= high:
+                return number
+        self.error(at, f"expected {expected}, got {describe(at.node)}")
         return None
 
     def size(self, at: At | None, minimum: int) -> int | None:

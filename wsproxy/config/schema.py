@@ -300,6 +300,11 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeConfig:
+    timeout_s: float = 3600.0  # an upgrade's old workers keep their sessions this long, then close them with 1001
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     bind: Address | None = None  # "127.0.0.1:9090"...
     unix_path: str | None = None  # ...or "unix:/run/wsproxy/admin.sock"
@@ -329,3 +334,7 @@ class Config:
     shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig | None = None  # the admin listener (metrics, status, drain); None = off
     log: LogConfig = LogConfig()
+    #: worker processes: 1 = one process (no supervisor); N > 1 = a supervisor and N workers
+    #: (``auto`` in the YAML: the CPUs this process may use, resolved when loaded)
+    workers: int = 1
+    upgrade: UpgradeConfig = UpgradeConfig()

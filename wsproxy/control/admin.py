@@ -42,7 +42,7 @@ import trio
 from ..config.ops import is_loopback_host
 from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.listener import BACKLOG, accept_loop, open_listener
-from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, serve_connection
+from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, Upgrader, serve_connection
 from .admin_policy import AdminSite
 from ..log import log_event
 
@@ -107,6 +107,7 @@ class AdminServer:
         self.config: AdminConfig | None = None
         self.token: bytes | None = None
         self.reloader: Reloader | None = None  # POST /reload; set by ``wsproxy run``
+        self.upgrader: Upgrader | None = None  # POST /upgrade; set by the supervisor (workers > 1)
         self.reload_timeout_s = 30.0  # timeouts.reload of the running config (``wsproxy run`` keeps it current)
         self._listening: _Listening | None = None
         self._nursery: trio.Nursery | None = None

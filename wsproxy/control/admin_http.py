@@ -152,6 +152,10 @@ class AdminApp(Protocol):
 Reloader = Callable[[], Awaitable["list[str] | None"]]
 
 
+#: ``POST /upgrade`` (``workers`` > 1): (True, the new supervisor's pid) once it serves, or (False, why not).
+Upgrader = Callable[[], Awaitable["tuple[bool, str]"]]
+
+
 class AdminState(Protocol):
     """What a connection reads per request (``control.admin.AdminServer``): a reload swaps both."""
 
@@ -224,6 +228,9 @@ async def _one_request(
         # A reload may take up to timeouts.reload: the request's own deadline grows to match.
         scope.deadline = max(scope.deadline, trio.current_time() + server.reload_timeout_s + REQUEST_TIMEOUT_S)
         answer = await _reload(server, peer)
+    elif answer is _UPGRADE:  # workers > 1: waits until the new generation serves (up to a minute)
+        scope.deadline = max(scope.deadline, trio.current_time() + 60 + REQUEST_TIMEOUT_S)
+        answer = await _upgrade(server, peer)
     await _send(channel, conn, request, answer)
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -299,6 +306,7 @@ async def _send(
 _RELOAD: _Answer = (0, [], b"")
 #: What ``_answer`` returns for ``GET``/``HEAD /metrics``: encoded off the loop, then answered.
 _METRICS: _Answer = (0, [], b"")
+_UPGRADE: _Answer = (0, [], b"")
 
 #: Paths answered without the token unless ``admin.health_needs_token``.
 HEALTH_PATHS = (["healthz"], ["ready"])
@@ -343,6 +351,12 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
             if server.reloader is None:
                 return _text(404, "not found")
             return _RELOAD
+        if segments == ["upgrade"]:
+            if method != "POST":
+                return _not_allowed("POST")
+            if getattr(server, "upgrader", None) is None:
+                return _text(404, "not found")
+            return _UPGRADE
         if segments in (["metrics"], ["status"]):
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET, HEAD")
@@ -392,6 +406,29 @@ async def _reload(server: AdminState, peer: str) -> _Answer:
     if errors:
         return _json(409, {"applied": False, "errors": errors})
     return _json(200, {"applied": True, "generation": server.app.status()["generation"]})
+
+
+async def _upgrade(server: AdminState, peer: str) -> _Answer:
+    """``POST /upgrade`` (a supervisor only): 200 ``{"upgraded": true, "pid"}`` once the new generation serves, else 409."""
+    upgrader: Upgrader | None = getattr(server, "upgrader", None)
+    assert upgrader is not None
+    log_event(log, logging.INFO, "admin", action='upgrade', peer=peer)
+    try:
+        ok, detail = await upgrader()
+    except Exception:
+        log_event(
+            log,
+            logging.ERROR,
+            "error",
+            exc_info=True,
+            listener='admin',
+            method='POST',
+            path='/upgrade',
+        )
+        return _text(500, "internal error")
+    if ok:
+        return _json(200, {"upgraded": True, "pid": int(detail)})
+    return _json(409, {"upgraded": False, "errors": [detail]})
 
 
 def _log_refusal(request: h11.Request, refusal: Refusal, peer: str) -> None:
@@ -451,6 +488,10 @@ def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
     return files
 
 
+#: The answer of the sessions routes where there are no sessions to list (a supervisor).
+NO_SESSIONS_API = "workers > 1: the sessions API is per worker and not aggregated by the supervisor yet"
+
+
 def _sessions(app: AdminApp, target: bytes) -> _Answer:
     """``GET /sessions``: one page of the established sessions."""
     _, _, query_bytes = target.partition(b"?")
@@ -461,12 +502,16 @@ def _sessions(app: AdminApp, target: bytes) -> _Answer:
     query = parse_query(query_text)
     if isinstance(query, str):
         return _json(400, {"error": query})
+    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
+        return _json(501, {"error": NO_SESSIONS_API})
     page, cursor = select(app.session_control.records(), query)
     return _json(200, {"sessions": [r.as_json() for r in page], "next": cursor})
 
 
 def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) -> _Answer:
     """``POST /sessions/ID/close`` or ``POST /identities/IDENTITY/close``."""
+    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
+        return _json(501, {"error": NO_SESSIONS_API})
     control = app.session_control
     if kind == "sessions":
         closed = control.close_session(name, order, by=peer)

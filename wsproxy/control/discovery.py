@@ -67,7 +67,8 @@ from ..balance.discovery import (
     with_discovered,
 )
 from ..config.schema import Address, BackendConfig, DiscoveryConfig, PoolConfig, PoolName, hostport
-from wsproxy.log import log_event
+from ..errors import WsproxyError
+from ..log import log_event
 
 log = logging.getLogger("wsproxy.control.discovery")
 
@@ -81,7 +82,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 FIRST_LOOKUP_WAIT_S = LOOKUP_TIMEOUT_S + 1.0
 
 
-class LookupFailed(Exception):
+class LookupFailed(WsproxyError):
     """A lookup that gave no answer; ``reason`` is short and says what was seen."""
 
     def __init__(self, reason: str) -> None:

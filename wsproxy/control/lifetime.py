@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config.schema import Config, PoolName, RouteConfig
+from ..log import log_event
 from ..proto.frames import CLOSE_GOING_AWAY
 from ..proto.handshake import Rejection
 from ..proto.lifetime import (
@@ -48,7 +49,6 @@ from ..proto.lifetime import (
 )
 from ..proto.relay import Outcome
 from .drain import close_spread
-from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..edge.gate import Admitted

@@ -692,6 +692,13 @@ class MetricsRegistry(CollectorRegistry):
         ]
         self.wsproxy_collector = WsproxyCollector(source)
         self.register(self.wsproxy_collector)
+        #: small collectors of other parts that read the loop's state (DNS discovery): collected on the loop
+        self.loop_collectors: list[Collector] = []
+
+    def register_loop_collector(self, collector: Collector) -> None:
+        """Register ``collector``, whose families ``render_off_loop`` takes on the loop (they read its state)."""
+        self.register(collector)
+        self.loop_collectors.append(collector)
 
 
 def collector_registry(source: MetricsSource) -> MetricsRegistry:
@@ -710,15 +717,19 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[str, bytes]
 class _Snapshot:
     """What the encoder reads in the worker thread: the process collectors, then the families of a ``_State``."""
 
-    def __init__(self, process_collectors: Sequence[Collector], collector: WsproxyCollector, state: _State) -> None:
+    def __init__(
+        self, process_collectors: Sequence[Collector], collector: WsproxyCollector, state: _State, taken: Sequence[Metric]
+    ) -> None:
         self.process_collectors = process_collectors
         self.collector = collector
         self.state = state
+        self.taken = taken  # families of the loop collectors, built on the loop
 
     def collect(self) -> Iterator[Metric]:
         for process_collector in self.process_collectors:
             yield from process_collector.collect()
         yield from self.collector.families(self.state)
+        yield from self.taken
 
 
 async def render_off_loop(registry: MetricsRegistry, accept: str | None) -> tuple[str, bytes]:
@@ -736,7 +747,8 @@ async def render_off_loop(registry: MetricsRegistry, accept: str | None) -> tupl
     """
     collector = registry.wsproxy_collector
     state = collector.snapshot()
+    taken = [family for loop_collector in registry.loop_collectors for family in loop_collector.collect()]
     encoder, content_type = choose_encoder(accept or "")
-    snapshot = _Snapshot(registry.process_collectors, collector, state)
+    snapshot = _Snapshot(registry.process_collectors, collector, state, taken)
     body = await trio.to_thread.run_sync(encoder, snapshot)  # type: ignore[arg-type]  # a registry in all but name
     return content_type, body

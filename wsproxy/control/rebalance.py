@@ -34,11 +34,11 @@ import trio
 
 from ..balance.rebalance import Budget, Candidate, choose
 from ..config.schema import Address, Config, PoolConfig, PoolName
+from ..log import log_event
 from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
 from .drain import close_spread
 from .registry import Health, Registry
-from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..edge.session import Session

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 
 from ..balance.sticky import sticky_key
 from ..log import field as logged
+from ..log import log_event
 from ..proto.frames import CLOSE_GOING_AWAY
 from ..proto.handshake import Rejection, Upgrade
 from ..proto.identity_caps import CLOSE_OLDEST_CODE, CLOSE_OLDEST_REASON, Evict, IdentityKey, IdentityTable
 from ..proto.relay import By, Outcome
 from .metrics import route_label
 from .sessions import CloseOrder, SessionRecord
-from wsproxy.log import log_event
 
 if TYPE_CHECKING:
     from ..config.schema import LimitsConfig, PoolConfig
@@ -131,7 +131,7 @@ class SessionControl:
             peer=session.peer,
             identity=logged(session.identity),
             code=order.code,
-            reason=repr(order.reason),
+            reason=order.reason,
             admin_peer=by,
         )  # fmt: skip
         relay.finish(order.code, CLOSE_GOING_AWAY, order.reason, Outcome.ADMIN)

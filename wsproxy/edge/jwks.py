@@ -43,9 +43,9 @@ import trio
 
 from ..config.schema import Config
 from ..errors import WsproxyError
+from ..log import log_event
 from ..proto.auth import Credential
 from ..proto.jwt import JwksSource
-from wsproxy.log import log_event
 
 log = logging.getLogger("wsproxy.edge.jwks")
 

@@ -4,6 +4,15 @@
 resolves to); ``accept_loop`` accepts in batches and starts one handler task
 per connection in the nursery it is given.
 
+With ``workers: N`` the supervisor opens N sockets per address with
+``SO_REUSEPORT`` (``open_listener(spec, reuse_port=True)``), one per worker,
+and keeps them open itself, so a worker that exits or is replaced loses no
+connection waiting in its accept queue: nothing is closed, so nothing needs
+draining. Only a socket closed for good (fewer workers after an upgrade)
+loses its queue, unless ``net.ipv4.tcp_migrate_req = 1`` (Linux 5.13+), with
+which the kernel moves it to another socket of the group (``migrate_req``
+reads the setting; the supervisor logs a hint when it is off).
+
 Out of file descriptors (``EMFILE``/``ENFILE``), a plain ``accept`` fails and
 the connection stays in the backlog, unanswered, until the client gives up.
 The accept loop sheds load instead, with the spare-descriptor technique: it
@@ -46,10 +55,19 @@ OVERLOAD_BACKOFF_S = 0.05
 _overloaded = RateLimitedWarning(log)
 
 
-def open_listener(spec: ListenerConfig) -> list[socket.socket]:
-    """Bind and listen on every address ``spec.bind`` resolves to."""
+#: The sysctl that makes closing one SO_REUSEPORT listener hand its queue to another.
+MIGRATE_REQ_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def open_listener(spec: ListenerConfig, *, reuse_port: bool = False, port: int | None = None) -> list[socket.socket]:
+    """Bind and listen on every address ``spec.bind`` resolves to.
+
+    ``reuse_port``: set ``SO_REUSEPORT`` (one socket per worker on the same
+    address); ``port`` overrides the configured port (the port 0 of a listener
+    resolved by its first socket, for the others of the group).
+    """
     infos = socket.getaddrinfo(
-        spec.bind.host, spec.bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        spec.bind.host, spec.bind.port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     sockets: list[socket.socket] = []
     try:
@@ -57,6 +75,8 @@ def open_listener(spec: ListenerConfig) -> list[socket.socket]:
             sock = socket.socket(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -67,6 +87,15 @@ def open_listener(spec: ListenerConfig) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def migrate_req() -> bool | None:
+    """``net.ipv4.tcp_migrate_req``: True on, False off, None where the kernel has no such setting."""
+    try:
+        with open(MIGRATE_REQ_SYSCTL, encoding="ascii") as file:
+            return file.read().strip() == "1"
+    except OSError:
+        return None
 
 
 def _open_spare() -> int | None:

@@ -1,0 +1,66 @@
+#!/bin/sh
+# wsproxy with `workers: 2` (unpinned, like haproxy2 and nginxauto) and with `workers: 1`
+# (pinned to CPU 0, like haproxy1), through the reference rig's `custom` target.
+#
+#   bench/workers.sh                              # the lead's run, in a quiet window (≈ 25 min)
+#   DURATION=2 WARMUP=1 REPS=1 WORKLOADS="pp50" bench/workers.sh   # a smoke run (≈ 1 min)
+#
+# RIG is a built copy of ../shared/bench (default /work/benchrig/bench); it is copied to a
+# scratch folder first (the rig writes results/ beside itself). The rig benchmarks one
+# `custom` proxy per invocation, so there are two invocations back to back, each with its own
+# `direct` baseline: compare ratios to direct, across the two files. The first also runs
+# haproxy2 and nginxauto (both use the two cores), so wsproxy-w2 and they share a baseline.
+# Knobs of run.sh (DURATION WARMUP REPS HOLD_N HOLD_SECS WORKLOADS) pass through.
+# Tables: $OUT_DIR/workers2.md and $OUT_DIR/workers1.md (printed at the end).
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RIG=${RIG:-/work/benchrig/bench}
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+ECHO_PORT=${ECHO_PORT:-29000}
+PORT=${WSPROXY_PORT:-30080}
+scratch=$(mktemp -d)
+cp -r "$RIG" "$scratch"/
+OUT_DIR=${OUT_DIR:-$scratch}
+cd "$scratch"/bench
+ulimit -n "$(ulimit -Hn)"
+
+start_wsproxy() {  # $1 = workers, $2 = CPUs
+    cat > "$scratch/wsproxy-$1.yaml" <<YAML
+listeners: [{name: bench, bind: "127.0.0.1:$PORT"}]
+routes: [{host: "*", path: "/", pool: echo}]
+pools: {echo: {balance: round_robin, backends: [{address: "127.0.0.1:$ECHO_PORT"}]}}
+timeouts: {idle: 1h}
+limits: {max_message_bytes: 0, max_connections: 40000}
+workers: $1
+YAML
+    PYTHONPATH=$ROOT taskset -c "$2" "$PY" -m wsproxy run -c "$scratch/wsproxy-$1.yaml" \
+        >"$scratch/wsproxy-$1.log" 2>&1 &
+    pid=$!
+    i=0
+    until [ "$(grep -c 'event=listening listener=bench' "$scratch/wsproxy-$1.log")" -ge "$1" ]; do
+        i=$((i + 1)); [ $i -lt 300 ] || { cat "$scratch/wsproxy-$1.log"; exit 1; }
+        sleep 0.1
+    done
+    sleep 0.5  # every worker accepting (its line comes just before)
+    echo "$pid"
+}
+
+stop_wsproxy() {  # not our child (started in a subshell): poll until it is gone
+    kill -TERM "$1"
+    i=0
+    while kill -0 "$1" 2>/dev/null && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+}
+
+pid=$(start_wsproxy 2 0,1)
+CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w2 OUT="$OUT_DIR/workers2.md" ECHO_PORT=$ECHO_PORT \
+    ./run.sh custom haproxy2 nginxauto || true
+stop_wsproxy "$pid"
+
+pid=$(start_wsproxy 1 0)
+CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w1 OUT="$OUT_DIR/workers1.md" ECHO_PORT=$ECHO_PORT \
+    ./run.sh custom || true
+stop_wsproxy "$pid"
+
+cat "$OUT_DIR/workers2.md" "$OUT_DIR/workers1.md"
+echo "tables: $OUT_DIR/workers2.md $OUT_DIR/workers1.md; wsproxy logs: $scratch/wsproxy-*.log"

@@ -1,0 +1,20 @@
+"""``workers: N``: a supervisor process and N worker processes that share nothing.
+
+::
+
+    supervisor (supervisor.main, trio)      config, signals, systemd notify, the admin listener,
+    │                                       the health checks, N SO_REUSEPORT sockets per listener
+    ├── worker 0 (supervisor.worker, trio)  an ``App`` on socket 0 of each listener, no admin, no checks
+    ├── worker 1                            ...
+    └── ...
+
+Each worker talks to the supervisor over one Unix socketpair: JSON lines, with
+listening sockets passed as ``SCM_RIGHTS`` (``supervisor.ipc``). What is
+decided (the worker table, restart backoff, the two-phase reload, how limits
+are split, how the workers' status and metrics add up) is sans-I/O:
+``messages``, ``table``, ``merge``. The trio layers are ``main`` (the
+supervisor) and ``worker``.
+
+``workers: 1`` does not come here at all: ``wsproxy run`` is then the one
+process it always was (``wsproxy.run``).
+"""

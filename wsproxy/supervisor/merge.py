@@ -1,0 +1,164 @@
+"""The whole proxy's ``/status`` and ``/metrics`` from what each worker reported. No I/O here.
+
+Each worker sends its own status document and metrics text once a second
+(``supervisor.worker``); the supervisor answers the admin API from the last
+reports, so what it shows is at most about a second old.
+
+Status: counts of sessions, connections, refusals, bytes and messages are
+sums; per backend, ``active``, ``total`` and the traffic are sums, while
+health, round trip and last check come from the supervisor's own checks;
+``draining`` and ``ejected`` are true when they are in any worker. Reloads
+and the generation are the supervisor's. ``workers`` lists each worker.
+
+Metrics: series are summed across workers (``_created`` timestamps: the
+earliest), except
+
+- ``PER_WORKER`` families (the process's own resources, the event loop, the
+  open sessions): one series per worker, with a ``worker`` label (the slot);
+- ``SAME_IN_EVERY_WORKER`` families (config, health verdicts, certificates):
+  the largest value, not a sum (they describe the one proxy);
+- reload counters: the supervisor's (``supervisor_families``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+#: Families whose value is one worker's own: labelled with ``worker``.
+PER_WORKER = (
+    "process_", "python_gc_", "python_info", "wsproxy_event_loop_lag_seconds", "wsproxy_event_loop_delay_seconds",
+    "wsproxy_sessions_active", "wsproxy_draining_sessions",
+)
+#: Families every worker reports alike (or where any worker's is the proxy's): the largest value.
+SAME_IN_EVERY_WORKER = (
+    "wsproxy_build_info", "wsproxy_backend_health", "wsproxy_backend_check_rtt_seconds", "wsproxy_backend_draining",
+    "wsproxy_backend_ejected", "wsproxy_certificate_expiry_timestamp_seconds", "wsproxy_config_generation",
+    "wsproxy_last_reload_success_timestamp_seconds",
+)
+#: Families the supervisor answers itself (a refused reload never reaches the workers).
+SUPERVISOR_OWN = ("wsproxy_reloads", "wsproxy_reload_failures")
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class _Family:
+    name: str
+    kind: str
+    documentation: str
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+
+
+def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or (p.endswith("_") and name.startswith(p)) for p in prefixes)
+
+
+def merge_metrics(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = ()) -> str:
+    """The text exposition of every worker's metrics together.
+
+    ``reports``: (worker slot, its metrics text); ``own``: the supervisor's
+    series as (family, type, help, value), replacing the workers' families of
+    that name.
+    """
+    families: dict[str, _Family] = {}
+    own = list(own)
+    replaced = {name for name, _kind, _doc, _value in own}
+    for slot, text in reports:
+        for parsed in text_string_to_metric_families(text):
+            if parsed.name in replaced or _starts(parsed.name, SUPERVISOR_OWN):
+                continue
+            merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
+            per_worker = _starts(parsed.name, PER_WORKER)
+            largest = _starts(parsed.name, SAME_IN_EVERY_WORKER)
+            for sample in parsed.samples:
+                labels = dict(sample.labels)
+                if per_worker:
+                    labels["worker"] = str(slot)
+                key = (sample.name, tuple(sorted(labels.items())))
+                value = float(sample.value)
+                if key not in merged.samples:
+                    merged.samples[key] = value
+                elif sample.name.endswith("_created"):
+                    merged.samples[key] = min(merged.samples[key], value)
+                elif largest:
+                    merged.samples[key] = max(merged.samples[key], value)
+                else:
+                    merged.samples[key] += value
+    for name, kind, documentation, value in own:
+        sample_name = name + "_total" if kind == "counter" else name
+        families[name] = _Family(name, kind, documentation, {(sample_name, ()): value})
+    lines: list[str] = []
+    for family in families.values():
+        kind = "gauge" if family.kind in ("info", "stateset") else family.kind
+        lines.append(f"# HELP {family.name} {_escape_help(family.documentation)}")
+        lines.append(f"# TYPE {family.name} {kind if kind in ('counter', 'gauge', 'histogram', 'summary') else 'untyped'}")
+        for (sample_name, label_pairs), value in family.samples.items():
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in label_pairs)
+            lines.append(f"{sample_name}{{{text}}} {_number(value)}" if text else f"{sample_name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(value)
+
+
+_SUMMED = (
+    "sessions", "draining_sessions", "connections", "sessions_closed", "refused",
+    "bytes_up", "bytes_down", "messages_up", "messages_down",
+)
+_BACKEND_SUMMED = ("active", "total", "bytes_up", "bytes_down", "messages_up", "messages_down")
+_BACKEND_ANY = ("draining", "ejected")
+
+
+def merge_status(base: dict[str, Any], reports: list[dict[str, Any]], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """``/status`` of the whole proxy.
+
+    ``base``: the supervisor's own document (generation, reloads, the config's
+    listeners, routes and pools with the health of its checks, every count 0);
+    ``reports``: each worker's last status; ``workers``: the ``workers`` list.
+    """
+    status = dict(base)
+    for key in _SUMMED:
+        status[key] = sum(int(r.get(key, 0) or 0) for r in reports)
+    by_reason: dict[str, int] = {}
+    for report in reports:
+        for reason, count in (report.get("refused_by_reason") or {}).items():
+            by_reason[reason] = by_reason.get(reason, 0) + int(count)
+    status["refused_by_reason"] = by_reason
+    pools: dict[str, Any] = {}
+    for name, pool in (base.get("pools") or {}).items():
+        backends = []
+        for backend in pool["backends"]:
+            merged = dict(backend)
+            seen = [
+                b for r in reports for b in ((r.get("pools") or {}).get(name) or {}).get("backends", [])
+                if b.get("address") == backend["address"]
+            ]
+            for key in _BACKEND_SUMMED:
+                merged[key] = sum(int(b.get(key, 0) or 0) for b in seen)
+            for key in _BACKEND_ANY:
+                merged[key] = bool(backend.get(key)) or any(bool(b.get(key)) for b in seen)
+            if seen:
+                merged["available"] = any(bool(b.get("available")) for b in seen)
+            backends.append(merged)
+        pools[name] = {**pool, "backends": backends}
+    status["pools"] = pools
+    status["workers"] = workers
+    return status

@@ -1,0 +1,76 @@
+"""The messages between the supervisor and a worker: plain data, one JSON object per line. No I/O here.
+
+Every message is a JSON object with a ``"t"`` (its type). Listening sockets
+travel beside a message as ``SCM_RIGHTS`` (``supervisor.ipc``); the message
+says how many belong to which listener (``"listeners": {"NAME": count}``), in
+the order they were sent.
+
+Supervisor → worker:
+
+====================  ====================================================================
+``start``             serve: ``slot``, ``listeners`` (+ fds), ``workers``, ``fingerprint``
+``prepare``           load the config file again (``round``, ``fingerprint``, new ``listeners`` + fds)
+``commit``            apply what ``round`` prepared
+``abandon``           drop what ``round`` prepared
+``health``            the verdicts of the supervisor's checks: ``backends``, ``changes``
+``drain``             ``pool``, ``backend``, ``undo``
+``adopt``/``release`` accept on another slot's sockets (its worker is down) / stop
+``retire``            stop accepting; keep sessions up to ``timeout_s``, then shut down
+``shutdown``          SIGTERM's graceful shutdown (``now``: close everything at once)
+====================  ====================================================================
+
+Worker → supervisor: ``hello`` (``pid``, ``fingerprint``, or ``errors``),
+``ready``, ``prepared`` / ``committed`` (``round``, ``ok``, ``errors``),
+``report`` (``status``, ``metrics``: once a second).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import WsproxyError
+
+#: A message as it travels: a JSON object whose "t" is its type.
+Message = dict[str, Any]
+
+#: The longest line accepted (a status report of a large config fits many times over).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+class ProtocolError(WsproxyError):
+    """The peer sent something that is not a message (a bug, or not a wsproxy process)."""
+
+
+def encode(message: Message) -> bytes:
+    """One line: the JSON of ``message`` and a newline (JSON escapes every newline inside)."""
+    if not isinstance(message.get("t"), str):
+        raise ValueError(f"a message needs a type: {message!r}")
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class LineDecoder:
+    """Bytes in, messages out: ``feed`` returns every complete message so far."""
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_line_bytes
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buffer += data
+        messages: list[Message] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self._max:
+                    raise ProtocolError(f"message over {self._max} bytes")
+                return messages
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            try:
+                message = json.loads(line)
+            except ValueError as exc:
+                raise ProtocolError(f"not JSON: {exc}") from None
+            if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+                raise ProtocolError(f"not a message: {line[:80]!r}")
+            messages.append(message)

@@ -1,0 +1,343 @@
+"""A worker process (``wsproxy worker``, started by the supervisor): one ``App`` under the supervisor's orders (trio shell).
+
+::
+
+    worker.main
+    ├── App.serve          the proxy, on the listening sockets the supervisor passed (no admin, no health checks)
+    ├── _commands          the supervisor's messages: reload rounds, health verdicts, drains, adopt, retire, shutdown
+    └── _report            status and metrics to the supervisor, once a second
+
+The worker loads the config file itself (a config holds TLS contexts, which do
+not travel) and says what it loaded (``hello`` with the config's fingerprint);
+the supervisor starts it only if that is the config the others run. It opens
+no listening socket and answers no admin request: the supervisor does both.
+
+Signals: SIGTERM is a graceful shutdown (as for ``wsproxy run``; systemd's
+``KillMode=control-group`` sends it to every process); SIGINT is ignored (a
+Ctrl-C in a terminal reaches the whole process group; the supervisor decides).
+If the supervisor goes away (its end of the channel closes), the worker shuts
+down gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import trio
+
+from ..app import App, ListenerSlot
+from ..control.reload import ReloadError
+from ..config.schema import Config, PoolName
+from ..control.registry import Health
+from . import health
+from ..log import log_event
+from .ipc import Channel, ChannelClosed
+from .messages import Message
+from .table import fingerprint, split_limits
+
+log = logging.getLogger("wsproxy.worker")
+
+#: Seconds between two reports (status and metrics) to the supervisor.
+REPORT_INTERVAL_S = 1.0
+
+
+def group(sockets: list[socket.socket], counts: dict[str, int]) -> dict[str, list[socket.socket]]:
+    """The sockets of a message, by listener name, in the order ``counts`` lists them."""
+    grouped: dict[str, list[socket.socket]] = {}
+    at = 0
+    for name, count in counts.items():
+        grouped[name] = sockets[at : at + count]
+        at += count
+    return grouped
+
+
+def run(path: str, ipc_fd: int, log_level: str | None) -> int:
+    """``wsproxy worker``: serve as the supervisor says until it says stop; the exit status."""
+    from .. import log as logsetup
+    from ..config.load import load_config
+    from ..errors import ConfigErrors
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel_sock = socket.socket(fileno=ipc_fd)
+    os.set_inheritable(ipc_fd, False)
+    try:
+        config: Config | None = load_config(path)
+        errors: list[str] = []
+    except ConfigErrors as exc:
+        config, errors = None, [str(e) for e in exc.errors]
+    if config is not None:
+        logsetup.configure(log_level or config.log.level, config.log.format)
+    trio.run(_main, path, Channel(channel_sock), config, errors, log_level is not None)
+    return 0
+
+
+async def _main(path: str, channel: Channel, config: Config | None, errors: list[str], log_overridden: bool) -> None:
+    hello: Message = {"t": "hello", "pid": os.getpid()}
+    if config is None:
+        await channel.send({**hello, "errors": errors})
+        return
+    await channel.send({**hello, "fingerprint": fingerprint(config)})
+    try:
+        start, sockets = await channel.receive()
+    except ChannelClosed:
+        log_event(log, logging.WARNING, "worker_orphaned", pid=os.getpid(), reason="the supervisor closed the channel before start")
+        return
+    if start["t"] != "start":
+        log_event(log, logging.INFO, "worker_not_started", pid=os.getpid(), message=start["t"])
+        return  # the supervisor refused this worker (it said why in its log)
+    worker = Worker(path, channel, config, start, sockets, log_overridden)
+    await worker.serve()
+
+
+class Worker:
+    def __init__(
+        self, path: str, channel: Channel, config: Config, start: Message, sockets: list[socket.socket], log_overridden: bool
+    ) -> None:
+        self.path = path
+        self.channel = channel
+        self.slot = int(start["slot"])
+        self.workers = int(start["workers"])
+        self.app = App(split_limits(config, self.workers), inherited=group(sockets, start["listeners"]))
+        self.app.health_checks = False
+        self.app.log_overridden = log_overridden
+        self.app.generation.number = int(start.get("generation", 1))
+        self.prepared: dict[int, tuple[Config, dict[str, list[socket.socket]]]] = {}
+        self.adopted: dict[int, list[ListenerSlot]] = {}
+        self.retiring = False
+        self._health = start.get("health", [])
+
+    async def serve(self) -> None:
+        from ..control import gc_tuning
+
+        app = self.app
+        health.apply(app.registry, self._health, trio.current_time())
+        gc_tuning.tune()  # as wsproxy run does: after start-up, what exists now is frozen
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            serving = trio.Event()
+
+            def ready() -> None:
+                serving.set()
+                nursery.start_soon(self.channel.send, {"t": "ready", "pid": os.getpid()})
+
+            app.on_ready = ready
+            self.serving = serving
+            nursery.start_soon(self._commands)
+            nursery.start_soon(self._report)
+            nursery.start_soon(self._signals)
+            await app.serve()
+            nursery.cancel_scope.cancel()
+        log_event(log, logging.INFO, "worker_stopped", slot=self.slot, pid=os.getpid())
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self.app.stopping:
+                    self.app.abort()
+                else:
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "signal",
+                        signal='SIGTERM',
+                        action='shutdown',
+                        slot=self.slot,
+                    )
+                    self.app.shutdown()
+
+    async def _commands(self) -> None:
+        await self.serving.wait()  # a reload before the listeners are open would open them twice
+        while True:
+            try:
+                message, sockets = await self.channel.receive()
+            except ChannelClosed:
+                if not self.app.stopping:
+                    log_event(log, logging.WARNING, "supervisor_gone", slot=self.slot, action='shutdown')
+                    self.app.shutdown()
+                return
+            try:
+                await self._handle(message, sockets)
+            except ChannelClosed:
+                continue  # seen by the next receive
+            except Exception:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "worker_error",
+                    exc_info=True,
+                    slot=self.slot,
+                    message=message.get("t"),
+                )
+
+    async def _handle(self, message: Message, sockets: list[socket.socket]) -> None:
+        kind = message["t"]
+        app = self.app
+        if kind == "health":
+            health.apply(app.registry, message["backends"], trio.current_time())
+            for pool_name, address, verdict in health.changes(message.get("changes", [])):
+                pool = app.generation.config.pools.get(PoolName(pool_name))
+                if pool is not None:
+                    app.drainer.health_changed(pool, address, verdict)
+        elif kind == "prepare":
+            await self._prepare(message, sockets)
+        elif kind == "commit":
+            await self._commit(int(message["round"]))
+        elif kind == "abandon":
+            _, opened = self.prepared.pop(int(message["round"]), (None, {}))
+            for group_ in opened.values():
+                for sock in group_:
+                    sock.close()
+        elif kind == "drain":
+            if message.get("undo"):
+                app.undrain_backend(message["pool"], message["backend"])
+            else:
+                app.drain_backend(message["pool"], message["backend"])
+        elif kind == "adopt":
+            self._adopt(int(message["slot"]), group(sockets, message["listeners"]))
+        elif kind == "release":
+            for slot in self.adopted.pop(int(message["slot"]), []):
+                slot.close()  # this process's copies; the supervisor keeps the sockets
+        elif kind == "retire":
+            self._retire(float(message["timeout_s"]))
+        elif kind == "shutdown":
+            if message.get("now"):
+                app.abort()
+            else:
+                app.shutdown()
+        else:
+            log_event(log, logging.WARNING, "worker_unknown_message", slot=self.slot, type=kind)
+            for sock in sockets:
+                sock.close()
+
+    async def _prepare(self, message: Message, sockets: list[socket.socket]) -> None:
+        from ..config.load import load_config
+        from ..errors import ConfigErrors
+
+        number = int(message["round"])
+        opened = group(sockets, message.get("listeners", {}))
+        errors: list[str] = []
+        config: Config | None = None
+        try:
+            with trio.move_on_after(self.app.generation.config.timeouts.reload_s):
+                config = await trio.to_thread.run_sync(load_config, self.path, abandon_on_cancel=True)
+            if config is None:
+                errors.append(f"{self.path}: loading did not finish within timeouts.reload; abandoned")
+        except ConfigErrors as exc:
+            errors = [str(e) for e in exc.errors]
+        except Exception as exc:  # a loader bug must not take the worker down
+            log_event(log, logging.ERROR, "reload_error", exc_info=True, path=self.path)
+            errors = [f"{self.path}: loading failed: {type(exc).__name__}"]
+        if config is not None and not errors:
+            self.prepared[number] = (config, opened)
+        else:
+            for group_ in opened.values():
+                for sock in group_:
+                    sock.close()
+        reply: Message = {"t": "prepared", "round": number, "errors": errors}
+        if config is not None:
+            reply["fingerprint"] = fingerprint(config)
+        await self.channel.send(reply)
+
+    async def _commit(self, number: int) -> None:
+        config, opened = self.prepared.pop(number, (None, {}))
+        errors: list[str] = []
+        if config is None:
+            errors.append(f"reload round {number} was not prepared here")
+        else:
+            app = self.app
+            app._inherited.update(opened)  # App.reload takes these instead of binding (edge.listener)
+            try:
+                app.reload(split_limits(config, self.workers))
+            except ReloadError as exc:
+                errors.append(str(exc))
+            for name in list(opened):  # not taken: the listener kept its address after all
+                for sock in app._inherited.pop(name, []):
+                    sock.close()
+
+        await self.channel.send(
+            {"t": "committed", "round": number, "errors": errors, "generation": self.app.generation.number}
+        )
+
+    def _adopt(self, orphan: int, sockets: dict[str, list[socket.socket]]) -> None:
+        """Accept on the sockets of slot ``orphan`` too, until ``release`` (its worker is down)."""
+        slots = []
+        for name, group_ in sockets.items():
+            own = self.app.listeners.get(name)
+            if own is None or self.retiring or self.app.stopping:
+                for sock in group_:
+                    sock.close()
+                continue
+            slot = ListenerSlot(own.spec, group_)
+            slots.append(slot)
+            self.app._start_accepting(slot)
+        self.adopted.setdefault(orphan, []).extend(slots)
+        log_event(log, logging.INFO, "worker_adopted", slot=self.slot, orphan=orphan, listeners=len(slots))
+
+    def _retire(self, timeout_s: float) -> None:
+        """An upgrade: stop accepting now; shut down once the sessions ended, or after ``timeout_s``."""
+        if self.retiring:
+            return
+        self.retiring = True
+        app = self.app
+        slots = [*app.listeners.values(), *(s for group_ in self.adopted.values() for s in group_)]
+        app.listeners = {}  # what /status lists and a shutdown closes: nothing any more
+        self.adopted.clear()
+        for slot in slots:
+            slot.close()  # this process's copies: connections waiting in the queue go to the new workers
+        log_event(
+            log,
+            logging.INFO,
+            "worker_retiring",
+            slot=self.slot,
+            pid=os.getpid(),
+            sessions=len(app.sessions),
+            timeout_s=timeout_s,
+        )
+        self.nursery.start_soon(self._retire_later, timeout_s)
+
+    async def _retire_later(self, timeout_s: float) -> None:
+        app = self.app
+        with trio.move_on_after(timeout_s):
+            while app.sessions or app.connection_count:
+                await trio.sleep(0.2)
+        app.shutdown()  # what is left gets 1001, spread over shutdown.spread
+
+    async def _report(self) -> None:
+        while True:
+            try:
+                await self.channel.send(self.report())
+            except ChannelClosed:
+                return
+            except Exception:  # a report that cannot be built must not take the sessions down
+                log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
+            await trio.sleep(REPORT_INTERVAL_S)
+
+    def report(self) -> Message:
+        app = self.app
+        _content_type, metrics = app.render_metrics()
+        status: dict[str, Any] = app.status()
+        status["worker"] = {
+            "slot": self.slot,
+            "pid": os.getpid(),
+            "retiring": self.retiring,
+            "rss_bytes": _rss_bytes(),
+            "loop_lag_s": app.metrics.loop_lag_last_s,
+            "reported_unix": time.time(),
+        }
+        return {"t": "report", "status": status, "metrics": metrics.decode("utf-8", "replace")}
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+__all__ = ["Health", "Worker", "run"]
