@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import make_config
+from tests.kit.servers import make_config
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import LimitsConfig, RateConfig
 from wsproxy.errors import ConfigErrors
