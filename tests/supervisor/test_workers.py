@@ -308,7 +308,7 @@ def test_a_killed_worker_is_restarted_with_backoff(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
             status = proxy.wait_ready()
-        assert f"event=worker_exited slot=1 pid={victim} status=signal SIGKILL restart_in_s=0.1 restarts=1" in proxy.log()
+        assert f"event=worker_exited slot=1 pid={victim} status=\"signal SIGKILL\" restart_in_s=0.1 restarts=1" in proxy.log()
         code, metrics = proxy.request("GET", "/metrics")
         assert "wsproxy_worker_restarts_total 1.0" in metrics
 
