@@ -189,3 +189,10 @@ def _object_nodes(node: Any) -> list[dict[str, Any]]:
     if isinstance(node, list):
         return [n for v in node for n in _object_nodes(v)]
     return []
+
+
+def test_a_value_with_a_word_beside_its_type_takes_both(schema: dict[str, Any]) -> None:
+    """``workers: 2`` and ``workers: auto`` are both what the loader takes; ``workers: many`` is not."""
+    validator = jsonschema.Draft202012Validator(schema)
+    for workers, ok in ((2, True), ("auto", True), ("many", False), (0, False)):
+        assert not list(validator.iter_errors({**FULL, "workers": workers})) is ok, workers

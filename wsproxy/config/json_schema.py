@@ -132,13 +132,27 @@ class _Generator:
             if method == "entries":
                 return {"type": "object", "additionalProperties": self._entries_schema(function, call)}
             if method is not None:
-                return self.scalar_schema(function.module, method, call)
+                return self._with_words(self.scalar_schema(function.module, method, call), body, aliases)
         for node in ast.walk(body):  # handed on: def f(r, at): return g(r, at)
             if isinstance(node, ast.Call) and len(node.args) >= 2 and _is_name(node.args[1], aliases):
                 inner = self._function(function.module, node.func)
                 if inner is not None and len(inner.params) >= 2:
                     return self.value_schema(inner, inner.params[1])
         return {}
+
+    def _with_words(self, schema: dict[str, Any], body: ast.FunctionDef, aliases: set[str]) -> dict[str, Any]:
+        """``if r.text(at, ...) == "auto": ...`` beside the typed read: the value may also be that word."""
+        words = [
+            node.comparators[0].value
+            for node in ast.walk(body)
+            if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.Eq)
+            and isinstance(node.left, ast.Call) and _reader_method(node.left) == "text"
+            and node.left.args and _is_name(node.left.args[0], aliases)
+            and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str)
+        ]  # fmt: skip
+        if not words or schema.get("enum") is not None:
+            return schema
+        return {"anyOf": [schema, {"enum": words}]}
 
     def scalar_schema(self, module: str, method: str, call: ast.Call) -> dict[str, Any]:
         if method in ("integer", "integers"):
