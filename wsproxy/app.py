@@ -55,7 +55,7 @@ from .control.health import HealthChecker
 from .control.lifetime import revoke_open
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render, render_off_loop
 from .control.rebalance import Rebalancer
-from .control.registry import Registry
+from .balance.registry import Registry
 from .control.session_admin import SessionControl
 from .control.reload import (
     CheckerAction,

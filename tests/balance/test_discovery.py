@@ -32,7 +32,7 @@ from wsproxy.config.schema import (
     PoolName,
     RouteConfig,
 )
-from wsproxy.control.registry import Registry
+from wsproxy.balance.registry import Registry
 
 CHAT = PoolName("chat")
 SRV_Q = DiscoveryConfig(dns="_ws._tcp.chat.example", type="SRV")

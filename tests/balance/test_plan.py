@@ -20,7 +20,7 @@ from wsproxy.config.schema import (
     StickyConfig,
     StickyCookieConfig,
 )
-from wsproxy.control.registry import Health, Registry
+from wsproxy.balance.registry import Health, Registry
 
 NOW = 1000.0
 SECRET = b"k" * 32

@@ -22,7 +22,7 @@ from wsproxy.balance.policy import (
     rendezvous_order,
 )
 from wsproxy.config.schema import Address, BackendConfig, PoolConfig, PoolName
-from wsproxy.control.registry import BackendState
+from wsproxy.balance.registry import BackendState
 
 
 def backends(*weights: int) -> tuple[BackendConfig, ...]:

@@ -29,7 +29,7 @@ from tests.kit.servers import closed_port, start_tcp_backend, start_ws_backend
 from tests.kit.wait import SLACK_S, until
 from wsproxy.config.schema import Address, BackendConfig, HealthConfig, PoolConfig, PoolName
 from wsproxy.control.health import HealthChecker, check_backend
-from wsproxy.control.registry import Health, Registry
+from wsproxy.balance.registry import Health, Registry
 
 INTERVAL_S = 0.1
 #: Scheduler and loopback slack on top of a count of intervals: the kit's one slack, but never more

@@ -29,7 +29,7 @@ from wsproxy.app import App, Generation
 from wsproxy.config.load import parse_config
 from wsproxy.config.schema import Address, Config
 from wsproxy.control.metrics import HANDSHAKE_BUCKETS_S, close_code_label
-from wsproxy.control.registry import Health
+from wsproxy.balance.registry import Health
 from wsproxy.proto.frames import encode_close
 from wsproxy.proto.relay import Outcome, close_code_of
 

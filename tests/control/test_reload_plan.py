@@ -17,7 +17,7 @@ from wsproxy.config.schema import (
     RouteConfig,
     TimeoutsConfig,
 )
-from wsproxy.control.registry import Registry
+from wsproxy.balance.registry import Registry
 from wsproxy.control.reload import (
     CheckerAction,
     addresses_in_use,

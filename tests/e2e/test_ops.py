@@ -96,7 +96,7 @@ from wsproxy.config.schema import (
     RouteConfig,
 )
 from wsproxy.control.admin import serve_admin
-from wsproxy.control.registry import Health
+from wsproxy.balance.registry import Health
 
 HEALTH_PATH = "/healthz"
 #: What the timing tests measured (seconds), printed at the end of each.

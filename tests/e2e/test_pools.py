@@ -62,7 +62,7 @@ from wsproxy.config.schema import (
     StickyConfig,
     StickyCookieConfig,
 )
-from wsproxy.control.registry import BackendState, Health
+from wsproxy.balance.registry import BackendState, Health
 
 HEALTH_PATH = "/healthz"
 SECRET = b"pools-e2e-secret-0123456789abcdef"

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..config.schema import BackendConfig, PoolConfig
-from ..control.registry import Registry, unavailable_because
+from .registry import Registry, unavailable_because
 from .discovery import best_priority
 from .policy import Candidate, Selector, least_conn_order, rendezvous_order
 from .sticky import cookie_value, pinned_backend, request_cookie, set_cookie, sticky_key

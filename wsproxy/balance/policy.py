@@ -6,7 +6,7 @@ the order in which the proxy should try them: the first is the choice, the
 rest are the failover candidates (each backend is tried at most once per
 session). Selectors keep only their own bookkeeping (round-robin scores, a tie
 rotation, a random generator); live session counts belong to
-``control.registry`` and are read, never written, here.
+``balance.registry`` and are read, never written, here.
 
 This module is not where availability, stickiness, slow start or retries are
 decided: ``balance.plan`` filters the backends, computes effective weights and
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..config.schema import BackendConfig, PoolConfig
-from ..control.registry import BackendState
+from .registry import BackendState
 
 __all__ = [
     "Candidate",

@@ -81,7 +81,7 @@ from ..edge.channel import ChannelBroken, RawChannel
 from ..log import field as logged
 from .admin_policy import AdminSite, Refusal, check_request, path_segments
 from .metrics import Metrics
-from .registry import Registry
+from ..balance.registry import Registry
 from .session_admin import SessionControl
 from .sessions import CloseOrder, parse_close_body, parse_query, select
 from ..log import log_event

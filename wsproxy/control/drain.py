@@ -33,7 +33,7 @@ import trio
 from ..config.schema import Address, DrainConfig, PoolConfig, PoolName
 from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
-from .registry import BackendState, Health, Registry
+from ..balance.registry import BackendState, Health, Registry
 from ..log import log_event
 
 if TYPE_CHECKING:

@@ -75,7 +75,7 @@ from ..edge.channel import ChannelBroken, RawChannel, connect
 from ..edge.overload import RateLimitedWarning
 from ..errors import LocalOverload
 from ..edge.tls import TlsHandshakeFailed, backend_server_name, start_client_tls
-from .registry import Health, Registry
+from ..balance.registry import Health, Registry
 from ..log import log_event
 
 log = logging.getLogger("wsproxy.control.health")

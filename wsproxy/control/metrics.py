@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
-from .registry import Health, Registry
+from ..balance.registry import Health, Registry
 from ..log import log_event
 
 if TYPE_CHECKING:

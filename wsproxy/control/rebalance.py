@@ -38,7 +38,7 @@ from ..log import log_event
 from ..proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from ..proto.relay import Outcome
 from .drain import close_spread
-from .registry import Health, Registry
+from ..balance.registry import Health, Registry
 
 if TYPE_CHECKING:
     from ..edge.session import Session

@@ -19,7 +19,7 @@ import h11
 import trio
 
 from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
-from ..control.registry import Registry
+from ..balance.registry import Registry
 from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
 from .overload import RateLimitedWarning

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config.schema import Address, Config, PoolName
-from ..control.registry import Health, Registry
+from ..balance.registry import Health, Registry
 
 
 def table(registry: Registry, config: Config, now: float) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ from ..app import ListenError
 from ..config.schema import Address, Config, ListenerConfig, PoolConfig, PoolName, hostport
 from ..control.health import HealthChecker
 from ..control.metrics import Metrics
-from ..control.registry import Health, Registry
+from ..balance.registry import Health, Registry
 from ..control.reload import CheckerAction, plan_checkers
 from ..edge.listener import migrate_req, open_listener
 from . import health

@@ -33,7 +33,7 @@ import trio
 from ..app import App, ListenerSlot
 from ..control.reload import ReloadError
 from ..config.schema import Config, PoolName
-from ..control.registry import Health
+from ..balance.registry import Health
 from . import health
 from ..log import log_event
 from .ipc import Channel, ChannelClosed

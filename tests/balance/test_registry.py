@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsproxy.config.schema import Address, BackendConfig, PassiveHealthConfig, PoolName
-from wsproxy.control.registry import (
+from wsproxy.balance.registry import (
     MAX_EJECTION_FACTOR,
     SLOW_START_FLOOR,
     BackendState,
