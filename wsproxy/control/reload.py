@@ -121,28 +121,21 @@ def plan_checkers(
 # -- the flow ---------------------------------------------------------------------
 
 
-class Reloader:
-    """The SIGHUP / ``POST /reload`` flow and its counters.
+class ReloadRecord:
+    """What reloads came to: counts, the last success, the last errors; and their log lines.
 
-    ``apply`` applies a loaded config or raises ``ReloadError``; ``timeout_s``
-    gives the running config's ``timeouts.reload``; ``stopping`` says the
-    process is shutting down (no reload then).
+    Kept by ``Reloader`` (one process) and by the supervisor of ``workers: N``
+    (which loads once and applies in every worker); ``logger`` is the one the
+    ``reload_failed`` lines go to.
     """
 
-    def __init__(self, timeout_s: Callable[[], float], stopping: Callable[[], bool]) -> None:
-        self._timeout_s = timeout_s
-        self._stopping = stopping
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self._log = logger
         self.applied = 0
         self.failed = 0
         self.last_unix: float | None = None
         self.last_error: str | None = None
         self.last_errors: list[str] = []
-        self._running = False  # a reload_from is loading or applying
-        self._again = False  # a SIGHUP came during it: load once more when it is done
-        self._loader_busy = False  # a loader thread is running (possibly abandoned, still stuck)
-        self._attempts = 0
-        self._results: dict[int, list[str] | None] = {}  # attempt → errors ([] applied, None not run)
-        self._done = trio.Event()
 
     def record_applied(self, now_unix: float) -> None:
         self.applied += 1
@@ -155,15 +148,35 @@ class Reloader:
         self.last_errors = list(errors)
         self.last_error = "; ".join(errors)
         for error in errors:
-            log_event(log, logging.ERROR, "reload_failed", error=error)
+            log_event(self._log, logging.ERROR, "reload_failed", error=error)
         log_event(
-            log,
+            self._log,
             logging.ERROR,
             "reload_failed",
             generation=generation,
             errors=len(errors),
             action='kept_old_config',
         )
+
+
+class Reloader(ReloadRecord):
+    """The SIGHUP / ``POST /reload`` flow and its counters (``ReloadRecord``).
+
+    ``apply`` applies a loaded config or raises ``ReloadError``; ``timeout_s``
+    gives the running config's ``timeouts.reload``; ``stopping`` says the
+    process is shutting down (no reload then).
+    """
+
+    def __init__(self, timeout_s: Callable[[], float], stopping: Callable[[], bool]) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+        self._stopping = stopping
+        self._running = False  # a reload_from is loading or applying
+        self._again = False  # a SIGHUP came during it: load once more when it is done
+        self._loader_busy = False  # a loader thread is running (possibly abandoned, still stuck)
+        self._attempts = 0
+        self._results: dict[int, list[str] | None] = {}  # attempt → errors ([] applied, None not run)
+        self._done = trio.Event()
 
     async def reload_from(
         self,

@@ -48,7 +48,7 @@ from ..config.schema import Address, Config, ListenerConfig, PoolConfig, PoolNam
 from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..balance.registry import Health, Registry
-from ..control.reload import CheckerAction, plan_checkers
+from ..control.reload import CheckerAction, ReloadRecord, plan_checkers
 from ..edge.listener import migrate_req, open_listener
 from . import health
 from ..log import log_event
@@ -130,10 +130,7 @@ class Supervisor:
         self.session_control = None  # GET /sessions and kick: 501 (not aggregated across workers yet)
         self.checkers: dict[PoolName, HealthChecker] = {}
         self.generation = 1
-        self.reloads = 0
-        self.reload_failures = 0
-        self.last_reload_unix: float | None = None
-        self.last_reload_error: str | None = None
+        self.reload_record = ReloadRecord(log)  # counts and last errors, logged as one process logs them
         self.stopping = False
         self.retired = False  # an upgrade handed over to a new generation
         self.ready_sent = False
@@ -582,22 +579,9 @@ class Supervisor:
             self.notifier.reloading()
             errors = await self._reload()
             if errors:
-                self.reload_failures += 1
-                self.last_reload_error = "; ".join(errors)
-                for error in errors:
-                    log_event(log, logging.ERROR, "reload_failed", error=error)
-                log_event(
-                    log,
-                    logging.ERROR,
-                    "reload_failed",
-                    generation=self.generation,
-                    errors=len(errors),
-                    action='kept_old_config',
-                )
+                self.reload_record.record_failed(errors, self.generation)
             else:
-                self.reloads += 1
-                self.last_reload_unix = time.time()
-                self.last_reload_error = None
+                self.reload_record.record_applied(time.time())
             if self.ready_sent:
                 self.notifier.ready(self.status_line())
             return errors
@@ -834,11 +818,11 @@ class Supervisor:
         base: dict[str, Any] = {
             "pid": os.getpid(),  # the supervisor's (an upgrade changes it)
             "generation": self.generation,
-            "last_reload_unix": self.last_reload_unix,
-            "last_reload_error": self.last_reload_error,
+            "last_reload_unix": self.reload_record.last_unix,
+            "last_reload_error": self.reload_record.last_error,
             "started_unix": self.metrics.started_unix,
-            "reloads": self.reloads + self.reload_failures,
-            "reload_failures": self.reload_failures,
+            "reloads": self.reload_record.applied + self.reload_record.failed,
+            "reload_failures": self.reload_record.failed,
             "listeners": [
                 {
                     "name": spec.name,
@@ -858,8 +842,8 @@ class Supervisor:
 
     def _own_series(self) -> list[tuple[str, str, str, float]]:
         return [
-            ("wsproxy_reloads", "counter", "Reloads attempted (failed ones included).", float(self.reloads + self.reload_failures)),
-            ("wsproxy_reload_failures", "counter", "Reloads refused.", float(self.reload_failures)),
+            ("wsproxy_reloads", "counter", "Reloads attempted (failed ones included).", float(self.reload_record.applied + self.reload_record.failed)),
+            ("wsproxy_reload_failures", "counter", "Reloads refused.", float(self.reload_record.failed)),
             ("wsproxy_workers", "gauge", "Worker processes serving.",
              float(sum(1 for s in self.slots if s.state is WorkerState.READY))),
             ("wsproxy_worker_restarts", "counter", "Worker processes restarted after they exited.",
