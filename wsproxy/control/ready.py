@@ -23,10 +23,27 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..config.schema import PoolName
+from ..balance.registry import Registry
+from ..config.schema import Config, PoolName
 
 if TYPE_CHECKING:
     from ..app import App
+
+
+def available_by_pool(config: Config, registry: Registry, now: float, reasons: list[str]) -> dict[str, int]:
+    """Available backends of each pool that counts for readiness (``admin.ready_pools``, else every
+    route's pool); a pool with none adds its reason to ``reasons``. Shared with the supervisor."""
+    wanted = config.admin.ready_pools if config.admin and config.admin.ready_pools is not None else None
+    names = list(wanted) if wanted is not None else list(dict.fromkeys(route.pool for route in config.routes))
+    counts: dict[str, int] = {}
+    for name in names:
+        pool = config.pools.get(PoolName(name))
+        if pool is None:
+            continue
+        counts[name] = sum(1 for b in pool.backends if registry.available(name, b, now))
+        if not counts[name]:
+            reasons.append(f"pool {name} has no available backend")
+    return counts
 
 
 def readiness(app: App) -> tuple[bool, dict[str, object]]:
@@ -39,16 +56,5 @@ def readiness(app: App) -> tuple[bool, dict[str, object]]:
         slot = app.listeners.get(spec.name)
         if slot is None or not slot.sockets:
             reasons.append(f"listener {spec.name} is not open")
-    wanted = config.admin.ready_pools if config.admin and config.admin.ready_pools is not None else None
-    names = list(wanted) if wanted is not None else list(dict.fromkeys(route.pool for route in config.routes))
-    now = trio.current_time()
-    counts: dict[str, int] = {}
-    for name in names:
-        pool = config.pools.get(PoolName(name))
-        if pool is None:
-            continue
-        available = sum(1 for b in pool.backends if app.registry.available(name, b, now))
-        counts[name] = available
-        if not available:
-            reasons.append(f"pool {name} has no available backend")
+    counts = available_by_pool(config, app.registry, trio.current_time(), reasons)
     return not reasons, {"ready": not reasons, "reasons": reasons, "pools": counts}

@@ -48,6 +48,7 @@ from ..config.schema import Address, Config, ListenerConfig, PoolConfig, PoolNam
 from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..balance.registry import Health, Registry
+from ..control.ready import available_by_pool
 from ..control.reload import CheckerAction, ReloadRecord, plan_checkers
 from ..edge.listener import migrate_req, open_listener
 from . import health
@@ -868,18 +869,7 @@ class Supervisor:
         down = [s.index for s in self.slots if s.state is not WorkerState.READY]
         if down:
             reasons.append(f"worker(s) {','.join(map(str, down))} not serving")
-        config = self.config
-        wanted = config.admin.ready_pools if config.admin and config.admin.ready_pools is not None else None
-        names = list(wanted) if wanted is not None else list(dict.fromkeys(route.pool for route in config.routes))
-        now = trio.current_time()
-        counts: dict[str, int] = {}
-        for name in names:
-            pool = config.pools.get(PoolName(name))
-            if pool is None:
-                continue
-            counts[name] = sum(1 for b in pool.backends if self.registry.available(name, b, now))
-            if not counts[name]:
-                reasons.append(f"pool {name} has no available backend")
+        counts = available_by_pool(self.config, self.registry, trio.current_time(), reasons)
         return not reasons, {"ready": not reasons, "reasons": reasons, "pools": counts}
 
     def drain_backend(self, pool: str, address: str) -> bool | None:
