@@ -166,3 +166,21 @@ def test_log_event_formats_nothing_when_the_level_is_off(caplog: pytest.LogCaptu
     assert isinstance(record.msg, Event) and record.msg.fields == {"n": 3}
     assert record.getMessage() == "event=loud n=3"
     assert record.funcName == "test_log_event_formats_nothing_when_the_level_is_off"  # the caller, not log.py
+
+
+def test_the_timestamp_is_datetimes_own_text() -> None:
+    """The cached date part plus milliseconds gives what ``datetime.isoformat`` gives, roundings included."""
+    import datetime
+    import random
+
+    from wsproxy.log import _timestamp
+
+    rng = random.Random(7)
+    moments = [rng.uniform(1.7e9, 1.9e9) for _ in range(20_000)]
+    moments += [round(m, 3) - 4e-7 for m in moments[:5000]]  # just under a millisecond or second boundary
+    moments += [1767225599.9999996, 1767225600.0, 1767225599.0005]
+    for created in moments:
+        record = logging.LogRecord("wsproxy", logging.INFO, __file__, 1, "m", None, None)
+        record.created = created
+        expected = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="milliseconds")
+        assert _timestamp(record) == expected, created

@@ -99,8 +99,25 @@ def log_event(
 
     ``exc_info=True`` adds the traceback of the exception being handled.
     """
-    if logger.isEnabledFor(level):
+    if not logger.isEnabledFor(level):
+        return
+    if type(logger) is not logging.Logger:  # an adapter (or a Logger subclass): the standard way
         logger.log(level, Event(event, fields), exc_info=bool(exc_info), stacklevel=2)
+        return
+    # Logger.log without its findCaller walk (a third of a line's cost): the caller is one frame up.
+    caller = sys._getframe(1)
+    code = caller.f_code
+    record = logger.makeRecord(
+        logger.name,
+        level,
+        code.co_filename,
+        caller.f_lineno,
+        Event(event, fields),
+        None,
+        sys.exc_info() if exc_info else None,
+        code.co_name,
+    )
+    logger.handle(record)
 
 
 def field(value: object) -> str:
@@ -122,6 +139,14 @@ def _escape(match: re.Match[str]) -> str:
 
 def logfmt_value(value: object) -> str:
     """One value as logfmt writes it: bare, or double-quoted with backslash escapes."""
+    kind = type(value)
+    if kind is str:  # the common cases first, by exact type (a bool is not an int here)
+        assert isinstance(value, str)
+        if _BARE.fullmatch(value):
+            return value
+        return '"' + _NEEDS_ESCAPE.sub(_escape, value) + '"'
+    if kind is int:
+        return repr(value)
     if value is None:
         return "null"
     if value is True or value is False:
@@ -136,7 +161,7 @@ def logfmt_value(value: object) -> str:
 
 def logfmt(pairs: Mapping[str, object]) -> str:
     """``key=value`` pairs separated by one space (keys are the code's identifiers, never quoted)."""
-    return " ".join(f"{key}={logfmt_value(value)}" for key, value in pairs.items())
+    return " ".join([f"{key}={logfmt_value(value)}" for key, value in pairs.items()])
 
 
 def json_value(value: object) -> object:
@@ -171,8 +196,21 @@ def parse_pairs(line: str) -> dict[str, str]:
     return found
 
 
+_second: list[object] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    return datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    """``2026-12-02T19:07:31.042+00:00`` (UTC, as ``datetime.isoformat``); the date part once a second."""
+    created = record.created
+    second = int(created)
+    micros = round((created - second) * 1e6)  # as datetime rounds a timestamp, then cut to milliseconds
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    millis = micros // 1000
+    if _second[0] != second:
+        moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+        _second[0], _second[1] = second, moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{millis:03d}+00:00"
 
 
 def _priority(record: logging.LogRecord) -> str:
@@ -248,3 +286,8 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Nothing wsproxy writes reads the process id or the thread (journald adds _PID itself):
+    # LogRecord skips getpid() and the thread lookup on every line.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False

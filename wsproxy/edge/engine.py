@@ -23,8 +23,13 @@ source and waits for ``EPOLLOUT``; when the backlog drains, reading resumes.
 
 The engine never waits on a socket it owns through trio, and a failure while
 serving one session (a bug included) ends that session, logged, never the
-engine. The session's own task parks on an event until its session ends and
-closes the sockets in its ``finally``; the engine unregisters them first.
+engine. The session's own task parks on an event until its session ends. The
+engine closes the session's sockets itself when it lets the session go: that
+takes them out of the epoll set with no ``epoll_ctl`` (closing the only
+descriptor of a socket removes it), and nothing is reported for them between
+the end and the session task's turn. A socket is registered with its first
+wanted events (one ``epoll_ctl`` per socket and session, plus one per change
+of back-pressure).
 
 Deadlines: the machine arms a close deadline with the first close frame; the
 engine moves it onto the cancel scope the session's own task waits in, so
@@ -81,6 +86,8 @@ _IN = select.EPOLLIN if HAVE_EPOLL else 0
 _OUT = select.EPOLLOUT if HAVE_EPOLL else 0
 _ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 0
 _GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOUT
+_UNWATCHED = -2  # EngineRelay.masks: not in the epoll set yet
+_REMOVED = -1  # EngineRelay.masks: out of the set for good (forgotten after an error, or closed)
 
 
 class EngineRelay(RelayDriver):
@@ -126,7 +133,7 @@ class EngineRelay(RelayDriver):
         self.backend = backend
         self.client_fd = client.fileno()
         self.backend_fd = backend.fileno()
-        self.masks = [0, 0]  # what each fd (client, backend) is registered for; -1 = removed
+        self.masks = [_UNWATCHED, _UNWATCHED]  # what each fd (client, backend) is registered for
         #: the TLS channel of each side (client, backend), None for plain TCP
         self.tls: tuple[TlsChannel | None, TlsChannel | None] = (client_tls, backend_tls)
         #: ciphertext waiting for each TLS side's socket (client, backend); always empty on a plain side
@@ -167,9 +174,7 @@ class Engine:
     def add(self, relay: EngineRelay, from_client: bytes, from_backend: bytes) -> None:
         self._fds[relay.client_fd] = (relay, True)
         self._fds[relay.backend_fd] = (relay, False)
-        self._epoll.register(relay.client_fd, 0)
-        self._epoll.register(relay.backend_fd, 0)
-        relay.registered = True
+        relay.registered = True  # the sockets join the epoll set in _settle, with what they wait for
         self.sessions += 1
         now = trio.current_time()
         machine = relay.machine
@@ -191,19 +196,21 @@ class Engine:
             self._fail(relay)
 
     def remove(self, relay: EngineRelay) -> None:
-        """Forget the session (idempotent); its task closes the sockets afterwards."""
+        """Let the session go (idempotent): close its sockets, wake its task.
+
+        Closing takes each socket out of the epoll set (module docstring);
+        the channels' own ``close`` afterwards finds them closed.
+        """
         if not relay.registered:
             return
         relay.registered = False
         self.sessions -= 1
-        for index, fd in enumerate((relay.client_fd, relay.backend_fd)):
-            self._fds.pop(fd, None)
-            if relay.masks[index] != -1:
-                relay.masks[index] = -1
-                try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):  # the fd, or the engine at teardown, already closed
-                    pass
+        fds = self._fds
+        fds.pop(relay.client_fd, None)
+        fds.pop(relay.backend_fd, None)
+        relay.masks[0] = relay.masks[1] = _REMOVED
+        relay.client.close()
+        relay.backend.close()
         relay.ended.set()
 
     def kick(self, relay: EngineRelay) -> None:
@@ -286,8 +293,9 @@ class Engine:
 
     def _forget_fd(self, relay: EngineRelay, is_client: bool) -> None:
         index = 0 if is_client else 1
-        if relay.masks[index] != -1:
-            relay.masks[index] = -1
+        mask = relay.masks[index]
+        relay.masks[index] = _REMOVED
+        if mask >= 0:
             self._epoll.unregister(relay.client_fd if is_client else relay.backend_fd)
 
     def _settle(self, relay: EngineRelay) -> None:
@@ -312,12 +320,18 @@ class Engine:
         want_client = (_IN if up.wants_input and not to_backend else 0) | (_OUT if to_client else 0)
         want_backend = (_IN if down.wants_input and not to_client else 0) | (_OUT if to_backend else 0)
         masks = relay.masks
-        if masks[0] != want_client and masks[0] != -1:
+        if masks[0] != want_client and masks[0] != _REMOVED:
+            if masks[0] == _UNWATCHED:
+                self._epoll.register(relay.client_fd, want_client)
+            else:
+                self._epoll.modify(relay.client_fd, want_client)
             masks[0] = want_client
-            self._epoll.modify(relay.client_fd, want_client)
-        if masks[1] != want_backend and masks[1] != -1:
+        if masks[1] != want_backend and masks[1] != _REMOVED:
+            if masks[1] == _UNWATCHED:
+                self._epoll.register(relay.backend_fd, want_backend)
+            else:
+                self._epoll.modify(relay.backend_fd, want_backend)
             masks[1] = want_backend
-            self._epoll.modify(relay.backend_fd, want_backend)
 
     def _flush(self, relay: EngineRelay, d: Direction) -> None:
         """One ``send`` of ``d``'s queued bytes to its destination; what is left stays queued.

@@ -57,6 +57,7 @@ async def _recv_exact(channel: RawChannel, n: int, *, peek: bool = False) -> byt
         try:
             data = sock.recv(n, flags)
         except BlockingIOError:
+            channel.watched = True  # trio registers the socket: its close must tell trio
             await trio.lowlevel.wait_readable(sock)
             continue
         except OSError as exc:

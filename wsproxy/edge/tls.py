@@ -231,6 +231,7 @@ async def start_client_tls(channel: RawChannel, context: ssl.SSLContext, server_
     reason; sessions and health checks report the same words.
     """
     tls = TlsChannel.wrap_client(channel.sock, context, server_name)
+    tls.watched = channel.watched
     try:
         await tls.handshake()
     except ssl.SSLCertVerificationError as exc:

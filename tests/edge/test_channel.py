@@ -1,0 +1,74 @@
+"""``edge.channel`` over real loopback sockets: connecting without a wait, and closing with or without trio."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from wsproxy.edge.channel import RawChannel, connect
+
+
+async def test_a_loopback_connect_completes_without_a_wait() -> None:
+    """The kernel finishes a loopback connect before it answers EINPROGRESS: no trio wait is taken."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    host, port = listener.getsockname()
+    try:
+        with trio.fail_after(5):
+            channel = await connect(host, port)
+        assert channel.sock.gettimeout() == 0.0  # born non-blocking
+        assert channel.watched is False
+        accepted, _ = listener.accept()
+        await channel.send(b"ping")
+        assert accepted.recv(4) == b"ping"
+        accepted.close()
+        channel.close()
+        assert channel.sock.fileno() == -1
+    finally:
+        listener.close()
+
+
+async def test_a_refused_connect_still_raises() -> None:
+    """The fallback (not connected yet, or failed) waits for writability and reads SO_ERROR."""
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    with trio.fail_after(5), pytest.raises(ConnectionRefusedError):
+        await connect("127.0.0.1", port)
+
+
+async def test_closing_a_channel_wakes_a_task_waiting_on_it() -> None:
+    """A channel a task waits on (``watched``) tells trio before closing; the waiter reads EOF."""
+    a, b = socket.socketpair()
+    channel = RawChannel(a)
+    try:
+        with trio.fail_after(5):
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    got.append(await channel.receive())
+
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert channel.watched
+                channel.close()
+            assert got == [b""]
+    finally:
+        b.close()
+
+
+async def test_a_channel_closed_by_someone_else_closes_quietly() -> None:
+    """The engine closes the sockets it relayed; the session's own close afterwards is a no-op."""
+    a, b = socket.socketpair()
+    channel = RawChannel(a)
+    channel.watched = True
+    a.close()
+    channel.close()  # no notify_closing on fd -1, no error
+    assert channel.closed
+    b.close()
