@@ -72,3 +72,29 @@ async def test_a_channel_closed_by_someone_else_closes_quietly() -> None:
     channel.close()  # no notify_closing on fd -1, no error
     assert channel.closed
     b.close()
+
+
+async def test_a_connect_left_in_progress_ends_at_its_timeout() -> None:
+    """A listener whose accept queue is full drops SYNs: the connect waits, within ``timeout_s`` only."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    host, port = listener.getsockname()
+    fillers = []
+    try:
+        for _ in range(8):  # more than the queue holds; the last ones stay in progress
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect((host, port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        started = trio.current_time()
+        with trio.fail_after(5), pytest.raises(trio.TooSlowError):
+            await connect(host, port, timeout_s=0.3)
+        assert 0.25 <= trio.current_time() - started < 2.0
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

@@ -26,6 +26,7 @@ returns ``b""`` (the peer is gone, as for EOF) and ``send`` raises
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 from typing import Any
@@ -87,6 +88,19 @@ class RawChannel:
                     return b""
                 raise
 
+    def receive_ready(self, max_bytes: int = RECEIVE_BYTES) -> bytes | None:
+        """What the kernel holds for us now, without waiting: None when nothing yet, ``b""`` once the peer left."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except _GONE:
+            return b""
+        except OSError as exc:
+            if exc.errno == errno.EBADF or self.closed:
+                return b""
+            raise
+
     async def send(self, data: bytes | memoryview) -> None:
         """Send all of ``data``; raise ``ChannelBroken`` when the peer is gone."""
         sock = self.sock
@@ -145,7 +159,7 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
     return None
 
 
-async def connect(host: str, port: int) -> RawChannel:
+async def connect(host: str, port: int, *, timeout_s: float | None = None) -> RawChannel:
     """Open a TCP connection to an IP literal or a name (resolved by trio, in a thread).
 
     Raises ``OSError`` when the backend cannot be reached, and
@@ -158,13 +172,19 @@ async def connect(host: str, port: int) -> RawChannel:
     on most local networks) is taken as done without a wait: one
     ``getpeername`` instead of two ``epoll_ctl``, an ``epoll_wait``, a
     scheduler pass and a ``getsockopt``.
+
+    ``timeout_s`` bounds the whole connect (``trio.TooSlowError``); the cancel
+    scope that enforces it is only entered for a wait (a name to resolve, a
+    connect still in progress), so the usual connect enters none.
     """
+    deadline = trio.current_time() + timeout_s if timeout_s is not None else math.inf
     literal = _literal_family(host)
     targets: list[tuple[int, tuple[Any, ...]]]
     if literal is not None:
         targets = [(literal, (host, port))]
     else:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with trio.fail_at(deadline):
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         targets = [(info[0], info[4]) for info in infos]
     last: OSError | None = None
     for family, address in targets:
@@ -185,7 +205,8 @@ async def connect(host: str, port: int) -> RawChannel:
                     sock.getpeername()  # connected already: the kernel finished before it answered
                 except OSError:  # still in progress, or failed: the writable wait says which
                     waited = True
-                    await trio.lowlevel.wait_writable(sock)
+                    with trio.fail_at(deadline):
+                        await trio.lowlevel.wait_writable(sock)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
                         raise OSError(err, os.strerror(err))

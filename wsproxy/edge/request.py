@@ -55,6 +55,18 @@ async def send_final(client: RawChannel, data: bytes) -> None:
             pass
 
 
+def _head(buf: bytearray, limit: int) -> bytes | Rejection | None:
+    """The request head once ``buf`` holds all of it, a Rejection for a head that cannot be one, else None."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        return bytes(buf[: end + 4])
+    if len(buf) > limit:
+        return Rejection(431, f"request head over {limit} bytes")
+    if buf.count(b"\n") != buf.count(b"\r\n"):
+        return Rejection(400, "bare LF line ending in the request")
+    return None
+
+
 async def read_request(
     client: RawChannel, *, deadline: float, handshake_s: float, limit: int
 ) -> tuple[Upgrade, bytes] | Rejection | Silent | None:
@@ -65,25 +77,30 @@ async def read_request(
     away.
     """
     buf = bytearray()
-    head = b""
-    with trio.move_on_at(deadline) as scope:
-        while True:
-            data = await client.receive()
-            if not data:
-                return None
-            buf += data
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(buf[: end + 4])
-                break
-            if len(buf) > limit:
-                return Rejection(431, f"request head over {limit} bytes")
-            if buf.count(b"\n") != buf.count(b"\r\n"):
-                return Rejection(400, "bare LF line ending in the request")
-    if scope.cancelled_caught:
-        if buf:
-            return Rejection(408, f"request not complete within {handshake_s:g}s")
-        return Silent(f"no request within {handshake_s:g}s")
+    # The request is usually whole in the kernel by the time the connection is accepted:
+    # then it is read without a wait, and without entering the deadline's cancel scope.
+    first = client.receive_ready() if type(client) is RawChannel else None
+    if first == b"":
+        return None
+    head: bytes | Rejection | None = None
+    if first is not None:
+        buf += first
+        head = _head(buf, limit)
+    if head is None:
+        with trio.move_on_at(deadline) as scope:
+            while head is None:
+                data = await client.receive()
+                if not data:
+                    return None
+                buf += data
+                head = _head(buf, limit)
+        if scope.cancelled_caught:
+            if buf:
+                return Rejection(408, f"request not complete within {handshake_s:g}s")
+            return Silent(f"no request within {handshake_s:g}s")
+    if isinstance(head, Rejection):
+        return head
+    assert head is not None
     if len(head) > limit:
         return Rejection(431, f"request head over {limit} bytes")
     rejection = check_raw_head(head)

@@ -110,12 +110,14 @@ async def open_upstream(
         started = trio.current_time()
         try:
             try:
-                with trio.fail_after(timeouts.connect_s):
-                    channel = await connect(address.host, address.port)
-                    if backend.tls:
+                if backend.tls:
+                    with trio.fail_after(timeouts.connect_s):  # TCP and TLS within the one timeout
+                        channel = await connect(address.host, address.port)
                         channel = await start_client_tls(
                             channel, pool.tls_context, backend_server_name(pool, address)
                         )
+                else:
+                    channel = await connect(address.host, address.port, timeout_s=timeouts.connect_s)
             except LocalOverload as exc:
                 # The proxy's own sockets ran out: not this backend's failure (no passive-health
                 # record), and the next backend would fail the same way (no retry).
