@@ -36,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 MYPYC_MODULES: tuple[str, ...] = (
+    "wsproxy.proto.handshake",  # first: the others' pure copies import it (relay -> limits -> handshake)
     "wsproxy.proto.frames",
     "wsproxy.proto.relay",
 )

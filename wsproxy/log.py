@@ -113,7 +113,7 @@ def log_event(
         code.co_filename,
         caller.f_lineno,
         Event(event, fields),
-        None,
+        (),  # no %-arguments: the message is the Event
         sys.exc_info() if exc_info else None,
         code.co_name,
     )

@@ -26,7 +26,14 @@ from wsproxy import _mypyc
 from wsproxy.proto import frames
 
 #: Test modules whose tests run against both builds (those of every module listed in wsproxy/_mypyc.py).
-BOTH_BUILDS = {"tests.proto.test_frames", "tests.proto.test_utf8", "tests.proto.test_relay_machine"}
+BOTH_BUILDS = {
+    "tests.proto.test_frames",
+    "tests.proto.test_utf8",
+    "tests.proto.test_relay_machine",
+    "tests.proto.test_handshake",
+    "tests.proto.test_request_differential",
+    "tests.proto.test_response_differential",
+}
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 
 import h11
 
+from . import target as _target
+from .rejection import Rejection as Rejection  # re-exported: most callers import it from here
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 #: RFC 7230 §6.1 hop-by-hop headers, plus the ones a proxy must not pass on.
@@ -113,15 +116,6 @@ REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Refuse the request with ``status``; ``reason`` is for the log, not the client."""
-
-    status: int
-    reason: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,7 +688,3 @@ def http_error(rejection: Rejection) -> bytes:
     headers = [*rejection.headers, TEXT_PLAIN]
     return http_response(rejection.status, headers, body)
 
-
-# proto.target builds its verdicts with this module's Rejection, so it is imported
-# last: whichever of the two is imported first, each finds what it needs.
-from . import target as _target  # noqa: E402

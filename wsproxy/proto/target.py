@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import re
 
-from .handshake import Rejection
+from .rejection import Rejection
 
 __all__ = ["normalise_host", "normalise_path", "normalise_target", "without_path_parameters"]
 
