@@ -47,7 +47,6 @@ KNOWN = {
     ("wsproxy/edge/session.py", "wsproxy.control.metrics"): "the metrics object passed in through that Protocol",
     ("wsproxy/edge/session.py", "wsproxy.control"): "session lifetimes and identity caps reached through that Protocol",
     ("wsproxy/edge/session.py", "wsproxy.control.session_admin"): "the same",
-    ("wsproxy/config/pools.py", "wsproxy.balance.rebalance"): "parse_fraction_rate moves to config (a value parser)",
 }
 FORBIDDEN = {  # part → parts it must not import
     "edge": {"control", "app", "run", "cli", "__main__"},

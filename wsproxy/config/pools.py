@@ -12,7 +12,7 @@ import re
 from yaml.nodes import Node, ScalarNode
 
 from wsproxy.config import gate
-from wsproxy.config.durations import quote
+from wsproxy.config.durations import parse_fraction_rate, quote
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     BALANCE_ALGORITHMS,
@@ -335,8 +335,6 @@ def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:
 
 def _rebalance(r: Reader, at: At | None) -> RebalanceConfig | None:
     """``rebalance: {max_skew: 1.25, rate: 1%/min, sticky: false}`` (balance.rebalance)."""
-    from wsproxy.balance.rebalance import parse_fraction_rate
-
     fields = r.fields(
         at, optional=("max_skew", "rate", "sticky"), what='a rebalance mapping (max_skew, rate: "1%/min", sticky)',
         null_is_empty=True,
