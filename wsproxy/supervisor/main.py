@@ -49,7 +49,8 @@ from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..balance.registry import Health, Registry
 from ..control.ready import available_by_pool
-from ..control.reload import CheckerAction, ReloadRecord, plan_checkers
+from ..config.diff import CheckerAction, plan_checkers
+from ..control.reload import ReloadRecord
 from ..edge.listener import migrate_req, open_listener
 from . import health
 from ..log import log_event
