@@ -357,7 +357,7 @@ def _leeway(r: Reader, at: At | None) -> float | None:
 
 
 def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
-    from wsproxy.edge.forward_auth import check_header_names, parse_url
+    from wsproxy.proto.forward_auth import check_header_names, parse_url
 
     fields = r.fields(
         at,
