@@ -39,7 +39,6 @@ ALLOWED_INSIDE = {  # part → the wsproxy parts it may import
 }
 #: (file, imported module) → what removes the arrow. Shrinks only.
 KNOWN = {
-    ("wsproxy/config/gate.py", "wsproxy.edge.tls"): "SSL contexts built by the edge from validated config data",
     ("wsproxy/control/ready.py", "wsproxy.app"): "a Protocol of what readiness reads (type-only import today)",
     ("wsproxy/control/status.py", "wsproxy.app"): "a Protocol of what the snapshot reads (type-only import today)",
     ("wsproxy/edge/session.py", "wsproxy.app"): "a narrow session-host Protocol (type-only import today)",

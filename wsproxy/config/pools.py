@@ -77,13 +77,11 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         sticky = _sticky(r, fields.get("sticky"))
         health = _health(r, fields.get("health"))
         passive = _passive(r, fields.get("passive"))
-        tls, tls_context = gate.backend_tls(r, fields.get("tls"))
+        tls = gate.backend_tls(r, fields.get("tls"))
         drain = _drain(r, fields.get("drain"))
         rebalance = _rebalance(r, fields.get("rebalance"))
         if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
             backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
-        elif any(b.tls for b in backends):
-            tls_context = gate.default_backend_context(r, fields["backends"])
         if name is not None:
             pool = PoolConfig(
                 name=PoolName(name),
@@ -92,7 +90,6 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 health=health,
                 passive=passive,
                 tls=tls,
-                tls_context=tls_context,
                 discovery=discovery,
                 rebalance=rebalance,
                 **given(

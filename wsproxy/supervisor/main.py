@@ -589,14 +589,14 @@ class Supervisor:
             return errors
 
     async def _reload(self) -> list[str]:
-        from ..config.load import load_config
+        from ..edge.contexts import load_checked
         from ..errors import ConfigErrors
 
         old = self.config
         new: Config | None = None
         try:
             with trio.move_on_after(old.timeouts.reload_s):
-                new = await trio.to_thread.run_sync(load_config, self.path, abandon_on_cancel=True)
+                new = await trio.to_thread.run_sync(load_checked, self.path, abandon_on_cancel=True)
         except ConfigErrors as exc:
             return [str(e) for e in exc.errors]
         except Exception as exc:
