@@ -20,11 +20,11 @@ from pathlib import Path
 import trustme
 
 from tests.kit.tls import make_pki, q, write_leaf
-from wsproxy.config.schema import Config
+from wsproxy.config.schema import Config, PoolName
 from wsproxy.edge.contexts import load_checked
 
-PLAIN = (str, int, float, bool, bytes, type(None), enum.Enum, ipaddress.IPv4Network, ipaddress.IPv6Network)
-PLAIN += (ipaddress.IPv4Address, ipaddress.IPv6Address)
+PLAIN: tuple[type, ...] = (str, int, float, bool, bytes, type(None), enum.Enum)
+PLAIN += (ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 def live_objects(value: object, path: str = "config") -> list[str]:
@@ -102,10 +102,10 @@ pools:
 def test_a_config_with_every_tls_and_forward_auth_setting_holds_only_data(tmp_path: Path) -> None:
     config = load_checked(str(everything_tls_and_forward_auth(tmp_path)))
     assert isinstance(config, Config)
-    tls, secure = config.listeners[0].tls, config.pools["secure"]
+    tls, secure = config.listeners[0].tls, config.pools[PoolName("secure")]
     assert tls is not None and tls.sni and tls.client_ca and tls.where is not None  # the settings are there...
     assert secure.tls is not None and secure.tls.cert and config.routes[0].auth is not None
-    assert config.routes[0].auth.forward is not None and config.pools["system"].backends[0].tls
+    assert config.routes[0].auth.forward is not None and config.pools[PoolName("system")].backends[0].tls
     assert live_objects(config) == []  # ...as plain data
 
 

@@ -18,6 +18,7 @@ import pytest
 import trustme
 
 from tests.kit.tls import Pki, make_pki, pki, q, write_leaf  # noqa: F401 - pki is a fixture
+from wsproxy.config.schema import PoolName
 from wsproxy.edge import contexts
 from wsproxy.edge.contexts import check_contexts, listener_context, load_checked, pool_context
 from wsproxy.errors import ConfigErrors
@@ -91,23 +92,23 @@ def test_the_check_builds_every_context_the_config_needs(
     monkeypatch.setattr(contexts, "client_context", refuse)
     assert config.listeners[0].tls is not None
     assert isinstance(listener_context(config.listeners[0].tls), ssl.SSLContext)
-    main, wss = pool_context(config.pools["main"]), pool_context(config.pools["wss"])
+    main, wss = pool_context(config.pools[PoolName("main")]), pool_context(config.pools[PoolName("wss")])
     assert main is not wss and wss.verify_mode is ssl.CERT_REQUIRED and wss.check_hostname
 
 
 def test_contexts_are_built_once_per_config_object_and_dropped_with_it(tmp_path: Path, pki: Pki, backend_pki: Pki) -> None:
     path = write(tmp_path, [f"cert: {q(pki.cert_pem)}", f"key: {q(pki.key_pem)}"], [f"ca: {q(backend_pki.ca_pem)}"])
     first = load_checked(str(path))
-    tls, pool = first.listeners[0].tls, first.pools["main"]
+    tls, pool = first.listeners[0].tls, first.pools[PoolName("main")]
     assert tls is not None and pool.tls is not None
     context, client = listener_context(tls), pool_context(pool)
     assert listener_context(tls) is context and pool_context(pool) is client
     # A second load of the same file: equal settings, files read again (a certificate renewed in place).
     second = load_checked(str(path))
-    assert second.listeners[0].tls == tls and second.pools["main"].tls == pool.tls
+    assert second.listeners[0].tls == tls and second.pools[PoolName("main")].tls == pool.tls
     assert second.listeners[0].tls is not None
     assert listener_context(second.listeners[0].tls) is not context
-    assert pool_context(second.pools["main"]) is not client
+    assert pool_context(second.pools[PoolName("main")]) is not client
     gc.collect()  # what earlier tests left goes now, not below
     cached = len(contexts._contexts)
     del first, tls, pool

@@ -78,9 +78,11 @@ def test_reserved_header_names_are_refused(changes: dict[str, Any], message: str
 
 @pytest.mark.parametrize("field", ["identity_from", "lifetime_from"])
 def test_identity_and_lifetime_headers_must_be_header_names(field: str) -> None:
-    check_header_names(ForwardAuthConfig(url="http://127.0.0.1:9100/auth", **{field: "X-Auth-User"}))
+    good: dict[str, Any] = {field: "X-Auth-User"}
+    bad: dict[str, Any] = {field: "X User"}
+    check_header_names(ForwardAuthConfig(url="http://127.0.0.1:9100/auth", **good))
     with pytest.raises(ValueError, match=re.escape(f"{field}: 'X User' is not a header name")):
-        check_header_names(ForwardAuthConfig(url="http://127.0.0.1:9100/auth", **{field: "X User"}))
+        check_header_names(ForwardAuthConfig(url="http://127.0.0.1:9100/auth", **bad))
 
 
 @pytest.mark.parametrize(
