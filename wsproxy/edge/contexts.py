@@ -162,7 +162,7 @@ def _check(
     try:
         return build()
     except TlsError as exc:
-        if where is None:  # a config built by code, not read from a file
+        if where is None:  # the system trust store, or a config built by code: no line to point at
             where = Position(config.source, 0, 0, path)
         errors.append(ConfigError(where.file, where.line, where.column, where.path, f"{exc.file}: {exc.reason}"))
         return None
