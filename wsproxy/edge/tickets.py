@@ -49,9 +49,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config.schema import TlsConfig
-from .contexts import listener_context
 from ..errors import WsproxyError
 from ..log import log_event
+from .contexts import listener_context
 
 log = logging.getLogger("wsproxy.edge.tickets")
 
