@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_or_check(args: argparse.Namespace) -> int:
-    from .config.load import load_config
+    from .edge.contexts import load_checked  # no trio: ``wsproxy check`` stays a plain process
     from .errors import ConfigErrors
 
     try:
-        config = load_config(args.config)
+        config = load_checked(args.config)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)

@@ -20,7 +20,7 @@ Where the control path lives
 ----------------------------
 ``App`` holds the state and does what touches sockets and tasks (opening and
 swapping listeners, starting checkers). The decisions are elsewhere:
-``control.reload`` (what a new config changes, and the SIGHUP flow),
+``config.diff`` (what a new config changes), ``control.reload`` (the SIGHUP flow),
 ``control.drain`` (drains by admin order, health verdict and reload removal,
 and the spread closes that shutdown uses too), ``control.sweeper`` (idle
 timeouts and keepalive ticks), ``control.lifetime`` (token expiry,
@@ -48,6 +48,7 @@ import trio
 
 from .balance.discovery import carry_discovered
 from .balance.policy import Selector, make_selector
+from .config.diff import CheckerAction, addresses_in_use, plan_checkers, plan_listeners, removed_backends
 from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostport
 from .control.discovery import Discovery, DiscoveryCollector
 from .control.drain import Drainer, close_spread
@@ -57,15 +58,7 @@ from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop
 from .control.rebalance import Rebalancer
 from .balance.registry import Registry
 from .control.session_admin import SessionControl
-from .control.reload import (
-    CheckerAction,
-    ReloadError,
-    Reloader,
-    addresses_in_use,
-    plan_checkers,
-    plan_listeners,
-    removed_backends,
-)
+from .control.reload import ReloadError, Reloader
 from .control.status import snapshot
 from .control.sweeper import idle_sweeper
 from .edge.jwks import JwksFetcher, JwksStartupError
@@ -322,7 +315,7 @@ class App:
         self.health_checkers[pool.name] = checker
         await self._control.start(checker.run)
 
-    # -- reload (control.reload has the plans and the SIGHUP flow) ---------------------
+    # -- reload (config.diff has the plans, control.reload the SIGHUP flow) -------------
 
     @property
     def reloads(self) -> int:

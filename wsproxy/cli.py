@@ -51,15 +51,19 @@ class CommandFailed(WsproxyError):
 
 
 def version_text() -> str:
-    """``wsproxy --version``: the versions that matter in a bug report."""
-    import trio
+    """``wsproxy --version``: the versions that matter in a bug report.
+
+    Built for every command's parser, so trio's version is read from its
+    package metadata: importing trio here would load it into ``wsproxy check``.
+    """
+    from importlib.metadata import version
 
     from ._mypyc import describe
 
     lines = [
         f"wsproxy {__version__}",
         f"Python {sys.version.split()[0]} ({sys.implementation.name})",
-        f"trio {trio.__version__}",
+        f"trio {version('trio')}",
         f"OpenSSL {ssl.OPENSSL_VERSION.removeprefix('OpenSSL ')}",
         describe(),  # the frame scanner (compiled or pure) and the unmasking routine
     ]

@@ -12,7 +12,7 @@ catches it does not have to decide again::
     │                                                     sockets ran out, not the backend's fault
     ├── edge.channel.ChannelBroken                        the peer cannot receive any more
     ├── edge.gate.ProxyHeaderError                        a bad PROXY protocol header: close
-    ├── edge.tls.TlsError(file, reason)                   a certificate, key or CA file is unusable
+    ├── edge.contexts.TlsError(file, reason)              a certificate, key or CA file is unusable
     ├── edge.tls.TlsHandshakeFailed                       TLS towards a backend failed (logged reason)
     ├── edge.tickets.TicketKeysUnavailable                libssl unreachable: OpenSSL's own ticket keys
     ├── edge.jwks.JwksFetchFailed                         a jwks_url fetch failed: the last good keys stay

@@ -33,8 +33,8 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
     listener name, and the notify protocol reports READY, RELOADING, STOPPING,
     STATUS and the watchdog.
     """
-    from .config.load import load_config
     from .control.admin import AdminServer
+    from .edge.contexts import load_checked
     from .control.systemd import Notifier, listen_fds
 
     notifier = Notifier.from_environ()
@@ -66,7 +66,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
         async def reload_config() -> None:
             notifier.reloading()
             # Loads under timeouts.reload, then applies to the App and the admin listener, or logs why not.
-            await app.reload_from(path, load_config, apply=lambda new: reload(app, admin, new))
+            await app.reload_from(path, load_checked, apply=lambda new: reload(app, admin, new))
             notifier.ready(app.status_line())
 
         async def report_status() -> None:

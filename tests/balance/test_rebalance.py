@@ -1,4 +1,4 @@
-"""Pure tests of ``balance.rebalance``: the rate, the excess, the choice, and a whole pool simulated.
+"""Pure tests of ``balance.rebalance``: the budget, the excess, the choice, and a whole pool simulated.
 
 The simulation is the property the issue pins (a pool grows from 2 to 3
 backends: max/mean reaches 1.25 while fewer than 2 % of the sessions are closed
@@ -18,21 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.balance.rebalance import Budget, Candidate, choose, excess, parse_fraction_rate
-
-
-@pytest.mark.parametrize(
-    "text, per_s",
-    [("1%/min", 0.01 / 60), ("1%/m", 0.01 / 60), ("0.5%/s", 0.005), ("10% / h", 0.1 / 3600), ("100%/s", 1.0)],
-)
-def test_rate(text: str, per_s: float) -> None:
-    assert parse_fraction_rate(text) == pytest.approx(per_s)
-
-
-@pytest.mark.parametrize("text", ["1/min", "1%", "0%/s", "101%/s", "-1%/s", "1%/d", "abc"])
-def test_rate_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="1%/min|more than 0"):
-        parse_fraction_rate(text)
+from wsproxy.balance.rebalance import Budget, Candidate, choose, excess
 
 
 def test_excess_over_the_fair_share() -> None:

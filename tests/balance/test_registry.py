@@ -328,3 +328,15 @@ def test_registry_keys_by_address_and_forgets_only_idle_unknown_ones() -> None:
     assert {s.address for s in registry} == {A, B}  # B still has a session
     assert registry.health(P, A) is p_health  # still configured: kept
     assert registry.health(Q, A) is not q_health  # pool "other" no longer lists A: its health starts over
+
+
+def test_forgotten_backends_keep_their_share_of_the_process_totals() -> None:
+    registry = Registry()
+    for address, n in ((A, 10), (B, 20)):
+        state = registry.state(address)
+        state.bytes_up, state.bytes_down, state.messages_up, state.messages_down = n, n + 1, n + 2, n + 3
+    C = Address("10.0.0.3", 9000)
+    registry.state(C).active = 1  # in use: kept although no pool has it
+    registry.forget(keep={A})
+    assert {s.address for s in registry} == {A, C}
+    assert registry.retired == [20, 21, 22, 23]

@@ -1,10 +1,10 @@
-"""The sweeper's period when sessions have deadlines (control.sweeper + control.lifetime): pure."""
+"""The sweeper's period, from idle timeouts, keepalives and session deadlines (control.sweeper + control.lifetime): pure."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from wsproxy.config.schema import AuthConfig, ForwardAuthConfig, JwtConfig, PoolName, RouteConfig
+from wsproxy.config.schema import AuthConfig, ForwardAuthConfig, JwtConfig, KeepaliveConfig, PoolName, RouteConfig, TimeoutsConfig
 from wsproxy.control.sweeper import LIFETIME_PERIOD_S, MAX_PERIOD_S, MIN_PERIOD_S, sweep_period_s
 from tests.kit.servers import make_config
 
@@ -24,3 +24,13 @@ def test_period_follows_the_deadlines() -> None:
     assert with_route(auth=AuthConfig(mode="jwt", jwt=jwt, enforce_expiry=True)) == LIFETIME_PERIOD_S
     forward = ForwardAuthConfig(url="http://127.0.0.1:1/", lifetime_from="X-Session-Lifetime")
     assert with_route(auth=AuthConfig(mode="forward", forward=forward)) == LIFETIME_PERIOD_S
+
+
+def test_sweep_period_follows_idle_and_keepalive_within_bounds() -> None:
+    config = make_config([], timeouts=TimeoutsConfig(idle_s=80.0))
+    assert sweep_period_s(config) == MAX_PERIOD_S  # 80 / 8 = 10 s, capped
+    assert sweep_period_s(dataclasses.replace(config, timeouts=TimeoutsConfig(idle_s=8.0))) == 1.0
+    fast = RouteConfig(pool=PoolName("main"), keepalive=KeepaliveConfig(interval_s=0.4, timeout_s=2.0))
+    assert sweep_period_s(dataclasses.replace(config, routes=(fast,))) == 0.1
+    tiny = RouteConfig(pool=PoolName("main"), keepalive=KeepaliveConfig(interval_s=0.001, timeout_s=0.001))
+    assert sweep_period_s(dataclasses.replace(config, routes=(tiny,))) == MIN_PERIOD_S

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsproxy.config.load import load_config
+from wsproxy.edge.contexts import load_checked
 from wsproxy.config.schema import Config
 
 ROOT = Path(__file__).parents[2]
@@ -64,7 +64,7 @@ def image_config(tmp_path: Path) -> Config:
     """The config the image copies to /etc/wsproxy/wsproxy.yaml, loaded as the image would."""
     final = stages(DOCKERFILE)[-1]
     [source] = [a.split()[0] for k, a in final if k == "COPY" and a.split()[-1] == "/etc/wsproxy/wsproxy.yaml"]
-    return load_config(str(ROOT / source))
+    return load_checked(str(ROOT / source))
 
 
 def test_the_image_runs_as_an_unprivileged_user_on_python_slim() -> None:
@@ -152,7 +152,7 @@ def mounted_config(manifests: dict[str, dict], tmp_path: Path) -> tuple[Config, 
                 (tmp_path / key).write_text(value)
                 text = text.replace(f"{mount_path}/{key}", str(tmp_path / key))
     (tmp_path / name).write_text(text)
-    return load_config(str(tmp_path / name)), container
+    return load_checked(str(tmp_path / name)), container
 
 
 def test_the_pod_probes_ready_and_healthz_on_the_admin_port(manifests: dict[str, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]

@@ -4,16 +4,14 @@ The auth service is a tiny trio + h11 HTTP server on port 0 that records every
 request it receives and answers as each test tells it to (an answer, raw
 bytes, or silence). Upgrades are built the real way: an h11 client writes the
 request, an h11 server parses it, ``check_upgrade`` validates it. The pure
-parts (``parse_url``, the cache, the credentials key) are tested at the end
-without sockets. What is not here: the session wiring (which route uses
+parts (the cache, the credentials key) are tested at the end without
+sockets; the URL and header-name checks in tests/proto/test_forward_auth.py. What is not here: the session wiring (which route uses
 forward auth, how a Denied reaches the client).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Any
 
 import h11
 import pytest
@@ -30,7 +28,6 @@ from wsproxy.edge.forward_auth import (
     Denied,
     ForwardAuth,
     credentials_key,
-    parse_url,
 )
 from wsproxy.proto.handshake import Rejection, Upgrade, check_upgrade, http_response
 
@@ -375,74 +372,6 @@ def test_allow_cache_expiry_and_lru() -> None:
     disabled = AllowCache(0, ttl_s=10.0)
     disabled.put(b"a", a, now=0.0)
     assert disabled.get(b"a", now=0.0) is None and not disabled.enabled
-
-
-@pytest.mark.parametrize(
-    ("url", "parsed"),
-    [
-        ("http://127.0.0.1:9100/auth", ("127.0.0.1", 9100, b"/auth")),
-        ("http://auth.internal/check?scope=ws&x=%20", ("auth.internal", 80, b"/check?scope=ws&x=%20")),
-        ("HTTP://Auth.Internal:8080", ("auth.internal", 8080, b"/")),
-        ("http://auth.internal?x=1", ("auth.internal", 80, b"/?x=1")),
-        ("http://[::1]:9100/auth", ("::1", 9100, b"/auth")),
-        ("http://[2001:db8::1]/", ("2001:db8::1", 80, b"/")),
-        ("http://auth_svc.local./a/b", ("auth_svc.local", 80, b"/a/b")),
-    ],
-)
-
-
-def test_parse_url(url: str, parsed: tuple[str, int, bytes]) -> None:
-    assert parse_url(url) == parsed
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("https://auth.internal/auth", "https:// auth services are not supported yet"),
-        ("ftp://auth.internal/auth", "unsupported URL scheme 'ftp'"),
-        ("auth.internal:9100/auth", 'expected an "http://host[:port]/path" URL'),
-        ("http:///auth", "no host"),
-        ("http://:9100/auth", "no host"),
-        ("http://auth.internal:/auth", "invalid port ''"),
-        ("http://auth.internal:http/auth", "invalid port 'http'"),
-        ("http://auth.internal:0/auth", "port 0 is out of range"),
-        ("http://auth.internal:70000/auth", "port 70000 is out of range"),
-        ("http://user:pw@auth.internal/auth", "credentials in the URL are not supported"),
-        ("http://::1:9100/auth", "needs brackets"),
-        ("http://[::1/auth", 'unclosed "["'),
-        ("http://[not-v6]:9100/auth", "invalid IPv6 address 'not-v6'"),
-        ("http://[::1]9100/auth", 'expected ":port" after "]"'),
-        ("http://auth internal/auth", "invalid host name 'auth internal'"),
-        ("http://-bad.example/auth", "invalid host name '-bad.example'"),
-        ("http://auth.internal/a b", "character ' ' is not allowed"),
-        ("http://auth.internal/café", "character 'é' is not allowed"),
-        ("http://auth.internal/auth#frag", "fragment"),
-    ],
-)
-
-
-def test_parse_url_errors(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
-        parse_url(url)
-
-
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"send_headers": ("Host",)}, "send_headers: Host is set by the proxy"),
-        ({"send_headers": ("X-Forwarded-For",)}, "send_headers: X-Forwarded-For is set by the proxy"),
-        ({"send_headers": ("X_Forwarded_Uri",)}, "send_headers: X_Forwarded_Uri is set by the proxy"),
-        ({"send_headers": ("Connection",)}, "send_headers: Connection is set by the proxy"),
-        ({"send_headers": ("Bad Name",)}, "send_headers: 'Bad Name' is not a header name"),
-        ({"copy_headers": ("Upgrade",)}, "copy_headers: Upgrade is set by the proxy"),
-        ({"copy_headers": ("Sec-WebSocket-Key",)}, "copy_headers: Sec-WebSocket-Key belongs to the WebSocket handshake"),
-    ],
-)
-
-
-def test_reserved_header_names_are_refused(changes: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
-        forward_auth("http://127.0.0.1:9100/auth", **changes)
 
 
 def test_forward_auth_refuses_https() -> None:

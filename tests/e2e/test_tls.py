@@ -2,7 +2,7 @@
 
 Certificates are made in the test (trustme, and ``cryptography`` for an
 expired one) and written to ``tmp_path``; configs are YAML files loaded with
-``load_config``, so the loader and its certificate checks run too; the proxy
+``load_checked``, so the loader and the certificate checks run too; the proxy
 runs in-process (``App.serve``) on 127.0.0.1. Clients are trio-websocket, the
 ``websockets`` sync client in a thread, and raw ``ssl`` clients where a test
 needs to see the handshake itself. Backends are real trio-websocket servers
@@ -46,7 +46,7 @@ from tests.kit.tls import (  # noqa: F401 (pki is a fixture)
 from tests.kit.wait import SLACK_S, wait_for_log
 from tests.kit.ws import UPGRADE_REQUEST, read_head, read_until_eof
 from wsproxy.app import App
-from wsproxy.config.load import load_config
+from wsproxy.edge.contexts import load_checked
 from wsproxy.errors import ConfigErrors
 from wsproxy.log import parse_pairs
 
@@ -501,7 +501,7 @@ def test_a_bad_listener_certificate_is_a_config_error_with_file_and_reason(
     listener, file_name, reason = _bad_tls(tmp_path, pki, case)
     path = write_config(tmp_path, simple_config([9001], listener=listener))
     with pytest.raises(ConfigErrors) as info:
-        load_config(str(path))
+        load_checked(str(path))
     message = str(info.value)
     assert file_name in message, message
     assert re.search(reason, message, re.IGNORECASE), message
@@ -521,7 +521,7 @@ def test_a_bad_backend_tls_mapping_is_a_config_error(tmp_path: Path, pki: Pki, c
         pool, file_name, reason = f"    tls:\n      cert: {q(pki.cert_pem)}", "", r"cert and key go together"
     path = write_config(tmp_path, simple_config([9001], pool=pool))
     with pytest.raises(ConfigErrors) as info:
-        load_config(str(path))
+        load_checked(str(path))
     message = str(info.value)
     assert file_name in message and re.search(reason, message), message
     assert "pools.main.tls" in message, message
@@ -753,7 +753,7 @@ async def test_tls_on_both_sides_with_back_pressure_keeps_every_byte(
     with trio.fail_after(30):
         backend_port = await start_tls_ws_backend(nursery, backend_pki.cert)
         config = tls_backend_config(backend_port, f"    tls:\n      ca: {q(backend_pki.ca_pem)}", listener=tls_block(pki))
-        app = App(load_config(str(write_config(tmp_path, config))))
+        app = App(load_checked(str(write_config(tmp_path, config))))
         port = (await nursery.start(app.serve))["public"][0][1]
         async with open_websocket_url(
             f"wss://localhost:{port}/", ssl_context=pki.client_context(), max_message_size=4_000_000

@@ -29,7 +29,7 @@ from tests.kit.servers import simple_config, start_ws_backend
 from tests.kit.tls import Pki, make_pki, pki, q, tls_block, write_leaf  # noqa: F401 (pki is a fixture)
 from tests.kit.ws import UPGRADE_REQUEST
 from wsproxy.app import App
-from wsproxy.config.load import load_config
+from wsproxy.edge.contexts import listener_context, load_checked
 from wsproxy.edge.tickets import SessionTickets, TicketKeysUnavailable
 
 
@@ -75,7 +75,7 @@ def tls_config(tmp_path: Path, pki: Pki, backend: int, *extra: str) -> Path:
 
 
 async def start(nursery: trio.Nursery, path: Path, tickets: SessionTickets | None = None) -> tuple[App, int]:
-    app = App(load_config(str(path)))
+    app = App(load_checked(str(path)))
     if tickets is not None:
         app.tickets = tickets
     addresses = await nursery.start(app.serve)
@@ -102,9 +102,13 @@ async def test_sessions_resume_before_and_after_a_reload_that_renews_the_certifi
 
         # a reload that renews the certificate: new files, a new SSLContext
         write_leaf(pki.ca.issue_cert("localhost", "127.0.0.1"), tmp_path, "server")
-        old_context = app.generation.config.listeners[0].tls.context  # type: ignore[union-attr]
-        app.reload(load_config(str(path)))
-        assert app.generation.config.listeners[0].tls.context is not old_context  # type: ignore[union-attr]
+        old_tls = app.generation.config.listeners[0].tls
+        assert old_tls is not None
+        old_context = listener_context(old_tls)
+        app.reload(load_checked(str(path)))
+        new_tls = app.generation.config.listeners[0].tls
+        assert new_tls == old_tls and new_tls is not None  # the same settings and paths...
+        assert listener_context(new_tls) is not old_context  # ...read again: the renewed certificate is served
         after = await visit(port, ctx, again.session or first.session)
         assert after.reused, "a reload invalidated the tickets"
         assert app.tickets.fallback_reason is None
@@ -124,7 +128,7 @@ async def test_a_changed_client_certificate_policy_starts_new_keys(
             tmp_path,
             simple_config([backend], listener=tls_block(pki, f"  client_ca: {q(clients.ca_pem)}", "  client_cert: optional")),
         )
-        app.reload(load_config(str(path)))
+        app.reload(load_checked(str(path)))
         after = await visit(port, ctx, first.session)
         assert after.status_line.startswith(b"HTTP/1.1 101") and not after.reused
 

@@ -22,7 +22,7 @@ import websockets.sync.server
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from wsproxy.app import App
-from wsproxy.config.load import load_config
+from wsproxy.edge.contexts import load_checked
 from wsproxy.config.schema import (
     Address,
     BackendConfig,
@@ -178,7 +178,7 @@ def simple_config(
 
 async def start_proxy_from(nursery: trio.Nursery, path: Path) -> dict[str, int]:
     """Load the YAML config at ``path``, run an ``App`` in ``nursery``; ports by listener name."""
-    app = App(load_config(str(path)))
+    app = App(load_checked(str(path)))
     addresses = await nursery.start(app.serve)
     return {name: bound[0][1] for name, bound in addresses.items()}
 

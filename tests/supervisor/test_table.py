@@ -126,6 +126,19 @@ def test_fingerprints_tell_configs_apart_and_not_two_loads(tmp_path: Path) -> No
     assert fingerprint(make_config([9])) != fingerprint(make_config([10]))
 
 
+def test_fingerprints_leave_positions_out(tmp_path: Path) -> None:
+    """The same TLS settings a line further down: the same config (``where`` is for messages only)."""
+    from tests.kit.tls import make_pki, q
+
+    pki = make_pki(tmp_path)
+    tls = f'listeners: [{{name: main, bind: "127.0.0.1:0", tls: {{cert: {q(pki.cert_pem)}, key: {q(pki.key_pem)}}}}}]\n'
+    rest = BASE.split("\n", 1)[1]
+    first, moved = load_config(write(tmp_path, tls + rest)), load_config(write(tmp_path, "\n" + tls + rest))
+    a, b = first.listeners[0].tls, moved.listeners[0].tls
+    assert a is not None and b is not None and a.where != b.where
+    assert fingerprint(first) == fingerprint(moved)
+
+
 def test_workers_key(tmp_path: Path) -> None:
     import os
 

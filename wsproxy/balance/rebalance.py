@@ -27,8 +27,8 @@ outlive every other reason to move). Sessions whose close is already ordered
 are not passed in.
 
 ``Budget`` is the rate: ``rate`` is a fraction of the pool's sessions per
-second (``1%/min`` in the YAML is 0.01/60). Credit accrues with time and is
-capped at one tick's worth (or one close, whichever is more), so a quiet
+second (``1%/min`` in the YAML is 0.01/60: ``config.durations.parse_fraction_rate``).
+Credit accrues with time and is capped at one tick's worth (or one close, whichever is more), so a quiet
 period never turns into a burst; from the start, the closes never exceed
 ``rate × sessions × elapsed``, and over any window they stay within ``rate ×
 sessions × window`` plus the cap.
@@ -42,33 +42,13 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Budget", "Candidate", "choose", "excess", "parse_fraction_rate"]
+__all__ = ["Budget", "Candidate", "choose", "excess"]
 
 B = TypeVar("B", bound=Hashable)  # a backend (its address)
-
-_UNIT_S = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-_FRACTION_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*%\s*/\s*(s|m|min|h)")
-
-
-def parse_fraction_rate(text: str) -> float:
-    """``"1%/min"`` → 0.01 / 60: a share of the pool's sessions per second.
-
-    Units: ``s``, ``m`` or ``min``, ``h``. More than 0 and at most 100 %.
-    ValueError says what was expected and what was seen.
-    """
-    match = _FRACTION_RATE.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f'expected a share of sessions per time like "1%/min", "0.5%/s" or "10%/h", got {text!r}')
-    percent = float(match[1])
-    if not 0 < percent <= 100:
-        raise ValueError(f"the share must be more than 0 % and at most 100 %, got {text!r}")
-    return percent / 100 / _UNIT_S[match[2]]
-
 
 @dataclass(frozen=True, slots=True)
 class Candidate(Generic[B]):

@@ -1,4 +1,4 @@
-"""Parsers for the scalar value types of a config file: durations, sizes, addresses.
+"""Parsers for the scalar value types of a config file: durations, sizes, addresses, shares per time.
 
 Each parser takes the text an operator wrote and returns the value in the unit
 the schema uses (seconds, bytes, :class:`~wsproxy.config.schema.Address`), or
@@ -10,6 +10,8 @@ raises :exc:`ValueError` with a message that quotes what it was given::
     65536
     >>> parse_address("[::1]:9000", allow_port_zero=False)
     Address(host='::1', port=9000)
+    >>> parse_fraction_rate("1%/min") * 60
+    0.01
 
 This module knows nothing about YAML, file positions or config paths; ``load.py``
 adds those when it turns a :exc:`ValueError` into a ``ConfigError``.
@@ -30,6 +32,7 @@ __all__ = [
     "is_host_name",
     "parse_address",
     "parse_duration",
+    "parse_fraction_rate",
     "parse_size",
     "quote",
 ]
@@ -81,6 +84,27 @@ def parse_duration(text: str) -> float:
         previous_rank = rank
         total += Decimal(number) * _DURATION_UNITS[unit]
     return float(total)
+
+
+# --- shares per time ---------------------------------------------------------
+
+_RATE_UNIT_S = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_FRACTION_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*%\s*/\s*(s|m|min|h)")
+
+
+def parse_fraction_rate(text: str) -> float:
+    """``"1%/min"`` → 0.01 / 60: a share of a pool's sessions per second (``pools.NAME.rebalance.rate``).
+
+    Units: ``s``, ``m`` or ``min``, ``h``. More than 0 and at most 100 %.
+    ValueError says what was expected and what was seen.
+    """
+    match = _FRACTION_RATE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'expected a share of sessions per time like "1%/min", "0.5%/s" or "10%/h", got {text!r}')
+    percent = float(match[1])
+    if not 0 < percent <= 100:
+        raise ValueError(f"the share must be more than 0 % and at most 100 %, got {text!r}")
+    return percent / 100 / _RATE_UNIT_S[match[2]]
 
 
 # --- sizes -------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """The gate's config keys: listener TLS and PROXY protocol, route Origin and auth,
 connection and rate limits, trusted proxies, backend TLS.
 
-Certificates, keys, JWT keys, token files and secrets are read here, at load
-time, and turned into what the proxy uses (SSL contexts, key material), so a
-config that names an unreadable, expired or mismatched file is refused like
-any other bad value, with its position, and a reload validates them all before
-anything changes.
+JWT keys, token files and secrets are read here, at load time, and turned into
+what the proxy uses (key material), so a config that names an unreadable or
+malformed file is refused like any other bad value, with its position.
+Certificates, keys and CA bundles are checked to be readable files here and
+kept as paths with the position of their ``tls`` mapping: the edge builds the
+SSL contexts from them (``edge.contexts``), and every entry point loads with
+``edge.contexts.load_checked``, so an expired or mismatched certificate is
+refused at that position too, and a reload validates them all before anything
+changes.
 """
 
 from __future__ import annotations
 
 import binascii
-import dataclasses
 import ipaddress
 
 from wsproxy.config.durations import quote
@@ -36,8 +39,6 @@ MAX_TICKET_LIFETIME_S = 7 * 86400.0
 
 
 def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
-    from wsproxy.edge.tls import TlsError, server_context
-
     fields = r.fields(
         at,
         required=("cert", "key"),
@@ -72,55 +73,33 @@ def listener_tls(r: Reader, at: At | None) -> TlsConfig | None:
         entry_key = r.tls_file(entry.get("key"))
         if names is not None and entry_cert is not None and entry_key is not None:
             sni.append(SniCertConfig(names=tuple(n.lower() for n in names), cert=entry_cert, key=entry_key))
-    if cert is None or key is None or ("client_ca" in fields and client_ca is None):
+    if at is None or cert is None or key is None or ("client_ca" in fields and client_ca is None):
         return None  # each missing file is reported at its own key already
-    tls = TlsConfig(
+    return TlsConfig(
         cert=cert,
         key=key,
         sni=tuple(sni),
         client_ca=client_ca,
+        where=r.position(at),
         **given(client_cert=client_cert, client_identity=client_identity, session_ticket_lifetime_s=ticket_lifetime_s),
     )
-    try:
-        context = server_context(tls)
-    except TlsError as exc:
-        r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
-        return None
-    return dataclasses.replace(tls, context=context)
 
 
-def backend_tls(r: Reader, at: At | None) -> tuple[BackendTlsConfig | None, object]:
-    """A pool's ``tls`` mapping and the client SSLContext built from it."""
-    from wsproxy.edge.tls import TlsError, client_context
-
+def backend_tls(r: Reader, at: At | None) -> BackendTlsConfig | None:
+    """A pool's ``tls`` mapping (its client SSLContext is the edge's: ``edge.contexts.pool_context``)."""
     fields = r.fields(at, optional=("ca", "server_name", "cert", "key"), what="a tls mapping (ca, server_name, cert, key)", null_is_empty=True)
-    if fields is None:
-        return None, None
+    if at is None or fields is None:
+        return None
     tls = BackendTlsConfig(
         ca=r.tls_file(fields.get("ca"), MAX_CA_BUNDLE_BYTES),
         server_name=r.text(fields.get("server_name"), "a server name"),
         cert=r.tls_file(fields.get("cert")),
         key=r.tls_file(fields.get("key")),
+        where=r.position(at),
     )
     if (tls.cert is None) != (tls.key is None):
-        r.error(at, "cert and key go together")  # type: ignore[arg-type]
-        return tls, None
-    try:
-        return tls, client_context(tls)
-    except TlsError as exc:
-        r.error(at, f"{exc.file}: {exc.reason}")  # type: ignore[arg-type]
-        return tls, None
-
-
-def default_backend_context(r: Reader, at: At) -> object:
-    """The client SSLContext for wss:// backends of a pool without a tls mapping."""
-    from wsproxy.edge.tls import TlsError, client_context
-
-    try:
-        return client_context(None)
-    except TlsError as exc:  # pragma: no cover - the system trust store is unreadable
-        r.error(at, f"{exc.file}: {exc.reason}")
-        return None
+        r.error(at, "cert and key go together")
+    return tls
 
 
 def origins(r: Reader, at: At | None) -> tuple[str, ...] | None:
@@ -357,7 +336,7 @@ def _leeway(r: Reader, at: At | None) -> float | None:
 
 
 def _forward(r: Reader, at: At) -> ForwardAuthConfig | None:
-    from wsproxy.edge.forward_auth import check_header_names, parse_url
+    from wsproxy.proto.forward_auth import check_header_names, parse_url
 
     fields = r.fields(
         at,

@@ -13,9 +13,9 @@ all at once as :class:`~wsproxy.errors.ConfigErrors`, sorted by position::
 Unknown keys are errors, not warnings: a misspelled ``timeouts.idel`` would
 otherwise leave the default in force without anyone noticing.
 
-This module reads one file and returns one ``Config``. Applying it (and
-comparing it with the running one on SIGHUP) is ``control/reload.py``'s (the plans)
-and ``app.App.reload``'s (the switch).
+This module reads one file and returns one ``Config``. Comparing it with the
+running one on SIGHUP is ``config/diff.py``'s (the plans), the SIGHUP flow
+``control/reload.py``'s, and applying it ``app.App.reload``'s (the switch).
 """
 
 from __future__ import annotations

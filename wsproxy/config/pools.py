@@ -12,7 +12,7 @@ import re
 from yaml.nodes import Node, ScalarNode
 
 from wsproxy.config import gate
-from wsproxy.config.durations import quote
+from wsproxy.config.durations import parse_fraction_rate, quote
 from wsproxy.config.reader import At, Reader, given
 from wsproxy.config.schema import (
     BALANCE_ALGORITHMS,
@@ -77,13 +77,11 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
         sticky = _sticky(r, fields.get("sticky"))
         health = _health(r, fields.get("health"))
         passive = _passive(r, fields.get("passive"))
-        tls, tls_context = gate.backend_tls(r, fields.get("tls"))
+        tls = gate.backend_tls(r, fields.get("tls"))
         drain = _drain(r, fields.get("drain"))
         rebalance = _rebalance(r, fields.get("rebalance"))
         if tls is not None:  # a pool-level tls mapping: every backend speaks TLS
             backends = tuple(dataclasses.replace(b, tls=True) for b in backends)
-        elif any(b.tls for b in backends):
-            tls_context = gate.default_backend_context(r, fields["backends"])
         if name is not None:
             pool = PoolConfig(
                 name=PoolName(name),
@@ -92,7 +90,6 @@ def pools(r: Reader, at: At | None) -> tuple[dict[PoolName, PoolConfig], set[str
                 health=health,
                 passive=passive,
                 tls=tls,
-                tls_context=tls_context,
                 discovery=discovery,
                 rebalance=rebalance,
                 **given(
@@ -335,8 +332,6 @@ def _passive(r: Reader, at: At | None) -> PassiveHealthConfig | None:
 
 def _rebalance(r: Reader, at: At | None) -> RebalanceConfig | None:
     """``rebalance: {max_skew: 1.25, rate: 1%/min, sticky: false}`` (balance.rebalance)."""
-    from wsproxy.balance.rebalance import parse_fraction_rate
-
     fields = r.fields(
         at, optional=("max_skew", "rate", "sticky"), what='a rebalance mapping (max_skew, rate: "1%/min", sticky)',
         null_is_empty=True,

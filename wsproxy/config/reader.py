@@ -26,7 +26,7 @@ from wsproxy.config.durations import (
     quote,
 )
 from wsproxy.config.files import MAX_FILE_BYTES, FileRefused, check_file, read_file
-from wsproxy.config.schema import Address
+from wsproxy.config.schema import Address, Position
 from wsproxy.errors import ConfigError
 
 _T = TypeVar("_T")
@@ -80,6 +80,11 @@ class Reader:
             return
         line, column = node.start_mark.line + 1, node.start_mark.column + 1  # PyYAML counts from 0
         self.errors.append(ConfigError(self.file_of(node), line, column, path, message))
+
+    def position(self, at: At) -> Position:
+        """Where ``at`` is, kept in the config for errors found after loading (``edge.contexts``)."""
+        node = at.node
+        return Position(self.file_of(node), node.start_mark.line + 1, node.start_mark.column + 1, at.path)
 
     def file_of(self, node: Node) -> str:
         """The file ``node`` came from (``config.compose`` names every node's marks), else this Reader's."""

@@ -58,6 +58,16 @@ class Address:
         return hostport(self.host, self.port)
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a setting was written: for the errors found after loading (``edge.contexts``)."""
+
+    file: str  # the config file, or the included file the setting came from
+    line: int  # from 1
+    column: int  # from 1
+    path: str  # the YAML path, such as "listeners[0].tls"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SniCertConfig:
     names: tuple[str, ...]  # exact names or "*.example.com"; lower case
@@ -65,9 +75,14 @@ class SniCertConfig:
     key: str  # PEM private key file
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, weakref_slot=True)
 class TlsConfig:
-    """TLS termination on a listener; files are read by ``edge.tls.load_tls``."""
+    """TLS termination on a listener: what to build its ``SSLContext`` from (``edge.contexts``).
+
+    The loader checks that the files are there and readable; the edge reads
+    them into a context once per ``TlsConfig`` object (``edge.contexts.check_contexts``
+    before a config is used: a bad certificate refuses it with the position below).
+    """
 
     cert: str  # the default certificate (PEM, leaf first, then the chain)
     key: str
@@ -76,7 +91,7 @@ class TlsConfig:
     client_cert: str = "off"  # required | optional | off
     session_ticket_lifetime_s: float = 3600.0  # ticket keys rotate this often; tickets live this long; 0 = no resumption
     client_identity: str = "subject_cn"  # which part of a client certificate is the identity (CLIENT_IDENTITIES)
-    context: Any = field(default=None, compare=False, repr=False)  # the ssl.SSLContext built at load time
+    where: Position | None = field(default=None, compare=False, repr=False)  # the tls mapping in the YAML
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,14 +178,18 @@ class RouteConfig:
     max_session_age_s: float | None = None  # close with 1012 after this long (±10 %); None = no limit
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, weakref_slot=True)
 class BackendTlsConfig:
-    """TLS towards a pool's backends (``pools.NAME.tls``); verification is always on."""
+    """TLS towards a pool's backends (``pools.NAME.tls``); verification is always on.
+
+    Its client ``SSLContext`` is built by ``edge.contexts``, once per object.
+    """
 
     ca: str | None = None  # PEM CA bundle; None = the system's trust store
     server_name: str | None = None  # SNI and the name to verify; None = the backend's host
     cert: str | None = None  # client certificate for mTLS to the backend
     key: str | None = None
+    where: Position | None = field(default=None, compare=False, repr=False)  # the tls mapping in the YAML
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,8 +277,7 @@ class PoolConfig:
     sticky: StickyConfig | None = None
     health: HealthConfig | None = None  # active checks; None = none (backends count as healthy)
     passive: PassiveHealthConfig | None = None  # passive ejection; None = off
-    tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends
-    tls_context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext when a backend is wss://
+    tls: BackendTlsConfig | None = None  # TLS settings for wss:// backends; None = the system's trust store
     drain: DrainConfig = DrainConfig()
     discovery: DiscoveryConfig | None = None  # backends from DNS, beside (after) the listed ones
     rebalance: RebalanceConfig | None = None  # off when absent (balance.rebalance)

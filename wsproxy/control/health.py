@@ -74,6 +74,7 @@ from ..config.schema import Address, HealthConfig, PoolConfig
 from ..edge.channel import ChannelBroken, RawChannel, connect
 from ..edge.overload import RateLimitedWarning
 from ..errors import LocalOverload
+from ..edge.contexts import pool_context
 from ..edge.tls import TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..balance.registry import Health, Registry
 from ..log import log_event
@@ -376,9 +377,9 @@ class HealthChecker:
     def _tls_target(self, address: Address) -> TlsTarget | None:
         pool = self.pool
         backend = next((b for b in pool.backends if b.address == address), None)
-        if backend is None or not backend.tls or pool.tls_context is None:
+        if backend is None or not backend.tls:
             return None
-        return pool.tls_context, backend_server_name(pool, address)
+        return pool_context(pool), backend_server_name(pool, address)
 
     async def _watch(
         self,

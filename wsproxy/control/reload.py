@@ -1,4 +1,4 @@
-"""Reloading: what a new config changes (pure plans) and the SIGHUP flow around it.
+"""Reloading: the SIGHUP flow around a new config.
 
 Theory of operation
 -------------------
@@ -14,24 +14,23 @@ updated; sessions whose backend left its pool drain (``control.drain``).
 Backend state lives in the registry by address, so it survives; the state of a
 backend that left every pool and has no session is forgotten.
 
-This module holds the decisions as pure functions of (old, new) —
-``plan_listeners``, ``removed_backends``, ``plan_checkers`` — unit-tested
-without sockets, and ``Reloader``, the trio flow of SIGHUP and ``POST
-/reload``: the loader thread, its deadline, coalescing of signals that arrive
-during a reload, and numbered attempts so an HTTP caller waits for *its*
-reload. Applying belongs to the ``App`` (it owns the sockets and tasks).
+The decisions are pure functions of (old, new) in ``config.diff``
+(``plan_listeners``, ``removed_backends``, ``plan_checkers``), unit-tested
+without sockets. This module holds ``Reloader``, the trio flow of SIGHUP and
+``POST /reload``: the loader thread, its deadline, coalescing of signals that
+arrive during a reload, and numbered attempts so an HTTP caller waits for
+*its* reload; and ``ReloadRecord``, what reloads came to. Applying belongs to
+the ``App`` (it owns the sockets and tasks).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import trio
 
-from ..config.schema import Address, Config, DrainConfig, ListenerConfig, PoolConfig, PoolName
+from ..config.schema import Config
 from ..errors import WsproxyError
 from ..log import log_event
 
@@ -40,82 +39,6 @@ log = logging.getLogger("wsproxy.reload")
 
 class ReloadError(WsproxyError):
     """A valid config that could not be applied (a new listener could not bind), or one that could not be loaded in time."""
-
-
-# -- pure plans -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerPlan:
-    """How the listeners of a new config get their sockets.
-
-    ``reuse``: new listener name → the running listener whose sockets it takes
-    (matched by bind address first, so a rename keeps the socket; each running
-    listener is taken at most once). ``open``: listeners that need new
-    sockets. ``close``: running listeners nobody takes.
-    """
-
-    reuse: Mapping[str, str]
-    open: tuple[ListenerConfig, ...]
-    close: tuple[str, ...]
-
-
-def plan_listeners(running: Mapping[str, Address], new: Sequence[ListenerConfig]) -> ListenerPlan:
-    """Match the new listeners against the running ones (name → bind)."""
-    by_bind: dict[Address, str] = {}
-    for name, bind in running.items():
-        by_bind.setdefault(bind, name)
-    reuse: dict[str, str] = {}
-    for spec in new:
-        old = by_bind.get(spec.bind)
-        if old is not None and old not in reuse.values():
-            reuse[spec.name] = old
-    taken = set(reuse.values())
-    return ListenerPlan(
-        reuse=reuse,
-        open=tuple(spec for spec in new if spec.name not in reuse),
-        close=tuple(name for name in running if name not in taken),
-    )
-
-
-def removed_backends(old: Config, new: Config) -> list[tuple[PoolName, Address, DrainConfig]]:
-    """(pool, backend, drain settings) for every backend that left its pool.
-
-    The drain settings are the new pool's when the pool stays, the old pool's
-    when the pool itself was removed.
-    """
-    removed: list[tuple[PoolName, Address, DrainConfig]] = []
-    for name, pool in old.pools.items():
-        after = new.pools.get(name)
-        kept = {b.address for b in after.backends} if after is not None else set()
-        drain = after.drain if after is not None else pool.drain
-        removed.extend((name, b.address, drain) for b in pool.backends if b.address not in kept)
-    return removed
-
-
-def addresses_in_use(config: Config) -> set[Address]:
-    """Every backend address some pool of ``config`` has."""
-    return {b.address for pool in config.pools.values() for b in pool.backends}
-
-
-class CheckerAction(enum.Enum):
-    UPDATE = "update"  # the running checker takes the new pool
-    START = "start"  # a new checker (a new pool, or checks added to a pool whose checker has finished)
-    STOP = "stop"  # the pool is gone
-
-
-def plan_checkers(
-    running: Mapping[PoolName, bool], new: Mapping[PoolName, PoolConfig]
-) -> dict[PoolName, CheckerAction]:
-    """What happens to each pool's health checker; ``running`` maps a pool to "its checker can still update"."""
-    plan = {name: CheckerAction.STOP for name in running if name not in new}
-    for name, pool in new.items():
-        can_update = running.get(name)
-        if can_update is None or (not can_update and pool.health is not None):
-            plan[name] = CheckerAction.START
-        else:
-            plan[name] = CheckerAction.UPDATE
-    return plan
 
 
 # -- the flow ---------------------------------------------------------------------

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from ..config.schema import TlsConfig
 from ..errors import WsproxyError
 from ..log import log_event
+from .contexts import listener_context
 
 log = logging.getLogger("wsproxy.edge.tickets")
 
@@ -160,7 +161,7 @@ class SessionTickets:
 
     def context_for(self, listener: str, tls: TlsConfig) -> ssl.SSLContext:
         """The context to accept a connection of ``listener`` with, carrying its current ticket key."""
-        context: ssl.SSLContext = tls.context
+        context = listener_context(tls)
         lifetime_s = tls.session_ticket_lifetime_s
         if not lifetime_s or self._failed is not None:
             return context

@@ -1,24 +1,14 @@
-"""TLS: certificate loading, SSL contexts, and a TLS channel for the relay.
+"""TLS channels: a TLS connection for the relay, and the client handshake towards wss:// backends.
 
-``server_context`` builds the ``SSLContext`` of a listener from its
-``TlsConfig``: the one function that reads certificates and keys, called by the
-config loader (so a reload re-reads and validates them before anything
-changes) and nowhere else. ``client_context`` does the same for ``wss://``
-backends. Both raise ``TlsError`` with the file and the reason.
+The ``SSLContext`` objects come from ``edge.contexts`` (built from the
+config's TLS settings and checked before a config is used); this module
+drives connections with them.
 
 ``TlsChannel`` is a ``RawChannel`` with an ``ssl.SSLObject`` between memory
 BIOs: the socket is driven like a plain one (a task parks only when the kernel
 has nothing for it), OpenSSL works on memory. Unlike ``trio.SSLStream`` there
 is no scheduler pass per call; unlike a non-blocking ``SSLSocket`` there are
 no per-record reads and no bytes hidden in OpenSSL from readiness waits.
-
-Policy: TLS 1.2 at least, Mozilla's "intermediate" cipher list for TLS 1.2
-(TLS 1.3 suites are OpenSSL's), ALPN ``http/1.1``, no compression, no
-renegotiation. SNI picks the certificate: exact names before wildcards (a
-wildcard covers exactly one label, RFC 6125 §6.4.3), the
-top-level certificate when nothing matches. Session resumption: TLS 1.3 tickets
-and TLS 1.2 tickets and session ids are on unless ``session_ticket_lifetime``
-is 0; the ticket keys are set by ``edge.tickets`` (rotation, reloads).
 
 TLS 1.3 tickets are held back (RFC 8446 §4.6.1 lets the server send them at
 any time after the handshake): a server TLS 1.3 channel keeps the
@@ -34,163 +24,14 @@ connection: 6 of 3,600 upgrades from 4 threads of that client timed out
 
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
-from collections.abc import Sequence
 
 import trio
 
-from ..config.schema import Address, BackendTlsConfig, PoolConfig, SniCertConfig, TlsConfig
+from ..config.schema import Address, PoolConfig
 from ..errors import WsproxyError
 from .channel import ChannelBroken, RawChannel
-
-#: Mozilla "intermediate" (v5.7) TLS 1.2 cipher suites.
-INTERMEDIATE_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
-    )
-)
-
-
-class TlsError(WsproxyError):
-    """A certificate, key or CA file cannot be used."""
-
-    def __init__(self, file: str, reason: str) -> None:
-        super().__init__(f"{file}: {reason}")
-        self.file = file
-        self.reason = reason
-
-
-def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
-def _check_certificate(path: str, now: datetime.datetime) -> None:
-    """Refuse a certificate file that cannot be read or whose leaf has expired."""
-    from cryptography import x509
-
-    from ..config.files import FileRefused, read_file
-
-    try:
-        data = read_file(path)  # a regular file of at most 1 MiB, never a FIFO or a device
-    except FileRefused as exc:
-        raise TlsError(path, str(exc)) from None
-    except OSError as exc:
-        raise TlsError(path, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        leaf = x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise TlsError(path, "not a PEM certificate") from None
-    if leaf.not_valid_after_utc < now:
-        raise TlsError(path, f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
-    if leaf.not_valid_before_utc > now:
-        raise TlsError(path, f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
-
-
-def _load_chain(ctx: ssl.SSLContext, cert: str, key: str, now: datetime.datetime) -> None:
-    _check_certificate(cert, now)
-    try:
-        ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TlsError(exc.filename or key, "cannot read: No such file or directory") from None
-    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
-        if "KEY_VALUES_MISMATCH" in str(exc):
-            raise TlsError(key, f"the key does not match the certificate {cert}") from None
-        raise TlsError(key, f"cannot load the key pair with {cert}: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise TlsError(key, f"cannot read: {exc.strerror or exc}") from None
-
-
-def _load_ca(ctx: ssl.SSLContext, path: str) -> None:
-    try:
-        ctx.load_verify_locations(cafile=path)
-    except FileNotFoundError:
-        raise TlsError(path, "cannot read: No such file or directory") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsError(path, f"not a usable PEM CA bundle: {exc}") from None
-
-
-def server_context(tls: TlsConfig, *, now: datetime.datetime | None = None) -> ssl.SSLContext:
-    """The SSLContext of a TLS listener, with its SNI certificates and client CA."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    default = _server_leaf_context(tls, tls.cert, tls.key, now)
-    by_name: dict[str, ssl.SSLContext] = {}
-    wildcards: list[tuple[str, ssl.SSLContext]] = []
-    for entry in tls.sni:
-        ctx = _server_leaf_context(tls, entry.cert, entry.key, now)
-        for name in entry.names:
-            if name.startswith("*."):
-                wildcards.append((name[1:], ctx))  # ".example.com"
-            else:
-                by_name.setdefault(name, ctx)
-    if by_name or wildcards:
-        default.sni_callback = _sni_chooser(by_name, wildcards)
-    return default
-
-
-def _server_leaf_context(tls: TlsConfig, cert: str, key: str, now: datetime.datetime) -> ssl.SSLContext:
-    ctx = _base_context(ssl.Purpose.CLIENT_AUTH)
-    if not tls.session_ticket_lifetime_s:  # resumption off: no tickets, no session cache
-        ctx.num_tickets = 0
-        ctx.options |= ssl.OP_NO_TICKET
-        # (Python's server contexts keep OpenSSL's session-id cache; a session id without
-        # tickets is only honoured by the same context, i.e. until the next reload.)
-    _load_chain(ctx, cert, key, now)
-    if tls.client_ca and tls.client_cert != "off":
-        _load_ca(ctx, tls.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_cert == "required" else ssl.CERT_OPTIONAL
-    return ctx
-
-
-def _sni_chooser(by_name: dict[str, ssl.SSLContext], wildcards: Sequence[tuple[str, ssl.SSLContext]]):  # type: ignore[no-untyped-def]
-    def choose(sock: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        if not server_name:
-            return
-        name = server_name.lower().rstrip(".")
-        chosen = by_name.get(name)
-        if chosen is None:
-            # RFC 6125 §6.4.3: "*" covers exactly one label, so "*.w.test" names
-            # "a.w.test" and not "a.b.w.test" (clients refuse that match anyway).
-            label, dot, rest = name.partition(".")
-            if label and dot:
-                for suffix, ctx in wildcards:
-                    if "." + rest == suffix:
-                        chosen = ctx
-                        break
-        if chosen is not None:
-            sock.context = chosen
-
-    return choose
-
-
-def client_context(tls: BackendTlsConfig | None) -> ssl.SSLContext:
-    """The SSLContext for wss:// backends: verification always on."""
-    ctx = _base_context(ssl.Purpose.SERVER_AUTH)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = True
-    if tls is not None and tls.ca:
-        _load_ca(ctx, tls.ca)
-    else:
-        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if tls is not None and tls.cert:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        _load_chain(ctx, tls.cert, tls.key or tls.cert, now)
-    return ctx
-
 
 _SHORT_NAMES = {
     "commonName": "CN",
@@ -410,11 +251,9 @@ class TlsChannel(RawChannel):
 
 
 __all__ = [
-    "INTERMEDIATE_CIPHERS",
-    "SniCertConfig",
     "TlsChannel",
-    "TlsError",
-    "client_context",
+    "TlsHandshakeFailed",
+    "backend_server_name",
     "peer_subject",
-    "server_context",
+    "start_client_tls",
 ]

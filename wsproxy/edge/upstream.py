@@ -23,6 +23,7 @@ from ..balance.registry import Registry
 from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
 from .overload import RateLimitedWarning
+from .contexts import pool_context
 from .tls import TlsChannel, TlsHandshakeFailed, backend_server_name, start_client_tls
 from ..proto.handshake import (
     HOP_BY_HOP,
@@ -114,7 +115,7 @@ async def open_upstream(
                     with trio.fail_after(timeouts.connect_s):  # TCP and TLS within the one timeout
                         channel = await connect(address.host, address.port)
                         channel = await start_client_tls(
-                            channel, pool.tls_context, backend_server_name(pool, address)
+                            channel, pool_context(pool), backend_server_name(pool, address)
                         )
                 else:
                     channel = await connect(address.host, address.port, timeout_s=timeouts.connect_s)

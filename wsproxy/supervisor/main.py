@@ -49,7 +49,8 @@ from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..balance.registry import Health, Registry
 from ..control.ready import available_by_pool
-from ..control.reload import CheckerAction, ReloadRecord, plan_checkers
+from ..config.diff import CheckerAction, plan_checkers
+from ..control.reload import ReloadRecord
 from ..edge.listener import migrate_req, open_listener
 from . import health
 from ..log import log_event
@@ -588,14 +589,14 @@ class Supervisor:
             return errors
 
     async def _reload(self) -> list[str]:
-        from ..config.load import load_config
+        from ..edge.contexts import load_checked
         from ..errors import ConfigErrors
 
         old = self.config
         new: Config | None = None
         try:
             with trio.move_on_after(old.timeouts.reload_s):
-                new = await trio.to_thread.run_sync(load_config, self.path, abandon_on_cancel=True)
+                new = await trio.to_thread.run_sync(load_checked, self.path, abandon_on_cancel=True)
         except ConfigErrors as exc:
             return [str(e) for e in exc.errors]
         except Exception as exc:

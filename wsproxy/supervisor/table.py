@@ -217,9 +217,11 @@ def split_limits(config: Config, workers: int) -> Config:
 def fingerprint(config: Config) -> str:
     """A digest of everything a config says (secrets included, as digests), to tell two loads apart.
 
-    TLS contexts and other objects built at load time are skipped: two loads of
-    the same file compare equal. The contents of certificate files are not
-    part of it (their names are).
+    Objects built at load time count by their type only, and positions in
+    the file (``where``) and the file's name (``source``) not at all: two
+    loads of the same file compare equal, and so do two files that say the
+    same in other lines. The contents of certificate files are not part of it
+    (their names are).
     """
     digest = hashlib.sha256()
     _feed(digest, config)
@@ -230,7 +232,7 @@ def _feed(digest: hashlib._Hash, value: object) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         digest.update(type(value).__name__.encode() + b"(")
         for f in dataclasses.fields(value):
-            if f.name == "source":
+            if f.name in ("source", "where"):
                 continue
             digest.update(f.name.encode() + b"=")
             _feed(digest, getattr(value, f.name))

@@ -59,14 +59,14 @@ def group(sockets: list[socket.socket], counts: dict[str, int]) -> dict[str, lis
 def run(path: str, ipc_fd: int, log_level: str | None) -> int:
     """``wsproxy worker``: serve as the supervisor says until it says stop; the exit status."""
     from .. import log as logsetup
-    from ..config.load import load_config
+    from ..edge.contexts import load_checked
     from ..errors import ConfigErrors
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel_sock = socket.socket(fileno=ipc_fd)
     os.set_inheritable(ipc_fd, False)
     try:
-        config: Config | None = load_config(path)
+        config: Config | None = load_checked(path)
         errors: list[str] = []
     except ConfigErrors as exc:
         config, errors = None, [str(e) for e in exc.errors]
@@ -215,7 +215,7 @@ class Worker:
                 sock.close()
 
     async def _prepare(self, message: Message, sockets: list[socket.socket]) -> None:
-        from ..config.load import load_config
+        from ..edge.contexts import load_checked
         from ..errors import ConfigErrors
 
         number = int(message["round"])
@@ -224,7 +224,7 @@ class Worker:
         config: Config | None = None
         try:
             with trio.move_on_after(self.app.generation.config.timeouts.reload_s):
-                config = await trio.to_thread.run_sync(load_config, self.path, abandon_on_cancel=True)
+                config = await trio.to_thread.run_sync(load_checked, self.path, abandon_on_cancel=True)
             if config is None:
                 errors.append(f"{self.path}: loading did not finish within timeouts.reload; abandoned")
         except ConfigErrors as exc:

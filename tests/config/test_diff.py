@@ -1,4 +1,4 @@
-"""The reload plans of ``control.reload`` and the sweeper's period, without sockets."""
+"""The reload plans of ``config.diff``: old config vs new, without sockets or trio."""
 
 from __future__ import annotations
 
@@ -9,23 +9,18 @@ from wsproxy.config.schema import (
     BackendConfig,
     DrainConfig,
     HealthConfig,
-    KeepaliveConfig,
     ListenerConfig,
     ListenerName,
     PoolConfig,
     PoolName,
-    RouteConfig,
-    TimeoutsConfig,
 )
-from wsproxy.balance.registry import Registry
-from wsproxy.control.reload import (
+from wsproxy.config.diff import (
     CheckerAction,
     addresses_in_use,
     plan_checkers,
     plan_listeners,
     removed_backends,
 )
-from wsproxy.control.sweeper import MAX_PERIOD_S, MIN_PERIOD_S, sweep_period_s
 
 from tests.kit.servers import make_config
 
@@ -83,24 +78,3 @@ def test_checker_plan() -> None:
         PoolName("gained"): CheckerAction.START,  # its checker returned (no checks then): a new one runs them
         PoolName("quiet"): CheckerAction.UPDATE,  # still no checks: the finished checker takes the pool
     }
-
-
-def test_forgotten_backends_keep_their_share_of_the_process_totals() -> None:
-    registry = Registry()
-    for address, n in ((A, 10), (B, 20)):
-        state = registry.state(address)
-        state.bytes_up, state.bytes_down, state.messages_up, state.messages_down = n, n + 1, n + 2, n + 3
-    registry.state(C).active = 1  # in use: kept although no pool has it
-    registry.forget(keep={A})
-    assert {s.address for s in registry} == {A, C}
-    assert registry.retired == [20, 21, 22, 23]
-
-
-def test_sweep_period_follows_idle_and_keepalive_within_bounds() -> None:
-    config = make_config([], timeouts=TimeoutsConfig(idle_s=80.0))
-    assert sweep_period_s(config) == MAX_PERIOD_S  # 80 / 8 = 10 s, capped
-    assert sweep_period_s(dataclasses.replace(config, timeouts=TimeoutsConfig(idle_s=8.0))) == 1.0
-    fast = RouteConfig(pool=PoolName("main"), keepalive=KeepaliveConfig(interval_s=0.4, timeout_s=2.0))
-    assert sweep_period_s(dataclasses.replace(config, routes=(fast,))) == 0.1
-    tiny = RouteConfig(pool=PoolName("main"), keepalive=KeepaliveConfig(interval_s=0.001, timeout_s=0.001))
-    assert sweep_period_s(dataclasses.replace(config, routes=(tiny,))) == MIN_PERIOD_S
