@@ -41,12 +41,6 @@ ALLOWED_INSIDE = {  # part → the wsproxy parts it may import
 KNOWN = {
     ("wsproxy/config/gate.py", "wsproxy.edge.tls"): "SSL contexts built by the edge from validated config data",
     ("wsproxy/config/gate.py", "wsproxy.edge.forward_auth"): "URL and header-name checks moved to proto",
-    ("wsproxy/control/ready.py", "wsproxy.app"): "a Protocol of what readiness reads (type-only import today)",
-    ("wsproxy/control/status.py", "wsproxy.app"): "a Protocol of what the snapshot reads (type-only import today)",
-    ("wsproxy/edge/session.py", "wsproxy.app"): "a narrow session-host Protocol (type-only import today)",
-    ("wsproxy/edge/session.py", "wsproxy.control.metrics"): "the metrics object passed in through that Protocol",
-    ("wsproxy/edge/session.py", "wsproxy.control"): "session lifetimes and identity caps reached through that Protocol",
-    ("wsproxy/edge/session.py", "wsproxy.control.session_admin"): "the same",
     ("wsproxy/config/pools.py", "wsproxy.balance.rebalance"): "parse_fraction_rate moves to config (a value parser)",
 }
 FORBIDDEN = {  # part → parts it must not import
