@@ -112,7 +112,7 @@ class Session:
         self.cap_key: IdentityKey | None = None  # counted under this identity (limits.max_sessions_per_identity)
         self.deadline: Deadline | None = None  # when its token, lifetime or age ends it (control.lifetime)
         self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
-        self.lease: Lease | None = None  # its count in its backend's active sessions, from the 101 on
+        self.lease: Lease | None = None  # its count in its backend's active sessions, once the backend accepted
         self.log = log if log is not None else SessionLog(conn_id, peer)  # the fields of its log lines
 
 
