@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -53,11 +53,12 @@ from .config.schema import Config, ListenerConfig, PoolConfig, PoolName, hostpor
 from .control.discovery import Discovery, DiscoveryCollector
 from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
+from .control import lifetime
 from .control.lifetime import revoke_open
 from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render, render_off_loop
 from .control.rebalance import Rebalancer
 from .balance.registry import Registry
-from .control.session_admin import SessionControl
+from .control.session_admin import SessionControl, identity_of
 from .control.reload import ReloadError, Reloader
 from .control.status import snapshot
 from .control.sweeper import idle_sweeper
@@ -74,6 +75,15 @@ from .proto.limits import ClientTable, fd_budget
 from .proto.relay import Outcome
 from .proto.routing import Router
 from .log import log_event
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .config.schema import LimitsConfig, RouteConfig
+    from .edge.gate import Admitted
+    from .edge.host import SessionHost
+    from .edge.refusal import Refused
+    from .proto.handshake import Rejection, Upgrade
 
 log = logging.getLogger("wsproxy.app")
 
@@ -202,6 +212,42 @@ class App:
             name: [sock.getsockname()[:2] for sock in slot.sockets if sock.fileno() != -1]
             for name, slot in self.listeners.items()
         }
+
+    # -- the session host (edge.host.SessionHost): what a connection changes here -------------
+
+    def admit_connection(self, client_ip: str, now: float, limits: LimitsConfig) -> Rejection | None:
+        refusal = self.clients.admit(client_ip, now, limits, self.connection_count)
+        if refusal is None:
+            self.clients.connected(client_ip)
+            self.connection_count += 1
+        return refusal
+
+    def connection_closed(self, client_ip: str) -> None:
+        self.clients.disconnected(client_ip)
+        self.connection_count -= 1
+
+    def admit_lifetime(self, session: Session, route: RouteConfig, admitted: Admitted) -> Refused | None:
+        return lifetime.admit(session, route, admitted, trio.current_time(), time.time(), self._rng)
+
+    def admit_identity(
+        self, session: Session, pool: PoolConfig, up: Upgrade, claims: Mapping[str, object] | None, limits: LimitsConfig
+    ) -> Rejection | None:
+        identity = identity_of(session, pool, up, claims)
+        if identity is None:
+            return None
+        return self.session_control.admit(session, identity, limits)  # counted even without a cap: a reload may set one
+
+    def release_identity(self, session: Session) -> None:
+        self.session_control.release(session)
+
+    def session_established(self, session: Session) -> None:
+        assert session.route is not None
+        self.sessions[session.conn_id] = session
+        self.session_control.established(session)
+        lifetime.established(session, session.route, trio.current_time(), self._rng)
+
+    def session_ended(self, session: Session) -> None:
+        del self.sessions[session.conn_id]
 
     # -- running ----------------------------------------------------------------
 
@@ -539,3 +585,7 @@ class App:
     def status(self) -> dict[str, object]:
         """What GET /status returns (and the status page shows)."""
         return snapshot(self)
+
+
+if TYPE_CHECKING:
+    _host: type[SessionHost] = App  # an App is what a session needs (edge.host); mypy checks it here

@@ -69,18 +69,25 @@ _CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0
 class Event:
     """A log record's message: the event's name and its fields, kept as data.
 
-    ``str()`` gives the logfmt pairs (``event=NAME k=v ...``), so a handler
-    that knows nothing of this module still writes something readable.
+    ``context`` is a mapping of fields the caller keeps for many lines (one
+    session's ``conn``, ``peer``...: ``edge.session_log``), written between the
+    name and the line's own fields; it is read when the line is formatted, so
+    its owner replaces it rather than changing it. ``str()`` gives the logfmt
+    pairs (``event=NAME k=v ...``), so a handler that knows nothing of this
+    module still writes something readable.
     """
 
-    __slots__ = ("name", "fields")
+    __slots__ = ("name", "fields", "context")
 
-    def __init__(self, name: str, fields: Mapping[str, object]) -> None:
+    def __init__(self, name: str, fields: Mapping[str, object], context: Mapping[str, object] | None = None) -> None:
         self.name = name
         self.fields = fields
+        self.context = context
 
     def pairs(self) -> dict[str, object]:
-        return {"event": self.name, **self.fields}
+        if self.context is None:
+            return {"event": self.name, **self.fields}
+        return {"event": self.name, **self.context, **self.fields}
 
     def __str__(self) -> str:
         return logfmt(self.pairs())
@@ -99,20 +106,45 @@ def log_event(
 
     ``exc_info=True`` adds the traceback of the exception being handled.
     """
-    if not logger.isEnabledFor(level):
-        return
+    if logger.isEnabledFor(level):
+        emit(logger, level, Event(event, fields), exc_info, 2)
+
+
+def log_with(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    level: int,
+    event: str,
+    context: Mapping[str, object] | None,
+    /,
+    *,
+    exc_info: object = False,
+    **fields: object,
+) -> None:
+    """``log_event`` with the fields of ``context`` first (after ``event``), without copying them per call."""
+    if logger.isEnabledFor(level):
+        emit(logger, level, Event(event, fields, context), exc_info, 2)
+
+
+def emit(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    level: int,
+    message: Event,
+    exc_info: object,
+    depth: int,
+) -> None:
+    """Hand ``message`` to ``logger`` (enabled for ``level``) as the code ``depth`` frames up logged it."""
     if type(logger) is not logging.Logger:  # an adapter (or a Logger subclass): the standard way
-        logger.log(level, Event(event, fields), exc_info=bool(exc_info), stacklevel=2)
+        logger.log(level, message, exc_info=bool(exc_info), stacklevel=depth + 1)
         return
-    # Logger.log without its findCaller walk (a third of a line's cost): the caller is one frame up.
-    caller = sys._getframe(1)
+    # Logger.log without its findCaller walk (a third of a line's cost): the caller is known.
+    caller = sys._getframe(depth)
     code = caller.f_code
     record = logger.makeRecord(
         logger.name,
         level,
         code.co_filename,
         caller.f_lineno,
-        Event(event, fields),
+        message,
         (),  # no %-arguments: the message is the Event
         sys.exc_info() if exc_info else None,
         code.co_name,

@@ -68,7 +68,7 @@ class BackendState:
     """What a backend address carries whichever pool sent the session."""
 
     address: Address
-    active: int = 0  # established sessions
+    active: int = 0  # sessions holding a Lease: established, or trying this backend
     total: int = 0  # sessions ever established
     # what the sessions that have ended relayed (live ones are counted by their relays)
     bytes_up: int = 0
@@ -147,6 +147,30 @@ class HealthState:
         return max(SLOW_START_FLOOR, elapsed / slow_start_s)
 
 
+class Lease:
+    """One session's hold on a backend: counted in its ``active`` from ``Registry.lease`` until ``release``.
+
+    Taken when a backend is chosen for a connect attempt (so concurrent
+    handshakes see each other in balancing and ``max_connections``), handed
+    to the session when the backend accepts the upgrade, and released exactly
+    once, whatever ends it: a failed connect or upgrade, a refusal, the
+    relay's end, a cancellation. ``release`` is idempotent, so every path
+    that may end a session can call it.
+    """
+
+    __slots__ = ("state", "released")
+
+    def __init__(self, state: BackendState) -> None:
+        self.state = state
+        self.released = False
+        state.active += 1
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.active -= 1
+
+
 def unavailable_because(state: BackendState, health: HealthState, backend: BackendConfig, now: float) -> str:
     """Why a backend may not take a new session of the pool now ("available" if it may).
 
@@ -180,6 +204,10 @@ class Registry:
         if state is None:
             state = self._states[address] = BackendState(address)
         return state
+
+    def lease(self, address: Address) -> Lease:
+        """Count one more session on ``address`` until the lease is released."""
+        return Lease(self.state(address))
 
     def health(self, pool: PoolName | str, address: Address) -> HealthState:
         """What ``pool`` knows of ``address``'s health, created (UNKNOWN) on first use."""

@@ -53,6 +53,8 @@ from prometheus_client.utils import floatToGoString
 from .. import __version__
 from ..balance.registry import Health, Registry
 from ..log import log_event
+from ..proto.routing import NO_ROUTE as NO_ROUTE  # re-exported: what App counts shed connections under
+from ..proto.routing import route_label
 
 if TYPE_CHECKING:
     from ..config.schema import BackendConfig, Config, RouteConfig
@@ -72,8 +74,6 @@ LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 #: How often the loop-lag probe sleeps and measures.
 LOOP_LAG_INTERVAL_S = 0.25
 
-#: ``route`` label of a refusal that happened before a route matched.
-NO_ROUTE = "-"
 #: ``status`` label of a refusal that was not answered (the connection was closed).
 NO_ANSWER = "none"
 
@@ -125,11 +125,6 @@ def close_code_label(code: int | None) -> str:
     if 4000 <= code <= 4999:
         return "4xxx"
     return "invalid"
-
-
-def route_label(route: RouteConfig) -> str:
-    """The ``route`` label: host pattern and path prefix, as the log writes them (``*/chat``)."""
-    return f"{route.host}{route.path}"
 
 
 class Metrics:

@@ -19,15 +19,45 @@ This module only decides; ``control.admin_http`` serves the answer (200, or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import trio
 
 from ..balance.registry import Registry
-from ..config.schema import Config, PoolName
+from ..config.schema import Config, ListenerConfig, PoolName
 
-if TYPE_CHECKING:
-    from ..app import App
+
+class OpenListener(Protocol):
+    """A listener of the running process (``app.ListenerSlot``): its settings and its sockets (none: closed)."""
+
+    @property
+    def spec(self) -> ListenerConfig: ...
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+
+class _Generation(Protocol):
+    @property
+    def config(self) -> Config: ...
+
+
+class ReadySource(Protocol):
+    """What readiness reads from the running process (``wsproxy.app.App``)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def generation(self) -> _Generation: ...
+
+    @property
+    def listeners(self) -> Mapping[str, OpenListener]: ...
+
+    @property
+    def registry(self) -> Registry: ...
 
 
 def available_by_pool(config: Config, registry: Registry, now: float, reasons: list[str]) -> dict[str, int]:
@@ -46,7 +76,7 @@ def available_by_pool(config: Config, registry: Registry, now: float, reasons: l
     return counts
 
 
-def readiness(app: App) -> tuple[bool, dict[str, object]]:
+def readiness(app: ReadySource) -> tuple[bool, dict[str, object]]:
     """(ready, the JSON body): ``{"ready": bool, "reasons": [...], "pools": {name: available count}}``."""
     config = app.generation.config
     reasons: list[str] = []

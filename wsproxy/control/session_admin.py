@@ -36,7 +36,7 @@ from ..proto.frames import CLOSE_GOING_AWAY
 from ..proto.handshake import Rejection, Upgrade
 from ..proto.identity_caps import CLOSE_OLDEST_CODE, CLOSE_OLDEST_REASON, Evict, IdentityKey, IdentityTable
 from ..proto.relay import By, Outcome
-from .metrics import route_label
+from ..proto.routing import route_label
 from .sessions import CloseOrder, SessionRecord
 
 if TYPE_CHECKING:
@@ -123,16 +123,9 @@ class SessionControl:
         relay = session.relay
         if relay is None or relay.machine.closed_by is not By.NONE:
             return 0  # already ending: the first reason stands
-        log_event(
-            log,
-            logging.INFO,
-            "session_closed_by_admin",
-            conn=session.conn_id,
-            peer=session.peer,
-            identity=logged(session.identity),
-            code=order.code,
-            reason=order.reason,
-            admin_peer=by,
+        session.log.peer_event(
+            log, logging.INFO, "session_closed_by_admin",
+            identity=logged(session.identity), code=order.code, reason=order.reason, admin_peer=by,
         )  # fmt: skip
         relay.finish(order.code, CLOSE_GOING_AWAY, order.reason, Outcome.ADMIN)
         return 1
@@ -160,8 +153,7 @@ class SessionControl:
                     logging.INFO,
                     "identity_limit",
                     action='close_oldest',
-                    conn=conn_id,
-                    peer=old.peer,
+                    **old.log.peer_fields,  # the closed session's conn and peer (after the action, as documented)
                     who=label,
                     for_conn=session.conn_id,
                     limit=limits.max_sessions_per_identity,

@@ -12,19 +12,47 @@ counts attempts, failed ones included, like ``wsproxy_reloads_total``, so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import trio
 
-from ..config.schema import Address, hostport
-
-if TYPE_CHECKING:
-    from ..app import App
-
+from ..config.schema import Address, PoolName, hostport
+from .metrics import MetricsSource
+from .ready import OpenListener
 
 
+class _Removals(Protocol):
+    def removing(self, pool: PoolName) -> list[Address]: ...  # ``control.drain.Drainer``
 
-def snapshot(app: App) -> dict[str, object]:
+
+class _DiscoveryStatus(Protocol):
+    def status(self, name: PoolName) -> dict[str, object] | None: ...  # ``control.discovery.Discovery``
+
+
+class StatusSource(MetricsSource, Protocol):
+    """What the snapshot reads from the running process (``wsproxy.app.App``): the collector's view and more."""
+
+    @property
+    def connection_count(self) -> int: ...
+
+    @property
+    def last_reload_error(self) -> str | None: ...
+
+    @property
+    def drainer(self) -> _Removals: ...
+
+    @property
+    def discovery(self) -> _DiscoveryStatus: ...
+
+    @property
+    def listeners(self) -> Mapping[str, OpenListener]: ...
+
+    @property
+    def addresses(self) -> dict[str, list[tuple[str, int]]]: ...
+
+
+def snapshot(app: StatusSource) -> dict[str, object]:
     config = app.generation.config
     now = trio.current_time()
     live: dict[Address, list[int]] = {}  # what open sessions relayed so far, by backend

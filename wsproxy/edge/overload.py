@@ -24,9 +24,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Mapping
 
 from ..errors import LocalOverload
-from ..log import log_event
+from ..log import log_with
 from ..proto.handshake import TEXT_PLAIN, http_response
 
 __all__ = [
@@ -91,13 +92,16 @@ class RateLimitedWarning:
         self._last = float("-inf")
         self._suppressed = 0
 
-    def warning(self, event: str, /, **fields: object) -> bool:
-        """Log ``event`` with ``fields`` plus ``suppressed=N``, or count it; True when it was logged."""
+    def warning(self, event: str, context: Mapping[str, object] | None = None, /, **fields: object) -> bool:
+        """Log ``event`` with ``fields`` plus ``suppressed=N``, or count it; True when it was logged.
+
+        ``context``: fields of the caller's to write first (``log.log_with``), e.g. a session's ``conn``.
+        """
         now = time.monotonic()
         if now - self._last < self.interval_s:
             self._suppressed += 1
             return False
         self._last = now
         suppressed, self._suppressed = self._suppressed, 0
-        log_event(self.logger, logging.WARNING, event, **fields, suppressed=suppressed)
+        log_with(self.logger, logging.WARNING, event, context, **fields, suppressed=suppressed)
         return True

@@ -25,8 +25,8 @@ from typing import Protocol
 
 from ..proto.handshake import TEXT_PLAIN, Rejection, http_error, http_response
 from .channel import RawChannel
-from ..log import log_event
 from .request import send_final
+from .session_log import SessionLog
 
 # The session's logger: an operator follows one connection under one name.
 log = logging.getLogger("wsproxy.edge.session")
@@ -95,18 +95,16 @@ class RefusalCounter(Protocol):
     def refused(self, route: str, reason: str, status: int | None, count: int = 1) -> None: ...
 
 
-async def refuse(
-    client: RawChannel, refused: Refused, *, conn_id: str, peer: str, route: str, counter: RefusalCounter
-) -> None:
+async def refuse(client: RawChannel, refused: Refused, *, session: SessionLog, counter: RefusalCounter) -> None:
     """Log ``refused`` in one line, count it, and answer it (if it has an answer), then close gently.
 
-    ``route`` is the matched route's label, or ``-`` before one matched.
+    The line and the count carry the session's route: its label, or ``-`` before one matched.
     """
-    log_event(
-        log, logging.INFO, "refused", conn=conn_id, peer=peer, route=route, kind=refused.reason.value,
-        **dict(refused.fields), status=refused.status, reason=refused.detail,
+    session.route_event(
+        log, logging.INFO, "refused", kind=refused.reason.value, **dict(refused.fields),
+        status=refused.status, reason=refused.detail,
     )  # fmt: skip
-    counter.refused(route, refused.reason.value, refused.status)
+    counter.refused(session.route, refused.reason.value, refused.status)
     if refused.status is not None:
         response = refused.response
         if response is None:

@@ -4,7 +4,7 @@
       → read request (h11)                      (edge.request, proto.handshake)
       → route                                   (proto.routing)
       → Origin, credentials                     (edge.gate, proto.origin, proto.auth)
-      → per-identity cap                        (control.session_admin, proto.identity_caps)
+      → per-identity cap                        (the host: control.session_admin, proto.identity_caps)
       → plan backends                           (balance.plan)
       → dial + upstream upgrade                 (edge.upstream)
       → 101 to the client
@@ -14,7 +14,11 @@ Everything up to the request itself happens within ``timeouts.handshake``
 from accept. Every refusal on the way is an HTTP response with the status the
 verdict carries and one log line that says why; nothing of a refused request
 reaches a backend. The session owns its sockets and closes them in
-``finally``.
+``finally``, and so its backend's ``Lease``.
+
+The process that serves it (the ``App``) is seen only as a ``SessionHost``
+(``edge.host``); every line it logs carries its fields from its
+``SessionLog`` (``edge.session_log``).
 """
 
 from __future__ import annotations
@@ -38,10 +42,8 @@ from ..proto.relay import Outcome
 from ..errors import LocalOverload
 from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
 from .channel import ChannelBroken, RawChannel
-from ..control import lifetime
-from ..control.metrics import NO_ROUTE, route_label
-from ..control.session_admin import identity_of
 from ..proto.identity_caps import IdentityKey
+from ..proto.routing import route_label
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
@@ -51,10 +53,11 @@ from ..proto.client_cert import certificate_identity
 from ..proto.handshake import offered_subprotocols
 from .tls import TlsChannel
 from .upstream import Refusal, open_upstream
-from ..log import log_event
+from .session_log import SessionLog
 
 if TYPE_CHECKING:
-    from ..app import App, Generation
+    from ..balance.registry import Lease
+    from .host import SessionGeneration, SessionHost
     from ..proto.lifetime import Deadline
     from ..config.schema import BackendConfig, ListenerConfig, RouteConfig
 
@@ -85,9 +88,13 @@ class Session:
         "cap_key",
         "deadline",
         "revocation_keys",
+        "lease",
+        "log",
     )
 
-    def __init__(self, conn_id: str, peer: str, client_ip: str, generation: Generation) -> None:
+    def __init__(
+        self, conn_id: str, peer: str, client_ip: str, generation: SessionGeneration, log: SessionLog | None = None
+    ) -> None:
         self.conn_id = conn_id
         self.peer = peer  # the client's address (after PROXY protocol), for logs
         self.client_ip = client_ip
@@ -105,25 +112,29 @@ class Session:
         self.cap_key: IdentityKey | None = None  # counted under this identity (limits.max_sessions_per_identity)
         self.deadline: Deadline | None = None  # when its token, lifetime or age ends it (control.lifetime)
         self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
+        self.lease: Lease | None = None  # its count in its backend's active sessions, once the backend accepted
+        self.log = log if log is not None else SessionLog(conn_id, peer)  # the fields of its log lines
 
 
 
 
-async def handle_connection(sock: socket.socket, app: App, listener: ListenerConfig) -> None:
+async def handle_connection(sock: socket.socket, host: SessionHost, listener: ListenerConfig) -> None:
     """Serve one accepted connection; never raises, always closes its sockets."""
-    conn_id = app.next_conn_id()
-    generation = app.generation
+    conn_id = host.next_conn_id()
+    generation = host.generation
     config = generation.config
     deadline = trio.current_time() + config.timeouts.handshake_s
     client = RawChannel(sock)
     backend: RawChannel | None = None
     admitted_ip: str | None = None
     session: Session | None = None
+    session_log = SessionLog(conn_id, "-")
     try:
         try:
             peer_ip, peer_port = client.peername()
         except OSError:
             return  # reset before we looked
+        session_log.set_peer(hostport(peer_ip, peer_port))
         client_ip, client_port = peer_ip, peer_port
         if listener.proxy_protocol != "off":
             try:
@@ -132,25 +143,23 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             except (ProxyHeaderError, trio.TooSlowError) as exc:
                 reason = str(exc) or "PROXY header not complete in time"
                 refused = Refused(Reason.PROXY_HEADER, None, reason)
-                peer = hostport(peer_ip, peer_port)
-                await refuse(client, refused, conn_id=conn_id, peer=peer, route=NO_ROUTE, counter=app.metrics)
+                await refuse(client, refused, session=session_log, counter=host.metrics)
                 return
             if source is not None:
                 client_ip, client_port = source
-        session = Session(conn_id, hostport(client_ip, client_port), client_ip, generation)
-        admission = app.clients.admit(client_ip, trio.current_time(), config.limits, app.connection_count)
+                session_log.set_peer(hostport(client_ip, client_port))
+        session = Session(conn_id, session_log.peer, client_ip, generation, session_log)
+        admission = host.admit_connection(client_ip, trio.current_time(), config.limits)
         if admission is None:
-            app.clients.connected(client_ip)
-            app.connection_count += 1
             admitted_ip = client_ip
         if listener.tls is not None:
-            client = TlsChannel.wrap_server(client.sock, app.tickets.context_for(listener.name, listener.tls))
+            client = TlsChannel.wrap_server(client.sock, host.tickets.context_for(listener.name, listener.tls))
             try:
                 with trio.fail_at(deadline):
                     await client.handshake()
             except (ssl.SSLError, ChannelBroken, trio.TooSlowError) as exc:
                 reason = getattr(exc, "reason", None) or str(exc) or "TLS handshake not complete in time"
-                log_event(log, logging.INFO, "tls_failed", conn=conn_id, peer=session.peer, reason=reason)
+                session_log.peer_event(log, logging.INFO, "tls_failed", reason=reason)
                 return
             assert isinstance(client, TlsChannel)
             cert = client.ssl.getpeercert()  # {} without a (verified) client certificate
@@ -158,21 +167,22 @@ async def handle_connection(sock: socket.socket, app: App, listener: ListenerCon
             if identity is not None:
                 session.identity = session.cert_identity = identity
         if admission is not None:
-            await _refuse(client, session, app, Refused.of(Reason.LIMIT, admission))
+            await _refuse(client, session, host, Refused.of(Reason.LIMIT, admission))
             return
         try:
-            backend, from_backend, from_client = await _handshakes(client, session, app, listener, deadline, client_port)
+            backend, from_backend, from_client = await _handshakes(client, session, host, listener, deadline, client_port)
         except _Done:
             return
-        await _relay(client, backend, session, from_client, from_backend, app)
+        await _relay(client, backend, session, from_client, from_backend, host)
     except Exception:
-        log_event(log, logging.ERROR, "error", exc_info=True, conn=conn_id)
+        session_log.conn_event(log, logging.ERROR, "error", exc_info=True)
     finally:
         if session is not None:
-            app.session_control.release(session)
+            host.release_identity(session)
+            if session.lease is not None:
+                session.lease.release()  # at the latest: the relay's end released it already
         if admitted_ip is not None:
-            app.clients.disconnected(admitted_ip)
-            app.connection_count -= 1
+            host.connection_closed(admitted_ip)
         if backend is not None:
             backend.close()
         client.close()
@@ -186,14 +196,13 @@ class _Done(Exception):
     """The connection was answered and is over (refused, or the client left)."""
 
 
-async def _refuse(client: RawChannel, session: Session, app: App, refused: Refused) -> None:
+async def _refuse(client: RawChannel, session: Session, host: SessionHost, refused: Refused) -> None:
     """``edge.refusal.refuse`` with the session's fields (route ``-`` until one matched)."""
-    route = route_label(session.route) if session.route is not None else NO_ROUTE
-    await refuse(client, refused, conn_id=session.conn_id, peer=session.peer, route=route, counter=app.metrics)
+    await refuse(client, refused, session=session.log, counter=host.metrics)
 
 
 async def _handshakes(
-    client: RawChannel, session: Session, app: App, listener: ListenerConfig, deadline: float, client_port: int
+    client: RawChannel, session: Session, host: SessionHost, listener: ListenerConfig, deadline: float, client_port: int
 ) -> tuple[RawChannel, bytes, bytes]:
     """Both handshakes: returns the backend channel and the bytes that came with the two heads."""
     config = session.generation.config
@@ -207,18 +216,19 @@ async def _handshakes(
     if result is None:
         raise _Done
     if isinstance(result, Silent):
-        await _refuse(client, session, app, Refused(Reason.TIMEOUT, None, result.reason))
+        await _refuse(client, session, host, Refused(Reason.TIMEOUT, None, result.reason))
         raise _Done
     if isinstance(result, Rejection):
-        await _refuse(client, session, app, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
+        await _refuse(client, session, host, Refused.of(Reason.TIMEOUT if result.status == 408 else Reason.UPGRADE, result))
         raise _Done
     up, from_client = result
     route = session.generation.router.route(up.host, up.path, up.subprotocols)  # the normalised host and path
     if isinstance(route, Rejection):
         reason = Reason.NO_ROUTE if route.status == 404 else Reason.UPGRADE  # 400: a path that would route elsewhere
-        await _refuse(client, session, app, Refused.of(reason, route))
+        await _refuse(client, session, host, Refused.of(reason, route))
         raise _Done
     session.route = route
+    session.log.routed(route_label(route))
     host_header = up.authority  # the Host as normalised, for the auth service and X-Forwarded-Host
     der = None
     if route.client_cert_header is not None and isinstance(client, TlsChannel):
@@ -229,33 +239,31 @@ async def _handshakes(
         client_ip=session.client_ip,
         host_header=host_header,
         tls=tls,
-        jwks=app.jwks,
+        jwks=host.jwks,
         client_identity=session.cert_identity,
         client_cert_der=der,
     )
     if isinstance(verdict, Refused):
-        await _refuse(client, session, app, verdict)
+        await _refuse(client, session, host, verdict)
         raise _Done
     if verdict.identity is not None:
         session.identity = verdict.identity
-    revoked = lifetime.admit(session, route, verdict, trio.current_time(), time.time(), app.drainer.rng)
+    revoked = host.admit_lifetime(session, route, verdict)
     if revoked is not None:
-        await _refuse(client, session, app, revoked)
+        await _refuse(client, session, host, revoked)
         raise _Done
-    identity = identity_of(session, config.pools[route.pool], up, verdict.claims)
-    if identity is not None:  # counted even without a cap, so that a reload that sets one finds the counts
-        rejection = app.session_control.admit(session, identity, config.limits)
-        if rejection is not None:
-            await _refuse(client, session, app, Refused.of(Reason.IDENTITY_LIMIT, rejection))
-            raise _Done
-    backend, from_backend = await _connect_upstream(client, session, app, up, verdict, host_header, client_port, tls=tls)
+    rejection = host.admit_identity(session, config.pools[route.pool], up, verdict.claims, config.limits)
+    if rejection is not None:
+        await _refuse(client, session, host, Refused.of(Reason.IDENTITY_LIMIT, rejection))
+        raise _Done
+    backend, from_backend = await _connect_upstream(client, session, host, up, verdict, host_header, client_port, tls=tls)
     return backend, from_backend, from_client
 
 
 async def _connect_upstream(
     client: RawChannel,
     session: Session,
-    app: App,
+    host: SessionHost,
     up: Upgrade,
     admitted: Admitted,
     host_header: bytes,
@@ -271,7 +279,7 @@ async def _connect_upstream(
     pool = config.pools[route.pool]
     plan = plan_session(
         pool,
-        app.registry,
+        host.registry,
         generation.selectors[pool.name],
         trio.current_time(),
         headers=list(up.request.headers),
@@ -283,7 +291,7 @@ async def _connect_upstream(
     )
     if isinstance(plan, NoBackend):
         extra = [(b"Retry-After", b"%d" % plan.retry_after_s)] if plan.retry_after_s else []
-        await _refuse(client, session, app, Refused.plain(Reason.NO_BACKEND, plan.status, plan.reason, plan.body, extra))
+        await _refuse(client, session, host, Refused.plain(Reason.NO_BACKEND, plan.status, plan.reason, plan.body, extra))
         raise _Done
     session.sticky = plan.sticky
     added, dropped = forwarding(
@@ -311,14 +319,14 @@ async def _connect_upstream(
         result = await open_upstream(
             plan.order,
             pool,
-            app.registry,
+            host.registry,
             target,
             headers,
             up,
             timeouts=config.timeouts,
             max_header_bytes=max(config.limits.max_header_bytes, 16384),
-            conn_id=session.conn_id,
-            timings=app.metrics,
+            log=session.log,
+            timings=host.metrics,
         )
     except UpstreamUnavailable as exc:
         reason = (
@@ -326,17 +334,19 @@ async def _connect_upstream(
             else Reason.UPSTREAM_TIMEOUT if exc.status == 504
             else Reason.UPSTREAM_FAILED
         )  # fmt: skip
-        await _refuse(client, session, app, Refused.of(reason, Rejection(exc.status, exc.reason, exc.headers)))
+        await _refuse(client, session, host, Refused.of(reason, Rejection(exc.status, exc.reason, exc.headers)))
         raise _Done from None
     if isinstance(result, Refusal):
         refused = Refused.relayed(
             Reason.BACKEND_REFUSED, result.status, result.headers, result.body, "backend refused the upgrade",
             fields=(("pool", pool.name),),
         )
-        await _refuse(client, session, app, refused)
+        await _refuse(client, session, host, refused)
         raise _Done
+    session.lease = result.lease  # released by whatever ends the session (handle_connection's finally at the latest)
     backend = result.backend
     session.backend = backend
+    session.log.served(pool.name, str(backend.address))
     extra_101 = []
     cookie = plan.set_cookie if backend is plan.order[0] else cookie_for(pool, backend, tls=tls)
     if cookie:
@@ -366,10 +376,10 @@ async def _connect_upstream(
     rate = limits.max_message_rate
     rates = (MessageRate(rate), MessageRate(rate)) if rate is not None else None
     backend_channel = result.channel
-    if app.engine is not None and type(client) in _ENGINE_CHANNELS and type(backend_channel) in _ENGINE_CHANNELS:
+    if host.engine is not None and type(client) in _ENGINE_CHANNELS and type(backend_channel) in _ENGINE_CHANNELS:
         # The epoll engine relays it, plain or TLS on either side (it takes over the TLS objects).
         session.relay = EngineRelay(
-            app.engine,
+            host.engine,
             client.sock,
             backend_channel.sock,
             up_scanner=up_scanner,
@@ -392,8 +402,7 @@ async def _connect_upstream(
         )
     try:
         await client.send(downstream_101(accepted, extra_101))
-    except BaseException as exc:
-        app.registry.state(backend.address).active -= 1
+    except BaseException as exc:  # the lease goes with the session (handle_connection's finally)
         result.channel.close()
         session.relay = None
         if isinstance(exc, ChannelBroken):
@@ -408,47 +417,31 @@ async def _relay(
     session: Session,
     from_client: bytes,
     from_backend: bytes,
-    app: App,
+    host: SessionHost,
 ) -> None:
-    relay = session.relay
-    assert relay is not None and session.route is not None and session.backend is not None
-    route, backend_cfg = session.route, session.backend
-    app.sessions[session.conn_id] = session
-    app.session_control.established(session)
-    lifetime.established(session, route, trio.current_time(), app.drainer.rng)
-    state = app.registry.state(backend_cfg.address)  # active was counted when it was chosen
+    relay, lease, route, session_log = session.relay, session.lease, session.route, session.log
+    assert relay is not None and lease is not None and route is not None
+    host.session_established(session)
+    state = lease.state  # active was counted when the backend was chosen
     state.total += 1
-    backend_name = str(backend_cfg.address)
-    route_name = route_label(route)
-    app.metrics.handshake_done(time.monotonic() - session.started)
-    log_event(
-        log,
-        logging.INFO,
-        "open",
-        conn=session.conn_id,
-        peer=session.peer,
-        route=route_name,
-        pool=route.pool,
-        backend=backend_cfg.address,
-        sticky=session.sticky,
-        identity=session.identity,
-    )
-    if app.stopping:  # established while the proxy was shutting down
+    host.metrics.handshake_done(time.monotonic() - session.started)
+    session_log.backend_event(log, logging.INFO, "open", sticky=session.sticky, identity=session.identity)
+    if host.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
     try:
         await relay.run(from_client, from_backend)
     finally:
-        state.active -= 1
-        del app.sessions[session.conn_id]
+        lease.release()
+        host.session_ended(session)
         up, down = relay.up.scanner, relay.down.scanner
         state.bytes_up += relay.bytes_up
         state.bytes_down += relay.bytes_down
         state.messages_up += up.messages
         state.messages_down += down.messages
-        app.metrics.session_closed(
-            route_name,
+        host.metrics.session_closed(
+            session_log.route,
             route.pool,
-            backend_name,
+            session_log.backend,
             outcome=relay.machine.kind.value,
             duration_s=time.monotonic() - session.started,
             client_code=up.close_code,
@@ -456,15 +449,10 @@ async def _relay(
             proxy_to_client=relay.down.own_close_code,
             proxy_to_backend=relay.up.own_close_code,
         )
-        log_event(
+        session_log.backend_event(
             log,
             logging.INFO,
             "close",
-            conn=session.conn_id,
-            peer=session.peer,
-            route=route_name,
-            pool=route.pool,
-            backend=backend_cfg.address,
             identity=session.identity,
             by=relay.machine.closed_by.value,
             reason=relay.machine.reason or "cancelled",

@@ -19,7 +19,7 @@ import h11
 import trio
 
 from ..config.schema import BackendConfig, PoolConfig, TimeoutsConfig
-from ..balance.registry import Registry
+from ..balance.registry import Lease, Registry
 from ..errors import LocalOverload, UpstreamUnavailable
 from .channel import ChannelBroken, RawChannel, connect
 from .overload import RateLimitedWarning
@@ -35,6 +35,7 @@ from ..proto.handshake import (
     parse_response_head,
 )
 from ..log import log_event
+from .session_log import SessionLog
 
 log = logging.getLogger("wsproxy.edge.upstream")
 _overloaded = RateLimitedWarning(log)  # one WARNING a second at most while the proxy is out of fds
@@ -68,6 +69,7 @@ class Connected:
     backend: BackendConfig
     accepted: Accepted
     trailing: bytes  # bytes that came after its 101
+    lease: Lease  # the session's count in the backend's ``active``: the session releases it when it ends
 
 
 async def open_upstream(
@@ -80,7 +82,7 @@ async def open_upstream(
     *,
     timeouts: TimeoutsConfig,
     max_header_bytes: int,
-    conn_id: str,
+    log: SessionLog,
     timings: UpstreamTimings | None = None,
 ) -> Connected | Refusal:
     """Try the backends of ``order`` in turn until one accepts the upgrade.
@@ -91,7 +93,9 @@ async def open_upstream(
     backend that answers with a plain HTTP response is not retried: the
     response is returned for the client (a 5xx also counts as a failure).
     While a backend is being tried it counts as one more active session, so
-    that concurrent handshakes see each other in balancing and max_connections.
+    that concurrent handshakes see each other in balancing and max_connections:
+    a ``Lease`` taken for each attempt, released when the attempt fails and
+    handed to the caller in ``Connected`` when it succeeds (the caller releases it).
 
     Raises ``UpstreamUnavailable``: 504 when a backend accepted the connection
     but never answered the upgrade, 502 otherwise; ``LocalOverload`` (503 with
@@ -105,8 +109,7 @@ async def open_upstream(
     errors = []
     for backend in order:
         address = backend.address
-        state = registry.state(address)
-        state.active += 1
+        lease = registry.lease(address)
         connected = False
         started = trio.current_time()
         try:
@@ -122,7 +125,7 @@ async def open_upstream(
             except LocalOverload as exc:
                 # The proxy's own sockets ran out: not this backend's failure (no passive-health
                 # record), and the next backend would fail the same way (no retry).
-                _overloaded.warning("local_overload", conn=conn_id, pool=pool.name, backend=address, reason=exc.reason)
+                _overloaded.warning("local_overload", log.conn_fields, pool=pool.name, backend=address, reason=exc.reason)
                 raise
             except trio.TooSlowError:
                 reason = f"connect timed out after {timeouts.connect_s:g}s"
@@ -150,32 +153,24 @@ async def open_upstream(
                     if isinstance(answer, Refusal):
                         channel.close()
                         if answer.status >= 500:
-                            _failed(registry, pool, backend, f"answered {answer.status} to the upgrade", conn_id)
+                            _failed(registry, pool, backend, f"answered {answer.status} to the upgrade", log)
                         return answer
                     connected = True
                     now = trio.current_time()
                     if timings is not None:
                         timings.upstream_upgraded(pool.name, str(address), now - sent)
                     registry.record_success(pool.name, address, now)
-                    return Connected(channel, backend, *answer)
+                    return Connected(channel, backend, *answer, lease)
             errors.append(f"{address}: {reason}")
-            _failed(registry, pool, backend, reason, conn_id)
+            _failed(registry, pool, backend, reason, log)
         finally:
             if not connected:
-                state.active -= 1
+                lease.release()
     raise UpstreamUnavailable(status, f"pool {pool.name}: " + "; ".join(errors))
 
 
-def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, conn_id: str) -> None:
-    log_event(
-        log,
-        logging.WARNING,
-        "upstream_failed",
-        conn=conn_id,
-        pool=pool.name,
-        backend=backend.address,
-        reason=reason,
-    )
+def _failed(registry: Registry, pool: PoolConfig, backend: BackendConfig, reason: str, session: SessionLog) -> None:
+    session.conn_event(log, logging.WARNING, "upstream_failed", pool=pool.name, backend=backend.address, reason=reason)
     if pool.passive is not None:
         ejected = registry.record_failure(pool.name, backend.address, pool.backends, trio.current_time(), pool.passive)
         if ejected:

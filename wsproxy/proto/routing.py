@@ -43,6 +43,14 @@ DEFAULT_IDENTITY_HEADER = "X-Auth-Subject"
 #: Envoy's client certificate header (``routes[].client_cert_header``), stripped on every route.
 XFCC_HEADER = "X-Forwarded-Client-Cert"
 
+#: The ``route`` of a log line or metric label before a route matched (a refusal, a shed connection).
+NO_ROUTE = "-"
+
+
+def route_label(route: RouteConfig) -> str:
+    """How logs and metric labels name a route: host pattern and path prefix (``*/chat``)."""
+    return f"{route.host}{route.path}"
+
 
 def host_matches(pattern: str, host: str) -> bool:
     """Does the (lower-case, port-less) ``host`` match the route's host pattern?"""
