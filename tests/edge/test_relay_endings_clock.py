@@ -30,10 +30,10 @@ import pytest
 import trio
 import trio.testing
 
-from tests.kit.relayed import DRIVERS, FAILURE_CODE, Peer, Relayed, relayed, session_for
+from tests.kit.relayed import DRIVERS, FAILURE_CODE, Behaviour, Relayed, Seen, answer, relayed, session_for
 from tests.kit.servers import make_config
 from tests.kit.wait import until
-from tests.kit.ws import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Frame, frame, frame_header
+from tests.kit.ws import OP_BINARY, OP_TEXT, frame, frame_header
 from wsproxy.app import Generation
 from wsproxy.balance.registry import Registry
 from wsproxy.config.schema import (
@@ -58,56 +58,7 @@ KEEPALIVE = KeepaliveConfig(interval_s=2.0, timeout_s=1.0)  # the sweeper then l
 DRAIN = DrainConfig(timeout_s=2.0, spread_s=0.0, close_timeout_s=CLOSE_TIMEOUT_S)
 
 
-# -- the peers ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What one peer received."""
-
-    frames: list[Frame] = field(default_factory=list)  # data and control frames before the close frame
-    close: Frame | None = None
-    close_at: float | None = None
-    eof_at: float | None = None
-    rest: bytes = b""  # bytes of a frame cut short by TCP's end
-
-    @property
-    def data(self) -> list[bytes]:
-        return [f.payload for f in self.frames if f.opcode in (OP_TEXT, OP_BINARY)]
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """How one peer behaves (by default: a well-behaved WebSocket endpoint)."""
-
-    answer_close: bool = True
-    pong: bool = True
-
-
-async def play(peer: Peer, seen: Seen, how: Behaviour, *, sent_close: Callable[[], bool]) -> None:
-    """Read until TCP closes, answering pings and the close handshake as ``how`` says."""
-    while True:
-        got = await peer.read()
-        if got is None:
-            seen.eof_at = trio.current_time()
-            seen.rest = bytes(peer.reader.buf)
-            return
-        if got.opcode == OP_CLOSE and seen.close is None:
-            seen.close, seen.close_at = got, trio.current_time()
-            try:
-                if how.answer_close and not sent_close():
-                    await peer.send_close(got.code, got.close_reason)  # the echo of RFC 6455 §5.5.1
-                if not peer.is_client and how.answer_close:
-                    peer.shutdown_write()  # the server closes TCP once the handshake is complete
-            except (trio.BrokenResourceError, OSError):
-                pass
-            continue
-        seen.frames.append(got)
-        if got.opcode == OP_PING and how.pong:
-            try:
-                await peer.send_frame(OP_PONG, got.payload)
-            except (trio.BrokenResourceError, OSError):
-                pass
+# -- the scene --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -118,17 +69,15 @@ class Scene:
     nursery: trio.Nursery
     client: Seen = field(default_factory=Seen)
     backend: Seen = field(default_factory=Seen)
-    client_closed: bool = False  # the test made that peer send a close frame of its own
-    backend_closed: bool = False
 
     async def client_close(self, code: int, reason: str = "") -> None:
-        self.client_closed = True
+        self.client.sent_close = True
         await self.r.client.send_close(code, reason)
 
     async def backend_close(self, code: int, reason: str = "") -> None:
-        self.backend_closed = True
+        self.backend.sent_close = True
         await self.r.backend.send_close(code, reason)
-        # a server that started the handshake closes TCP once the client answered (see play)
+        # a server that started the handshake closes TCP once the client answered (kit's answer)
 
 
 # -- the cases ---------------------------------------------------------------------------------
@@ -486,8 +435,8 @@ async def test_ending(case: Ending, driver: str, autojump_clock: trio.testing.Mo
     with trio.fail_after(60):
         async with relayed(driver, **options) as r, trio.open_nursery() as nursery:
             s = Scene(r, nursery)
-            nursery.start_soon(lambda: play(r.client, s.client, case.client, sent_close=lambda: s.client_closed))
-            nursery.start_soon(lambda: play(r.backend, s.backend, case.backend, sent_close=lambda: s.backend_closed))
+            nursery.start_soon(answer, r.client, s.client, case.client)
+            nursery.start_soon(answer, r.backend, s.backend, case.backend)
             await case.act(s)
             start = trio.current_time()
             ended = await r.wait_ended() - start

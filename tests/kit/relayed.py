@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from tests.kit.ws import OP_CLOSE, Frame, FrameReader, close_payload, frame
+from tests.kit.ws import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Frame, FrameReader, close_payload, frame
 from wsproxy.edge.channel import RawChannel
 from wsproxy.edge.engine import HAVE_EPOLL, Engine, EngineRelay
 from wsproxy.edge.relay import Relay, RelayDriver
@@ -112,10 +112,12 @@ class Peer:
     def __post_init__(self) -> None:
         self.stream = trio.SocketStream(self.sock)
         self.reader = FrameReader(self.stream)
+        self._sending = trio.Lock()  # the test and ``answer`` may both send: one frame at a time
 
     async def send(self, data: bytes) -> None:
         """Raw bytes, as they are (a partial frame, garbage)."""
-        await self.stream.send_all(data)
+        async with self._sending:
+            await self.stream.send_all(data)
 
     async def send_frame(self, opcode: int, payload: bytes = b"", **kw: object) -> bytes:
         """One frame as this peer sends it (masked from the client); returns its bytes."""
@@ -144,6 +146,59 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass
+class Seen:
+    """What one peer received (``answer`` fills it in)."""
+
+    frames: list[Frame] = field(default_factory=list)  # data and control frames before the close frame
+    close: Frame | None = None
+    close_at: float | None = None
+    eof_at: float | None = None
+    rest: bytes = b""  # bytes of a frame cut short by TCP's end
+    sent_close: bool = False  # the test made this peer start the close handshake
+
+    @property
+    def data(self) -> list[bytes]:
+        return [f.payload for f in self.frames if f.opcode in (OP_TEXT, OP_BINARY)]
+
+    def of(self, opcode: int) -> list[Frame]:
+        return [f for f in self.frames if f.opcode == opcode]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a peer played by ``answer`` behaves; by default a well-behaved WebSocket endpoint."""
+
+    answer_close: bool = True  # echo a close frame (and, as the server, then close TCP: RFC 6455 §7.1.1)
+    pong: bool = True  # answer pings (§5.5.2)...
+    pong_after_s: float = 0.0  # ...this late
+
+
+async def answer(peer: Peer, seen: Seen, how: Behaviour = Behaviour()) -> None:
+    """Read until TCP closes, noting what came in ``seen`` and answering pings and the close handshake."""
+    while True:
+        got = await peer.read()
+        if got is None:
+            seen.eof_at = trio.current_time()
+            seen.rest = bytes(peer.reader.buf)
+            return
+        try:
+            if got.opcode == OP_CLOSE and seen.close is None:
+                seen.close, seen.close_at = got, trio.current_time()
+                if how.answer_close and not seen.sent_close:
+                    await peer.send_close(got.code, got.close_reason)  # the echo of §5.5.1
+                if how.answer_close and not peer.is_client:
+                    peer.shutdown_write()  # the server closes TCP once the handshake is complete
+                continue
+            seen.frames.append(got)
+            if got.opcode == OP_PING and how.pong:
+                if how.pong_after_s:
+                    await trio.sleep(how.pong_after_s)
+                await peer.send_frame(OP_PONG, got.payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the relay closed it meanwhile: the next read sees the end
 
 
 @dataclass
