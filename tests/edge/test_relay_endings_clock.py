@@ -267,9 +267,9 @@ ROW_DRAIN = "the backend drains"
 ROW_REMOVED = "the backend left the pool's DNS answer"
 ROW_SHUTDOWN = "shutdown (SIGTERM/SIGINT)"
 
-too_big = {"max_message_bytes": MAX_MESSAGE_BYTES}
+too_big: dict[str, object] = {"max_message_bytes": MAX_MESSAGE_BYTES}
 big_reason = f"sent a message of more than {MAX_MESSAGE_BYTES} bytes (at least {MAX_MESSAGE_BYTES + 50})"
-rate = {"message_rate": RATE}
+rate: dict[str, object] = {"message_rate": RATE}
 rate_reason = "message rate above 1/s (burst 2)"
 F = FAILURE_CODE
 
@@ -390,7 +390,7 @@ def readme_rows() -> list[str]:
     """The situation cell of each row of the README's table "Once the session is established"."""
     text = README.read_text()
     start = text.index("Once the session is established:")
-    rows = []
+    rows: list[str] = []
     for line in text[start:].splitlines()[1:]:
         if not line.strip():
             if rows:
@@ -419,7 +419,7 @@ def matches(expected: str, got: str) -> bool:
 
 
 def check_close(side: str, seen: Seen, expected: Expect) -> None:
-    if expected is NO_CLOSE:
+    if expected is None:  # NO_CLOSE
         assert seen.close is None, f"the {side} got a close frame {seen.close}, expected TCP closed without one"
     else:
         assert seen.close is not None, f"the {side} got no close frame (frames: {seen.frames}, rest: {seen.rest!r})"

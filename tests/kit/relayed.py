@@ -83,7 +83,7 @@ def build_relay(
 
 
 def session_for(
-    relay: RelayDriver,
+    relay: RelayDriver | None,
     generation: Generation,
     *,
     conn_id: str = "c1",
