@@ -33,7 +33,7 @@ import trio.testing
 from tests.kit.relayed import DRIVERS, FAILURE_CODE, Behaviour, Relayed, Seen, answer, relayed, session_for
 from tests.kit.servers import make_config
 from tests.kit.wait import until
-from tests.kit.ws import OP_BINARY, OP_TEXT, frame, frame_header
+from tests.kit.ws import OP_BINARY, OP_CLOSE, OP_TEXT, frame, frame_header
 from wsproxy.app import Generation
 from wsproxy.balance.registry import Registry
 from wsproxy.config.schema import (
@@ -119,6 +119,14 @@ async def backend_closes(s: Scene) -> None:
 
 async def client_closes_backend_silent(s: Scene) -> None:
     await s.client_close(1000, "bye")
+
+
+async def client_bad_close_payload(s: Scene) -> None:
+    await s.r.client.send_frame(OP_CLOSE, b"\x03")  # §5.5.1: a body is at least the 2-byte code
+
+
+async def backend_close_code_1005(s: Scene) -> None:
+    await s.r.backend.send_frame(OP_CLOSE, b"\x03\xed")  # §7.4.1: 1005 must not be sent on the wire
 
 
 async def client_too_big(s: Scene) -> None:
@@ -282,6 +290,11 @@ CASES = [
         ends_within=(CLOSE_TIMEOUT_S, CLOSE_TIMEOUT_S), backend=Behaviour(answer_close=False),
     ),
     Ending(
+        ROW_CLOSE, "the backend closes TCP a while after the handshake: the proxy waits for it (§7.1.1)", client_closes,
+        (1000, "bye"), (1000, "bye"), Outcome.NORMAL, By.CLIENT, "close",
+        ends_within=(1.5, 1.5), backend=Behaviour(close_tcp_after_s=1.5),
+    ),
+    Ending(
         ROW_TOO_BIG, "from the client", client_too_big, (1009, "message of more than 100 bytes (at least 150)"),
         (1001, "peer sent a message too big"), Outcome.TOO_BIG, By.PROXY, "client " + big_reason, 1009, 1001, options=too_big,
     ),
@@ -297,6 +310,15 @@ CASES = [
     Ending(
         ROW_PROTOCOL, "a reserved opcode from the client", client_reserved_opcode, (1002, "..."), (1001, "peer protocol error"),
         Outcome.PROTOCOL_ERROR, By.PROXY, "client protocol error: ...", 1002, 1001,
+    ),
+    Ending(
+        ROW_PROTOCOL, "a 1-byte close payload from the client", client_bad_close_payload, (1002, "..."),
+        (1001, "peer protocol error"), Outcome.PROTOCOL_ERROR, By.PROXY, "client protocol error: ...", 1002, 1001,
+    ),
+    Ending(
+        ROW_PROTOCOL, "close code 1005 on the wire from the backend", backend_close_code_1005,
+        (F, "backend protocol error: ..."), (1002, "..."), Outcome.PROTOCOL_ERROR, By.PROXY, "backend protocol error: ...",
+        F, 1002,
     ),
     Ending(
         ROW_PROTOCOL, "a masked server frame", backend_masked, (F, "backend protocol error: ..."), (1002, "..."),

@@ -174,6 +174,7 @@ class Behaviour:
     answer_close: bool = True  # echo a close frame (and, as the server, then close TCP: RFC 6455 §7.1.1)
     pong: bool = True  # answer pings (§5.5.2)...
     pong_after_s: float = 0.0  # ...this late
+    close_tcp_after_s: float = 0.0  # how long the server waits after the close handshake before closing TCP
 
 
 async def answer(peer: Peer, seen: Seen, how: Behaviour = Behaviour()) -> None:
@@ -190,6 +191,8 @@ async def answer(peer: Peer, seen: Seen, how: Behaviour = Behaviour()) -> None:
                 if how.answer_close and not seen.sent_close:
                     await peer.send_close(got.code, got.close_reason)  # the echo of §5.5.1
                 if how.answer_close and not peer.is_client:
+                    if how.close_tcp_after_s:
+                        await trio.sleep(how.close_tcp_after_s)
                     peer.shutdown_write()  # the server closes TCP once the handshake is complete
                 continue
             seen.frames.append(got)
