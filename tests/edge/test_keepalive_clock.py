@@ -20,7 +20,7 @@ import trio.testing
 from tests.kit.relayed import DRIVERS, FAILURE_CODE, Behaviour, Relayed, Seen, answer, relayed, session_for
 from tests.kit.servers import make_config
 from tests.kit.wait import until
-from tests.kit.ws import OP_PING, OP_PONG
+from tests.kit.ws import OP_BINARY, OP_PING, OP_PONG, frame_header
 from wsproxy.app import Generation
 from wsproxy.config.schema import Config, KeepaliveConfig, PoolName, RouteConfig, TimeoutsConfig
 from wsproxy.control.sweeper import idle_sweeper, sweep_period_s
@@ -160,6 +160,47 @@ async def test_pings_of_the_peers_themselves_are_relayed_with_their_pongs(
     assert b"backend8" in [f.payload for f in s.client.of(OP_PING)]
     assert [f.payload for f in s.client.of(OP_PONG)] == [b"client-8"]  # only the client's own
     assert [f.payload for f in s.backend.of(OP_PONG)] == [b"backend8"]
+
+
+async def test_a_ping_waits_for_the_end_of_the_frame_in_flight_and_a_side_sending_one_is_alive(
+    driver: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The backend sends one long frame slowly, for longer than interval + timeout: it cannot answer a ping
+    meanwhile, but bytes keep coming from it, so it is alive; the client's ping goes after the frame's end."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, session(
+            driver, Generation(CONFIG, 1), nursery, backend=Behaviour(pong=False)  # it pongs after its frame
+        ) as s:
+            nursery.start_soon(idle_sweeper, {"c1": s.session}, lambda: CONFIG)
+            chunks = 20
+            await s.r.backend.send(frame_header(OP_BINARY, chunks * 10))
+            for n in range(chunks):  # 10 s of one frame, 10 bytes every 0.5 s
+                await s.r.backend.send(b"%010d" % n)
+                await trio.sleep(0.5)
+            frame_end = trio.current_time() - 0.5
+            assert not s.r.ended.is_set(), s.r.relay.machine.reason  # 10 s > interval + timeout: alive
+            await s.r.backend.send_frame(OP_PONG, s.backend.of(OP_PING)[0].payload)  # the ping it got at 2.25 s
+            await trio.sleep(2 * PERIOD_S)  # the pong is taken (the next ping, unanswered, is not this test's)
+            assert not s.r.ended.is_set(), s.r.relay.machine.reason
+            nursery.cancel_scope.cancel()
+    data = s.client.of(OP_BINARY)
+    assert len(data) == 1 and data[0].payload == b"".join(b"%010d" % n for n in range(chunks))  # whole, uncut
+    pings = s.client.of(OP_PING)
+    assert pings and pings[0].at >= frame_end - EPS  # none inside the frame; the first one right after it
+    assert pings[0].at <= frame_end + PERIOD_S + EPS
+
+
+async def test_keepalive_does_not_keep_an_idle_session_open(driver: str, autojump_clock: trio.testing.MockClock) -> None:
+    """The proxy's pings and the pongs it takes out are not relayed bytes: with nothing else, the session is idle."""
+    config = config_with(KEEPALIVE, idle_s=8.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, session(driver, Generation(config, 1), nursery) as s:
+            nursery.start_soon(idle_sweeper, {"c1": s.session}, lambda: config)
+            ended = await s.r.wait_ended()
+            nursery.cancel_scope.cancel()
+    assert len(s.client.of(OP_PING)) >= 3 and len(s.backend.of(OP_PING)) >= 3  # answered all along
+    assert s.r.relay.machine.kind is Outcome.IDLE and 8.0 - EPS <= ended <= 8.0 + 2 * PERIOD_S + EPS, ended
+    assert s.client.close is not None and s.client.close.close == (1001, "idle timeout")
 
 
 async def test_a_reload_changes_keepalive_for_new_sessions_only(driver: str, autojump_clock: trio.testing.MockClock) -> None:

@@ -241,6 +241,19 @@ async def admin_drain(s: Scene) -> None:
     assert drainer.drain_backend("main", "127.0.0.1:9")
 
 
+async def drain_while_the_backend_is_mid_frame(s: Scene) -> None:
+    """The client's close goes after the frame in flight; the backend (answering by hand) finishes it, then closes."""
+    start = frame_header(OP_BINARY, 100) + b"0123456789"
+    await s.r.backend.send(start)
+    await until(lambda: s.r.relay.bytes_down == len(start), what="the frame's start forwarded")
+    await admin_drain(s)
+    await until(lambda: s.backend.close is not None, timeout_s=DRAIN.timeout_s + 1, what="the backend's 1001")
+    assert s.client.close is None  # not inside the frame
+    await s.r.backend.send(b"x" * 90)
+    await s.r.backend.send_close(1001, "bye")
+    s.r.backend.shutdown_write()
+
+
 async def removed_by_reload(s: Scene) -> None:
     config = config_with()
     session = session_for(s.r.relay, Generation(config, 1))
@@ -269,7 +282,7 @@ ROW_UTF8_INSIDE = "...the same, found inside a long frame"
 ROW_BACKEND_EOF = "the backend's TCP connection ends without a close frame"
 ROW_CLIENT_EOF = "the client's TCP connection ends without a close frame"
 ROW_RATE = "more messages than `limits.max_message_rate`"
-ROW_IDLE = "no byte in either direction for `timeouts.idle`"
+ROW_IDLE = "no byte relayed in either direction for `timeouts.idle`"
 ROW_KEEPALIVE = "a keepalive ping not answered in time"
 ROW_DRAIN = "the backend drains"
 ROW_REMOVED = "the backend left the pool's DNS answer"
@@ -384,6 +397,11 @@ CASES = [
         ends_within=(DRAIN.timeout_s, DRAIN.timeout_s),
     ),
     Ending(
+        ROW_DRAIN, "while the backend is in the middle of a frame: the client's close waits for its end",
+        drain_while_the_backend_is_mid_frame, (1012, "backend draining (admin)"), (1001, "backend draining (admin)"),
+        Outcome.DRAIN, By.PROXY, "backend draining (admin)", 1012, 1001, backend=Behaviour(answer_close=False),
+    ),
+    Ending(
         ROW_REMOVED, "a reload took it out (after drain.timeout)", removed_by_reload, (1012, "backend draining (removed by reload)"),
         (1001, "backend draining (removed by reload)"), Outcome.DRAIN, By.PROXY, "backend draining (removed by reload)", 1012, 1001,
         ends_within=(DRAIN.timeout_s, DRAIN.timeout_s),
@@ -467,6 +485,8 @@ async def test_ending(case: Ending, driver: str, autojump_clock: trio.testing.Mo
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     check_close("client", s.client, case.to_client)
+    if case.act is drain_while_the_backend_is_mid_frame:
+        assert [len(f.payload) for f in s.client.frames] == [100]  # the whole frame, then the close
     check_close("backend", s.backend, case.to_backend)
     lo, hi = case.ends_within
     assert lo - 1e-6 <= ended <= hi + 1e-6, f"ended after {ended:g} s, expected within {case.ends_within}"
