@@ -133,6 +133,12 @@ async def client_too_big(s: Scene) -> None:
     await s.r.client.send_frame(OP_TEXT, b"x" * (MAX_MESSAGE_BYTES + 50))
 
 
+async def client_too_big_across_fragments(s: Scene) -> None:
+    await s.r.client.send_frame(OP_TEXT, b"a" * 60, fin=False)
+    await until(lambda: len(s.backend.frames) == 1, what="the first fragment relayed")
+    await s.r.client.send_frame(0x0, b"b" * 60)  # the continuation takes the message over 100 bytes
+
+
 async def backend_too_big(s: Scene) -> None:
     await s.r.backend.send_frame(OP_BINARY, b"x" * (MAX_MESSAGE_BYTES + 50))
 
@@ -312,6 +318,11 @@ CASES = [
         (1001, "peer sent a message too big"), Outcome.TOO_BIG, By.PROXY, "client " + big_reason, 1009, 1001, options=too_big,
     ),
     Ending(
+        ROW_TOO_BIG, "from the client, across fragments", client_too_big_across_fragments,
+        (1009, "message of more than 100 bytes (at least 120)"), (1001, "peer sent a message too big"), Outcome.TOO_BIG,
+        By.PROXY, "client sent a message of more than 100 bytes (at least 120)", 1009, 1001, options=too_big,
+    ),
+    Ending(
         ROW_TOO_BIG, "from the backend", backend_too_big, (F, "backend " + big_reason),
         (1009, "message of more than 100 bytes (at least 150)"), Outcome.TOO_BIG, By.PROXY, "backend " + big_reason, F, 1009,
         options=too_big,
@@ -485,6 +496,11 @@ async def test_ending(case: Ending, driver: str, autojump_clock: trio.testing.Mo
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     check_close("client", s.client, case.to_client)
+    if case.row == ROW_TOO_BIG:  # no byte of the offending frame went to the other side
+        assert [f.payload for f in s.client.frames + s.backend.frames] == (
+            [b"a" * 60] if case.act is client_too_big_across_fragments else []
+        )
+        assert s.client.rest == s.backend.rest == b""
     if case.act is drain_while_the_backend_is_mid_frame:
         assert [len(f.payload) for f in s.client.frames] == [100]  # the whole frame, then the close
     check_close("backend", s.backend, case.to_backend)
