@@ -45,7 +45,10 @@ from wsproxy.config.schema import (
     RouteConfig,
     TimeoutsConfig,
 )
+from wsproxy.control import lifetime
 from wsproxy.control.drain import Drainer, close_spread
+from wsproxy.control.session_admin import SessionControl
+from wsproxy.control.sessions import CloseOrder
 from wsproxy.control.sweeper import idle_sweeper
 from wsproxy.proto.relay import By, Outcome
 
@@ -55,6 +58,7 @@ MAX_MESSAGE_BYTES = 100
 RATE = RateConfig(rate_per_s=1.0, burst=2)
 IDLE_S = 8.0  # the sweeper then looks every second
 KEEPALIVE = KeepaliveConfig(interval_s=2.0, timeout_s=1.0)  # the sweeper then looks every 0.25 s
+AGE_S = 20.0  # routes[].max_session_age: the sweeper then looks every 0.4 s
 DRAIN = DrainConfig(timeout_s=2.0, spread_s=0.0, close_timeout_s=CLOSE_TIMEOUT_S)
 
 
@@ -209,8 +213,10 @@ async def backend_over_rate(s: Scene) -> None:
     await s.r.backend.send(burst(False))
 
 
-def config_with(**route: object) -> Config:
-    config = make_config([9], routes=(RouteConfig(pool=PoolName("main"), **route),), timeouts=TimeoutsConfig(idle_s=IDLE_S))  # type: ignore[arg-type]
+def config_with(idle_s: float = IDLE_S, **route: object) -> Config:
+    """The one-route config of these cases; ``route`` are RouteConfig fields (keepalive, max_session_age_s)."""
+    routes = (RouteConfig(pool=PoolName("main"), **route),)  # type: ignore[arg-type]
+    config = make_config([9], routes=routes, timeouts=TimeoutsConfig(idle_s=idle_s))
     pool = dataclasses.replace(config.pools[PoolName("main")], drain=DRAIN)
     return dataclasses.replace(config, pools={pool.name: pool})
 
@@ -267,6 +273,24 @@ async def removed_by_reload(s: Scene) -> None:
     drainer.drain_removed([(pool.name, session.backend.address, pool.drain)])
 
 
+async def operator_closes(s: Scene) -> None:
+    """``POST /sessions/ID/close`` with no body: what the admin API calls."""
+    session = session_for(s.r.relay, Generation(config_with(), 1))
+    assert SessionControl({"c1": session}).close_session("c1", CloseOrder(), by="127.0.0.1:1") == 1
+
+
+def aging(config: Config) -> Callable[[Scene], Awaitable[None]]:
+    """The session's age deadline set as ``edge.session`` sets it at the 101, then met by the sweeper."""
+
+    async def act(s: Scene) -> None:
+        session = session_for(s.r.relay, Generation(config, 1))
+        assert session.route is not None
+        lifetime.established(session, session.route, trio.current_time(), random.Random(1))
+        s.nursery.start_soon(idle_sweeper, {session.conn_id: session}, lambda: config)
+
+    return act
+
+
 async def shutdown(s: Scene) -> None:
     """What ``App.shutdown`` starts: ``close_spread`` over the open sessions with 1001 both ways."""
     session = session_for(s.r.relay, Generation(config_with(), 1))
@@ -288,6 +312,8 @@ ROW_IDLE = "no byte relayed in either direction for `timeouts.idle`"
 ROW_KEEPALIVE = "a keepalive ping not answered in time"
 ROW_DRAIN = "the backend drains"
 ROW_REMOVED = "the backend left the pool's DNS answer"
+ROW_OPERATOR = "an operator closes it"
+ROW_AGE = "`routes[].max_session_age` reached"
 ROW_SHUTDOWN = "shutdown (SIGTERM/SIGINT)"
 
 too_big: dict[str, object] = {"max_message_bytes": MAX_MESSAGE_BYTES}
@@ -414,21 +440,29 @@ CASES = [
         ends_within=(DRAIN.timeout_s, DRAIN.timeout_s),
     ),
     Ending(
+        ROW_OPERATOR, "the default order", operator_closes, (1008, "closed by the operator"),
+        (1001, "closed by the operator"), Outcome.ADMIN, By.PROXY, "closed by the operator", 1008, 1001,
+    ),
+    Ending(
+        ROW_AGE, "the sweeper meets its deadline (20 s ± 10 %)", aging(config_with(idle_s=4 * AGE_S, max_session_age_s=AGE_S)),
+        (1012, "session lifetime reached"), (1001, "session lifetime reached"), Outcome.LIFETIME, By.PROXY,
+        "session lifetime reached", 1012, 1001, ends_within=(0.9 * AGE_S, 1.1 * AGE_S + AGE_S / 50),
+    ),
+    Ending(
         ROW_SHUTDOWN, "the app's close_spread", shutdown, (1001, "proxy shutting down"), (1001, "proxy shutting down"),
         Outcome.SHUTDOWN, By.PROXY, "proxy shutting down", 1001, 1001,
     ),
 ]
 
-#: Rows the relay does not decide: another part of the proxy orders the close (``RelayDriver.finish``
-#: with its codes, after which the relay behaves as for a drain), and the tests of that part check it.
+#: Rows left to the tests of the part that decides them: it orders the close through
+#: ``RelayDriver.finish`` with its codes, as the drains and the operator's close above do, but
+#: what triggers it (a JWT, an identity table, a revocation list, a pool's balance) is not the relay's.
 NOT_RELAY = {
-    "an operator closes it": "control.session_admin picks the code (tests/e2e/test_sessions.py, test_cli_sessions.py)",
     "a new session of the same identity": "control.session_admin's per-identity cap (tests/proto/test_identity_caps.py, "
     "tests/e2e/test_sessions.py)",
     "`auth.enforce_expiry`": "control.lifetime's deadlines, met by the sweeper (tests/proto/test_lifetime.py, "
     "tests/e2e/test_lifetime.py)",
     "a reload put the session's `jti`": "control.lifetime's revocations at reload (tests/e2e/test_lifetime.py)",
-    "`routes[].max_session_age` reached": "control.lifetime's deadlines (tests/proto/test_lifetime.py, tests/e2e/test_lifetime.py)",
     "`pools.NAME.rebalance`": "control.rebalance picks the sessions (tests/balance/test_rebalance.py, tests/e2e/test_rebalance.py)",
 }
 
