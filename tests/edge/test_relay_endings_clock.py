@@ -40,6 +40,7 @@ from wsproxy.config.schema import (
     Config,
     DrainConfig,
     KeepaliveConfig,
+    LimitsConfig,
     PoolName,
     RateConfig,
     RouteConfig,
@@ -50,6 +51,7 @@ from wsproxy.control.drain import Drainer, close_spread
 from wsproxy.control.session_admin import SessionControl
 from wsproxy.control.sessions import CloseOrder
 from wsproxy.control.sweeper import idle_sweeper
+from wsproxy.proto.identity_caps import IdentityKey
 from wsproxy.proto.relay import By, Outcome
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -279,6 +281,18 @@ async def operator_closes(s: Scene) -> None:
     assert SessionControl({"c1": session}).close_session("c1", CloseOrder(), by="127.0.0.1:1") == 1
 
 
+async def identity_over_its_cap(s: Scene) -> None:
+    """A second session of the same identity under ``max_sessions_per_identity: 1``, ``close_oldest``."""
+    limits = LimitsConfig(max_sessions_per_identity=1, on_identity_limit="close_oldest")
+    generation = Generation(config_with(), 1)
+    oldest = session_for(s.r.relay, generation, conn_id="oldest")
+    control = SessionControl({"oldest": oldest})
+    identity = (IdentityKey("alice"), "alice")
+    assert control.admit(oldest, identity, limits) is None
+    control.established(oldest)
+    assert control.admit(session_for(None, generation, conn_id="newest"), identity, limits) is None
+
+
 def aging(config: Config) -> Callable[[Scene], Awaitable[None]]:
     """The session's age deadline set as ``edge.session`` sets it at the 101, then met by the sweeper."""
 
@@ -313,6 +327,7 @@ ROW_KEEPALIVE = "a keepalive ping not answered in time"
 ROW_DRAIN = "the backend drains"
 ROW_REMOVED = "the backend left the pool's DNS answer"
 ROW_OPERATOR = "an operator closes it"
+ROW_IDENTITY = "a new session of the same identity"
 ROW_AGE = "`routes[].max_session_age` reached"
 ROW_SHUTDOWN = "shutdown (SIGTERM/SIGINT)"
 
@@ -444,6 +459,11 @@ CASES = [
         (1001, "closed by the operator"), Outcome.ADMIN, By.PROXY, "closed by the operator", 1008, 1001,
     ),
     Ending(
+        ROW_IDENTITY, "the oldest is closed for the newest", identity_over_its_cap,
+        (1008, "too many sessions for this identity"), (1001, "too many sessions for this identity"),
+        Outcome.IDENTITY_LIMIT, By.PROXY, "too many sessions for this identity", 1008, 1001,
+    ),
+    Ending(
         ROW_AGE, "the sweeper meets its deadline (20 s ± 10 %)", aging(config_with(idle_s=4 * AGE_S, max_session_age_s=AGE_S)),
         (1012, "session lifetime reached"), (1001, "session lifetime reached"), Outcome.LIFETIME, By.PROXY,
         "session lifetime reached", 1012, 1001, ends_within=(0.9 * AGE_S, 1.1 * AGE_S + AGE_S / 50),
@@ -458,8 +478,6 @@ CASES = [
 #: ``RelayDriver.finish`` with its codes, as the drains and the operator's close above do, but
 #: what triggers it (a JWT, an identity table, a revocation list, a pool's balance) is not the relay's.
 NOT_RELAY = {
-    "a new session of the same identity": "control.session_admin's per-identity cap (tests/proto/test_identity_caps.py, "
-    "tests/e2e/test_sessions.py)",
     "`auth.enforce_expiry`": "control.lifetime's deadlines, met by the sweeper (tests/proto/test_lifetime.py, "
     "tests/e2e/test_lifetime.py)",
     "a reload put the session's `jti`": "control.lifetime's revocations at reload (tests/e2e/test_lifetime.py)",
