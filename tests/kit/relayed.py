@@ -60,9 +60,14 @@ def build_relay(
     max_message_bytes: int = 0,
     validate_utf8: bool = True,
     message_rate: RateConfig | None = None,
+    up_scanner: FrameScanner | None = None,
 ) -> RelayDriver:
-    """A relay of ``driver`` ("engine" or "trio") over the proxy's two sockets, built as ``edge.session`` builds it."""
-    up_scanner = FrameScanner(from_client=True, max_message_bytes=max_message_bytes, validate_utf8=validate_utf8)
+    """A relay of ``driver`` ("engine" or "trio") over the proxy's two sockets, built as ``edge.session`` builds it.
+
+    ``up_scanner`` replaces the scanner of the client's direction (a test's broken one).
+    """
+    if up_scanner is None:
+        up_scanner = FrameScanner(from_client=True, max_message_bytes=max_message_bytes, validate_utf8=validate_utf8)
     down_scanner = FrameScanner(from_client=False, max_message_bytes=max_message_bytes, validate_utf8=validate_utf8)
     rates = (MessageRate(message_rate), MessageRate(message_rate)) if message_rate is not None else None
     if driver == "engine":
