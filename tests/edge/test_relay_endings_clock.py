@@ -346,7 +346,7 @@ CASES = [
         ends_within=(CLOSE_TIMEOUT_S, CLOSE_TIMEOUT_S), backend=Behaviour(answer_close=False),
     ),
     Ending(
-        ROW_CLOSE, "the backend closes TCP a while after the handshake: the proxy waits for it (§7.1.1)", client_closes,
+        ROW_CLOSE, "the backend closes TCP a while after the handshake: the proxy waits for it (RFC 6455 7.1.1)", client_closes,
         (1000, "bye"), (1000, "bye"), Outcome.NORMAL, By.CLIENT, "close",
         ends_within=(1.5, 1.5), backend=Behaviour(close_tcp_after_s=1.5),
     ),
@@ -464,7 +464,7 @@ CASES = [
         Outcome.IDENTITY_LIMIT, By.PROXY, "too many sessions for this identity", 1008, 1001,
     ),
     Ending(
-        ROW_AGE, "the sweeper meets its deadline (20 s ± 10 %)", aging(config_with(idle_s=4 * AGE_S, max_session_age_s=AGE_S)),
+        ROW_AGE, "the sweeper meets its deadline (20 s, 10 % jitter)", aging(config_with(idle_s=4 * AGE_S, max_session_age_s=AGE_S)),
         (1012, "session lifetime reached"), (1001, "session lifetime reached"), Outcome.LIFETIME, By.PROXY,
         "session lifetime reached", 1012, 1001, ends_within=(0.9 * AGE_S, 1.1 * AGE_S + AGE_S / 50),
     ),
