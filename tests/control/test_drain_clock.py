@@ -1,8 +1,9 @@
 """close_spread on trio's virtual clock: how a drain or a shutdown spreads its closes.
 
 Real sessions (``edge.session.Session``) with real relays (the trio pumps' ``Relay``
-over socket pairs, never run: ``finish`` acts on the relay machine alone); the clock
-is ``trio.testing.MockClock`` with autojump, so a 10 s spread takes no wall time.
+over socket pairs, built by ``tests.kit.relayed``, never run: ``finish`` acts on the
+relay machine alone); the clock is ``trio.testing.MockClock`` with autojump, so a
+10 s spread takes no wall time.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.kit.relayed import build_relay, session_for
 from tests.kit.servers import make_config
 from wsproxy.app import Generation
 from wsproxy.control.drain import SPREAD_JITTER, close_spread
-from wsproxy.edge.channel import RawChannel
-from wsproxy.edge.relay import Relay
 from wsproxy.edge.session import Session
-from wsproxy.proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART, FrameScanner
+from wsproxy.proto.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from wsproxy.proto.relay import Outcome
 
 
@@ -34,12 +34,7 @@ def sessions() -> Iterator[dict[str, Session]]:
         a, b = socket.socketpair()
         c, d = socket.socketpair()
         socks += [a, b, c, d]
-        session = Session(f"s{n:02d}", "127.0.0.1:1", "127.0.0.1", generation)
-        session.relay = Relay(
-            RawChannel(a), RawChannel(c),
-            up_scanner=FrameScanner(from_client=True), down_scanner=FrameScanner(from_client=False),
-            close_timeout_s=5.0, backend_failure_code=1014,
-        )  # fmt: skip
+        session = session_for(build_relay("trio", a, c), generation, conn_id=f"s{n:02d}")
         table[session.conn_id] = session
     yield table
     for sock in socks:

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.kit.relayed import build_relay
 from tests.kit.ws import frame, parse_frames
 from wsproxy.edge.engine import BIG_RECV_BYTES, HAVE_EPOLL, RECV_BYTES, Engine, EngineRelay
 from wsproxy.proto.frames import FrameScanner
@@ -40,15 +41,11 @@ class Peers:
         self.backend_peer = trio.socket.from_stdlib_socket(backend_peer)
 
     def relay(self, engine: Engine, up_scanner: FrameScanner | None = None, close_timeout_s: float = 5.0) -> EngineRelay:
-        return EngineRelay(
-            engine,
-            self.client,
-            self.backend,
-            up_scanner=up_scanner or FrameScanner(from_client=True),
-            down_scanner=FrameScanner(from_client=False),
-            close_timeout_s=close_timeout_s,
-            backend_failure_code=1014,
+        relay = build_relay(
+            "engine", self.client, self.backend, engine=engine, up_scanner=up_scanner, close_timeout_s=close_timeout_s
         )
+        assert isinstance(relay, EngineRelay)
+        return relay
 
     def close(self) -> None:
         for sock in (self.client, self.backend, self.client_peer, self.backend_peer):

@@ -12,6 +12,9 @@
 - ``sessions``: an in-process proxy with token identities and its admin API,
   and clients that hold sessions (``start_stack``, ``open_client``);
 - ``authservice``: a forward-auth service;
+- ``relayed``: one established session's relay (the epoll engine's or the
+  trio pumps') between two socket pairs, with both far ends played raw
+  (``relayed``, ``answer``), for tests on trio's virtual clock;
 - ``backends``: recording raw backends for handshake tests;
 - ``tls``: a throwaway PKI (trustme, the ``pki`` fixture), TLS clients and a
   real ClientHello;

@@ -288,7 +288,7 @@ class TimeoutsConfig:
     handshake_s: float = 10.0  # the whole downstream request, from accept (slowloris guard)
     connect_s: float = 5.0  # TCP connect to one backend
     upstream_handshake_s: float = 10.0  # the backend's answer to the upgrade request
-    idle_s: float = 600.0  # no byte in either direction of an established session
+    idle_s: float = 600.0  # no byte relayed in either direction of an established session (keepalive does not count)
     reload_s: float = 30.0  # loading a config on SIGHUP (files included); beyond it the reload is abandoned
 
 

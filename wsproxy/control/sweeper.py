@@ -1,9 +1,12 @@
 """The idle sweeper: idle timeouts and keepalive pings for every session, without per-chunk timers.
 
-One pass over the open sessions every ``sweep_period_s`` (an eighth of
+One pass over the open sessions every ``sweep_period`` (an eighth of
 ``timeouts.idle``, or a quarter of the shortest keepalive interval or timeout,
-between 20 ms and 5 s). A session is idle when its byte counters have not
-moved since the sweeper last saw them move; past ``timeouts.idle`` (of the
+between 20 ms and 5 s). A session keeps the timeouts and keepalive of the
+config it started with, so the period is the shortest over the running config
+and every config that still has open sessions: a reload that loosens them does
+not make the older sessions wait longer. A session is idle when its byte
+counters have not moved since the sweeper last saw them move; past ``timeouts.idle`` (of the
 config the session started with) its relay is told to close with 1001 both
 ways. A session past its deadline (token expiry, forward auth's lifetime,
 ``max_session_age``: ``control.lifetime``) is told to close first. Keepalive pings and dead-peer verdicts are the relay machine's
@@ -45,6 +48,16 @@ def sweep_period_s(config: Config) -> float:
     return min(max(period, MIN_PERIOD_S), MAX_PERIOD_S)
 
 
+def sweep_period(running: Config, sessions: Mapping[str, Session]) -> float:
+    """How often the sweeper looks: for ``running`` and the configs of the generations with open ``sessions``."""
+    configs = {id(running): running}
+    for session in sessions.values():
+        config = session.generation.config
+        if id(config) not in configs:
+            configs[id(config)] = config
+    return min(sweep_period_s(config) for config in configs.values())
+
+
 def sweep(sessions: Mapping[str, Session], now: float) -> None:
     """One pass: close the idle sessions, give the others their keepalive tick."""
     for session in list(sessions.values()):
@@ -64,7 +77,7 @@ def sweep(sessions: Mapping[str, Session], now: float) -> None:
 
 
 async def idle_sweeper(sessions: Mapping[str, Session], config: Callable[[], Config]) -> None:
-    """Sweep forever (until cancelled) at the period of the running config."""
+    """Sweep forever (until cancelled) at the period of the running config and the sessions' own (``sweep_period``)."""
     while True:
-        await trio.sleep(sweep_period_s(config()))
+        await trio.sleep(sweep_period(config(), sessions))
         sweep(sessions, trio.current_time())
