@@ -1,0 +1,137 @@
+"""The sessions API of ``workers: 2``, end to end: a real supervisor and its workers, real clients, the real commands.
+
+The proxy is ``python -m wsproxy run`` with ``workers: 2``, an admin token and
+a route with static tokens (the config of ``tests/e2e/test_cli_sessions.py``);
+clients are trio-websocket connections held open in the test's nursery; the
+commands are subprocesses. Covered: sessions opened to both workers are all
+listed by ``wsproxy sessions`` (ids prefixed by their worker, ``w0x``/``w1x``)
+and by ``GET /sessions`` page by page; one is kicked by id through the
+supervisor (its client gets the code and reason), an identity close reaches
+both workers and sums their closes; a worker that does not answer (stopped
+with SIGSTOP) is named in ``unanswered``, and with none answering the answer
+is 504. The merge rules are tested purely in ``test_fanout.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import trio
+
+from tests.e2e.test_cli_sessions import config, hold
+from tests.kit.admin import call
+from tests.kit.process import CLI_TOKEN as TOKEN, Running, out, running
+from tests.kit.servers import closed_port, start_ws_backend
+
+#: How long the supervisor waits for its workers' answers (``supervisor.fanout.FANOUT_TIMEOUT_S``), with room.
+FANOUT_WAIT_S = 3.0 + 5.0
+
+
+async def get(admin: str, target: str) -> tuple[int, dict[str, Any]]:
+    reply = await call(admin, "GET", target, token=TOKEN.encode())
+    return reply.status, json.loads(reply.body)
+
+
+async def workers_ready(admin: str) -> dict[int, int]:
+    """Poll ``/status`` until both workers serve; their pids by slot."""
+    while True:
+        try:
+            code, status = await get(admin, "/status")
+        except OSError:
+            code, status = 0, {}
+        workers = status.get("workers") or []
+        if code == 200 and workers and all(w["state"] == "ready" for w in workers):
+            return {int(w["slot"]): int(w["pid"]) for w in workers}
+        await trio.sleep(0.1)
+
+
+async def listed(admin: str, **query: str) -> list[str]:
+    """Every session id, following ``next`` page by page (``limit`` as given)."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        code, body = await get(admin, "/sessions?" + urlencode({**query, **({"cursor": cursor} if cursor else {})}))
+        assert code == 200 and body["unanswered"] == [], body
+        ids += [s["id"] for s in body["sessions"]]
+        cursor = body["next"]
+        if cursor is None:
+            return ids
+
+
+async def test_sessions_listed_kicked_and_closed_across_two_workers(nursery: trio.Nursery, tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    admin = f"127.0.0.1:{admin_port}"
+    async with running(tmp_path, config(port, backend, admin_port) + "workers: 2\n", admin) as proxy:
+        with trio.fail_after(90):
+            pids = await workers_ready(admin)
+            assert sorted(pids) == [0, 1]
+            # alice's sessions until both workers hold some (the kernel spreads connections by their ports)
+            alices = [await hold(port, "alice", nursery) for _ in range(4)]
+            while len({i[:3] for i in await listed(admin)}) < 2:
+                assert len(alices) < 40, await listed(admin)
+                alices.append(await hold(port, "alice", nursery))
+            _, bob_ended, bob = await hold(port, "bob", nursery)
+
+            ids = await listed(admin)
+            assert len(ids) == len(alices) + 1 and len(set(ids)) == len(ids)
+            assert {i[:3] for i in ids} == {"w0x", "w1x"}
+            for limit in ("1", "2", "1000"):
+                assert await listed(admin, limit=limit) == ids  # one order, every page, no repeat
+            done = await proxy.cmd("sessions", "--json")
+            assert done.returncode == 0 and done.stderr == b"", out(done)
+            assert [s["id"] for s in json.loads(done.stdout)["sessions"]] == ids
+            done = await proxy.cmd("sessions", "--identity", "bob", "--json")
+            (bob_record,) = json.loads(done.stdout)["sessions"]
+            bob_id = bob_record["id"]
+
+            done = await proxy.cmd("kick", "--session", bob_id, "--code", "4000", "--reason", "bye bob")
+            assert (done.returncode, done.stdout.decode()) == (0, f"wsproxy: session {bob_id}: closing\n"), out(done)
+            await bob_ended.wait()
+            assert bob == [4000, "bye bob"]
+            done = await proxy.cmd("kick", "--session", bob_id)
+            assert done.returncode == 1 and "no session" in done.stderr.decode(), out(done)
+            done = await proxy.cmd("kick", "--session", "w7x00001")  # no such worker
+            assert done.returncode == 1 and "no session" in done.stderr.decode(), out(done)
+
+            done = await proxy.cmd("kick", "--identity", "alice")
+            assert done.stdout.decode() == f"wsproxy: identity alice: closing {len(alices)} session(s)\n", out(done)
+            for _, ended, outcome in alices:
+                await ended.wait()
+                assert outcome == [1008, "closed by the operator"]
+            closes = proxy.lines("event=session_closed_by_admin")
+            assert len(closes) == len(alices) + 1
+            assert {line.split(" conn=")[1][:3] for line in closes} == {"w0x", "w1x"}  # written by both workers
+
+            await _unanswered(proxy, admin, pids)
+
+
+async def _unanswered(proxy: Running, admin: str, pids: dict[int, int]) -> None:
+    """A stopped worker is named in ``unanswered``; with both stopped, 504."""
+    try:
+        os.kill(pids[1], signal.SIGSTOP)
+        with trio.fail_after(FANOUT_WAIT_S):
+            code, body = await get(admin, "/sessions")
+        assert (code, body["unanswered"]) == (200, [1]), body
+        done = await proxy.cmd("sessions")
+        assert done.returncode == 0, out(done)
+        assert "worker(s) 1 did not answer in time" in done.stderr.decode(), out(done)
+        os.kill(pids[0], signal.SIGSTOP)
+        with trio.fail_after(FANOUT_WAIT_S):
+            code, body = await get(admin, "/sessions")
+        assert (code, body["unanswered"]) == (504, [0, 1]), body
+        with trio.fail_after(FANOUT_WAIT_S):
+            reply = await call(admin, "POST", "/identities/alice/close", token=TOKEN.encode())
+        assert reply.status == 504, reply
+    finally:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGCONT)
+    with trio.fail_after(FANOUT_WAIT_S):
+        code, body = await get(admin, "/sessions")
+    assert (code, body) == (200, {"sessions": [], "next": None, "unanswered": []})
