@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.e2e.test_cli_sessions import config, hold
 from tests.kit.admin import call
 from tests.kit.process import CLI_TOKEN as TOKEN, Running, out, running
 from tests.kit.servers import closed_port, start_ws_backend
+from wsproxy.log import parse_pairs
 
 #: How long the supervisor waits for its workers' answers (``supervisor.fanout.FANOUT_TIMEOUT_S``), with room.
 FANOUT_WAIT_S = 3.0 + 5.0
@@ -108,8 +110,23 @@ async def test_sessions_listed_kicked_and_closed_across_two_workers(nursery: tri
             closes = proxy.lines("event=session_closed_by_admin")
             assert len(closes) == len(alices) + 1
             assert {line.split(" conn=")[1][:3] for line in closes} == {"w0x", "w1x"}  # written by both workers
+            _each_line_names_its_worker(proxy.log(), pids)
 
             await _unanswered(proxy, admin, pids)
+
+
+def _each_line_names_its_worker(log: str, pids: dict[int, int]) -> None:
+    """Every line a worker wrote says ``worker=SLOT`` after ``logger``; the supervisor's say no worker."""
+    lines = [parse_pairs(line) for line in log.splitlines() if line.startswith("ts=")]
+    by_worker = [pairs for pairs in lines if "worker" in pairs]
+    assert {pairs["worker"] for pairs in by_worker} == {"0", "1"}
+    for pairs in lines:
+        if pairs["logger"] == "wsproxy.supervisor":
+            assert "worker" not in pairs, pairs
+        elif pairs["event"] == "session_closed_by_admin":  # a worker's line: its slot, also in the session id
+            assert pairs["worker"] == re.fullmatch(r"w(\d+)x\w+", pairs["conn"])[1], pairs  # type: ignore[index]
+    for slot in pids:
+        assert re.search(rf"^ts=\S+ level=\w+ logger=\S+ worker={slot} event=", log, re.M), log
 
 
 async def _unanswered(proxy: Running, admin: str, pids: dict[int, int]) -> None:

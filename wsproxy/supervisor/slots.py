@@ -35,7 +35,7 @@ class WorkerSlots(SupervisorState):
     async def _run_slot(self, slot: WorkerSlot) -> None:
         while not self.stopping and not self.retired:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            command = [*program(), "worker", "-c", self.path, "--ipc-fd", str(child.fileno())]
+            command = [*program(), "worker", "-c", self.path, "--ipc-fd", str(child.fileno()), "--slot", str(slot.index)]
             if self.log_level:
                 command += ["--log-level", self.log_level]
             try:

@@ -17,6 +17,11 @@ Signals: SIGTERM is a graceful shutdown (as for ``wsproxy run``; systemd's
 Ctrl-C in a terminal reaches the whole process group; the supervisor decides).
 If the supervisor goes away (its end of the channel closes), the worker shuts
 down gracefully.
+
+Every line the worker logs carries ``worker=SLOT`` (``--slot``, set before
+anything is logged: ``log.set_process_fields``). Its session ids start with
+``w{SLOT}x`` (``fanout.conn_prefix``), and it answers the supervisor's
+sessions API questions (``ask``) from its own ``SessionControl``.
 """
 
 from __future__ import annotations
@@ -56,12 +61,13 @@ def group(sockets: list[socket.socket], counts: dict[str, int]) -> dict[str, lis
     return grouped
 
 
-def run(path: str, ipc_fd: int, log_level: str | None) -> int:
+def run(path: str, ipc_fd: int, log_level: str | None, slot: int | None = None) -> int:
     """``wsproxy worker``: serve as the supervisor says until it says stop; the exit status."""
     from .. import log as logsetup
     from ..config.load import load_config
     from ..errors import ConfigErrors
 
+    logsetup.set_process_fields(worker=slot)  # every line of this process says which worker wrote it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel_sock = socket.socket(fileno=ipc_fd)
     os.set_inheritable(ipc_fd, False)
