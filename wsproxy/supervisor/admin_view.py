@@ -17,7 +17,7 @@ import trio
 
 from ..config.schema import PoolName, hostport
 from ..control.ready import available_by_pool
-from .merge import TEXT_CONTENT_TYPE, merge_metrics, merge_status
+from .merge import merge_metrics, merge_status
 from .state import SupervisorState
 from .table import WorkerState
 
@@ -102,15 +102,13 @@ class AdminView(SupervisorState):
         ]
 
     def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
-        """The workers' last metrics merged (always the text format)."""
-        text = merge_metrics(((s.index, s.metrics) for s in self.slots if s.metrics), self._own_series())
-        return TEXT_CONTENT_TYPE, text.encode()
+        """The workers' last metrics merged: OpenMetrics if ``accept`` asks for it, else the text format."""
+        return merge_metrics(((s.index, s.metrics) for s in self.slots if s.metrics), self._own_series(), accept)
 
     async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
-        """``GET /metrics``: the reports are taken on the loop, parsed and merged in a thread."""
+        """``GET /metrics``: the reports are taken on the loop, parsed, merged and encoded in a thread."""
         reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
-        text = await trio.to_thread.run_sync(merge_metrics, reports, self._own_series())
-        return TEXT_CONTENT_TYPE, text.encode()
+        return await trio.to_thread.run_sync(merge_metrics, reports, self._own_series(), accept)
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         reasons: list[str] = []

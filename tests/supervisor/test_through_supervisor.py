@@ -1,4 +1,4 @@
-"""The sessions API of ``workers: 2``, end to end: a real supervisor and its workers, real clients, the real commands.
+"""The whole proxy of ``workers: 2`` seen and steered through its supervisor, end to end: real processes, clients, commands.
 
 The proxy is ``python -m wsproxy run`` with ``workers: 2``, an admin token and
 a route with static tokens (the config of ``tests/e2e/test_cli_sessions.py``);
@@ -10,6 +10,10 @@ supervisor (its client gets the code and reason), an identity close reaches
 both workers and sums their closes; a worker that does not answer (stopped
 with SIGSTOP) is named in ``unanswered``, and with none answering the answer
 is 504. The merge rules are tested purely in ``test_fanout.py``.
+
+In the same run: every line a worker logs says ``worker=SLOT``, and
+``/metrics`` answers OpenMetrics when ``Accept`` asks for it (the merge is
+tested purely in ``test_table.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import trio
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.e2e.test_cli_sessions import config, hold
 from tests.kit.admin import call
@@ -81,6 +86,7 @@ async def test_sessions_listed_kicked_and_closed_across_two_workers(nursery: tri
                 alices.append(await hold(port, "alice", nursery))
             _, bob_ended, bob = await hold(port, "bob", nursery)
 
+            await _metrics_in_both_formats(admin)
             ids = await listed(admin)
             assert len(ids) == len(alices) + 1 and len(set(ids)) == len(ids)
             assert {i[:3] for i in ids} == {"w0x", "w1x"}
@@ -113,6 +119,22 @@ async def test_sessions_listed_kicked_and_closed_across_two_workers(nursery: tri
             _each_line_names_its_worker(proxy.log(), pids)
 
             await _unanswered(proxy, admin, pids)
+
+
+async def _metrics_in_both_formats(admin: str) -> None:
+    """``/metrics`` merged from both workers: OpenMetrics (valid, ``# EOF``) when asked for, else the text format."""
+    asked = [("Accept", "application/openmetrics-text; version=1.0.0; charset=utf-8,text/plain;version=0.0.4;q=0.5")]
+    reply = await call(admin, "GET", "/metrics", token=TOKEN.encode(), headers=asked)
+    assert reply.status == 200 and reply.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    text = reply.body.decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}
+    assert [s.value for s in families["wsproxy_workers"].samples] == [2]
+    assert {s.labels.get("worker") for s in families["process_resident_memory_bytes"].samples} == {"0", "1"}
+    assert families["wsproxy_sessions_closed"].type == "counter"
+    plain = await call(admin, "GET", "/metrics", token=TOKEN.encode())
+    assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "# EOF" not in plain.body.decode() and "wsproxy_workers 2.0" in plain.body.decode().splitlines()
 
 
 def _each_line_names_its_worker(log: str, pids: dict[int, int]) -> None:
