@@ -13,7 +13,9 @@ is 504. The merge rules are tested purely in ``test_fanout.py``.
 
 In the same run: every line a worker logs says ``worker=SLOT``, and
 ``/metrics`` answers OpenMetrics when ``Accept`` asks for it (the merge is
-tested purely in ``test_table.py``).
+tested purely in ``test_table.py``). In a browser (Debian's Chromium, as
+``tests/e2e/test_status_page.py`` drives it; skipped without it), the status
+page shows a row per worker, and a worker's restart.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import json
 import os
 import re
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
 import trio
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.e2e.test_cli_sessions import config, hold
 from tests.kit.admin import call
+from tests.kit.browser import Browser, expect, needs_browser, no_horizontal_scroll, with_browser
 from tests.kit.process import CLI_TOKEN as TOKEN, Running, out, running
 from tests.kit.servers import closed_port, start_ws_backend
 from wsproxy.log import parse_pairs
@@ -39,20 +44,20 @@ from wsproxy.log import parse_pairs
 FANOUT_WAIT_S = 3.0 + 5.0
 
 
-async def get(admin: str, target: str) -> tuple[int, dict[str, Any]]:
-    reply = await call(admin, "GET", target, token=TOKEN.encode())
+async def get(admin: str, target: str, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    reply = await call(admin, "GET", target, token=token.encode() if token else None)
     return reply.status, json.loads(reply.body)
 
 
-async def workers_ready(admin: str) -> dict[int, int]:
-    """Poll ``/status`` until both workers serve; their pids by slot."""
+async def workers_ready(admin: str, token: str | None = TOKEN) -> dict[int, int]:
+    """Poll ``/status`` until both workers serve and have reported; their pids by slot."""
     while True:
         try:
-            code, status = await get(admin, "/status")
+            code, status = await get(admin, "/status", token)
         except OSError:
             code, status = 0, {}
         workers = status.get("workers") or []
-        if code == 200 and workers and all(w["state"] == "ready" for w in workers):
+        if code == 200 and workers and all(w["state"] == "ready" and w["rss_bytes"] for w in workers):
             return {int(w["slot"]): int(w["pid"]) for w in workers}
         await trio.sleep(0.1)
 
@@ -174,3 +179,53 @@ async def _unanswered(proxy: Running, admin: str, pids: dict[int, int]) -> None:
     with trio.fail_after(FANOUT_WAIT_S):
         code, body = await get(admin, "/sessions")
     assert (code, body) == (200, {"sessions": [], "next": None, "unanswered": []})
+
+
+# -- the status page of the whole proxy ------------------------------------------------------------
+
+
+@needs_browser
+@pytest.mark.timeout(120)
+async def test_the_status_page_shows_each_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The Workers table: a row per worker (pid, state, restarts...), a restart seen; no sideways scroll on a phone."""
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    admin = f"127.0.0.1:{admin_port}"
+    text = (
+        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
+        f"routes: [{{pool: echo}}]\n"
+        f"pools: {{echo: {{backends: [{{address: '127.0.0.1:{backend}'}}]}}}}\n"
+        "shutdown: {timeout: 2s, spread: 0s}\n"
+        f"admin: {{bind: '{admin}'}}\n"
+        "workers: 2\n"
+    )
+    async with running(tmp_path, text, admin):
+        with trio.fail_after(30):
+            pids = await workers_ready(admin, token=None)
+
+        def steps(browser: Browser) -> None:
+            page = browser.page
+            expect(page.locator("#workers-section")).to_be_visible()
+            expect(page.locator("#totals-title")).to_have_text("Proxy (2 workers)")
+            for slot, pid in pids.items():
+                row = page.locator(f'tr[data-worker="{slot}"]')
+                expect(row.locator("td.pid")).to_have_text(str(pid))
+                expect(row.locator(".badge")).to_have_text("ready")
+                expect(row.locator("td.restarts")).to_have_text("0")
+                expect(row.locator("td.rss")).to_have_text(re.compile(r"^\d+(\.\d+)? MiB$"))
+                expect(row.locator("td.lag")).to_have_text(re.compile(r"^\d+\.\d ms$"))
+            os.kill(pids[1], signal.SIGKILL)  # restarted by the supervisor: a new pid, one restart
+            restarted = page.locator('tr[data-worker="1"]')
+            expect(restarted.locator("td.restarts")).to_have_text("1", timeout=15000)
+            expect(restarted.locator(".badge")).to_have_text("ready", timeout=15000)
+            expect(restarted.locator("td.pid")).not_to_have_text(str(pids[1]))
+            expect(page.locator("#events")).to_contain_text("Worker 1: ready →")
+            browser.screenshot("status-page-workers.png")
+            page.set_viewport_size({"width": 375, "height": 667})
+            page.wait_for_timeout(1200)
+            expect(restarted.locator("td.pid")).to_be_visible()
+            no_horizontal_scroll(page)
+            browser.screenshot("status-page-workers-phone.png")
+
+        errors = await trio.to_thread.run_sync(partial(with_browser, f"http://{admin}/", steps))
+        assert errors == [], errors
