@@ -138,7 +138,11 @@ class AdminApp(Protocol):
 
     metrics: Metrics
     registry: Registry
-    session_control: SessionControl | SessionsAcross  # GET /sessions and the close routes
+
+    @property
+    def session_control(self) -> SessionControl | SessionsAcross:
+        """``GET /sessions`` and the close routes: one process's sessions, or a supervisor's workers'."""
+        ...
 
     def status(self) -> dict[str, object]:
         """The JSON body of ``GET /status``."""

@@ -94,7 +94,7 @@ class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
                 hint="sysctl net.ipv4.tcp_migrate_req=1 keeps connections "
                      "queued on a listener that closes (fewer workers after an upgrade)",
             )
-        admin = self._admin = AdminServer(self)  # type: ignore[arg-type]  # an AdminApp, checked in admin_view
+        admin = self._admin = AdminServer(self)
         admin.reload_timeout_s = config.timeouts.reload_s
         admin.reloader = self.reload_on_request
         admin.upgrader = self.upgrade_on_request
