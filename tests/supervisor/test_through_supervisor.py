@@ -1,7 +1,7 @@
 """The whole proxy of ``workers: 2`` seen and steered through its supervisor, end to end: real processes, clients, commands.
 
 The proxy is ``python -m wsproxy run`` with ``workers: 2``, an admin token and
-a route with static tokens (the config of ``tests/e2e/test_cli_sessions.py``);
+a route with static tokens (``tests.kit.sessions.cli_config``);
 clients are trio-websocket connections held open in the test's nursery; the
 commands are subprocesses. Covered: sessions opened to both workers are all
 listed by ``wsproxy sessions`` (ids prefixed by their worker, ``w0x``/``w1x``)
@@ -33,11 +33,11 @@ import pytest
 import trio
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
-from tests.e2e.test_cli_sessions import config, hold
 from tests.kit.admin import call
 from tests.kit.browser import Browser, expect, needs_browser, no_horizontal_scroll, with_browser
 from tests.kit.process import CLI_TOKEN as TOKEN, Running, out, running
 from tests.kit.servers import closed_port, start_ws_backend
+from tests.kit.sessions import cli_config, hold
 from wsproxy.log import parse_pairs
 
 #: How long the supervisor waits for its workers' answers (``supervisor.fanout.FANOUT_TIMEOUT_S``), with room.
@@ -80,7 +80,7 @@ async def test_sessions_listed_kicked_and_closed_across_two_workers(nursery: tri
     backend = await start_ws_backend(nursery)
     port, admin_port = closed_port(), closed_port()
     admin = f"127.0.0.1:{admin_port}"
-    async with running(tmp_path, config(port, backend, admin_port) + "workers: 2\n", admin) as proxy:
+    async with running(tmp_path, cli_config(port, backend, admin_port) + "workers: 2\n", admin) as proxy:
         with trio.fail_after(90):
             pids = await workers_ready(admin)
             assert sorted(pids) == [0, 1]
