@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from tests.kit.ws import frame, parse_frames
-from wsproxy.edge.engine import HAVE_EPOLL, Engine, EngineRelay
+from wsproxy.edge.engine import BIG_RECV_BYTES, HAVE_EPOLL, RECV_BYTES, Engine, EngineRelay
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.relay import Outcome
 
@@ -227,3 +227,55 @@ async def test_the_engine_closes_a_finished_sessions_sockets_itself(nursery: tri
         await relay.ended.wait()
         assert peers.client.fileno() == -1 and peers.backend.fileno() == -1
         assert engine.sessions == 0 and relay.masks == [-1, -1]
+
+
+class RecordingSocket(socket.socket):
+    """A real socket that records what each recv asked for and got."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.setblocking(False)
+        self.reads: list[tuple[int, int]] = []
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data = super().recv(size, flags)
+        self.reads.append((size, len(data)))
+        return data
+
+
+async def test_a_side_whose_read_was_full_reads_bigger_next_time(nursery: trio.Nursery) -> None:
+    """Bulk traffic: after a read that filled RECV_BYTES the side asks for BIG_RECV_BYTES (one recv per
+    64 KiB message instead of two); small messages never make the engine allocate the big buffer."""
+    peers = Peers(bufsize=1 << 20)
+    peers.backend = RecordingSocket(peers.backend)
+    try:
+        with trio.fail_after(5):
+            engine = await start(nursery)
+            relay = peers.relay(engine)
+            nursery.start_soon(relay.run, b"", b"")
+            small = frame(OP_BINARY, b"x" * 100, mask=False)
+            for _ in range(5):
+                await peers.backend_peer.send(small)
+                assert await read_exactly(peers.client_peer, len(small)) == small
+            assert {asked for asked, _ in peers.backend.reads} == {RECV_BYTES}
+            bulk = b"".join(frame(OP_BINARY, os.urandom(65536), mask=False) for _ in range(8))
+
+            async def send_bulk() -> None:
+                view = memoryview(bulk)
+                while view:
+                    view = view[await peers.backend_peer.send(view) :]
+
+            nursery.start_soon(send_bulk)
+            assert await read_exactly(peers.client_peer, len(bulk)) == bulk
+            reads = peers.backend.reads
+            full = [i for i, (asked, got) in enumerate(reads) if got >= RECV_BYTES]
+            assert full, reads
+            assert all(reads[i + 1][0] == BIG_RECV_BYTES for i in full if i + 1 < len(reads))
+            assert any(got > RECV_BYTES for _, got in reads), reads  # a read took more than 64 KiB at once
+            await peers.backend_peer.send(small)
+            assert await read_exactly(peers.client_peer, len(small)) == small
+            await peers.backend_peer.send(small)
+            assert await read_exactly(peers.client_peer, len(small)) == small
+            assert reads[-1] == (RECV_BYTES, len(small))  # back to the small size after a small read
+    finally:
+        peers.close()

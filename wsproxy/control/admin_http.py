@@ -413,17 +413,14 @@ def _answer(
                 return _not_allowed("POST")
             return _backend_action(app, segments[1], segments[3], segments[4], peer)
     except Exception:
-        log_event(
-            log,
-            logging.ERROR,
-            "error",
-            exc_info=True,
-            listener='admin',
-            method=logged(method),
-            path=logged(_path(request.target)),
-        )
-        return _text(500, "internal error")
+        return _internal_error(logged(method), logged(_path(request.target)))
     return _text(404, "not found")
+
+
+def _internal_error(method: str, path: str) -> _Answer:
+    """A 500 for a request whose handling raised: the traceback goes to the log, not to the client."""
+    log_event(log, logging.ERROR, "error", exc_info=True, listener="admin", method=method, path=path)
+    return _text(500, "internal error")
 
 
 async def _reload(server: AdminState, peer: str) -> _Answer:
@@ -433,8 +430,7 @@ async def _reload(server: AdminState, peer: str) -> _Answer:
     try:
         errors = await server.reloader()
     except Exception:
-        log_event(log, logging.ERROR, "error", exc_info=True, listener='admin', method='POST', path='/reload')
-        return _text(500, "internal error")
+        return _internal_error("POST", "/reload")
     if errors is None:
         return _json(503, {"applied": False, "errors": ["shutting down: no reload"]})
     if errors:
@@ -450,16 +446,7 @@ async def _upgrade(server: AdminState, peer: str) -> _Answer:
     try:
         ok, detail = await upgrader()
     except Exception:
-        log_event(
-            log,
-            logging.ERROR,
-            "error",
-            exc_info=True,
-            listener='admin',
-            method='POST',
-            path='/upgrade',
-        )
-        return _text(500, "internal error")
+        return _internal_error("POST", "/upgrade")
     if ok:
         return _json(200, {"upgraded": True, "pid": int(detail)})
     return _json(409, {"upgraded": False, "errors": [detail]})

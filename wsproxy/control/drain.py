@@ -188,9 +188,9 @@ class Drainer:
                 back = config is not None and any(b.address == key[1] for b in config.backends)
                 return self._removals.get(key) == epoch and not back
 
-            def done(key: tuple[PoolName, Address] = key, still: Callable[[], bool] = still) -> None:
-                if still():
-                    del self._removals[key]  # so many reloads leave nothing behind
+            def done(key: tuple[PoolName, Address] = key, epoch: int = epoch) -> None:
+                if self._removals.get(key) == epoch:  # not superseded by a later removal of the same backend
+                    del self._removals[key]  # so many reloads, and backends that come back, leave nothing behind
 
             self._close_later(_Order(pool, address, drain, DrainCause.REMOVED, still, done))
 
@@ -234,6 +234,13 @@ class Drainer:
             self.nursery.start_soon(self._wait_and_close, order)
 
     async def _wait_and_close(self, order: _Order) -> None:
+        try:
+            await self._wait_and_close_now(order)
+        finally:  # closed, called off (the backend came back, undrained) or cancelled by the shutdown
+            if order.done is not None:
+                order.done()
+
+    async def _wait_and_close_now(self, order: _Order) -> None:
         await trio.sleep(order.drain.timeout_s)
         if not order.still():
             return
@@ -257,5 +264,3 @@ class Drainer:
             rng=self.rng,
             still=order.still,
         )
-        if order.done is not None:
-            order.done()

@@ -71,22 +71,15 @@ class RawChannel:
 
     async def receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes:
         """The next bytes from the peer; ``b""`` once it has closed or reset."""
-        sock = self.sock
         while True:
+            data = self.receive_ready(max_bytes)
+            if data is not None:
+                return data
+            self.watched = True
             try:
-                return sock.recv(max_bytes)
-            except BlockingIOError:
-                self.watched = True
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except _CLOSED:
-                    return b""
-            except _GONE:
+                await trio.lowlevel.wait_readable(self.sock)
+            except _CLOSED:
                 return b""
-            except OSError as exc:
-                if exc.errno == errno.EBADF or self.closed:
-                    return b""
-                raise
 
     def receive_ready(self, max_bytes: int = RECEIVE_BYTES) -> bytes | None:
         """What the kernel holds for us now, without waiting: None when nothing yet, ``b""`` once the peer left."""

@@ -80,7 +80,8 @@ log = logging.getLogger("wsproxy.edge.engine")
 HAVE_EPOLL = hasattr(select, "epoll")
 
 MAX_EVENTS = 256  # ready sockets served per wake-up before trio runs other tasks
-RECV_BYTES = 65536
+RECV_BYTES = 65536  # what one recv asks for, for a side whose last read was not full
+BIG_RECV_BYTES = 262144  # for a side whose last read filled RECV_BYTES: bulk traffic
 
 _IN = select.EPOLLIN if HAVE_EPOLL else 0
 _OUT = select.EPOLLOUT if HAVE_EPOLL else 0
@@ -102,6 +103,7 @@ class EngineRelay(RelayDriver):
         "masks",
         "tls",
         "wire",
+        "read_size",
         "ended",
         "registered",
         "scope",
@@ -138,6 +140,10 @@ class EngineRelay(RelayDriver):
         self.tls: tuple[TlsChannel | None, TlsChannel | None] = (client_tls, backend_tls)
         #: ciphertext waiting for each TLS side's socket (client, backend); always empty on a plain side
         self.wire = [b"", b""]
+        #: what the next recv of each side asks for: RECV_BYTES, or BIG_RECV_BYTES after a full read
+        #: (a 64 KiB message then takes one recv and one send each way instead of two or three; small
+        #: messages never allocate a 256 KiB buffer)
+        self.read_size = [RECV_BYTES, RECV_BYTES]
         self.ended = trio.Event()
         self.registered = False
         self.scope: trio.CancelScope | None = None  # the session task's wait, bounded by the close deadline
@@ -256,8 +262,10 @@ class Engine:
             index = 0 if is_client else 1
             if mask & _IN and relay.masks[index] & _IN and not reader.src_eof:
                 sock = relay.client if is_client else relay.backend
+                size = relay.read_size[index]
                 try:
-                    data = sock.recv(RECV_BYTES)
+                    data = sock.recv(size)
+                    relay.read_size[index] = BIG_RECV_BYTES if len(data) >= RECV_BYTES else RECV_BYTES
                 except BlockingIOError:
                     data = None
                 except _GONE:
