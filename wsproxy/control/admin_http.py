@@ -244,7 +244,7 @@ async def _one_request(
     answer = _answer(request, server, site, peer, b"".join(body))
     if isinstance(answer, _Later):  # a supervisor asking its workers (a few seconds at most)
         scope.deadline = max(scope.deadline, trio.current_time() + REQUEST_TIMEOUT_S)
-        answer = await answer.run()
+        answer = await _finish(answer, request.method, request.target)
     if answer is _METRICS:
         accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
         content_type, exposition = await server.app.render_metrics_off_loop(accept)
@@ -415,6 +415,14 @@ def _answer(
     except Exception:
         return _internal_error(logged(method), logged(_path(request.target)))
     return _text(404, "not found")
+
+
+async def _finish(later: _Later, method: bytes, target: bytes) -> _Answer:
+    """The answer ``later`` gives, or a 500 if giving it raised."""
+    try:
+        return await later.run()
+    except Exception:
+        return _internal_error(logged(method), logged(_path(target)))
 
 
 def _internal_error(method: str, path: str) -> _Answer:
