@@ -26,6 +26,7 @@ from wsproxy.log import (
     log_event,
     logfmt,
     parse_pairs,
+    set_process_fields,
     stderr_is_journal,
 )
 
@@ -99,6 +100,23 @@ def test_json_keeps_the_types() -> None:
 def test_fields_cannot_override_the_head_in_json() -> None:
     entry = json.loads(JsonFormatter().format(event_record(logging.WARNING, "x", level="debug", logger="evil")))
     assert (entry["level"], entry["logger"]) == ("warning", "wsproxy.control.admin")
+
+
+def test_a_worker_names_itself_on_every_line_in_both_formats() -> None:
+    rec = event_record(logging.INFO, "open", conn="w1x0a2b1")
+    assert "worker" not in json.loads(JsonFormatter().format(rec))  # a single process adds nothing of its own
+    assert " worker=" not in TextFormatter().format(rec)
+    set_process_fields(worker=1)
+    try:
+        text = TextFormatter(journal=True).format(rec)
+        assert text.startswith("<6>level=info logger=wsproxy.control.admin worker=1 event=open conn=w1x0a2b1")
+        entry = json.loads(JsonFormatter().format(rec))
+        assert list(entry)[:4] == ["ts", "level", "logger", "worker"] and entry["worker"] == 1  # a number, first
+        other = TextFormatter().format(logging.LogRecord("wsproxy.x", logging.INFO, __file__, 1, "a library's", (), None))
+        assert " logger=wsproxy.x worker=1 msg=" in other
+    finally:
+        set_process_fields(worker=None)
+    assert " worker=" not in TextFormatter().format(rec)
 
 
 def test_long_values_are_cut() -> None:

@@ -158,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     commands._choices_actions = [a for a in commands._choices_actions if a.dest not in INTERNAL_COMMANDS]
     _config_option(worker)
     worker.add_argument("--ipc-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return top
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from .supervisor.worker import run as run_worker
 
-        return run_worker(args.config, args.ipc_fd, args.log_level)
+        return run_worker(args.config, args.ipc_fd, args.log_level, args.slot)
     return _run_or_check(args)
 
 

@@ -205,6 +205,16 @@ class App:
     def next_conn_id(self) -> str:
         return f"{self._conn_prefix}{next(self._conn_ids):x}"
 
+    def set_conn_prefix(self, prefix: str) -> None:
+        """Start the session ids issued from now on with ``prefix`` (letters and digits; by default 4 random hex digits).
+
+        A worker of ``workers`` > 1 sets its slot's (``supervisor.fanout.conn_prefix``), so ids are unique
+        across workers and the supervisor knows which worker owns one.
+        """
+        if not prefix.isalnum() or not prefix.isascii():
+            raise ValueError(f"a session id prefix is letters and digits: {prefix!r}")
+        self._conn_prefix = prefix
+
     @property
     def addresses(self) -> dict[str, list[tuple[str, int]]]:
         """Listener name → the addresses it is bound to (none once closed, e.g. by a shutdown during start-up)."""

@@ -271,6 +271,7 @@ def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> 
     """List the running proxy's sessions (every page), as a table or as JSON."""
     target = AdminTarget.from_config(path)
     records: list[dict[str, Any]] = []
+    unanswered: set[int] = set()  # workers > 1: workers that did not answer in time
     cursor: str | None = None
     while True:
         query = {**filters, "limit": str(SESSIONS_PAGE), **({"cursor": cursor} if cursor else {})}
@@ -278,9 +279,11 @@ def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> 
         if code != 200 or not isinstance(body, dict):
             raise _refused(target, code, body)
         records += body["sessions"]
+        unanswered.update(body.get("unanswered") or ())
         cursor = body["next"]
         if not cursor:
             break
+    _warn_unanswered(unanswered, "their sessions are not listed")
     if as_json:
         print(json.dumps({"sessions": records}, indent=2), file=out)
         return 0
@@ -301,6 +304,11 @@ def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> 
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
     print(f"{len(records)} session(s); UP and DOWN are bytes/messages", file=out)
     return 0
+
+
+def _warn_unanswered(slots: set[int], consequence: str) -> None:
+    if slots:
+        print(f"wsproxy: worker(s) {', '.join(map(str, sorted(slots)))} did not answer in time: {consequence}", file=sys.stderr)
 
 
 def _age(seconds: float) -> str:
@@ -346,6 +354,7 @@ def kick(
     if status_code != 200 or not isinstance(answer, dict):
         raise _refused(target, status_code, answer)
     closed = answer["closed"]
+    _warn_unanswered(set(answer.get("unanswered") or ()), "their sessions were not closed")
     if session is not None:
         print(f"wsproxy: session {session}: " + ("closing" if closed else "already closing"), file=out)
     else:

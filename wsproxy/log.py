@@ -20,6 +20,10 @@ formatters below write as
   then the fields with their JSON types (numbers, booleans, ``null``; any other
   object as its ``str``).
 
+A process may add fields of its own to every line it writes
+(``set_process_fields``): a worker of ``workers`` > 1 adds ``worker=SLOT``,
+right after ``logger``, in both formats. A single process adds none.
+
 When stderr is the journal (``$JOURNAL_STREAM`` names stderr's device and
 inode, as systemd sets it), each line starts with the syslog priority, ``<3>``
 for ERROR to ``<7>`` for DEBUG, so journald stores the level
@@ -228,6 +232,19 @@ def parse_pairs(line: str) -> dict[str, str]:
     return found
 
 
+#: Fields every line of this process carries (``set_process_fields``), after ``logger``.
+_process_fields: dict[str, object] = {}
+
+
+def set_process_fields(**fields: object) -> None:
+    """Add ``fields`` to every line this process writes from now on (a worker: ``worker=SLOT``); None removes one."""
+    for key, value in fields.items():
+        if value is None:
+            _process_fields.pop(key, None)
+        else:
+            _process_fields[key] = value
+
+
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 
 
@@ -261,6 +278,8 @@ class TextFormatter(logging.Formatter):
         head: dict[str, object] = {} if self.journal else {"ts": _timestamp(record)}
         head["level"] = record.levelname.lower()
         head["logger"] = record.name
+        if _process_fields:
+            head.update(_process_fields)
         if isinstance(record.msg, Event):
             line = logfmt(head) + " " + str(record.msg)
         else:
@@ -282,6 +301,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
+        for key, value in _process_fields.items():
+            entry[key] = json_value(value)
         if isinstance(record.msg, Event):
             for key, value in record.msg.pairs().items():
                 entry.setdefault(key, json_value(value))

@@ -23,3 +23,17 @@ async def test_a_reload_that_raises_answers_500_and_logs_the_traceback(caplog: p
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.exc_info is not None and "secret detail" in str(record.exc_info[1])
     assert "event=error" in record.getMessage() and "path=/reload" in record.getMessage()
+
+
+async def test_an_answer_that_has_to_wait_and_raises_answers_500(caplog: pytest.LogCaptureFixture) -> None:
+    """A supervisor's sessions API (``_Later``, asked of the workers) that raises: the same 500 and log line."""
+
+    async def ask_workers() -> admin_http._Answer:
+        raise RuntimeError("secret detail of the failure")
+
+    with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="wsproxy.control.admin_http"):
+        status, _headers, body = await admin_http._finish(admin_http._Later(ask_workers), b"GET", b"/sessions?identity=x")
+    assert (status, body) == (500, b"internal error\n")
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "secret detail" in str(record.exc_info[1])  # type: ignore[index]
+    assert "path=/sessions " in record.getMessage() + " " and "identity" not in record.getMessage()

@@ -11,50 +11,14 @@ may not send, a usage error).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.kit.process import CLI_TOKEN as TOKEN, out, running, wsproxy_cmd
 from tests.kit.servers import closed_port, start_ws_backend
-
-USERS = {"alice": "cli-tok-alice-0123456789", "bob": "cli-tok-bob-0123456789"}
-
-
-def config(port: int, backend: int, admin_port: int) -> str:
-    tokens = ", ".join(f"{{name: {n}, sha256: '{hashlib.sha256(t.encode()).hexdigest()}'}}" for n, t in USERS.items())
-    return (
-        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
-        f"routes: [{{path: /chat, pool: echo, auth: {{tokens: [{tokens}]}}}}]\n"
-        f"pools: {{echo: {{backends: [{{address: '127.0.0.1:{backend}'}}]}}}}\n"
-        "shutdown: {timeout: 2s, spread: 0s}\n"
-        f"admin: {{bind: '127.0.0.1:{admin_port}', token_file: admin.token}}\n"
-    )
-
-
-async def hold(port: int, user: str, nursery: trio.Nursery) -> tuple[WebSocketConnection, trio.Event, list[object]]:
-    """A session of ``user`` held open; the list gets (code, reason) when the proxy closes it."""
-    ended = trio.Event()
-    outcome: list[object] = []
-
-    async def run(*, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
-        headers = [("Authorization", f"Bearer {USERS[user]}")]
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/chat", extra_headers=headers) as ws:
-            await ws.send_message("hi")
-            await ws.get_message()
-            task_status.started(ws)
-            try:
-                await ws.get_message()
-            except ConnectionClosed as exc:
-                outcome.extend([exc.reason.code, exc.reason.reason])
-            ended.set()
-
-    ws = await nursery.start(run)
-    return ws, ended, outcome
-
+from tests.kit.sessions import CLI_USERS as USERS, cli_config as config, hold
 
 async def test_sessions_and_kick(nursery: trio.Nursery, tmp_path: Path) -> None:
     (tmp_path / "admin.token").write_text(TOKEN + "\n")

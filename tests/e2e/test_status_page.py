@@ -8,7 +8,9 @@ step needs done on the trio side (open a WebSocket session, read
 ``App.status``, stop the admin listener) it asks for with ``trio.from_thread``.
 
 What is covered: the page and its files (media types, CSP, no token needed,
-nothing else served); in the browser, both backends shown "up", an open
+nothing else served); in the browser, both backends shown "up" (and no
+Workers table: one process; ``tests/supervisor/test_through_supervisor.py``
+shows it with ``workers: 2``), an open
 session counted on its backend within 2 s, Drain pressed from the keyboard
 (the state shows draining, the session gets 1012, new sessions go to the other
 backend, focus stays on the button, the change is announced), Undrain reached
@@ -201,6 +203,8 @@ async def test_status_page_is_live_and_drains_from_the_keyboard(nursery: trio.Nu
             expect(browser.row(backend).locator("td.check")).to_have_text("ok")
             expect(browser.row(backend).locator("td.rtt")).to_have_text(re.compile(r"^\d+(\.\d+)? ms$"))
         expect(page.locator("#generation")).to_have_text("1")
+        expect(page.locator("#workers-section")).to_be_hidden()  # one process: no Workers table
+        expect(page.locator("#totals-title")).to_have_text("Process")
         expect(page.locator("#listeners")).to_contain_text("test")
         expect(page.locator("#routes")).to_contain_text("main")
 

@@ -8,8 +8,12 @@ with ``ADMIN_TOKEN``. ``open_client`` opens a trio-websocket session as a user
 (or nobody), says hello and keeps it open in the test's nursery until the
 proxy closes it, recording the code and reason (``Client``).
 
-What is not here: the admin client (``tests.kit.admin``) and the proxy as a
-process (``tests.kit.process``).
+For a proxy run as a process (``tests.kit.process.running``): ``cli_config``
+writes the same kind of config as text (``CLI_USERS``' tokens, an admin
+token file), and ``hold`` holds a session of one of those users.
+
+What is not here: the admin client (``tests.kit.admin``) and the process
+harness (``tests.kit.process``).
 """
 
 from __future__ import annotations
@@ -133,3 +137,43 @@ async def open_client(stack: Stack, nursery: trio.Nursery, user: str | None = No
 
     result: Client = await nursery.start(run)
     return result
+
+
+# -- the same for a ``wsproxy run`` process (``tests.kit.process.running``) --------------------------
+
+
+#: The static bearer tokens of ``cli_config``'s ``/chat`` route (a ``wsproxy run`` process), by identity.
+CLI_USERS = {"alice": "cli-tok-alice-0123456789", "bob": "cli-tok-bob-0123456789"}
+
+
+def cli_config(port: int, backend: int, admin_port: int) -> str:
+    """A config file's text: ``/chat`` over ``CLI_USERS``' tokens, the admin API with ``admin.token`` beside it."""
+    tokens = ", ".join(f"{{name: {n}, sha256: '{hashlib.sha256(t.encode()).hexdigest()}'}}" for n, t in CLI_USERS.items())
+    return (
+        f"listeners: [{{name: public, bind: '127.0.0.1:{port}'}}]\n"
+        f"routes: [{{path: /chat, pool: echo, auth: {{tokens: [{tokens}]}}}}]\n"
+        f"pools: {{echo: {{backends: [{{address: '127.0.0.1:{backend}'}}]}}}}\n"
+        "shutdown: {timeout: 2s, spread: 0s}\n"
+        f"admin: {{bind: '127.0.0.1:{admin_port}', token_file: admin.token}}\n"
+    )
+
+
+async def hold(port: int, user: str, nursery: trio.Nursery) -> tuple[WebSocketConnection, trio.Event, list[object]]:
+    """A session of ``user`` (of ``CLI_USERS``) to ``/chat`` held open; the list gets (code, reason) when the proxy closes it."""
+    ended = trio.Event()
+    outcome: list[object] = []
+
+    async def run(*, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
+        headers = [("Authorization", f"Bearer {CLI_USERS[user]}")]
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/chat", extra_headers=headers) as ws:
+            await ws.send_message("hi")
+            await ws.get_message()
+            task_status.started(ws)
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                outcome.extend([exc.reason.code, exc.reason.reason])
+            ended.set()
+
+    ws = await nursery.start(run)
+    return ws, ended, outcome

@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.kit.servers import make_config
 from wsproxy.config.load import load_config
@@ -185,9 +187,12 @@ wsproxy_reloads_total 1.0
 
 
 def test_metrics_are_summed_labelled_per_worker_or_taken_once() -> None:
-    text = merge_metrics([(0, METRICS_0), (1, METRICS_0.replace("3.0", "4.0").replace("100.0", "50.0"))],
-                         [("wsproxy_reloads", "counter", "Reloads.", 5.0)])
-    lines = set(text.splitlines())
+    content_type, body = merge_metrics(
+        [(0, METRICS_0), (1, METRICS_0.replace("3.0", "4.0").replace("100.0", "50.0"))],
+        [("wsproxy_reloads", "counter", "Reloads.", 5.0)],
+    )
+    assert content_type.startswith("text/plain; version=0.0.4")
+    lines = set(body.decode().splitlines())
     assert 'wsproxy_sessions_active{route="*/",worker="0"} 3.0' in lines
     assert 'wsproxy_sessions_active{route="*/",worker="1"} 4.0' in lines
     assert 'wsproxy_refused_total{reason="limit",route="-",status="503"} 4.0' in lines
@@ -211,3 +216,40 @@ def test_status_sums_the_workers_and_keeps_the_supervisors_view() -> None:
     merged = status["pools"]["p"]["backends"][0]
     assert (merged["active"], merged["total"], merged["draining"]) == (7, 20, True)
     assert status["workers"] == [{"pid": 1}, {"pid": 2}]
+
+
+def worker_metrics(sessions: float, refused: int, latency_s: float) -> str:
+    """One worker's text exposition, written by ``prometheus_client`` as a worker writes it."""
+    registry = CollectorRegistry()
+    Gauge("wsproxy_sessions_active", "Established sessions.", ["route"], registry=registry).labels("*/").set(sessions)
+    Counter("wsproxy_refused", "Refusals.", ["reason"], registry=registry).labels("limit").inc(refused)
+    Histogram("wsproxy_handshake_seconds", "Handshakes.", buckets=[0.1, 1], registry=registry).observe(latency_s)
+    Info("wsproxy_build", "Build.", registry=registry).info({"version": "1"})
+    return generate_latest(registry).decode()
+
+
+def test_metrics_in_openmetrics_when_asked_and_the_text_format_otherwise() -> None:
+    reports = [(0, worker_metrics(3, 2, 0.05)), (1, worker_metrics(4, 5, 0.5))]
+    own = [("wsproxy_reloads", "counter", "Reloads.", 5.0), ("wsproxy_workers", "gauge", "Workers.", 2.0)]
+    content_type, body = merge_metrics(reports, own, "application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}  # the strict parser: a valid exposition
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["wsproxy_refused"].type == "counter"
+    assert samples[("wsproxy_refused_total", (("reason", "limit"),))] == 7
+    assert ("wsproxy_refused_created", (("reason", "limit"),)) in samples  # inside its counter, as OpenMetrics wants
+    assert samples[("wsproxy_handshake_seconds_count", ())] == 2
+    assert samples[("wsproxy_handshake_seconds_bucket", (("le", "0.1"),))] == 1
+    assert samples[("wsproxy_sessions_active", (("route", "*/"), ("worker", "1")))] == 4
+    assert samples[("wsproxy_reloads_total", ())] == 5 and samples[("wsproxy_workers", ())] == 2
+    assert "wsproxy_handshake_seconds_created" not in families
+
+    for accept in (None, "", "text/plain", "*/*", "application/json"):
+        content_type, body = merge_metrics(reports, own, accept)
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+        text = body.decode()
+        assert "# EOF" not in text
+        assert 'wsproxy_refused_total{reason="limit"} 7.0' in text.splitlines()
+        assert "# TYPE wsproxy_refused_created gauge" in text  # the text format's way

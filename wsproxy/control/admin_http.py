@@ -34,6 +34,10 @@ Routes (everything else is 404):
   identity, with the optional JSON body ``{"code", "reason"}`` (400 when
   invalid; default 1008); the answer is ``{"closed": N}``
   (``control.session_admin``, which logs each close).
+  With ``workers`` > 1 the supervisor answers these three by asking its
+  workers (``SessionsAcross``, ``supervisor.fanout``): the same answers, plus
+  ``"unanswered": [SLOT...]``, the workers that did not answer in time (504
+  when none did).
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When a token is set, every request but the page's needs
@@ -69,6 +73,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Protocol
@@ -83,7 +88,7 @@ from .admin_policy import AdminSite, Refusal, check_request, path_segments
 from .metrics import Metrics
 from ..balance.registry import Registry
 from .session_admin import SessionControl
-from .sessions import CloseOrder, parse_close_body, parse_query, select
+from .sessions import CloseOrder, SessionQuery, parse_close_body, parse_query, select
 from ..log import log_event
 
 # One logger for everything the admin listener does, so an operator follows one name.
@@ -115,12 +120,29 @@ PAGE_HEADERS = [
 ]
 
 
+class SessionsAcross(Protocol):
+    """The sessions API of a supervisor of ``workers`` > 1: it asks the workers, so each call awaits.
+
+    Each returns (HTTP status, JSON body) (``supervisor.fanout`` decides them).
+    """
+
+    async def list_sessions(self, query: SessionQuery) -> tuple[int, dict[str, object]]: ...
+
+    async def close_session(self, conn_id: str, order: CloseOrder, *, by: str) -> tuple[int, dict[str, object]]: ...
+
+    async def close_identity(self, identity: str, order: CloseOrder, *, by: str) -> tuple[int, dict[str, object]]: ...
+
+
 class AdminApp(Protocol):
     """What the admin server needs from the application (``wsproxy.app.App``)."""
 
     metrics: Metrics
     registry: Registry
-    session_control: SessionControl  # GET /sessions and the close routes
+
+    @property
+    def session_control(self) -> SessionControl | SessionsAcross:
+        """``GET /sessions`` and the close routes: one process's sessions, or a supervisor's workers'."""
+        ...
 
     def status(self) -> dict[str, object]:
         """The JSON body of ``GET /status``."""
@@ -220,6 +242,9 @@ async def _one_request(
             await _send(channel, conn, None, _text(exc.error_status_hint, f"malformed request: {exc}"), close=True)
         return False
     answer = _answer(request, server, site, peer, b"".join(body))
+    if isinstance(answer, _Later):  # a supervisor asking its workers (a few seconds at most)
+        scope.deadline = max(scope.deadline, trio.current_time() + REQUEST_TIMEOUT_S)
+        answer = await _finish(answer, request.method, request.target)
     if answer is _METRICS:
         accept = b", ".join(v for n, v in request.headers if n == b"accept").decode("latin-1")
         content_type, exposition = await server.app.render_metrics_off_loop(accept)
@@ -286,6 +311,13 @@ def _peer(sock: socket.socket) -> str:
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class _Later:
+    """An answer that has to wait (``SessionsAcross``): ``run`` gives it."""
+
+    run: Callable[[], Awaitable[_Answer]]
+
+
 async def _send(
     channel: RawChannel, conn: h11.Connection, request: h11.Request | None, answer: _Answer, *, close: bool = False
 ) -> None:
@@ -312,7 +344,9 @@ _UPGRADE: _Answer = (0, [], b"")
 HEALTH_PATHS = (["healthz"], ["ready"])
 
 
-def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str, body: bytes = b"") -> _Answer:
+def _answer(
+    request: h11.Request, server: AdminState, site: AdminSite, peer: str, body: bytes = b""
+) -> _Answer | _Later:
     """The response to one complete request (sans-I/O but for the App's own calls and the log)."""
     app, token = server.app, server.token
     method = request.method.decode("ascii", "replace")
@@ -381,6 +415,14 @@ def _answer(request: h11.Request, server: AdminState, site: AdminSite, peer: str
     except Exception:
         return _internal_error(logged(method), logged(_path(request.target)))
     return _text(404, "not found")
+
+
+async def _finish(later: _Later, method: bytes, target: bytes) -> _Answer:
+    """The answer ``later`` gives, or a 500 if giving it raised."""
+    try:
+        return await later.run()
+    except Exception:
+        return _internal_error(logged(method), logged(_path(target)))
 
 
 def _internal_error(method: str, path: str) -> _Answer:
@@ -475,11 +517,7 @@ def _page_files() -> Mapping[str, tuple[bytes, bytes]]:
     return files
 
 
-#: The answer of the sessions routes where there are no sessions to list (a supervisor).
-NO_SESSIONS_API = "workers > 1: the sessions API is per worker and not aggregated by the supervisor yet"
-
-
-def _sessions(app: AdminApp, target: bytes) -> _Answer:
+def _sessions(app: AdminApp, target: bytes) -> _Answer | _Later:
     """``GET /sessions``: one page of the established sessions."""
     _, _, query_bytes = target.partition(b"?")
     try:
@@ -489,17 +527,22 @@ def _sessions(app: AdminApp, target: bytes) -> _Answer:
     query = parse_query(query_text)
     if isinstance(query, str):
         return _json(400, {"error": query})
-    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
-        return _json(501, {"error": NO_SESSIONS_API})
-    page, cursor = select(app.session_control.records(), query)
+    control = app.session_control
+    if not isinstance(control, SessionControl):  # the supervisor of workers > 1
+
+        async def across() -> _Answer:
+            return _json(*await control.list_sessions(query))
+
+        return _Later(across)
+    page, cursor = select(control.records(), query)
     return _json(200, {"sessions": [r.as_json() for r in page], "next": cursor})
 
 
-def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) -> _Answer:
+def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) -> _Answer | _Later:
     """``POST /sessions/ID/close`` or ``POST /identities/IDENTITY/close``."""
-    if getattr(app, "session_control", None) is None:  # the supervisor of workers > 1
-        return _json(501, {"error": NO_SESSIONS_API})
     control = app.session_control
+    if not isinstance(control, SessionControl):  # the supervisor of workers > 1
+        return _Later(lambda: _close_across(control, kind, name, order, peer))
     if kind == "sessions":
         closed = control.close_session(name, order, by=peer)
         if closed is None:
@@ -525,6 +568,24 @@ def _close(app: AdminApp, kind: str, name: str, order: CloseOrder, peer: str) ->
             peer=peer,
         )
     return _json(200, {"closed": closed})
+
+
+async def _close_across(control: SessionsAcross, kind: str, name: str, order: CloseOrder, peer: str) -> _Answer:
+    """``_close`` by a supervisor: the workers close, and each logs its closes; this logs the request's outcome."""
+    if kind == "sessions":
+        status, document = await control.close_session(name, order, by=peer)
+        fields: dict[str, object] = {"action": "close_session", "conn": logged(name)}
+    else:
+        status, document = await control.close_identity(name, order, by=peer)
+        fields = {"action": "close_identity", "identity": logged(name)}
+    fields["result"] = {200: "closed", 404: "unknown"}.get(status, "unanswered")
+    if "closed" in document:
+        fields["closed"] = document["closed"]
+    unanswered = document.get("unanswered")
+    if isinstance(unanswered, list) and unanswered:
+        fields["unanswered"] = ",".join(str(slot) for slot in unanswered)
+    log_event(log, logging.INFO, "admin", **fields, peer=peer)
+    return _json(status, document)
 
 
 def _backend_action(app: AdminApp, pool: str, backend: str, action: str, peer: str) -> _Answer:

@@ -11,9 +11,11 @@
 Each worker talks to the supervisor over one Unix socketpair: JSON lines, with
 listening sockets passed as ``SCM_RIGHTS`` (``supervisor.ipc``). What is
 decided (the worker table, restart backoff, the two-phase reload, how limits
-are split, how the workers' status and metrics add up) is sans-I/O:
-``messages``, ``table``, ``merge``. The trio layers are ``main`` (the
-supervisor) and ``worker``.
+are split, how the workers' status and metrics add up, how the sessions API
+is asked of the workers and their answers merged) is sans-I/O: ``messages``,
+``table``, ``merge``, ``fanout``. The trio layers are the supervisor
+(``main``, with its parts ``state``, ``sockets``, ``slots``, ``reloading``,
+``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``.
 
 ``workers: 1`` does not come here at all: ``wsproxy run`` is then the one
 process it always was (``wsproxy.run``).

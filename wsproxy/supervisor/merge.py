@@ -18,15 +18,24 @@ earliest), except
 - ``SAME_IN_EVERY_WORKER`` families (config, health verdicts, certificates):
   the largest value, not a sum (they describe the one proxy);
 - reload counters: the supervisor's (``supervisor_families``).
+
+The merged families are written as the single process writes its own
+(``prometheus_client``'s encoders, ``choose_encoder``): the text format, or
+OpenMetrics (``# EOF`` at the end) when the scraper's ``Accept`` asks for
+``application/openmetrics-text``. The workers report the text format, where a
+counter's or histogram's ``_created`` samples are a gauge family of their
+own; they are put back into their family, where OpenMetrics wants them (the
+text encoder writes them apart again).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 #: Families whose value is one worker's own: labelled with ``worker``.
@@ -43,7 +52,8 @@ SAME_IN_EVERY_WORKER = (
 #: Families the supervisor answers itself (a refused reload never reaches the workers).
 SUPERVISOR_OWN = ("wsproxy_reloads", "wsproxy_reload_failures")
 
-TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Families whose ``_created`` samples the text format writes as a gauge family ``NAME_created``.
+_WITH_CREATED = ("counter", "histogram", "summary", "gaugehistogram")
 
 
 @dataclass(slots=True)
@@ -58,13 +68,21 @@ def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or (p.endswith("_") and name.startswith(p)) for p in prefixes)
 
 
-def merge_metrics(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = ()) -> str:
-    """The text exposition of every worker's metrics together.
+def merge_metrics(
+    reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = (), accept: str | None = None
+) -> tuple[str, bytes]:
+    """(content type, body) of every worker's metrics together: OpenMetrics if ``accept`` asks for it, else text.
 
-    ``reports``: (worker slot, its metrics text); ``own``: the supervisor's
-    series as (family, type, help, value), replacing the workers' families of
-    that name.
+    ``reports``: (worker slot, its metrics in the text format); ``own``: the
+    supervisor's series as (family, type, help, value), replacing the workers'
+    families of that name.
     """
+    encoder, content_type = choose_encoder(accept or "")
+    return content_type, encoder(_Merged(merge_families(reports, own)))  # type: ignore[arg-type]  # a registry in all but name
+
+
+def merge_families(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = ()) -> list[Metric]:
+    """The merged families (see the module docstring), ``_created`` samples inside their family."""
     families: dict[str, _Family] = {}
     own = list(own)
     replaced = {name for name, _kind, _doc, _value in own}
@@ -92,31 +110,28 @@ def merge_metrics(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, s
     for name, kind, documentation, value in own:
         sample_name = name + "_total" if kind == "counter" else name
         families[name] = _Family(name, kind, documentation, {(sample_name, ()): value})
-    lines: list[str] = []
+    for name in list(families):  # NAME_created (a gauge in the text format) back into NAME
+        parent = families.get(name[: -len("_created")]) if name.endswith("_created") else None
+        if parent is not None and parent.kind in _WITH_CREATED:
+            parent.samples.update(families.pop(name).samples)
+    metrics = []
     for family in families.values():
-        kind = "gauge" if family.kind in ("info", "stateset") else family.kind
-        lines.append(f"# HELP {family.name} {_escape_help(family.documentation)}")
-        lines.append(f"# TYPE {family.name} {kind if kind in ('counter', 'gauge', 'histogram', 'summary') else 'untyped'}")
+        kind = family.kind if family.kind in (*_WITH_CREATED, "gauge", "unknown") else "unknown"
+        metric = Metric(family.name, family.documentation, kind)
         for (sample_name, label_pairs), value in family.samples.items():
-            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in label_pairs)
-            lines.append(f"{sample_name}{{{text}}} {_number(value)}" if text else f"{sample_name} {_number(value)}")
-    return "\n".join(lines) + "\n"
+            metric.add_sample(sample_name, dict(label_pairs), value)
+        metrics.append(metric)
+    return metrics
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+class _Merged:
+    """What an encoder of ``prometheus_client`` reads: a ``collect()`` of the merged families."""
 
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
 
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(value)
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
 
 
 _SUMMED = (

@@ -16,12 +16,15 @@ Supervisor → worker:
 ``drain``             ``pool``, ``backend``, ``undo``
 ``adopt``/``release`` accept on another slot's sockets (its worker is down) / stop
 ``retire``            stop accepting; keep sessions up to ``timeout_s``, then shut down
+``ask``               the sessions API: ``id``, ``what`` (``sessions`` + ``query``, ``close_session``
+                      + ``conn``, ``close_identity`` + ``identity``; closes with ``order``, ``by``)
 ``shutdown``          SIGTERM's graceful shutdown (``now``: close everything at once)
 ====================  ====================================================================
 
 Worker → supervisor: ``hello`` (``pid``, ``fingerprint``, or ``errors``),
 ``ready``, ``prepared`` / ``committed`` (``round``, ``ok``, ``errors``),
-``report`` (``status``, ``metrics``: once a second).
+``report`` (``status``, ``metrics``: once a second), ``answer`` (``id``,
+``data``: what ``supervisor.fanout`` says a worker answers).
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ Signals: SIGTERM is a graceful shutdown (as for ``wsproxy run``; systemd's
 Ctrl-C in a terminal reaches the whole process group; the supervisor decides).
 If the supervisor goes away (its end of the channel closes), the worker shuts
 down gracefully.
+
+Every line the worker logs carries ``worker=SLOT`` (``--slot``, set before
+anything is logged: ``log.set_process_fields``). Its session ids start with
+``w{SLOT}x`` (``fanout.conn_prefix``), and it answers the supervisor's
+sessions API questions (``ask``) from its own ``SessionControl``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ..app import App, ListenerSlot
 from ..control.reload import ReloadError
 from ..config.schema import Config, PoolName
 from ..balance.registry import Health
-from . import health
+from . import fanout, health
 from ..log import log_event
 from .ipc import Channel, ChannelClosed
 from .messages import Message
@@ -56,12 +61,13 @@ def group(sockets: list[socket.socket], counts: dict[str, int]) -> dict[str, lis
     return grouped
 
 
-def run(path: str, ipc_fd: int, log_level: str | None) -> int:
+def run(path: str, ipc_fd: int, log_level: str | None, slot: int | None = None) -> int:
     """``wsproxy worker``: serve as the supervisor says until it says stop; the exit status."""
     from .. import log as logsetup
     from ..edge.contexts import load_checked
     from ..errors import ConfigErrors
 
+    logsetup.set_process_fields(worker=slot)  # every line of this process says which worker wrote it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel_sock = socket.socket(fileno=ipc_fd)
     os.set_inheritable(ipc_fd, False)
@@ -106,6 +112,7 @@ class Worker:
         self.app.health_checks = False
         self.app.log_overridden = log_overridden
         self.app.generation.number = int(start.get("generation", 1))
+        self.app.set_conn_prefix(fanout.conn_prefix(self.slot, os.urandom(2).hex()))  # ids unique across workers
         self.prepared: dict[int, tuple[Config, dict[str, list[socket.socket]]]] = {}
         self.adopted: dict[int, list[ListenerSlot]] = {}
         self.retiring = False
@@ -202,6 +209,8 @@ class Worker:
         elif kind == "release":
             for slot in self.adopted.pop(int(message["slot"]), []):
                 slot.close()  # this process's copies; the supervisor keeps the sockets
+        elif kind == "ask":
+            await self.channel.send({"t": "answer", "id": message["id"], "data": self._answer(message)})
         elif kind == "retire":
             self._retire(float(message["timeout_s"]))
         elif kind == "shutdown":
@@ -213,6 +222,19 @@ class Worker:
             log_event(log, logging.WARNING, "worker_unknown_message", slot=self.slot, type=kind)
             for sock in sockets:
                 sock.close()
+
+    def _answer(self, message: Message) -> dict[str, Any]:
+        """The sessions API's part of this worker (``supervisor.fanout``): a page, or the closes started."""
+        control = self.app.session_control
+        what, by = message["what"], str(message.get("by", "-"))
+        if what == "sessions":
+            return fanout.worker_page(control.records(), fanout.query_from_message(message["query"]))
+        order = fanout.order_from_message(message["order"])
+        if what == "close_session":
+            return {"closed": control.close_session(str(message["conn"]), order, by=by)}
+        if what == "close_identity":
+            return {"closed": control.close_identity(str(message["identity"]), order, by=by)}
+        raise ValueError(f"unknown question {what!r}")
 
     async def _prepare(self, message: Message, sockets: list[socket.socket]) -> None:
         from ..edge.contexts import load_checked

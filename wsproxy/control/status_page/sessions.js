@@ -3,7 +3,8 @@
 // Every two seconds: GET /sessions?limit=1000 (the oldest 1000; the admin API's
 // page size at most). The search box filters what was fetched, in the browser,
 // by identity, client address or route (case-insensitive substring); the line
-// under it says how many match, and when there are more sessions than one page.
+// under it says how many match, when there are more sessions than one page, and
+// (workers > 1) which workers did not answer the supervisor in time.
 // Close asks POST /sessions/ID/close with no body: the client gets close 1008
 // "closed by the operator" at a frame boundary, its backend 1001.
 //
@@ -135,6 +136,9 @@
     else if (wanted) text = `${shown} of ${total} session${total === 1 ? "" : "s"} match.`;
     else text = `${total} session${total === 1 ? "" : "s"}.`;
     if (latest.next !== null) text += ` Only the oldest ${PAGE} are listed and searched (wsproxy sessions lists all).`;
+    // workers > 1: the supervisor asks every worker; those that did not answer in time are missing here
+    const unanswered = latest.unanswered || [];
+    if (unanswered.length) text += ` Worker${unanswered.length === 1 ? "" : "s"} ${unanswered.join(", ")} did not answer: ${unanswered.length === 1 ? "its" : "their"} sessions are not listed.`;
     setText($("sessions-count"), text);
   }
 

@@ -1,7 +1,7 @@
 // The wsproxy status page: polls the admin API and keeps the page in step with it.
 //
 // Every second: GET /status (JSON: listeners, routes, pools, backends, reloads,
-// and the process totals; the page does not read /metrics). Rates are the
+// the process totals and, with workers > 1, each worker; the page does not read /metrics). Rates are the
 // difference of two successive counter values over the time between them;
 // sparklines are the last HISTORY values of a backend's open sessions.
 //
@@ -269,6 +269,7 @@
     const sample = { at: performance.now(), totals: totalsOf(status), backends: new Map() };
     const dt = previous ? (sample.at - previous.at) / 1000 : null;
     renderTotals(status, sample, dt);
+    renderWorkers(status.workers);
     renderPools(status, sample, dt);
     renderListeners(status.listeners || []);
     renderRoutes(status.routes || []);
@@ -553,6 +554,49 @@
     svg.setAttribute(
       "aria-label",
       `${label}: now ${now}, highest ${Math.max(0, ...values)} over the last ${values.length} s`,
+    );
+  }
+
+  // -- workers (workers > 1: the supervisor's /status lists them; one process's has none) ----
+
+  const WORKER_BADGES = { ready: "state-up", starting: "state-unknown", retiring: "state-draining", down: "state-down" };
+  const workerStates = new Map(); // slot → the state last shown, for change events
+  let workersJson = "";
+
+  function renderWorkers(workers) {
+    const section = $("workers-section");
+    const many = Array.isArray(workers) && workers.length > 0;
+    section.hidden = !many;
+    setText($("totals-title"), many ? `Proxy (${workers.length} workers)` : "Process");
+    if (!many) return;
+    const json = JSON.stringify(workers);
+    if (json === workersJson) return;
+    workersJson = json;
+    for (const w of workers) {
+      const before = workerStates.get(w.slot);
+      if (before !== undefined && before !== w.state) event(`Worker ${w.slot}: ${before} → ${w.state}`, w.state === "down" ? "error" : "info");
+      workerStates.set(w.slot, w.state);
+    }
+    $("workers").replaceChildren(
+      ...workers.map((w) => {
+        const state = el("td", { class: "state", "data-label": "State" }, [
+          el("span", { class: `badge ${WORKER_BADGES[w.state] || "state-unknown"}`, text: w.state || "unknown" }),
+        ]);
+        if (typeof w.adopted_by === "number") state.append(" ", el("span", { class: "sub", text: `its clients go to worker ${w.adopted_by}` }));
+        const lag = typeof w.loop_lag_s === "number" ? `${(w.loop_lag_s * 1000).toFixed(1)} ms` : "–";
+        return el("tr", { "data-worker": String(w.slot), "data-state": w.state || "unknown" }, [
+          el("th", { scope: "row", "data-label": "Worker", text: String(w.slot) }),
+          el("td", { class: "pid", "data-label": "PID", text: w.pid ? String(w.pid) : "–" }),
+          state,
+          el("td", { class: "num sessions", "data-label": "Sessions", text: fmtInt(w.sessions) }),
+          el("td", { class: "num connections", "data-label": "Connections", text: fmtInt(w.connections) }),
+          el("td", { class: "num restarts", "data-label": "Restarts", text: fmtInt(w.restarts) }),
+          el("td", { class: "num rss", "data-label": "Memory", text: fmtBytes(w.rss_bytes) }),
+          el("td", { class: "num lag", "data-label": "Loop lag", text: lag }),
+          el("td", { class: "generation", "data-label": "Config", text: typeof w.generation === "number" ? `generation ${w.generation}` : "–" }),
+          el("td", { class: "since", "data-label": "Up since", text: typeof w.started_unix === "number" && w.pid ? fmtWhen(w.started_unix) : "–" }),
+        ]);
+      }),
     );
   }
 
