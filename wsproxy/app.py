@@ -55,7 +55,8 @@ from .control.drain import Drainer, close_spread
 from .control.health import HealthChecker
 from .control import lifetime
 from .control.lifetime import revoke_open
-from .control.metrics import NO_ROUTE, Metrics, collector_registry, measure_loop_lag, render, render_off_loop
+from .control.exposition import collector_registry, render, render_off_loop
+from .control.metrics import NO_ROUTE, Metrics, measure_loop_lag
 from .control.rebalance import Rebalancer
 from .balance.registry import Registry
 from .control.session_admin import SessionControl, identity_of

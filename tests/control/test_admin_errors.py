@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from wsproxy.control import admin_http
+from wsproxy.control import admin_routes
 
 
 async def test_a_reload_that_raises_answers_500_and_logs_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -16,8 +16,8 @@ async def test_a_reload_that_raises_answers_500_and_logs_the_traceback(caplog: p
         raise RuntimeError("secret detail of the failure")
 
     server = SimpleNamespace(reloader=reloader, app=None, token=None, config=None)
-    with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="wsproxy.control.admin_http"):
-        status, headers, body = await admin_http._reload(server, "127.0.0.1:1")  # type: ignore[arg-type]
+    with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="wsproxy.control.admin"):
+        status, headers, body = await admin_routes.answer_reload(server, "127.0.0.1:1")  # type: ignore[arg-type]
     assert (status, body) == (500, b"internal error\n")
     assert b"secret" not in body
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -28,11 +28,11 @@ async def test_a_reload_that_raises_answers_500_and_logs_the_traceback(caplog: p
 async def test_an_answer_that_has_to_wait_and_raises_answers_500(caplog: pytest.LogCaptureFixture) -> None:
     """A supervisor's sessions API (``_Later``, asked of the workers) that raises: the same 500 and log line."""
 
-    async def ask_workers() -> admin_http._Answer:
+    async def ask_workers() -> admin_routes.Answer:
         raise RuntimeError("secret detail of the failure")
 
-    with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="wsproxy.control.admin_http"):
-        status, _headers, body = await admin_http._finish(admin_http._Later(ask_workers), b"GET", b"/sessions?identity=x")
+    with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="wsproxy.control.admin"):
+        status, _headers, body = await admin_routes.finish(admin_routes.Later(ask_workers), b"GET", b"/sessions?identity=x")
     assert (status, body) == (500, b"internal error\n")
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "secret detail" in str(record.exc_info[1])  # type: ignore[index]

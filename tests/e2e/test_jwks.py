@@ -219,7 +219,7 @@ async def test_a_failed_refresh_keeps_the_last_good_keys(
         assert "jwks_url: not JSON" in failed[1], failed
         assert await status(port, token(key, "k1")) == 101  # the last good set still verifies
         assert app.jwks.failures[f"https://127.0.0.1:{server.port}/jwks"] >= 2
-        from wsproxy.control.metrics import collector_registry
+        from wsproxy.control.exposition import collector_registry
 
         scraped = {s.labels.get("url"): s.value for m in collector_registry(app).collect() for s in m.samples}
         assert scraped.get(f"https://127.0.0.1:{server.port}/jwks", 0) >= 2

@@ -23,7 +23,7 @@ overlapping address (``127.0.0.1:9090`` → ``0.0.0.0:9090``) fails with
 EADDRINUSE, since the old socket still holds the port; move through another
 port.
 
-The routes, the checks and the answers are ``control.admin_http``'s; this
+The routes, the checks and the answers are ``control.admin_routes``'s; this
 module does no HTTP and no TLS.
 """
 
@@ -42,7 +42,8 @@ import trio
 from ..config.ops import is_loopback_host
 from ..config.schema import AdminConfig, ListenerConfig, ListenerName, hostport
 from ..edge.listener import BACKLOG, accept_loop, open_listener
-from .admin_http import MAX_HEAD_BYTES, AdminApp, Reloader, Upgrader, serve_connection
+from .admin_http import MAX_HEAD_BYTES, serve_connection
+from .admin_routes import AdminApp, Reloader, Upgrader
 from .admin_policy import AdminSite
 from ..log import log_event
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import trio
 
 from ..config.schema import Address, PoolName, hostport
-from .metrics import MetricsSource
+from .exposition import MetricsSource
 from .ready import OpenListener
 
 

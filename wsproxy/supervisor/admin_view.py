@@ -2,7 +2,7 @@
 
 The admin listener (``control.admin.AdminServer``) serves the supervisor as
 it serves one process's ``App``: ``AdminView`` is that interface
-(``control.admin_http.AdminApp``), answered from the workers' last reports
+(``control.admin_routes.AdminApp``), answered from the workers' last reports
 (``merge``) and the supervisor's own state (health checks, reloads). The
 sessions API is asked of the workers (``sessions_api.SessionsAcross``).
 """

@@ -60,7 +60,7 @@ HEALTH_PUSH_INTERVAL_S = 1.0
 
 
 class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
-    """Implements ``control.admin_http.AdminApp`` from the workers' reports."""
+    """Implements ``control.admin_routes.AdminApp`` from the workers' reports."""
 
     # -- running ---------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class SessionsAcross:
     """The supervisor's ``session_control``: the sessions API, asked of every serving worker (``fanout``).
 
-    Implements ``control.admin_http.SessionsAcross``. A question goes to the
+    Implements ``control.admin_routes.SessionsAcross``. A question goes to the
     workers that serve (``ready``, or ``retiring`` after an upgrade: they still
     hold sessions) as an ``ask`` message; ``answered`` (called by
     ``WorkerSlots._talk``) records each ``answer``, ``gone`` a worker that
