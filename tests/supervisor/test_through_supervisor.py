@@ -219,7 +219,7 @@ async def test_the_status_page_shows_each_worker(nursery: trio.Nursery, tmp_path
             expect(restarted.locator("td.restarts")).to_have_text("1", timeout=15000)
             expect(restarted.locator(".badge")).to_have_text("ready", timeout=15000)
             expect(restarted.locator("td.pid")).not_to_have_text(str(pids[1]))
-            expect(page.locator("#events")).to_contain_text("Worker 1: ready →")
+            expect(page.locator("#events")).to_contain_text("Worker 1: restarted (pid ")
             browser.screenshot("status-page-workers.png")
             page.set_viewport_size({"width": 375, "height": 667})
             page.wait_for_timeout(1200)

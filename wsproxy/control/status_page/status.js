@@ -560,7 +560,7 @@
   // -- workers (workers > 1: the supervisor's /status lists them; one process's has none) ----
 
   const WORKER_BADGES = { ready: "state-up", starting: "state-unknown", retiring: "state-draining", down: "state-down" };
-  const workerStates = new Map(); // slot → the state last shown, for change events
+  const workerStates = new Map(); // slot → {state, pid, restarts} last shown, for change events
   let workersJson = "";
 
   function renderWorkers(workers) {
@@ -574,8 +574,16 @@
     workersJson = json;
     for (const w of workers) {
       const before = workerStates.get(w.slot);
-      if (before !== undefined && before !== w.state) event(`Worker ${w.slot}: ${before} → ${w.state}`, w.state === "down" ? "error" : "info");
-      workerStates.set(w.slot, w.state);
+      if (before !== undefined) {
+        // A restart can fall between two polls (a crash, then ready again within the backoff):
+        // the restart count and the pid say so even when the state looks unchanged.
+        if ((w.restarts || 0) > (before.restarts || 0)) {
+          event(`Worker ${w.slot}: restarted (pid ${before.pid || "–"} → ${w.pid || "–"}), now ${w.state}`, "warn");
+        } else if (before.state !== w.state) {
+          event(`Worker ${w.slot}: ${before.state} → ${w.state}`, w.state === "down" ? "error" : "info");
+        }
+      }
+      workerStates.set(w.slot, { state: w.state, pid: w.pid, restarts: w.restarts });
     }
     $("workers").replaceChildren(
       ...workers.map((w) => {
