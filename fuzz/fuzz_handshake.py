@@ -40,19 +40,21 @@ with instrumented("wsproxy", "h11"):
     import h11
     from wsproxy.proto.target import normalise_target
 from wsproxy.proto.handshake import (
-        Accepted,
-        Rejection,
-        ResponseHead,
-        Upgrade,
-        check_raw_head,
-        check_upgrade,
-        check_upstream_response,
-        downstream_101,
-        encode_request,
-        forwarding_headers,
-        parse_response_head,
-        upstream_request,
-    )
+    Accepted,
+    Rejection,
+    Upgrade,
+    check_raw_head,
+    check_upgrade,
+    downstream_101,
+)
+from wsproxy.proto.upstream_handshake import (
+    ResponseHead,
+    check_upstream_response,
+    encode_request,
+    forwarding_headers,
+    parse_response_head,
+    upstream_request,
+)
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import Request as WsprotoRequest

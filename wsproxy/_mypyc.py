@@ -37,6 +37,7 @@ from types import ModuleType
 
 MYPYC_MODULES: tuple[str, ...] = (
     "wsproxy.proto.handshake",  # first: the others' pure copies import it (relay -> limits -> handshake)
+    "wsproxy.proto.upstream_handshake",
     "wsproxy.proto.frames",
     "wsproxy.proto.relay",
 )

@@ -2,7 +2,7 @@
 
 Client headers are written by a real h11 client and read back by an h11
 server, as the listener reads them; the result is passed through
-``handshake.upstream_request`` and read by an h11 server again, as the backend
+``upstream_handshake.upstream_request`` and read by an h11 server again, as the backend
 would. No sockets and no event loop here.
 """
 
@@ -14,14 +14,8 @@ import h11
 import pytest
 
 from wsproxy.proto.forwarded import DROPPED_HEADERS, forwarding, is_trusted, parse_trusted
-from wsproxy.proto.handshake import (
-    FORWARDING_HEADERS,
-    Upgrade,
-    check_upgrade,
-    encode_request,
-    forwarding_headers,
-    upstream_request,
-)
+from wsproxy.proto.handshake import FORWARDING_HEADERS, Upgrade, check_upgrade
+from wsproxy.proto.upstream_handshake import encode_request, forwarding_headers, upstream_request
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -27,13 +27,11 @@ from wsproxy.proto.handshake import (
     accept_key,
     check_raw_head,
     check_upgrade,
-    check_upstream_response,
     downstream_101,
-    forwarding_headers,
     h11_reason,
     http_error,
-    upstream_request,
 )
+from wsproxy.proto.upstream_handshake import check_upstream_response, forwarding_headers, upstream_request
 
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -20,12 +20,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from wsproxy.proto.handshake import (
+from wsproxy.proto.handshake import Accepted, Rejection, Upgrade, check_upgrade
+from wsproxy.proto.upstream_handshake import (
     FRAMING_IN_101,
-    Accepted,
-    Rejection,
-    Upgrade,
-    check_upgrade,
     check_upstream_response,
     ResponseHead,
     parse_response_head,

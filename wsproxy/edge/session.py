@@ -40,7 +40,8 @@ from ..proto.frames import CLOSE_GOING_AWAY, RSV1, RSV_ALL, FrameScanner
 from ..proto.limits import MessageRate
 from ..proto.relay import Outcome
 from ..errors import LocalOverload
-from ..proto.handshake import Rejection, Upgrade, downstream_101, upstream_request
+from ..proto.handshake import Rejection, Upgrade, downstream_101
+from ..proto.upstream_handshake import upstream_request
 from .channel import ChannelBroken, RawChannel
 from ..proto.identity_caps import IdentityKey
 from ..proto.routing import route_label

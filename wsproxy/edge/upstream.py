@@ -3,7 +3,7 @@
 ``open_upstream`` tries the planned backends in order, each at most once,
 within ``timeouts.connect`` each, and records failures for passive health.
 ``upgrade`` sends the request built by
-``proto.handshake.upstream_request`` with h11 and reads the backend's answer
+``proto.upstream_handshake.upstream_request`` with h11 and reads the backend's answer
 with h11 within ``timeouts.upstream_handshake``. The decisions are in
 ``proto.handshake``; this module only moves bytes and keeps time.
 """
@@ -25,15 +25,8 @@ from .channel import ChannelBroken, RawChannel, connect
 from .overload import RateLimitedWarning
 from .contexts import pool_context
 from .tls import TlsChannel, TlsHandshakeFailed, backend_server_name, start_client_tls
-from ..proto.handshake import (
-    HOP_BY_HOP,
-    Accepted,
-    Rejection,
-    Upgrade,
-    check_upstream_response,
-    encode_request,
-    parse_response_head,
-)
+from ..proto.handshake import HOP_BY_HOP, Accepted, Rejection, Upgrade
+from ..proto.upstream_handshake import check_upstream_response, encode_request, parse_response_head
 from ..log import log_event
 from .session_log import SessionLog
 

@@ -11,7 +11,7 @@ when the client is a proxy the operator listed in ``trusted_proxies``:
   (ours only when they sent none), and ``Forwarded`` gets our element
   appended: "<theirs>, for=...;host=...;proto=..." (RFC 7239 §4, §7.1);
 * not trusted: all four are replaced by what wsproxy saw, exactly as
-  ``handshake.forwarding_headers`` builds them.
+  ``upstream_handshake.forwarding_headers`` builds them.
 
 Which address is checked: ``client_ip``, the address wsproxy attributes the
 request to, that is the sender of the HTTP request. Without PROXY protocol
@@ -33,7 +33,8 @@ import ipaddress
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from .handshake import FORWARDING_HEADERS, forwarding_headers
+from .handshake import FORWARDING_HEADERS
+from .upstream_handshake import forwarding_headers
 
 __all__ = ["Network", "forwarding", "is_trusted", "parse_trusted"]
 

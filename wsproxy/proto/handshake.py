@@ -1,4 +1,4 @@
-"""The RFC 6455 opening handshake, both hops, as plain functions. No I/O here.
+"""The RFC 6455 opening handshake on the client's hop, as plain functions. No I/O here.
 
 Downstream (client → proxy)::
 
@@ -8,14 +8,12 @@ Downstream (client → proxy)::
     check_upgrade(request)      §4.2.1 validation of the h11.Request → Upgrade | Rejection,
                                 with the target and Host normalised (``proto.target``)
 
-Upstream (proxy → backend)::
+Both hops::
 
     choose_subprotocols(offer, ...)      the route's subprotocol policy: the offer that goes
                                          upstream, or 400 (``with_subprotocols`` writes it)
-    upstream_request(upgrade, ...)       the request the backend sees (hop-by-hop headers out,
-                                         X-Forwarded-* and Forwarded in)
-    check_upstream_response(resp, up)    §4.1 validation of the backend's 101 → Accepted | Rejection
-    downstream_101(accepted)             the bytes of the client's 101
+    downstream_101(accepted)             the bytes of the client's 101, from what the backend
+                                         accepted (``proto.upstream_handshake`` checks its 101)
 
 and ``http_error(rejection)`` for every refusal. Each verdict already carries
 the reaction (status, reason for the log, extra headers), as h11's
@@ -95,7 +93,7 @@ DEFAULT_STRIP_HEADERS = frozenset(
 )
 
 #: Headers the handshake needs end to end: a client's Connection header cannot remove them.
-_ESSENTIAL_PREFIXES = (b"host", b"sec-websocket-")
+ESSENTIAL_PREFIXES = (b"host", b"sec-websocket-")
 
 REASONS = {
     101: b"Switching Protocols",
@@ -147,11 +145,11 @@ def accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
-def _tokens(value: bytes) -> list[bytes]:
+def header_tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
-def _extension_names(values: list[bytes]) -> frozenset[str]:
+def extension_names(values: list[bytes]) -> frozenset[str]:
     names = set()
     for value in values:
         for offer in value.split(b","):
@@ -258,6 +256,12 @@ class RequestHead:
 
 #: The only request line the fast path takes: GET, an origin-form target of visible ASCII, HTTP/1.1.
 _REQUEST_LINE = re.compile(rb"GET (/[!-~]*) HTTP/1\.1")
+#: A header field line (RFC 9112 §5.1) of a request or response head, as the fast parsers read it.
+HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*")
+
+#: Headers that frame a message body (RFC 9112 §6): the fast path leaves them to h11, so the two
+#: never disagree on a malformed one (found by fuzz/fuzz_handshake.py, h11 as the oracle).
+FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
 
 def parse_request_head(head: bytes) -> RequestHead | None:
@@ -279,7 +283,7 @@ def parse_request_head(head: bytes) -> RequestHead | None:
     headers = []
     host = False
     for line in lines[1:-2]:
-        header = _HEADER_LINE.fullmatch(line)
+        header = HEADER_LINE.fullmatch(line)
         if header is None:
             return None
         name = header[1].lower()
@@ -287,7 +291,7 @@ def parse_request_head(head: bytes) -> RequestHead | None:
             if host:
                 return None  # two Host headers: h11 words that refusal
             host = True
-        elif name in _FRAMING_HEADERS:
+        elif name in FRAMING_HEADERS:
             return None  # a body on an upgrade: h11 and check_upgrade say how it is wrong
         headers.append((header[1], header[2]))
     if not host:
@@ -318,7 +322,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
     """
     headers = _headers_by_name(request)
     upgrade = headers.get(b"upgrade", [])
-    if not any(b"websocket" in _tokens(v) for v in upgrade):
+    if not any(b"websocket" in header_tokens(v) for v in upgrade):
         return _upgrade_required(f"not a WebSocket upgrade (Upgrade: {'other than websocket' if upgrade else 'none'})")
     if request.method != b"GET":
         method = request.method.decode("latin-1") if request.method in _METHODS else "other"
@@ -337,7 +341,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
     if authority is None:
         return Rejection(400, "invalid Host header")
     host, authority_bytes = authority
-    if not any(b"upgrade" in _tokens(v) for v in headers.get(b"connection", [])):
+    if not any(b"upgrade" in header_tokens(v) for v in headers.get(b"connection", [])):
         return Rejection(400, "Connection header does not contain \"upgrade\"")
     versions = headers.get(b"sec-websocket-version", [])
     if versions != [b"13"]:
@@ -364,7 +368,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
         return target
     path = target.split(b"?", 1)[0].decode("ascii")  # normal form is ASCII
     subprotocols = tuple(
-        t.decode("latin-1") for v in headers.get(b"sec-websocket-protocol", []) for t in _raw_tokens(v)
+        t.decode("latin-1") for v in headers.get(b"sec-websocket-protocol", []) for t in raw_tokens(v)
     )
     return Upgrade(
         request=request,
@@ -374,7 +378,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
         target=target,
         authority=authority_bytes,
         subprotocols=subprotocols,
-        extensions=_extension_names(headers.get(b"sec-websocket-extensions", [])),
+        extensions=extension_names(headers.get(b"sec-websocket-extensions", [])),
     )
 
 
@@ -382,7 +386,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PRI"})
 
 
-def _raw_tokens(value: bytes) -> list[bytes]:
+def raw_tokens(value: bytes) -> list[bytes]:
     return [t.strip() for t in value.split(b",") if t.strip()]
 
 
@@ -424,72 +428,6 @@ def _authority(value: bytes) -> tuple[str, bytes] | None:
     return host, (shown + rest).encode("ascii")
 
 
-def forwarding_headers(
-    client_ip: str, client_port: int, host_header: bytes, *, tls: bool
-) -> list[tuple[bytes, bytes]]:
-    """X-Forwarded-For/-Proto/-Host and RFC 7239 Forwarded for the backend."""
-    proto = b"https" if tls else b"http"
-    ip = client_ip.encode("ascii")
-    node = b'"[' + ip + b']"' if b":" in ip else ip
-    host = host_header.replace(b'"', b"")
-    return [
-        (b"X-Forwarded-For", ip),
-        (b"X-Forwarded-Proto", proto),
-        (b"X-Forwarded-Host", host_header),
-        (b"Forwarded", b"for=" + node + b';host="' + host + b'";proto=' + proto),
-    ]
-
-
-#: Client headers named X-Auth-Claim-* never pass (also spelled with "_"): only the gate sets them.
-CLAIM_HEADER_PREFIX = b"x-auth-claim-"
-
-
-def upstream_request(
-    upgrade: Upgrade,
-    extra_headers: Sequence[tuple[bytes, bytes]],
-    *,
-    target: bytes | None = None,
-    client_headers: Sequence[tuple[bytes, bytes]] | None = None,
-    drop: frozenset[bytes] | set[bytes] = frozenset(),
-    strip: frozenset[bytes] | set[bytes] = frozenset(),
-) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The target and headers of the upgrade request for the backend.
-
-    The client's headers pass in their order and spelling, minus hop-by-hop
-    ones (and those its Connection header names, except Host and
-    Sec-WebSocket-*, which the handshake needs), minus forwarding headers,
-    ``X-Auth-Claim-*`` and the names in ``strip`` (lower case with "-";
-    each also spelled with "_", which CGI-style backends read as the same
-    header), and minus the lower-case names in ``drop``;
-    ``extra_headers`` (forwarding and identity headers) follow. The Host
-    header carries the normalised host (``upgrade.authority``). The client's
-    Sec-WebSocket-Key is kept, so the backend's Sec-WebSocket-Accept is the
-    one the client expects. The target is the normalised one
-    (``upgrade.target``); ``target`` and ``client_headers`` replace it and
-    the request's headers when the gate rewrote them (a credential taken out
-    of the query or the headers).
-    """
-    request = upgrade.request
-    named: set[bytes] = set()
-    for name, value in request.headers:
-        if name == b"connection":
-            named.update(t for t in _tokens(value) if not t.startswith(_ESSENTIAL_PREFIXES))
-    headers = []
-    for raw_name, value in client_headers if client_headers is not None else request.headers.raw_items():
-        name = raw_name.lower()
-        if name in HOP_BY_HOP or name in named or name in drop:
-            continue
-        canonical = name.replace(b"_", b"-")
-        if canonical in FORWARDING_HEADERS or canonical in strip or canonical.startswith(CLAIM_HEADER_PREFIX):
-            continue
-        if name == b"host":
-            value = upgrade.authority
-        headers.append((raw_name, value))
-    headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
-    headers += extra_headers
-    return (target if target is not None else upgrade.target), headers
-
-
 def offered_subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, ...]:
     """The entries of every ``Sec-WebSocket-Protocol`` header of ``headers``, in order.
 
@@ -497,7 +435,7 @@ def offered_subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, .
     appear more than once; names compare case-sensitively (§11.3.4).
     """
     return tuple(
-        t.decode("latin-1") for name, value in headers if name.lower() == b"sec-websocket-protocol" for t in _raw_tokens(value)
+        t.decode("latin-1") for name, value in headers if name.lower() == b"sec-websocket-protocol" for t in raw_tokens(value)
     )
 
 
@@ -544,115 +482,6 @@ def with_subprotocols(headers: Sequence[tuple[bytes, bytes]], offer: Sequence[st
     return result
 
 
-def encode_request(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The bytes of a GET request with ``headers``.
-
-    Every name and value here came through h11's validation of the client's
-    request, or is the proxy's own, so they are written as they are.
-    """
-    lines = [b"GET ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
-_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9])(?: [\t -~\x80-\xff]*)?")
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*")
-
-
-#: The log reason of a 101 that carries message framing (RFC 9112 §6.1/§6.2, RFC 9110 §8.6).
-FRAMING_IN_101 = "backend answered 101 with Transfer-Encoding/Content-Length"
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """A backend's status line and headers, as ``parse_response_head`` found them."""
-
-    status_code: int
-    raw_headers: tuple[tuple[bytes, bytes], ...]
-
-
-def parse_response_head(head: bytes) -> ResponseHead | None:
-    """Parse a response head (up to and including the blank line), strictly.
-
-    This is the fast path for the one answer that matters, the 101: RFC 7230
-    §3 grammar, HTTP/1.1 only, CRLF line endings, no obsolete line folding.
-    Returns None for anything it does not accept; the caller then lets h11
-    parse the response (to relay a refusal as it was, or to report why it is
-    not HTTP).
-    """
-    lines = head.split(b"\r\n")
-    if len(lines) < 3 or lines[-1] or lines[-2]:
-        return None
-    match = _STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        return None
-    headers = []
-    for line in lines[1:-2]:
-        header = _HEADER_LINE.fullmatch(line)
-        if header is None:
-            return None
-        if header[1].lower() in _FRAMING_HEADERS:
-            return None  # message framing is h11's to judge (a 101 with it is refused either way)
-        headers.append((header[1], header[2]))
-    return ResponseHead(int(match[1]), tuple(headers))
-
-
-#: Headers that frame a message body (RFC 9112 §6): the fast path leaves them to h11, so the two
-#: never disagree on a malformed one (found by fuzz/fuzz_handshake.py, h11 as the oracle).
-_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
-
-
-def check_upstream_response(
-    response: h11.InformationalResponse | ResponseHead, upgrade: Upgrade
-) -> Accepted | Rejection:
-    """RFC 6455 §4.1: does the backend's 101 complete the client's handshake?
-
-    Success needs ``Upgrade: websocket``, ``Connection: upgrade``, the right
-    Sec-WebSocket-Accept, a subprotocol the client offered (or none) and only
-    extensions the client offered, and no message framing: RFC 9110 §8.6 and
-    RFC 9112 §6.1/§6.2 forbid ``Content-Length`` and ``Transfer-Encoding`` in a
-    1xx response (h11 refuses the conflicting or non-chunked shapes; this check
-    refuses them all, so the fast path and h11 agree and none reaches the
-    client). Anything else is the backend's fault: 502.
-    """
-    if response.status_code != 101:
-        return Rejection(502, f"backend answered {response.status_code} where 101 was expected")
-    by_name: dict[bytes, list[bytes]] = {}
-    passed: list[tuple[bytes, bytes]] = []
-    items = response.raw_headers if isinstance(response, ResponseHead) else response.headers.raw_items()
-    for raw_name, value in items:
-        name = raw_name.lower()
-        by_name.setdefault(name, []).append(value)
-        if name not in HOP_BY_HOP and name != b"sec-websocket-accept":
-            passed.append((raw_name, value))
-    if b"transfer-encoding" in by_name or b"content-length" in by_name:
-        return Rejection(502, FRAMING_IN_101)
-    if not any(b"websocket" in _tokens(v) for v in by_name.get(b"upgrade", [])):
-        return Rejection(502, "backend's 101 lacks \"Upgrade: websocket\"")
-    if not any(b"upgrade" in _tokens(v) for v in by_name.get(b"connection", [])):
-        return Rejection(502, "backend's 101 lacks \"Connection: upgrade\"")
-    expected = accept_key(upgrade.key)
-    accepts = by_name.get(b"sec-websocket-accept", [])
-    if accepts != [expected]:
-        seen = b", ".join(accepts).decode("latin-1") or "none"
-        return Rejection(502, f"backend's Sec-WebSocket-Accept is wrong: {seen}")
-    protocols = [t.decode("latin-1") for v in by_name.get(b"sec-websocket-protocol", []) for t in _raw_tokens(v)]
-    if len(protocols) > 1 or (protocols and protocols[0] not in upgrade.subprotocols):
-        return Rejection(502, f"backend chose a subprotocol the client did not offer: {', '.join(protocols)}")
-    extensions = _extension_names(by_name.get(b"sec-websocket-extensions", []))
-    if not extensions <= upgrade.extensions:
-        unknown = ", ".join(sorted(extensions - upgrade.extensions))
-        return Rejection(502, f"backend chose extensions the client did not offer: {unknown}")
-    return Accepted(
-        headers=tuple(passed),
-        accept=expected,
-        subprotocol=protocols[0] if protocols else None,
-        extensions=extensions,
-    )
-
-
 def downstream_101(accepted: Accepted, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """The client's 101: the backend's end-to-end headers, the upgrade headers and
     the proxy's own (``extra_headers``, e.g. a sticky cookie)."""
@@ -687,4 +516,3 @@ def http_error(rejection: Rejection) -> bytes:
     body = REASONS.get(rejection.status, b"Error") + b"\n"
     headers = [*rejection.headers, TEXT_PLAIN]
     return http_response(rejection.status, headers, body)
-
