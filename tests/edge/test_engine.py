@@ -18,6 +18,7 @@ import trio.testing
 from tests.kit.relayed import build_relay
 from tests.kit.ws import frame, parse_frames
 from wsproxy.edge.engine import BIG_RECV_BYTES, HAVE_EPOLL, RECV_BYTES, Engine, EngineRelay
+from wsproxy.edge.session_log import SessionLog
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.relay import Outcome
 
@@ -169,6 +170,7 @@ async def test_an_error_while_serving_one_session_ends_that_session_only(
         with trio.fail_after(5):
             engine = await start(nursery)
             bad_relay = bad.relay(engine, up_scanner=ExplodingScanner(from_client=True))
+            bad_relay.log = SessionLog("c0ffee1", "127.0.0.1:4242")  # as edge.session hands it over
             good_relay = good.relay(engine)
             ended = trio.Event()
 
@@ -184,7 +186,8 @@ async def test_an_error_while_serving_one_session_ends_that_session_only(
             await ended.wait()
             assert engine.failures == 1 and bad_relay.machine.kind is Outcome.ERROR
             assert await read_until_eof(bad.client_peer) == b""  # closed, nothing forwarded
-            assert "unexpected error while relaying" in caplog.text
+            [line] = [r.getMessage() for r in caplog.records if "unexpected error while relaying" in r.getMessage()]
+            assert line.startswith("event=error conn=c0ffee1 where=engine ")  # which session, for the operator
             # The engine goes on serving the other session.
             hello = frame(OP_TEXT, b"still relayed", mask=True)
             await good.client_peer.send(hello)

@@ -71,6 +71,7 @@ from .relay import RelayDriver
 from ..log import log_event
 
 if TYPE_CHECKING:
+    from .session_log import SessionLog
     from ..proto.frames import FrameScanner
     from ..proto.limits import MessageRate
     from .tls import TlsChannel
@@ -104,6 +105,7 @@ class EngineRelay(RelayDriver):
         "tls",
         "wire",
         "read_size",
+        "log",
         "ended",
         "registered",
         "scope",
@@ -122,6 +124,7 @@ class EngineRelay(RelayDriver):
         message_rate: tuple[MessageRate, MessageRate] | None = None,
         client_tls: TlsChannel | None = None,
         backend_tls: TlsChannel | None = None,
+        log: SessionLog | None = None,
     ) -> None:
         super().__init__(
             up_scanner=up_scanner,
@@ -144,6 +147,7 @@ class EngineRelay(RelayDriver):
         #: (a 64 KiB message then takes one recv and one send each way instead of two or three; small
         #: messages never allocate a 256 KiB buffer)
         self.read_size = [RECV_BYTES, RECV_BYTES]
+        self.log = log  # the session's fields for the engine's own lines about it (conn=...)
         self.ended = trio.Event()
         self.registered = False
         self.scope: trio.CancelScope | None = None  # the session task's wait, bounded by the close deadline
@@ -405,14 +409,11 @@ class Engine:
     def _fail(self, relay: EngineRelay) -> None:
         """An unexpected error while serving ``relay``: end that session, keep the engine."""
         self.failures += 1
-        log_event(
-            log,
-            logging.ERROR,
-            "error",
-            exc_info=True,
-            where='engine',
-            reason="unexpected error while relaying; session closed",
-        )
+        reason = "unexpected error while relaying; session closed"
+        if relay.log is not None:
+            relay.log.conn_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+        else:
+            log_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
         relay.machine.abort("internal error while relaying")
         self.remove(relay)
 

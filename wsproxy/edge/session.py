@@ -390,6 +390,7 @@ async def _connect_upstream(
             message_rate=rates,
             client_tls=client if isinstance(client, TlsChannel) else None,
             backend_tls=backend_channel if isinstance(backend_channel, TlsChannel) else None,
+            log=session.log,
         )
     else:
         session.relay = Relay(
