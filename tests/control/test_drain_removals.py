@@ -21,53 +21,48 @@ from wsproxy.control.drain import Drainer
 
 MAIN = PoolName("main")
 DRAIN = DrainConfig(timeout_s=30.0, spread_s=10.0)
+GONE = Address("127.0.0.1", 9002)  # the backend a reload removes
+WITH = make_config([9001, 9002]).pools  # the pools before the reload (and after one that puts it back)
+WITHOUT = {MAIN: dataclasses.replace(WITH[MAIN], backends=WITH[MAIN].backends[:1])}
 
 
 async def test_a_removed_backend_that_comes_back_leaves_nothing_behind(autojump_clock: trio.testing.MockClock) -> None:
-    both = make_config([9001, 9002]).pools
-    one = {MAIN: dataclasses.replace(both[MAIN], backends=both[MAIN].backends[:1])}
-    running: list[Mapping[PoolName, PoolConfig]] = [one]
+    running: list[Mapping[PoolName, PoolConfig]] = [WITHOUT]
     drainer = Drainer(Registry(), {}, lambda: running[0], random.Random(1))
-    gone = Address("127.0.0.1", 9002)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             drainer.nursery = nursery
-            drainer.drain_removed([(MAIN, gone, DRAIN)])
-            assert drainer.removing(MAIN) == [gone]
+            drainer.drain_removed([(MAIN, GONE, DRAIN)])
+            assert drainer.removing(MAIN) == [GONE]
             await trio.sleep(1)
-            running[0] = both  # a reload puts it back before the drain's timeout
+            running[0] = WITH  # a reload puts it back before the drain's timeout
             assert drainer.removing(MAIN) == []
             await trio.sleep(DRAIN.timeout_s + DRAIN.spread_s)
     assert drainer._removals == {}
 
 
 async def test_a_removal_drain_that_runs_its_course_leaves_nothing_behind(autojump_clock: trio.testing.MockClock) -> None:
-    both = make_config([9001, 9002]).pools
-    one = {MAIN: dataclasses.replace(both[MAIN], backends=both[MAIN].backends[:1])}
-    drainer = Drainer(Registry(), {}, lambda: one, random.Random(1))
+    drainer = Drainer(Registry(), {}, lambda: WITHOUT, random.Random(1))
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             drainer.nursery = nursery
-            drainer.drain_removed([(MAIN, Address("127.0.0.1", 9002), DRAIN)])
+            drainer.drain_removed([(MAIN, GONE, DRAIN)])
             await trio.sleep(DRAIN.timeout_s - 1)
-            assert drainer.removing(MAIN) == [Address("127.0.0.1", 9002)]
+            assert drainer.removing(MAIN) == [GONE]
             await trio.sleep(DRAIN.spread_s + 2)
     assert drainer._removals == {}
 
 
 async def test_a_second_removal_keeps_its_own_entry_when_the_first_ends(autojump_clock: trio.testing.MockClock) -> None:
-    both = make_config([9001, 9002]).pools
-    one = {MAIN: dataclasses.replace(both[MAIN], backends=both[MAIN].backends[:1])}
-    running: list[Mapping[PoolName, PoolConfig]] = [one]
+    running: list[Mapping[PoolName, PoolConfig]] = [WITHOUT]
     drainer = Drainer(Registry(), {}, lambda: running[0], random.Random(1))
-    gone = Address("127.0.0.1", 9002)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             drainer.nursery = nursery
-            drainer.drain_removed([(MAIN, gone, DRAIN)])
+            drainer.drain_removed([(MAIN, GONE, DRAIN)])
             await trio.sleep(5)
-            drainer.drain_removed([(MAIN, gone, DRAIN)])  # removed again by a later reload: a new epoch
+            drainer.drain_removed([(MAIN, GONE, DRAIN)])  # removed again by a later reload: a new epoch
             await trio.sleep(DRAIN.timeout_s - 2)  # the first order's time is up, the second's is not
-            assert drainer.removing(MAIN) == [gone]
+            assert drainer.removing(MAIN) == [GONE]
             await trio.sleep(DRAIN.spread_s + 10)
     assert drainer._removals == {}
