@@ -73,7 +73,6 @@ class Session:
 
     __slots__ = (
         "conn_id",
-        "peer",
         "client_ip",
         "generation",
         "route",
@@ -97,7 +96,6 @@ class Session:
         self, conn_id: str, peer: str, client_ip: str, generation: SessionGeneration, log: SessionLog | None = None
     ) -> None:
         self.conn_id = conn_id
-        self.peer = peer  # the client's address (after PROXY protocol), for logs
         self.client_ip = client_ip
         self.generation = generation
         self.route: RouteConfig | None = None
@@ -115,6 +113,11 @@ class Session:
         self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
         self.lease: Lease | None = None  # its count in its backend's active sessions, once the backend accepted
         self.log = log if log is not None else SessionLog(conn_id, peer)  # the fields of its log lines
+
+    @property
+    def peer(self) -> str:
+        """The client's address (after PROXY protocol), as its log lines give it."""
+        return self.log.peer
 
 
 
