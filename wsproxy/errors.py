@@ -73,10 +73,13 @@ class ConfigError(WsproxyError):
 class ConfigErrors(WsproxyError):
     """Every problem found while loading one config file (at least one)."""
 
-    def __init__(self, errors: Sequence[ConfigError]) -> None:
+    def __init__(self, errors: Sequence[ConfigError], partial: object = None) -> None:
         assert errors, "ConfigErrors needs at least one error"
         super().__init__(errors)
         self.errors = list(errors)
+        #: what the loader could still read of a config with errors (``config.load.Partial``), so
+        #: that its certificate files are checked in the same run; None when nothing was
+        self.partial = partial
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)

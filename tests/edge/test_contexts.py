@@ -64,6 +64,19 @@ def test_each_bad_file_is_reported_at_its_tls_mapping(tmp_path: Path, pki: Pki) 
     assert pool.startswith(f"{path}:{line_of(path, 'ca:')}:7: pools.main.tls: {junk}: not a usable PEM CA bundle"), pool
 
 
+def test_certificate_problems_come_with_the_other_errors_of_the_same_file(tmp_path: Path, pki: Pki) -> None:
+    """One run of ``wsproxy check`` says everything: a bad key is not held back until the YAML is fixed."""
+    _, other_key = write_leaf(pki.ca.issue_cert("localhost"), tmp_path, "other")
+    path = write(tmp_path, [f"cert: {q(pki.cert_pem)}", f"key: {q(other_key)}"])
+    path.write_text(path.read_text() + "timeouts: {idle: 10}\n")  # a loader error, after the listener
+    with pytest.raises(ConfigErrors) as info:
+        load_checked(str(path))
+    messages = [str(e) for e in info.value.errors]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{path}:{line_of(path, 'cert:')}:7: listeners[0].tls: {other_key}: the key does not match")
+    assert messages[1].startswith(f"{path}:{line_of(path, 'timeouts:')}:") and "timeouts.idle" in messages[1]
+
+
 def test_a_config_built_by_code_is_reported_without_a_position(tmp_path: Path, pki: Pki) -> None:
     import dataclasses
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -46,6 +47,7 @@ from wsproxy.config.schema import (
     LimitsConfig,
     ListenerConfig,
     ListenerName,
+    PoolConfig,
     PoolName,
     RouteConfig,
     TimeoutsConfig,
@@ -90,7 +92,7 @@ def parse_config(text: str, filename: str) -> Config:
     root, reader = _compose(text, filename)
     config = _config(reader, root)
     if config is None or reader.errors:
-        raise ConfigErrors(_sorted(reader.errors, filename))
+        raise ConfigErrors(sorted_errors(reader.errors, filename), reader.partial)
     return config
 
 
@@ -106,7 +108,7 @@ def _compose(text: str, filename: str) -> tuple[Node | None, Reader]:
     return root, reader
 
 
-def _sorted(errors: list[ConfigError], main: str) -> list[ConfigError]:
+def sorted_errors(errors: list[ConfigError], main: str) -> list[ConfigError]:
     """By position: the main file's errors first, then each included file's."""
     files = list(dict.fromkeys([main, *(error.file for error in errors)]))
     return sorted(errors, key=lambda error: (files.index(error.file), error.line, error.column))
@@ -134,6 +136,15 @@ def load_admin(path: str) -> AdminConfig | None:
 
 
 # --- the sections, in the order of the schema ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The listeners and pools read well from a config with errors (``ConfigErrors.partial``)."""
+
+    source: str
+    listeners: tuple[ListenerConfig, ...]
+    pools: Mapping[PoolName, PoolConfig]
 
 
 def _config(r: Reader, root: Node | None) -> Config | None:
@@ -164,6 +175,7 @@ def _config(r: Reader, root: Node | None) -> Config | None:
     workers = ops.workers(r, top.get("workers"))
     upgrade = ops.upgrade(r, top.get("upgrade"))
     if r.errors:
+        r.partial = Partial(r.file, listeners, pool_map)  # their TLS files are still checked (edge.contexts)
         return None
     return Config(
         source=r.file,

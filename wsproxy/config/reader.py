@@ -69,6 +69,7 @@ class Reader:
         self.errors: list[ConfigError] = []
         self.bound: list[tuple[Address, At]] = []  # the listeners' binds, for checks across sections
         self.silenced: set[int] = set()  # id() of nodes already reported (an unset ${VAR}): no second error
+        self.partial: object = None  # what the loader could read of a config with errors (load.Partial)
         # (key, key node, value node) by id() of a MappingNode; None while it is being expanded
         self._pairs_of: dict[int, list[tuple[str, Node, Node]] | None] = {}
 

@@ -40,11 +40,11 @@ from __future__ import annotations
 import datetime
 import ssl
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TypeVar
 
-from ..config.schema import BackendTlsConfig, Config, PoolConfig, Position, TlsConfig
+from ..config.schema import BackendTlsConfig, Config, ListenerConfig, PoolConfig, PoolName, Position, TlsConfig
 from ..errors import ConfigError, ConfigErrors, WsproxyError
 
 __all__ = [
@@ -139,31 +139,39 @@ def check_contexts(config: Config) -> None:
     listener's or the pool's), as the loader places its own.
     """
     global _system
-    errors: list[ConfigError] = []
-    system: ssl.SSLContext | None = None
-    for index, spec in enumerate(config.listeners):
-        if spec.tls is not None:
-            _check(errors, config, spec.tls.where, f"listeners[{index}].tls", partial(listener_context, spec.tls))
-    for name, pool in config.pools.items():
-        if pool.tls is not None:
-            _check(errors, config, pool.tls.where, f"pools.{name}.tls", partial(pool_context, pool))
-        elif system is None and any(b.tls for b in pool.backends):
-            # Read again for each config, as a reload reads every other file again.
-            system = _check(errors, config, None, f"pools.{name}.backends", partial(client_context, None))
+    errors, system = _context_errors(config.source, config.listeners, config.pools)
     if errors:
         raise ConfigErrors(errors)
     if system is not None:
         _system = system
 
 
+def _context_errors(
+    source: str, listeners: Sequence[ListenerConfig], pools: Mapping[PoolName, PoolConfig]
+) -> tuple[list[ConfigError], ssl.SSLContext | None]:
+    """What ``check_contexts`` finds wrong with these listeners and pools, and the system trust store it read."""
+    errors: list[ConfigError] = []
+    system: ssl.SSLContext | None = None
+    for index, spec in enumerate(listeners):
+        if spec.tls is not None:
+            _check(errors, source, spec.tls.where, f"listeners[{index}].tls", partial(listener_context, spec.tls))
+    for name, pool in pools.items():
+        if pool.tls is not None:
+            _check(errors, source, pool.tls.where, f"pools.{name}.tls", partial(pool_context, pool))
+        elif system is None and any(b.tls for b in pool.backends):
+            # Read again for each config, as a reload reads every other file again.
+            system = _check(errors, source, None, f"pools.{name}.backends", partial(client_context, None))
+    return errors, system
+
+
 def _check(
-    errors: list[ConfigError], config: Config, where: Position | None, path: str, build: Callable[[], ssl.SSLContext]
+    errors: list[ConfigError], source: str, where: Position | None, path: str, build: Callable[[], ssl.SSLContext]
 ) -> ssl.SSLContext | None:
     try:
         return build()
     except TlsError as exc:
         if where is None:  # the system trust store, or a config built by code: no line to point at
-            where = Position(config.source, 0, 0, path)
+            where = Position(source, 0, 0, path)
         errors.append(ConfigError(where.file, where.line, where.column, where.path, f"{exc.file}: {exc.reason}"))
         return None
 
@@ -172,11 +180,22 @@ def load_checked(path: str) -> Config:
     """The config in ``path`` with every SSLContext it needs built; ``ConfigErrors`` otherwise.
 
     What ``wsproxy run`` and ``wsproxy check``, reloads, the supervisor and
-    its workers load with (see the module docstring).
+    its workers load with (see the module docstring). A config with errors
+    still has the certificate files of the listeners and pools the loader
+    could read checked, and their errors join the others, in position order:
+    one run of ``wsproxy check`` says everything that is wrong.
     """
-    from ..config.load import load_config
+    from ..config.load import Partial, load_config, sorted_errors
 
-    config = load_config(path)
+    try:
+        config = load_config(path)
+    except ConfigErrors as exc:
+        part = exc.partial
+        if isinstance(part, Partial):
+            more, _ = _context_errors(part.source, part.listeners, part.pools)
+            if more:
+                raise ConfigErrors(sorted_errors([*exc.errors, *more], part.source)) from None
+        raise
     check_contexts(config)
     return config
 
