@@ -45,6 +45,7 @@ from functools import partial
 from typing import TypeVar
 
 from ..config.schema import BackendTlsConfig, Config, PoolConfig, Position, TlsConfig
+from ..config.snapshot import ConfigTexts
 from ..errors import ConfigError, ConfigErrors, WsproxyError
 
 __all__ = [
@@ -168,15 +169,17 @@ def _check(
         return None
 
 
-def load_checked(path: str) -> Config:
+def load_checked(path: str, texts: ConfigTexts | None = None) -> Config:
     """The config in ``path`` with every SSLContext it needs built; ``ConfigErrors`` otherwise.
 
     What ``wsproxy run`` and ``wsproxy check``, reloads, the supervisor and
-    its workers load with (see the module docstring).
+    its workers load with (see the module docstring). ``texts`` is where the
+    YAML files are read (``config.load.load_config``): a worker of ``workers:
+    N`` gives the supervisor's snapshot.
     """
     from ..config.load import load_config
 
-    config = load_config(path)
+    config = load_config(path, texts)
     check_contexts(config)
     return config
 
