@@ -10,7 +10,8 @@ worker starts (a new pid, ready, its listening line, no
 ``worker_start_failed``) and serves what the supervisor validated: sessions
 held until the sessions API places one on worker 0 are all answered by ``a``.
 SIGHUP then applies the edited files in both workers: generation 2 in each,
-and new sessions on both workers answered by ``b``.
+and new sessions on both workers answered by ``b``; a worker killed after
+that restarts on the applied config.
 
 What a restarted worker does when a file the config only references changed
 (the fingerprint differs: it is refused, its slot adopted) is
@@ -117,6 +118,7 @@ async def ready_workers(proxy: AdminProxy, *, not_pids: frozenset[int] = frozens
     seen: dict[str, object] = {}
 
     async def ready() -> bool:
+        assert "event=worker_start_failed" not in proxy.log(), proxy.log()
         status = await proxy.status()
         seen["workers"] = workers = status["workers"]
         return len(workers) == 2 and all(
@@ -161,3 +163,9 @@ async def test_a_restarted_worker_serves_the_config_in_effect_and_sighup_applies
             await after.on_both_workers(proxy)
             assert set(after.replies) == {"b:hi"}, after.replies  # the edit, in both workers
             after.close()
+            await until(no_sessions(proxy), what="the held sessions' ends")
+
+            pids = await ready_workers(proxy, generation=2)
+            os.kill(pids[1], signal.SIGKILL)  # a restart after the reload: on the config it applied
+            await proxy.wait_log(f"event=worker_exited slot=1 pid={pids[1]}")
+            await ready_workers(proxy, not_pids=frozenset({pids[1]}), generation=2)
