@@ -15,10 +15,13 @@ import os
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.kit.logfmt import parse_logfmt
 from wsproxy.log import (
     FIELD_MAX_CHARS,
+    Context,
     Event,
     JsonFormatter,
     TextFormatter,
@@ -202,3 +205,28 @@ def test_the_timestamp_is_datetimes_own_text() -> None:
         record.created = created
         expected = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="milliseconds")
         assert _timestamp(record) == expected, created
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_any_text_value_reads_back_as_itself_from_one_line(value: str) -> None:
+    # the bare test is str.isprintable plus four characters (log._NOT_BARE), not the _BARE regex:
+    # whatever it lets through bare must still read back whole
+    text = TextFormatter().format(event_record(logging.INFO, "admin", pool=value, after="x"))
+    assert "\n" not in text and "\r" not in text and "\x85" not in text and "\u2028" not in text
+    pairs = parse_logfmt(text)
+    assert pairs["pool"] == value and pairs["after"] == "x"
+
+
+def test_a_context_writes_its_pairs_as_a_plain_mapping_would() -> None:
+    fields = {"conn": "7a8f1", "peer": "127.0.0.1:5", "route": HOSTILE[0], "pool": "", "backend": "it's"}
+    context = Context(fields)
+    kept = Event("close", {"by": "client", "code": 1000}, context)
+    plain = Event("close", {"by": "client", "code": 1000}, dict(fields))
+    assert str(kept) == str(plain) == logfmt({"event": "close", **fields, "by": "client", "code": 1000})
+    assert str(kept) == str(kept)  # the second line reuses the context's text
+    assert str(Event("open", {}, context)) == logfmt({"event": "open", **fields})
+    assert str(Event("x", {"a": 1})) == "event=x a=1"
+    assert str(Event("x", {"pool": "p2"}, context)) == logfmt({"event": "x", **fields, "pool": "p2"})  # written once
+    pairs = parse_logfmt(TextFormatter().format(logging.LogRecord("wsproxy.x", logging.INFO, __file__, 1, kept, (), None)))
+    assert pairs["route"] == HOSTILE[0] and pairs["backend"] == "it's" and pairs["code"] == "1000"

@@ -64,10 +64,32 @@ PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERR
 
 #: A logfmt value written bare: no space, quote (either), ``=``, backslash or control character (Unicode breaks included).
 _BARE = re.compile(r'[^\s"\'=\\\x00-\x1f\x7f\x85\u2028\u2029]+')
+#: What keeps a printable string from being bare (``str.isprintable`` rules out every other character ``_BARE`` does).
+_NOT_BARE = frozenset(" \"'=\\")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f\x85\u2028\u2029]')
 #: Characters that end or break a line somewhere (C0, DEL, NEL, U+2028/2029) → an escape, for plain messages.
 _CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
+
+
+class Context(dict[str, object]):
+    """Fields kept for many lines (``Event.context``), with their logfmt text made once.
+
+    A plain dict to everything that reads it; ``text`` is the logfmt of its
+    pairs, computed on the first text line and kept: the owner replaces a
+    context rather than changing it (``edge.session_log``), so the text stays
+    true.
+    """
+
+    __slots__ = ("_text",)
+
+    @property
+    def text(self) -> str:
+        try:
+            return self._text
+        except AttributeError:
+            self._text: str = logfmt(self)
+            return self._text
 
 
 class Event:
@@ -94,7 +116,14 @@ class Event:
         return {"event": self.name, **self.context, **self.fields}
 
     def __str__(self) -> str:
-        return logfmt(self.pairs())
+        context = self.context
+        if context is None:
+            head = "event=" + logfmt_value(self.name)
+        elif type(context) is Context and context.keys().isdisjoint(self.fields):  # a field may override
+            head = "event=" + logfmt_value(self.name) + " " + context.text
+        else:
+            return logfmt(self.pairs())
+        return head + " " + logfmt(self.fields) if self.fields else head
 
 
 def log_event(
@@ -178,7 +207,9 @@ def logfmt_value(value: object) -> str:
     kind = type(value)
     if kind is str:  # the common cases first, by exact type (a bool is not an int here)
         assert isinstance(value, str)
-        if _BARE.fullmatch(value):
+        # isprintable: no control character, no Unicode space or line break but " " (what _BARE
+        # excludes beyond _NOT_BARE), checked in C; a non-printable string is quoted
+        if value and value.isprintable() and _NOT_BARE.isdisjoint(value):
             return value
         return '"' + _NEEDS_ESCAPE.sub(_escape, value) + '"'
     if kind is int:
@@ -243,6 +274,21 @@ def set_process_fields(**fields: object) -> None:
             _process_fields.pop(key, None)
         else:
             _process_fields[key] = value
+    _heads.clear()
+
+
+#: (level, logger) -> the text line heads' ``level=... logger=... [process fields]``
+_heads: dict[tuple[int, str], str] = {}
+
+
+def _head(record: logging.LogRecord) -> str:
+    key = (record.levelno, record.name)
+    head = _heads.get(key)
+    if head is None:
+        if len(_heads) > 1000:  # loggers come from the code, but a library could make many
+            _heads.clear()
+        head = _heads[key] = logfmt({"level": record.levelname.lower(), "logger": record.name, **_process_fields})
+    return head
 
 
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
@@ -275,18 +321,14 @@ class TextFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        head: dict[str, object] = {} if self.journal else {"ts": _timestamp(record)}
-        head["level"] = record.levelname.lower()
-        head["logger"] = record.name
-        if _process_fields:
-            head.update(_process_fields)
+        head = _head(record) if self.journal else "ts=" + _timestamp(record) + " " + _head(record)
         if isinstance(record.msg, Event):
-            line = logfmt(head) + " " + str(record.msg)
+            line = head + " " + str(record.msg)
         else:
             message = record.getMessage()
             if not message.isprintable():
                 message = message.translate(_CONTROLS)
-            line = logfmt(head) + " " + (message if message.startswith("event=") else logfmt({"msg": message}))
+            line = head + " " + (message if message.startswith("event=") else logfmt({"msg": message}))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return _priority(record) + line if self.journal else line

@@ -73,7 +73,7 @@ FULL: dict[str, Any] = {
     "shutdown": {"timeout": "30s", "spread": "10s"},
     "admin": {"bind": "127.0.0.1:9090", "token_file": "t", "insecure_no_token": False, "health_needs_token": False,
               "ready_pools": ["p"]},
-    "log": {"format": "json", "level": "info"},
+    "log": {"format": "json", "level": "info", "sessions": "close"},
     "workers": 2,
     "upgrade": {"timeout": "1h"},
 }

@@ -503,6 +503,8 @@ SIZE = 'expected a size like 65536, "64KiB", "16MiB", "1GiB"'
             MINIMAL + "timeouts:\n  upstream_handshake: [1s]\n",
             f"11:23: timeouts.upstream_handshake: {DURATION}, got a list",
         ),
+        # log
+        (MINIMAL + "log:\n  sessions: some\n", '11:13: log.sessions: unknown log sessions "some" (expected one of: both, close, none)'),
         # limits
         (
             MINIMAL + "limits:\n  max_header_bytes: 1023\n",

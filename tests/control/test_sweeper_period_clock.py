@@ -18,7 +18,7 @@ from tests.kit.servers import make_config
 from tests.kit.ws import OP_PING
 from wsproxy.app import Generation
 from wsproxy.config.schema import Config, KeepaliveConfig, PoolName, RouteConfig, TimeoutsConfig
-from wsproxy.control.sweeper import MAX_PERIOD_S, idle_sweeper, sweep_period, sweep_period_s
+from wsproxy.control.sweeper import MAX_PERIOD_S, idle_sweeper, sweep, sweep_period, sweep_period_s
 from wsproxy.proto.relay import Outcome
 
 EPS = 1e-6
@@ -85,3 +85,12 @@ def test_the_period_is_the_shortest_over_the_running_config_and_the_configs_with
     assert sweep_period(LOOSE, {"new": new}) == MAX_PERIOD_S
     assert sweep_period(LOOSE, {"old": old, "new": new}) == sweep_period_s(TIGHT) == 0.25
     assert sweep_period(TIGHT, {"new": new}) == 0.25
+
+
+def test_a_pass_returns_the_period_of_the_configs_it_saw() -> None:
+    """The sweeper's next period comes from the pass's own walk (no second walk over every session)."""
+    old = session_for(None, Generation(TIGHT, 1), conn_id="old")
+    new = session_for(None, Generation(LOOSE, 2), conn_id="new")
+    assert sweep({}, 0.0) == MAX_PERIOD_S
+    assert sweep({"new": new}, 0.0) == MAX_PERIOD_S
+    assert sweep({"old": old, "new": new}, 0.0) == sweep_period_s(TIGHT) == 0.25

@@ -103,14 +103,21 @@ def admin(r: Reader, at: At | None, pool_names: Collection[str] | None = None) -
     return replace(common, bind=address)
 
 
+#: ``log.sessions``: which of a session's two info lines are written
+SESSION_LINES = ("both", "close", "none")
+
+
 def log(r: Reader, at: At | None) -> LogConfig | None:
-    fields = r.fields(at, optional=("format", "level"), what="a log mapping (format, level)", null_is_empty=True)
+    fields = r.fields(
+        at, optional=("format", "level", "sessions"), what="a log mapping (format, level, sessions)", null_is_empty=True
+    )
     if fields is None:
         return None
     return LogConfig(
         **given(
             format=r.choice(fields.get("format"), ("text", "json"), "log format"),
             level=r.choice(fields.get("level"), ("debug", "info", "warning", "error"), "log level"),
+            sessions=r.choice(fields.get("sessions"), SESSION_LINES, "log sessions"),
         )
     )
 

@@ -337,6 +337,7 @@ class AdminConfig:
 class LogConfig:
     format: str = "text"  # text | json
     level: str = "info"  # debug | info | warning | error
+    sessions: str = "both"  # a session's info lines: both (open and close) | close (the close line alone) | none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,9 +58,20 @@ def sweep_period(running: Config, sessions: Mapping[str, Session]) -> float:
     return min(sweep_period_s(config) for config in configs.values())
 
 
-def sweep(sessions: Mapping[str, Session], now: float) -> None:
-    """One pass: close the idle sessions, give the others their keepalive tick."""
+def sweep(sessions: Mapping[str, Session], now: float) -> float:
+    """One pass: close the idle sessions, give the others their keepalive tick.
+
+    Returns the shortest ``sweep_period_s`` over the configs of the sessions
+    it saw (``MAX_PERIOD_S`` for none): the next period comes from the same
+    walk, not a second one over every session.
+    """
+    period = MAX_PERIOD_S
+    seen: set[int] = set()
     for session in list(sessions.values()):
+        config = session.generation.config
+        if id(config) not in seen:
+            seen.add(id(config))
+            period = min(period, sweep_period_s(config))
         relay = session.relay
         if relay is None or lifetime.due(session, now):
             continue
@@ -74,10 +85,19 @@ def sweep(sessions: Mapping[str, Session], now: float) -> None:
         keepalive = session.route.keepalive if session.route is not None else None
         if keepalive is not None:
             relay.keepalive(now, keepalive.interval_s, keepalive.timeout_s)
+    return period
 
 
 async def idle_sweeper(sessions: Mapping[str, Session], config: Callable[[], Config]) -> None:
-    """Sweep forever (until cancelled) at the period of the running config and the sessions' own (``sweep_period``)."""
+    """Sweep forever (until cancelled) at the period of the running config and the sessions' own (``sweep_period``).
+
+    After the first pass the sessions' part of the period is what the last
+    pass saw (``sweep``): a session established since then under an older
+    generation's config (a handshake that straddled a reload) is looked at
+    within the running config's period once, then at its own.
+    """
+    period = sweep_period(config(), sessions)
     while True:
-        await trio.sleep(sweep_period(config(), sessions))
-        sweep(sessions, trio.current_time())
+        await trio.sleep(period)
+        seen = sweep(sessions, trio.current_time())
+        period = min(seen, sweep_period_s(config()))

@@ -73,7 +73,6 @@ class Session:
 
     __slots__ = (
         "conn_id",
-        "peer",
         "client_ip",
         "generation",
         "route",
@@ -97,7 +96,6 @@ class Session:
         self, conn_id: str, peer: str, client_ip: str, generation: SessionGeneration, log: SessionLog | None = None
     ) -> None:
         self.conn_id = conn_id
-        self.peer = peer  # the client's address (after PROXY protocol), for logs
         self.client_ip = client_ip
         self.generation = generation
         self.route: RouteConfig | None = None
@@ -115,6 +113,11 @@ class Session:
         self.revocation_keys: tuple[tuple[str, str], ...] = ()  # its jti and subjects, for revoked_file
         self.lease: Lease | None = None  # its count in its backend's active sessions, once the backend accepted
         self.log = log if log is not None else SessionLog(conn_id, peer)  # the fields of its log lines
+
+    @property
+    def peer(self) -> str:
+        """The client's address (after PROXY protocol), as its log lines give it."""
+        return self.log.peer
 
 
 
@@ -427,7 +430,9 @@ async def _relay(
     state = lease.state  # active was counted when the backend was chosen
     state.total += 1
     host.metrics.handshake_done(time.monotonic() - session.started)
-    session_log.backend_event(log, logging.INFO, "open", sticky=session.sticky, identity=session.identity)
+    lines = session.generation.config.log.sessions  # both | close | none
+    if lines == "both":
+        session_log.backend_event(log, logging.INFO, "open", sticky=session.sticky, identity=session.identity)
     if host.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
     try:
@@ -451,18 +456,19 @@ async def _relay(
             proxy_to_client=relay.down.own_close_code,
             proxy_to_backend=relay.up.own_close_code,
         )
-        session_log.backend_event(
-            log,
-            logging.INFO,
-            "close",
-            identity=session.identity,
-            by=relay.machine.closed_by.value,
-            reason=relay.machine.reason or "cancelled",
-            client_code=up.close_code,  # null: no close frame
-            backend_code=down.close_code,
-            dur_s=round(time.monotonic() - session.started, 3),
-            up_b=relay.bytes_up,
-            down_b=relay.bytes_down,
-            up_msgs=up.messages,
-            down_msgs=down.messages,
-        )
+        if lines != "none":  # (no return in a finally: it would swallow the exception)
+            session_log.backend_event(
+                log,
+                logging.INFO,
+                "close",
+                identity=session.identity,
+                by=relay.machine.closed_by.value,
+                reason=relay.machine.reason or "cancelled",
+                client_code=up.close_code,  # null: no close frame
+                backend_code=down.close_code,
+                dur_s=round(time.monotonic() - session.started, 3),
+                up_b=relay.bytes_up,
+                down_b=relay.bytes_down,
+                up_msgs=up.messages,
+                down_msgs=down.messages,
+            )

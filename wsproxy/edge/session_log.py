@@ -18,7 +18,7 @@ method            leading fields                     lines
 
 then the line's own fields, as ``log.log_event`` writes them. The context is
 a small dict built once per shape (and again only when a field changes), and
-the log record refers to it (``log.Event.context``): a line costs no copy of
+the log record refers to it (``log.Event.context``, a ``log.Context`` that keeps its logfmt text once made): a line costs no copy of
 the session's fields, and nothing at all when its level is off.
 
 What this is not: the formatting (``wsproxy.log``), nor what each line says
@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from ..log import Event, emit
+from ..log import Context, Event, emit
 from ..proto.routing import NO_ROUTE
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -48,9 +48,9 @@ class SessionLog:
         self.pool = ""
         self.backend = ""  # the backend that accepted the upgrade
         #: the context of each shape, built on first use; replaced (never changed) when a field changes
-        self._peer: dict[str, object] | None = None
-        self._route: dict[str, object] | None = None
-        self._backend: dict[str, object] | None = None
+        self._peer: Context | None = None
+        self._route: Context | None = None
+        self._backend: Context | None = None
 
     # -- what the session learns ----------------------------------------------------------------
 
@@ -79,23 +79,23 @@ class SessionLog:
     def peer_fields(self) -> Mapping[str, object]:
         context = self._peer
         if context is None:
-            context = self._peer = {"conn": self.conn, "peer": self.peer}
+            context = self._peer = Context(conn=self.conn, peer=self.peer)
         return context
 
     @property
     def route_fields(self) -> Mapping[str, object]:
         context = self._route
         if context is None:
-            context = self._route = {"conn": self.conn, "peer": self.peer, "route": self.route}
+            context = self._route = Context(conn=self.conn, peer=self.peer, route=self.route)
         return context
 
     @property
     def backend_fields(self) -> Mapping[str, object]:
         context = self._backend
         if context is None:
-            context = self._backend = {
-                "conn": self.conn, "peer": self.peer, "route": self.route, "pool": self.pool, "backend": self.backend,
-            }  # fmt: skip
+            context = self._backend = Context(
+                conn=self.conn, peer=self.peer, route=self.route, pool=self.pool, backend=self.backend
+            )
         return context
 
     # -- lines ----------------------------------------------------------------------------------

@@ -194,8 +194,9 @@ async def upgrade(
     why it is not HTTP. Raises ``UpstreamUnavailable``: 504 when the backend
     stays silent, 502 when its answer is not a valid 101 or not HTTP.
     """
+    scope = trio.CancelScope(deadline=trio.current_time() + timeout_s)  # (trio.fail_after, without its generator)
     try:
-        with trio.fail_after(timeout_s):
+        with scope:
             await stream.send(encode_request(target, headers))
             buf = bytearray()
             while True:
@@ -219,10 +220,7 @@ async def upgrade(
             if isinstance(response, h11.InformationalResponse):
                 return _accepted(check_upstream_response(response, up), bytes(conn.trailing_data[0]))
             return await _read_refusal(stream, conn, response)
-    except trio.TooSlowError:
-        raise UpstreamUnavailable(
-            504, f"backend did not answer the upgrade within {timeout_s:g}s"
-        ) from None
+        raise UpstreamUnavailable(504, f"backend did not answer the upgrade within {timeout_s:g}s")  # scope cancelled
     except h11.ProtocolError as exc:
         raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
     except ChannelBroken as exc:
