@@ -13,6 +13,12 @@ SIGHUP then applies the edited files in both workers: generation 2 in each,
 and new sessions on both workers answered by ``b``; a worker killed after
 that restarts on the applied config.
 
+A reload's workers apply what the supervisor validated, not what the disk
+says when they get to it: with worker 1 stopped (SIGSTOP), SIGHUP; once the
+supervisor has loaded (the new listener it opens accepts), the file is
+edited again; worker 1 continued (SIGCONT) prepares from the supervisor's
+snapshot, so the round commits the config the supervisor loaded.
+
 What a restarted worker does when a file the config only references changed
 (the fingerprint differs: it is refused, its slot adopted) is
 ``test_workers.py``'s ``test_a_slot_whose_worker_cannot_start_is_served_by_a_sibling``.
@@ -30,7 +36,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.kit.process import AdminProxy, addr, run_wsproxy
+from tests.kit.process import RELOAD_S, AdminProxy, accepts, addr, run_wsproxy
 from tests.kit.servers import NamedBackend, closed_port, start_backend
 from tests.kit.wait import until
 
@@ -169,3 +175,39 @@ async def test_a_restarted_worker_serves_the_config_in_effect_and_sighup_applies
             os.kill(pids[1], signal.SIGKILL)  # a restart after the reload: on the config it applied
             await proxy.wait_log(f"event=worker_exited slot=1 pid={pids[1]}")
             await ready_workers(proxy, not_pids=frozenset({pids[1]}), generation=2)
+
+
+async def test_a_reload_applies_what_the_supervisor_validated_not_what_the_disk_says_later(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a: NamedBackend = await start_backend(nursery, "a")
+    b: NamedBackend = await start_backend(nursery, "b")
+    port, admin_port, added = closed_port(), closed_port(), closed_port()
+    write_main(tmp_path, port, admin_port, a.port)
+    async with run_wsproxy(tmp_path / "wsproxy.yaml", kind=AdminProxy, port=port) as proxy:
+        proxy.admin_port = admin_port
+        with trio.fail_after(90):
+            pids = await ready_workers(proxy)
+            validated = main_text(port, admin_port, a.port).replace(
+                "listeners: [", f"listeners: [{{name: added, bind: '{addr(added)}'}}, "
+            )
+            outcome: list[str] = []
+
+            async def reload() -> None:
+                outcome.append(await proxy.reload(validated))
+
+            os.kill(pids[1], signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as reloading:
+                    reloading.start_soon(reload)
+                    await until(lambda: accepts(added), timeout_s=RELOAD_S, what="the new listener's sockets")
+                    proxy.write(validated.replace(f":{a.port}'", f":{b.port}'"))  # after the supervisor's load
+                    os.kill(pids[1], signal.SIGCONT)
+            finally:
+                os.kill(pids[1], signal.SIGCONT)
+            assert "event=reloaded generation=2" in outcome[0], outcome
+            await ready_workers(proxy, generation=2)
+            sessions = Sessions(port, nursery)
+            await sessions.on_both_workers(proxy)
+            assert set(sessions.replies) == {"a:hi"}, sessions.replies  # the config validated, in both workers
+            sessions.close()
