@@ -19,6 +19,7 @@ from textwrap import dedent
 import pytest
 
 from wsproxy.config.load import load_config
+from wsproxy.config.schema import PoolName
 from wsproxy.config.snapshot import ConfigTexts, Snapshot
 from wsproxy.errors import ConfigErrors
 
@@ -52,7 +53,7 @@ def loaded(tmp_path: Path) -> tuple[str, Snapshot]:
     (tmp_path / "tokens.txt").write_text(tokens("alice"))
     texts = ConfigTexts()
     config = load_config(str(main), texts)
-    assert config.pools["chat"].backends[0].address.port == 9001
+    assert config.pools[PoolName("chat")].backends[0].address.port == 9001
     snapshot = Snapshot.from_data(json.loads(json.dumps(texts.snapshot().to_data())))
     return str(main), snapshot
 
@@ -72,12 +73,12 @@ def test_a_load_from_the_snapshot_follows_it_not_the_files_on_disk(tmp_path: Pat
     write(tmp_path / "conf.d" / "pools.yaml", POOLS.replace("9001", "9002"))
     write(tmp_path / "conf.d" / "timeouts.yaml", "timeouts: {idle: 7m}\n")  # matches the pattern now
     from_disk = load_config(main)
-    assert (from_disk.listeners[0].bind.port, from_disk.pools["chat"].backends[0].address.port) == (8081, 9002)
+    assert (from_disk.listeners[0].bind.port, from_disk.pools[PoolName("chat")].backends[0].address.port) == (8081, 9002)
     assert from_disk.timeouts.idle_s == 420
 
     from_snapshot = load_config(main, ConfigTexts(snapshot))
     assert from_snapshot.listeners[0].bind.port == 8080
-    assert from_snapshot.pools["chat"].backends[0].address.port == 9001
+    assert from_snapshot.pools[PoolName("chat")].backends[0].address.port == 9001
     assert from_snapshot.timeouts.idle_s != 420  # the file the pattern matches since is not part of it
 
 
@@ -87,7 +88,7 @@ def test_a_load_from_the_snapshot_reads_no_yaml_file_but_the_referenced_files(tm
     (tmp_path / "conf.d" / "pools.yaml").unlink()
     (tmp_path / "tokens.txt").write_text(tokens("alice", "bob"))  # referenced: read at every load, as before
     config = load_config(main, ConfigTexts(snapshot))
-    assert config.pools["chat"].backends[0].address.port == 9001
+    assert config.pools[PoolName("chat")].backends[0].address.port == 9001
     auth = config.routes[0].auth
     assert auth is not None and [t.name for t in auth.tokens] == ["alice", "bob"]
 
