@@ -211,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_or_check(args: argparse.Namespace) -> int:
+    from .config.snapshot import ConfigTexts
     from .edge.contexts import load_checked  # no trio: ``wsproxy check`` stays a plain process
     from .errors import ConfigErrors
 
+    texts = ConfigTexts()  # records the YAML files read: the supervisor's workers compose from them
     try:
-        config = load_checked(args.config)
+        config = load_checked(args.config, texts)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -243,7 +245,7 @@ def _run_or_check(args: argparse.Namespace) -> int:
     if config.workers > 1 or os.environ.get(UPGRADE_FD_VARIABLE):
         from .supervisor.main import run as supervise
 
-        return supervise(config, args.config, args.log_level)
+        return supervise(config, args.config, args.log_level, texts.snapshot())
     failed: list[BaseException] = []
     try:
         trio.run(run.main, config, args.config, args.log_level is not None)

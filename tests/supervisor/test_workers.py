@@ -13,9 +13,11 @@ What is covered:
 - a worker stopped with SIGTERM (graceful) during a connect storm is
   restarted: 0 refused, 0 reset; one killed with SIGKILL is restarted with a
   new pid, logged with its status and restart delay;
-- a worker that cannot start again (the file changed without a reload) leaves
+- a worker that cannot start again (a file the config references, here a
+  tokens file, changed without a reload: the config it loads differs) leaves
   its slot's sockets to a sibling (``adopt``): every connection is still served;
-  a reload then applies the file everywhere and the slot serves again;
+  a reload then applies the change everywhere and the slot serves again (an
+  edited YAML file does not stop a restart: ``test_restart_snapshot.py``);
 - reload: applied in every worker (each reports the new generation); a
   config with errors, or a listener that cannot bind, is refused with 409 and
   ``wsproxy reload`` exits 1, and no worker changed;
@@ -74,12 +76,13 @@ def echo_backend() -> Iterator[tuple[int, subprocess.Popen[str]]]:
 class Proxy:
     """``wsproxy run`` with ``workers: 2`` in a subprocess, and its admin API."""
 
-    def __init__(self, tmp_path: Path, backend: int, extra: str = "", workers: int = 2) -> None:
+    def __init__(self, tmp_path: Path, backend: int, extra: str = "", workers: int = 2, routes: str = "[{pool: echo}]") -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.path = tmp_path / "wsproxy.yaml"
         self.backend = backend
         self.extra = extra
         self.workers = workers
+        self.routes = routes
         self.write()
         self.log_path = tmp_path / "wsproxy.log"
         self.seen: set[int] = set()  # every wsproxy pid seen, for the clean-up
@@ -89,7 +92,7 @@ class Proxy:
         self.path.write_text(
             f"""\
 listeners: [{{name: main, bind: "127.0.0.1:{self.port}"}}]
-routes: [{{pool: echo}}]
+routes: {self.routes}
 pools: {{echo: {{backends: [{{address: "127.0.0.1:{self.backend}"}}]}}}}
 admin: {{bind: "127.0.0.1:{self.admin_port}"}}
 workers: {self.workers}
@@ -183,9 +186,9 @@ def _signal(pid: int, signum: int) -> None:
 
 
 @contextmanager
-def running(tmp_path: Path, extra: str = "") -> Iterator[Proxy]:
+def running(tmp_path: Path, extra: str = "", routes: str = "[{pool: echo}]") -> Iterator[Proxy]:
     with echo_backend() as (backend, _):
-        proxy = Proxy(tmp_path, backend, extra)
+        proxy = Proxy(tmp_path, backend, extra, routes=routes)
         try:
             proxy.start()
             yield proxy
@@ -314,15 +317,17 @@ def test_a_killed_worker_is_restarted_with_backoff(tmp_path: Path) -> None:
 
 
 def test_a_slot_whose_worker_cannot_start_is_served_by_a_sibling(tmp_path: Path) -> None:
-    with running(tmp_path) as proxy:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice {'a' * 64}\n")
+    with running(tmp_path, routes="[{path: /private, pool: echo, auth: {tokens_file: tokens.txt}}, {pool: echo}]") as proxy:
         victim = proxy.status()["workers"][0]["pid"]
-        proxy.write(extra="timeouts: {idle: 7m}")  # valid, but not what runs: a new worker refuses to start on it
+        tokens.write_text(f"alice {'b' * 64}\n")  # valid, but not what runs: a new worker refuses to start on it
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while "event=worker_start_failed slot=0" not in proxy.log():
             assert time.monotonic() < deadline, proxy.log()
             time.sleep(0.1)
-        assert "the config file changed since the config in effect was loaded; reload to apply it" in proxy.log()
+        assert "the config loaded differs from the config in effect (a file it references changed since it was loaded); reload to apply it" in proxy.log()
 
         async def connect_many() -> Counter[str]:
             storm = Storm(proxy.url, width=10)

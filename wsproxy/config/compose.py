@@ -26,7 +26,10 @@ does three things, and records a located ``ConfigError`` for each problem:
 
   Included files cannot include further (``include`` there is an error).
 
-No section logic here, and no file is read but the main and included configs.
+No section logic here, and no file is read but the included configs, through
+the ``ConfigTexts`` given (``config.snapshot``: the disk, or the snapshot of
+the config in effect, so that a worker composes what the supervisor
+validated).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from wsproxy.config.durations import quote
-from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
+from wsproxy.config.files import FileRefused
+from wsproxy.config.snapshot import ConfigTexts
 from wsproxy.errors import ConfigError
 
 _STR = "tag:yaml.org,2002:str"
@@ -69,15 +73,23 @@ class Composed:
 
 
 def compose(
-    text: str, filename: str, *, environ: Mapping[str, str] | None = None, composed: Composed | None = None
+    text: str,
+    filename: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    composed: Composed | None = None,
+    texts: ConfigTexts | None = None,
 ) -> tuple[Node | None, Composed]:
     """The main file's tree with its includes merged in; YAML syntax errors raise ``yaml.YAMLError``.
+
+    Included files are read from ``texts`` (default: the disk).
 
     Problems found here (an unset variable, a missing include, a section
     defined twice) are in the returned ``Composed.errors``; the tree is still
     returned, so the Reader can find the rest.
     """
     env = os.environ if environ is None else environ
+    texts = texts or ConfigTexts()
     composed = composed or Composed()
     composed.files.append(filename)
     root = _compose_one(text, filename, env, composed)
@@ -88,13 +100,13 @@ def compose(
         return root, composed
     root.value = [(k, v) for k, v in root.value if not (isinstance(k, ScalarNode) and k.value == "include")]
     for _key, value in includes:
-        for path, at in _included_files(value, filename, composed):
+        for path, at in _included_files(value, filename, composed, texts):
             if path in composed.files:
                 composed.error(at, "include", f"{path} is included twice")
                 continue
             composed.files.append(path)
             try:
-                sub_text = read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+                sub_text = texts.read(path)
             except (FileRefused, OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 composed.error(at, "include", f"cannot read {path}: {reason}")
@@ -176,7 +188,7 @@ def _interpolate(node: ScalarNode, path: str, env: Mapping[str, str], composed: 
     node.value = value
 
 
-def _included_files(value: Node, main: str, composed: Composed) -> Iterator[tuple[str, Node]]:
+def _included_files(value: Node, main: str, composed: Composed, texts: ConfigTexts) -> Iterator[tuple[str, Node]]:
     """(path, the pattern's node) for each file an ``include`` names, in order."""
     items = value.value if isinstance(value, SequenceNode) else [value]
     base = os.path.dirname(os.path.abspath(main))
@@ -188,7 +200,7 @@ def _included_files(value: Node, main: str, composed: Composed) -> Iterator[tupl
         if not glob.has_magic(pattern):
             yield pattern, item
             continue
-        for path in sorted(glob.glob(pattern)):
+        for path in texts.glob(pattern):
             yield path, item
 
 

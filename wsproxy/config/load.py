@@ -13,8 +13,9 @@ all at once as :class:`~wsproxy.errors.ConfigErrors`, sorted by position::
 Unknown keys are errors, not warnings: a misspelled ``timeouts.idel`` would
 otherwise leave the default in force without anyone noticing.
 
-This module reads one file and returns one ``Config``. Comparing it with the
-running one on SIGHUP is ``config/diff.py``'s (the plans), the SIGHUP flow
+This module reads one file (and its includes, through ``config.snapshot``'s
+``ConfigTexts``: the disk, or a snapshot of an earlier load) and returns one
+``Config``. Comparing it with the running one on SIGHUP is ``config/diff.py``'s (the plans), the SIGHUP flow
 ``control/reload.py``'s, and applying it ``app.App.reload``'s (the switch).
 """
 
@@ -52,7 +53,8 @@ from wsproxy.config.schema import (
     RouteConfig,
     TimeoutsConfig,
 )
-from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
+from wsproxy.config.files import FileRefused
+from wsproxy.config.snapshot import ConfigTexts
 from wsproxy.errors import ConfigError, ConfigErrors
 from wsproxy.proto.handshake import FORWARDING_HEADERS, Rejection
 from wsproxy.proto.routing import host_matches, path_matches
@@ -61,18 +63,25 @@ from wsproxy.proto.target import normalise_path
 __all__ = ["load_admin", "load_config", "parse_address", "parse_config", "parse_duration", "parse_size"]
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, texts: ConfigTexts | None = None) -> Config:
     """Read the YAML file at ``path`` and return its :class:`Config`.
+
+    The YAML files (``path`` and what it includes) are read from ``texts``
+    (``config.snapshot``): by default the disk; a ``ConfigTexts()`` given
+    records them (its ``snapshot()``), a ``ConfigTexts(snapshot)`` reads
+    nothing from disk but the files the config references (certificates,
+    token files...).
 
     Raises :class:`ConfigErrors` for every problem in the file, or with a single
     error without position if the file cannot be read.
     """
-    return parse_config(_read_text(path), path)
+    texts = texts or ConfigTexts()
+    return parse_config(_read_text(path, texts), path, texts)
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, texts: ConfigTexts) -> str:
     try:
-        return read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+        return texts.read(path)
     except FileRefused as exc:
         raise ConfigErrors([ConfigError(path, 0, 0, "", f"cannot read: {exc}")]) from None
     except OSError as exc:
@@ -84,22 +93,22 @@ def _read_text(path: str) -> str:
         raise ConfigErrors([ConfigError(path, 0, 0, "", message)]) from None
 
 
-def parse_config(text: str, filename: str) -> Config:
-    """Parse and validate YAML ``text``; ``filename`` is only used in messages.
+def parse_config(text: str, filename: str, texts: ConfigTexts | None = None) -> Config:
+    """Parse and validate YAML ``text``; ``filename`` is used in messages and to find includes (read from ``texts``).
 
     Raises :class:`ConfigErrors` with every problem found, sorted by position.
     """
-    root, reader = _compose(text, filename)
+    root, reader = _compose(text, filename, texts)
     config = _config(reader, root)
     if config is None or reader.errors:
         raise ConfigErrors(sorted_errors(reader.errors, filename), reader.partial)
     return config
 
 
-def _compose(text: str, filename: str) -> tuple[Node | None, Reader]:
+def _compose(text: str, filename: str, texts: ConfigTexts | None = None) -> tuple[Node | None, Reader]:
     """The tree (includes merged, variables substituted) and a Reader holding the errors found so far."""
     try:
-        root, composed = compose(text, filename)
+        root, composed = compose(text, filename, texts=texts)
     except yaml.YAMLError as exc:
         raise ConfigErrors([syntax_error(filename, text, exc)]) from None
     reader = Reader(filename)
@@ -122,8 +131,8 @@ def load_admin(path: str) -> AdminConfig | None:
     what ``reload`` is there to report). Raises ConfigErrors for errors that
     stop the admin section from being read.
     """
-    text = _read_text(path)
-    root, reader = _compose(text, path)
+    texts = ConfigTexts()
+    root, reader = _compose(_read_text(path, texts), path, texts)
     admin = None
     if isinstance(root, MappingNode):
         for key, value in root.value:

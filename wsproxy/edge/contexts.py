@@ -45,6 +45,7 @@ from functools import partial
 from typing import TypeVar
 
 from ..config.schema import BackendTlsConfig, Config, ListenerConfig, PoolConfig, PoolName, Position, TlsConfig
+from ..config.snapshot import ConfigTexts
 from ..errors import ConfigError, ConfigErrors, WsproxyError
 
 __all__ = [
@@ -176,19 +177,21 @@ def _check(
         return None
 
 
-def load_checked(path: str) -> Config:
+def load_checked(path: str, texts: ConfigTexts | None = None) -> Config:
     """The config in ``path`` with every SSLContext it needs built; ``ConfigErrors`` otherwise.
 
     What ``wsproxy run`` and ``wsproxy check``, reloads, the supervisor and
-    its workers load with (see the module docstring). A config with errors
-    still has the certificate files of the listeners and pools the loader
-    could read checked, and their errors join the others, in position order:
-    one run of ``wsproxy check`` says everything that is wrong.
+    its workers load with (see the module docstring). ``texts`` is where the
+    YAML files are read (``config.load.load_config``): a worker of ``workers:
+    N`` gives the supervisor's snapshot. A config with errors still has the
+    certificate files of the listeners and pools the loader could read
+    checked, and their errors join the others, in position order: one run of
+    ``wsproxy check`` says everything that is wrong.
     """
     from ..config.load import Partial, load_config, sorted_errors
 
     try:
-        config = load_config(path)
+        config = load_config(path, texts)
     except ConfigErrors as exc:
         part = exc.partial
         if isinstance(part, Partial):

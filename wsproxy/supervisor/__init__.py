@@ -17,6 +17,11 @@ is asked of the workers and their answers merged) is sans-I/O: ``messages``,
 (``main``, with its parts ``state``, ``sockets``, ``slots``, ``reloading``,
 ``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``.
 
+A worker builds its config from the supervisor's snapshot of the YAML files
+of the config in effect (``config.snapshot``; the ``config`` message, and
+``prepare`` at a reload), never from the YAML on disk: a worker restarted
+while the file is being edited serves what the others serve.
+
 ``workers: 1`` does not come here at all: ``wsproxy run`` is then the one
 process it always was (``wsproxy.run``).
 """

@@ -40,6 +40,7 @@ import trio
 
 from ..app import ListenError
 from ..config.schema import Address, Config, PoolConfig, hostport
+from ..config.snapshot import Snapshot
 from ..control.health import HealthChecker
 from ..balance.registry import Health
 from ..config.diff import CheckerAction, plan_checkers
@@ -220,9 +221,13 @@ class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
                 self._nursery.start_soon(self._start_checker, new.pools[name])
 
 
-def run(config: Config, path: str, log_level: str | None) -> int:
-    """``wsproxy run`` with ``workers`` > 1 (or an upgrade's new generation): serve until stopped; the exit status."""
-    supervisor = Supervisor(config, path, log_level=log_level)
+def run(config: Config, path: str, log_level: str | None, snapshot: Snapshot) -> int:
+    """``wsproxy run`` with ``workers`` > 1 (or an upgrade's new generation): serve until stopped; the exit status.
+
+    ``snapshot`` holds the YAML files ``config`` was composed from, as that
+    load read them: what every worker composes its config from.
+    """
+    supervisor = Supervisor(config, path, snapshot, log_level=log_level)
     failed: list[BaseException] = []
     try:
         trio.run(supervisor.run)

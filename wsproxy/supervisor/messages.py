@@ -8,8 +8,13 @@ the order they were sent.
 Supervisor → worker:
 
 ====================  ====================================================================
-``start``             serve: ``slot``, ``listeners`` (+ fds), ``workers``, ``fingerprint``
-``prepare``           load the config file again (``round``, ``fingerprint``, new ``listeners`` + fds)
+``config``            the first message: ``config``, the snapshot of the YAML files of the
+                      config in effect (``config.snapshot.Snapshot.to_data``: ``path``,
+                      ``texts`` {file: text}, ``globs`` {include pattern: [files]}); the
+                      worker composes its config from it, never from the YAML on disk
+``start``             serve: ``slot``, ``listeners`` (+ fds), ``workers``, ``generation``, ``health``
+``prepare``           compose the new config from ``config`` (its snapshot, as the supervisor
+                      validated it) and report (``round``, new ``listeners`` + fds)
 ``commit``            apply what ``round`` prepared
 ``abandon``           drop what ``round`` prepared
 ``health``            the verdicts of the supervisor's checks: ``backends``, ``changes``

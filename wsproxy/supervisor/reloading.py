@@ -1,11 +1,14 @@
 """The reload of ``workers: N`` (trio shell, a part of ``supervisor.main``): load once, apply everywhere or nowhere.
 
 ``SIGHUP``, ``POST /reload`` and ``wsproxy reload`` come here. The
-supervisor loads the file (to refuse a bad one without asking anyone), opens
-the sockets of new listener addresses, and runs a two-phase round
-(``table.ReloadRound``): every worker loads and ``prepare``s the same file,
+supervisor loads the file (to refuse a bad one without asking anyone),
+keeping the texts of the YAML files it read (``config.snapshot``), opens the
+sockets of new listener addresses, and runs a two-phase round
+(``table.ReloadRound``): every worker composes its config from that snapshot
+(``prepare``; not from the disk, which may have changed since) and reports,
 and only when all did is ``commit`` sent; otherwise ``abandon``, and the old
 config keeps serving everywhere. A worker that fails to commit is restarted.
+Once applied, the snapshot is the one a starting worker gets (``slots``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 import trio
 
 from ..config.schema import Config
+from ..config.snapshot import ConfigTexts
 from ..log import log_event
 from .ipc import ChannelClosed
 from .sockets import _close_all
@@ -54,9 +58,10 @@ class Reloads(SupervisorState):
 
         old = self.config
         new: Config | None = None
+        texts = ConfigTexts()  # what this load reads is what the workers will compose
         try:
             with trio.move_on_after(old.timeouts.reload_s):
-                new = await trio.to_thread.run_sync(load_checked, self.path, abandon_on_cancel=True)
+                new = await trio.to_thread.run_sync(load_checked, self.path, texts, abandon_on_cancel=True)
         except ConfigErrors as exc:
             return [str(e) for e in exc.errors]
         except Exception as exc:
@@ -89,11 +94,12 @@ class Reloads(SupervisorState):
         # every started worker (a starting one reads the messages once it serves)
         ready = {s.index: s.pid for s in self.slots if s.index in self.channels and s.state is not WorkerState.DOWN}
         round_ = self._round = ReloadRound.begin(self._rounds, fingerprint(new), ready)
+        snapshot = texts.snapshot().to_data()
         for index in ready:
             counts, sockets = self._slot_sockets(index, opened)
             try:
                 await self.channels[index].send(
-                    {"t": "prepare", "round": round_.number, "listeners": counts}, sockets
+                    {"t": "prepare", "round": round_.number, "listeners": counts, "config": snapshot}, sockets
                 )
             except (ChannelClosed, KeyError):
                 round_.gone(index)
@@ -127,6 +133,7 @@ class Reloads(SupervisorState):
             await self._broadcast({"t": "shutdown", "now": True}, only={index})
         # Applied: the supervisor's view follows.
         self.config, self.fingerprint, self.generation = new, round_.fingerprint, self.generation + 1
+        self.snapshot = texts.snapshot()
         removed = [name for name in self.sockets if name not in {spec.name for spec in new.listeners}]
         moved = {old_binds[spec.bind]: str(spec.name) for spec in new.listeners if spec.bind in old_binds}
         kept: dict[str, SlotSockets] = {}

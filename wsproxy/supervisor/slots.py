@@ -1,7 +1,10 @@
 """The worker slots of ``workers: N`` (trio shell, a part of ``supervisor.main``): start, talk, restart, adopt.
 
 Each slot runs ``wsproxy worker`` with one end of a socketpair (``ipc``),
-checks its ``hello`` (the config it loaded must be the one in effect), sends
+sends it ``config`` (the snapshot of the YAML files of the config in effect:
+the worker composes its config from it, whatever the files on disk say now),
+checks its ``hello`` (the config it loaded must be the one in effect: a file
+the config references, such as a token file, may have changed since), sends
 ``start`` with the slot's listening sockets, and then hears its messages
 (``ready``, ``report``, the reload round's answers, the sessions API's
 ``answer``) until it exits. A worker that exits is started again after the
@@ -98,10 +101,12 @@ class WorkerSlots(SupervisorState):
 
     async def _talk(self, slot: WorkerSlot, channel: Channel) -> None:
         try:
+            await channel.send({"t": "config", "config": self.snapshot.to_data()})
             hello, _ = await channel.receive()
             if hello.get("errors") or hello.get("fingerprint") != self.fingerprint:
                 reason = "; ".join(hello.get("errors") or []) or (
-                    "the config file changed since the config in effect was loaded; reload to apply it"
+                    "the config loaded differs from the config in effect (a file it references changed since"
+                    " it was loaded); reload to apply it"
                 )
                 log_event(
                     log,

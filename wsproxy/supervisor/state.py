@@ -17,6 +17,7 @@ import trio
 
 from ..balance.registry import Registry
 from ..config.schema import Config, PoolName
+from ..config.snapshot import Snapshot
 from ..control.health import HealthChecker
 from ..control.metrics import Metrics
 from ..control.reload import ReloadRecord
@@ -34,11 +35,12 @@ SlotSockets = list[list[socket.socket]]
 class SupervisorState:
     """The supervisor's state, created once; the parts read and change it on the one trio loop."""
 
-    def __init__(self, config: Config, path: str, *, log_level: str | None = None) -> None:
+    def __init__(self, config: Config, path: str, snapshot: Snapshot, *, log_level: str | None = None) -> None:
         from ..control.systemd import Notifier, listen_fds
         from .upgrade import take_upgrade_fds
 
         self.config = config
+        self.snapshot = snapshot  # the YAML files ``config`` was composed from: what a starting worker composes
         self.path = path
         self.log_level = log_level
         self.count = config.workers

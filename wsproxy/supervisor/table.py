@@ -11,14 +11,17 @@ socket are served and not left in a queue nobody reads.
 
 Reload: "apply in all, report per worker, no worker left on a config the others refused"
 -------------------------------------------------------------------------------------------
-The supervisor loads and validates the file once (files included), and opens
-the sockets of new listeners for every slot: what can fail, fails there,
-before any worker is asked. Then a ``ReloadRound``:
+The supervisor loads and validates the file once (files included), keeping
+the texts of the YAML files it read (``config.snapshot``), and opens the
+sockets of new listeners for every slot: what can fail, fails there, before
+any worker is asked. Then a ``ReloadRound``:
 
-1. ``prepare`` to every ready worker: each loads the file itself (a config
-   holds TLS contexts, which do not travel) and reports ``prepared`` with its
-   errors, or with the fingerprint of what it loaded. A worker that loaded
-   something else (the file changed in between) counts as a refusal.
+1. ``prepare`` to every ready worker, with that snapshot: each composes the
+   config from it (it builds its own, since a config holds TLS contexts, which
+   do not travel) and reports ``prepared`` with its errors, or with the
+   fingerprint of what it loaded. A worker that loaded something else (a file
+   the config references, such as a token file, changed in between) counts
+   as a refusal.
 2. When every worker answered (or exited: it is no longer part of the round),
    the round decides: ``commit`` everywhere if all prepared the same config,
    else ``abandon`` everywhere. Nothing changed anywhere before this point.

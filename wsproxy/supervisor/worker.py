@@ -7,10 +7,17 @@
     ├── _commands          the supervisor's messages: reload rounds, health verdicts, drains, adopt, retire, shutdown
     └── _report            status and metrics to the supervisor, once a second
 
-The worker loads the config file itself (a config holds TLS contexts, which do
-not travel) and says what it loaded (``hello`` with the config's fingerprint);
-the supervisor starts it only if that is the config the others run. It opens
-no listening socket and answers no admin request: the supervisor does both.
+The worker builds its config itself (a config holds TLS contexts, which do
+not travel), but not from the YAML files on disk: the supervisor's first
+message (``config``) is the snapshot of the files the config in effect was
+composed from (``config.snapshot``), and a reload's ``prepare`` carries the
+new one, so a worker started or restarted while an operator edits the file
+serves the config in effect, and a reload applies exactly what the supervisor
+validated. Files the config references (certificates, token files, JWKS...)
+are read from disk. The worker says what it loaded (``hello`` with the
+config's fingerprint); the supervisor starts it only if that is the config
+the others run. It opens no listening socket and answers no admin request:
+the supervisor does both.
 
 Signals: SIGTERM is a graceful shutdown (as for ``wsproxy run``; systemd's
 ``KillMode=control-group`` sends it to every process); SIGINT is ignored (a
@@ -64,25 +71,45 @@ def group(sockets: list[socket.socket], counts: dict[str, int]) -> dict[str, lis
 def run(path: str, ipc_fd: int, log_level: str | None, slot: int | None = None) -> int:
     """``wsproxy worker``: serve as the supervisor says until it says stop; the exit status."""
     from .. import log as logsetup
-    from ..edge.contexts import load_checked
-    from ..errors import ConfigErrors
 
     logsetup.set_process_fields(worker=slot)  # every line of this process says which worker wrote it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel_sock = socket.socket(fileno=ipc_fd)
     os.set_inheritable(ipc_fd, False)
-    try:
-        config: Config | None = load_checked(path)
-        errors: list[str] = []
-    except ConfigErrors as exc:
-        config, errors = None, [str(e) for e in exc.errors]
-    if config is not None:
-        logsetup.configure(log_level or config.log.level, config.log.format)
-    trio.run(_main, path, Channel(channel_sock), config, errors, log_level is not None)
+    trio.run(_main, path, Channel(channel_sock), log_level)
     return 0
 
 
-async def _main(path: str, channel: Channel, config: Config | None, errors: list[str], log_overridden: bool) -> None:
+def load_snapshot(path: str, message: Message) -> Config:
+    """The config composed from the snapshot a ``config`` or ``prepare`` message carries; ``ConfigErrors`` if none."""
+    from ..config.snapshot import ConfigTexts, Snapshot
+    from ..edge.contexts import load_checked
+    from ..errors import ConfigError, ConfigErrors
+
+    try:
+        snapshot = Snapshot.from_data(message.get("config"))
+    except ValueError as exc:
+        raise ConfigErrors([ConfigError(path, 0, 0, "", f"the supervisor's {message['t']} message: {exc}")]) from None
+    return load_checked(path, ConfigTexts(snapshot))
+
+
+async def _main(path: str, channel: Channel, log_level: str | None) -> None:
+    from .. import log as logsetup
+    from ..errors import ConfigErrors
+
+    try:
+        first, _ = await channel.receive()
+    except ChannelClosed:
+        return  # the supervisor went away before this worker began
+    config: Config | None = None
+    errors: list[str] = []
+    try:
+        config = load_snapshot(path, first)
+    except ConfigErrors as exc:
+        errors = [str(e) for e in exc.errors]
+    if config is not None:
+        logsetup.configure(log_level or config.log.level, config.log.format)
+    log_overridden = log_level is not None
     hello: Message = {"t": "hello", "pid": os.getpid()}
     if config is None:
         await channel.send({**hello, "errors": errors})
@@ -237,7 +264,6 @@ class Worker:
         raise ValueError(f"unknown question {what!r}")
 
     async def _prepare(self, message: Message, sockets: list[socket.socket]) -> None:
-        from ..edge.contexts import load_checked
         from ..errors import ConfigErrors
 
         number = int(message["round"])
@@ -246,7 +272,7 @@ class Worker:
         config: Config | None = None
         try:
             with trio.move_on_after(self.app.generation.config.timeouts.reload_s):
-                config = await trio.to_thread.run_sync(load_checked, self.path, abandon_on_cancel=True)
+                config = await trio.to_thread.run_sync(load_snapshot, self.path, message, abandon_on_cancel=True)
             if config is None:
                 errors.append(f"{self.path}: loading did not finish within timeouts.reload; abandoned")
         except ConfigErrors as exc:
