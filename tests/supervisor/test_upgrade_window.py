@@ -11,7 +11,8 @@ it holds; ``GET /sessions`` lists both generations' sessions, each once, on
 any page size; an old session is kicked by id (its client sees the code);
 an identity close reaches old and new sessions (their closes summed); an old
 worker or the old supervisor stopped with SIGSTOP is named in
-``unanswered`` (``retiring/SLOT``, ``retiring``). Once the old sessions end,
+``unanswered`` (``retiring/SLOT``, ``retiring``), beside a stopped new
+worker's slot, and ``wsproxy sessions`` names them all on stderr. Once the old sessions end,
 the old generation exits and the API answers with the new sessions only, at
 once (no wait for a generation that is gone).
 
@@ -191,7 +192,8 @@ async def _across_the_window(proxy: Running, admin: str, port: int, nursery: tri
     assert old_bob == new_bob == [1008, "closed by the operator"]
     assert len(proxy.lines("event=session_closed_by_admin")) == 3  # logged by the workers that closed them
 
-    await _unanswered(admin, proxy.pid, old_workers)
+    new_workers = {int(w["slot"]): int(w["pid"]) for w in new["workers"]}
+    await _unanswered(proxy, admin, proxy.pid, old_workers, new_workers)
 
     # the old generation let go: its sessions end, it exits; the API answers with the new sessions only, at once
     for ws, _, _ in old_alices:
@@ -216,19 +218,28 @@ async def _holds(summary: Any, expected: dict[str, Any] | None) -> bool:
     return all(got.get(k) == v for k, v in expected.items())
 
 
-async def _unanswered(admin: str, old_supervisor: int, old_workers: dict[int, int]) -> None:
-    """An old worker stopped: ``retiring/SLOT``; the old supervisor stopped: ``retiring``; the new sessions still listed."""
+async def _unanswered(
+    proxy: Running, admin: str, old_supervisor: int, old_workers: dict[int, int], new_workers: dict[int, int]
+) -> None:
+    """Old worker 1 and new worker 1 stopped: ``[1, "retiring/1"]``; the old supervisor stopped: ``retiring``."""
+    stopped = [old_workers[1], new_workers[1]]
     try:
-        os.kill(old_workers[1], signal.SIGSTOP)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
         with trio.fail_after(FANOUT_WAIT_S):
             code, body = await get(admin, "/sessions")
-        assert (code, body["unanswered"]) == (200, ["retiring/1"]), body
+        assert (code, body["unanswered"]) == (200, [1, "retiring/1"]), body
+        done = await proxy.cmd("sessions")
+        assert done.returncode == 0, out(done)
+        assert "worker(s) 1, retiring/1 did not answer in time" in done.stderr.decode(), out(done)
+        os.kill(new_workers[1], signal.SIGCONT)
+        stopped.append(old_supervisor)
         os.kill(old_supervisor, signal.SIGSTOP)
         with trio.fail_after(FANOUT_WAIT_S):
             code, body = await get(admin, "/sessions")
         assert (code, body["unanswered"]) == (200, ["retiring"]), body
         assert len(body["sessions"]) == 1  # the new alice: the new workers answered
     finally:
-        for pid in (old_supervisor, *old_workers.values()):
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):  # not to hide why the test failed
                 os.kill(pid, signal.SIGCONT)
