@@ -16,6 +16,9 @@ worker's slot, and ``wsproxy sessions`` names them all on stderr. Once the old s
 the old generation exits and the API answers with the new sessions only, at
 once (no wait for a generation that is gone).
 
+In a browser (Debian's Chromium, skipped without it), the status page's header
+says which generation retires and with how many sessions, until it exits.
+
 The decisions (routing, merging, naming) are tested purely in
 ``test_fanout.py``; the upgrade itself (no session lost, no connect refused)
 in ``test_workers.py``.
@@ -28,6 +31,7 @@ import json
 import os
 import re
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -36,6 +40,7 @@ import pytest
 import trio
 
 from tests.kit.admin import call
+from tests.kit.browser import Browser, expect, needs_browser, with_browser
 from tests.kit.process import CLI_TOKEN as TOKEN, Running, out, running
 from tests.kit.servers import closed_port, start_ws_backend
 from tests.kit.sessions import cli_config, hold
@@ -45,8 +50,8 @@ from tests.kit.wait import until
 FANOUT_WAIT_S = 3.0 + 5.0
 
 
-async def get(admin: str, target: str) -> tuple[int, dict[str, Any]]:
-    reply = await call(admin, "GET", target, token=TOKEN.encode())
+async def get(admin: str, target: str, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    reply = await call(admin, "GET", target, token=token.encode() if token else None)
     return reply.status, json.loads(reply.body)
 
 
@@ -71,11 +76,11 @@ async def fewest_per_worker(admin: str, slots: dict[int, int]) -> int:
     return min(sum(i.startswith(f"w{slot}x") for i in ids) for slot in slots)
 
 
-async def status_of(admin: str, supervisor: int) -> dict[str, Any]:
+async def status_of(admin: str, supervisor: int, token: str | None = TOKEN) -> dict[str, Any]:
     """``/status`` once ``supervisor`` answers it and both its workers serve and have reported."""
     while True:
         try:
-            code, status = await get(admin, "/status")
+            code, status = await get(admin, "/status", token)
         except OSError:  # the admin listener moves from one supervisor to the other
             code, status = 0, {}
         workers = status.get("workers") or []
@@ -243,3 +248,36 @@ async def _unanswered(
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):  # not to hide why the test failed
                 os.kill(pid, signal.SIGCONT)
+
+
+@needs_browser
+@pytest.mark.timeout(150)
+async def test_the_status_page_says_which_generation_retires(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    admin = f"127.0.0.1:{admin_port}"
+    config = cli_config(port, backend, admin_port).replace(", token_file: admin.token", "")  # the page without a token
+    async with running(tmp_path, config + "workers: 2\nupgrade: {timeout: 1h}\n", admin) as proxy:
+        try:
+            with trio.fail_after(120):
+                await status_of(admin, proxy.pid, token=None)
+                held, _, _ = await hold(port, "alice", nursery)
+                done = await proxy.cmd("upgrade")
+                assert done.returncode == 0, out(done) + proxy.log()
+                await status_of(admin, int(re.findall(r"pid (\d+)", done.stdout.decode())[0]), token=None)
+
+                def steps(browser: Browser) -> None:
+                    fact = browser.page.locator("#retiring-fact")
+                    expect(fact).to_be_visible()
+                    expect(browser.page.locator("#retiring")).to_have_text(
+                        re.compile(rf"^pid {proxy.pid}: 1 session until \d\d:\d\d:\d\d at most$")
+                    )
+                    browser.screenshot("status-page-retiring.png")
+                    trio.from_thread.run(held.aclose)  # the old generation's last session: it exits
+                    expect(fact).to_be_hidden(timeout=15000)
+
+                errors = await trio.to_thread.run_sync(partial(with_browser, f"http://{admin}/", steps))
+                assert errors == [], errors
+                assert await proxy.wait_exit(10) == 0
+        finally:
+            await _stop_new_generation(proxy)
