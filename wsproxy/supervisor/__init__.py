@@ -15,7 +15,9 @@ are split, how the workers' status and metrics add up, how the sessions API
 is asked of the workers and their answers merged) is sans-I/O: ``messages``,
 ``table``, ``merge``, ``fanout``. The trio layers are the supervisor
 (``main``, with its parts ``state``, ``sockets``, ``slots``, ``reloading``,
-``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``.
+``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``. After an
+upgrade the generation that retires stays reachable over the upgrade channel
+until it exits: the new supervisor's sessions API and ``/status`` include it.
 
 ``workers: 1`` does not come here at all: ``wsproxy run`` is then the one
 process it always was (``wsproxy.run``).
