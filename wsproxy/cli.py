@@ -271,7 +271,7 @@ def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> 
     """List the running proxy's sessions (every page), as a table or as JSON."""
     target = AdminTarget.from_config(path)
     records: list[dict[str, Any]] = []
-    unanswered: set[int] = set()  # workers > 1: workers that did not answer in time
+    unanswered: set[int | str] = set()  # workers > 1: workers that did not answer in time (a retiring one: a string)
     cursor: str | None = None
     while True:
         query = {**filters, "limit": str(SESSIONS_PAGE), **({"cursor": cursor} if cursor else {})}
@@ -306,9 +306,11 @@ def sessions(path: str, out: TextIO, filters: dict[str, str], as_json: bool) -> 
     return 0
 
 
-def _warn_unanswered(slots: set[int], consequence: str) -> None:
+def _warn_unanswered(slots: set[int | str], consequence: str) -> None:
+    """Name the workers that did not answer: slots, then an upgrade's retiring generation (``retiring/SLOT``)."""
     if slots:
-        print(f"wsproxy: worker(s) {', '.join(map(str, sorted(slots)))} did not answer in time: {consequence}", file=sys.stderr)
+        names = [str(s) for s in sorted(s for s in slots if isinstance(s, int))] + sorted(s for s in slots if isinstance(s, str))
+        print(f"wsproxy: worker(s) {', '.join(names)} did not answer in time: {consequence}", file=sys.stderr)
 
 
 def _age(seconds: float) -> str:

@@ -14,7 +14,7 @@ from tests.kit.servers import make_config
 from wsproxy.config.load import load_config
 from wsproxy.config.schema import LimitsConfig, RateConfig
 from wsproxy.errors import ConfigErrors
-from wsproxy.supervisor.merge import merge_metrics, merge_status
+from wsproxy.supervisor.merge import merge_metrics, merge_status, retiring_summary
 from wsproxy.supervisor.messages import LineDecoder, ProtocolError, encode
 from wsproxy.supervisor.table import (
     BACKOFF_MAX_S,
@@ -253,3 +253,11 @@ def test_metrics_in_openmetrics_when_asked_and_the_text_format_otherwise() -> No
         assert "# EOF" not in text
         assert 'wsproxy_refused_total{reason="limit"} 7.0' in text.splitlines()
         assert "# TYPE wsproxy_refused_created gauge" in text  # the text format's way
+
+
+def test_a_retiring_generation_sums_its_workers_and_any_generation_behind_it() -> None:
+    reports = [{"sessions": 3}, None, {"sessions": 0}]
+    summary = retiring_summary(100, reports, 2, 5000.0, None)
+    assert summary == {"pid": 100, "sessions": 3, "workers": 2, "deadline_unix": 5000.0}
+    behind = retiring_summary(200, [{"sessions": 4}], 1, 4000.0, summary)
+    assert behind == {"pid": 200, "sessions": 7, "workers": 3, "deadline_unix": 5000.0}

@@ -37,7 +37,8 @@ Routes (everything else is 404):
   With ``workers`` > 1 the supervisor answers these three by asking its
   workers (``SessionsAcross``, ``supervisor.fanout``): the same answers, plus
   ``"unanswered": [SLOT...]``, the workers that did not answer in time (504
-  when none did).
+  when none did; during an upgrade's window the retiring generation is asked
+  too, and named ``"retiring"`` or ``"retiring/SLOT"``).
 
 ``HEAD`` is answered wherever ``GET`` is. A wrong method gets 405 with
 ``Allow``. When a token is set, every request but the page's needs

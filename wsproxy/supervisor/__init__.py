@@ -15,7 +15,9 @@ are split, how the workers' status and metrics add up, how the sessions API
 is asked of the workers and their answers merged) is sans-I/O: ``messages``,
 ``table``, ``merge``, ``fanout``. The trio layers are the supervisor
 (``main``, with its parts ``state``, ``sockets``, ``slots``, ``reloading``,
-``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``.
+``upgrade``, ``admin_view``, ``sessions_api``) and ``worker``. After an
+upgrade the generation that retires stays reachable over the upgrade channel
+until it exits: the new supervisor's sessions API and ``/status`` include it.
 
 A worker builds its config from the supervisor's snapshot of the YAML files
 of the config in effect (``config.snapshot``; the ``config`` message, and

@@ -4,7 +4,10 @@ The admin listener (``control.admin.AdminServer``) serves the supervisor as
 it serves one process's ``App``: ``AdminView`` is that interface
 (``control.admin_routes.AdminApp``), answered from the workers' last reports
 (``merge``) and the supervisor's own state (health checks, reloads). The
-sessions API is asked of the workers (``sessions_api.SessionsAcross``).
+sessions API is asked of the workers (``sessions_api.SessionsAcross``), and
+of the generation an upgrade retires, until it has exited; ``/status`` says
+it is there (``retiring``: its pid, sessions, workers and deadline, from its
+last summary, ``merge.retiring_summary``), and null when there is none.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class AdminView(SupervisorState):
                 for r in config.routes
             ],
             "pools": pools,
+            "retiring": dict(self.older_summary) if self.older is not None and self.older_summary else None,
         }
         reports = [s.report for s in self.slots if s.report is not None]
         return merge_status(base, reports, self.workers_view())

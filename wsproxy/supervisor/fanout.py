@@ -7,9 +7,11 @@ answers ``GET /sessions``, ``POST /sessions/ID/close`` and ``POST
 same ``id``) and waiting for the answers up to a deadline
 (``FANOUT_TIMEOUT_S``). This module decides:
 
-- session ids: a worker's ids start with ``w{SLOT}x`` (``conn_prefix``), so
-  ids are unique across workers and ``slot_of`` tells which worker owns one;
-  a close of one session goes to that worker only;
+- session ids: a worker's ids start with ``w{SLOT}x`` and its pid in six hex
+  digits (``conn_prefix``): live processes have distinct pids, so ids are
+  unique across the workers of every generation alive at once (an upgrade's
+  retiring one too), and ``owner_of`` tells which worker issued one; a close
+  of one session goes to that worker only (``close_route``);
 - listing: every worker answers the same query (filters, ``limit``, cursor)
   with its own first page and whether it has more (``worker_page``); the
   whole proxy's page is the first ``limit`` of all those in the one id order
@@ -20,6 +22,15 @@ same ``id``) and waiting for the answers up to a deadline
 - an identity close goes to every worker, and the closes add up (``sum_closed``);
 - workers that did not answer in time are named in the answer
   (``"unanswered": [SLOT...]``); when none answered, the answer is 504.
+
+During an upgrade's window the generation that retires (``supervisor.upgrade``)
+is asked too, as one more worker (``RETIRING`` in an ``Ask``): the new
+supervisor forwards the ``ask`` over the upgrade channel with a shorter
+deadline (``older_timeout``), the old supervisor asks its retiring workers
+as it always did and answers what one worker would (``forwarded``: its
+merged first page and whether it has more, or its closes) plus which of its
+workers did not answer. Those are named ``"retiring/SLOT"`` in
+``unanswered``; the whole old generation silent is ``"retiring"``.
 
 ``Ask`` is one request's bookkeeping: which workers were asked, which
 answered, what they said. The waiting is the supervisor's
@@ -37,14 +48,20 @@ from ..control.sessions import CloseOrder, SessionQuery, SessionRecord, encode_c
 
 __all__ = [
     "FANOUT_TIMEOUT_S",
+    "RETIRING",
+    "RETIRING_NAME",
     "Ask",
     "close_identity_answer",
+    "close_route",
     "close_session_answer",
     "conn_prefix",
+    "forwarded",
     "list_answer",
     "merge_pages",
+    "older_timeout",
     "order_from_message",
     "order_message",
+    "owner_of",
     "query_from_message",
     "query_message",
     "slot_of",
@@ -54,20 +71,60 @@ __all__ = [
 
 #: How long the supervisor waits for the workers' answers to one sessions API request.
 FANOUT_TIMEOUT_S = 3.0
+#: The share of its own deadline a supervisor gives the retiring generation it forwards a question to:
+#: its answer, with what its workers said or which did not answer, then arrives before ours is due.
+OLDER_SHARE = 0.75
+#: The retiring generation's place in an ``Ask`` (no worker slot is negative).
+RETIRING = -1
+#: How ``unanswered`` names the retiring generation (``"retiring/SLOT"``: one of its workers).
+RETIRING_NAME = "retiring"
 
 _OWNER = re.compile(r"w(\d+)x")
+_OWNER_PID = re.compile(r"w(\d+)x([0-9a-f]{6})")
 _QUERY_FIELDS = ("route", "pool", "backend", "identity", "peer", "limit", "after")
 
 
-def conn_prefix(slot: int, salt: str) -> str:
-    """The prefix of worker ``slot``'s session ids: ``w{SLOT}x`` then ``salt`` (a few random hex digits per start)."""
-    return f"w{slot}x{salt}"
+def conn_prefix(slot: int, pid: int) -> str:
+    """The prefix of the session ids of worker ``slot`` whose process is ``pid``: ``w{SLOT}x`` then the pid in 6 hex digits.
+
+    Two processes alive at once never share a pid (Linux's largest, 2**22,
+    fits in six hex digits), so no two live workers issue the same id, whether
+    of one generation or of an upgrade's two; a restarted worker has a new pid.
+    """
+    return f"w{slot}x{pid:06x}"
 
 
 def slot_of(conn_id: str) -> int | None:
     """The slot of the worker that issued ``conn_id`` (``conn_prefix``), or None for an id no worker issues."""
     match = _OWNER.match(conn_id)
     return int(match[1]) if match else None
+
+
+def owner_of(conn_id: str) -> tuple[int, int] | None:
+    """(slot, pid) of the worker that issued ``conn_id`` (``conn_prefix``), or None for an id no worker issues."""
+    match = _OWNER_PID.match(conn_id)
+    return (int(match[1]), int(match[2], 16)) if match else None
+
+
+def close_route(conn_id: str, serving: Mapping[int, int | None], retiring: bool) -> int | None:
+    """Whom to ask to close ``conn_id``: the slot of the serving worker that issued it, else ``RETIRING``, else None.
+
+    ``serving``: slot → pid of the workers that serve (or retire) here;
+    ``retiring``: whether an older generation is still there to ask (it owns
+    every worker id that none of ours issued, if anyone does).
+    """
+    owner = owner_of(conn_id)
+    if owner is None:
+        return None
+    slot, pid = owner
+    if serving.get(slot) == pid:
+        return slot
+    return RETIRING if retiring else None
+
+
+def older_timeout(timeout_s: float) -> float:
+    """The deadline to forward with a question to the retiring generation (``OLDER_SHARE`` of ours)."""
+    return timeout_s * OLDER_SHARE
 
 
 @dataclass(slots=True)
@@ -92,8 +149,21 @@ class Ask:
         return self.asked <= self.answers.keys()
 
     @property
-    def unanswered(self) -> list[int]:
-        return sorted(self.asked - self.answers.keys())
+    def heard(self) -> bool:
+        """Whether anyone answered: a worker, or the retiring generation with at least one of its workers."""
+        return any(not data.get("timed_out") for data in self.answers.values())
+
+    @property
+    def unanswered(self) -> list[int | str]:
+        """Who did not answer: worker slots, then ``"retiring"`` or the retiring generation's own silent workers."""
+        silent = sorted(self.asked - self.answers.keys())
+        names: list[int | str] = [slot for slot in silent if slot != RETIRING]
+        if RETIRING in silent:
+            names.append(RETIRING_NAME)
+        older = self.answers.get(RETIRING)
+        if older is not None:
+            names += [f"{RETIRING_NAME}/{name}" for name in older.get("unanswered") or ()]
+        return names
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -142,6 +212,23 @@ def merge_pages(pages: Iterable[Mapping[str, Any]], limit: int) -> tuple[list[di
     return kept, None
 
 
+def forwarded(what: str, status: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The retiring generation's answer to a newer supervisor: what one worker would say, and who did not answer.
+
+    ``status`` and ``body`` are its own answer to ``what`` (``list_answer`` and
+    the closes'); a 504 (none of its workers answered) says ``timed_out``.
+    """
+    data: dict[str, Any] = {"unanswered": list(body.get("unanswered") or ())}
+    if status == 504:
+        data["timed_out"] = True
+    if what == "sessions":
+        data["sessions"] = list(body.get("sessions") or ())
+        data["more"] = body.get("next") is not None
+    else:
+        data["closed"] = body.get("closed") if status == 200 else None
+    return data
+
+
 def sum_closed(answers: Iterable[Mapping[str, Any]]) -> int:
     """How many closes the workers' answers started together (a worker without the session says None)."""
     return sum(int(a.get("closed") or 0) for a in answers)
@@ -156,7 +243,7 @@ def _timed_out(ask: Ask, timeout_s: float) -> tuple[int, dict[str, Any]]:
 
 def list_answer(ask: Ask, limit: int, timeout_s: float = FANOUT_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
     """``GET /sessions`` across workers: (status, JSON body)."""
-    if ask.asked and not ask.answers:
+    if ask.asked and not ask.heard:
         return _timed_out(ask, timeout_s)
     sessions, cursor = merge_pages(ask.answers.values(), limit)
     return 200, {"sessions": sessions, "next": cursor, "unanswered": ask.unanswered}
@@ -166,7 +253,7 @@ def close_session_answer(ask: Ask | None, conn_id: str, timeout_s: float = FANOU
     """``POST /sessions/ID/close`` across workers (``ask``: None when no serving worker owns the id)."""
     if ask is None:
         return 404, {"error": "no such session", "id": conn_id}
-    if not ask.answers:
+    if not ask.heard:
         if not ask.asked:  # its worker exited meanwhile: so did the session
             return 404, {"error": "no such session", "id": conn_id}
         return _timed_out(ask, timeout_s)
@@ -178,6 +265,6 @@ def close_session_answer(ask: Ask | None, conn_id: str, timeout_s: float = FANOU
 
 def close_identity_answer(ask: Ask, timeout_s: float = FANOUT_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
     """``POST /identities/IDENTITY/close`` across workers: the closes summed."""
-    if ask.asked and not ask.answers:
+    if ask.asked and not ask.heard:
         return _timed_out(ask, timeout_s)
     return 200, {"closed": sum_closed(ask.answers.values()), "unanswered": ask.unanswered}

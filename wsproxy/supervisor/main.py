@@ -131,7 +131,9 @@ class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
         log_event(log, logging.INFO, "stopped", role='supervisor')
 
     async def _until_workers_gone(self) -> None:
-        while not ((self.stopping or self.retired) and not self.processes):
+        # A retired supervisor also waits for a generation retiring behind it (an upgrade during the
+        # window): the new supervisor reaches that one through this one (upgrade.Upgrades._serve_newer).
+        while not ((self.stopping or self.retired) and not self.processes and (self.stopping or self.older is None)):
             await self._wait_change()
 
     async def _when_all_ready(self, admin: Any) -> None:

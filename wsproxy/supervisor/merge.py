@@ -177,3 +177,27 @@ def merge_status(base: dict[str, Any], reports: list[dict[str, Any]], workers: l
     status["pools"] = pools
     status["workers"] = workers
     return status
+
+
+def retiring_summary(
+    pid: int, reports: Iterable[dict[str, Any] | None], workers: int, deadline_unix: float, older: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a retiring supervisor tells its successor once a second, for ``/status``'s ``retiring``.
+
+    ``pid``: the retiring supervisor's; ``reports``: its workers' last status
+    reports (their ``sessions`` add up); ``deadline_unix``: when its workers
+    close what is left (``upgrade.timeout`` after the hand-over); ``older``:
+    the summary of a generation that retires behind it (an upgrade during the
+    window), whose sessions and workers are counted too.
+    """
+    summary: dict[str, Any] = {
+        "pid": pid,
+        "sessions": sum(int((r or {}).get("sessions", 0) or 0) for r in reports),
+        "workers": workers,
+        "deadline_unix": deadline_unix,
+    }
+    if older:
+        summary["sessions"] += int(older.get("sessions") or 0)
+        summary["workers"] += int(older.get("workers") or 0)
+        summary["deadline_unix"] = max(deadline_unix, float(older.get("deadline_unix") or 0.0))
+    return summary

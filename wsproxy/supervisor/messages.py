@@ -30,6 +30,21 @@ Worker → supervisor: ``hello`` (``pid``, ``fingerprint``, or ``errors``),
 ``ready``, ``prepared`` / ``committed`` (``round``, ``ok``, ``errors``),
 ``report`` (``status``, ``metrics``: once a second), ``answer`` (``id``,
 ``data``: what ``supervisor.fanout`` says a worker answers).
+
+Between an upgrade's two supervisors, over the upgrade channel
+(``supervisor.upgrade``), the same way:
+
+====================  ====================================================================
+``upgrade_started``   new → old: it runs (``pid``); its workers are starting
+``upgrade_ready``     new → old: every new worker serves (``pid``); hand over
+``admin_released``    old → new: the admin listener is closed, bind it; the old generation retires
+``retiring``          old → new, once a second until it exits: ``pid``, ``sessions``, ``workers``,
+                      ``deadline_unix`` (``merge.retiring_summary``; ``/status``'s ``retiring``)
+``ask``               new → old: the sessions API, as to a worker, plus ``timeout_s`` (the old
+                      supervisor asks its own retiring workers within it)
+``answer``            old → new: ``id``, ``data`` (``fanout.forwarded``: a worker's answer, plus
+                      ``unanswered``, and ``timed_out`` when none of its workers answered)
+====================  ====================================================================
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ class SupervisorState:
         self.fingerprint = fingerprint(config)
         self.notifier = Notifier.from_environ()
         self.handover, self.passed = take_upgrade_fds()
+        #: After an upgrade, the channel to the generation that retires (``upgrade``), until it has exited,
+        #: and its last summary for ``/status`` (``merge.retiring_summary``).
+        self.older: Channel | None = None
+        self.older_summary: dict[str, Any] | None = None
         self.activated = listen_fds()  # systemd socket activation: shared by every worker
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.channels: dict[int, Channel] = {}

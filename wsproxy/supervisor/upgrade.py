@@ -15,8 +15,18 @@ supervisor sends ``MAINPID=`` then ``READY=1`` (the unit needs
 crash, no answer within ``UPGRADE_START_TIMEOUT_S``), the old one keeps
 serving, logs ``event=upgrade_failed`` and says why to ``wsproxy upgrade``.
 
-``Upgrades`` holds both sides: the old generation's (``upgrade``) and the new
-one's (``_watch_handover``, ``_take_over``).
+The upgrade channel stays open after the hand-over, for as long as the old
+generation retires (``upgrade.timeout``, up to an hour or more): the old
+supervisor sends ``retiring`` once a second (its pid, the sessions its
+workers still hold, its workers, the deadline: ``/status``'s ``retiring``)
+and answers the new one's ``ask`` (the sessions API: ``answer``, from its
+own workers, ``SessionsAcross.answer_newer``), so the admin API, now the new
+supervisor's, still lists, kicks and closes the old generation's sessions
+(``fanout.RETIRING``). When the old supervisor exits, the channel closes and
+the new one stops asking it. Messages: ``supervisor.messages``.
+
+``Upgrades`` holds both sides: the old generation's (``upgrade``,
+``_serve_newer``) and the new one's (``_watch_handover``, ``_take_over``).
 """
 
 from __future__ import annotations
@@ -27,12 +37,15 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import trio
 
 from ..log import log_event
+from . import fanout
 from .ipc import Channel, ChannelClosed
+from .merge import retiring_summary
 from .messages import Message
 from .state import SlotSockets, SupervisorState
 from .table import WorkerState
@@ -44,6 +57,8 @@ log = logging.getLogger("wsproxy.supervisor")
 UPGRADE_START_TIMEOUT_S = 60.0
 UPGRADE_FD_VARIABLE = "WSPROXY_UPGRADE_FD"
 UPGRADE_LISTENERS_VARIABLE = "WSPROXY_UPGRADE_LISTENERS"
+#: How often a retiring supervisor tells its successor how many sessions it still holds.
+RETIRING_SUMMARY_INTERVAL_S = 1.0
 
 
 def program() -> list[str]:
@@ -87,12 +102,17 @@ class Upgrades(SupervisorState):
     """``Supervisor``'s part that hands over to a new generation, or takes over from an old one."""
 
     async def _watch_handover(self, channel: Channel) -> None:
-        """An upgrade's new supervisor: hear from the old one; if it goes away before the handover, give up."""
+        """An upgrade's new supervisor: hear from the old one; if it goes away before the handover, give up.
+
+        After the handover (``admin_released``), the old generation retires:
+        its summaries and its answers to the sessions API come here until it
+        exits and the channel closes.
+        """
         while True:
             try:
-                message, _ = await channel.receive()
+                message, extra = await channel.receive()
             except ChannelClosed:
-                if self.handover is not None:
+                if self.handover is not None and not self._admin_released.is_set():
                     log_event(
                         log,
                         logging.ERROR,
@@ -101,10 +121,28 @@ class Upgrades(SupervisorState):
                     )
                     self.handover = None
                     self.shutdown()
+                else:
+                    self._older_gone(channel)
                 return
-            if message.get("t") == "admin_released":  # the old supervisor's last word: it closes now
+            for sock in extra:
+                sock.close()
+            kind = message.get("t")
+            if kind == "admin_released":  # the old supervisor retires from now on: ask it too (state.older)
+                self.older = channel
                 self._admin_released.set()
-                return
+            elif kind == "retiring":
+                self.older_summary = {k: v for k, v in message.items() if k != "t"}
+            elif kind == "answer":
+                self.session_control.answered(fanout.RETIRING, int(message["id"]), dict(message.get("data") or {}))
+
+    def _older_gone(self, channel: Channel) -> None:
+        """The retiring generation has exited (its supervisor's end of the channel closed): stop asking it."""
+        channel.close()
+        pid = (self.older_summary or {}).get("pid")
+        self.older, self.older_summary = None, None
+        self.session_control.gone(fanout.RETIRING)
+        log_event(log, logging.INFO, "older_generation_exited", pid=pid)
+        self._changed()
 
     async def _take_over(self, admin: Any) -> None:
         assert self.handover is not None and self._nursery is not None
@@ -128,8 +166,7 @@ class Upgrades(SupervisorState):
         # manager can wait for us as its own main process (a non-child MAINPID would not be waited for).
         self.notifier.send(f"MAINPID={os.getpid()}")
         log_event(log, logging.INFO, "upgraded", pid=os.getpid())
-        self.handover = None
-        channel.close()
+        self.handover = None  # the channel stays: the old generation retires (_watch_handover)
 
     # -- upgrade -----------------------------------------------------------------------------
 
@@ -205,7 +242,6 @@ class Upgrades(SupervisorState):
             await channel.send({"t": "admin_released"})
         except ChannelClosed:
             pass
-        channel.close()
         for checker in self.checkers.values():
             checker.stop()
         timeout_s = self.config.upgrade.timeout_s
@@ -222,5 +258,52 @@ class Upgrades(SupervisorState):
         await self._broadcast({"t": "retire", "timeout_s": timeout_s})
         for slot in self.slots:
             slot.state = WorkerState.RETIRING if slot.index in self.processes else slot.state
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_newer, channel, time.time() + timeout_s)
         self._changed()
         return True, str(new_pid)
+
+    # -- retiring: the new generation's view of this one ------------------------------------------
+
+    async def _serve_newer(self, channel: Channel, deadline_unix: float) -> None:
+        """Retiring: tell the new supervisor what is left once a second, and answer its sessions API questions.
+
+        Until this process exits (the channel closes with it), or the new
+        supervisor does (then this one just goes on retiring).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._tell_newer, channel, deadline_unix)
+                while True:
+                    try:
+                        message, extra = await channel.receive()
+                    except ChannelClosed:
+                        break
+                    for sock in extra:
+                        sock.close()
+                    if message.get("t") == "ask":
+                        nursery.start_soon(self._answer_newer, channel, message)
+                nursery.cancel_scope.cancel()
+        finally:
+            channel.close()
+
+    async def _tell_newer(self, channel: Channel, deadline_unix: float) -> None:
+        while True:
+            reports = [s.report for s in self.slots if s.index in self.processes]
+            summary = retiring_summary(os.getpid(), reports, len(self.processes), deadline_unix, self.older_summary)
+            try:
+                await channel.send({"t": "retiring", **summary})
+            except ChannelClosed:
+                return
+            await trio.sleep(RETIRING_SUMMARY_INTERVAL_S)
+
+    async def _answer_newer(self, channel: Channel, message: Message) -> None:
+        try:
+            data = await self.session_control.answer_newer(message)
+        except Exception:  # a question this version cannot answer: the new supervisor reports us as unanswered
+            log_event(log, logging.ERROR, "error", exc_info=True, action="answer_newer", what=message.get("what"))
+            return
+        try:
+            await channel.send({"t": "answer", "id": message.get("id"), "data": data})
+        except ChannelClosed:
+            pass

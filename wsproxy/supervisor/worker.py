@@ -27,7 +27,7 @@ down gracefully.
 
 Every line the worker logs carries ``worker=SLOT`` (``--slot``, set before
 anything is logged: ``log.set_process_fields``). Its session ids start with
-``w{SLOT}x`` (``fanout.conn_prefix``), and it answers the supervisor's
+``w{SLOT}x`` and its pid (``fanout.conn_prefix``), and it answers the supervisor's
 sessions API questions (``ask``) from its own ``SessionControl``.
 """
 
@@ -139,7 +139,7 @@ class Worker:
         self.app.health_checks = False
         self.app.log_overridden = log_overridden
         self.app.generation.number = int(start.get("generation", 1))
-        self.app.set_conn_prefix(fanout.conn_prefix(self.slot, os.urandom(2).hex()))  # ids unique across workers
+        self.app.set_conn_prefix(fanout.conn_prefix(self.slot, os.getpid()))  # ids unique across live workers
         self.prepared: dict[int, tuple[Config, dict[str, list[socket.socket]]]] = {}
         self.adopted: dict[int, list[ListenerSlot]] = {}
         self.retiring = False

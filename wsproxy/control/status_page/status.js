@@ -285,6 +285,13 @@
     // "reloads" counts attempts, failed ones included: "3 (1 failed)" is two applied, one refused.
     const failures = status.reload_failures || 0;
     setText($("reloads"), `${fmtInt(status.reloads || 0)}${failures ? ` (${fmtInt(failures)} failed)` : ""}`);
+    // After an upgrade (workers > 1): the old generation, until its last session ends or upgrade.timeout closes it.
+    const retiring = status.retiring;
+    $("retiring-fact").hidden = !retiring;
+    if (retiring) {
+      const until = new Date(retiring.deadline_unix * 1000);
+      setText($("retiring"), `pid ${retiring.pid}: ${fmtInt(retiring.sessions)} session${retiring.sessions === 1 ? "" : "s"} until ${fmtTime(until)} at most`);
+    }
     const box = $("reload-error");
     if (status.last_reload_error) {
       setText($("reload-error-text"), status.last_reload_error);
