@@ -14,9 +14,10 @@ Supervisor → worker:
                       worker composes its config from it, never from the YAML on disk
 ``start``             serve: ``slot``, ``listeners`` (+ fds), ``workers``, ``generation``, ``health``
 ``prepare``           compose the new config from ``config`` (its snapshot, as the supervisor
-                      validated it) and report (``round``, new ``listeners`` + fds)
+                      validated it) and report (``round``, new ``listeners`` + fds); the
+                      worker loads in a task of its own and keeps reading other messages
 ``commit``            apply what ``round`` prepared
-``abandon``           drop what ``round`` prepared
+``abandon``           drop what ``round`` prepared (or will have, if it is still loading)
 ``health``            the verdicts of the supervisor's checks: ``backends``, ``changes``
 ``drain``             ``pool``, ``backend``, ``undo``
 ``adopt``/``release`` accept on another slot's sockets (its worker is down) / stop

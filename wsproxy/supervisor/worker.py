@@ -141,6 +141,8 @@ class Worker:
         self.app.generation.number = int(start.get("generation", 1))
         self.app.set_conn_prefix(fanout.conn_prefix(self.slot, os.getpid()))  # ids unique across live workers
         self.prepared: dict[int, tuple[Config, dict[str, list[socket.socket]]]] = {}
+        self.preparing: set[int] = set()  # rounds whose prepare is loading now
+        self.abandoned: set[int] = set()  # of those, the ones the supervisor abandoned meanwhile
         self.adopted: dict[int, list[ListenerSlot]] = {}
         self.retiring = False
         self._health = start.get("health", [])
@@ -218,11 +220,16 @@ class Worker:
                 if pool is not None:
                     app.drainer.health_changed(pool, address, verdict)
         elif kind == "prepare":
-            await self._prepare(message, sockets)
+            # In a task of its own: loading may take up to timeouts.reload, and meanwhile this
+            # loop keeps answering (the sessions API's asks, health, drains).
+            self.nursery.start_soon(self._prepare_logged, message, sockets)
         elif kind == "commit":
             await self._commit(int(message["round"]))
         elif kind == "abandon":
-            _, opened = self.prepared.pop(int(message["round"]), (None, {}))
+            number = int(message["round"])
+            if number in self.preparing:
+                self.abandoned.add(number)  # its _prepare drops what it loads
+            _, opened = self.prepared.pop(number, (None, {}))
             for group_ in opened.values():
                 for sock in group_:
                     sock.close()
@@ -263,6 +270,19 @@ class Worker:
             return {"closed": control.close_identity(str(message["identity"]), order, by=by)}
         raise ValueError(f"unknown question {what!r}")
 
+    async def _prepare_logged(self, message: Message, sockets: list[socket.socket]) -> None:
+        number = int(message["round"])
+        self.preparing.add(number)
+        try:
+            await self._prepare(message, sockets)
+        except ChannelClosed:
+            pass  # the supervisor is gone: _commands sees it and shuts down
+        except Exception:
+            log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, message="prepare")
+        finally:
+            self.preparing.discard(number)
+            self.abandoned.discard(number)
+
     async def _prepare(self, message: Message, sockets: list[socket.socket]) -> None:
         from ..errors import ConfigErrors
 
@@ -280,7 +300,7 @@ class Worker:
         except Exception as exc:  # a loader bug must not take the worker down
             log_event(log, logging.ERROR, "reload_error", exc_info=True, path=self.path)
             errors = [f"{self.path}: loading failed: {type(exc).__name__}"]
-        if config is not None and not errors:
+        if config is not None and not errors and number not in self.abandoned:
             self.prepared[number] = (config, opened)
         else:
             for group_ in opened.values():
