@@ -30,6 +30,7 @@ import json
 import socket
 import ssl
 import sys
+import time
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
@@ -233,6 +234,14 @@ def status(path: str, out: TextIO, as_json: bool) -> int:
         print(
             f"worker {worker['slot']}: pid {worker['pid']} {worker['state']}, {worker['sessions']} session(s),"
             f" restarts {worker['restarts']}",
+            file=out,
+        )
+    retiring = body.get("retiring")  # an upgrade's window: the old generation still has sessions
+    if isinstance(retiring, dict):
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(retiring.get("deadline_unix") or 0)))
+        print(
+            f"retiring generation: pid {retiring.get('pid')}, {retiring.get('workers')} worker(s),"
+            f" {retiring.get('sessions')} session(s), closed by {until} at the latest",
             file=out,
         )
     for listener in body.get("listeners", []):

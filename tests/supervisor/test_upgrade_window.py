@@ -162,6 +162,9 @@ async def _across_the_window(proxy: Running, admin: str, port: int, nursery: tri
         what="the retiring summary",
     )
     assert (await retiring() or {})["deadline_unix"] > old["started_unix"] + 3000  # upgrade.timeout: 1h
+    done = await proxy.cmd("status")
+    assert done.returncode == 0, out(done)
+    assert f"retiring generation: pid {proxy.pid}, 2 worker(s), {len(old_ids)} session(s), closed by " in done.stdout.decode()
 
     _, new_alice_ended, _ = await hold(port, "alice", nursery)
     _, new_bob_ended, new_bob = await hold(port, "bob", nursery)
