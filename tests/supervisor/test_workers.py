@@ -35,6 +35,7 @@ import asyncio
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,8 +51,11 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from wsproxy import __version__
+
 WSPROXY = [sys.executable, "-m", "wsproxy"]
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 #: Live sessions carried across an upgrade (the issue asks for 1,000).
 UPGRADE_SESSIONS = int(os.environ.get("WSPROXY_UPGRADE_SESSIONS", "1000"))
 
@@ -106,9 +110,13 @@ upgrade: {{timeout: 60s}}
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/"
 
-    def start(self) -> None:
+    def start(self, package: Path | None = None) -> None:
+        """Start the supervisor; with ``package``, from that folder's copy of ``wsproxy`` (and its workers too)."""
+        env, cwd = None, None
+        if package is not None:  # first on the path, and not the repository's from the current directory
+            env, cwd = {**os.environ, "PYTHONPATH": str(package)}, str(package)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([*WSPROXY, "run", "-c", str(self.path)], stdout=log, stderr=log)
+            self.process = subprocess.Popen([*WSPROXY, "run", "-c", str(self.path)], stdout=log, stderr=log, env=env, cwd=cwd)
         self.seen.add(self.process.pid)
         self.wait_ready()
 
@@ -344,6 +352,42 @@ def test_a_slot_whose_worker_cannot_start_is_served_by_a_sibling(tmp_path: Path)
         assert code == 200 and body["applied"], body
         status = proxy.wait_ready(timeout_s=30)
         assert status["workers"][0]["pid"] != victim and status["generation"] == 2
+
+
+def test_a_worker_of_another_installed_version_is_refused_and_its_slot_served(tmp_path: Path) -> None:
+    """The package upgraded on disk under a running proxy: a restarted worker would run other code."""
+    package = tmp_path / "site"
+    shutil.copytree(ROOT / "wsproxy", package / "wsproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    with echo_backend() as (backend, _):
+        proxy = Proxy(tmp_path, backend)
+        try:
+            proxy.start(package)
+            victim = proxy.status()["workers"][0]["pid"]
+            init = package / "wsproxy" / "__init__.py"
+            init.write_text(init.read_text().replace(f'__version__ = "{__version__}"', '__version__ = "99.0-test"'))
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while "event=worker_start_failed slot=0" not in proxy.log():
+                assert time.monotonic() < deadline, proxy.log()
+                time.sleep(0.1)
+            assert f"the installed wsproxy is 99.0-test, this supervisor and its workers run {__version__}" in proxy.log()
+            deadline = time.monotonic() + 10
+            while "event=worker_adopted slot=1 orphan=0" not in proxy.log():
+                assert time.monotonic() < deadline, proxy.log()
+                time.sleep(0.1)
+
+            async def connect_many() -> Counter[str]:
+                storm = Storm(proxy.url, width=10)
+                task = asyncio.create_task(storm.run())
+                await asyncio.sleep(1.0)
+                storm.running = False
+                await task
+                return storm.outcomes
+
+            outcomes = asyncio.run(connect_many())
+            assert set(outcomes) == {"ok"} and outcomes["ok"] > 10, outcomes  # its sockets are served by worker 1
+        finally:
+            proxy.stop()
 
 
 def test_reload_is_applied_in_every_worker_or_in_none(tmp_path: Path) -> None:

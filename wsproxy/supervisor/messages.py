@@ -27,7 +27,7 @@ Supervisor → worker:
 ``shutdown``          SIGTERM's graceful shutdown (``now``: close everything at once)
 ====================  ====================================================================
 
-Worker → supervisor: ``hello`` (``pid``, ``fingerprint``, or ``errors``),
+Worker → supervisor: ``hello`` (``pid``, ``version``, ``fingerprint``, or ``errors``),
 ``ready``, ``prepared`` / ``committed`` (``round``, ``ok``, ``errors``),
 ``report`` (``status``, ``metrics``: once a second), ``answer`` (``id``,
 ``data``: what ``supervisor.fanout`` says a worker answers).

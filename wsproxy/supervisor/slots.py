@@ -21,6 +21,7 @@ import time
 
 import trio
 
+from .. import __version__
 from . import health
 from ..log import log_event
 from .ipc import Channel, ChannelClosed
@@ -103,11 +104,18 @@ class WorkerSlots(SupervisorState):
         try:
             await channel.send({"t": "config", "config": self.snapshot.to_data()})
             hello, _ = await channel.receive()
-            if hello.get("errors") or hello.get("fingerprint") != self.fingerprint:
-                reason = "; ".join(hello.get("errors") or []) or (
-                    "the config loaded differs from the config in effect (a file it references changed since"
-                    " it was loaded); reload to apply it"
-                )
+            version = hello.get("version")
+            if version != __version__ or hello.get("errors") or hello.get("fingerprint") != self.fingerprint:
+                if version != __version__:  # the package was upgraded on disk under a running proxy
+                    reason = (
+                        f"the installed wsproxy is {version}, this supervisor and its workers run {__version__}:"
+                        " `wsproxy upgrade` (or a restart) moves the whole proxy to it"
+                    )
+                else:
+                    reason = "; ".join(hello.get("errors") or []) or (
+                        "the config loaded differs from the config in effect (a file it references changed since"
+                        " it was loaded); reload to apply it"
+                    )
                 log_event(
                     log,
                     logging.ERROR,

@@ -110,7 +110,9 @@ async def _main(path: str, channel: Channel, log_level: str | None) -> None:
     if config is not None:
         logsetup.configure(log_level or config.log.level, config.log.format)
     log_overridden = log_level is not None
-    hello: Message = {"t": "hello", "pid": os.getpid()}
+    from .. import __version__
+
+    hello: Message = {"t": "hello", "pid": os.getpid(), "version": __version__}
     if config is None:
         await channel.send({**hello, "errors": errors})
         return
