@@ -114,3 +114,22 @@ def test_a_file_not_in_the_snapshot_is_an_error_not_a_read(tmp_path: Path) -> No
 def test_what_is_not_a_snapshot_is_refused(data: object) -> None:
     with pytest.raises(ValueError):
         Snapshot.from_data(data)
+
+
+def test_the_yaml_files_together_are_capped_so_that_a_snapshot_fits_one_message(tmp_path: Path) -> None:
+    """Each file may be 16 MiB; together too, so the JSON of a snapshot (≤ 3× UTF-8) fits in 64 MiB."""
+    from wsproxy.config.snapshot import MAX_TOTAL_BYTES
+    from wsproxy.supervisor.messages import MAX_LINE_BYTES
+
+    assert 3 * MAX_TOTAL_BYTES + 4096 < MAX_LINE_BYTES
+    main = write(tmp_path / "wsproxy.yaml", MAIN)
+    write(tmp_path / "conf.d" / "pools.yaml", POOLS)
+    (tmp_path / "tokens.txt").write_text(tokens("alice"))
+    filler = "# " + "x" * (MAX_TOTAL_BYTES // 2) + "\n"  # a comment: valid YAML, half the cap each
+    write(tmp_path / "conf.d" / "a.yaml", filler)
+    write(tmp_path / "conf.d" / "b.yaml", filler)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(str(main), ConfigTexts())
+    message = str(info.value.errors[0])
+    assert f"cannot read {tmp_path / 'conf.d' / 'b.yaml'}: the config's YAML files would add up to" in message, message
+    assert "over 16 MiB together" in message

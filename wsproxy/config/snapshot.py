@@ -34,7 +34,12 @@ from typing import Any
 
 from wsproxy.config.files import MAX_CONFIG_BYTES, FileRefused, read_file
 
-__all__ = ["ConfigTexts", "Snapshot"]
+__all__ = ["MAX_TOTAL_BYTES", "ConfigTexts", "Snapshot"]
+
+#: The YAML files of one config together (UTF-8 bytes), as for one file: a snapshot travels to
+#: each worker in one message (``supervisor.messages.MAX_LINE_BYTES``, 64 MiB), and JSON at most
+#: triples UTF-8 text (``\uXXXX`` escapes), so 16 MiB always fits.
+MAX_TOTAL_BYTES = MAX_CONFIG_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,7 @@ class ConfigTexts:
         self._texts: dict[str, str] = {}
         self._globs: dict[str, tuple[str, ...]] = {}
         self._main: str | None = None
+        self._total = 0  # bytes of YAML read so far (MAX_TOTAL_BYTES)
 
     def read(self, path: str) -> str:
         """The text of the YAML file ``path``; ``FileRefused``, ``OSError`` or ``UnicodeDecodeError`` if none."""
@@ -82,7 +88,14 @@ class ConfigTexts:
             if text is None:
                 raise FileRefused(f"{path} is not in the snapshot of the config in effect")
             return text
-        text = read_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+        data = read_file(path, MAX_CONFIG_BYTES)
+        if self._total + len(data) > MAX_TOTAL_BYTES:
+            raise FileRefused(
+                f"the config's YAML files would add up to {(self._total + len(data)) / 2**20:.1f} MiB,"
+                f" over {MAX_TOTAL_BYTES // 2**20} MiB together"
+            )
+        text = data.decode("utf-8")
+        self._total += len(data)
         if self._main is None:
             self._main = path
         self._texts[path] = text
