@@ -94,16 +94,21 @@ async def next_of(channel: Channel, kind: str) -> Message:
             return message
 
 
+async def prepare_held(channel: Channel, tmp_path: Path, loader: HeldLoader) -> None:
+    """Send ``prepare`` for round 1 (the config file's snapshot) and return once its load is held."""
+    texts = ConfigTexts()
+    load_checked(str(tmp_path / "wsproxy.yaml"), texts)
+    loader.hold = True
+    await channel.send({"t": "prepare", "round": 1, "listeners": {}, "config": texts.snapshot().to_data()})
+    await trio.to_thread.run_sync(loader.started.wait, 10)
+
+
 async def test_a_worker_answers_the_sessions_api_while_a_reload_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loader = HeldLoader()
     monkeypatch.setattr(worker_module, "load_snapshot", loader)
     with trio.fail_after(30):
         async with running_worker(tmp_path, loader) as channel:
-            texts = ConfigTexts()
-            load_checked(str(tmp_path / "wsproxy.yaml"), texts)
-            loader.hold = True
-            await channel.send({"t": "prepare", "round": 1, "listeners": {}, "config": texts.snapshot().to_data()})
-            await trio.to_thread.run_sync(loader.started.wait, 10)
+            await prepare_held(channel, tmp_path, loader)
             await channel.send({"t": "ask", "id": 7, "what": "sessions", "query": {"limit": 10}})
             with trio.fail_after(5):  # before the load ends: the reload did not stop the worker's answers
                 answer = await next_of(channel, "answer")
@@ -123,11 +128,7 @@ async def test_a_round_abandoned_while_it_loads_is_not_kept(tmp_path: Path, monk
     monkeypatch.setattr(worker_module, "load_snapshot", loader)
     with trio.fail_after(30):
         async with running_worker(tmp_path, loader) as channel:
-            texts = ConfigTexts()
-            load_checked(str(tmp_path / "wsproxy.yaml"), texts)
-            loader.hold = True
-            await channel.send({"t": "prepare", "round": 1, "listeners": {}, "config": texts.snapshot().to_data()})
-            await trio.to_thread.run_sync(loader.started.wait, 10)
+            await prepare_held(channel, tmp_path, loader)
             await channel.send({"t": "abandon", "round": 1})
             loader.released.set()
             await next_of(channel, "prepared")

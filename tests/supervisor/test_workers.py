@@ -331,27 +331,37 @@ def test_a_slot_whose_worker_cannot_start_is_served_by_a_sibling(tmp_path: Path)
         victim = proxy.status()["workers"][0]["pid"]
         tokens.write_text(f"alice {'b' * 64}\n")  # valid, but not what runs: a new worker refuses to start on it
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while "event=worker_start_failed slot=0" not in proxy.log():
-            assert time.monotonic() < deadline, proxy.log()
-            time.sleep(0.1)
+        wait_logged(proxy, "event=worker_start_failed slot=0")
         assert "the config loaded differs from the config in effect (a file it references changed since it was loaded); reload to apply it" in proxy.log()
 
-        async def connect_many() -> Counter[str]:
-            storm = Storm(proxy.url, width=10)
-            task = asyncio.create_task(storm.run())
-            await asyncio.sleep(1.5)
-            storm.running = False
-            await task
-            return storm.outcomes
-
-        outcomes = asyncio.run(connect_many())
+        outcomes = storm_for(proxy.url, 1.5)
         assert set(outcomes) == {"ok"} and outcomes["ok"] > 20, outcomes  # none waits in an orphaned queue
         assert "event=worker_adopted slot=1 orphan=0" in proxy.log()
         code, body = proxy.request("POST", "/reload")
         assert code == 200 and body["applied"], body
         status = proxy.wait_ready(timeout_s=30)
         assert status["workers"][0]["pid"] != victim and status["generation"] == 2
+
+
+def wait_logged(proxy: Proxy, needle: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while needle not in proxy.log():
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.1)
+
+
+def storm_for(url: str, seconds: float) -> Counter[str]:
+    """A ``Storm`` of 10 tasks against ``url`` for ``seconds``: its outcomes."""
+
+    async def connect_many() -> Counter[str]:
+        storm = Storm(url, width=10)
+        task = asyncio.create_task(storm.run())
+        await asyncio.sleep(seconds)
+        storm.running = False
+        await task
+        return storm.outcomes
+
+    return asyncio.run(connect_many())
 
 
 def test_a_worker_of_another_installed_version_is_refused_and_its_slot_served(tmp_path: Path) -> None:
@@ -366,25 +376,10 @@ def test_a_worker_of_another_installed_version_is_refused_and_its_slot_served(tm
             init = package / "wsproxy" / "__init__.py"
             init.write_text(init.read_text().replace(f'__version__ = "{__version__}"', '__version__ = "99.0-test"'))
             os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while "event=worker_start_failed slot=0" not in proxy.log():
-                assert time.monotonic() < deadline, proxy.log()
-                time.sleep(0.1)
+            wait_logged(proxy, "event=worker_start_failed slot=0")
             assert f"the installed wsproxy is 99.0-test, this supervisor and its workers run {__version__}" in proxy.log()
-            deadline = time.monotonic() + 10
-            while "event=worker_adopted slot=1 orphan=0" not in proxy.log():
-                assert time.monotonic() < deadline, proxy.log()
-                time.sleep(0.1)
-
-            async def connect_many() -> Counter[str]:
-                storm = Storm(proxy.url, width=10)
-                task = asyncio.create_task(storm.run())
-                await asyncio.sleep(1.0)
-                storm.running = False
-                await task
-                return storm.outcomes
-
-            outcomes = asyncio.run(connect_many())
+            wait_logged(proxy, "event=worker_adopted slot=1 orphan=0")
+            outcomes = storm_for(proxy.url, 1.0)
             assert set(outcomes) == {"ok"} and outcomes["ok"] > 10, outcomes  # its sockets are served by worker 1
         finally:
             proxy.stop()
