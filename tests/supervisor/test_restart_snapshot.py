@@ -125,7 +125,10 @@ async def ready_workers(proxy: AdminProxy, *, not_pids: frozenset[int] = frozens
 
     async def ready() -> bool:
         assert "event=worker_start_failed" not in proxy.log(), proxy.log()
-        status = await proxy.status()
+        try:
+            status = await proxy.status()
+        except OSError:  # the supervisor binds the admin listener once its workers serve
+            return False
         seen["workers"] = workers = status["workers"]
         return len(workers) == 2 and all(
             w["state"] == "ready" and w["sessions"] is not None and w["pid"] not in not_pids and w["generation"] == generation
