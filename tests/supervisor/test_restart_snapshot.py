@@ -127,7 +127,7 @@ async def ready_workers(proxy: AdminProxy, *, not_pids: frozenset[int] = frozens
         assert "event=worker_start_failed" not in proxy.log(), proxy.log()
         try:
             status = await proxy.status()
-        except OSError:  # the supervisor binds the admin listener once its workers serve
+        except OSError:  # the public port accepts (its socket is open) a moment before the admin listener is bound
             return False
         seen["workers"] = workers = status["workers"]
         return len(workers) == 2 and all(
