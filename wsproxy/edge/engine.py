@@ -424,7 +424,8 @@ def _decrypt(tls: TlsChannel) -> tuple[bytes, bool]:
     Ended: close_notify, EOF under the records, or records that do not decrypt
     (garbage on the wire): the peer is gone either way, as for a TCP EOF.
     """
-    read = tls.ssl.read
+    ssl_object = tls.ssl
+    read, pending, incoming = ssl_object.read, ssl_object.pending, tls.incoming
     chunks = []
     ended = False
     try:
@@ -434,6 +435,8 @@ def _decrypt(tls: TlsChannel) -> tuple[bytes, bool]:
                 ended = True
                 break
             chunks.append(chunk)
+            if not incoming.pending and not incoming.eof and not pending():
+                break  # nothing left to decrypt: done without the SSLWantReadError a read would raise
     except ssl.SSLWantReadError:
         pass
     except ssl.SSLError:  # SSLZeroReturnError (close_notify), SSLEOFError, a bad record
