@@ -26,6 +26,7 @@ from wsproxy.supervisor.table import (
     WorkerState,
     adopter,
     fingerprint,
+    hello_refusal,
     split_limits,
 )
 
@@ -261,3 +262,13 @@ def test_a_retiring_generation_sums_its_workers_and_any_generation_behind_it() -
     assert summary == {"pid": 100, "sessions": 3, "workers": 2, "deadline_unix": 5000.0}
     behind = retiring_summary(200, [{"sessions": 4}], 1, 4000.0, summary)
     assert behind == {"pid": 200, "sessions": 7, "workers": 3, "deadline_unix": 5000.0}
+
+
+def test_a_hello_is_refused_for_another_version_then_its_errors_then_another_config() -> None:
+    good = {"t": "hello", "pid": 7, "version": "1.0", "fingerprint": "f"}
+    assert hello_refusal(good, "1.0", "f") is None
+    older = hello_refusal({**good, "version": "0.9", "errors": ["x"]}, "1.0", "f")
+    assert older is not None and older.startswith("the installed wsproxy is 0.9, this supervisor and its workers run 1.0:")
+    assert hello_refusal({**good, "errors": ["a.yaml:1:1: bad", "b"], "fingerprint": None}, "1.0", "f") == "a.yaml:1:1: bad; b"
+    other = hello_refusal({**good, "fingerprint": "g"}, "1.0", "f")
+    assert other is not None and other.startswith("the config loaded differs from the config in effect")

@@ -26,7 +26,7 @@ from . import health
 from ..log import log_event
 from .ipc import Channel, ChannelClosed
 from .state import SupervisorState
-from .table import WorkerSlot, WorkerState, adopter
+from .table import WorkerSlot, WorkerState, adopter, hello_refusal
 from .upgrade import program
 
 
@@ -104,18 +104,8 @@ class WorkerSlots(SupervisorState):
         try:
             await channel.send({"t": "config", "config": self.snapshot.to_data()})
             hello, _ = await channel.receive()
-            version = hello.get("version")
-            if version != __version__ or hello.get("errors") or hello.get("fingerprint") != self.fingerprint:
-                if version != __version__:  # the package was upgraded on disk under a running proxy
-                    reason = (
-                        f"the installed wsproxy is {version}, this supervisor and its workers run {__version__}:"
-                        " `wsproxy upgrade` (or a restart) moves the whole proxy to it"
-                    )
-                else:
-                    reason = "; ".join(hello.get("errors") or []) or (
-                        "the config loaded differs from the config in effect (a file it references changed since"
-                        " it was loaded); reload to apply it"
-                    )
+            reason = hello_refusal(hello, __version__, self.fingerprint)
+            if reason is not None:
                 log_event(
                     log,
                     logging.ERROR,

@@ -217,6 +217,28 @@ def split_limits(config: Config, workers: int) -> Config:
     return dataclasses.replace(config, limits=split, pools=pools)
 
 
+def hello_refusal(hello: dict[str, Any], version: str, fingerprint: str) -> str | None:
+    """Why a worker's ``hello`` keeps it from starting (None: it may start).
+
+    Checked in this order: another version (the package was upgraded on disk
+    under a running proxy), the worker's own load errors, then a config other
+    than the one in effect (``fingerprint``: a file it references changed).
+    """
+    if hello.get("version") != version:
+        return (
+            f"the installed wsproxy is {hello.get('version')}, this supervisor and its workers run {version}:"
+            " `wsproxy upgrade` (or a restart) moves the whole proxy to it"
+        )
+    if hello.get("errors"):
+        return "; ".join(hello["errors"])
+    if hello.get("fingerprint") != fingerprint:
+        return (
+            "the config loaded differs from the config in effect (a file it references changed since"
+            " it was loaded); reload to apply it"
+        )
+    return None
+
+
 def fingerprint(config: Config) -> str:
     """A digest of everything a config says (secrets included, as digests), to tell two loads apart.
 
