@@ -3,8 +3,12 @@
 ::
 
     App.serve
-    ├── connections : one task per downstream connection (edge.session.handle_connection),
-    │                 and the spread closes of a shutdown
+    ├── engine      : the relay engine's loop and timer (edge.engine), which relay every
+    │                 established session that has no task of its own
+    ├── connections : one task per downstream connection until its handshakes are done
+    │                 (edge.session.handle_connection; to its end where trio pumps relay it),
+    │                 the spread closes of a shutdown, and one task that holds the nursery
+    │                 open for the engine's sessions once shutdown began
     └── control     : one accept loop per listening socket (each in its own cancel scope),
                       the idle sweeper, one health checker per pool, drains, the admin server,
                       the systemd watchdog
@@ -90,6 +94,8 @@ log = logging.getLogger("wsproxy.app")
 
 #: An unlimited (or huge) RLIMIT_NOFILE counts as this many descriptors.
 MAX_NOFILE = 10_000_000
+#: While stopping: how often the holder of the engine's sessions looks whether handshakes are still running.
+HOLD_POLL_S = 0.01
 
 
 
@@ -186,6 +192,7 @@ class App:
         self.health_checkers: dict[PoolName, HealthChecker] = {}
         self.listeners: dict[str, ListenerSlot] = {}
         self.stopping = False
+        self._stopped = trio.Event()  # set with stopping: the engine's sessions are waited for from then on
         self.on_ready: Callable[[], None] | None = None  # systemd READY=1 and the like
         self.log_overridden: bool | None = None  # None: logging is the embedder's (tests); False: log.* applies
         self._inherited = inherited or {}  # systemd socket activation: listener name → sockets
@@ -309,6 +316,8 @@ class App:
         """The control tasks, the accept loops and one task per connection, until all have ended."""
         async with trio.open_nursery() as connections:
             self._connections = connections
+            if self.engine is not None:
+                connections.start_soon(self._hold_engine_sessions, self.engine, connections)
             async with trio.open_nursery() as control:
                 self._control = control
                 self.drainer.nursery = control
@@ -324,6 +333,28 @@ class App:
                 task_status.started(self.addresses)
                 if self.on_ready is not None:
                     self.on_ready()
+
+    async def _hold_engine_sessions(self, engine: Engine, connections: trio.Nursery) -> None:
+        """Keep ``connections`` open while the engine relays sessions, as their own tasks would.
+
+        Sessions the engine relays have no task: once the proxy stops, this
+        one waits until the engine has none left and no handshake is still
+        running (one may yet hand a session over). Cancelled (the shutdown's
+        deadline, an abort), it ends what is left, as cancelling their tasks
+        would.
+        """
+        try:
+            await self._stopped.wait()
+            me = trio.lowlevel.current_task()
+            while True:
+                if engine.sessions:
+                    await engine.until_empty()
+                elif connections.child_tasks - {me}:  # handshakes (or the spread closes) still running
+                    await trio.sleep(HOLD_POLL_S)
+                else:
+                    return
+        finally:
+            engine.end_all()
 
     def _open(self, spec: ListenerConfig) -> list[socket.socket]:
         inherited = self._inherited.pop(spec.name, None)
@@ -542,6 +573,7 @@ class App:
         if self.stopping:
             return
         self.stopping = True
+        self._stopped.set()
         settings = self.generation.config.shutdown
         log_event(
             log,
@@ -574,6 +606,7 @@ class App:
     def abort(self) -> None:
         """Close everything now."""
         self.stopping = True
+        self._stopped.set()
         if self._control is not None:
             self._control.cancel_scope.cancel()
         if self._connections is not None:

@@ -213,19 +213,26 @@ async def test_a_backend_reset_gives_the_client_1014_without_spinning(nursery: t
 
 
 async def test_the_engine_closes_a_finished_sessions_sockets_itself(nursery: trio.Nursery, peers: Peers) -> None:
-    """Closing them is what takes them out of the epoll set (no epoll_ctl), before the session's task runs."""
+    """Closing them is what takes them out of the epoll set (no epoll_ctl), before the session's end runs."""
     with trio.fail_after(5):
         engine = await start(nursery)
         relay = peers.relay(engine)
-        nursery.start_soon(relay.run, b"", b"")
+        ended = trio.Event()
+        closed_at_end: list[bool] = []
+
+        def on_end() -> None:
+            closed_at_end.append(peers.client.fileno() == -1 and peers.backend.fileno() == -1)
+            ended.set()
+
+        relay.start(b"", b"", on_end)
         await peers.client_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=True))
         assert parse_frames(await read_exactly(peers.backend_peer, 8))[0].code == 1000
         await peers.backend_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=False))
         assert parse_frames(await read_exactly(peers.client_peer, 4))[0].code == 1000
         await peers.backend_peer.send(b"")  # nothing; the backend closes its end
         peers.backend_peer.close()
-        await relay.ended.wait()
-        assert peers.client.fileno() == -1 and peers.backend.fileno() == -1
+        await ended.wait()
+        assert closed_at_end == [True]  # once, with the sockets closed already
         assert engine.sessions == 0 and relay.masks == [-1, -1]
 
 

@@ -23,21 +23,31 @@ source and waits for ``EPOLLOUT``; when the backlog drains, reading resumes.
 
 The engine never waits on a socket it owns through trio, and a failure while
 serving one session (a bug included) ends that session, logged, never the
-engine. The session's own task parks on an event until its session ends. The
-engine closes the session's sockets itself when it lets the session go: that
-takes them out of the epoll set with no ``epoll_ctl`` (closing the only
-descriptor of a socket removes it), and nothing is reported for them between
-the end and the session task's turn. A socket is registered with its first
-wanted events (one ``epoll_ctl`` per socket and session, plus one per change
-of back-pressure).
+engine. A session handed to the engine has no trio task of its own: ``start``
+gives the engine a callback, ``on_end``, which it calls once when it lets the
+session go (its counts, its close line, its lease: ``edge.session``), from
+whichever task ended it (the engine's loop, its timer, or the control path's
+``finish``). ``run`` is the same with a task that waits for the end, for
+callers that want one. The engine closes the session's sockets itself when it
+lets the session go: that takes them out of the epoll set with no
+``epoll_ctl`` (closing the only descriptor of a socket removes it). A socket
+is registered with its first wanted events (one ``epoll_ctl`` per socket and
+session, plus one per change of back-pressure).
 
-Deadlines: the machine arms a close deadline with the first close frame; the
-engine moves it onto the cancel scope the session's own task waits in, so
-trio's timer ends the session (and its task closes the sockets) with no work
-in the engine's loop. Idle timeouts and keepalive pings come from the app's sweeper through
+Deadlines: the machine arms a close deadline with the first close frame (once
+per session, never moved); the engine keeps them in a heap served by one timer
+task, which sleeps in a cancel scope whose deadline is the earliest one and
+ends the sessions whose deadline has passed. A session that ended before its
+deadline leaves its entry behind; the timer drops such entries when they come
+up, so it wakes about once per close timeout under steady churn, not once per
+session. Idle timeouts and keepalive pings come from the app's sweeper through
 ``finish`` and ``keepalive``, which act on the machine and then let the engine
 send what it queued (``kick``), from the caller's task: the engine is plain
 data between wake-ups.
+
+Ending: ``end_all`` lets every session go at once (the proxy's shutdown
+deadline, or the engine's own end); ``until_empty`` waits until no session is
+left (the app's shutdown waits on it, as it waits for its connection tasks).
 
 TLS: a side that speaks TLS (a ``wss://`` client, a pool with ``tls:``)
 brings its ``TlsChannel``: the ``ssl.SSLObject`` between two memory BIOs that
@@ -58,10 +68,14 @@ forces them everywhere).
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
+import math
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -81,6 +95,7 @@ log = logging.getLogger("wsproxy.edge.engine")
 HAVE_EPOLL = hasattr(select, "epoll")
 
 MAX_EVENTS = 256  # ready sockets served per wake-up before trio runs other tasks
+TIMER_BATCH = 1024  # heap entries the timer handles per turn before trio runs other tasks
 RECV_BYTES = 65536  # what one recv asks for, for a side whose last read was not full
 BIG_RECV_BYTES = 262144  # for a side whose last read filled RECV_BYTES: bulk traffic
 
@@ -106,9 +121,9 @@ class EngineRelay(RelayDriver):
         "wire",
         "read_size",
         "log",
-        "ended",
+        "on_end",
         "registered",
-        "scope",
+        "timed",
     )
 
     def __init__(
@@ -148,20 +163,28 @@ class EngineRelay(RelayDriver):
         #: messages never allocate a 256 KiB buffer)
         self.read_size = [RECV_BYTES, RECV_BYTES]
         self.log = log  # the session's fields for the engine's own lines about it (conn=...)
-        self.ended = trio.Event()
+        self.on_end: Callable[[], None] | None = None  # called once, when the engine lets the session go
         self.registered = False
-        self.scope: trio.CancelScope | None = None  # the session task's wait, bounded by the close deadline
+        self.timed = False  # its close deadline is in the engine's timer heap
+
+    def start(self, from_client: bytes, from_backend: bytes, on_end: Callable[[], None]) -> None:
+        """Hand the session to the engine; ``on_end()`` runs when it is over (perhaps before this returns).
+
+        ``from_*``: bytes read past the handshakes. ``on_end`` runs in the
+        task that ended the session and must not raise (the engine logs it if
+        it does).
+        """
+        self.on_end = on_end
+        self.engine.add(self, from_client, from_backend)
 
     async def run(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
-        """Hand the session to the engine and wait until it is over (or its close deadline)."""
-        engine = self.engine
+        """``start``, then wait until the session is over; cancelled, it ends the session."""
+        ended = trio.Event()
+        self.start(from_client, from_backend, ended.set)
         try:
-            with trio.CancelScope() as self.scope:
-                engine.add(self, from_client, from_backend)
-                await self.ended.wait()
+            await ended.wait()
         finally:
-            self.scope = None
-            engine.remove(self)
+            self.engine.remove(self)
 
     def _changed(self) -> None:
         """The control path changed the machine: the engine sends what it queued."""
@@ -178,6 +201,11 @@ class Engine:
         self.sessions = 0
         self.wakeups = 0  # for metrics and the benchmark: batches served
         self.failures = 0  # sessions ended by an unexpected error while serving them
+        #: close deadlines: (deadline, sequence, session); entries of sessions already gone stay until they come up
+        self._timers: list[tuple[float, int, EngineRelay]] = []
+        self._sequence = itertools.count()
+        self._timer_scope: trio.CancelScope | None = None  # the timer task's sleep, until the earliest deadline
+        self._empty: trio.Event | None = None  # until_empty's wait
 
     # -- sessions in and out -------------------------------------------------------------
 
@@ -221,7 +249,30 @@ class Engine:
         relay.masks[0] = relay.masks[1] = _REMOVED
         relay.client.close()
         relay.backend.close()
-        relay.ended.set()
+        on_end, relay.on_end = relay.on_end, None
+        if on_end is not None:
+            try:
+                on_end()
+            except Exception:
+                reason = "unexpected error while ending a session"
+                if relay.log is not None:
+                    relay.log.conn_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+                else:
+                    log_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+        if not self.sessions and self._empty is not None:
+            self._empty.set()
+
+    def end_all(self) -> None:
+        """Let every session go now (a shutdown's deadline, the engine's own end)."""
+        for relay in {entry[0] for entry in self._fds.values()}:
+            self.remove(relay)
+
+    async def until_empty(self) -> None:
+        """Return once the engine relays no session."""
+        while self.sessions:
+            self._empty = trio.Event()
+            await self._empty.wait()
+        self._empty = None
 
     def kick(self, relay: EngineRelay) -> None:
         """The control path changed ``relay``'s machine: send what it queued, update the watch."""
@@ -234,27 +285,61 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the epoll set until cancelled."""
+        """Serve the epoll set and the close deadlines until cancelled; then let every session go."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_timers)
+                await self._run_epoll()
+        finally:
+            self.end_all()
+            self._epoll.close()
+
+    async def _run_epoll(self) -> None:
         epoll = self._epoll
         fd = epoll.fileno()
         poll = epoll.poll
         serve = self._serve
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                events = poll(0, MAX_EVENTS)
-                if not events:
-                    continue
-                self.wakeups += 1
-                now = trio.current_time()
-                for event_fd, mask in events:
-                    entry = self._fds.get(event_fd)
-                    if entry is not None:
-                        serve(entry[0], entry[1], mask, now)
-                if len(events) == MAX_EVENTS:
-                    await trio.lowlevel.checkpoint()  # let handshakes and control tasks run
-        finally:
-            epoll.close()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            events = poll(0, MAX_EVENTS)
+            if not events:
+                continue
+            self.wakeups += 1
+            now = trio.current_time()
+            for event_fd, mask in events:
+                entry = self._fds.get(event_fd)
+                if entry is not None:
+                    serve(entry[0], entry[1], mask, now)
+            if len(events) == MAX_EVENTS:
+                await trio.lowlevel.checkpoint()  # let handshakes and control tasks run
+
+    async def _run_timers(self) -> None:
+        """End the sessions whose close deadline has passed; sleep until the next one."""
+        timers = self._timers
+        while True:
+            now = trio.current_time()
+            budget = TIMER_BATCH
+            while timers and budget:
+                deadline, _, relay = timers[0]
+                if relay.registered and deadline > now:
+                    break
+                heapq.heappop(timers)
+                budget -= 1
+                if relay.registered:  # its close handshake did not finish in time
+                    self.remove(relay)
+            if not budget:
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as self._timer_scope:
+                await trio.sleep_forever()
+            self._timer_scope = None
+
+    def _arm(self, relay: EngineRelay, deadline: float) -> None:
+        relay.timed = True
+        heapq.heappush(self._timers, (deadline, next(self._sequence), relay))
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
 
     def _serve(self, relay: EngineRelay, is_client: bool, mask: int, now: float) -> None:
         """One ready socket of ``relay``: flush its backlog and/or read it into the machine."""
@@ -325,9 +410,8 @@ class Engine:
         if machine.done and not to_client and not to_backend:
             self.remove(relay)
             return
-        scope = relay.scope
-        if machine.deadline is not None and scope is not None and scope.deadline != machine.deadline:
-            scope.deadline = machine.deadline
+        if machine.deadline is not None and not relay.timed:
+            self._arm(relay, machine.deadline)
         # client fd: input for up unless the backend's backlog is full; output for down's backlog
         want_client = (_IN if up.wants_input and not to_backend else 0) | (_OUT if to_client else 0)
         want_backend = (_IN if down.wants_input and not to_client else 0) | (_OUT if to_backend else 0)

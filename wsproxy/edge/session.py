@@ -133,6 +133,7 @@ async def handle_connection(sock: socket.socket, host: SessionHost, listener: Li
     admitted_ip: str | None = None
     session: Session | None = None
     session_log = SessionLog(conn_id, "-")
+    handed_over = False  # the engine relays the session: its end gives back what it holds (_release)
     try:
         try:
             peer_ip, peer_port = client.peername()
@@ -177,19 +178,27 @@ async def handle_connection(sock: socket.socket, host: SessionHost, listener: Li
             backend, from_backend, from_client = await _handshakes(client, session, host, listener, deadline, client_port)
         except _Done:
             return
-        await _relay(client, backend, session, from_client, from_backend, host)
+        handed_over = await _relay(client, backend, session, from_client, from_backend, host, admitted_ip)
     except Exception:
         session_log.conn_event(log, logging.ERROR, "error", exc_info=True)
     finally:
-        if session is not None:
-            host.release_identity(session)
-            if session.lease is not None:
-                session.lease.release()  # at the latest: the relay's end released it already
-        if admitted_ip is not None:
-            host.connection_closed(admitted_ip)
-        if backend is not None:
-            backend.close()
-        client.close()
+        if not handed_over:
+            _release(session, host, admitted_ip, client, backend)
+
+
+def _release(
+    session: Session | None, host: SessionHost, admitted_ip: str | None, client: RawChannel, backend: RawChannel | None
+) -> None:
+    """What a connection holds, given back once it is over: identity, lease, admission, sockets."""
+    if session is not None:
+        host.release_identity(session)
+        if session.lease is not None:
+            session.lease.release()  # at the latest: the relay's end released it already
+    if admitted_ip is not None:
+        host.connection_closed(admitted_ip)
+    if backend is not None:
+        backend.close()
+    client.close()
 
 
 #: channel types whose sessions the engine can relay (it drives their sockets and TLS objects itself)
@@ -423,52 +432,75 @@ async def _relay(
     from_client: bytes,
     from_backend: bytes,
     host: SessionHost,
-) -> None:
-    relay, lease, route, session_log = session.relay, session.lease, session.route, session.log
-    assert relay is not None and lease is not None and route is not None
+    admitted_ip: str | None,
+) -> bool:
+    """Relay the established session; True when the engine took it over (no task waits for its end).
+
+    Its end (``_ended``, then ``_release``) runs when the engine lets it go,
+    or here once the trio pumps return.
+    """
+    relay, lease = session.relay, session.lease
+    assert relay is not None and lease is not None
     host.session_established(session)
-    state = lease.state  # active was counted when the backend was chosen
-    state.total += 1
+    lease.state.total += 1  # active was counted when the backend was chosen
     host.metrics.handshake_done(time.monotonic() - session.started)
-    lines = session.generation.config.log.sessions  # both | close | none
-    if lines == "both":
-        session_log.backend_event(log, logging.INFO, "open", sticky=session.sticky, identity=session.identity)
+    if session.generation.config.log.sessions == "both":
+        session.log.backend_event(log, logging.INFO, "open", sticky=session.sticky, identity=session.identity)
     if host.stopping:  # established while the proxy was shutting down
         relay.finish(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "proxy shutting down", Outcome.SHUTDOWN)
+    if isinstance(relay, EngineRelay):
+
+        def over() -> None:
+            try:
+                _ended(session, host)
+            finally:
+                _release(session, host, admitted_ip, client, backend)
+
+        relay.start(from_client, from_backend, over)
+        return True
     try:
         await relay.run(from_client, from_backend)
     finally:
-        lease.release()
-        host.session_ended(session)
-        up, down = relay.up.scanner, relay.down.scanner
-        state.bytes_up += relay.bytes_up
-        state.bytes_down += relay.bytes_down
-        state.messages_up += up.messages
-        state.messages_down += down.messages
-        host.metrics.session_closed(
-            session_log.route,
-            route.pool,
-            session_log.backend,
-            outcome=relay.machine.kind.value,
-            duration_s=time.monotonic() - session.started,
-            client_code=up.close_code,
+        _ended(session, host)
+    return False
+
+
+def _ended(session: Session, host: SessionHost) -> None:
+    """The relay is over: the lease, the session's counts and metrics, its close line."""
+    relay, lease, route, session_log = session.relay, session.lease, session.route, session.log
+    assert relay is not None and lease is not None and route is not None
+    lease.release()
+    host.session_ended(session)
+    state = lease.state
+    up, down = relay.up.scanner, relay.down.scanner
+    state.bytes_up += relay.bytes_up
+    state.bytes_down += relay.bytes_down
+    state.messages_up += up.messages
+    state.messages_down += down.messages
+    host.metrics.session_closed(
+        session_log.route,
+        route.pool,
+        session_log.backend,
+        outcome=relay.machine.kind.value,
+        duration_s=time.monotonic() - session.started,
+        client_code=up.close_code,
+        backend_code=down.close_code,
+        proxy_to_client=relay.down.own_close_code,
+        proxy_to_backend=relay.up.own_close_code,
+    )
+    if session.generation.config.log.sessions != "none":
+        session_log.backend_event(
+            log,
+            logging.INFO,
+            "close",
+            identity=session.identity,
+            by=relay.machine.closed_by.value,
+            reason=relay.machine.reason or "cancelled",
+            client_code=up.close_code,  # null: no close frame
             backend_code=down.close_code,
-            proxy_to_client=relay.down.own_close_code,
-            proxy_to_backend=relay.up.own_close_code,
+            dur_s=round(time.monotonic() - session.started, 3),
+            up_b=relay.bytes_up,
+            down_b=relay.bytes_down,
+            up_msgs=up.messages,
+            down_msgs=down.messages,
         )
-        if lines != "none":  # (no return in a finally: it would swallow the exception)
-            session_log.backend_event(
-                log,
-                logging.INFO,
-                "close",
-                identity=session.identity,
-                by=relay.machine.closed_by.value,
-                reason=relay.machine.reason or "cancelled",
-                client_code=up.close_code,  # null: no close frame
-                backend_code=down.close_code,
-                dur_s=round(time.monotonic() - session.started, 3),
-                up_b=relay.bytes_up,
-                down_b=relay.bytes_down,
-                up_msgs=up.messages,
-                down_msgs=down.messages,
-            )
