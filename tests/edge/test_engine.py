@@ -286,3 +286,75 @@ async def test_a_side_whose_read_was_full_reads_bigger_next_time(nursery: trio.N
             assert reads[-1] == (RECV_BYTES, len(small))  # back to the small size after a small read
     finally:
         peers.close()
+
+
+async def close_both_ways(p: Peers) -> None:
+    """The client closes, the backend answers and hangs up: a session that ends well before its deadline."""
+    await p.client_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=True))
+    await read_exactly(p.backend_peer, 8)
+    await p.backend_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=False))
+    await read_exactly(p.client_peer, 4)
+    p.backend_peer.close()
+
+
+async def test_the_timer_ends_only_late_sessions_and_forgets_the_others(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Close deadlines: a session silent after its close ends at its deadline; entries of ended ones go."""
+    quick = [Peers() for _ in range(20)]
+    late = Peers()
+    try:
+        engine = await start(nursery)
+        ended: list[tuple[str, float]] = []
+        for i, p in enumerate(quick):
+            p.relay(engine, close_timeout_s=5.0).start(b"", b"", lambda i=i: ended.append((f"q{i}", trio.current_time())))
+        late_relay = late.relay(engine, close_timeout_s=5.0)
+        late_relay.start(b"", b"", lambda: ended.append(("late", trio.current_time())))
+        await trio.sleep(1)
+        started = trio.current_time()
+        await late.client_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=True))  # the backend never answers
+        for p in quick:
+            await close_both_ways(p)
+        await trio.sleep(0.1)
+        assert sorted(name for name, _ in ended) == sorted(f"q{i}" for i in range(20))  # ended by their peers
+        assert len(engine._timers) == 21  # their entries are still there, and harmless
+        await trio.sleep(10)
+        [(_, at)] = [e for e in ended if e[0] == "late"]
+        assert at - started == pytest.approx(5.0, abs=0.01)  # its deadline, not another's
+        assert engine._timers == [] and engine.sessions == 0  # nothing left behind
+    finally:
+        for p in [*quick, late]:
+            p.close()
+
+
+async def test_an_error_in_a_sessions_end_is_logged_and_the_engine_goes_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad, good = Peers(), Peers()
+    try:
+        with trio.fail_after(5):
+            engine = await start(nursery)
+            bad_relay = bad.relay(engine)
+            bad_relay.log = SessionLog("badend1", "127.0.0.1:4242")
+
+            def explode() -> None:
+                raise RuntimeError("a bug in the session's end")
+
+            bad_relay.start(b"", b"", explode)
+            good_relay = good.relay(engine)
+            good_ended = trio.Event()
+            good_relay.start(b"", b"", good_ended.set)
+            await close_both_ways(bad)
+            await trio.testing.wait_all_tasks_blocked()
+            [line] = [r.getMessage() for r in caplog.records if "while ending a session" in r.getMessage()]
+            assert line.startswith("event=error conn=badend1 where=engine ")
+            hello = frame(OP_TEXT, b"still relayed", mask=True)
+            await good.client_peer.send(hello)
+            assert await read_exactly(good.backend_peer, len(hello)) == hello
+            assert engine.sessions == 1 and not good_ended.is_set()
+            engine.end_all()  # a shutdown's deadline: every session goes, its end runs once
+            assert good_ended.is_set() and engine.sessions == 0
+            await engine.until_empty()  # returns at once with nothing left
+    finally:
+        bad.close()
+        good.close()
