@@ -378,8 +378,8 @@ class App:
         assert self._control is not None and self._connections is not None
         connections = self._connections
 
-        def handler(sock: socket.socket) -> Any:
-            return handle_connection(sock, self, slot.spec)  # the slot's settings at accept time
+        def handler(sock: socket.socket, address: Any) -> Any:
+            return handle_connection(sock, self, slot.spec, address)  # the slot's settings at accept time
 
         def overload_answer() -> bytes | None:
             return None if slot.spec.tls is not None else OVERLOAD_RESPONSE  # no plain text on a TLS port

@@ -358,3 +358,33 @@ async def test_an_error_in_a_sessions_end_is_logged_and_the_engine_goes_on(
     finally:
         bad.close()
         good.close()
+
+
+async def test_the_timer_heap_keeps_few_entries_of_ended_sessions(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under churn the heap is rebuilt without ended sessions' entries; a late session still ends on time."""
+    monkeypatch.setattr("wsproxy.edge.engine.TIMER_SLACK", 4)
+    engine = await start(nursery)
+    late = Peers()
+    try:
+        late_ended = trio.Event()
+        late.relay(engine, close_timeout_s=5.0).start(b"", b"", late_ended.set)
+        await late.client_peer.send(frame(OP_CLOSE, struct.pack("!H", 1000), mask=True))  # never answered
+        started = trio.current_time()
+        await read_exactly(late.backend_peer, 8)
+        sizes = []
+        for _ in range(40):
+            p = Peers()
+            try:
+                p.relay(engine, close_timeout_s=5.0).start(b"", b"", lambda: None)
+                await close_both_ways(p)
+                await trio.testing.wait_all_tasks_blocked()
+                sizes.append(len(engine._timers))
+            finally:
+                p.close()
+        assert max(sizes) <= 2 * 2 + 4 + 1  # twice the live ones (late and the new one), the slack, the push
+        await late_ended.wait()
+        assert trio.current_time() - started == pytest.approx(5.0, abs=0.01)
+    finally:
+        late.close()

@@ -34,8 +34,8 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
@@ -200,7 +200,9 @@ class AdminServer:
 
     async def _run_listening(self, listening: _Listening) -> None:
         assert self._nursery is not None
-        handler = partial(serve_connection, server=self, site=listening.site)
+        def handler(sock: socket.socket, _address: object) -> Awaitable[None]:
+            return serve_connection(sock, self, listening.site)
+
         try:
             with listening.scope:
                 async with trio.open_nursery() as accepting:

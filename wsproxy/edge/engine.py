@@ -38,8 +38,10 @@ Deadlines: the machine arms a close deadline with the first close frame (once
 per session, never moved); the engine keeps them in a heap served by one timer
 task, which sleeps in a cancel scope whose deadline is the earliest one and
 ends the sessions whose deadline has passed. A session that ended before its
-deadline leaves its entry behind; the timer drops such entries when they come
-up, so it wakes about once per close timeout under steady churn, not once per
+deadline leaves its entry behind (nothing is searched at its end); once such
+entries outnumber the live ones, the heap is rebuilt without them, so it stays
+within twice the sessions that are closing (plus ``TIMER_SLACK``) and the
+timer wakes about once per close timeout under steady churn, not once per
 session. Idle timeouts and keepalive pings come from the app's sweeper through
 ``finish`` and ``keepalive``, which act on the machine and then let the engine
 send what it queued (``kick``), from the caller's task: the engine is plain
@@ -96,6 +98,7 @@ HAVE_EPOLL = hasattr(select, "epoll")
 
 MAX_EVENTS = 256  # ready sockets served per wake-up before trio runs other tasks
 TIMER_BATCH = 1024  # heap entries the timer handles per turn before trio runs other tasks
+TIMER_SLACK = 1024  # entries of ended sessions the timer heap may hold beyond as many as live ones
 RECV_BYTES = 65536  # what one recv asks for, for a side whose last read was not full
 BIG_RECV_BYTES = 262144  # for a side whose last read filled RECV_BYTES: bulk traffic
 
@@ -204,6 +207,7 @@ class Engine:
         #: close deadlines: (deadline, sequence, session); entries of sessions already gone stay until they come up
         self._timers: list[tuple[float, int, EngineRelay]] = []
         self._sequence = itertools.count()
+        self._timed = 0  # sessions in the engine with an entry in _timers
         self._timer_scope: trio.CancelScope | None = None  # the timer task's sleep, until the earliest deadline
         self._empty: trio.Event | None = None  # until_empty's wait
 
@@ -247,6 +251,8 @@ class Engine:
         fds.pop(relay.client_fd, None)
         fds.pop(relay.backend_fd, None)
         relay.masks[0] = relay.masks[1] = _REMOVED
+        if relay.timed:
+            self._timed -= 1
         relay.client.close()
         relay.backend.close()
         on_end, relay.on_end = relay.on_end, None
@@ -336,7 +342,12 @@ class Engine:
 
     def _arm(self, relay: EngineRelay, deadline: float) -> None:
         relay.timed = True
-        heapq.heappush(self._timers, (deadline, next(self._sequence), relay))
+        self._timed += 1
+        timers = self._timers
+        if len(timers) > 2 * self._timed + TIMER_SLACK:  # mostly sessions gone already: rebuild without them
+            timers[:] = [entry for entry in timers if entry[2].registered]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (deadline, next(self._sequence), relay))
         scope = self._timer_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline

@@ -2,7 +2,8 @@
 
 ``open_listener`` binds a ``ListenerConfig``'s address (every address a name
 resolves to); ``accept_loop`` accepts in batches and starts one handler task
-per connection in the nursery it is given.
+per connection in the nursery it is given, with the peer's address as
+``accept`` gave it (no ``getpeername`` later).
 
 With ``workers: N`` the supervisor opens N sockets per address with
 ``SO_REUSEPORT`` (``open_listener(spec, reuse_port=True)``), one per worker,
@@ -34,6 +35,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -129,12 +131,12 @@ def _shed(sock: socket.socket, answer: bytes | None) -> None:
 
 async def accept_loop(
     lsock: socket.socket,
-    handler: Callable[[socket.socket], Awaitable[None]],
+    handler: Callable[[socket.socket, Any], Awaitable[None]],
     nursery: trio.Nursery,
     overload_answer: Callable[[], bytes | None] = lambda: None,
     on_shed: Callable[[int], None] | None = None,
 ) -> None:
-    """Accept forever on ``lsock``, one ``handler(sock)`` task per connection.
+    """Accept forever on ``lsock``, one ``handler(sock, address)`` task per connection.
 
     ``overload_answer`` gives the bytes sent to a connection shed while the
     process is out of file descriptors (None: close it without a word);
@@ -145,7 +147,7 @@ async def accept_loop(
     try:
         while True:
             try:
-                sock, _address = lsock.accept()
+                sock, address = lsock.accept()
             except BlockingIOError:
                 batch = 0
                 await trio.lowlevel.wait_readable(lsock)
@@ -169,7 +171,7 @@ async def accept_loop(
                 if exc.errno in _TRANSIENT_ERRNOS:
                     continue
                 raise
-            nursery.start_soon(handler, sock)
+            nursery.start_soon(handler, sock, address)
             batch += 1
             if batch >= ACCEPT_BATCH:
                 batch = 0

@@ -28,7 +28,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -122,8 +122,13 @@ class Session:
 
 
 
-async def handle_connection(sock: socket.socket, host: SessionHost, listener: ListenerConfig) -> None:
-    """Serve one accepted connection; never raises, always closes its sockets."""
+async def handle_connection(
+    sock: socket.socket, host: SessionHost, listener: ListenerConfig, address: tuple[Any, ...] | None = None
+) -> None:
+    """Serve one accepted connection; never raises, always closes its sockets.
+
+    ``address``: the peer's, as ``accept`` returned it (None: ask the socket).
+    """
     conn_id = host.next_conn_id()
     generation = host.generation
     config = generation.config
@@ -135,10 +140,13 @@ async def handle_connection(sock: socket.socket, host: SessionHost, listener: Li
     session_log = SessionLog(conn_id, "-")
     handed_over = False  # the engine relays the session: its end gives back what it holds (_release)
     try:
-        try:
-            peer_ip, peer_port = client.peername()
-        except OSError:
-            return  # reset before we looked
+        if address is not None:
+            peer_ip, peer_port = address[0], address[1]
+        else:
+            try:
+                peer_ip, peer_port = client.peername()
+            except OSError:
+                return  # reset before we looked
         session_log.set_peer(hostport(peer_ip, peer_port))
         client_ip, client_port = peer_ip, peer_port
         if listener.proxy_protocol != "off":
