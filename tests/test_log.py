@@ -9,10 +9,12 @@ cannot agree with each other.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -201,10 +203,8 @@ def test_the_timestamp_is_datetimes_own_text() -> None:
     moments += [round(m, 3) - 4e-7 for m in moments[:5000]]  # just under a millisecond or second boundary
     moments += [1767225599.9999996, 1767225600.0, 1767225599.0005]
     for created in moments:
-        record = logging.LogRecord("wsproxy", logging.INFO, __file__, 1, "m", None, None)
-        record.created = created
         expected = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="milliseconds")
-        assert _timestamp(record) == expected, created
+        assert _timestamp(created) == expected, created
 
 
 @given(st.text(max_size=40))
@@ -230,3 +230,78 @@ def test_a_context_writes_its_pairs_as_a_plain_mapping_would() -> None:
     assert str(Event("x", {"pool": "p2"}, context)) == logfmt({"event": "x", **fields, "pool": "p2"})  # written once
     pairs = parse_logfmt(TextFormatter().format(logging.LogRecord("wsproxy.x", logging.INFO, __file__, 1, kept, (), None)))
     assert pairs["route"] == HOSTILE[0] and pairs["backend"] == "it's" and pairs["code"] == "1000"
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., io.StringIO]]:
+    """``configure(...)`` writing to a StringIO as stderr (made in the test: capture swaps stderr after fixtures).
+
+    The ``wsproxy`` logger and the direct path are restored after.
+    """
+    import wsproxy.log as wlog
+
+    top = logging.getLogger("wsproxy")
+    saved = (top.handlers[:], top.level, top.propagate, wlog._direct)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+
+    def configure(*args: str) -> io.StringIO:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        wlog.configure(*args)
+        return stream
+
+    yield configure
+    top.handlers[:], top.level, top.propagate, wlog._direct = saved
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_direct_path_writes_what_logging_writes(configured: Callable[..., io.StringIO], fmt: str) -> None:
+    """Lines that skip the LogRecord (``_Direct``) are the lines the handler would have written."""
+    import wsproxy.log as wlog
+
+    stream = configured("info", fmt)
+    assert wlog._direct is not None
+    logger = logging.getLogger("wsproxy.edge.session")
+    context = Context(conn="c1", peer="127.0.0.1:4000")
+    fields = {"by": "client", "reason": HOSTILE[0], "client_code": 1000, "dur_s": 0.25, "tls": False, "x": None}
+    wlog.log_with(logger, logging.INFO, "close", context, **fields)
+    direct = stream.getvalue()
+    handler = wlog._direct.handler
+    handler.addFilter(lambda record: True)  # anything in the way: the record path
+    try:
+        wlog.log_with(logger, logging.INFO, "close", context, **fields)
+    finally:
+        handler.filters.clear()
+    through_logging = stream.getvalue()[len(direct) :]
+    assert direct.count("\n") == 1 and through_logging.count("\n") == 1
+    if fmt == "text":
+        first, second = parse_logfmt(direct), parse_logfmt(through_logging)
+    else:
+        first, second = json.loads(direct), json.loads(through_logging)
+    assert first.pop("ts")[:16] == second.pop("ts")[:16]  # the same minute at least
+    assert first == second and first["reason"] == HOSTILE[0] and first["event"] == "close"
+
+
+def test_a_handler_in_the_way_gets_the_records(configured: Callable[..., io.StringIO]) -> None:
+    """A test's capture or an embedder's handler on the path sees every record (the direct path steps aside)."""
+    stream = configured("info")
+    logger = logging.getLogger("wsproxy.edge.session")
+    seen: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    catch = Catch()
+    logger.addHandler(catch)
+    try:
+        log_event(logger, logging.INFO, "open", conn="c2")
+    finally:
+        logger.removeHandler(catch)
+    assert [r.msg.name for r in seen if isinstance(r.msg, Event)] == ["open"]
+    assert parse_logfmt(stream.getvalue().rstrip("\n"))["conn"] == "c2"  # and the configured handler wrote it too
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log_event(logger, logging.ERROR, "error", exc_info=True, conn="c3")
+    assert "RuntimeError: boom" in stream.getvalue()  # tracebacks go through logging

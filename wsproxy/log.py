@@ -52,6 +52,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO
 
@@ -169,6 +170,10 @@ def emit(
     if type(logger) is not logging.Logger:  # an adapter (or a Logger subclass): the standard way
         logger.log(level, message, exc_info=bool(exc_info), stacklevel=depth + 1)
         return
+    direct = _direct
+    if direct is not None and not exc_info and direct.reaches(logger, level):
+        direct.write(logger.name, level, message)
+        return
     # Logger.log without its findCaller walk (a third of a line's cost): the caller is known.
     caller = sys._getframe(depth)
     code = caller.f_code
@@ -281,22 +286,22 @@ def set_process_fields(**fields: object) -> None:
 _heads: dict[tuple[int, str], str] = {}
 
 
-def _head(record: logging.LogRecord) -> str:
-    key = (record.levelno, record.name)
+def _head(levelno: int, name: str) -> str:
+    key = (levelno, name)
     head = _heads.get(key)
     if head is None:
         if len(_heads) > 1000:  # loggers come from the code, but a library could make many
             _heads.clear()
-        head = _heads[key] = logfmt({"level": record.levelname.lower(), "logger": record.name, **_process_fields})
+        level = logging.getLevelName(levelno).lower()
+        head = _heads[key] = logfmt({"level": level, "logger": name, **_process_fields})
     return head
 
 
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 
 
-def _timestamp(record: logging.LogRecord) -> str:
+def _timestamp(created: float) -> str:
     """``2026-12-02T19:07:31.042+00:00`` (UTC, as ``datetime.isoformat``); the date part once a second."""
-    created = record.created
     second = int(created)
     micros = round((created - second) * 1e6)  # as datetime rounds a timestamp, then cut to milliseconds
     if micros >= 1_000_000:
@@ -308,8 +313,8 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{_second[1]}.{millis:03d}+00:00"
 
 
-def _priority(record: logging.LogRecord) -> str:
-    level = max((lvl for lvl in PRIORITIES if lvl <= record.levelno), default=logging.DEBUG)
+def _priority(levelno: int) -> str:
+    level = max((lvl for lvl in PRIORITIES if lvl <= levelno), default=logging.DEBUG)
     return f"<{PRIORITIES[level]}>"
 
 
@@ -321,17 +326,26 @@ class TextFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        head = _head(record) if self.journal else "ts=" + _timestamp(record) + " " + _head(record)
+        if isinstance(record.msg, Event) and not record.exc_info:
+            return self.event_line(record.levelno, record.name, record.created, record.msg)
+        head = _head(record.levelno, record.name)
+        line = head if self.journal else "ts=" + _timestamp(record.created) + " " + head
         if isinstance(record.msg, Event):
-            line = head + " " + str(record.msg)
+            line += " " + str(record.msg)
         else:
             message = record.getMessage()
             if not message.isprintable():
                 message = message.translate(_CONTROLS)
-            line = head + " " + (message if message.startswith("event=") else logfmt({"msg": message}))
+            line += " " + (message if message.startswith("event=") else logfmt({"msg": message}))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return _priority(record) + line if self.journal else line
+        return _priority(record.levelno) + line if self.journal else line
+
+    def event_line(self, levelno: int, name: str, created: float, event: Event) -> str:
+        """The line of an ``Event`` without a traceback (``format``'s, and ``_Direct``'s without a record)."""
+        if self.journal:
+            return _priority(levelno) + _head(levelno, name) + " " + str(event)
+        return "ts=" + _timestamp(created) + " " + _head(levelno, name) + " " + str(event)
 
 
 class JsonFormatter(logging.Formatter):
@@ -342,9 +356,9 @@ class JsonFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
-        for key, value in _process_fields.items():
-            entry[key] = json_value(value)
+        if isinstance(record.msg, Event) and not record.exc_info:
+            return self.event_line(record.levelno, record.name, record.created, record.msg)
+        entry = self._entry(record.levelno, record.name, record.created)
         if isinstance(record.msg, Event):
             for key, value in record.msg.pairs().items():
                 entry.setdefault(key, json_value(value))
@@ -356,7 +370,71 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         line = json.dumps(entry, ensure_ascii=False)
-        return _priority(record) + line if self.journal else line
+        return _priority(record.levelno) + line if self.journal else line
+
+    def event_line(self, levelno: int, name: str, created: float, event: Event) -> str:
+        """The line of an ``Event`` without a traceback (``format``'s, and ``_Direct``'s without a record)."""
+        entry = self._entry(levelno, name, created)
+        for key, value in event.pairs().items():
+            entry.setdefault(key, json_value(value))
+        line = json.dumps(entry, ensure_ascii=False)
+        return _priority(levelno) + line if self.journal else line
+
+    @staticmethod
+    def _entry(levelno: int, name: str, created: float) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "ts": _timestamp(created), "level": logging.getLevelName(levelno).lower(), "logger": name
+        }  # fmt: skip
+        for key, value in _process_fields.items():
+            entry[key] = json_value(value)
+        return entry
+
+
+class _Direct:
+    """``configure``'s handler, which wsproxy's own event lines reach without a ``LogRecord``.
+
+    While nothing else is in the way (no other handler or filter on the
+    logger's path up to ``wsproxy``, as a test's capture or an embedder's
+    handler would be), a line is formatted and written here: the same text as
+    through ``logging`` (``event_line``), without building the record and
+    walking the handlers, most of a line's cost. Anything else, and every line
+    with a traceback, goes through ``logging``.
+    """
+
+    __slots__ = ("handler", "formatter", "top")
+
+    def __init__(self, handler: logging.StreamHandler[IO[str]], formatter: TextFormatter | JsonFormatter, top: logging.Logger) -> None:
+        self.handler = handler
+        self.formatter = formatter
+        self.top = top
+
+    def reaches(self, logger: logging.Logger, level: int) -> bool:
+        """Would ``logger``'s line at ``level`` (enabled) reach this handler and only it?"""
+        handler, top = self.handler, self.top
+        if handler.filters or level < handler.level or top.filters or top.disabled or top.handlers != [handler]:
+            return False
+        node: logging.Logger | None = logger
+        while node is not top:
+            if node is None or node.handlers or node.filters or node.disabled or not node.propagate:
+                return False
+            node = node.parent
+        return True
+
+    def write(self, name: str, level: int, event: Event) -> None:
+        handler = self.handler
+        line = self.formatter.event_line(level, name, time.time(), event)
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.flush()
+        except Exception:  # as StreamHandler.emit: logging.raiseExceptions says whether it is printed
+            handler.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": event}))
+        finally:
+            handler.release()
+
+
+#: Set by ``configure``: the direct path to its handler (None: logging is the embedder's).
+_direct: _Direct | None = None
 
 
 def stderr_is_journal(stream: IO[str] | None = None) -> bool:
@@ -374,11 +452,14 @@ def stderr_is_journal(stream: IO[str] | None = None) -> bool:
 
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send wsproxy's log to stderr (the journal keeps it under systemd); callable again on reload."""
+    global _direct
     handler = logging.StreamHandler(sys.stderr)
     journal = stderr_is_journal(sys.stderr)
-    handler.setFormatter(JsonFormatter(journal=journal) if fmt == "json" else TextFormatter(journal=journal))
+    formatter = JsonFormatter(journal=journal) if fmt == "json" else TextFormatter(journal=journal)
+    handler.setFormatter(formatter)
     root = logging.getLogger("wsproxy")
     root.handlers[:] = [handler]
+    _direct = _Direct(handler, formatter, root)
     root.setLevel(level.upper())
     root.propagate = False
     # Nothing wsproxy writes reads the process id or the thread (journald adds _PID itself):
