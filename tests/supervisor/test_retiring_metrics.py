@@ -17,7 +17,10 @@ from wsproxy.supervisor.merge import merge_metrics
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 RETIRING = ("generation", "retiring")
 #: What the new supervisor answers itself (``AdminView._own_series``).
-OWN = [("wsproxy_reloads", "counter", "Reloads.", 5.0), ("wsproxy_workers", "gauge", "Workers.", 2.0)]
+OWN = [
+    ("wsproxy_reloads", "counter", "Reloads.", 5.0), ("wsproxy_workers", "gauge", "Workers.", 2.0),
+    ("wsproxy_worker_restarts", "counter", "Restarts.", 0.0),
+]
 
 
 def worker_metrics(sessions: float, closed: dict[str, int], handshake_s: float, *, config_generation: int = 1) -> str:
@@ -34,12 +37,14 @@ def worker_metrics(sessions: float, closed: dict[str, int], handshake_s: float, 
     Gauge("wsproxy_backend_health", "Health.", ["backend", "state"], registry=registry).labels("b:1", "up").set(1)
     Info("wsproxy_build", "Build.", registry=registry).info({"version": "1"})
     Counter("wsproxy_reloads", "Reloads.", registry=registry).inc(1)
+    Counter("process_cpu_seconds", "CPU.", registry=registry).inc(sessions + 0.5)
     return generate_latest(registry).decode()
 
 
-def retiring_text(*reports: tuple[int, str], exited: tuple[tuple[int, str], ...] = ()) -> str:
-    """What the old supervisor sends in its ``retiring`` message (``upgrade._tell_newer``)."""
-    return merge_metrics(list(reports), exited=exited)[1].decode()
+def retiring_text(*reports: tuple[int, str], own: list[tuple[str, str, str, float]] | None = None) -> str:
+    """What the old supervisor sends in its ``retiring`` message (``upgrade._tell_newer``; ``own``: what it would
+    send if it passed its own series too, as its ``render_metrics`` does)."""
+    return merge_metrics(list(reports), own or ())[1].decode()
 
 
 def parsed(body: bytes, accept: str | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -51,7 +56,8 @@ def parsed(body: bytes, accept: str | None) -> dict[tuple[str, tuple[tuple[str, 
 def test_the_retiring_generations_series_come_labelled_in_their_families_in_both_encodings() -> None:
     new = [(0, worker_metrics(1, {"normal": 1}, 0.05, config_generation=2))]
     old = retiring_text(
-        (0, worker_metrics(3, {"normal": 4, "drain": 1}, 0.5)), (1, worker_metrics(2, {"normal": 6}, 0.05))
+        (0, worker_metrics(3, {"normal": 4, "drain": 1}, 0.5)), (1, worker_metrics(2, {"normal": 6}, 0.05)),
+        own=[*OWN, ("wsproxy_worker_restarts", "counter", "Restarts.", 3.0)],
     )
     for accept in (OPENMETRICS, None):
         content_type, body = merge_metrics(new, OWN, accept, retiring=old)
@@ -85,10 +91,12 @@ def test_the_retiring_generations_series_come_labelled_in_their_families_in_both
         # families of the supervisor and of the one proxy: the new generation's only
         names = {name for name, _ in retiring}
         assert not names & {
-            "wsproxy_reloads_total", "wsproxy_reloads_created", "wsproxy_workers", "wsproxy_config_generation",
-            "wsproxy_backend_health", "wsproxy_build_info",
+            "wsproxy_reloads_total", "wsproxy_reloads_created", "wsproxy_workers", "wsproxy_worker_restarts_total",
+            "wsproxy_config_generation", "wsproxy_backend_health", "wsproxy_build_info",
         }, names
         assert samples[("wsproxy_config_generation", ())] == 2 and samples[("wsproxy_reloads_total", ())] == 5
+        assert samples[("wsproxy_worker_restarts_total", ())] == 0
+        assert samples[("process_cpu_seconds_total", (RETIRING, ("worker", "1")))] == 2.5
 
 
 def test_without_a_retiring_generation_or_new_reports_yet_each_side_stands_alone() -> None:
@@ -114,7 +122,7 @@ def test_a_family_whose_type_changed_with_the_upgrade_is_the_new_generations_onl
 
 
 def test_an_exited_workers_counters_stay_in_the_retiring_sums_its_gauges_and_own_series_do_not() -> None:
-    gone = worker_metrics(0, {"normal": 4, "drain": 2}, 0.5)
+    gone = worker_metrics(3, {"normal": 4, "drain": 2}, 0.5)  # its last report, before its sessions ended
     live = worker_metrics(2, {"normal": 1}, 0.05)
     samples = parsed(merge_metrics([(1, live)], exited=[(0, gone)], accept=OPENMETRICS)[1], OPENMETRICS)
     assert samples[("wsproxy_sessions_closed_total", (("outcome", "normal"),))] == 5  # not back to 1
@@ -124,3 +132,5 @@ def test_an_exited_workers_counters_stay_in_the_retiring_sums_its_gauges_and_own
     assert samples[("wsproxy_backend_sessions_active", (("backend", "b:1"),))] == 2  # a gauge: the live worker's
     assert ("wsproxy_sessions_active", (("route", "*/"), ("worker", "0"))) not in samples
     assert samples[("wsproxy_sessions_active", (("route", "*/"), ("worker", "1")))] == 2
+    assert ("process_cpu_seconds_total", (("worker", "0"),)) not in samples  # a counter, but that process's own
+    assert samples[("process_cpu_seconds_total", (("worker", "1"),))] == 2.5
