@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 
 import pytest
 import trio
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.kit.admin import call
 from tests.kit.browser import Browser, expect, needs_browser, with_browser
@@ -48,6 +49,7 @@ from tests.kit.wait import until
 
 #: The new supervisor's deadline for an answer (``fanout.FANOUT_TIMEOUT_S``), with room for a loaded machine.
 FANOUT_WAIT_S = 3.0 + 5.0
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 async def get(admin: str, target: str, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
@@ -284,3 +286,69 @@ async def test_the_status_page_says_which_generation_retires(nursery: trio.Nurse
                 assert await proxy.wait_exit(10) == 0
         finally:
             await _stop_new_generation(proxy)
+
+
+async def _metrics(admin: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of ``/metrics`` in OpenMetrics, read by its strict parser (a valid exposition, or this fails)."""
+    reply = await call(admin, "GET", "/metrics", token=TOKEN.encode(), headers=[("Accept", OPENMETRICS)])
+    assert reply.status == 200, reply
+    families = openmetrics_families(reply.body.decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def _retiring(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> dict[str, float]:
+    """``name``'s samples labelled ``generation="retiring"``, by their ``worker`` label (``-`` without one)."""
+    return {
+        dict(labels).get("worker", "-"): value
+        for (sample, labels), value in samples.items()
+        if sample == name and ("generation", "retiring") in labels
+    }
+
+
+@pytest.mark.timeout(60)
+async def test_the_new_supervisors_metrics_carry_the_retiring_generations_series_until_it_exits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    admin = f"127.0.0.1:{admin_port}"
+    config = cli_config(port, backend, admin_port) + "workers: 2\nupgrade: {timeout: 1h}\n"
+    async with running(tmp_path, config, admin) as proxy:
+        try:
+            with trio.fail_after(40):
+                await status_of(admin, proxy.pid)
+                held, _, _ = await hold(port, "alice", nursery)
+                done = await proxy.cmd("upgrade")
+                assert done.returncode == 0, out(done) + proxy.log()
+                await status_of(admin, int(re.findall(r"pid (\d+)", done.stdout.decode())[0]))
+
+                async def retiring_sessions() -> dict[str, float]:
+                    return {w: v for w, v in _retiring(await _metrics(admin), "wsproxy_sessions_active").items() if v}
+
+                await until(
+                    lambda: _holds_value(retiring_sessions, 1), timeout_s=10, what="the retiring session in /metrics"
+                )
+                samples = await _metrics(admin)
+                # the new generation's series stay as they were; the proxy-wide and the supervisor's are not repeated
+                assert sum(v for (n, labels), v in samples.items() if n == "wsproxy_sessions_active") == 1
+                assert _retiring(samples, "wsproxy_sessions_closed_total") == {}  # none closed yet
+                assert _retiring(samples, "process_resident_memory_bytes")  # its workers' own, by slot
+                for name in ("wsproxy_config_generation", "wsproxy_reloads_total", "wsproxy_workers"):
+                    assert (name, ()) in samples and _retiring(samples, name) == {}, name
+
+                await held.aclose()  # the old generation's last session: it exits
+                assert await proxy.wait_exit(20) == 0
+                await until(
+                    lambda: _no_retiring_series(admin), timeout_s=5, what="no generation=\"retiring\" series"
+                )
+        finally:
+            await _stop_new_generation(proxy)
+
+
+async def _holds_value(values: Any, expected: float) -> bool:
+    return sum((await values()).values()) == expected
+
+
+async def _no_retiring_series(admin: str) -> bool:
+    return not any(("generation", "retiring") in labels for _, labels in await _metrics(admin))
