@@ -317,37 +317,57 @@ async def test_the_new_supervisors_metrics_carry_the_retiring_generations_series
     async with running(tmp_path, config, admin) as proxy:
         try:
             with trio.fail_after(40):
-                await status_of(admin, proxy.pid)
-                held, _, _ = await hold(port, "alice", nursery)
-                done = await proxy.cmd("upgrade")
-                assert done.returncode == 0, out(done) + proxy.log()
-                await status_of(admin, int(re.findall(r"pid (\d+)", done.stdout.decode())[0]))
-
-                async def retiring_sessions() -> dict[str, float]:
-                    return {w: v for w, v in _retiring(await _metrics(admin), "wsproxy_sessions_active").items() if v}
-
-                await until(
-                    lambda: _holds_value(retiring_sessions, 1), timeout_s=10, what="the retiring session in /metrics"
-                )
-                samples = await _metrics(admin)
-                # the new generation's series stay as they were; the proxy-wide and the supervisor's are not repeated
-                assert sum(v for (n, labels), v in samples.items() if n == "wsproxy_sessions_active") == 1
-                assert _retiring(samples, "wsproxy_sessions_closed_total") == {}  # none closed yet
-                assert _retiring(samples, "process_resident_memory_bytes")  # its workers' own, by slot
-                for name in ("wsproxy_config_generation", "wsproxy_reloads_total", "wsproxy_workers"):
-                    assert (name, ()) in samples and _retiring(samples, name) == {}, name
-
-                await held.aclose()  # the old generation's last session: it exits
-                assert await proxy.wait_exit(20) == 0
-                await until(
-                    lambda: _no_retiring_series(admin), timeout_s=5, what="no generation=\"retiring\" series"
-                )
+                await _metrics_across_the_window(proxy, admin, port, nursery)
         finally:
             await _stop_new_generation(proxy)
 
 
-async def _holds_value(values: Any, expected: float) -> bool:
-    return sum((await values()).values()) == expected
+async def _metrics_across_the_window(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:
+    old_workers = {int(w["slot"]): int(w["pid"]) for w in (await status_of(admin, proxy.pid))["workers"]}
+    held = [(await hold(port, "alice", nursery))[0] for _ in range(2)]
+    while await fewest_per_worker(admin, old_workers) < 1:  # a session on each old worker (the kernel spreads them)
+        assert len(held) < 40
+        held.append((await hold(port, "alice", nursery))[0])
+    old_ids, _ = await listed(admin)
+    done = await proxy.cmd("upgrade")
+    assert done.returncode == 0, out(done) + proxy.log()
+    await status_of(admin, int(re.findall(r"pid (\d+)", done.stdout.decode())[0]))
+
+    async def retiring(name: str) -> dict[str, float]:
+        return _retiring(await _metrics(admin), name)
+
+    async def sessions_held() -> bool:
+        by_worker = await retiring("wsproxy_sessions_active")
+        return set(by_worker) == {"0", "1"} and sum(by_worker.values()) == len(held)
+
+    await until(sessions_held, timeout_s=10, what="the retiring sessions in /metrics, by worker")
+    samples = await _metrics(admin)
+    # the new generation's series stay its own (no session there); the proxy-wide and the supervisor's are not repeated
+    new_sessions = [v for (n, labels), v in samples.items() if n == "wsproxy_sessions_active" and len(labels) == 2]
+    assert new_sessions and sum(new_sessions) == 0, samples
+    assert _retiring(samples, "wsproxy_sessions_closed_total") == {}  # none closed yet
+    for name in ("wsproxy_config_generation", "wsproxy_reloads_total", "wsproxy_workers"):
+        assert (name, ()) in samples and _retiring(samples, name) == {}, name
+
+    # old worker 0's sessions closed: it exits; its own series go, its closes stay counted (its last report)
+    kicked = [i for i in old_ids if i.startswith("w0x")]
+    for session_id in kicked:
+        reply = await call(admin, "POST", f"/sessions/{session_id}/close", token=TOKEN.encode())
+        assert reply.status == 200, reply
+    await until(
+        lambda: _only_worker(retiring, "process_resident_memory_bytes", "1"), timeout_s=10, what="old worker 0 gone"
+    )
+    assert sum((await retiring("wsproxy_sessions_closed_total")).values()) == len(kicked)
+    assert await retiring("wsproxy_sessions_active") == {"1": len(held) - len(kicked)}
+
+    for ws in held:  # the old generation's last sessions: it exits, and its series with it
+        await ws.aclose()
+    assert await proxy.wait_exit(20) == 0
+    await until(lambda: _no_retiring_series(admin), timeout_s=5, what='no generation="retiring" series')
+
+
+async def _only_worker(retiring: Any, name: str, worker: str) -> bool:
+    return set(await retiring(name)) == {worker}
 
 
 async def _no_retiring_series(admin: str) -> bool:

@@ -295,19 +295,18 @@ class Upgrades(SupervisorState):
         """The ``retiring`` message once a second: the summary, and the workers' metrics merged (in a thread).
 
         A worker that has exited still counts in the metrics with its last
-        report's counters and histograms (``merge_families``'s ``exited``), so
-        that the sums the new supervisor exports do not go backwards before
-        this generation is gone as a whole. The metrics of a generation that
+        report's counters and histograms (``merge_families``'s ``exited``; it
+        sends a last report before it exits, ``worker.Worker._last_report``,
+        which ``slots`` keeps), so that the sums the new supervisor exports do
+        not go backwards before this generation is gone as a whole. The metrics of a generation that
         retires behind this one (two upgrades in a row) are not passed on: its
         series would carry the same labels as this one's.
         """
-        last_metrics: dict[int, str] = {}  # each worker's last report, kept once it has exited
         while True:
             reports = [s.report for s in self.slots if s.index in self.processes]
             summary = retiring_summary(os.getpid(), reports, len(self.processes), deadline_unix, self.older_summary)
             live = [(s.index, s.metrics) for s in self.slots if s.index in self.processes and s.metrics]
-            last_metrics.update(live)
-            exited = [(index, text) for index, text in last_metrics.items() if index not in self.processes]
+            exited = [(s.index, s.metrics) for s in self.slots if s.index not in self.processes and s.metrics]
             _content_type, metrics = await trio.to_thread.run_sync(partial(merge_metrics, live, exited=exited))
             try:
                 await channel.send({"t": "retiring", **summary, "metrics": metrics.decode()})
