@@ -16,6 +16,11 @@ worker's slot, and ``wsproxy sessions`` names them all on stderr. Once the old s
 the old generation exits and the API answers with the new sessions only, at
 once (no wait for a generation that is gone).
 
+``/metrics`` (OpenMetrics, read by its strict parser) carries the old
+generation's series labelled ``generation="retiring"``: its sessions per
+worker, the closes of an old worker that exited, until it has exited as a
+whole (the merge itself: ``test_retiring_metrics.py``).
+
 In a browser (Debian's Chromium, skipped without it), the status page's header
 says which generation retires and with how many sessions, until it exits.
 
