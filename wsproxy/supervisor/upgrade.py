@@ -20,8 +20,9 @@ generation retires (``upgrade.timeout``, up to an hour or more): the old
 supervisor sends ``retiring`` once a second (its pid, the sessions its
 workers still hold, its workers, the deadline: ``/status``'s ``retiring``;
 and its workers' metrics, merged: ``/metrics``'s series labelled
-``generation="retiring"``, ``merge.merge_families``) and answers the new one's ``ask`` (the sessions API: ``answer``, from its
-own workers, ``SessionsAcross.answer_newer``), so the admin API, now the new
+``generation="retiring"``, ``merge.merge_families``) and answers the new
+one's ``ask`` (the sessions API: ``answer``, from its own workers,
+``SessionsAcross.answer_newer``), so the admin API, now the new
 supervisor's, still lists, kicks and closes the old generation's sessions
 (``fanout.RETIRING``). When the old supervisor exits, the channel closes and
 the new one stops asking it. Messages: ``supervisor.messages``.
@@ -298,9 +299,10 @@ class Upgrades(SupervisorState):
         report's counters and histograms (``merge_families``'s ``exited``; it
         sends a last report before it exits, ``worker.Worker._last_report``,
         which ``slots`` keeps), so that the sums the new supervisor exports do
-        not go backwards before this generation is gone as a whole. The metrics of a generation that
-        retires behind this one (two upgrades in a row) are not passed on: its
-        series would carry the same labels as this one's.
+        not go backwards before this generation is gone as a whole. The
+        metrics of a generation that retires behind this one (two upgrades in
+        a row) are not passed on: its series would carry the same labels as
+        this one's.
         """
         while True:
             reports = [s.report for s in self.slots if s.index in self.processes]
