@@ -16,6 +16,11 @@ worker's slot, and ``wsproxy sessions`` names them all on stderr. Once the old s
 the old generation exits and the API answers with the new sessions only, at
 once (no wait for a generation that is gone).
 
+``/metrics`` (OpenMetrics, read by its strict parser) carries the old
+generation's series labelled ``generation="retiring"``: its sessions per
+worker, the closes of an old worker that exited, until it has exited as a
+whole (the merge itself: ``test_retiring_metrics.py``).
+
 In a browser (Debian's Chromium, skipped without it), the status page's header
 says which generation retires and with how many sessions, until it exits.
 
@@ -38,6 +43,7 @@ from urllib.parse import urlencode
 
 import pytest
 import trio
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.kit.admin import call
 from tests.kit.browser import Browser, expect, needs_browser, with_browser
@@ -48,6 +54,7 @@ from tests.kit.wait import until
 
 #: The new supervisor's deadline for an answer (``fanout.FANOUT_TIMEOUT_S``), with room for a loaded machine.
 FANOUT_WAIT_S = 3.0 + 5.0
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 async def get(admin: str, target: str, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
@@ -284,3 +291,89 @@ async def test_the_status_page_says_which_generation_retires(nursery: trio.Nurse
                 assert await proxy.wait_exit(10) == 0
         finally:
             await _stop_new_generation(proxy)
+
+
+async def _metrics(admin: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of ``/metrics`` in OpenMetrics, read by its strict parser (a valid exposition, or this fails)."""
+    reply = await call(admin, "GET", "/metrics", token=TOKEN.encode(), headers=[("Accept", OPENMETRICS)])
+    assert reply.status == 200, reply
+    families = openmetrics_families(reply.body.decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def _retiring(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> dict[str, float]:
+    """``name``'s samples labelled ``generation="retiring"``, by their ``worker`` label (``-`` without one)."""
+    return {
+        dict(labels).get("worker", "-"): value
+        for (sample, labels), value in samples.items()
+        if sample == name and ("generation", "retiring") in labels
+    }
+
+
+@pytest.mark.timeout(60)
+async def test_the_new_supervisors_metrics_carry_the_retiring_generations_series_until_it_exits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    backend = await start_ws_backend(nursery)
+    port, admin_port = closed_port(), closed_port()
+    admin = f"127.0.0.1:{admin_port}"
+    config = cli_config(port, backend, admin_port) + "workers: 2\nupgrade: {timeout: 1h}\n"
+    async with running(tmp_path, config, admin) as proxy:
+        try:
+            with trio.fail_after(40):
+                await _metrics_across_the_window(proxy, admin, port, nursery)
+        finally:
+            await _stop_new_generation(proxy)
+
+
+async def _metrics_across_the_window(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:
+    old_workers = {int(w["slot"]): int(w["pid"]) for w in (await status_of(admin, proxy.pid))["workers"]}
+    held = [(await hold(port, "alice", nursery))[0] for _ in range(2)]
+    while await fewest_per_worker(admin, old_workers) < 1:  # a session on each old worker (the kernel spreads them)
+        assert len(held) < 40
+        held.append((await hold(port, "alice", nursery))[0])
+    old_ids, _ = await listed(admin)
+    done = await proxy.cmd("upgrade")
+    assert done.returncode == 0, out(done) + proxy.log()
+    await status_of(admin, int(re.findall(r"pid (\d+)", done.stdout.decode())[0]))
+
+    async def retiring(name: str) -> dict[str, float]:
+        return _retiring(await _metrics(admin), name)
+
+    async def sessions_held() -> bool:
+        by_worker = await retiring("wsproxy_sessions_active")
+        return set(by_worker) == {"0", "1"} and sum(by_worker.values()) == len(held)
+
+    await until(sessions_held, timeout_s=10, what="the retiring sessions in /metrics, by worker")
+    samples = await _metrics(admin)
+    # the new generation's series stay its own (no session there); the proxy-wide and the supervisor's are not repeated
+    new_sessions = [v for (n, labels), v in samples.items() if n == "wsproxy_sessions_active" and len(labels) == 2]
+    assert new_sessions and sum(new_sessions) == 0, samples
+    assert _retiring(samples, "wsproxy_sessions_closed_total") == {}  # none closed yet
+    for name in ("wsproxy_config_generation", "wsproxy_reloads_total", "wsproxy_workers"):
+        assert (name, ()) in samples and _retiring(samples, name) == {}, name
+
+    # old worker 0's sessions closed: it exits; its own series go, its closes stay counted (its last report)
+    kicked = [i for i in old_ids if i.startswith("w0x")]
+    for session_id in kicked:
+        reply = await call(admin, "POST", f"/sessions/{session_id}/close", token=TOKEN.encode())
+        assert reply.status == 200, reply
+    await until(
+        lambda: _only_worker(retiring, "process_resident_memory_bytes", "1"), timeout_s=10, what="old worker 0 gone"
+    )
+    assert sum((await retiring("wsproxy_sessions_closed_total")).values()) == len(kicked)
+    assert await retiring("wsproxy_sessions_active") == {"1": len(held) - len(kicked)}
+
+    for ws in held:  # the old generation's last sessions: it exits, and its series with it
+        await ws.aclose()
+    assert await proxy.wait_exit(20) == 0
+    await until(lambda: _no_retiring_series(admin), timeout_s=5, what='no generation="retiring" series')
+
+
+async def _only_worker(retiring: Any, name: str, worker: str) -> bool:
+    return set(await retiring(name)) == {worker}
+
+
+async def _no_retiring_series(admin: str) -> bool:
+    return not any(("generation", "retiring") in labels for _, labels in await _metrics(admin))

@@ -7,13 +7,16 @@ it serves one process's ``App``: ``AdminView`` is that interface
 sessions API is asked of the workers (``sessions_api.SessionsAcross``), and
 of the generation an upgrade retires, until it has exited; ``/status`` says
 it is there (``retiring``: its pid, sessions, workers and deadline, from its
-last summary, ``merge.retiring_summary``), and null when there is none.
+last summary, ``merge.retiring_summary``), and null when there is none;
+``/metrics`` adds its series, labelled ``generation="retiring"``, from the
+metrics sent with that summary.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Any
 
 import trio
@@ -105,14 +108,24 @@ class AdminView(SupervisorState):
              float(sum(s.restarts for s in self.slots))),
         ]
 
+    def _retiring_metrics(self) -> str | None:
+        """The retiring generation's metrics (its last ``retiring`` message) while it is there, else None."""
+        return self.older_metrics if self.older is not None else None
+
     def render_metrics(self, accept: str | None = None) -> tuple[str, bytes]:
-        """The workers' last metrics merged: OpenMetrics if ``accept`` asks for it, else the text format."""
-        return merge_metrics(((s.index, s.metrics) for s in self.slots if s.metrics), self._own_series(), accept)
+        """The workers' last metrics merged: OpenMetrics if ``accept`` asks for it, else the text format.
+
+        During an upgrade's window, with the retiring generation's series
+        labelled ``generation="retiring"`` (``merge.merge_families``).
+        """
+        reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
+        return merge_metrics(reports, self._own_series(), accept, retiring=self._retiring_metrics())
 
     async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
         """``GET /metrics``: the reports are taken on the loop, parsed, merged and encoded in a thread."""
         reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
-        return await trio.to_thread.run_sync(merge_metrics, reports, self._own_series(), accept)
+        render = partial(merge_metrics, reports, self._own_series(), accept, retiring=self._retiring_metrics())
+        return await trio.to_thread.run_sync(render)
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         reasons: list[str] = []

@@ -19,6 +19,23 @@ earliest), except
   the largest value, not a sum (they describe the one proxy);
 - reload counters: the supervisor's (``supervisor_families``).
 
+During an upgrade's window, the generation that retires (``retiring``: the
+text its supervisor merged from its own workers, sent once a second over the
+upgrade channel) adds its series, each with the label
+``generation="retiring"`` (``RETIRING_LABEL``), which the new generation's
+series never carry: each retiring series is a counter or gauge of its own,
+which stops existing when the old generation exits (a sum of both
+generations would drop then, which Prometheus reads as a counter reset). The
+families the supervisor answers itself (``SUPERVISOR_OWN``, ``own``) and
+those that describe the one proxy (``SAME_IN_EVERY_WORKER``: config, health,
+certificates, build) are the new generation's only; ``PER_WORKER`` series
+keep their ``worker`` label; a family whose type changed with the upgrade is
+the new generation's only. A retiring supervisor also counts the workers it
+saw exit (``exited``: their last report): their counters and histograms stay
+in its sums, so these do not go backwards when one of its workers is gone
+before the others, while their gauges and per-worker series are gone with
+them.
+
 The merged families are written as the single process writes its own
 (``prometheus_client``'s encoders, ``choose_encoder``): the text format, or
 OpenMetrics (``# EOF`` at the end) when the scraper's ``Accept`` asks for
@@ -52,8 +69,15 @@ SAME_IN_EVERY_WORKER = (
 #: Families the supervisor answers itself (a refused reload never reaches the workers).
 SUPERVISOR_OWN = ("wsproxy_reloads", "wsproxy_reload_failures")
 
+#: The label on every series of the generation an upgrade retires (``merge_families``'s ``retiring``).
+RETIRING_LABEL = ("generation", "retiring")
+
 #: Families whose ``_created`` samples the text format writes as a gauge family ``NAME_created``.
 _WITH_CREATED = ("counter", "histogram", "summary", "gaugehistogram")
+#: Families whose values only grow while their process lives: what an exited worker still adds to a sum.
+_CUMULATIVE = ("counter", "histogram", "summary")
+#: Labels that tell the samples of one series (an OpenMetrics "group") apart, not series.
+_WITHIN_SERIES = ("le", "quantile")
 
 
 @dataclass(slots=True)
@@ -69,29 +93,52 @@ def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def merge_metrics(
-    reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = (), accept: str | None = None
+    reports: Iterable[tuple[int, str]],
+    own: Iterable[tuple[str, str, str, float]] = (),
+    accept: str | None = None,
+    *,
+    retiring: str | None = None,
+    exited: Iterable[tuple[int, str]] = (),
 ) -> tuple[str, bytes]:
     """(content type, body) of every worker's metrics together: OpenMetrics if ``accept`` asks for it, else text.
 
     ``reports``: (worker slot, its metrics in the text format); ``own``: the
     supervisor's series as (family, type, help, value), replacing the workers'
-    families of that name.
+    families of that name; ``retiring`` and ``exited``: see ``merge_families``.
     """
     encoder, content_type = choose_encoder(accept or "")
-    return content_type, encoder(_Merged(merge_families(reports, own)))  # type: ignore[arg-type]  # a registry in all but name
+    metrics = merge_families(reports, own, retiring=retiring, exited=exited)
+    return content_type, encoder(_Merged(metrics))  # type: ignore[arg-type]  # a registry in all but name
 
 
-def merge_families(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, str, str, float]] = ()) -> list[Metric]:
-    """The merged families (see the module docstring), ``_created`` samples inside their family."""
+def merge_families(
+    reports: Iterable[tuple[int, str]],
+    own: Iterable[tuple[str, str, str, float]] = (),
+    *,
+    retiring: str | None = None,
+    exited: Iterable[tuple[int, str]] = (),
+) -> list[Metric]:
+    """The merged families (see the module docstring), ``_created`` samples inside their family.
+
+    ``retiring``: the metrics (text format) of the generation an upgrade
+    retires, as its supervisor merged them, added with ``RETIRING_LABEL``;
+    ``exited``: (slot, last metrics) of workers that exited, whose counters
+    and histograms stay in the sums (a retiring supervisor's).
+    """
     families: dict[str, _Family] = {}
     own = list(own)
     replaced = {name for name, _kind, _doc, _value in own}
-    for slot, text in reports:
+    for slot, text, alive in [*((s, t, True) for s, t in reports), *((s, t, False) for s, t in exited)]:
+        cumulative: set[str] = set()
         for parsed in text_string_to_metric_families(text):
             if parsed.name in replaced or _starts(parsed.name, SUPERVISOR_OWN):
                 continue
-            merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
+            if parsed.type in _CUMULATIVE:
+                cumulative.add(parsed.name)
             per_worker = _starts(parsed.name, PER_WORKER)
+            if not alive and (per_worker or _base(parsed.name) not in cumulative):
+                continue  # its gauges and its own series are gone with it
+            merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
             largest = _starts(parsed.name, SAME_IN_EVERY_WORKER)
             for sample in parsed.samples:
                 labels = dict(sample.labels)
@@ -107,6 +154,8 @@ def merge_families(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, 
                     merged.samples[key] = max(merged.samples[key], value)
                 else:
                     merged.samples[key] += value
+    if retiring:
+        _add_retiring(families, retiring, replaced)
     for name, kind, documentation, value in own:
         sample_name = name + "_total" if kind == "counter" else name
         families[name] = _Family(name, kind, documentation, {(sample_name, ()): value})
@@ -118,10 +167,51 @@ def merge_families(reports: Iterable[tuple[int, str]], own: Iterable[tuple[str, 
     for family in families.values():
         kind = family.kind if family.kind in (*_WITH_CREATED, "gauge", "unknown") else "unknown"
         metric = Metric(family.name, family.documentation, kind)
-        for (sample_name, label_pairs), value in family.samples.items():
+        for sample_name, label_pairs, value in _grouped(family.samples):
             metric.add_sample(sample_name, dict(label_pairs), value)
         metrics.append(metric)
     return metrics
+
+
+def _base(name: str) -> str:
+    """The family a text-format family belongs to: ``NAME`` for ``NAME_created``."""
+    return name[: -len("_created")] if name.endswith("_created") else name
+
+
+def _add_retiring(families: dict[str, _Family], text: str, replaced: set[str]) -> None:
+    """The retiring generation's series into ``families``, each with ``RETIRING_LABEL`` (see the module docstring)."""
+    skipped: set[str] = set()
+    for parsed in text_string_to_metric_families(text):
+        base = _base(parsed.name)
+        if (
+            base in skipped or base in replaced or _starts(base, SUPERVISOR_OWN)
+            or _starts(base, SAME_IN_EVERY_WORKER)
+        ):
+            continue
+        merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
+        if merged.kind != parsed.type:  # another version's family of that name: the new one's only
+            skipped.add(base)
+            continue
+        for sample in parsed.samples:
+            labels = dict(sample.labels)
+            labels[RETIRING_LABEL[0]] = RETIRING_LABEL[1]
+            merged.samples[(sample.name, tuple(sorted(labels.items())))] = float(sample.value)
+
+
+def _grouped(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+    """The samples of one family, those of each series together (OpenMetrics wants no series interleaved).
+
+    In the order each series first appears, its samples in their order: a
+    counter's ``_created`` samples (merged back from their own family) and a
+    retiring generation's series would otherwise come after all the others.
+    """
+    series: dict[tuple[tuple[str, str], ...], list[tuple[str, tuple[tuple[str, str], ...], float]]] = {}
+    for (sample_name, label_pairs), value in samples.items():
+        key = tuple(pair for pair in label_pairs if pair[0] not in _WITHIN_SERIES)
+        series.setdefault(key, []).append((sample_name, label_pairs, value))
+    return [sample for group in series.values() for sample in group]
 
 
 class _Merged:

@@ -40,7 +40,13 @@ Between an upgrade's two supervisors, over the upgrade channel
 ``upgrade_ready``     new → old: every new worker serves (``pid``); hand over
 ``admin_released``    old → new: the admin listener is closed, bind it; the old generation retires
 ``retiring``          old → new, once a second until it exits: ``pid``, ``sessions``, ``workers``,
-                      ``deadline_unix`` (``merge.retiring_summary``; ``/status``'s ``retiring``)
+                      ``deadline_unix`` (``merge.retiring_summary``; ``/status``'s ``retiring``),
+                      ``metrics`` (its workers' metrics merged, text format, without the
+                      supervisor's own series; the workers that exited count with the
+                      counters of their last report: ``/metrics``'s series labelled
+                      ``generation="retiring"``, ``merge.merge_families``); the sessions of
+                      a generation retiring behind it are in ``sessions``, its metrics are not
+                      (they would carry the same labels)
 ``ask``               new → old: the sessions API, as to a worker, plus ``timeout_s`` (the old
                       supervisor asks its own retiring workers within it)
 ``answer``            old → new: ``id``, ``data`` (``fanout.forwarded``: a worker's answer, plus

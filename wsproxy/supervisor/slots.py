@@ -9,7 +9,9 @@ the config references, such as a token file, may have changed since), sends
 (``ready``, ``report``, the reload round's answers, the sessions API's
 ``answer``) until it exits. A worker that exits is started again after the
 slot's backoff (``table.Backoff``); meanwhile another worker accepts on its
-sockets (``adopt``), until it serves again (``release``).
+sockets (``adopt``), until it serves again (``release``). Once an upgrade
+retired this generation, a worker is not started again, and the last report
+of one that exited (its final counts) is kept for ``upgrade._tell_newer``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .upgrade import program
 
 
 log = logging.getLogger("wsproxy.supervisor")
+
+#: How long a retired generation's worker that exited may take to have its last report read (it is in the channel).
+RETIRED_LAST_REPORT_S = 1.0
 
 
 class WorkerSlots(SupervisorState):
@@ -59,12 +64,17 @@ class WorkerSlots(SupervisorState):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._talk, slot, channel)
                 code = await process.wait()
-                nursery.cancel_scope.cancel()
+                if self.retired:  # its last report may still be in the channel: read on to its end, briefly
+                    nursery.cancel_scope.deadline = trio.current_time() + RETIRED_LAST_REPORT_S
+                else:
+                    nursery.cancel_scope.cancel()
             channel.close()
             self.channels.pop(slot.index, None)  # in it from the start message on (broadcasts reach started workers only)
             del self.processes[slot.index]
             was_ready = slot.state in (WorkerState.READY, WorkerState.RETIRING)
-            slot.state, slot.report, slot.metrics = WorkerState.DOWN, None, ""
+            # A retired generation's worker that exited keeps its last metrics: its counters stay in the sums
+            # this supervisor sends the new one until the whole generation has exited (upgrade._tell_newer).
+            slot.state, slot.report, slot.metrics = WorkerState.DOWN, None, slot.metrics if self.retired else ""
             if self._round is not None and not self._round.done:
                 self._round.gone(slot.index)
             self.session_control.gone(slot.index)

@@ -48,9 +48,11 @@ class SupervisorState:
         self.notifier = Notifier.from_environ()
         self.handover, self.passed = take_upgrade_fds()
         #: After an upgrade, the channel to the generation that retires (``upgrade``), until it has exited,
-        #: and its last summary for ``/status`` (``merge.retiring_summary``).
+        #: its last summary for ``/status`` (``merge.retiring_summary``) and its last metrics for ``/metrics``
+        #: (the text its supervisor merged from its workers' reports: ``merge_families``'s ``retiring``).
         self.older: Channel | None = None
         self.older_summary: dict[str, Any] | None = None
+        self.older_metrics: str | None = None
         self.activated = listen_fds()  # systemd socket activation: shared by every worker
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.channels: dict[int, Channel] = {}

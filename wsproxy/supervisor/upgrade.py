@@ -18,9 +18,11 @@ serving, logs ``event=upgrade_failed`` and says why to ``wsproxy upgrade``.
 The upgrade channel stays open after the hand-over, for as long as the old
 generation retires (``upgrade.timeout``, up to an hour or more): the old
 supervisor sends ``retiring`` once a second (its pid, the sessions its
-workers still hold, its workers, the deadline: ``/status``'s ``retiring``)
-and answers the new one's ``ask`` (the sessions API: ``answer``, from its
-own workers, ``SessionsAcross.answer_newer``), so the admin API, now the new
+workers still hold, its workers, the deadline: ``/status``'s ``retiring``;
+and its workers' metrics, merged: ``/metrics``'s series labelled
+``generation="retiring"``, ``merge.merge_families``) and answers the new
+one's ``ask`` (the sessions API: ``answer``, from its own workers,
+``SessionsAcross.answer_newer``), so the admin API, now the new
 supervisor's, still lists, kicks and closes the old generation's sessions
 (``fanout.RETIRING``). When the old supervisor exits, the channel closes and
 the new one stops asking it. Messages: ``supervisor.messages``.
@@ -38,6 +40,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import trio
@@ -45,7 +48,7 @@ import trio
 from ..log import log_event
 from . import fanout
 from .ipc import Channel, ChannelClosed
-from .merge import retiring_summary
+from .merge import merge_metrics, retiring_summary
 from .messages import Message
 from .state import SlotSockets, SupervisorState
 from .table import WorkerState
@@ -131,7 +134,9 @@ class Upgrades(SupervisorState):
                 self.older = channel
                 self._admin_released.set()
             elif kind == "retiring":
-                self.older_summary = {k: v for k, v in message.items() if k != "t"}
+                self.older_summary = {k: v for k, v in message.items() if k not in ("t", "metrics")}
+                metrics = message.get("metrics")
+                self.older_metrics = metrics if isinstance(metrics, str) else None
             elif kind == "answer":
                 self.session_control.answered(fanout.RETIRING, int(message["id"]), dict(message.get("data") or {}))
 
@@ -139,7 +144,7 @@ class Upgrades(SupervisorState):
         """The retiring generation has exited (its supervisor's end of the channel closed): stop asking it."""
         channel.close()
         pid = (self.older_summary or {}).get("pid")
-        self.older, self.older_summary = None, None
+        self.older, self.older_summary, self.older_metrics = None, None, None
         self.session_control.gone(fanout.RETIRING)
         log_event(log, logging.INFO, "older_generation_exited", pid=pid)
         self._changed()
@@ -288,11 +293,25 @@ class Upgrades(SupervisorState):
             channel.close()
 
     async def _tell_newer(self, channel: Channel, deadline_unix: float) -> None:
+        """The ``retiring`` message once a second: the summary, and the workers' metrics merged (in a thread).
+
+        A worker that has exited still counts in the metrics with its last
+        report's counters and histograms (``merge_families``'s ``exited``; it
+        sends a last report before it exits, ``worker.Worker._last_report``,
+        which ``slots`` keeps), so that the sums the new supervisor exports do
+        not go backwards before this generation is gone as a whole. The
+        metrics of a generation that retires behind this one (two upgrades in
+        a row) are not passed on: its series would carry the same labels as
+        this one's.
+        """
         while True:
             reports = [s.report for s in self.slots if s.index in self.processes]
             summary = retiring_summary(os.getpid(), reports, len(self.processes), deadline_unix, self.older_summary)
+            live = [(s.index, s.metrics) for s in self.slots if s.index in self.processes and s.metrics]
+            exited = [(s.index, s.metrics) for s in self.slots if s.index not in self.processes and s.metrics]
+            _content_type, metrics = await trio.to_thread.run_sync(partial(merge_metrics, live, exited=exited))
             try:
-                await channel.send({"t": "retiring", **summary})
+                await channel.send({"t": "retiring", **summary, "metrics": metrics.decode()})
             except ChannelClosed:
                 return
             await trio.sleep(RETIRING_SUMMARY_INTERVAL_S)

@@ -169,8 +169,24 @@ class Worker:
             nursery.start_soon(self._report)
             nursery.start_soon(self._signals)
             await app.serve()
+            if self.retiring:
+                await self._last_report()
             nursery.cancel_scope.cancel()
         log_event(log, logging.INFO, "worker_stopped", slot=self.slot, pid=os.getpid())
+
+    async def _last_report(self) -> None:
+        """Retired and done: the final counts (the sessions closed since the last report) before this process exits.
+
+        The retiring supervisor keeps them (``slots``), and the new one's
+        ``/metrics`` goes on counting them until the whole old generation has
+        exited (``merge.merge_families``'s ``exited``).
+        """
+        try:
+            await self.channel.send(self.report())
+        except ChannelClosed:
+            pass
+        except Exception:
+            log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
