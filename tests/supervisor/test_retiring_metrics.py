@@ -134,3 +134,13 @@ def test_an_exited_workers_counters_stay_in_the_retiring_sums_its_gauges_and_own
     assert samples[("wsproxy_sessions_active", (("route", "*/"), ("worker", "1")))] == 2
     assert ("process_cpu_seconds_total", (("worker", "0"),)) not in samples  # a counter, but that process's own
     assert samples[("process_cpu_seconds_total", (("worker", "1"),))] == 2.5
+
+
+def test_the_supervisors_own_families_take_nothing_from_the_workers_not_even_created() -> None:
+    """A worker counts reloads too (``wsproxy_reloads_total`` and ``_created``); the supervisor's count is the one."""
+    for accept in (None, OPENMETRICS):
+        _content_type, body = merge_metrics([(0, worker_metrics(1, {"normal": 1}, 0.05))], OWN, accept)
+        samples = parsed(body, accept)
+        reloads = {name for name, _labels in samples if name.startswith("wsproxy_reloads")}
+        assert reloads == {"wsproxy_reloads_total"}, reloads
+        assert samples[("wsproxy_reloads_total", ())] == 5.0

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,17 @@ async def _stop_new_generation(proxy: Running) -> None:
 async def test_the_new_supervisor_lists_kicks_and_closes_the_retiring_generations_sessions(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
+    await _with_two_workers(tmp_path, nursery, _across_the_window, limit_s=120)
+
+
+async def _with_two_workers(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    body: Callable[[Running, str, int, trio.Nursery], Awaitable[None]],
+    *,
+    limit_s: float,
+) -> None:
+    """Run ``body(proxy, admin, port, nursery)`` against a real two-worker proxy; stop whichever generation is left."""
     (tmp_path / "admin.token").write_text(TOKEN + "\n")
     backend = await start_ws_backend(nursery)
     port, admin_port = closed_port(), closed_port()
@@ -133,8 +145,8 @@ async def test_the_new_supervisor_lists_kicks_and_closes_the_retiring_generation
     config = cli_config(port, backend, admin_port) + "workers: 2\nupgrade: {timeout: 1h}\n"
     async with running(tmp_path, config, admin) as proxy:
         try:
-            with trio.fail_after(120):
-                await _across_the_window(proxy, admin, port, nursery)
+            with trio.fail_after(limit_s):
+                await body(proxy, admin, port, nursery)
         finally:
             await _stop_new_generation(proxy)
 
@@ -314,17 +326,7 @@ def _retiring(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], nam
 async def test_the_new_supervisors_metrics_carry_the_retiring_generations_series_until_it_exits(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    (tmp_path / "admin.token").write_text(TOKEN + "\n")
-    backend = await start_ws_backend(nursery)
-    port, admin_port = closed_port(), closed_port()
-    admin = f"127.0.0.1:{admin_port}"
-    config = cli_config(port, backend, admin_port) + "workers: 2\nupgrade: {timeout: 1h}\n"
-    async with running(tmp_path, config, admin) as proxy:
-        try:
-            with trio.fail_after(40):
-                await _metrics_across_the_window(proxy, admin, port, nursery)
-        finally:
-            await _stop_new_generation(proxy)
+    await _with_two_workers(tmp_path, nursery, _metrics_across_the_window, limit_s=40)
 
 
 async def _metrics_across_the_window(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:

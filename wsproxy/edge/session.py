@@ -14,7 +14,9 @@ Everything up to the request itself happens within ``timeouts.handshake``
 from accept. Every refusal on the way is an HTTP response with the status the
 verdict carries and one log line that says why; nothing of a refused request
 reaches a backend. The session owns its sockets and closes them in
-``finally``, and so its backend's ``Lease``.
+``finally``, and so its backend's ``Lease``; once the relay engine has taken
+the session over, the task returns and the engine's ``on_end`` callback does
+the same (``_ended``, ``_release``) when it lets the session go.
 
 The process that serves it (the ``App``) is seen only as a ``SessionHost``
 (``edge.host``); every line it logs carries its fields from its

@@ -131,8 +131,8 @@ def merge_families(
     for slot, text, alive in [*((s, t, True) for s, t in reports), *((s, t, False) for s, t in exited)]:
         cumulative: set[str] = set()
         for parsed in text_string_to_metric_families(text):
-            if parsed.name in replaced or _starts(parsed.name, SUPERVISOR_OWN):
-                continue
+            if _base(parsed.name) in replaced or _starts(_base(parsed.name), SUPERVISOR_OWN):
+                continue  # (with its NAME_created: the supervisor's series has none)
             if parsed.type in _CUMULATIVE:
                 cumulative.add(parsed.name)
             per_worker = _starts(parsed.name, PER_WORKER)
