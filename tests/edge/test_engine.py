@@ -162,39 +162,48 @@ class ExplodingScanner(FrameScanner):
         return super().feed(data)
 
 
-async def test_an_error_while_serving_one_session_ends_that_session_only(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[Peers, Peers]]:
+    """Two sessions' peers: one a test breaks, one that must go on being relayed."""
     bad, good = Peers(), Peers()
-    try:
-        with trio.fail_after(5):
-            engine = await start(nursery)
-            bad_relay = bad.relay(engine, up_scanner=ExplodingScanner(from_client=True))
-            bad_relay.log = SessionLog("c0ffee1", "127.0.0.1:4242")  # as edge.session hands it over
-            good_relay = good.relay(engine)
-            ended = trio.Event()
+    yield bad, good
+    bad.close()
+    good.close()
 
-            async def bad_session() -> None:
-                await bad_relay.run(b"", b"")
-                bad.client.close()  # what edge.session's finally does
-                bad.backend.close()
-                ended.set()
 
-            nursery.start_soon(bad_session)
-            nursery.start_soon(good_relay.run, b"", b"")
-            await bad.client_peer.send(frame(OP_TEXT, b"boom", mask=True))
-            await ended.wait()
-            assert engine.failures == 1 and bad_relay.machine.kind is Outcome.ERROR
-            assert await read_until_eof(bad.client_peer) == b""  # closed, nothing forwarded
-            [line] = [r.getMessage() for r in caplog.records if "unexpected error while relaying" in r.getMessage()]
-            assert line.startswith("event=error conn=c0ffee1 where=engine ")  # which session, for the operator
-            # The engine goes on serving the other session.
-            hello = frame(OP_TEXT, b"still relayed", mask=True)
-            await good.client_peer.send(hello)
-            assert await read_exactly(good.backend_peer, len(hello)) == hello
-    finally:
-        bad.close()
-        good.close()
+async def still_relayed(good: Peers) -> None:
+    """The engine goes on serving the other session."""
+    hello = frame(OP_TEXT, b"still relayed", mask=True)
+    await good.client_peer.send(hello)
+    assert await read_exactly(good.backend_peer, len(hello)) == hello
+
+
+async def test_an_error_while_serving_one_session_ends_that_session_only(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, two: tuple[Peers, Peers]
+) -> None:
+    bad, good = two
+    with trio.fail_after(5):
+        engine = await start(nursery)
+        bad_relay = bad.relay(engine, up_scanner=ExplodingScanner(from_client=True))
+        bad_relay.log = SessionLog("c0ffee1", "127.0.0.1:4242")  # as edge.session hands it over
+        good_relay = good.relay(engine)
+        ended = trio.Event()
+
+        async def bad_session() -> None:
+            await bad_relay.run(b"", b"")
+            bad.client.close()  # what edge.session's finally does
+            bad.backend.close()
+            ended.set()
+
+        nursery.start_soon(bad_session)
+        nursery.start_soon(good_relay.run, b"", b"")
+        await bad.client_peer.send(frame(OP_TEXT, b"boom", mask=True))
+        await ended.wait()
+        assert engine.failures == 1 and bad_relay.machine.kind is Outcome.ERROR
+        assert await read_until_eof(bad.client_peer) == b""  # closed, nothing forwarded
+        [line] = [r.getMessage() for r in caplog.records if "unexpected error while relaying" in r.getMessage()]
+        assert line.startswith("event=error conn=c0ffee1 where=engine ")  # which session, for the operator
+        await still_relayed(good)
 
 
 async def test_a_backend_reset_gives_the_client_1014_without_spinning(nursery: trio.Nursery, peers: Peers) -> None:
@@ -328,36 +337,30 @@ async def test_the_timer_ends_only_late_sessions_and_forgets_the_others(
 
 
 async def test_an_error_in_a_sessions_end_is_logged_and_the_engine_goes_on(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, two: tuple[Peers, Peers]
 ) -> None:
-    bad, good = Peers(), Peers()
-    try:
-        with trio.fail_after(5):
-            engine = await start(nursery)
-            bad_relay = bad.relay(engine)
-            bad_relay.log = SessionLog("badend1", "127.0.0.1:4242")
+    bad, good = two
+    with trio.fail_after(5):
+        engine = await start(nursery)
+        bad_relay = bad.relay(engine)
+        bad_relay.log = SessionLog("badend1", "127.0.0.1:4242")
 
-            def explode() -> None:
-                raise RuntimeError("a bug in the session's end")
+        def explode() -> None:
+            raise RuntimeError("a bug in the session's end")
 
-            bad_relay.start(b"", b"", explode)
-            good_relay = good.relay(engine)
-            good_ended = trio.Event()
-            good_relay.start(b"", b"", good_ended.set)
-            await close_both_ways(bad)
-            await trio.testing.wait_all_tasks_blocked()
-            [line] = [r.getMessage() for r in caplog.records if "while ending a session" in r.getMessage()]
-            assert line.startswith("event=error conn=badend1 where=engine ")
-            hello = frame(OP_TEXT, b"still relayed", mask=True)
-            await good.client_peer.send(hello)
-            assert await read_exactly(good.backend_peer, len(hello)) == hello
-            assert engine.sessions == 1 and not good_ended.is_set()
-            engine.end_all()  # a shutdown's deadline: every session goes, its end runs once
-            assert good_ended.is_set() and engine.sessions == 0
-            await engine.until_empty()  # returns at once with nothing left
-    finally:
-        bad.close()
-        good.close()
+        bad_relay.start(b"", b"", explode)
+        good_relay = good.relay(engine)
+        good_ended = trio.Event()
+        good_relay.start(b"", b"", good_ended.set)
+        await close_both_ways(bad)
+        await trio.testing.wait_all_tasks_blocked()
+        [line] = [r.getMessage() for r in caplog.records if "while ending a session" in r.getMessage()]
+        assert line.startswith("event=error conn=badend1 where=engine ")
+        await still_relayed(good)
+        assert engine.sessions == 1 and not good_ended.is_set()
+        engine.end_all()  # a shutdown's deadline: every session goes, its end runs once
+        assert good_ended.is_set() and engine.sessions == 0
+        await engine.until_empty()  # returns at once with nothing left
 
 
 async def test_the_timer_heap_keeps_few_entries_of_ended_sessions(
