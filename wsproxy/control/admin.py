@@ -200,6 +200,7 @@ class AdminServer:
 
     async def _run_listening(self, listening: _Listening) -> None:
         assert self._nursery is not None
+
         def handler(sock: socket.socket, _address: object) -> Awaitable[None]:
             return serve_connection(sock, self, listening.site)
 
