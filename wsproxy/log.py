@@ -326,26 +326,26 @@ class TextFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.msg, Event) and not record.exc_info:
-            return self.event_line(record.levelno, record.name, record.created, record.msg)
-        head = _head(record.levelno, record.name)
-        line = head if self.journal else "ts=" + _timestamp(record.created) + " " + head
         if isinstance(record.msg, Event):
-            line += " " + str(record.msg)
+            line = self.event_line(record.levelno, record.name, record.created, record.msg)
         else:
             message = record.getMessage()
             if not message.isprintable():
                 message = message.translate(_CONTROLS)
-            line += " " + (message if message.startswith("event=") else logfmt({"msg": message}))
+            pairs = message if message.startswith("event=") else logfmt({"msg": message})
+            line = self._line(record.levelno, record.name, record.created, pairs)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return _priority(record.levelno) + line if self.journal else line
+        return line
 
     def event_line(self, levelno: int, name: str, created: float, event: Event) -> str:
         """The line of an ``Event`` without a traceback (``format``'s, and ``_Direct``'s without a record)."""
+        return self._line(levelno, name, created, str(event))
+
+    def _line(self, levelno: int, name: str, created: float, pairs: str) -> str:
         if self.journal:
-            return _priority(levelno) + _head(levelno, name) + " " + str(event)
-        return "ts=" + _timestamp(created) + " " + _head(levelno, name) + " " + str(event)
+            return _priority(levelno) + _head(levelno, name) + " " + pairs
+        return "ts=" + _timestamp(created) + " " + _head(levelno, name) + " " + pairs
 
 
 class JsonFormatter(logging.Formatter):

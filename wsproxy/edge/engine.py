@@ -260,11 +260,7 @@ class Engine:
             try:
                 on_end()
             except Exception:
-                reason = "unexpected error while ending a session"
-                if relay.log is not None:
-                    relay.log.conn_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
-                else:
-                    log_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+                _log_error(relay, "unexpected error while ending a session")
         if not self.sessions and self._empty is not None:
             self._empty.set()
 
@@ -504,13 +500,17 @@ class Engine:
     def _fail(self, relay: EngineRelay) -> None:
         """An unexpected error while serving ``relay``: end that session, keep the engine."""
         self.failures += 1
-        reason = "unexpected error while relaying; session closed"
-        if relay.log is not None:
-            relay.log.conn_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
-        else:
-            log_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+        _log_error(relay, "unexpected error while relaying; session closed")
         relay.machine.abort("internal error while relaying")
         self.remove(relay)
+
+
+def _log_error(relay: EngineRelay, reason: str) -> None:
+    """The exception being handled, logged with ``relay``'s session fields when it has them."""
+    if relay.log is not None:
+        relay.log.conn_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
+    else:
+        log_event(log, logging.ERROR, "error", exc_info=True, where="engine", reason=reason)
 
 
 def _decrypt(tls: TlsChannel) -> tuple[bytes, bool]:
