@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -118,14 +119,16 @@ class AdminView(SupervisorState):
         During an upgrade's window, with the retiring generation's series
         labelled ``generation="retiring"`` (``merge.merge_families``).
         """
-        reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
-        return merge_metrics(reports, self._own_series(), accept, retiring=self._retiring_metrics())
+        return self._merge(accept)()
 
     async def render_metrics_off_loop(self, accept: str | None = None) -> tuple[str, bytes]:
         """``GET /metrics``: the reports are taken on the loop, parsed, merged and encoded in a thread."""
+        return await trio.to_thread.run_sync(self._merge(accept))
+
+    def _merge(self, accept: str | None) -> Callable[[], tuple[str, bytes]]:
+        """The merge of what the workers (and a retiring generation) last reported, taken now, to run later."""
         reports = [(s.index, s.metrics) for s in self.slots if s.metrics]
-        render = partial(merge_metrics, reports, self._own_series(), accept, retiring=self._retiring_metrics())
-        return await trio.to_thread.run_sync(render)
+        return partial(merge_metrics, reports, self._own_series(), accept, retiring=self._retiring_metrics())
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         reasons: list[str] = []

@@ -131,12 +131,13 @@ def merge_families(
     for slot, text, alive in [*((s, t, True) for s, t in reports), *((s, t, False) for s, t in exited)]:
         cumulative: set[str] = set()
         for parsed in text_string_to_metric_families(text):
-            if _base(parsed.name) in replaced or _starts(_base(parsed.name), SUPERVISOR_OWN):
+            base = _base(parsed.name)
+            if _supervisors(base, replaced):
                 continue  # (with its NAME_created: the supervisor's series has none)
             if parsed.type in _CUMULATIVE:
                 cumulative.add(parsed.name)
             per_worker = _starts(parsed.name, PER_WORKER)
-            if not alive and (per_worker or _base(parsed.name) not in cumulative):
+            if not alive and (per_worker or base not in cumulative):
                 continue  # its gauges and its own series are gone with it
             merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
             largest = _starts(parsed.name, SAME_IN_EVERY_WORKER)
@@ -173,6 +174,11 @@ def merge_families(
     return metrics
 
 
+def _supervisors(base: str, replaced: set[str]) -> bool:
+    """Is family ``base`` one the supervisor answers itself (``own``, ``SUPERVISOR_OWN``), never a worker's?"""
+    return base in replaced or _starts(base, SUPERVISOR_OWN)
+
+
 def _base(name: str) -> str:
     """The family a text-format family belongs to: ``NAME`` for ``NAME_created``."""
     return name[: -len("_created")] if name.endswith("_created") else name
@@ -183,10 +189,7 @@ def _add_retiring(families: dict[str, _Family], text: str, replaced: set[str]) -
     skipped: set[str] = set()
     for parsed in text_string_to_metric_families(text):
         base = _base(parsed.name)
-        if (
-            base in skipped or base in replaced or _starts(base, SUPERVISOR_OWN)
-            or _starts(base, SAME_IN_EVERY_WORKER)
-        ):
+        if base in skipped or _supervisors(base, replaced) or _starts(base, SAME_IN_EVERY_WORKER):
             continue
         merged = families.setdefault(parsed.name, _Family(parsed.name, parsed.type, parsed.documentation))
         if merged.kind != parsed.type:  # another version's family of that name: the new one's only

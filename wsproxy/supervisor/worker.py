@@ -181,12 +181,7 @@ class Worker:
         ``/metrics`` goes on counting them until the whole old generation has
         exited (``merge.merge_families``'s ``exited``).
         """
-        try:
-            await self.channel.send(self.report())
-        except ChannelClosed:
-            pass
-        except Exception:
-            log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
+        await self._send_report()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -394,14 +389,18 @@ class Worker:
         app.shutdown()  # what is left gets 1001, spread over shutdown.spread
 
     async def _report(self) -> None:
-        while True:
-            try:
-                await self.channel.send(self.report())
-            except ChannelClosed:
-                return
-            except Exception:  # a report that cannot be built must not take the sessions down
-                log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
+        while await self._send_report():
             await trio.sleep(REPORT_INTERVAL_S)
+
+    async def _send_report(self) -> bool:
+        """Send one report; False once the supervisor's end of the channel is closed."""
+        try:
+            await self.channel.send(self.report())
+        except ChannelClosed:
+            return False
+        except Exception:  # a report that cannot be built must not take the sessions down
+            log_event(log, logging.ERROR, "worker_error", exc_info=True, slot=self.slot, action='report')
+        return True
 
     def report(self) -> Message:
         app = self.app
