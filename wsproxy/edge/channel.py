@@ -52,7 +52,7 @@ class ChannelBroken(WsproxyError):
 class RawChannel:
     """One TCP connection, as a non-blocking stdlib socket."""
 
-    __slots__ = ("sock", "closed", "watched")
+    __slots__ = ("sock", "closed", "watched", "in_engine")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.gettimeout() != 0.0:  # an accepted socket; one made with SOCK_NONBLOCK already is
@@ -64,6 +64,7 @@ class RawChannel:
         self.sock = sock
         self.closed = False
         self.watched = False  # a task has waited on it through trio (close must notify trio)
+        self.in_engine = False  # in the relay engine's epoll set, disabled (Engine.wait_readable)
 
     def peername(self) -> tuple[str, int]:
         host, port = self.sock.getpeername()[:2]
@@ -93,6 +94,18 @@ class RawChannel:
             if exc.errno == errno.EBADF or self.closed:
                 return b""
             raise
+
+    def send_ready(self, data: bytes) -> int:
+        """Send what the kernel takes of ``data`` now, without waiting: how many bytes (0 when none).
+
+        Raises ``ChannelBroken`` when the peer is gone.
+        """
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise ChannelBroken(str(exc)) from None
 
     async def send(self, data: bytes | memoryview) -> None:
         """Send all of ``data``; raise ``ChannelBroken`` when the peer is gone."""

@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..proto.relay import Direction
+from .channel import ChannelBroken
 from .relay import RelayDriver
 from ..log import log_event
 
@@ -103,6 +104,7 @@ RECV_BYTES = 65536  # what one recv asks for, for a side whose last read was not
 BIG_RECV_BYTES = 262144  # for a side whose last read filled RECV_BYTES: bulk traffic
 
 _IN = select.EPOLLIN if HAVE_EPOLL else 0
+_ONESHOT = select.EPOLLONESHOT if HAVE_EPOLL else 0
 _OUT = select.EPOLLOUT if HAVE_EPOLL else 0
 _ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 0
 _GONE = (ConnectionError, TimeoutError)  # reset, aborted, broken pipe, ETIMEDOUT
@@ -143,6 +145,7 @@ class EngineRelay(RelayDriver):
         client_tls: TlsChannel | None = None,
         backend_tls: TlsChannel | None = None,
         log: SessionLog | None = None,
+        backend_in_set: bool = False,
     ) -> None:
         super().__init__(
             up_scanner=up_scanner,
@@ -156,7 +159,9 @@ class EngineRelay(RelayDriver):
         self.backend = backend
         self.client_fd = client.fileno()
         self.backend_fd = backend.fileno()
-        self.masks = [_UNWATCHED, _UNWATCHED]  # what each fd (client, backend) is registered for
+        #: what each fd (client, backend) is registered for; a backend whose answer to the upgrade
+        #: was awaited in the engine (``Engine.wait_readable``) is in the set already, disabled
+        self.masks = [_UNWATCHED, 0 if backend_in_set else _UNWATCHED]
         #: the TLS channel of each side (client, backend), None for plain TCP
         self.tls: tuple[TlsChannel | None, TlsChannel | None] = (client_tls, backend_tls)
         #: ciphertext waiting for each TLS side's socket (client, backend); always empty on a plain side
@@ -194,6 +199,19 @@ class EngineRelay(RelayDriver):
         self.engine.kick(self)
 
 
+class _Waiter:
+    """A task parked in ``Engine.wait_readable`` until its socket is readable or its deadline passes."""
+
+    __slots__ = ("task", "fd", "registered", "timed", "result")
+
+    def __init__(self, task: trio.lowlevel.Task, fd: int) -> None:
+        self.task = task
+        self.fd = fd
+        self.registered = True  # still waiting (the timer heap's test, as for a session)
+        self.timed = False
+        self.result: bool | None = False  # True: readable; False: the deadline passed; None: the engine stopped
+
+
 class Engine:
     """The epoll set and the task that serves it; one per process."""
 
@@ -204,10 +222,13 @@ class Engine:
         self.sessions = 0
         self.wakeups = 0  # for metrics and the benchmark: batches served
         self.failures = 0  # sessions ended by an unexpected error while serving them
-        #: close deadlines: (deadline, sequence, session); entries of sessions already gone stay until they come up
-        self._timers: list[tuple[float, int, EngineRelay]] = []
+        #: tasks parked in wait_readable, by the fd they wait for
+        self._waiters: dict[int, _Waiter] = {}
+        #: close deadlines: (deadline, sequence, session), and the waiters' deadlines;
+        #: entries of sessions already gone (waits already over) stay until they come up
+        self._timers: list[tuple[float, int, EngineRelay | _Waiter]] = []
         self._sequence = itertools.count()
-        self._timed = 0  # sessions in the engine with an entry in _timers
+        self._timed = 0  # sessions in the engine, and waiting tasks, with an entry in _timers
         self._timer_scope: trio.CancelScope | None = None  # the timer task's sleep, until the earliest deadline
         self._empty: trio.Event | None = None  # until_empty's wait
 
@@ -269,6 +290,57 @@ class Engine:
         for relay in {entry[0] for entry in self._fds.values()}:
             self.remove(relay)
 
+    async def wait_readable(self, sock: socket.socket, deadline: float) -> bool:
+        """Park the calling task until ``sock`` is readable (True) or ``deadline`` passes (False).
+
+        For a handshake's wait for its backend's answer, the one wait of the
+        usual handshake: the socket joins the engine's set for one event
+        (``EPOLLONESHOT``) and the deadline joins the engine's timer heap. No
+        cancel scope, no registration in trio's own epoll set, and once the
+        answer came the socket stays in the set, disabled: the session the
+        engine then relays re-arms it (``EngineRelay(backend_in_set=True)``)
+        instead of adding it. A timed-out or cancelled wait takes the socket
+        out of the set. Raises ``ChannelBroken`` when the engine stops first.
+        """
+        fd = sock.fileno()
+        waiter = _Waiter(trio.lowlevel.current_task(), fd)
+        try:
+            self._epoll.register(fd, _IN | _ONESHOT)
+        except FileExistsError:  # in the set from an earlier wait, disabled
+            self._epoll.modify(fd, _IN | _ONESHOT)
+        self._waiters[fd] = waiter
+        self._arm(waiter, deadline)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._stop_waiting(waiter, False)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if waiter.result is None:
+            raise ChannelBroken("the proxy's relay engine stopped")
+        return waiter.result
+
+    def _stop_waiting(self, waiter: _Waiter, result: bool | None) -> None:
+        """End ``waiter``'s wait without an event: out of the set, out of the count (not rescheduled)."""
+        if self._waiters.get(waiter.fd) is waiter:
+            del self._waiters[waiter.fd]
+        waiter.registered = False
+        waiter.result = result
+        if waiter.timed:
+            self._timed -= 1
+        try:
+            self._epoll.unregister(waiter.fd)
+        except (OSError, ValueError):  # closed meanwhile: closing took it out of the set
+            pass
+
+    def _wake(self, waiter: _Waiter) -> None:
+        """``waiter``'s socket is readable (its one-shot registration is now disabled): resume its task."""
+        waiter.registered = False
+        waiter.result = True
+        if waiter.timed:
+            self._timed -= 1
+        trio.lowlevel.reschedule(waiter.task)
+
     async def until_empty(self) -> None:
         """Return once the engine relays no session."""
         while self.sessions:
@@ -294,6 +366,9 @@ class Engine:
                 await self._run_epoll()
         finally:
             self.end_all()
+            for waiter in list(self._waiters.values()):  # (the app ends its handshakes first)
+                self._stop_waiting(waiter, None)
+                trio.lowlevel.reschedule(waiter.task)
             self._epoll.close()
 
     async def _run_epoll(self) -> None:
@@ -301,6 +376,7 @@ class Engine:
         fd = epoll.fileno()
         poll = epoll.poll
         serve = self._serve
+        waiters = self._waiters
         while True:
             await trio.lowlevel.wait_readable(fd)
             events = poll(0, MAX_EVENTS)
@@ -312,6 +388,10 @@ class Engine:
                 entry = self._fds.get(event_fd)
                 if entry is not None:
                     serve(entry[0], entry[1], mask, now)
+                else:
+                    waiter = waiters.pop(event_fd, None)
+                    if waiter is not None:
+                        self._wake(waiter)
             if len(events) == MAX_EVENTS:
                 await trio.lowlevel.checkpoint()  # let handshakes and control tasks run
 
@@ -322,13 +402,18 @@ class Engine:
             now = trio.current_time()
             budget = TIMER_BATCH
             while timers and budget:
-                deadline, _, relay = timers[0]
-                if relay.registered and deadline > now:
+                deadline, _, item = timers[0]
+                if item.registered and deadline > now:
                     break
                 heapq.heappop(timers)
                 budget -= 1
-                if relay.registered:  # its close handshake did not finish in time
-                    self.remove(relay)
+                if not item.registered:
+                    continue
+                if isinstance(item, EngineRelay):  # its close handshake did not finish in time
+                    self.remove(item)
+                else:  # the backend did not answer in time
+                    self._stop_waiting(item, False)
+                    trio.lowlevel.reschedule(item.task)
             if not budget:
                 await trio.lowlevel.checkpoint()
                 continue
@@ -336,14 +421,14 @@ class Engine:
                 await trio.sleep_forever()
             self._timer_scope = None
 
-    def _arm(self, relay: EngineRelay, deadline: float) -> None:
-        relay.timed = True
+    def _arm(self, item: EngineRelay | _Waiter, deadline: float) -> None:
+        item.timed = True
         self._timed += 1
         timers = self._timers
         if len(timers) > 2 * self._timed + TIMER_SLACK:  # mostly sessions gone already: rebuild without them
             timers[:] = [entry for entry in timers if entry[2].registered]
             heapq.heapify(timers)
-        heapq.heappush(timers, (deadline, next(self._sequence), relay))
+        heapq.heappush(timers, (deadline, next(self._sequence), item))
         scope = self._timer_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline

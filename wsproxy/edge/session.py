@@ -350,6 +350,7 @@ async def _connect_upstream(
             max_header_bytes=max(config.limits.max_header_bytes, 16384),
             log=session.log,
             timings=host.metrics,
+            engine=host.engine,
         )
     except UpstreamUnavailable as exc:
         reason = (
@@ -413,6 +414,7 @@ async def _connect_upstream(
             client_tls=client if isinstance(client, TlsChannel) else None,
             backend_tls=backend_channel if isinstance(backend_channel, TlsChannel) else None,
             log=session.log,
+            backend_in_set=backend_channel.in_engine,
         )
     else:
         session.relay = Relay(

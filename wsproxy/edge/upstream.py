@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 import trio
@@ -29,6 +29,9 @@ from ..proto.handshake import HOP_BY_HOP, Accepted, Rejection, Upgrade
 from ..proto.upstream_handshake import check_upstream_response, encode_request, parse_response_head
 from ..log import log_event
 from .session_log import SessionLog
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("wsproxy.edge.upstream")
 _overloaded = RateLimitedWarning(log)  # one WARNING a second at most while the proxy is out of fds
@@ -77,6 +80,7 @@ async def open_upstream(
     max_header_bytes: int,
     log: SessionLog,
     timings: UpstreamTimings | None = None,
+    engine: Engine | None = None,
 ) -> Connected | Refusal:
     """Try the backends of ``order`` in turn until one accepts the upgrade.
 
@@ -132,7 +136,13 @@ async def open_upstream(
                     timings.upstream_connected(pool.name, str(address), sent - started)
                 try:
                     answer = await upgrade(
-                        channel, target, headers, up, timeout_s=timeouts.upstream_handshake_s, max_header_bytes=max_header_bytes
+                        channel,
+                        target,
+                        headers,
+                        up,
+                        timeout_s=timeouts.upstream_handshake_s,
+                        max_header_bytes=max_header_bytes,
+                        engine=engine,
                     )
                 except UpstreamUnavailable as exc:
                     channel.close()
@@ -185,6 +195,7 @@ async def upgrade(
     *,
     timeout_s: float,
     max_header_bytes: int,
+    engine: Engine | None = None,
 ) -> tuple[Accepted, bytes] | Refusal:
     """Send the upgrade request; return what was negotiated and the bytes after the 101.
 
@@ -193,22 +204,48 @@ async def upgrade(
     it valid after all, returns a ``Refusal`` to relay to the client, or says
     why it is not HTTP. Raises ``UpstreamUnavailable``: 504 when the backend
     stays silent, 502 when its answer is not a valid 101 or not HTTP.
+
+    With the relay ``engine`` and a plain backend whose socket took the whole
+    request at once (the usual case), the wait for the answer is the
+    engine's (``Engine.wait_readable``: no cancel scope, and the socket is in
+    the engine's set already when it relays the session); the rest, an answer
+    in several pieces or anything but a 101, continues under a cancel scope.
     """
-    scope = trio.CancelScope(deadline=trio.current_time() + timeout_s)  # (trio.fail_after, without its generator)
+    deadline = trio.current_time() + timeout_s
+    request = encode_request(target, headers)
+    buf = bytearray()
+    fast = engine is not None and type(stream) is RawChannel
     try:
-        with scope:
-            await stream.send(encode_request(target, headers))
-            buf = bytearray()
-            while True:
-                data = await stream.receive()
-                if not data:
-                    raise UpstreamUnavailable(502, _closed_reason(stream))
+        if fast:
+            request = request[stream.send_ready(request) :]  # usually all of it
+            fast = not request
+        if fast:
+            assert engine is not None
+            if not await engine.wait_readable(stream.sock, deadline):
+                raise UpstreamUnavailable(504, f"backend did not answer the upgrade within {timeout_s:g}s")
+            stream.in_engine = True  # (disabled in the set: the session's relay re-arms it)
+            data = stream.receive_ready()
+            if data == b"":
+                raise UpstreamUnavailable(502, _closed_reason(stream))
+            if data:
                 buf += data
+                end = buf.find(b"\r\n\r\n")
+                head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
+                if head is not None and head.status_code == 101:
+                    return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
+        with trio.CancelScope(deadline=deadline):
+            if request:
+                await stream.send(request)
+            while True:
                 end = buf.find(b"\r\n\r\n")
                 if end >= 0 or b"\n\n" in buf:  # a bare-LF head goes to h11 below
                     break
                 if len(buf) > max_header_bytes:
                     raise UpstreamUnavailable(502, f"backend's response head is over {max_header_bytes} bytes")
+                data = await stream.receive()
+                if not data:
+                    raise UpstreamUnavailable(502, _closed_reason(stream))
+                buf += data
             head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
             if head is not None and head.status_code == 101:
                 return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
