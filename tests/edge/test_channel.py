@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from wsproxy.edge.channel import RawChannel, connect
+from wsproxy.edge.listener import NODELAY_INHERITED, accept_loop
 
 
 async def test_a_loopback_connect_completes_without_a_wait() -> None:
@@ -97,4 +98,49 @@ async def test_a_connect_left_in_progress_ends_at_its_timeout() -> None:
     finally:
         for filler in fillers:
             filler.close()
+        listener.close()
+
+
+@pytest.mark.skipif(not NODELAY_INHERITED, reason="TCP_NODELAY is set per connection where it is not inherited")
+async def test_the_accept_loop_gives_every_accepted_socket_tcp_nodelay_through_the_listener() -> None:
+    """``accept_loop`` sets TCP_NODELAY on the listener; the sockets it accepts have it without a setsockopt each.
+
+    Connections queued before the loop started (systemd's socket, an upgrade's) were made from the listener
+    without it: those get it one by one.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    seen: list[int] = []
+
+    async def handler(sock: socket.socket, address: object) -> None:
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        RawChannel(sock, nodelay=False).close()  # as edge.session opens it
+
+    clients = []
+
+    def connect() -> None:
+        client = socket.socket()
+        client.connect(listener.getsockname())
+        clients.append(client)
+
+    try:
+        with trio.fail_after(5):
+            for _ in range(2):
+                connect()  # queued before the loop runs
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_loop, listener, handler, nursery)
+                while len(seen) < 2:
+                    await trio.sleep(0.01)
+                for _ in range(3):
+                    connect()  # made from a listener that has it
+                while len(seen) < 5:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert seen == [1, 1, 1, 1, 1]
+    finally:
+        for client in clients:
+            client.close()
         listener.close()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import h11
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
@@ -23,6 +25,7 @@ from tests.kit.h11_requests import BASE, Headers, KEY, edit, parse_request, requ
 from wsproxy.proto.handshake import (
     Accepted,
     Rejection,
+    RequestHead,
     Upgrade,
     accept_key,
     check_raw_head,
@@ -626,3 +629,42 @@ def test_a_host_wrapped_in_non_http_whitespace_is_refused(space: bytes) -> None:
     conn.receive_data(head)
     verdict = check_upgrade(conn.next_event())
     assert isinstance(verdict, Rejection) and (verdict.status, verdict.reason) == (400, "invalid Host header")
+
+
+# --- Sec-WebSocket-Key: binascii's strict mode gives base64.b64decode(validate=True)'s verdicts --------------
+
+_KEY_BYTES = st.sampled_from(list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_.\t \x00\xff"))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    seed=st.binary(min_size=16, max_size=16),
+    edits=st.lists(st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 30), _KEY_BYTES), max_size=3),
+)
+def test_a_key_is_accepted_exactly_when_b64decode_with_validate_finds_16_bytes(
+    seed: bytes, edits: list[tuple[str, int, int]]
+) -> None:
+    import base64
+    import binascii
+
+    key = bytearray(base64.b64encode(seed))
+    for op, at, byte in edits:
+        at %= len(key) + 1
+        if op == "insert":
+            key.insert(at, byte)
+        elif key and at < len(key):
+            if op == "set":
+                key[at] = byte
+            else:
+                del key[at]
+    try:
+        expected = len(base64.b64decode(bytes(key).strip(), validate=True)) == 16  # check_upgrade strips it
+    except binascii.Error:
+        expected = False
+    head = RequestHead(
+        b"/",
+        [(b"Host", b"example.com"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+         (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", bytes(key))],
+    )  # fmt: skip  (the parsed form: h11 would refuse some of these bytes before the check)
+    verdict = check_upgrade(head)
+    assert (not isinstance(verdict, Rejection)) == expected, (bytes(key), verdict)

@@ -54,13 +54,15 @@ class RawChannel:
 
     __slots__ = ("sock", "closed", "watched", "in_engine")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, nodelay: bool = True) -> None:
+        """``nodelay=False``: the socket has TCP_NODELAY already (accepted from a listener that has it)."""
         if sock.gettimeout() != 0.0:  # an accepted socket; one made with SOCK_NONBLOCK already is
             sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - not TCP (unix socket in tests)
-            pass
+        if nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - not TCP (unix socket in tests)
+                pass
         self.sock = sock
         self.closed = False
         self.watched = False  # a task has waited on it through trio (close must notify trio)

@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,9 @@ from ..log import log_event
 log = logging.getLogger("wsproxy.edge.listener")
 
 BACKLOG = 4096
+#: Linux copies a listening socket's TCP_NODELAY to the sockets it accepts (``accept_loop`` sets
+#: it on the listener): no ``setsockopt`` per connection (``edge.session``). Elsewhere, one each.
+NODELAY_INHERITED = sys.platform.startswith("linux")
 ACCEPT_BATCH = 64  # connections accepted before the loop lets other tasks run
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
@@ -138,6 +142,11 @@ async def accept_loop(
 ) -> None:
     """Accept forever on ``lsock``, one ``handler(sock, address)`` task per connection.
 
+    The listener gets TCP_NODELAY, which the sockets it accepts inherit on
+    Linux (``NODELAY_INHERITED``); the connections that were already queued
+    (until the queue is first empty: systemd's or an upgrade's socket, a
+    restarted loop) get it one by one.
+
     ``overload_answer`` gives the bytes sent to a connection shed while the
     process is out of file descriptors (None: close it without a word);
     ``on_shed(n)`` counts them (``wsproxy_refused_total{reason="overload"}``).
@@ -145,11 +154,17 @@ async def accept_loop(
     batch = 0
     spare = _open_spare()
     try:
+        lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for every socket it accepts from now on
+        backlog = True  # connections queued before that (until the queue is first empty) have not got it
+    except OSError:  # not TCP (a unix socket in tests)
+        backlog = False
+    try:
         while True:
             try:
                 sock, address = lsock.accept()
             except BlockingIOError:
                 batch = 0
+                backlog = False
                 await trio.lowlevel.wait_readable(lsock)
                 continue
             except OSError as exc:
@@ -171,6 +186,11 @@ async def accept_loop(
                 if exc.errno in _TRANSIENT_ERRNOS:
                     continue
                 raise
+            if backlog:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # reset already: the handler finds out
+                    pass
             nursery.start_soon(handler, sock, address)
             batch += 1
             if batch >= ACCEPT_BATCH:

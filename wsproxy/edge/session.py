@@ -47,6 +47,7 @@ from ..proto.upstream_handshake import upstream_request
 from .channel import ChannelBroken, RawChannel
 from ..proto.identity_caps import IdentityKey
 from ..proto.routing import route_label
+from .listener import NODELAY_INHERITED
 from .gate import Admitted, ProxyHeaderError, check_request, read_proxy_header
 from .engine import EngineRelay
 from .refusal import Reason, Refused, refuse
@@ -135,7 +136,7 @@ async def handle_connection(
     generation = host.generation
     config = generation.config
     deadline = trio.current_time() + config.timeouts.handshake_s
-    client = RawChannel(sock)
+    client = RawChannel(sock, nodelay=not NODELAY_INHERITED)  # (accept_loop set it on the listener)
     backend: RawChannel | None = None
     admitted_ip: str | None = None
     session: Session | None = None

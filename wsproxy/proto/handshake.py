@@ -355,7 +355,7 @@ def check_upgrade(request: h11.Request | RequestHead) -> Upgrade | Rejection:
         return Rejection(400, f"expected one Sec-WebSocket-Key header, got {len(keys)}")
     key = keys[0].strip()
     try:
-        raw = base64.b64decode(key, validate=True)
+        raw = binascii.a2b_base64(key, strict_mode=True)  # base64.b64decode(validate=True)'s verdicts, without its regex
     except binascii.Error:
         raw = b""
     if len(raw) != 16:
