@@ -105,12 +105,15 @@ def plan_session(
     identity: str | None = None,
 ) -> Plan | NoBackend:
     """Decide where a new session of ``pool`` goes (see the module docstring)."""
-    everyone = [
-        Candidate(b, registry.state(b.address), b.weight * ramp.weight_factor(now, pool.slow_start_s))
-        for b in pool.backends
-        for ramp in (registry.health(pool.name, b.address),)
-    ]
-    available = best_priority([c for c in everyone if registry.available(pool.name, c.backend, now)])  # SRV backups wait
+    everyone = []
+    open_now = []  # those that may take a session now (Registry.available, from the states looked up once)
+    for b in pool.backends:
+        state, health = registry.state(b.address), registry.health(pool.name, b.address)
+        candidate = Candidate(b, state, b.weight * health.weight_factor(now, pool.slow_start_s))
+        everyone.append(candidate)
+        if registry.available_with(state, health, b, now):
+            open_now.append(candidate)
+    available = best_priority(open_now)  # SRV backups wait
     sticky = pool.sticky
 
     if sticky is None:
@@ -157,7 +160,7 @@ def plan_session(
 
 def _plan(pool: PoolConfig, order: Sequence[Candidate], cookie: bytes | None, sticky: str) -> Plan:
     """A plan of at most ``1 + retries`` backends: each is tried once."""
-    return Plan(order=tuple(c.backend for c in order[: 1 + max(0, pool.retries)]), set_cookie=cookie, sticky=sticky)
+    return Plan(order=tuple([c.backend for c in order[: 1 + max(0, pool.retries)]]), set_cookie=cookie, sticky=sticky)
 
 
 def _unavailable_because(pool: PoolConfig, registry: Registry, candidate: Candidate, now: float) -> str:

@@ -146,8 +146,8 @@ class SmoothWeightedRoundRobin:
     def order(self, candidates: Sequence[Candidate], key: bytes | None) -> list[Candidate]:
         if key is not None:
             return rendezvous_order(candidates, key)
-        if not candidates:
-            return []
+        if len(candidates) < 2:  # (one candidate: its score would gain its weight and lose it again)
+            return list(candidates)
         scores = self._scores
         total = 0.0
         best_index = 0

@@ -219,8 +219,11 @@ class Registry:
 
     def available(self, pool: PoolName | str, backend: BackendConfig, now: float) -> bool:
         """May ``backend`` take a new session of ``pool`` now?"""
-        state = self.state(backend.address)
-        health = self.health(pool, backend.address)
+        return self.available_with(self.state(backend.address), self.health(pool, backend.address), backend, now)
+
+    @staticmethod
+    def available_with(state: BackendState, health: HealthState, backend: BackendConfig, now: float) -> bool:
+        """``available``, with ``backend``'s state and its health in the pool looked up already."""
         return (
             health.health is Health.UP
             and not state.draining

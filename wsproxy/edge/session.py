@@ -301,12 +301,13 @@ async def _connect_upstream(
     route = session.route
     assert route is not None
     pool = config.pools[route.pool]
+    request_headers = list(up.request.headers)  # (lower-case names)
     plan = plan_session(
         pool,
         host.registry,
         generation.selectors[pool.name],
         trio.current_time(),
-        headers=list(up.request.headers),
+        headers=request_headers,
         target=up.target,
         client_ip=session.client_ip,
         claims=admitted.claims,
@@ -319,7 +320,7 @@ async def _connect_upstream(
         raise _Done
     session.sticky = plan.sticky
     added, dropped = forwarding(
-        list(up.request.headers),
+        request_headers,
         peer_ip=session.client_ip,
         client_ip=session.client_ip,
         client_port=client_port,
