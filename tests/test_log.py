@@ -305,3 +305,62 @@ def test_a_handler_in_the_way_gets_the_records(configured: Callable[..., io.Stri
     except RuntimeError:
         log_event(logger, logging.ERROR, "error", exc_info=True, conn="c3")
     assert "RuntimeError: boom" in stream.getvalue()  # tracebacks go through logging
+
+
+class CountingStream(io.StringIO):
+    """stderr that counts its flushes: one per write system call on a real stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_lines_are_written_in_batches_while_the_batching_task_runs(
+    configured: Callable[..., io.StringIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write per batch, at most BATCH_DELAY_S late; a traceback line comes after the lines before it."""
+    import trio
+    import trio.testing
+
+    import wsproxy.log as wlog
+
+    configured("info")
+    stream = CountingStream()
+    monkeypatch.setattr(wlog._direct.handler, "stream", stream)  # type: ignore[union-attr]
+    logger = logging.getLogger("wsproxy.edge.session")
+    written_at: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wlog.write_in_batches)
+            await trio.testing.wait_all_tasks_blocked()
+            begun = trio.current_time()
+            for i in range(10):
+                log_event(logger, logging.INFO, "open", conn=f"c{i}")
+            assert stream.getvalue() == "" and stream.flushes == 0  # waiting for their batch
+            while not stream.getvalue():
+                await trio.sleep(0.0001)
+            written_at.append(trio.current_time() - begun)
+            assert stream.flushes == 1 and stream.getvalue().count("\n") == 10  # ten lines, one write
+            for i in range(wlog.BATCH_LINES):
+                log_event(logger, logging.INFO, "open", conn=f"d{i}")
+            assert stream.flushes == 2  # a full batch goes at once
+            log_event(logger, logging.INFO, "close", conn="e1")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                log_event(logger, logging.ERROR, "error", conn="e2", exc_info=True)  # through logging
+            lines = [line for line in stream.getvalue().splitlines() if line.startswith("ts=")]
+            assert [parse_logfmt(line)["conn"] for line in lines[-2:]] == ["e1", "e2"]  # in order
+            log_event(logger, logging.INFO, "close", conn="last")
+            nursery.cancel_scope.cancel()  # the task's end writes what waits
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert written_at[0] == pytest.approx(wlog.BATCH_DELAY_S, abs=2e-4)
+    assert stream.getvalue().splitlines()[-1].endswith("conn=last")
+    assert wlog._pending is None  # without the task: at once again
+    log_event(logger, logging.INFO, "open", conn="after")
+    assert stream.getvalue().splitlines()[-1].endswith("conn=after")

@@ -54,7 +54,10 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trio import Event as Event_
 
 #: What ``field`` keeps of a longer value.
 FIELD_MAX_CHARS = 200
@@ -174,6 +177,8 @@ def emit(
     if direct is not None and not exc_info and direct.reaches(logger, level):
         direct.write(logger.name, level, message)
         return
+    if _pending:  # lines batched before this one go first
+        flush_pending()
     # Logger.log without its findCaller walk (a third of a line's cost): the caller is known.
     caller = sys._getframe(depth)
     code = caller.f_code
@@ -421,16 +426,90 @@ class _Direct:
         return True
 
     def write(self, name: str, level: int, event: Event) -> None:
+        line = self.formatter.event_line(level, name, time.time(), event) + self.handler.terminator
+        pending = _pending
+        if pending is None:  # no batching task: at once
+            self.write_text(line)
+            return
+        pending.append(line)
+        if len(pending) == 1:
+            if _wake is not None:
+                _wake.set()
+        elif len(pending) >= BATCH_LINES:
+            flush_pending()
+
+    def write_text(self, text: str) -> None:
         handler = self.handler
-        line = self.formatter.event_line(level, name, time.time(), event)
         handler.acquire()
         try:
-            handler.stream.write(line + handler.terminator)
+            handler.stream.write(text)
             handler.flush()
         except Exception:  # as StreamHandler.emit: logging.raiseExceptions says whether it is printed
-            handler.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": event}))
+            handler.handleError(logging.makeLogRecord({"name": "wsproxy", "levelno": logging.ERROR, "msg": text}))
         finally:
             handler.release()
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """``configure``'s handler: a line through ``logging`` comes after the batched lines written before it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _pending:
+            flush_pending()
+        super().emit(record)
+
+
+#: Batched writes (``write_in_batches``): lines formatted but not written yet; None while lines are written at once.
+_pending: list[str] | None = None
+#: Set by the first line of a batch, for the task that writes it.
+_wake: Event_ | None = None
+#: A batch is written this long after its first line at the latest ...
+BATCH_DELAY_S = 0.005
+#: ... or as soon as it has this many lines.
+BATCH_LINES = 64
+
+
+def flush_pending() -> None:
+    """Write the lines waiting for their batch now, in one write."""
+    global _pending
+    pending = _pending
+    if not pending:
+        return
+    text = "".join(pending)
+    pending.clear()
+    direct = _direct
+    if direct is not None:
+        direct.write_text(text)
+    else:  # (logging was handed to an embedder meanwhile)
+        sys.stderr.write(text)
+
+
+async def write_in_batches(delay_s: float = BATCH_DELAY_S) -> None:
+    """While this runs, wsproxy's own event lines are written in batches: one write per ``delay_s`` at most.
+
+    Under load a proxy writes two lines per session; written one by one,
+    each costs a ``write`` system call (and wakes the journal). Here a line
+    waits at most ``delay_s`` (5 ms) or until ``BATCH_LINES`` are waiting,
+    and lines through ``logging`` (tracebacks, other handlers) are written
+    after the ones before them. The proxy runs it for its whole life; when it
+    ends (a shutdown, a crash that unwinds) what is waiting is written. A
+    process killed with SIGKILL loses the lines of its last ``delay_s``.
+    """
+    import trio
+
+    global _pending, _wake
+    _pending = []
+    try:
+        while True:
+            if not _pending:
+                _wake = trio.Event()
+                await _wake.wait()
+            await trio.sleep(delay_s)
+            flush_pending()
+    finally:
+        flush_pending()
+        _pending = None
+        _wake = None
 
 
 #: Set by ``configure``: the direct path to its handler (None: logging is the embedder's).
@@ -453,7 +532,8 @@ def stderr_is_journal(stream: IO[str] | None = None) -> bool:
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send wsproxy's log to stderr (the journal keeps it under systemd); callable again on reload."""
     global _direct
-    handler = logging.StreamHandler(sys.stderr)
+    flush_pending()  # through the handler they were formatted for
+    handler = _Handler(sys.stderr)
     journal = stderr_is_journal(sys.stderr)
     formatter = JsonFormatter(journal=journal) if fmt == "json" else TextFormatter(journal=journal)
     handler.setFormatter(formatter)

@@ -18,7 +18,7 @@ from .app import App, ListenError
 from .control import gc_tuning
 from .control.reload import ReloadError
 from .config.schema import Config
-from .log import log_event
+from .log import log_event, write_in_batches
 
 if TYPE_CHECKING:
     from .control.admin import AdminServer
@@ -81,6 +81,7 @@ async def main(config: Config, path: str, log_overridden: bool = False) -> None:
         admin.reloader = reload_on_request
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_in_batches)  # the session lines (log.write_in_batches); to the end
             nursery.start_soon(watch_signals)
             nursery.start_soon(notifier.watchdog)
             nursery.start_soon(report_status)

@@ -227,13 +227,15 @@ class HeaderList:
     as sent; values have no surrounding whitespace (RFC 9110 §5.5, as h11).
     """
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_raw", "_lowered")
 
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, raw: list[tuple[bytes, bytes]], lowered: list[tuple[bytes, bytes]] | None = None) -> None:
         self._raw = raw
+        #: the pairs with lower-case names, made once (the parser has them): every check iterates them
+        self._lowered = lowered if lowered is not None else [(name.lower(), value) for name, value in raw]
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return ((name.lower(), value) for name, value in self._raw)
+        return iter(self._lowered)
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -245,13 +247,21 @@ class HeaderList:
 class RequestHead:
     """A request head that the fast path parsed: what the checks read of an ``h11.Request``."""
 
-    __slots__ = ("method", "target", "http_version", "headers")
+    __slots__ = ("method", "target", "http_version", "headers", "by_name")
 
-    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        lowered: list[tuple[bytes, bytes]] | None = None,
+        by_name: dict[bytes, list[bytes]] | None = None,
+    ) -> None:
         self.method = b"GET"  # the fast path takes nothing else
         self.target = target
         self.http_version = b"1.1"
-        self.headers = HeaderList(headers)
+        self.headers = HeaderList(headers, lowered)
+        #: the values of each lower-case name, in order (``check_upgrade``'s view), when the parser made it
+        self.by_name = by_name
 
 
 #: The only request line the fast path takes: GET, an origin-form target of visible ASCII, HTTP/1.1.
@@ -281,25 +291,33 @@ def parse_request_head(head: bytes) -> RequestHead | None:
     if match is None:
         return None
     headers = []
-    host = False
+    lowered = []
+    by_name: dict[bytes, list[bytes]] = {}
     for line in lines[1:-2]:
         header = HEADER_LINE.fullmatch(line)
         if header is None:
             return None
-        name = header[1].lower()
-        if name == b"host":
-            if host:
-                return None  # two Host headers: h11 words that refusal
-            host = True
-        elif name in FRAMING_HEADERS:
+        raw_name, value = header[1], header[2]
+        name = raw_name.lower()
+        values = by_name.get(name)
+        if values is None:
+            by_name[name] = [value]
+        elif name == b"host":
+            return None  # two Host headers: h11 words that refusal
+        else:
+            values.append(value)
+        if name in FRAMING_HEADERS:
             return None  # a body on an upgrade: h11 and check_upgrade say how it is wrong
-        headers.append((header[1], header[2]))
-    if not host:
+        headers.append((raw_name, value))
+        lowered.append((name, value))
+    if b"host" not in by_name:
         return None  # h11 words that refusal
-    return RequestHead(match[1], headers)
+    return RequestHead(match[1], headers, lowered, by_name)
 
 
 def _headers_by_name(request: h11.Request | RequestHead) -> dict[bytes, list[bytes]]:
+    if isinstance(request, RequestHead) and request.by_name is not None:
+        return request.by_name  # (read only)
     by_name: dict[bytes, list[bytes]] = {}
     for name, value in request.headers:
         by_name.setdefault(name, []).append(value)

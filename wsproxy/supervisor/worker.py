@@ -47,7 +47,7 @@ from ..control.reload import ReloadError
 from ..config.schema import Config, PoolName
 from ..balance.registry import Health
 from . import fanout, health
-from ..log import log_event
+from ..log import log_event, write_in_batches
 from .ipc import Channel, ChannelClosed
 from .messages import Message
 from .table import fingerprint, split_limits
@@ -165,6 +165,7 @@ class Worker:
 
             app.on_ready = ready
             self.serving = serving
+            nursery.start_soon(write_in_batches)  # the session lines (log.write_in_batches); to the end
             nursery.start_soon(self._commands)
             nursery.start_soon(self._report)
             nursery.start_soon(self._signals)
