@@ -20,6 +20,10 @@ formatters below write as
   then the fields with their JSON types (numbers, booleans, ``null``; any other
   object as its ``str``).
 
+While ``write_in_batches`` runs (the proxy runs it for its life), wsproxy's
+own event lines are written in batches, one ``write`` per 5 ms or 64 lines;
+without it, each line at once.
+
 A process may add fields of its own to every line it writes
 (``set_process_fields``): a worker of ``workers`` > 1 adds ``worker=SLOT``,
 right after ``logger``, in both formats. A single process adds none.

@@ -149,12 +149,15 @@ class RawChannel:
         """Close now (idempotent); tasks waiting on the socket are woken."""
         if not self.closed:
             self.closed = True
-            if self.watched and self.sock.fileno() != -1:  # (the engine closes the sockets it relayed)
+            sock = self.sock
+            if sock.fileno() == -1:  # the engine closes the sockets it relayed itself
+                return
+            if self.watched:
                 try:
-                    trio.lowlevel.notify_closing(self.sock)
+                    trio.lowlevel.notify_closing(sock)
                 except RuntimeError:  # pragma: no cover - outside trio
                     pass
-            self.sock.close()
+            sock.close()
 
 
 def _literal_family(host: str) -> socket.AddressFamily | None:

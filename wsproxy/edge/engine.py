@@ -47,6 +47,14 @@ session. Idle timeouts and keepalive pings come from the app's sweeper through
 send what it queued (``kick``), from the caller's task: the engine is plain
 data between wake-ups.
 
+Handshakes: the one wait of the usual handshake, for the backend's answer to
+the upgrade, is the engine's too (``wait_readable``): the backend's socket
+joins the set for one event (``EPOLLONESHOT``) and the handshake's deadline
+joins the timer heap, so the task parks without a cancel scope and without a
+registration in trio's own epoll set. The socket stays in the set, disabled,
+and the session built on it re-arms it (``EngineRelay(backend_in_set=True)``)
+instead of adding it; a wait that times out or is cancelled takes it out.
+
 Ending: ``end_all`` lets every session go at once (the proxy's shutdown
 deadline, or the engine's own end); ``until_empty`` waits until no session is
 left (the app's shutdown waits on it, as it waits for its connection tasks).
