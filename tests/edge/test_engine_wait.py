@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
 
+from tests.kit.h11_requests import BASE
 from tests.kit.relayed import build_relay
 from tests.kit.ws import frame
 from wsproxy.edge.channel import ChannelBroken
@@ -48,75 +50,71 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return ours, peer
 
 
-async def started(nursery: trio.Nursery) -> Engine:
-    engine = Engine()
-    nursery.start_soon(engine.run)
-    await trio.testing.wait_all_tasks_blocked()
-    return engine
-
-
-async def test_readable_wakes_the_task_and_leaves_the_socket_in_the_set_disabled(nursery: trio.Nursery) -> None:
-    engine = await started(nursery)
+@pytest.fixture
+def socks() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """The proxy's end of a connection, and its peer's; closed after the test."""
     ours, peer = pair()
-    try:
-        with trio.fail_after(5):
-            woken: list[bool] = []
+    yield ours, peer
+    ours.close()
+    peer.close()
 
-            async def waiter() -> None:
-                woken.append(await engine.wait_readable(ours, trio.current_time() + 10))
 
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            assert woken == [] and registered(engine) == {ours.fileno(): ARMED_ONCE}
-            peer.send(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-            while not woken:
-                await trio.sleep(0.001)
-            assert woken == [True]
-            assert registered(engine) == {ours.fileno(): DISABLED}  # fired once: still in the set
-            assert engine._waiters == {} and engine._timed == 0
-            # a second wait on the same socket re-arms it (it is in the set already)
-            peer.send(b"more")
-            assert await engine.wait_readable(ours, trio.current_time() + 10) is True
-    finally:
-        ours.close()
-        peer.close()
+@pytest.fixture
+async def engine(nursery: trio.Nursery) -> Engine:
+    """A running engine (its task in the test's nursery)."""
+    running = Engine()
+    nursery.start_soon(running.run)
+    await trio.testing.wait_all_tasks_blocked()
+    return running
+
+
+async def test_readable_wakes_the_task_and_leaves_the_socket_in_the_set_disabled(
+    nursery: trio.Nursery, engine: Engine, socks: tuple[socket.socket, socket.socket]
+) -> None:
+    ours, peer = socks
+    with trio.fail_after(5):
+        woken: list[bool] = []
+
+        async def waiter() -> None:
+            woken.append(await engine.wait_readable(ours, trio.current_time() + 10))
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == [] and registered(engine) == {ours.fileno(): ARMED_ONCE}
+        peer.send(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        while not woken:
+            await trio.sleep(0.001)
+        assert woken == [True]
+        assert registered(engine) == {ours.fileno(): DISABLED}  # fired once: still in the set
+        assert engine._waiters == {} and engine._timed == 0
+        # a second wait on the same socket re-arms it (it is in the set already)
+        peer.send(b"more")
+        assert await engine.wait_readable(ours, trio.current_time() + 10) is True
 
 
 async def test_a_silent_socket_times_out_at_its_deadline_and_leaves_the_set(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, engine: Engine, socks: tuple[socket.socket, socket.socket]
 ) -> None:
-    engine = await started(nursery)
-    ours, peer = pair()
-    try:
-        begun = trio.current_time()
-        assert await engine.wait_readable(ours, begun + 7.5) is False
-        assert trio.current_time() - begun == pytest.approx(7.5, abs=0.01)
+    begun = trio.current_time()
+    assert await engine.wait_readable(socks[0], begun + 7.5) is False
+    assert trio.current_time() - begun == pytest.approx(7.5, abs=0.01)
+    assert registered(engine) == {} and engine._waiters == {} and engine._timed == 0
+
+
+async def test_a_cancelled_wait_takes_the_socket_out_of_the_set(engine: Engine, socks: tuple[socket.socket, socket.socket]) -> None:
+    ours, peer = socks
+    with trio.fail_after(5):
+        with trio.move_on_after(0.05) as scope:
+            await engine.wait_readable(ours, trio.current_time() + 60)
+        assert scope.cancelled_caught
         assert registered(engine) == {} and engine._waiters == {} and engine._timed == 0
-    finally:
-        ours.close()
-        peer.close()
+        peer.send(b"late answer")  # nothing in the engine reacts to it any more
+        await trio.sleep(0.05)
+        assert engine.wakeups == 0
 
 
-async def test_a_cancelled_wait_takes_the_socket_out_of_the_set(nursery: trio.Nursery) -> None:
-    engine = await started(nursery)
-    ours, peer = pair()
-    try:
-        with trio.fail_after(5):
-            with trio.move_on_after(0.05) as scope:
-                await engine.wait_readable(ours, trio.current_time() + 60)
-            assert scope.cancelled_caught
-            assert registered(engine) == {} and engine._waiters == {} and engine._timed == 0
-            peer.send(b"late answer")  # nothing in the engine reacts to it any more
-            await trio.sleep(0.05)
-            assert engine.wakeups == 0
-    finally:
-        ours.close()
-        peer.close()
-
-
-async def test_waits_do_not_delay_each_other_or_the_sessions(nursery: trio.Nursery) -> None:
+async def test_waits_do_not_delay_each_other_or_the_sessions(nursery: trio.Nursery, engine: Engine) -> None:
     """Twenty waits with their own deadlines beside a relayed session: each ends by its own event or deadline."""
-    engine = await started(nursery)
     socks = [pair() for _ in range(20)]
     client, client_peer = pair()
     backend, backend_peer = pair()
@@ -153,9 +151,8 @@ async def test_waits_do_not_delay_each_other_or_the_sessions(nursery: trio.Nurse
             peer.close()
 
 
-async def test_a_session_whose_backend_was_awaited_is_relayed_from_the_set_it_is_in(nursery: trio.Nursery) -> None:
+async def test_a_session_whose_backend_was_awaited_is_relayed_from_the_set_it_is_in(engine: Engine) -> None:
     """``backend_in_set``: the relay re-arms the backend's disabled registration (no second add, no EEXIST)."""
-    engine = await started(nursery)
     client, client_peer = pair()
     backend, backend_peer = pair()
     try:
@@ -191,56 +188,44 @@ async def test_a_session_whose_backend_was_awaited_is_relayed_from_the_set_it_is
             sock.close()
 
 
-async def test_a_task_still_waiting_when_the_engine_stops_gets_channel_broken() -> None:
-    ours, peer = pair()
-    try:
-        with trio.fail_after(5):
-            async with trio.open_nursery() as outer:
-                engine_scope = trio.CancelScope()
-                engine = Engine()
+async def test_a_task_still_waiting_when_the_engine_stops_gets_channel_broken(
+    socks: tuple[socket.socket, socket.socket]
+) -> None:
+    ours = socks[0]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as outer:
+            engine_scope = trio.CancelScope()
+            engine = Engine()
 
-                async def run_engine() -> None:
-                    with engine_scope:
-                        await engine.run()
+            async def run_engine() -> None:
+                with engine_scope:
+                    await engine.run()
 
-                outer.start_soon(run_engine)
-                await trio.testing.wait_all_tasks_blocked()
-                errors: list[BaseException] = []
+            outer.start_soon(run_engine)
+            await trio.testing.wait_all_tasks_blocked()
+            errors: list[BaseException] = []
 
-                async def waiter() -> None:
-                    try:
-                        await engine.wait_readable(ours, trio.current_time() + 60)
-                    except ChannelBroken as exc:
-                        errors.append(exc)
+            async def waiter() -> None:
+                try:
+                    await engine.wait_readable(ours, trio.current_time() + 60)
+                except ChannelBroken as exc:
+                    errors.append(exc)
 
-                outer.start_soon(waiter)
-                await trio.testing.wait_all_tasks_blocked()
-                engine_scope.cancel()
-            assert len(errors) == 1 and "engine stopped" in str(errors[0])
-    finally:
-        ours.close()
-        peer.close()
+            outer.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            engine_scope.cancel()
+        assert len(errors) == 1 and "engine stopped" in str(errors[0])
 
 
-async def test_the_proxy_waits_for_the_backends_answer_in_the_engine(nursery: trio.Nursery) -> None:
+async def test_the_proxy_waits_for_the_backends_answer_in_the_engine(nursery: trio.Nursery, engine: Engine) -> None:
     """Through ``edge.upstream.upgrade``: a plain backend's answer is awaited in the engine, not under a cancel scope."""
     from wsproxy.edge.channel import RawChannel
     from wsproxy.edge.upstream import upgrade
     from wsproxy.proto.handshake import RequestHead, check_upgrade
 
-    engine = await started(nursery)
     ours, peer = pair()
-    request = RequestHead(
-        b"/chat",
-        [
-            (b"Host", b"example.com"),
-            (b"Upgrade", b"websocket"),
-            (b"Connection", b"Upgrade"),
-            (b"Sec-WebSocket-Version", b"13"),
-            (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-    )
-    up = check_upgrade(request)
+    headers = list(BASE)
+    up = check_upgrade(RequestHead(b"/chat", headers))
     assert not hasattr(up, "status")
     channel = RawChannel(ours)
     seen: list[int] = []
@@ -259,8 +244,6 @@ async def test_the_proxy_waits_for_the_backends_answer_in_the_engine(nursery: tr
     try:
         with trio.fail_after(5):
             nursery.start_soon(backend)
-            headers = [(b"Host", b"example.com"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
-                       (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ==")]  # fmt: skip
             result = await upgrade(channel, b"/chat", headers, up, timeout_s=5, max_header_bytes=16384, engine=engine)
             assert isinstance(result, tuple)
             accepted, trailing = result
