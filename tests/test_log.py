@@ -321,7 +321,7 @@ class CountingStream(io.StringIO):
 def test_lines_are_written_in_batches_while_the_batching_task_runs(
     configured: Callable[..., io.StringIO], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One write per batch, at most BATCH_DELAY_S late; a traceback line comes after the lines before it."""
+    """One write per batch, at most BATCH_DELAY_S late; other lines and tracebacks at once, after the lines before them."""
     import trio
     import trio.testing
 
@@ -348,6 +348,10 @@ def test_lines_are_written_in_batches_while_the_batching_task_runs(
             for i in range(wlog.BATCH_LINES):
                 log_event(logger, logging.INFO, "open", conn=f"d{i}")
             assert stream.flushes == 2  # a full batch goes at once
+            log_event(logger, logging.INFO, "close", conn="e0")
+            log_event(logging.getLogger("wsproxy.app"), logging.ERROR, "reload_failed", reason="x")  # at once
+            lines = [line for line in stream.getvalue().splitlines() if line.startswith("ts=")]
+            assert [parse_logfmt(line)["event"] for line in lines[-2:]] == ["close", "reload_failed"]
             log_event(logger, logging.INFO, "close", conn="e1")
             try:
                 raise ValueError("boom")

@@ -20,9 +20,9 @@ formatters below write as
   then the fields with their JSON types (numbers, booleans, ``null``; any other
   object as its ``str``).
 
-While ``write_in_batches`` runs (the proxy runs it for its life), wsproxy's
-own event lines are written in batches, one ``write`` per 5 ms or 64 lines;
-without it, each line at once.
+While ``write_in_batches`` runs (the proxy runs it for its life), sessions'
+open and close lines are written in batches, one ``write`` per 5 ms or 64
+lines; every other line, and every line without it, at once.
 
 A process may add fields of its own to every line it writes
 (``set_process_fields``): a worker of ``workers`` > 1 adds ``worker=SLOT``,
@@ -432,8 +432,12 @@ class _Direct:
     def write(self, name: str, level: int, event: Event) -> None:
         line = self.formatter.event_line(level, name, time.time(), event) + self.handler.terminator
         pending = _pending
-        if pending is None:  # no batching task: at once
-            self.write_text(line)
+        if pending is None or event.name not in BATCHED_EVENTS:  # at once, after the lines batched before it
+            if pending:
+                pending.append(line)
+                flush_pending()
+            else:
+                self.write_text(line)
             return
         pending.append(line)
         if len(pending) == 1:
@@ -467,6 +471,9 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 _pending: list[str] | None = None
 #: Set by the first line of a batch, for the task that writes it.
 _wake: Event_ | None = None
+#: The lines that wait for a batch: a session's open and close lines, the ones a busy proxy writes
+#: thousands of a second. Every other line (a reload, a refusal, a health change) is written at once.
+BATCHED_EVENTS = frozenset({"open", "close"})
 #: A batch is written this long after its first line at the latest ...
 BATCH_DELAY_S = 0.005
 #: ... or as soon as it has this many lines.
@@ -489,13 +496,15 @@ def flush_pending() -> None:
 
 
 async def write_in_batches(delay_s: float = BATCH_DELAY_S) -> None:
-    """While this runs, wsproxy's own event lines are written in batches: one write per ``delay_s`` at most.
+    """While this runs, sessions' open and close lines are written in batches: one write per ``delay_s`` at most.
 
     Under load a proxy writes two lines per session; written one by one,
-    each costs a ``write`` system call (and wakes the journal). Here a line
-    waits at most ``delay_s`` (5 ms) or until ``BATCH_LINES`` are waiting,
-    and lines through ``logging`` (tracebacks, other handlers) are written
-    after the ones before them. The proxy runs it for its whole life; when it
+    each costs a ``write`` system call (and wakes the journal). Here such a
+    line waits at most ``delay_s`` (5 ms) or until ``BATCH_LINES`` are
+    waiting. Every other line (``BATCHED_EVENTS``) is written at once, after
+    the lines batched before it, and so is a line through ``logging`` (a
+    traceback, another handler): what an operator or systemd waits for (a
+    reload's verdict before the READY notification) is never late. The proxy runs it for its whole life; when it
     ends (a shutdown, a crash that unwinds) what is waiting is written. A
     process killed with SIGKILL loses the lines of its last ``delay_s``.
     """
