@@ -482,7 +482,6 @@ BATCH_LINES = 64
 
 def flush_pending() -> None:
     """Write the lines waiting for their batch now, in one write."""
-    global _pending
     pending = _pending
     if not pending:
         return
@@ -501,12 +500,13 @@ async def write_in_batches(delay_s: float = BATCH_DELAY_S) -> None:
     Under load a proxy writes two lines per session; written one by one,
     each costs a ``write`` system call (and wakes the journal). Here such a
     line waits at most ``delay_s`` (5 ms) or until ``BATCH_LINES`` are
-    waiting. Every other line (``BATCHED_EVENTS``) is written at once, after
-    the lines batched before it, and so is a line through ``logging`` (a
-    traceback, another handler): what an operator or systemd waits for (a
-    reload's verdict before the READY notification) is never late. The proxy runs it for its whole life; when it
-    ends (a shutdown, a crash that unwinds) what is waiting is written. A
-    process killed with SIGKILL loses the lines of its last ``delay_s``.
+    waiting. Every line of another event (not in ``BATCHED_EVENTS``) is
+    written at once, after the lines batched before it, and so is a line
+    through ``logging`` (a traceback, another handler): what an operator or
+    systemd waits for (a reload's verdict before the READY notification) is
+    never late. The proxy runs it for its whole life; when it ends (a
+    shutdown, a crash that unwinds) what is waiting is written. A process
+    killed with SIGKILL loses the session lines of its last ``delay_s``.
     """
     import trio
 
