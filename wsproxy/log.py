@@ -181,8 +181,6 @@ def emit(
     if direct is not None and not exc_info and direct.reaches(logger, level):
         direct.write(logger.name, level, message)
         return
-    if _pending:  # lines batched before this one go first
-        flush_pending()
     # Logger.log without its findCaller walk (a third of a line's cost): the caller is known.
     caller = sys._getframe(depth)
     code = caller.f_code
