@@ -68,10 +68,6 @@ class RawChannel:
         self.watched = False  # a task has waited on it through trio (close must notify trio)
         self.in_engine = False  # in the relay engine's epoll set, disabled (Engine.wait_readable)
 
-    def peername(self) -> tuple[str, int]:
-        host, port = self.sock.getpeername()[:2]
-        return host, port
-
     async def receive(self, max_bytes: int = RECEIVE_BYTES) -> bytes:
         """The next bytes from the peer; ``b""`` once it has closed or reset."""
         while True:
@@ -97,10 +93,11 @@ class RawChannel:
                 return b""
             raise
 
-    def send_ready(self, data: bytes) -> int:
+    def send_ready(self, data: bytes | memoryview) -> int:
         """Send what the kernel takes of ``data`` now, without waiting: how many bytes (0 when none).
 
-        Raises ``ChannelBroken`` when the peer is gone.
+        The bytes go to the socket as they are (a TLS channel's ciphertext:
+        ``send`` is the plaintext side). Raises ``ChannelBroken`` when the peer is gone.
         """
         try:
             return self.sock.send(data)
@@ -111,15 +108,10 @@ class RawChannel:
 
     async def send(self, data: bytes | memoryview) -> None:
         """Send all of ``data``; raise ``ChannelBroken`` when the peer is gone."""
-        sock = self.sock
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ChannelBroken(str(exc)) from None
+        sent = self.send_ready(data)
         if sent == len(data):
             return
+        sock = self.sock
         view = memoryview(data)[sent:]
         self.watched = True
         try:
@@ -128,13 +120,7 @@ class RawChannel:
                     await trio.lowlevel.wait_writable(sock)
                 except _CLOSED:
                     raise ChannelBroken("closed") from None
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    raise ChannelBroken(str(exc)) from None
-                view = view[sent:]
+                view = view[self.send_ready(view) :]
         finally:
             view.release()
 

@@ -320,7 +320,7 @@ class Engine:
         self._arm(waiter, deadline)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._stop_waiting(waiter, False)
+            self._stop_waiting(waiter, False, resume=False)  # trio raises Cancelled in the task
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
@@ -328,26 +328,23 @@ class Engine:
             raise ChannelBroken("the proxy's relay engine stopped")
         return waiter.result
 
-    def _stop_waiting(self, waiter: _Waiter, result: bool | None) -> None:
-        """End ``waiter``'s wait without an event: out of the set, out of the count (not rescheduled)."""
+    def _stop_waiting(self, waiter: _Waiter, result: bool | None, *, resume: bool = True) -> None:
+        """End ``waiter``'s wait without an event (its deadline, a cancel, the engine's end): out of the set."""
         if self._waiters.get(waiter.fd) is waiter:
             del self._waiters[waiter.fd]
-        waiter.registered = False
-        waiter.result = result
-        if waiter.timed:
-            self._timed -= 1
         try:
             self._epoll.unregister(waiter.fd)
         except (OSError, ValueError):  # closed meanwhile: closing took it out of the set
             pass
+        self._end_wait(waiter, result, resume)
 
-    def _wake(self, waiter: _Waiter) -> None:
-        """``waiter``'s socket is readable (its one-shot registration is now disabled): resume its task."""
+    def _end_wait(self, waiter: _Waiter, result: bool | None, resume: bool = True) -> None:
+        """``waiter`` is done (``result``): out of the timer count, its task resumed unless trio cancels it."""
         waiter.registered = False
-        waiter.result = True
-        if waiter.timed:
-            self._timed -= 1
-        trio.lowlevel.reschedule(waiter.task)
+        waiter.result = result
+        self._timed -= 1  # (every wait is timed: _arm came with its registration)
+        if resume:
+            trio.lowlevel.reschedule(waiter.task)
 
     async def until_empty(self) -> None:
         """Return once the engine relays no session."""
@@ -376,7 +373,6 @@ class Engine:
             self.end_all()
             for waiter in list(self._waiters.values()):  # (the app ends its handshakes first)
                 self._stop_waiting(waiter, None)
-                trio.lowlevel.reschedule(waiter.task)
             self._epoll.close()
 
     async def _run_epoll(self) -> None:
@@ -398,8 +394,8 @@ class Engine:
                     serve(entry[0], entry[1], mask, now)
                 else:
                     waiter = waiters.pop(event_fd, None)
-                    if waiter is not None:
-                        self._wake(waiter)
+                    if waiter is not None:  # readable; its one-shot registration is disabled now
+                        self._end_wait(waiter, True)
             if len(events) == MAX_EVENTS:
                 await trio.lowlevel.checkpoint()  # let handshakes and control tasks run
 
@@ -421,7 +417,6 @@ class Engine:
                     self.remove(item)
                 else:  # the backend did not answer in time
                     self._stop_waiting(item, False)
-                    trio.lowlevel.reschedule(item.task)
             if not budget:
                 await trio.lowlevel.checkpoint()
                 continue

@@ -126,11 +126,11 @@ class Session:
 
 
 async def handle_connection(
-    sock: socket.socket, host: SessionHost, listener: ListenerConfig, address: tuple[Any, ...] | None = None
+    sock: socket.socket, host: SessionHost, listener: ListenerConfig, address: tuple[Any, ...]
 ) -> None:
     """Serve one accepted connection; never raises, always closes its sockets.
 
-    ``address``: the peer's, as ``accept`` returned it (None: ask the socket).
+    ``address``: the peer's, as ``accept`` returned it.
     """
     conn_id = host.next_conn_id()
     generation = host.generation
@@ -143,13 +143,7 @@ async def handle_connection(
     session_log = SessionLog(conn_id, "-")
     handed_over = False  # the engine relays the session: its end gives back what it holds (_release)
     try:
-        if address is not None:
-            peer_ip, peer_port = address[0], address[1]
-        else:
-            try:
-                peer_ip, peer_port = client.peername()
-            except OSError:
-                return  # reset before we looked
+        peer_ip, peer_port = address[0], address[1]
         session_log.set_peer(hostport(peer_ip, peer_port))
         client_ip, client_port = peer_ip, peer_port
         if listener.proxy_protocol != "off":

@@ -222,23 +222,21 @@ async def upgrade(
         if fast:
             assert engine is not None
             if not await engine.wait_readable(stream.sock, deadline):
-                raise UpstreamUnavailable(504, f"backend did not answer the upgrade within {timeout_s:g}s")
+                raise UpstreamUnavailable(504, _silent(timeout_s))
             stream.in_engine = True  # (disabled in the set: the session's relay re-arms it)
             data = stream.receive_ready()
             if data == b"":
                 raise UpstreamUnavailable(502, _closed_reason(stream))
             if data:
                 buf += data
-                end = buf.find(b"\r\n\r\n")
-                head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
-                if head is not None and head.status_code == 101:
-                    return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
+                accepted = _fast_101(buf, up)
+                if accepted is not None:
+                    return accepted
         with trio.CancelScope(deadline=deadline):
             if request:
                 await stream.send(request)
             while True:
-                end = buf.find(b"\r\n\r\n")
-                if end >= 0 or b"\n\n" in buf:  # a bare-LF head goes to h11 below
+                if b"\r\n\r\n" in buf or b"\n\n" in buf:  # a bare-LF head goes to h11 below
                     break
                 if len(buf) > max_header_bytes:
                     raise UpstreamUnavailable(502, f"backend's response head is over {max_header_bytes} bytes")
@@ -246,9 +244,9 @@ async def upgrade(
                 if not data:
                     raise UpstreamUnavailable(502, _closed_reason(stream))
                 buf += data
-            head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
-            if head is not None and head.status_code == 101:
-                return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
+            accepted = _fast_101(buf, up)
+            if accepted is not None:
+                return accepted
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
             conn.send(h11.Request(method=b"GET", target=target, headers=headers))
             conn.send(h11.EndOfMessage())
@@ -257,13 +255,30 @@ async def upgrade(
             if isinstance(response, h11.InformationalResponse):
                 return _accepted(check_upstream_response(response, up), bytes(conn.trailing_data[0]))
             return await _read_refusal(stream, conn, response)
-        raise UpstreamUnavailable(504, f"backend did not answer the upgrade within {timeout_s:g}s")  # scope cancelled
+        raise UpstreamUnavailable(504, _silent(timeout_s))  # scope cancelled
     except h11.ProtocolError as exc:
         raise UpstreamUnavailable(502, f"backend sent invalid HTTP: {exc}") from None
     except ChannelBroken as exc:
         if isinstance(stream, TlsChannel) and stream.pending_error() is not None:
             raise UpstreamUnavailable(502, _closed_reason(stream)) from None
         raise UpstreamUnavailable(502, f"backend connection failed during the upgrade: {exc}") from None
+
+
+def _silent(timeout_s: float) -> str:
+    return f"backend did not answer the upgrade within {timeout_s:g}s"
+
+
+def _fast_101(buf: bytearray, up: Upgrade) -> tuple[Accepted, bytes] | None:
+    """What a 101 in ``buf`` negotiated, and the bytes after it, when the fast parser reads a whole 101 there.
+
+    None for an incomplete head or any other answer (h11's to read). Raises
+    ``UpstreamUnavailable`` (502) for a 101 that does not complete the upgrade.
+    """
+    end = buf.find(b"\r\n\r\n")
+    head = parse_response_head(bytes(buf[: end + 4])) if end >= 0 else None
+    if head is None or head.status_code != 101:
+        return None
+    return _accepted(check_upstream_response(head, up), bytes(buf[end + 4 :]))
 
 
 def _closed_reason(stream: RawChannel) -> str:
