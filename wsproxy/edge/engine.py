@@ -11,7 +11,8 @@ session it relays, and one trio task waits for that set's fd to be readable
 (``trio.lowlevel.wait_readable``). On each wake-up it takes up to
 ``MAX_EVENTS`` ready sockets and serves each synchronously: one ``recv`` into
 the machine, and one ``send`` of everything the machine queued for the other
-side. So a relayed message costs two system calls and no trio checkpoint, as
+side (``_relay_chunk`` does just that for the common case, a plain socket with
+no backlog either way, and leaves everything else to ``_serve``). So a relayed message costs two system calls and no trio checkpoint, as
 in HAProxy's and nginx's event loops; ``epoll_wait`` is shared by every
 session that was ready at the same time.
 
@@ -137,6 +138,7 @@ class EngineRelay(RelayDriver):
         "on_end",
         "registered",
         "timed",
+        "plain",
     )
 
     def __init__(
@@ -172,6 +174,7 @@ class EngineRelay(RelayDriver):
         self.masks = [_UNWATCHED, 0 if backend_in_set else _UNWATCHED]
         #: the TLS channel of each side (client, backend), None for plain TCP
         self.tls: tuple[TlsChannel | None, TlsChannel | None] = (client_tls, backend_tls)
+        self.plain = client_tls is None and backend_tls is None  # Engine._relay_chunk may serve it
         #: ciphertext waiting for each TLS side's socket (client, backend); always empty on a plain side
         self.wire = [b"", b""]
         #: what the next recv of each side asks for: RECV_BYTES, or BIG_RECV_BYTES after a full read
@@ -379,8 +382,8 @@ class Engine:
         epoll = self._epoll
         fd = epoll.fileno()
         poll = epoll.poll
-        serve = self._serve
-        waiters = self._waiters
+        serve, relay_chunk = self._serve, self._relay_chunk
+        fds, waiters = self._fds, self._waiters
         while True:
             await trio.lowlevel.wait_readable(fd)
             events = poll(0, MAX_EVENTS)
@@ -389,9 +392,14 @@ class Engine:
             self.wakeups += 1
             now = trio.current_time()
             for event_fd, mask in events:
-                entry = self._fds.get(event_fd)
+                entry = fds.get(event_fd)
                 if entry is not None:
-                    serve(entry[0], entry[1], mask, now)
+                    relay, is_client = entry
+                    index = 0 if is_client else 1
+                    if mask == _IN and relay.plain and relay.masks[index] == _IN:  # the common case
+                        relay_chunk(relay, is_client, index, now)
+                    else:
+                        serve(relay, is_client, mask, now)
                 else:
                     waiter = waiters.pop(event_fd, None)
                     if waiter is not None:  # readable; its one-shot registration is disabled now
@@ -438,12 +446,12 @@ class Engine:
 
     def _serve(self, relay: EngineRelay, is_client: bool, mask: int, now: float) -> None:
         """One ready socket of ``relay``: flush its backlog and/or read it into the machine."""
+        index = 0 if is_client else 1
         try:
             machine = relay.machine
             reader, writer = (relay.up, relay.down) if is_client else (relay.down, relay.up)
             if mask & _OUT:
                 self._flush(relay, writer)
-            index = 0 if is_client else 1
             if mask & _IN and relay.masks[index] & _IN and not reader.src_eof:
                 sock = relay.client if is_client else relay.backend
                 size = relay.read_size[index]
@@ -480,6 +488,58 @@ class Engine:
                     machine.broken(writer)
                 self._forget_fd(relay, is_client)
             self._settle(relay)
+        except Exception:
+            self._fail(relay)
+
+    def _relay_chunk(self, relay: EngineRelay, is_client: bool, index: int, now: float) -> None:
+        """``_serve``'s common case, in one pass: a plain side, watched for input only, has bytes.
+
+        Its registration says that neither side has a backlog (``_settle``).
+        When what the machine makes of the bytes is only frames for the other
+        side, and one ``send`` takes them all, nothing else changes: no
+        backlog, the same registrations, no deadline, not done. Anything else
+        (an EOF, a frame of ours for the reading side, a partial send, the
+        first close frame, the end) takes ``_settle``'s general way from the
+        point reached, which is where ``_serve`` would be.
+        """
+        try:
+            machine = relay.machine
+            if is_client:
+                reader, other, sock = relay.up, relay.down, relay.client
+            else:
+                reader, other, sock = relay.down, relay.up, relay.backend
+            if reader.src_eof:  # a stale event: _settle will stop watching it
+                self._settle(relay)
+                return
+            try:
+                data = sock.recv(relay.read_size[index])
+            except BlockingIOError:
+                return
+            except _GONE:
+                data = b""
+            if not data:
+                machine.eof(reader, now)
+                self._settle(relay)
+                return
+            relay.read_size[index] = BIG_RECV_BYTES if len(data) >= RECV_BYTES else RECV_BYTES
+            machine.feed(reader, data, now)
+            out = reader.out
+            if other.out or machine.done or machine.deadline is not None:
+                self._settle(relay)
+                return
+            if not out:  # a part of a frame: the scanner keeps it
+                return
+            data = out[0] if len(out) == 1 else b"".join(out)
+            try:
+                sent = (relay.backend if is_client else relay.client).send(data)
+            except OSError:  # EAGAIN or worse: _flush tells them apart
+                self._settle(relay)
+                return
+            if sent == len(data):
+                out.clear()
+            else:
+                out[:] = [data[sent:]]
+                self._settle(relay)
         except Exception:
             self._fail(relay)
 
