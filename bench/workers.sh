@@ -7,11 +7,12 @@
 #
 # RIG is a built copy of ../shared/bench (default /work/benchrig/bench); it is copied to a
 # scratch folder first (the rig writes results/ beside itself). The rig benchmarks one
-# `custom` proxy per invocation, so there are two invocations back to back, each with its own
-# `direct` baseline: compare ratios to direct, across the two files. The first also runs
-# haproxy2 and nginxauto (both use the two cores), so wsproxy-w2 and they share a baseline.
+# `custom` proxy per invocation, so there are invocations back to back, each with its own
+# `direct` baseline: compare ratios to direct, across the files. The first also runs haproxy2
+# and nginxauto (both use the two cores), so wsproxy-w2 and they share a baseline; the second
+# runs haproxy1 beside wsproxy-w1. `hold` runs last, in freshly started processes.
 # Knobs of run.sh (DURATION WARMUP REPS HOLD_N HOLD_SECS WORKLOADS) pass through.
-# Tables: $OUT_DIR/workers2.md and $OUT_DIR/workers1.md (printed at the end).
+# Tables: $OUT_DIR/workers2.md, workers1.md, workers2-hold.md, workers1-hold.md (printed at the end).
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RIG=${RIG:-/work/benchrig/bench}
@@ -52,15 +53,31 @@ stop_wsproxy() {  # not our child (started in a subshell): poll until it is gone
     while kill -0 "$1" 2>/dev/null && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
 }
 
-pid=$(start_wsproxy 2 0,1)
-CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w2 OUT="$OUT_DIR/workers2.md" ECHO_PORT=$ECHO_PORT \
-    ./run.sh custom haproxy2 nginxauto || true
-stop_wsproxy "$pid"
+# `hold` measures RSS growth, so it gets a freshly started process of its own: after the message
+# workloads the heap has room already, and holding 5,000 sessions would hardly grow it.
+WORKLOADS=${WORKLOADS:-pp1 pp50 st50 st64k conn hold}
+MESSAGES=$(echo " $WORKLOADS " | sed 's/ hold / /g' | xargs)
+HOLD=$(case " $WORKLOADS " in *" hold "*) echo hold ;; esac)
 
-pid=$(start_wsproxy 1 0)
-CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w1 OUT="$OUT_DIR/workers1.md" ECHO_PORT=$ECHO_PORT \
-    ./run.sh custom || true
-stop_wsproxy "$pid"
+invocation() {  # $1 = workers, $2 = CPUs, $3 = table, $4 = workloads; then the rig's targets
+    n=$1 cpus=$2 out=$3 workloads=$4
+    shift 4
+    [ -n "$workloads" ] || return 0
+    pid=$(start_wsproxy "$n" "$cpus")
+    WORKLOADS="$workloads" CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w$n OUT="$out" ECHO_PORT=$ECHO_PORT \
+        ./run.sh custom "$@" || true
+    stop_wsproxy "$pid"
+}
 
-cat "$OUT_DIR/workers2.md" "$OUT_DIR/workers1.md"
-echo "tables: $OUT_DIR/workers2.md $OUT_DIR/workers1.md; wsproxy logs: $scratch/wsproxy-*.log"
+# w2 beside the two-core targets; then w1 pinned to CPU 0 beside haproxy1, pinned like it, so the
+# two files also give HAProxy's own two-thread/one-thread ratio on this machine (what the
+# machine allows a two-core proxy, whatever its code: see bench/README.md)
+invocation 2 0,1 "$OUT_DIR/workers2.md" "$MESSAGES" haproxy2 nginxauto
+invocation 1 0 "$OUT_DIR/workers1.md" "$MESSAGES" haproxy1
+invocation 2 0,1 "$OUT_DIR/workers2-hold.md" "$HOLD" haproxy2
+invocation 1 0 "$OUT_DIR/workers1-hold.md" "$HOLD"
+
+for table in workers2 workers1 workers2-hold workers1-hold; do
+    [ -f "$OUT_DIR/$table.md" ] && cat "$OUT_DIR/$table.md"
+done
+echo "tables: $OUT_DIR/workers*.md; wsproxy logs: $scratch/wsproxy-*.log"
