@@ -53,18 +53,19 @@ stop_wsproxy() {  # not our child (started in a subshell): poll until it is gone
     while kill -0 "$1" 2>/dev/null && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
 }
 
-# `hold` measures RSS growth, so it gets a freshly started process of its own: after the message
-# workloads the heap has room already, and holding 5,000 sessions would hardly grow it.
+# `hold` measures RSS growth, so it gets a freshly started process of its own, and one rep: after
+# the message workloads, or after a first hold, the heap has room already, and holding 5,000
+# sessions hardly grows it (HAProxy returns its pools' memory between reps; wsproxy's RSS stays).
 WORKLOADS=${WORKLOADS:-pp1 pp50 st50 st64k conn hold}
 MESSAGES=$(echo " $WORKLOADS " | sed 's/ hold / /g' | xargs)
 HOLD=$(case " $WORKLOADS " in *" hold "*) echo hold ;; esac)
 
-invocation() {  # $1 = workers, $2 = CPUs, $3 = table, $4 = workloads; then the rig's targets
-    n=$1 cpus=$2 out=$3 workloads=$4
-    shift 4
+invocation() {  # $1 = workers, $2 = CPUs, $3 = table, $4 = workloads, $5 = reps; then the rig's targets
+    n=$1 cpus=$2 out=$3 workloads=$4 reps=$5
+    shift 5
     [ -n "$workloads" ] || return 0
     pid=$(start_wsproxy "$n" "$cpus")
-    WORKLOADS="$workloads" CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w$n OUT="$out" ECHO_PORT=$ECHO_PORT \
+    REPS=$reps WORKLOADS="$workloads" CUSTOM_PORT=$PORT CUSTOM_NAME=wsproxy-w$n OUT="$out" ECHO_PORT=$ECHO_PORT \
         ./run.sh custom "$@" || true
     stop_wsproxy "$pid"
 }
@@ -72,10 +73,11 @@ invocation() {  # $1 = workers, $2 = CPUs, $3 = table, $4 = workloads; then the 
 # w2 beside the two-core targets; then w1 pinned to CPU 0 beside haproxy1, pinned like it, so the
 # two files also give HAProxy's own two-thread/one-thread ratio on this machine (what the
 # machine allows a two-core proxy, whatever its code: see bench/README.md)
-invocation 2 0,1 "$OUT_DIR/workers2.md" "$MESSAGES" haproxy2 nginxauto
-invocation 1 0 "$OUT_DIR/workers1.md" "$MESSAGES" haproxy1
-invocation 2 0,1 "$OUT_DIR/workers2-hold.md" "$HOLD" haproxy2
-invocation 1 0 "$OUT_DIR/workers1-hold.md" "$HOLD"
+REPS=${REPS:-3}
+invocation 2 0,1 "$OUT_DIR/workers2.md" "$MESSAGES" "$REPS" haproxy2 nginxauto
+invocation 1 0 "$OUT_DIR/workers1.md" "$MESSAGES" "$REPS" haproxy1
+invocation 2 0,1 "$OUT_DIR/workers2-hold.md" "$HOLD" 1 haproxy2
+invocation 1 0 "$OUT_DIR/workers1-hold.md" "$HOLD" 1
 
 for table in workers2 workers1 workers2-hold workers1-hold; do
     [ -f "$OUT_DIR/$table.md" ] && cat "$OUT_DIR/$table.md"
