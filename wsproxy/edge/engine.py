@@ -11,9 +11,10 @@ session it relays, and one trio task waits for that set's fd to be readable
 (``trio.lowlevel.wait_readable``). On each wake-up it takes up to
 ``MAX_EVENTS`` ready sockets and serves each synchronously: one ``recv`` into
 the machine, and one ``send`` of everything the machine queued for the other
-side (``_relay_chunk`` does just that for the common case, a plain socket with
-no backlog either way, and leaves everything else to ``_serve``). So a relayed message costs two system calls and no trio checkpoint, as
-in HAProxy's and nginx's event loops; ``epoll_wait`` is shared by every
+side (``_relay_chunk`` does just that for the common case, a plain socket
+with no backlog either way, and leaves everything else to ``_serve``). So a
+relayed message costs two system calls and no trio checkpoint, as in
+HAProxy's and nginx's event loops; ``epoll_wait`` is shared by every
 session that was ready at the same time.
 
 Registrations are level-triggered and change only when back-pressure does: a
@@ -446,12 +447,12 @@ class Engine:
 
     def _serve(self, relay: EngineRelay, is_client: bool, mask: int, now: float) -> None:
         """One ready socket of ``relay``: flush its backlog and/or read it into the machine."""
-        index = 0 if is_client else 1
         try:
             machine = relay.machine
             reader, writer = (relay.up, relay.down) if is_client else (relay.down, relay.up)
             if mask & _OUT:
                 self._flush(relay, writer)
+            index = 0 if is_client else 1
             if mask & _IN and relay.masks[index] & _IN and not reader.src_eof:
                 sock = relay.client if is_client else relay.backend
                 size = relay.read_size[index]
