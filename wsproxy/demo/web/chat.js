@@ -68,7 +68,9 @@
     const item = document.createElement("li");
     item.className = kind;
     const time = document.createElement("time");
-    time.textContent = new Date().toLocaleTimeString();
+    const now = new Date();
+    time.dateTime = now.toISOString();
+    time.textContent = now.toLocaleTimeString();
     item.append(time, " ", text);
     append(item);
     return item;
