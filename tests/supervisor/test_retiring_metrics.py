@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
-from wsproxy.supervisor.merge import merge_metrics
+from wsproxy.supervisor.merge import OLDER_SLOT, merge_metrics
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 RETIRING = ("generation", "retiring")
@@ -144,3 +144,32 @@ def test_the_supervisors_own_families_take_nothing_from_the_workers_not_even_cre
         reloads = {name for name, _labels in samples if name.startswith("wsproxy_reloads")}
         assert reloads == {"wsproxy_reloads_total"}, reloads
         assert samples[("wsproxy_reloads_total", ())] == 5.0
+
+
+def test_two_upgrades_in_a_row_the_newest_counts_both_retiring_generations_and_keeps_the_oldests_closes() -> None:
+    """A retires behind B, B behind C (``upgrade._tell_newer`` passes A's text on as ``OLDER_SLOT``)."""
+    a_text = retiring_text((0, worker_metrics(3, {"normal": 4}, 0.5)), (1, worker_metrics(2, {"drain": 2}, 0.05)))
+    b_workers = [(0, worker_metrics(1, {"normal": 1}, 0.05)), (1, worker_metrics(1, {}, 0.05))]
+    new = [(0, worker_metrics(0, {}, 0.05, config_generation=3))]
+
+    # A still there: C's retiring series are A's and B's, A's per-worker ones apart from B's
+    b_text = merge_metrics([*b_workers, (OLDER_SLOT, a_text)])[1].decode()
+    samples = parsed(merge_metrics(new, OWN, OPENMETRICS, retiring=b_text)[1], OPENMETRICS)
+    sessions = {dict(labels)["worker"]: v for (n, labels), v in samples.items() if n == "wsproxy_sessions_active"
+                and RETIRING in labels}
+    assert sessions == {"0": 1, "1": 1, "older:0": 3, "older:1": 2}, sessions
+    assert samples[("wsproxy_sessions_closed_total", (RETIRING, ("outcome", "normal")))] == 5
+    assert samples[("wsproxy_sessions_closed_total", (RETIRING, ("outcome", "drain")))] == 2
+    assert samples[("wsproxy_backend_sessions_active", (("backend", "b:1"), RETIRING))] == 7
+    assert samples[("wsproxy_handshake_duration_seconds_count", (RETIRING,))] == 4
+    assert samples[("process_cpu_seconds_total", (RETIRING, ("worker", "older:0")))] == 3.5
+
+    # A has exited: its closes and handshakes stay in the retiring sums, its gauges and processes are gone
+    b_text = merge_metrics(b_workers, exited=[(OLDER_SLOT, a_text)])[1].decode()
+    samples = parsed(merge_metrics(new, OWN, OPENMETRICS, retiring=b_text)[1], OPENMETRICS)
+    assert samples[("wsproxy_sessions_closed_total", (RETIRING, ("outcome", "normal")))] == 5  # not back to 1
+    assert samples[("wsproxy_sessions_closed_total", (RETIRING, ("outcome", "drain")))] == 2
+    assert ("wsproxy_sessions_closed_created", (RETIRING, ("outcome", "drain"))) in samples
+    assert samples[("wsproxy_handshake_duration_seconds_count", (RETIRING,))] == 4
+    assert samples[("wsproxy_backend_sessions_active", (("backend", "b:1"), RETIRING))] == 2
+    assert not [labels for (_, labels) in samples if ("worker", "older:0") in labels or ("worker", "older:1") in labels]

@@ -19,7 +19,9 @@ once (no wait for a generation that is gone).
 ``/metrics`` (OpenMetrics, read by its strict parser) carries the old
 generation's series labelled ``generation="retiring"``: its sessions per
 worker, the closes of an old worker that exited, until it has exited as a
-whole (the merge itself: ``test_retiring_metrics.py``).
+whole (the merge itself: ``test_retiring_metrics.py``). After two upgrades in
+a row, the newest supervisor's retiring series count both older generations,
+and the oldest one's closes stay counted once it has exited.
 
 In a browser (Debian's Chromium, skipped without it), the status page's header
 says which generation retires and with how many sessions, until it exits.
@@ -379,3 +381,57 @@ async def _only_worker(retiring: Any, name: str, worker: str) -> bool:
 
 async def _no_retiring_series(admin: str) -> bool:
     return not any(("generation", "retiring") in labels for _, labels in await _metrics(admin))
+
+
+@pytest.mark.timeout(90)
+async def test_after_two_upgrades_in_a_row_the_newest_counts_both_retiring_generations(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    await _with_two_workers(tmp_path, nursery, _metrics_across_two_upgrades, limit_s=70)
+
+
+async def _metrics_across_two_upgrades(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:
+    """A (``proxy``) retires behind B, B behind C; C's ``generation="retiring"`` series count A's and B's sessions."""
+    await status_of(admin, proxy.pid)
+    in_a = [(await hold(port, "alice", nursery))[0] for _ in range(2)]
+    supervisors = []
+    for _ in range(2):
+        done = await proxy.cmd("upgrade")
+        assert done.returncode == 0, out(done) + proxy.log()
+        supervisors.append(int(re.findall(r"pid (\d+)", done.stdout.decode())[0]))
+        await status_of(admin, supervisors[-1])
+        if len(supervisors) == 1:
+            in_b = [(await hold(port, "alice", nursery))[0] for _ in range(3)]
+    b = supervisors[0]
+
+    async def retiring(name: str) -> dict[str, float]:
+        return _retiring(await _metrics(admin), name)
+
+    async def both_counted() -> bool:
+        by_worker = await retiring("wsproxy_sessions_active")
+        older = sum(v for w, v in by_worker.items() if w.startswith("older:"))
+        return older == len(in_a) and sum(by_worker.values()) == len(in_a) + len(in_b)
+
+    await until(both_counted, timeout_s=10, what="A's and B's sessions in C's /metrics, A's workers as older:SLOT")
+    code, status = await get(admin, "/status")
+    assert code == 200 and status["retiring"]["pid"] == b and status["retiring"]["sessions"] == len(in_a) + len(in_b)
+    assert _retiring(await _metrics(admin), "wsproxy_sessions_closed_total") == {}
+
+    for ws in in_a:  # A's sessions end: A exits; its closes stay in the retiring sums (B keeps its last text)
+        await ws.aclose()
+    assert await proxy.wait_exit(20) == 0
+
+    async def a_gone_its_closes_kept() -> bool:
+        samples = await _metrics(admin)
+        by_worker = _retiring(samples, "wsproxy_sessions_active")
+        closed = sum(_retiring(samples, "wsproxy_sessions_closed_total").values())
+        return set(by_worker) <= {"0", "1"} and sum(by_worker.values()) == len(in_b) and closed == len(in_a)
+
+    await until(a_gone_its_closes_kept, timeout_s=10, what="A's gauges gone from C's /metrics, its closes kept")
+
+    for ws in in_b:  # B's last sessions: B exits, and every retiring series with it
+        await ws.aclose()
+    with trio.fail_after(20):
+        while _alive(b):
+            await trio.sleep(0.05)
+    await until(lambda: _no_retiring_series(admin), timeout_s=5, what='no generation="retiring" series')

@@ -58,6 +58,8 @@ log = logging.getLogger("wsproxy.supervisor")
 
 #: How often the health table is pushed to the workers even without a change (round trip times).
 HEALTH_PUSH_INTERVAL_S = 1.0
+#: How long a retired supervisor, its workers gone, waits to pass its final counts to the new one.
+FINAL_WORD_S = 2.0
 
 
 class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
@@ -125,6 +127,9 @@ class Supervisor(ListeningSockets, WorkerSlots, Reloads, Upgrades, AdminView):
                         nursery.start_soon(self._run_slot, slot)
                     nursery.start_soon(self._when_all_ready, admin)
                     await self._until_workers_gone()
+                    if self.retired:  # the final counts to the new supervisor (upgrade._tell_newer)
+                        with trio.move_on_after(FINAL_WORD_S):
+                            await self.told_last.wait()
                     nursery.cancel_scope.cancel()
         finally:
             _close_all(self.sockets)

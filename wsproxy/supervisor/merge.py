@@ -36,6 +36,15 @@ in its sums, so these do not go backwards when one of its workers is gone
 before the others, while their gauges and per-worker series are gone with
 them.
 
+Two upgrades in a row: a retiring supervisor with a generation still
+retiring behind it (an upgrade during the window of the one before) adds
+that generation's merged text to what it sends as one more report, under the
+slot ``OLDER_SLOT``, so the newest supervisor's ``generation="retiring"``
+series count every generation that retires. The older generation's
+per-worker series keep their ``worker`` label, prefixed (``older:0``); once it
+has exited, its last text stays in the sums like an exited worker's, so the
+retiring counters do not go backwards when it goes.
+
 The merged families are written as the single process writes its own
 (``prometheus_client``'s encoders, ``choose_encoder``): the text format, or
 OpenMetrics (``# EOF`` at the end) when the scraper's ``Accept`` asks for
@@ -71,6 +80,8 @@ SUPERVISOR_OWN = ("wsproxy_reloads", "wsproxy_reload_failures")
 
 #: The label on every series of the generation an upgrade retires (``merge_families``'s ``retiring``).
 RETIRING_LABEL = ("generation", "retiring")
+#: The slot under which a retiring supervisor merges the text of a generation retiring behind it.
+OLDER_SLOT = "older"
 
 #: Families whose ``_created`` samples the text format writes as a gauge family ``NAME_created``.
 _WITH_CREATED = ("counter", "histogram", "summary", "gaugehistogram")
@@ -93,16 +104,16 @@ def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def merge_metrics(
-    reports: Iterable[tuple[int, str]],
+    reports: Iterable[tuple[int | str, str]],
     own: Iterable[tuple[str, str, str, float]] = (),
     accept: str | None = None,
     *,
     retiring: str | None = None,
-    exited: Iterable[tuple[int, str]] = (),
+    exited: Iterable[tuple[int | str, str]] = (),
 ) -> tuple[str, bytes]:
     """(content type, body) of every worker's metrics together: OpenMetrics if ``accept`` asks for it, else text.
 
-    ``reports``: (worker slot, its metrics in the text format); ``own``: the
+    ``reports``: (worker slot, or ``OLDER_SLOT``; its metrics in the text format); ``own``: the
     supervisor's series as (family, type, help, value), replacing the workers'
     families of that name; ``retiring`` and ``exited``: see ``merge_families``.
     """
@@ -112,11 +123,11 @@ def merge_metrics(
 
 
 def merge_families(
-    reports: Iterable[tuple[int, str]],
+    reports: Iterable[tuple[int | str, str]],
     own: Iterable[tuple[str, str, str, float]] = (),
     *,
     retiring: str | None = None,
-    exited: Iterable[tuple[int, str]] = (),
+    exited: Iterable[tuple[int | str, str]] = (),
 ) -> list[Metric]:
     """The merged families (see the module docstring), ``_created`` samples inside their family.
 
@@ -143,8 +154,8 @@ def merge_families(
             largest = _starts(parsed.name, SAME_IN_EVERY_WORKER)
             for sample in parsed.samples:
                 labels = dict(sample.labels)
-                if per_worker:
-                    labels["worker"] = str(slot)
+                if per_worker:  # a merged text's (OLDER_SLOT) carry their worker label already
+                    labels["worker"] = f"{slot}:{labels['worker']}" if "worker" in labels else str(slot)
                 key = (sample.name, tuple(sorted(labels.items())))
                 value = float(sample.value)
                 if key not in merged.samples:

@@ -53,6 +53,9 @@ class SupervisorState:
         self.older: Channel | None = None
         self.older_summary: dict[str, Any] | None = None
         self.older_metrics: str | None = None
+        #: The older generation's last metrics, kept when it exits while this one retires too (two upgrades
+        #: in a row): its counters stay in what this one sends its successor (``upgrade._tell_newer``).
+        self.older_metrics_exited: str | None = None
         self.activated = listen_fds()  # systemd socket activation: shared by every worker
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.channels: dict[int, Channel] = {}
@@ -66,6 +69,7 @@ class SupervisorState:
         self.reload_record = ReloadRecord(log)  # counts and last errors, logged as one process logs them
         self.stopping = False
         self.retired = False  # an upgrade handed over to a new generation
+        self.told_last = trio.Event()  # retired: the new supervisor has this generation's final counts
         self.ready_sent = False
         self.draining: set[tuple[str, str]] = set()  # (pool, backend) drained by the operator
         self._round: ReloadRound | None = None

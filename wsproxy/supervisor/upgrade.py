@@ -48,7 +48,7 @@ import trio
 from ..log import log_event
 from . import fanout
 from .ipc import Channel, ChannelClosed
-from .merge import merge_metrics, retiring_summary
+from .merge import OLDER_SLOT, merge_metrics, retiring_summary
 from .messages import Message
 from .state import SlotSockets, SupervisorState
 from .table import WorkerState
@@ -144,6 +144,7 @@ class Upgrades(SupervisorState):
         """The retiring generation has exited (its supervisor's end of the channel closed): stop asking it."""
         channel.close()
         pid = (self.older_summary or {}).get("pid")
+        self.older_metrics_exited = self.older_metrics if self.retired else None
         self.older, self.older_summary, self.older_metrics = None, None, None
         self.session_control.gone(fanout.RETIRING)
         log_event(log, logging.INFO, "older_generation_exited", pid=pid)
@@ -299,22 +300,46 @@ class Upgrades(SupervisorState):
         report's counters and histograms (``merge_families``'s ``exited``; it
         sends a last report before it exits, ``worker.Worker._last_report``,
         which ``slots`` keeps), so that the sums the new supervisor exports do
-        not go backwards before this generation is gone as a whole. The
-        metrics of a generation that retires behind this one (two upgrades in
-        a row) are not passed on: its series would carry the same labels as
-        this one's.
+        not go backwards before this generation is gone as a whole. A
+        generation that retires behind this one (two upgrades in a row) is
+        passed on too, as one more report (``merge.OLDER_SLOT``), and its last
+        metrics as an exited worker's once it has exited.
+
+        Once every worker (and the generation behind) is gone, one last
+        message at once, with the final counts, then ``told_last``: the
+        supervisor waits for it before it exits (``main``), so the closes of
+        the last sessions reach the new supervisor's sums.
         """
+        try:
+            await self._tell_newer_until_done(channel, deadline_unix)
+        finally:
+            self.told_last.set()
+
+    async def _tell_newer_until_done(self, channel: Channel, deadline_unix: float) -> None:
         while True:
+            done = not self.processes and self.older is None
             reports = [s.report for s in self.slots if s.index in self.processes]
             summary = retiring_summary(os.getpid(), reports, len(self.processes), deadline_unix, self.older_summary)
-            live = [(s.index, s.metrics) for s in self.slots if s.index in self.processes and s.metrics]
-            exited = [(s.index, s.metrics) for s in self.slots if s.index not in self.processes and s.metrics]
+            live: list[tuple[int | str, str]] = [
+                (s.index, s.metrics) for s in self.slots if s.index in self.processes and s.metrics
+            ]
+            exited: list[tuple[int | str, str]] = [
+                (s.index, s.metrics) for s in self.slots if s.index not in self.processes and s.metrics
+            ]
+            if self.older is not None and self.older_metrics:
+                live.append((OLDER_SLOT, self.older_metrics))
+            elif self.older_metrics_exited:
+                exited.append((OLDER_SLOT, self.older_metrics_exited))
             _content_type, metrics = await trio.to_thread.run_sync(partial(merge_metrics, live, exited=exited))
             try:
                 await channel.send({"t": "retiring", **summary, "metrics": metrics.decode()})
             except ChannelClosed:
                 return
-            await trio.sleep(RETIRING_SUMMARY_INTERVAL_S)
+            if done:
+                return
+            with trio.move_on_after(RETIRING_SUMMARY_INTERVAL_S):
+                while self.processes or self.older is not None:
+                    await self._wait_change()
 
     async def _answer_newer(self, channel: Channel, message: Message) -> None:
         try:
