@@ -69,34 +69,19 @@ print(f"{name:10} {int(run['msgs_per_s']):>7,} msg/s  p50 {run['p50_us']:>7.1f} 
 PY
 }
 
-cat >"$scratch/wsproxy.yaml" <<YAML
-listeners: [{name: bench, bind: "127.0.0.1:$PORT"}]
-routes: [{host: "*", path: "/", pool: echo}]
-pools: {echo: {balance: round_robin, backends: [{address: "127.0.0.1:$ECHO_PORT"}]}}
-timeouts: {idle: 1h}
-limits: {max_message_bytes: 0, max_connections: 40000}
-workers: 2
-YAML
+. "$ROOT/bench/wsproxy_process.sh"  # start_wsproxy, stop_wsproxy
 
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 steal0=$(steal)
-i=0
-while [ $i -lt "$PAIRS" ]; do
-    i=$((i + 1))
+pair=0
+while [ $pair -lt "$PAIRS" ]; do
+    pair=$((pair + 1))
     hp=$(PROXY_PORT=$HAPROXY_PORT ./targets.sh start haproxy2)  # the rig's own config, on CPUs 0,1
     measure haproxy2 "$HAPROXY_PORT" "ls -d /proc/$hp/task/*"
     ./targets.sh stop "$hp" >/dev/null 2>&1 || true
 
-    PYTHONPATH=$ROOT taskset -c 0,1 "$PY" -m wsproxy run -c "$scratch/wsproxy.yaml" >"$scratch/wsproxy.log" 2>&1 &
-    sup=$!
-    n=0
-    until [ "$(grep -c 'event=listening listener=bench' "$scratch/wsproxy.log")" -ge 2 ]; do
-        n=$((n + 1)); [ $n -lt 300 ] || { cat "$scratch/wsproxy.log"; exit 1; }
-        sleep 0.1
-    done
-    sleep 0.5
+    sup=$(start_wsproxy 2 0,1)
     measure wsproxy-w2 "$PORT" "for w in \$(pgrep -P $sup -f 'wsproxy worker'); do echo /proc/\$w; done"
-    kill -TERM "$sup"
-    wait "$sup" || true
+    stop_wsproxy "$sup"
 done
 echo "steal: $(( $(steal) - steal0 )) ticks over the $PAIRS pairs"

@@ -324,13 +324,6 @@ def _retiring(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], nam
     }
 
 
-@pytest.mark.timeout(60)
-async def test_the_new_supervisors_metrics_carry_the_retiring_generations_series_until_it_exits(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    await _with_two_workers(tmp_path, nursery, _metrics_across_the_window, limit_s=40)
-
-
 async def _metrics_across_the_window(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:
     old_workers = {int(w["slot"]): int(w["pid"]) for w in (await status_of(admin, proxy.pid))["workers"]}
     held = [(await hold(port, "alice", nursery))[0] for _ in range(2)]
@@ -383,13 +376,6 @@ async def _no_retiring_series(admin: str) -> bool:
     return not any(("generation", "retiring") in labels for _, labels in await _metrics(admin))
 
 
-@pytest.mark.timeout(90)
-async def test_after_two_upgrades_in_a_row_the_newest_counts_both_retiring_generations(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    await _with_two_workers(tmp_path, nursery, _metrics_across_two_upgrades, limit_s=70)
-
-
 async def _metrics_across_two_upgrades(proxy: Running, admin: str, port: int, nursery: trio.Nursery) -> None:
     """A (``proxy``) retires behind B, B behind C; C's ``generation="retiring"`` series count A's and B's sessions."""
     await status_of(admin, proxy.pid)
@@ -435,3 +421,17 @@ async def _metrics_across_two_upgrades(proxy: Running, admin: str, port: int, nu
         while _alive(b):
             await trio.sleep(0.05)
     await until(lambda: _no_retiring_series(admin), timeout_s=5, what='no generation="retiring" series')
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_metrics_across_the_window, id="the-retiring-generations-series-until-it-exits"),
+        pytest.param(_metrics_across_two_upgrades, id="two-upgrades-in-a-row-both-retiring-generations"),
+    ],
+)
+async def test_the_new_supervisors_metrics(
+    nursery: trio.Nursery, tmp_path: Path, body: Callable[[Running, str, int, trio.Nursery], Awaitable[None]]
+) -> None:
+    await _with_two_workers(tmp_path, nursery, body, limit_s=70)
