@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -21,6 +22,9 @@ from wsproxy.edge.engine import BIG_RECV_BYTES, HAVE_EPOLL, RECV_BYTES, Engine, 
 from wsproxy.edge.session_log import SessionLog
 from wsproxy.proto.frames import FrameScanner
 from wsproxy.proto.relay import Outcome
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 pytestmark = pytest.mark.skipif(not HAVE_EPOLL, reason="the engine needs select.epoll (Linux)")
 
@@ -246,17 +250,60 @@ async def test_the_engine_closes_a_finished_sessions_sockets_itself(nursery: tri
 
 
 class RecordingSocket(socket.socket):
-    """A real socket that records what each recv asked for and got."""
+    """A real socket that records what each recv asked for and got, and what each send was given and took
+    (None: refused, EAGAIN)."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self.setblocking(False)
         self.reads: list[tuple[int, int]] = []
+        self.sends: list[tuple[int, int | None]] = []
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         data = super().recv(size, flags)
         self.reads.append((size, len(data)))
         return data
+
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+        try:
+            sent = super().send(data, flags)
+        except BlockingIOError:
+            self.sends.append((len(memoryview(data)), None))
+            raise
+        self.sends.append((len(memoryview(data)), sent))
+        return sent
+
+
+async def test_after_a_short_send_the_rest_waits_for_the_socket_to_be_writable(nursery: trio.Nursery) -> None:
+    """A slow client: a send meets its full buffer and takes part of a chunk or none of it; the engine then
+    waits for the socket to be writable, not trying again at once (a second system call that EAGAIN refuses)."""
+    peers = Peers(bufsize=4096)
+    peers.client = RecordingSocket(peers.client)
+    try:
+        with trio.fail_after(10):
+            engine = await start(nursery)
+            relay = peers.relay(engine)
+            nursery.start_soon(relay.run, b"", b"")
+            bulk = b"".join(frame(OP_BINARY, os.urandom(20_000), mask=False) for _ in range(20))
+
+            async def send_bulk() -> None:
+                view = memoryview(bulk)
+                while view:
+                    view = view[await peers.backend_peer.send(view) :]
+
+            nursery.start_soon(send_bulk)
+            received = b""
+            while len(received) < len(bulk):
+                received += await peers.client_peer.recv(2048)
+                await trio.sleep(0)  # slowly: the engine meets a full buffer again and again
+            assert received == bulk
+        sends = peers.client.sends
+        short = [i for i, (given, took) in enumerate(sends) if took is None or took < given]
+        assert short, sends  # the case under test happened
+        again_at_once = [i for i in short if i + 1 < len(sends) and sends[i + 1][1] is None]
+        assert not again_at_once, [sends[i : i + 2] for i in again_at_once]
+    finally:
+        peers.close()
 
 
 async def test_a_side_whose_read_was_full_reads_bigger_next_time(nursery: trio.Nursery) -> None:

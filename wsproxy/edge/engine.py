@@ -499,9 +499,10 @@ class Engine:
         When what the machine makes of the bytes is only frames for the other
         side, and one ``send`` takes them all, nothing else changes: no
         backlog, the same registrations, no deadline, not done. Anything else
-        (an EOF, a frame of ours for the reading side, a partial send, the
-        first close frame, the end) takes ``_settle``'s general way from the
-        point reached, which is where ``_serve`` would be.
+        (an EOF, a frame of ours for the reading side, the first close frame,
+        the end) takes ``_settle``'s general way from the point reached, which
+        is where ``_serve`` would be; after a partial or refused send, what is
+        left waits for the socket (``_watch``), as ``_flush`` would leave it.
         """
         try:
             machine = relay.machine
@@ -533,14 +534,17 @@ class Engine:
             data = out[0] if len(out) == 1 else b"".join(out)
             try:
                 sent = (relay.backend if is_client else relay.client).send(data)
-            except OSError:  # EAGAIN or worse: _flush tells them apart
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                machine.broken(reader)
                 self._settle(relay)
                 return
             if sent == len(data):
                 out.clear()
-            else:
+            else:  # the rest waits for the socket to be writable: _watch, not another send now
                 out[:] = [data[sent:]]
-                self._settle(relay)
+                self._watch(relay)
         except Exception:
             self._fail(relay)
 
@@ -552,14 +556,20 @@ class Engine:
             self._epoll.unregister(relay.client_fd if is_client else relay.backend_fd)
 
     def _settle(self, relay: EngineRelay) -> None:
-        """Send what the machine queued, then watch what the session now needs."""
-        machine = relay.machine
+        """Send what the machine queued, then watch what the session now needs (``_watch``)."""
         up, down = relay.up, relay.down
         wire = relay.wire
         if up.out or wire[1]:
             self._flush(relay, up)
         if down.out or wire[0]:
             self._flush(relay, down)
+        self._watch(relay)
+
+    def _watch(self, relay: EngineRelay) -> None:
+        """The session's registrations (and its end, and its deadline) for what its queues hold now."""
+        machine = relay.machine
+        up, down = relay.up, relay.down
+        wire = relay.wire
         # what waits for each socket: plain bytes of the machine, or ciphertext
         to_client = down.out or wire[0]
         to_backend = up.out or wire[1]
