@@ -50,12 +50,11 @@ class SupervisorState:
         #: After an upgrade, the channel to the generation that retires (``upgrade``), until it has exited,
         #: its last summary for ``/status`` (``merge.retiring_summary``) and its last metrics for ``/metrics``
         #: (the text its supervisor merged from its workers' reports: ``merge_families``'s ``retiring``).
+        #: The metrics outlive the channel when the older generation exits while this one retires too (two
+        #: upgrades in a row): its counters stay in what this one sends its successor (``upgrade._tell_newer``).
         self.older: Channel | None = None
         self.older_summary: dict[str, Any] | None = None
         self.older_metrics: str | None = None
-        #: The older generation's last metrics, kept when it exits while this one retires too (two upgrades
-        #: in a row): its counters stay in what this one sends its successor (``upgrade._tell_newer``).
-        self.older_metrics_exited: str | None = None
         self.activated = listen_fds()  # systemd socket activation: shared by every worker
         self.slots = [WorkerSlot(i) for i in range(self.count)]
         self.channels: dict[int, Channel] = {}

@@ -144,8 +144,8 @@ class Upgrades(SupervisorState):
         """The retiring generation has exited (its supervisor's end of the channel closed): stop asking it."""
         channel.close()
         pid = (self.older_summary or {}).get("pid")
-        self.older_metrics_exited = self.older_metrics if self.retired else None
-        self.older, self.older_summary, self.older_metrics = None, None, None
+        self.older, self.older_summary = None, None
+        self.older_metrics = self.older_metrics if self.retired else None  # see state.SupervisorState
         self.session_control.gone(fanout.RETIRING)
         log_event(log, logging.INFO, "older_generation_exited", pid=pid)
         self._changed()
@@ -326,10 +326,8 @@ class Upgrades(SupervisorState):
             exited: list[tuple[int | str, str]] = [
                 (s.index, s.metrics) for s in self.slots if s.index not in self.processes and s.metrics
             ]
-            if self.older is not None and self.older_metrics:
-                live.append((OLDER_SLOT, self.older_metrics))
-            elif self.older_metrics_exited:
-                exited.append((OLDER_SLOT, self.older_metrics_exited))
+            if self.older_metrics:  # a generation retiring behind this one, or its last text once it exited
+                (live if self.older is not None else exited).append((OLDER_SLOT, self.older_metrics))
             _content_type, metrics = await trio.to_thread.run_sync(partial(merge_metrics, live, exited=exited))
             try:
                 await channel.send({"t": "retiring", **summary, "metrics": metrics.decode()})
