@@ -73,6 +73,12 @@ async def read_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
     return data
 
 
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
+
+
 async def read_until_eof(sock: trio.socket.SocketType) -> bytes:
     data = b""
     while True:
@@ -89,6 +95,14 @@ async def start(nursery: trio.Nursery) -> Engine:
     engine = Engine()
     nursery.start_soon(engine.run)
     return engine
+
+
+async def relaying(nursery: trio.Nursery, peers: Peers) -> tuple[Engine, EngineRelay]:
+    """A started engine relaying ``peers``' session (no bytes waiting on either side)."""
+    engine = await start(nursery)
+    relay = peers.relay(engine)
+    nursery.start_soon(relay.run, b"", b"")
+    return engine, relay
 
 
 async def test_frames_cross_both_ways_byte_for_byte(nursery: trio.Nursery, peers: Peers) -> None:
@@ -109,9 +123,7 @@ async def test_a_full_destination_stops_the_reading_of_its_source(nursery: trio.
     p = Peers(bufsize=4096)
     try:
         with trio.fail_after(10):
-            engine = await start(nursery)
-            relay = p.relay(engine)
-            nursery.start_soon(relay.run, b"", b"")
+            _, relay = await relaying(nursery, p)
             message = frame(OP_BINARY, os.urandom(4000), mask=True)
             sent = 0
 
@@ -212,9 +224,7 @@ async def test_an_error_while_serving_one_session_ends_that_session_only(
 
 async def test_a_backend_reset_gives_the_client_1014_without_spinning(nursery: trio.Nursery, peers: Peers) -> None:
     with trio.fail_after(5):
-        engine = await start(nursery)
-        relay = peers.relay(engine)
-        nursery.start_soon(relay.run, b"", b"")
+        engine, relay = await relaying(nursery, peers)
         await trio.sleep(0.05)
         wakeups = engine.wakeups
         peers.backend_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -281,17 +291,9 @@ async def test_after_a_short_send_the_rest_waits_for_the_socket_to_be_writable(n
     peers.client = RecordingSocket(peers.client)
     try:
         with trio.fail_after(10):
-            engine = await start(nursery)
-            relay = peers.relay(engine)
-            nursery.start_soon(relay.run, b"", b"")
+            _, relay = await relaying(nursery, peers)
             bulk = b"".join(frame(OP_BINARY, os.urandom(20_000), mask=False) for _ in range(20))
-
-            async def send_bulk() -> None:
-                view = memoryview(bulk)
-                while view:
-                    view = view[await peers.backend_peer.send(view) :]
-
-            nursery.start_soon(send_bulk)
+            nursery.start_soon(send_all, peers.backend_peer, bulk)
             received = b""
             while len(received) < len(bulk):
                 received += await peers.client_peer.recv(2048)
@@ -313,22 +315,14 @@ async def test_a_side_whose_read_was_full_reads_bigger_next_time(nursery: trio.N
     peers.backend = RecordingSocket(peers.backend)
     try:
         with trio.fail_after(5):
-            engine = await start(nursery)
-            relay = peers.relay(engine)
-            nursery.start_soon(relay.run, b"", b"")
+            _, relay = await relaying(nursery, peers)
             small = frame(OP_BINARY, b"x" * 100, mask=False)
             for _ in range(5):
                 await peers.backend_peer.send(small)
                 assert await read_exactly(peers.client_peer, len(small)) == small
             assert {asked for asked, _ in peers.backend.reads} == {RECV_BYTES}
             bulk = b"".join(frame(OP_BINARY, os.urandom(65536), mask=False) for _ in range(8))
-
-            async def send_bulk() -> None:
-                view = memoryview(bulk)
-                while view:
-                    view = view[await peers.backend_peer.send(view) :]
-
-            nursery.start_soon(send_bulk)
+            nursery.start_soon(send_all, peers.backend_peer, bulk)
             assert await read_exactly(peers.client_peer, len(bulk)) == bulk
             reads = peers.backend.reads
             full = [i for i, (asked, got) in enumerate(reads) if got >= RECV_BYTES]
